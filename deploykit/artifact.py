@@ -1,0 +1,115 @@
+"""The exported artifact: a directory holding weights, `model.onnx` and `manifest.json`.
+
+The manifest records everything needed to rebuild the PyTorch model (model name, form) and to judge
+the artifact (pruning plan, per-parameter sparsity, sizes, parity errors, versions). This module does
+not import torch at import time; `load_torch_model` does when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ArtifactError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+ONNX_FILE = "model.onnx"
+FORMAT = "deploykit.artifact"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an artifact directory holds. Sizes are bytes; errors are max absolute differences."""
+
+    model: str
+    form: str
+    #: the PruningPlan's fields
+    plan: dict[str, Any]
+    pruned_parameters: list[str]
+    excluded_modules: list[str]
+    #: one entry per parameter: name, shape, numel, nonzero, sparsity, pruned
+    sparsity: list[dict[str, Any]]
+    parameters: int
+    nonzero_parameters: int
+    overall_sparsity: float
+    pruned_sparsity: float
+    #: layers the form converted (e.g. Linear -> CSRLinear)
+    converted_layers: list[str]
+    #: tensor name -> how the weights file stores it (dense, csr, bitmask)
+    weight_encodings: dict[str, str]
+    #: InputSpec fields per input
+    inputs: list[dict[str, Any]]
+    outputs: list[str]
+    opset: int
+    #: file name -> bytes on disk (the manifest itself excluded)
+    files: dict[str, int]
+    #: output name -> max |onnxruntime - torch| on the parity inputs
+    onnx_parity_max_abs_error: dict[str, float]
+    #: output name -> max |torch form - stripped dense model|
+    form_parity_max_abs_error: dict[str, float]
+    parity_tolerance: float
+    versions: dict[str, str]
+    created_utc: str
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @property
+    def onnx_parity_error(self) -> float:
+        return max(self.onnx_parity_max_abs_error.values(), default=0.0)
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {str(directory)!r} does not exist")
+    path = directory / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{str(directory)!r} is not a deploykit artifact (no {MANIFEST_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read {str(path)!r}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ArtifactError(f"{str(path)!r} is not a deploykit manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{str(path)!r}: unsupported format_version {data.get('format_version')!r}")
+    names = {f.name for f in dataclasses.fields(Manifest)}
+    missing = sorted(n for n in names - set(data) if n not in ("notes",))
+    unknown = sorted(set(data) - names)
+    if missing or unknown:
+        raise ArtifactError(f"{str(path)!r}: missing fields {missing}, unknown fields {unknown}")
+    return Manifest(**data)
+
+
+def load_torch_model(directory: str | Path, form: str | None = None) -> "tuple[nn.Module, Manifest]":
+    """Rebuild the PyTorch model of an artifact: spec -> weights -> form conversion.
+
+    `form` overrides the artifact's own (e.g. "dense" for the stripped reference model).
+    """
+    from .forms import FORMS
+    from .spec import get_model
+    from .storage import load_weights
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    model = get_model(manifest.model).make()
+    state = load_weights(directory / WEIGHTS_FILE)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
+    model, _ = FORMS.get(form or manifest.form).to_torch(model)
+    return model.eval(), manifest

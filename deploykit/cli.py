@@ -1,0 +1,213 @@
+"""`deploykit` command line: parses options and calls the library; nothing else.
+
+Heavy libraries (torch, onnxruntime) are imported inside the command functions, so `deploykit --help`
+answers at once. Expected failures (`DeployKitError`) print one line and exit non-zero: 2 for bad input,
+1 for a failed check; nothing half-written is left behind (the library writes atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import DeployKitError, UsageError
+
+DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv(kind: type = str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+
+    return parse
+
+
+def _progress(args):
+    if getattr(args, "quiet", False):
+        return lambda message: None
+    return lambda message: print(f"deploykit: {message}", file=sys.stderr, flush=True)
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scope", choices=("global", "layer"), default="global",
+                   help="prune the fraction over all layers together (global, default) or in each layer")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="module name pattern never to prune, e.g. 'mlp.0' or 'encoder.*' (repeatable)")
+    p.add_argument("--prune-output", action="store_true",
+                   help="also prune the output layer (left dense by default, as in the pruning studies)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random pruning (default 0)")
+
+
+def _plan_options(args) -> dict:
+    return {"scope": args.scope, "exclude": tuple(args.exclude), "exclude_output": not args.prune_output,
+            "seed": args.seed}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="deploykit",
+        description="Prune a PyTorch model, strip the masks, convert it to a deployable form, export it "
+        "to ONNX with a parity check, and benchmark it under PyTorch and ONNX Runtime.",
+    )
+    parser.add_argument("--version", action="version", version=f"deploykit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the registered models",
+                       description="List the models deploykit can build by name.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "export", help="prune, convert and export one model to an artifact directory",
+        description="Build MODEL, prune it, strip the masks, convert it to FORM, export model.onnx, check "
+        "onnxruntime against PyTorch (max abs error <= --tolerance) and write DIR atomically with "
+        "weights.safetensors, model.onnx and manifest.json.",
+    )
+    p.add_argument("--model", default="mlp-sst2", help="registered model name (default mlp-sst2; see `deploykit models`)")
+    p.add_argument("--prune", default="magnitude:0", metavar="METHOD:SPARSITY",
+                   help="pruning method and fraction of prunable weights to zero, e.g. magnitude:0.9 or random:0.5 "
+                   "(methods: magnitude, random; default magnitude:0, no pruning)")
+    _add_plan_options(p)
+    p.add_argument("--form", default="dense", help="deployable form: dense or csr (default dense)")
+    p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed between onnxruntime and PyTorch (default 1e-4)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "bench", help="benchmark pruned variants (or exported DIRs) under PyTorch and ONNX Runtime",
+        description="Without arguments: the default model (mlp-sst2) at sparsities 0, 0.5, 0.9, forms dense and "
+        "csr, runtimes torch and onnxruntime. Each configuration is exported, then timed in a fresh "
+        "process (warm-up, then iterations until --min-time and --min-iters), so peak memory is its own.",
+    )
+    p.add_argument("artifacts", nargs="*", metavar="DIR", help="exported artifact directories to benchmark instead of --model")
+    p.add_argument("--model", help="registered model name (default mlp-sst2)")
+    p.add_argument("--prune", action="append", metavar="METHOD:S[,S...]",
+                   help=f"pruning method and sparsities (repeatable; default {DEFAULT_BENCH_PRUNE})")
+    _add_plan_options(p)
+    p.add_argument("--form", type=_csv(), action="extend", metavar="F[,F...]", help="forms (default dense,csr)")
+    p.add_argument("--runtime", type=_csv(), action="extend", metavar="R[,R...]", help="runtimes (default torch,onnxruntime)")
+    p.add_argument("--batch", type=_csv(int), action="extend", metavar="N[,N...]", help="batch sizes (default 1)")
+    p.add_argument("--threads", type=_csv(int), action="extend", metavar="N[,N...]",
+                   help="threads per runtime (default: the cores available to this process)")
+    p.add_argument("--warmup", type=float, default=0.2, metavar="SECONDS", help="warm-up time per configuration (default 0.2)")
+    p.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS", help="minimum timed duration (default 1.0)")
+    p.add_argument("--min-iters", type=int, default=100, metavar="N", help="minimum timed calls (default 100)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the records as JSON to PATH, or to stdout (instead of the table) when no PATH is given")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def cmd_models(args) -> int:
+    import json
+
+    from .spec import list_models
+
+    specs = list_models()
+    if args.json:
+        print(json.dumps([{"name": s.name, "description": s.description,
+                           "inputs": [i.name for i in s.inputs], "outputs": list(s.outputs)} for s in specs], indent=2))
+    else:
+        width = max(len(s.name) for s in specs)
+        for s in specs:
+            print(f"{s.name:<{width}}  {s.description}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_artifact
+    from .prune import PruningPlan
+    from .report import MB, sparsity_report
+
+    plan = PruningPlan.parse(args.prune, **_plan_options(args))
+    result = export_artifact(args.model, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
+                             overwrite=args.overwrite, progress=_progress(args))
+    m = result.manifest
+    if args.json:
+        print(m.to_json(), end="")
+        return 0
+    print(f"{m.model}: {plan.label()} ({plan.scope}), form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
+    print(sparsity_report(result.table))
+    print(f"\nparameters {m.parameters:,}, nonzero {m.nonzero_parameters:,}")
+    if m.converted_layers:
+        print(f"converted to {m.form}: {', '.join(m.converted_layers)}")
+    print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})")
+    for name, size in m.files.items():
+        print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")
+    for note in m.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import DEFAULT_FORMS, DEFAULT_RUNTIMES, Grid, TimingSettings, bench_artifact, bench_model
+    from .env import available_cores
+    from .fsutil import write_text_atomic
+    from .prune import PruningPlan, parse_prune_spec
+    from .report import bench_table, records_json
+
+    if args.artifacts and (args.model or args.prune or args.form):
+        raise UsageError("give either exported DIRs or --model/--prune/--form, not both")
+    timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
+                            max_iters=max(100_000, args.min_iters))
+    grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
+                threads=tuple(args.threads or (available_cores(),)))
+    progress = _progress(args)
+    if args.artifacts:
+        records = []
+        for directory in args.artifacts:
+            records += bench_artifact(directory, grid, timing, progress)
+    else:
+        plans = [PruningPlan(method=method, amount=amount, **_plan_options(args))
+                 for text in (args.prune or [DEFAULT_BENCH_PRUNE])
+                 for method, amount in _expand_prune(text, parse_prune_spec)]
+        records = bench_model(args.model or "mlp-sst2", plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress)
+    if args.json == "-":
+        print(records_json(records), end="")
+        return 0
+    if args.json:
+        write_text_atomic(args.json, records_json(records))
+        progress(f"wrote {args.json}")
+    print(bench_table(records))
+    return 0
+
+
+def _expand_prune(text: str, parse) -> list[tuple[str, float]]:
+    """"magnitude:0,0.5,0.9" -> [("magnitude", 0.0), ("magnitude", 0.5), ("magnitude", 0.9)]."""
+    method, _, amounts = text.partition(":")
+    return [parse(f"{method}:{amount}") for amount in amounts.split(",")] if amounts else [parse(text)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except DeployKitError as exc:
+        print(f"deploykit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("deploykit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The export pipeline: build -> prune -> strip -> convert -> export ONNX -> check -> write.
+
+`export_artifact` is what `deploykit export` runs, and what `deploykit bench` runs for each
+configuration, so a benchmark measures exactly what a user would ship.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest
+from .env import library_versions
+from .forms import FORMS
+from .fsutil import atomic_directory, check_writable_destination, write_text_atomic
+from .onnx_export import (
+    DEFAULT_OPSET,
+    FORM_TOLERANCE,
+    ONNX_TOLERANCE,
+    check_parity,
+    export_onnx,
+    max_abs_errors,
+    torch_outputs,
+)
+from .prune import PruneResult, PruningPlan, prune_model, strip_masks
+from .runtime import ort_session
+from .sparsity import SparsityTable, sparsity_table
+from .spec import ModelSpec, get_model
+from .storage import save_weights
+
+Progress = Callable[[str], None]
+
+#: batch size of the example inputs the model is traced with
+TRACE_BATCH = 2
+#: a different batch size for the parity inputs proves the exported batch axis is really dynamic
+PARITY_BATCH = 3
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    prune_result: PruneResult
+    table: SparsityTable
+    #: the PyTorch module tree of the converted model, for display
+    module_tree: str
+
+
+def export_artifact(
+    model: str | ModelSpec,
+    plan: PruningPlan,
+    form: str,
+    out_dir: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = ONNX_TOLERANCE,
+    overwrite: bool = False,
+    progress: Progress = lambda message: None,
+) -> ExportResult:
+    """Prune `model` by `plan`, convert it to `form`, export it and write `out_dir` atomically.
+
+    Raises `ParityError` (and writes nothing) when ONNX Runtime or the converted PyTorch model
+    disagree with the stripped model beyond tolerance.
+    """
+    spec = get_model(model) if isinstance(model, str) else model
+    form_entry = FORMS.get(form)
+    check_writable_destination(out_dir, overwrite)
+
+    progress(f"building {spec.name}")
+    net = spec.make()
+    trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
+    parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
+
+    progress(f"pruning: {plan.label()} ({plan.scope})")
+    result = prune_model(net, plan, trace_inputs, spec.output_layers)
+    table = sparsity_table(net, result.pruned_parameters)
+    strip_masks(net)
+    reference = torch_outputs(net, parity_inputs)
+
+    with atomic_directory(out_dir, overwrite) as tmp:
+        progress(f"exporting ONNX (opset {opset})")
+        export_onnx(
+            net, trace_inputs, tmp / ONNX_FILE,
+            input_names=spec.input_names, output_names=spec.outputs,
+            dynamic_axes=spec.dynamic_axes(), opset=opset,
+        )
+        progress("checking onnxruntime against PyTorch")
+        session = ort_session(tmp / ONNX_FILE, threads=1)
+        feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
+        onnx_errors = max_abs_errors(reference, session.run(None, feeds), spec.outputs)
+        check_parity("onnxruntime vs PyTorch", onnx_errors, tolerance)
+
+        progress(f"converting to form {form!r} and writing weights")
+        encoded = save_weights(net.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding)
+        converted, converted_layers = form_entry.to_torch(copy.deepcopy(net))
+        form_errors = max_abs_errors(reference, torch_outputs(converted, parity_inputs), spec.outputs)
+        check_parity(f"form {form!r} vs stripped model", form_errors, FORM_TOLERANCE)
+
+        manifest = Manifest(
+            model=spec.name,
+            form=form,
+            plan=dataclasses.asdict(plan),
+            pruned_parameters=list(result.pruned_parameters),
+            excluded_modules=list(result.excluded_modules),
+            sparsity=[_sparsity_row(row) for row in table.rows],
+            parameters=table.parameters,
+            nonzero_parameters=table.nonzero,
+            overall_sparsity=table.overall,
+            pruned_sparsity=table.pruned_overall,
+            converted_layers=converted_layers,
+            weight_encodings={enc.name: enc.kind for enc in encoded},
+            inputs=[dataclasses.asdict(i) for i in spec.inputs],
+            outputs=list(spec.outputs),
+            opset=opset,
+            files={p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
+            onnx_parity_max_abs_error=onnx_errors,
+            form_parity_max_abs_error=form_errors,
+            parity_tolerance=tolerance,
+            versions=library_versions(),
+            created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            notes=_form_notes(form),
+        )
+        write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
+    progress(f"wrote {out_dir}")
+    return ExportResult(Path(out_dir), manifest, result, table, _module_tree(converted))
+
+
+def _sparsity_row(row) -> dict:
+    return {**dataclasses.asdict(row), "sparsity": row.sparsity}
+
+
+def _form_notes(form: str) -> list[str]:
+    if form == "csr":
+        # Said in every csr manifest because users read ORT figures of a csr artifact as sparse speed.
+        return ["model.onnx stores weights densely; onnxruntime figures are dense-kernel speed"]
+    return []
+
+
+def _module_tree(model: nn.Module) -> str:
+    return repr(model)

@@ -1,0 +1,120 @@
+"""Runtimes that load an exported artifact and run it: PyTorch eager and ONNX Runtime.
+
+Both take and return numpy arrays keyed by the model's input names, so the same inputs, the same
+timing loop and the same parity check apply to each. Importing this module imports neither torch nor
+onnxruntime: the ONNX Runtime worker must not pay for torch in its memory figures.
+
+How to add a runtime: write a `Session` class taking `(artifact_dir, threads)`, with `run(feeds) ->
+list[np.ndarray]`, `prepare(feeds)` returning the zero-argument call the timing loop repeats (inputs
+already converted) and an `info`, then ``RUNTIMES.add("name", Runtime("name", modules, MySession))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from .artifact import ONNX_FILE, WEIGHTS_FILE
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What ran a configuration; recorded with every measurement."""
+
+    runtime: str
+    version: str
+    threads: int
+    device: str  # torch device or onnxruntime execution provider
+
+
+class Session(Protocol):
+    info: RuntimeInfo
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]: ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    #: libraries the runtime imports: the benchmark worker imports them before its baseline memory
+    #: reading, so that "peak - baseline" is what loading and running the model cost
+    modules: tuple[str, ...]
+    load: Callable[[Path, int], Session]
+    #: the artifact file this runtime loads, whose size is its "disk" figure
+    artifact_file: str
+
+
+RUNTIMES: Registry[Runtime] = Registry("runtime")
+
+
+def ort_session(onnx_path: str | Path, threads: int):
+    """An onnxruntime CPU session with `threads` intra-op threads and no inter-op parallelism."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # warnings about unused initializers are noise for users
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtSession:
+    def __init__(self, onnx_path: Path, threads: int):
+        import onnxruntime as ort
+
+        self.session = ort_session(onnx_path, threads)
+        self.info = RuntimeInfo("onnxruntime", ort.__version__, threads, self.session.get_providers()[0])
+
+    def run(self, feeds):
+        return list(self.session.run(None, dict(feeds)))
+
+    def prepare(self, feeds):
+        feeds = dict(feeds)
+        return lambda: self.session.run(None, feeds)
+
+
+class TorchSession:
+    def __init__(self, artifact_dir: Path, threads: int):
+        import torch
+
+        from .artifact import load_torch_model
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model, self.manifest = load_torch_model(artifact_dir)
+        self.input_names = [spec["name"] for spec in self.manifest.inputs]
+        self.info = RuntimeInfo("torch", torch.__version__, threads, "cpu")
+
+    def _tensors(self, feeds):
+        return [self.torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self.input_names]
+
+    def run(self, feeds):
+        with self.torch.inference_mode():
+            outputs = self.model(*self._tensors(feeds))
+        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        return [out.numpy() for out in outputs]
+
+    def prepare(self, feeds):
+        tensors = self._tensors(feeds)
+        model, inference_mode = self.model, self.torch.inference_mode
+
+        def call():
+            with inference_mode():
+                return model(*tensors)
+
+        return call
+
+
+def _load_onnxruntime(artifact_dir: Path, threads: int) -> Session:
+    return OrtSession(Path(artifact_dir) / ONNX_FILE, threads)
+
+
+RUNTIMES.add("torch", Runtime("torch", ("torch",), TorchSession, WEIGHTS_FILE))
+RUNTIMES.add("onnxruntime", Runtime("onnxruntime", ("onnxruntime",), _load_onnxruntime, ONNX_FILE))

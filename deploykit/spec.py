@@ -1,0 +1,166 @@
+"""Model specifications: how to build a model and its example inputs, by name.
+
+A `ModelSpec` is the one protocol every model source follows (the built-in zoo in `models/`, and later a
+user's entry point): a zero-argument `build` that returns an `nn.Module`, the model's inputs described as
+`InputSpec`s (which also give ONNX its names and dynamic axes), and the names of its outputs.
+
+How to add a model to the zoo: write a builder in a module under `models/`, decorate it with
+`@register_model("name", inputs=[...], outputs=[...])`, and import that module from `models/__init__.py`.
+The builder's docstring is the model's description; cite the shape it reproduces there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .registry import Registry
+
+if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays instant
+    import torch
+    from torch import nn
+
+#: dtype names accepted in InputSpec, mapped to torch dtype attribute names
+INPUT_DTYPES = ("float32", "float16", "int64", "int32")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input. `shape` holds ints for fixed sizes and strings for named dynamic axes."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    #: exclusive upper bound of sampled values for integer inputs (token ids, class ids)
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in INPUT_DTYPES:
+            raise ValueError(f"input {self.name!r}: dtype {self.dtype!r} not in {INPUT_DTYPES}")
+        if self.dtype.startswith("int") and self.high is None:
+            raise ValueError(f"integer input {self.name!r} needs `high` (exclusive upper bound)")
+
+    def concrete_shape(self, batch_size: int) -> tuple[int, ...]:
+        """The shape with the "batch" axis set to `batch_size`; other named axes must be fixed later."""
+        out = []
+        for dim in self.shape:
+            if dim == "batch":
+                out.append(batch_size)
+            elif isinstance(dim, str):
+                raise ValueError(f"input {self.name!r}: no size given for dynamic axis {dim!r}")
+            else:
+                out.append(dim)
+        return tuple(out)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: dim for i, dim in enumerate(self.shape) if isinstance(dim, str)}
+
+
+Sampler = Callable[[int, "torch.Generator"], "tuple[torch.Tensor, ...]"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model and feed it."""
+
+    name: str
+    build: Callable[[], "nn.Module"]
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+    description: str = ""
+    #: custom example-input sampler (batch_size, generator) -> tensors; default samples each InputSpec
+    sampler: Sampler | None = None
+    #: seed for the random initialisation, so a model name always means the same weights
+    seed: int = 0
+    #: module names never pruned by default; empty means "detect the output layer"
+    output_layers: tuple[str, ...] = field(default=())
+
+    def make(self) -> "nn.Module":
+        """Build the model with its fixed seed, in eval mode."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = self.build()
+        return model.eval()
+
+    def example_inputs(self, batch_size: int = 1, seed: int = 0) -> "tuple[torch.Tensor, ...]":
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        if self.sampler is not None:
+            return tuple(self.sampler(batch_size, generator))
+        return tuple(_sample(spec, batch_size, generator) for spec in self.inputs)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes: every named input axis; outputs share the batch axis at dim 0."""
+        axes = {spec.name: spec.dynamic_axes() for spec in self.inputs if spec.dynamic_axes()}
+        if any("batch" in spec.shape for spec in self.inputs):
+            axes.update({name: {0: "batch"} for name in self.outputs})
+        return axes
+
+
+def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator") -> "torch.Tensor":
+    import torch
+
+    shape = spec.concrete_shape(batch_size)
+    dtype = getattr(torch, spec.dtype)
+    if spec.dtype.startswith("int"):
+        return torch.randint(0, spec.high, shape, generator=generator, dtype=dtype)
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def register_model(
+    name: str,
+    *,
+    inputs: Sequence[InputSpec],
+    outputs: Sequence[str],
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    output_layers: Sequence[str] = (),
+) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
+    """Decorator registering a zero-argument model builder under `name`."""
+
+    def decorate(build: Callable[[], "nn.Module"]) -> Callable[[], "nn.Module"]:
+        doc = (build.__doc__ or "").strip()
+        MODELS.add(
+            name,
+            ModelSpec(
+                name=name,
+                build=build,
+                inputs=tuple(inputs),
+                outputs=tuple(outputs),
+                description=doc.splitlines()[0] if doc else "",
+                sampler=sampler,
+                seed=seed,
+                output_layers=tuple(output_layers),
+            ),
+        )
+        return build
+
+    return decorate
+
+
+def _load_zoo() -> None:
+    # The zoo registers itself on import; importing it here keeps `deploykit --help` free of torch.
+    from . import zoo  # noqa: F401
+
+
+def get_model(name: str) -> ModelSpec:
+    _load_zoo()
+    return MODELS.get(name)
+
+
+def list_models() -> list[ModelSpec]:
+    _load_zoo()
+    return [MODELS.get(name) for name in MODELS.names()]
+
+
+DEFAULT_MODEL = "mlp-sst2"
