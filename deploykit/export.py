@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest
+from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, read_manifest
 from .env import library_versions
 from .forms import FORMS
 from .fsutil import atomic_directory, check_writable_destination, write_text_atomic
@@ -127,6 +127,7 @@ def export_artifact(
             notes=_form_notes(form),
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
+        manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
     progress(f"wrote {out_dir}")
     return ExportResult(Path(out_dir), manifest, result, table, _module_tree(converted))
 

@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+FAST = ["--warmup", "0.01", "--min-time", "0.05", "--min-iters", "20", "--threads", "1"]
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = "import sys, deploykit.cli; deploykit.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_help_explains_the_commands(cli):
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("models", "export", "bench"):
+        assert command in result.stdout
+    bench_help = cli("bench", "--help").stdout
+    assert "sparsities 0, 0.5, 0.9" in bench_help and "--json" in bench_help
+
+
+def test_models_lists_the_zoo(cli):
+    assert cli("models").stdout.startswith("mlp-sst2")
+    listed = json.loads(cli("models", "--json").stdout)
+    assert {"name": "mlp-sst2", "inputs": ["bow"], "outputs": ["logits"]}.items() <= listed[0].items()
+
+
+def test_export_prints_the_sparsity_table_and_writes_the_artifact(cli, tmp_path):
+    out = tmp_path / "art"
+    result = cli("export", "--model", "mlp-sst2", "--prune", "magnitude:0.33", "--prune-output",
+                 "--form", "csr", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("mlp.0.weight") for line in lines)
+    assert any(line.startswith("all pruned parameters") and line.rstrip().endswith("33.00%") for line in lines)
+    assert any(line.startswith("overall model") for line in lines)
+    assert "deploykit: pruning: magnitude:0.33 (global)" in result.stderr  # progress goes to stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["plan"]["exclude_output"] is False and manifest["excluded_modules"] == []
+
+
+def test_export_json_is_the_manifest(cli, tmp_path):
+    result = cli("export", "--prune", "random:0.5", "--form", "dense", "--out", str(tmp_path / "a"), "--json", "-q")
+    assert result.returncode == 0 and result.stderr == ""
+    assert json.loads(result.stdout) == json.loads((tmp_path / "a" / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "--model", "nope", "--out", "{tmp}/o"], "unknown model 'nope'; known: mlp-sst2"),
+        (["export", "--prune", "magnitude:1.5", "--out", "{tmp}/o"], "sparsity 1.5 is outside [0, 1)"),
+        (["export", "--prune", "magnitude:-0.2", "--out", "{tmp}/o"], "sparsity -0.2 is outside [0, 1)"),
+        (["export", "--form", "coo", "--out", "{tmp}/o"], "unknown form 'coo'; known: csr, dense"),
+        (["export", "--out", "{tmp}/file/o"], "directory '{tmp}/file' does not exist"),
+        (["export", "--out", "{tmp}/existing"], "'{tmp}/existing' already exists"),
+        (["export"], "the following arguments are required: --out"),
+        (["bench", "{tmp}/missing"], "artifact directory '{tmp}/missing' does not exist"),
+        (["bench", "{tmp}/existing"], "'{tmp}/existing' is not a deploykit artifact (no manifest.json)"),
+        (["bench", "--runtime", "tensorrt"], "unknown runtime 'tensorrt'; known: onnxruntime, torch"),
+        (["bench", "--batch", "0"], "batch sizes must be >= 1"),
+        (["bench", "--prune", "magnitude:0.5,1"], "sparsity 1 is outside [0, 1)"),
+        (["bench", "{tmp}/existing", "--model", "mlp-sst2"], "give either exported DIRs or --model/--prune/--form"),
+        (["bench", "--batch", "x"], "expected a comma-separated list of int"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(cli, tmp_path, args, message):
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "existing").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_unreadable_manifest_is_reported(cli, tmp_path):
+    (tmp_path / "manifest.json").write_text("{")
+    result = cli("bench", str(tmp_path))
+    assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_measures_each_runtime_in_its_own_process(cli):
+    result = cli("bench", "--prune", "magnitude:0.5", "--form", "csr", *FAST, "--json")
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [(r["form"], r["sparsity"], r["runtime"]) for r in records] == [
+        ("csr", 0.5, "torch"), ("csr", 0.5, "onnxruntime")]
+    by_runtime = {r["runtime"]: r for r in records}
+    for r in records:
+        assert r["threads"] == 1 and r["batch_size"] == 1
+        assert len(r["measurement"]["samples_ns"]) >= 20 and r["latency_ms"]["samples"] >= 20
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
+        assert r["parity_max_abs_error"] <= 1e-4
+        assert r["parameters"] == 1_412_354 and r["nonzero_parameters"] < 1_412_354 * 0.51
+    # the onnxruntime worker never imports torch, so its process is far smaller
+    assert by_runtime["onnxruntime"]["peak_rss_bytes"] < by_runtime["torch"]["peak_rss_bytes"]
+    assert by_runtime["torch"]["disk_bytes"] < by_runtime["onnxruntime"]["disk_bytes"]  # compact weights vs dense onnx
+
+
+def test_bench_an_exported_directory_with_json_file(cli, tmp_path):
+    art = tmp_path / "art"
+    assert cli("export", "--prune", "magnitude:0.9", "--form", "csr", "--out", str(art), "-q").returncode == 0
+    result = cli("bench", str(art), "--runtime", "onnxruntime", "--batch", "1,4", *FAST, "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header[:6] == ["model", "form", "sparsity", "runtime", "batch", "threads"] and header[-1] == "parity"
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert [r["batch_size"] for r in records] == [1, 4]
+    assert all(r["artifact"] == str(art) and r["sparsity"] == 0.9 for r in records)

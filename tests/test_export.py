@@ -1,0 +1,105 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deploykit.artifact import load_torch_model, read_manifest
+from deploykit.errors import ArtifactError, OutputPathError, ParityError
+from deploykit.export import export_artifact
+from deploykit.onnx_export import torch_outputs
+from deploykit.prune import PruningPlan
+from deploykit.runtime import ort_session
+from deploykit.spec import InputSpec, ModelSpec
+
+
+@pytest.fixture(scope="module")
+def csr_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "mlp-csr"
+    return export_artifact("mlp-sst2", PruningPlan.parse("magnitude:0.9"), "csr", out)
+
+
+def test_artifact_holds_weights_onnx_and_manifest(csr_artifact):
+    directory = csr_artifact.directory
+    assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.onnx", "weights.safetensors"]
+    assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    manifest = read_manifest(directory)
+    assert manifest == csr_artifact.manifest
+    assert manifest.model == "mlp-sst2" and manifest.form == "csr" and manifest.opset == 17
+    assert manifest.plan["method"] == "magnitude" and manifest.plan["amount"] == 0.9
+    assert manifest.parameters == 1_412_354
+    assert manifest.files == {p.name: p.stat().st_size for p in directory.iterdir() if p.name != "manifest.json"}
+    assert manifest.files["weights.safetensors"] < 0.14 * 5_649_416
+    assert manifest.converted_layers == ["mlp.0", "mlp.2", "mlp.4"]
+    assert manifest.excluded_modules == ["mlp.6"]
+    assert manifest.onnx_parity_error <= 1e-4
+    assert manifest.versions["torch"].startswith("2.10.0") and "onnxruntime" in manifest.versions
+    rows = {row["name"]: row for row in manifest.sparsity}
+    assert rows["mlp.6.weight"]["sparsity"] == 0 and not rows["mlp.6.weight"]["pruned"]
+    assert manifest.pruned_sparsity == pytest.approx(0.9, abs=1e-6)
+    assert manifest.nonzero_parameters == sum(row["nonzero"] for row in manifest.sparsity)
+
+
+def test_torch_model_reloads_from_the_artifact(csr_artifact, mlp_spec):
+    model, _ = load_torch_model(csr_artifact.directory)
+    reference, _ = load_torch_model(csr_artifact.directory, form="dense")
+    assert type(model.mlp[0]).__name__ == "CSRLinear" and isinstance(reference.mlp[0], nn.Linear)
+    inputs = mlp_spec.example_inputs(7, seed=5)
+    np.testing.assert_allclose(torch_outputs(model, inputs)[0], torch_outputs(reference, inputs)[0], atol=1e-5)
+
+
+def test_onnx_batch_axis_is_dynamic(csr_artifact, mlp_spec):
+    session = ort_session(csr_artifact.directory / "model.onnx", threads=1)
+    reference, _ = load_torch_model(csr_artifact.directory, form="dense")
+    for batch in (1, 5):
+        inputs = mlp_spec.example_inputs(batch, seed=9)
+        (out,) = session.run(None, {"bow": inputs[0].numpy()})
+        assert out.shape == (batch, 2)
+        np.testing.assert_allclose(out, torch_outputs(reference, inputs)[0], atol=1e-4)
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(OutputPathError, match="already exists"):
+        export_artifact("mlp-sst2", PruningPlan(), "dense", out)
+    assert (out / "keep").exists()
+    export_artifact("mlp-sst2", PruningPlan(), "dense", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "weights.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+class TracesDifferently(nn.Module):
+    """Its ONNX graph adds 1 that eager PyTorch does not: a real parity failure."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y + 1.0 if torch.jit.is_tracing() else y
+
+
+def test_parity_failure_names_the_output_and_writes_nothing(tmp_path):
+    spec = ModelSpec("traces-differently", TracesDifferently, (InputSpec("x", ("batch", 4)),), ("y",))
+    with pytest.raises(ParityError) as info:
+        export_artifact(spec, PruningPlan(), "dense", tmp_path / "out")
+    assert info.value.output == "y" and info.value.max_abs_error == pytest.approx(1.0)
+    assert "onnxruntime vs PyTorch parity failed on output 'y': max abs error 1" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_problems_are_artifact_errors(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        read_manifest(tmp_path / "missing")
+    with pytest.raises(ArtifactError, match="not a deploykit artifact"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(ArtifactError, match="cannot read"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "deploykit.artifact", "format_version": 1}))
+    with pytest.raises(ArtifactError, match="missing fields"):
+        read_manifest(tmp_path)

@@ -1,0 +1,129 @@
+import pytest
+import torch
+from torch import nn
+
+from deploykit.errors import UnknownNameError, UsageError
+from deploykit.prune import PRUNERS, PruningPlan, detect_output_layers, parse_prune_spec, prune_model, strip_masks
+from deploykit.sparsity import sparsity_table
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_global_magnitude_round_reproduces_the_studys_table_layout(mlp, mlp_spec):
+    plan = PruningPlan("magnitude", 0.33, exclude_output=False)
+    result = prune_model(mlp, plan, mlp_spec.example_inputs(2))
+    table = sparsity_table(mlp, result.pruned_parameters)
+    rows = {r.name: r for r in table.rows}
+    pruned_numel = sum(rows[f"mlp.{i}.weight"].numel for i in (0, 2, 4, 6))
+    # "all pruned parameters" is exactly the requested fraction; biases stay dense
+    assert table.pruned_overall == round(0.33 * pruned_numel) / pruned_numel
+    assert all(rows[f"mlp.{i}.bias"].sparsity == 0 for i in (0, 2, 4, 6))
+    assert table.overall == pytest.approx(table.pruned_overall * pruned_numel / 1_412_354)
+    # global: layers are pruned unevenly, unlike per-layer scope
+    assert len({round(rows[f"mlp.{i}.weight"].sparsity, 3) for i in (0, 2, 4, 6)}) > 1
+
+
+def test_global_magnitude_keeps_the_largest_weights(mlp, mlp_spec):
+    before = _weights(mlp)
+    result = prune_model(mlp, PruningPlan("magnitude", 0.6), mlp_spec.example_inputs(2))
+    strip_masks(mlp)
+    after = mlp.state_dict()
+    kept = torch.cat([before[n][after[n] != 0].abs() for n in result.pruned_parameters])
+    dropped = torch.cat([before[n][after[n] == 0].abs() for n in result.pruned_parameters])
+    assert kept.min() >= dropped.max()
+    for name in result.pruned_parameters:  # survivors keep their values exactly
+        survivors = after[name] != 0
+        assert torch.equal(after[name][survivors], before[name][survivors])
+
+
+def test_layer_scope_prunes_each_layer_by_the_fraction(mlp, mlp_spec):
+    result = prune_model(mlp, PruningPlan("magnitude", 0.5, scope="layer"), mlp_spec.example_inputs(2))
+    table = sparsity_table(mlp, result.pruned_parameters)
+    for row in table.rows:
+        if row.pruned:
+            assert row.zeros == round(0.5 * row.numel), row.name
+
+
+def test_output_layer_is_detected_and_left_dense_by_default(mlp, mlp_spec):
+    assert detect_output_layers(mlp, mlp_spec.example_inputs(1)) == ["mlp.6"]
+    result = prune_model(mlp, PruningPlan("magnitude", 0.9), mlp_spec.example_inputs(2))
+    assert result.excluded_modules == ("mlp.6",)
+    assert "mlp.6.weight" not in result.pruned_parameters
+    assert int((mlp.mlp[6].weight == 0).sum()) == 0
+
+
+def test_output_layer_can_be_pruned_and_patterns_excluded(mlp, mlp_spec):
+    plan = PruningPlan("magnitude", 0.5, scope="layer", exclude=("mlp.0",), exclude_output=False)
+    result = prune_model(mlp, plan, mlp_spec.example_inputs(2))
+    assert result.pruned_parameters == ("mlp.2.weight", "mlp.4.weight", "mlp.6.weight")
+    assert int((mlp.mlp[0].weight == 0).sum()) == 0
+    assert int((mlp.mlp[6].weight == 0).sum()) == 256
+
+
+def test_random_pruning_is_seeded_and_differs_from_magnitude(mlp_spec):
+    def mask(method, seed):
+        model = mlp_spec.make()
+        prune_model(model, PruningPlan(method, 0.5, seed=seed), mlp_spec.example_inputs(2))
+        return model.mlp[2].weight_mask.clone()
+
+    assert torch.equal(mask("random", 1), mask("random", 1))
+    assert not torch.equal(mask("random", 1), mask("random", 2))
+    assert not torch.equal(mask("random", 1), mask("magnitude", 1))
+
+
+def test_strip_masks_leaves_no_trace_of_torch_prune(mlp, mlp_spec):
+    keys = set(mlp.state_dict())
+    prune_model(mlp, PruningPlan("magnitude", 0.7), mlp_spec.example_inputs(2))
+    masked = {n: p.detach().clone() for n, p in mlp.named_parameters()}
+    assert any(name.endswith("weight_orig") for name in masked)
+    zeros_before = sparsity_table(mlp).nonzero
+    strip_masks(mlp)
+    names = [n for n, _ in mlp.named_parameters()] + [n for n, _ in mlp.named_buffers()]
+    assert not [n for n in names if n.endswith(("_orig", "_mask"))]
+    assert all(not m._forward_pre_hooks for m in mlp.modules())
+    assert set(mlp.state_dict()) == keys
+    assert sparsity_table(mlp).nonzero == zeros_before
+    assert all(isinstance(p, nn.Parameter) for p in mlp.parameters())
+
+
+def test_zero_sparsity_prunes_nothing(mlp, mlp_spec):
+    before = _weights(mlp)
+    prune_model(mlp, PruningPlan("magnitude", 0.0), mlp_spec.example_inputs(2))
+    assert all(torch.equal(before[n], p) for n, p in mlp.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("magnitude:1.0", "sparsity 1 is outside [0, 1)"),
+        ("magnitude:-0.1", "sparsity -0.1 is outside [0, 1)"),
+        ("magnitude", "bad pruning spec 'magnitude'; expected METHOD:SPARSITY"),
+        ("magnitude:abc", "bad sparsity 'abc'"),
+    ],
+)
+def test_bad_prune_specs(text, message):
+    with pytest.raises(UsageError) as info:
+        parse_prune_spec(text)
+    assert message in str(info.value)
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(UnknownNameError, match="known: magnitude, random"):
+        PruningPlan.parse("snap:0.5")
+
+
+def test_plan_that_excludes_everything_is_an_error(mlp, mlp_spec):
+    with pytest.raises(UsageError, match="nothing to prune"):
+        prune_model(mlp, PruningPlan("magnitude", 0.5, exclude=("mlp.*",)), mlp_spec.example_inputs(2))
+
+
+def test_a_pruner_that_prunes_nothing_is_caught(mlp, mlp_spec, monkeypatch):
+    class DoesNothing:
+        def apply(self, targets, amount, scope):
+            pass
+
+    monkeypatch.setitem(PRUNERS._entries, "noop", DoesNothing())
+    with pytest.raises(RuntimeError, match="masked 0 weights where 705536 were requested"):
+        prune_model(mlp, PruningPlan("noop", 0.5), mlp_spec.example_inputs(2))

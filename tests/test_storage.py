@@ -1,0 +1,188 @@
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deploykit.errors import ArtifactError
+from deploykit.prune import PruningPlan, prune_model, strip_masks
+from deploykit.storage import encode_smallest, index_dtype, load_weights, save_weights
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]
+
+
+def _sparse_tensor(shape, sparsity, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=generator) * 10
+    values[torch.rand(shape, generator=generator) < sparsity] = 0
+    return values.to(dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 40), min_size=1, max_size=3).map(tuple),
+    sparsity=st.sampled_from([0.0, 0.1, 0.5, 0.9, 0.99, 1.0]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_is_exact_and_never_larger_than_dense(tmp_path_factory, shape, sparsity, dtype, seed):
+    tmp = tmp_path_factory.mktemp("w")
+    state = {"layer.weight": _sparse_tensor(shape, sparsity, dtype, seed), "layer.bias": torch.ones(3, dtype=dtype)}
+    save_weights(state, tmp / "dense.safetensors", "dense")
+    save_weights(state, tmp / "compact.safetensors", "compact")
+    for name in ("dense", "compact"):
+        loaded = load_weights(tmp / f"{name}.safetensors")
+        assert set(loaded) == set(state)
+        for key, tensor in state.items():
+            assert loaded[key].dtype == tensor.dtype and loaded[key].shape == tensor.shape
+            assert torch.equal(loaded[key], tensor)
+    assert (tmp / "compact.safetensors").stat().st_size <= (tmp / "dense.safetensors").stat().st_size
+
+
+def test_encoding_choice_follows_byte_counts():
+    dense = torch.randn(64, 64)
+    assert encode_smallest("w", dense).kind == "dense"
+    half = dense.clone()
+    half[:, ::2] = 0
+    assert encode_smallest("w", half).kind == "bitmask"  # 1 bit/element beats 1 byte/nonzero of CSR
+    very = torch.zeros(512, 512)
+    very[::50, ::50] = 1.0
+    encoded = encode_smallest("w", very)
+    assert encoded.kind == "csr"
+    assert encoded.parts["col"].dtype == torch.uint16  # 512 columns need more than uint8
+    assert encoded.parts["crow"].dtype == torch.uint8  # 121 nonzeros fit in uint8
+
+
+@pytest.mark.parametrize("value, dtype", [(255, torch.uint8), (256, torch.uint16), (65535, torch.uint16),
+                                          (65536, torch.int32), (2**31, torch.int64)])
+def test_index_dtype_is_the_narrowest_that_fits(value, dtype):
+    assert index_dtype(value) == dtype
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.33, 0.9])
+def test_mlp_csr_file_is_never_larger_than_dense(tmp_path, mlp_spec, sparsity):
+    model = mlp_spec.make()
+    prune_model(model, PruningPlan("magnitude", sparsity, exclude_output=False), mlp_spec.example_inputs(2))
+    strip_masks(model)
+    save_weights(model.state_dict(), tmp_path / "d", "dense")
+    save_weights(model.state_dict(), tmp_path / "c", "compact")
+    dense, compact = (tmp_path / "d").stat().st_size, (tmp_path / "c").stat().st_size
+    assert compact <= dense
+    if sparsity == 0.0:
+        assert compact == dense
+    if sparsity == 0.9:
+        assert compact <= 0.14 * dense
+
+
+def _write_csr_file(path):
+    weight = torch.zeros(300, 300)
+    weight[::7, ::11] = 2.0
+    save_weights({"w": weight}, path, "compact")
+    return weight
+
+
+def _flipped(index):
+    return index.to(torch.int64).flip(0).to(index.dtype)  # uint16 has no flip kernel
+
+
+def _rewrite(path, mutate):
+    """Re-save a file's raw parts after `mutate(tensors, metadata)` changed them (tampering)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    mutate(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    path = tmp_path / "w.safetensors"
+    _write_csr_file(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(ArtifactError, match="cannot read weights file"):
+        load_weights(path)
+
+
+def test_corrupted_header_length_is_rejected(tmp_path):
+    path = tmp_path / "w.safetensors"
+    _write_csr_file(path)
+    data = bytearray(path.read_bytes())
+    data[:8] = struct.pack("<Q", 10**12)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError):
+        load_weights(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t, m: t.__setitem__("w::col", t["w::col"].clone().fill_(400)), "column index out of range"),
+        (lambda t, m: t.__setitem__("w::crow", _flipped(t["w::crow"])), "row pointers"),
+        (lambda t, m: t.__setitem__("w::values", t["w::values"][:-1].contiguous()), "row pointers do not span"),
+        (lambda t, m: t.pop("w::col"), "missing parts"),
+        (lambda t, m: t.__setitem__("extra::values", torch.ones(2)), "parts without an encoding record"),
+        (lambda t, m: m.__setitem__("encodings", "{not json"), "malformed encodings"),
+        (lambda t, m: m.__setitem__("encodings", json.dumps({"w": {"kind": "zip"}})), "unknown encoding"),
+        (lambda t, m: m.__setitem__("format", "other"), "not a deploykit weights file"),
+        (lambda t, m: t.__setitem__("w::values", t["w::values"].double()), "values are float64"),
+        (lambda t, m: t.__setitem__("w::col", t["w::col"].float()), "must be a 1-D integer index"),
+    ],
+)
+def test_tampered_csr_files_are_rejected(tmp_path, mutate, message):
+    path = tmp_path / "w.safetensors"
+    _write_csr_file(path)
+    _rewrite(path, mutate)
+    with pytest.raises(ArtifactError, match=message):
+        load_weights(path)
+
+
+def test_unsorted_columns_are_rejected(tmp_path):
+    path = tmp_path / "w.safetensors"
+    _write_csr_file(path)
+
+    def swap(tensors, metadata):
+        col = tensors["w::col"].to(torch.int64)
+        col[[0, 1]] = col[[1, 0]]
+        tensors["w::col"] = col.to(torch.uint16)
+
+    _rewrite(path, swap)
+    with pytest.raises(ArtifactError, match="not strictly increasing"):
+        load_weights(path)
+
+
+def test_bitmask_with_wrong_count_or_padding_is_rejected(tmp_path):
+    path = tmp_path / "w.safetensors"
+    weight = torch.randn(100, 69)
+    weight[:, ::2] = 0
+    save_weights({"w": weight}, path, "compact")
+    assert load_weights(path)["w"].equal(weight)
+
+    def set_padding(tensors, metadata):
+        mask = tensors["w::mask"].clone()
+        mask[-1] |= 1  # 6900 elements use 4 bits of the last byte; the lowest bit is padding
+        tensors["w::mask"] = mask
+
+    _rewrite(path, set_padding)
+    with pytest.raises(ArtifactError, match="padding bits are set"):
+        load_weights(path)
+
+
+def test_missing_file_and_plain_safetensors_are_rejected(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_weights(tmp_path / "nope.safetensors")
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ArtifactError, match="not a deploykit weights file"):
+        load_weights(tmp_path / "plain.safetensors")
+
+
+def test_reserved_separator_in_names_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="reserved separator"):
+        save_weights({"a::b": torch.ones(2)}, tmp_path / "w", "compact")
