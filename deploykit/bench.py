@@ -23,7 +23,7 @@ from .env import library_versions, machine_info
 from .errors import MeasurementError, UsageError
 from .forms import FORMS
 from .measure import Measurement
-from .onnx_export import max_abs_errors, torch_outputs
+from .onnx_export import check_parity, max_abs_errors, torch_outputs
 from .prune import PruningPlan
 from .records import BenchRecord
 from .runtime import RUNTIMES
@@ -130,7 +130,8 @@ def bench_artifact(
                 progress(label)
                 result, outputs = run_worker(directory, runtime, threads, batch, inputs_path, timing, Path(tmp))
                 errors = max_abs_errors(reference, outputs, manifest.outputs)
-                record = _record(manifest, directory, runtime, batch, result, errors, versions, machine)
+                check_parity(f"{runtime} vs stripped PyTorch model (batch {batch})", errors, manifest.parity_tolerance)
+                record = _record(manifest, directory, runtime, batch, result, errors, timing, versions, machine)
                 progress(f"    p50 {record.measurement.median_ms:.4f} ms, {len(record.measurement.samples_ns)} samples")
                 records.append(record)
     return records
@@ -177,7 +178,7 @@ def _plan_label(manifest: Manifest) -> str:
     return PruningPlan(**manifest.plan).label()
 
 
-def _record(manifest, directory, runtime, batch, result, errors, versions, machine) -> BenchRecord:
+def _record(manifest, directory, runtime, batch, result, errors, timing, versions, machine) -> BenchRecord:
     return BenchRecord(
         model=manifest.model,
         prune=_plan_label(manifest),
@@ -197,6 +198,7 @@ def _record(manifest, directory, runtime, batch, result, errors, versions, machi
         nonzero_parameters=manifest.nonzero_parameters,
         parity_max_abs_error=max(errors.values(), default=0.0),
         load_s=result["load_s"],
+        timing=dataclasses.asdict(timing),
         artifact=str(directory),
         versions=versions,
         machine=machine,

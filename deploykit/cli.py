@@ -13,6 +13,8 @@ from typing import Sequence
 
 from . import __version__
 from .errors import DeployKitError, UsageError
+from .prune import PRUNERS  # torch-free at import, like everything imported here
+from .spec import DEFAULT_MODEL
 
 DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
 
@@ -73,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         "onnxruntime against PyTorch (max abs error <= --tolerance) and write DIR atomically with "
         "weights.safetensors, model.onnx and manifest.json.",
     )
-    p.add_argument("--model", default="mlp-sst2", help="registered model name (default mlp-sst2; see `deploykit models`)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; see `deploykit models`)")
     p.add_argument("--prune", default="magnitude:0", metavar="METHOD:SPARSITY",
                    help="pruning method and fraction of prunable weights to zero, e.g. magnitude:0.9 or random:0.5 "
-                   "(methods: magnitude, random; default magnitude:0, no pruning)")
+                   f"(methods: {', '.join(PRUNERS.names())}; default magnitude:0, no pruning)")
     _add_plan_options(p)
     p.add_argument("--form", default="dense", help="deployable form: dense or csr (default dense)")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
@@ -89,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench", help="benchmark pruned variants (or exported DIRs) under PyTorch and ONNX Runtime",
-        description="Without arguments: the default model (mlp-sst2) at sparsities 0, 0.5, 0.9, forms dense and "
+        description=f"Without arguments: the default model ({DEFAULT_MODEL}) at sparsities 0, 0.5, 0.9, forms dense and "
         "csr, runtimes torch and onnxruntime. Each configuration is exported, then timed in a fresh "
         "process (warm-up, then iterations until --min-time and --min-iters), so peak memory is its own.",
     )
     p.add_argument("artifacts", nargs="*", metavar="DIR", help="exported artifact directories to benchmark instead of --model")
-    p.add_argument("--model", help="registered model name (default mlp-sst2)")
+    p.add_argument("--model", help=f"registered model name (default {DEFAULT_MODEL})")
     p.add_argument("--prune", action="append", metavar="METHOD:S[,S...]",
                    help=f"pruning method and sparsities (repeatable; default {DEFAULT_BENCH_PRUNE})")
     _add_plan_options(p)
@@ -176,7 +178,7 @@ def cmd_bench(args) -> int:
         plans = [PruningPlan(method=method, amount=amount, **_plan_options(args))
                  for text in (args.prune or [DEFAULT_BENCH_PRUNE])
                  for method, amount in _expand_prune(text, parse_prune_spec)]
-        records = bench_model(args.model or "mlp-sst2", plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress)
+        records = bench_model(args.model or DEFAULT_MODEL, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress)
     if args.json == "-":
         print(records_json(records), end="")
         return 0

@@ -49,6 +49,12 @@ class ParityError(DeployKitError):
         )
 
 
+class ExportError(DeployKitError):
+    """torch.onnx could not export the model; the message carries the exporter's first line."""
+
+    exit_code = 1
+
+
 class MeasurementError(DeployKitError):
     """A benchmark configuration that could not be measured (its worker process failed)."""
 

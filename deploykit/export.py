@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from torch import nn
-
 from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, read_manifest
 from .env import library_versions
+from .errors import UsageError
 from .forms import FORMS
 from .fsutil import atomic_directory, check_writable_destination, write_text_atomic
 from .onnx_export import (
     DEFAULT_OPSET,
     FORM_TOLERANCE,
     ONNX_TOLERANCE,
+    SUPPORTED_OPSETS,
     check_parity,
     export_onnx,
     max_abs_errors,
@@ -48,8 +48,6 @@ class ExportResult:
     manifest: Manifest
     prune_result: PruneResult
     table: SparsityTable
-    #: the PyTorch module tree of the converted model, for display
-    module_tree: str
 
 
 def export_artifact(
@@ -70,6 +68,10 @@ def export_artifact(
     """
     spec = get_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
+    if not tolerance >= 0:
+        raise UsageError(f"tolerance must be >= 0, got {tolerance:g}")
+    if opset not in SUPPORTED_OPSETS:
+        raise UsageError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
     check_writable_destination(out_dir, overwrite)
 
     progress(f"building {spec.name}")
@@ -129,7 +131,7 @@ def export_artifact(
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
     progress(f"wrote {out_dir}")
-    return ExportResult(Path(out_dir), manifest, result, table, _module_tree(converted))
+    return ExportResult(Path(out_dir), manifest, result, table)
 
 
 def _sparsity_row(row) -> dict:
@@ -141,7 +143,3 @@ def _form_notes(form: str) -> list[str]:
         # Said in every csr manifest because users read ORT figures of a csr artifact as sparse speed.
         return ["model.onnx stores weights densely; onnxruntime figures are dense-kernel speed"]
     return []
-
-
-def _module_tree(model: nn.Module) -> str:
-    return repr(model)

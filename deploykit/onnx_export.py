@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ParityError
+from .errors import ExportError, ParityError
 
 DEFAULT_OPSET = 17
+#: opsets torch's TorchScript-based exporter (torch 2.10) emits
+SUPPORTED_OPSETS = range(7, 21)
 #: max |onnxruntime - torch| allowed on any output element
 ONNX_TOLERANCE = 1e-4
 #: max |converted form - stripped dense| allowed (sparse kernels only reorder float sums)
@@ -39,17 +41,21 @@ def export_onnx(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            model,
-            tuple(example_inputs),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
-            do_constant_folding=True,
-        )
+        try:
+            torch.onnx.export(
+                model,
+                tuple(example_inputs),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+                do_constant_folding=True,
+            )
+        except Exception as exc:  # the exporter raises many types; the user needs the first line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExportError(f"ONNX export failed ({type(exc).__name__}): {first}") from exc
     onnx.checker.check_model(str(path))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from .errors import UsageError
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 SCOPES = ("global", "layer")
 #: "magnitude:0.9" -> method "magnitude", amount 0.9
 _SPEC = re.compile(r"^(?P<method>[a-z][a-z0-9_-]*):(?P<amount>[^:]+)$")
-
-Target = "tuple[nn.Module, str]"
-
 
 class Pruner(Protocol):
     def apply(self, targets: "Sequence[tuple[nn.Module, str]]", amount: float, scope: str) -> None:
@@ -129,7 +126,6 @@ class PruneResult:
     #: zeros the pruner was asked for vs zeros it made, over the pruned parameters
     requested_zeros: int = 0
     actual_zeros: int = 0
-    notes: tuple[str, ...] = field(default=())
 
 
 def prunable_modules(model: "nn.Module") -> list[tuple[str, "nn.Module"]]:

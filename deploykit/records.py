@@ -39,6 +39,8 @@ class BenchRecord:
     #: max |this runtime's outputs - stripped dense PyTorch model's| on the benchmark inputs
     parity_max_abs_error: float
     load_s: float
+    #: the TimingSettings this row was measured with (warm-up, minimum time and iterations)
+    timing: dict[str, Any]
     artifact: str
     versions: dict[str, str]
     machine: dict[str, Any]

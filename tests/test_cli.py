@@ -58,6 +58,8 @@ def test_export_json_is_the_manifest(cli, tmp_path):
         (["export", "--out", "{tmp}/file/o"], "directory '{tmp}/file' does not exist"),
         (["export", "--out", "{tmp}/existing"], "'{tmp}/existing' already exists"),
         (["export"], "the following arguments are required: --out"),
+        (["export", "--opset", "99", "--out", "{tmp}/o"], "opset 99 is not supported; use 7..20"),
+        (["export", "--tolerance", "-1", "--out", "{tmp}/o"], "tolerance must be >= 0, got -1"),
         (["bench", "{tmp}/missing"], "artifact directory '{tmp}/missing' does not exist"),
         (["bench", "{tmp}/existing"], "'{tmp}/existing' is not a deploykit artifact (no manifest.json)"),
         (["bench", "--runtime", "tensorrt"], "unknown runtime 'tensorrt'; known: onnxruntime, torch"),
@@ -93,6 +95,7 @@ def test_bench_measures_each_runtime_in_its_own_process(cli):
     by_runtime = {r["runtime"]: r for r in records}
     for r in records:
         assert r["threads"] == 1 and r["batch_size"] == 1
+        assert r["timing"] == {"warmup_s": 0.01, "min_time_s": 0.05, "min_iters": 20, "max_iters": 100_000}
         assert len(r["measurement"]["samples_ns"]) >= 20 and r["latency_ms"]["samples"] >= 20
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
         assert r["parity_max_abs_error"] <= 1e-4
@@ -112,3 +115,14 @@ def test_bench_an_exported_directory_with_json_file(cli, tmp_path):
     records = json.loads((tmp_path / "r.json").read_text())
     assert [r["batch_size"] for r in records] == [1, 4]
     assert all(r["artifact"] == str(art) and r["sparsity"] == 0.9 for r in records)
+
+
+def test_bench_fails_when_an_artifacts_onnx_no_longer_matches_its_weights(cli, tmp_path):
+    import shutil
+
+    for name, prune in (("a", "magnitude:0"), ("b", "magnitude:0.9")):
+        assert cli("export", "--prune", prune, "--out", str(tmp_path / name), "-q").returncode == 0
+    shutil.copy(tmp_path / "b" / "model.onnx", tmp_path / "a" / "model.onnx")
+    result = cli("bench", str(tmp_path / "a"), "--runtime", "onnxruntime", *FAST)
+    assert result.returncode == 1
+    assert "onnxruntime vs stripped PyTorch model (batch 1) parity failed on output 'logits'" in result.stderr

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from deploykit.artifact import load_torch_model, read_manifest
-from deploykit.errors import ArtifactError, OutputPathError, ParityError
+from deploykit.errors import ArtifactError, ExportError, OutputPathError, ParityError
 from deploykit.export import export_artifact
 from deploykit.onnx_export import torch_outputs
 from deploykit.prune import PruningPlan
@@ -89,6 +89,18 @@ def test_parity_failure_names_the_output_and_writes_nothing(tmp_path):
         export_artifact(spec, PruningPlan(), "dense", tmp_path / "out")
     assert info.value.output == "y" and info.value.max_abs_error == pytest.approx(1.0)
     assert "onnxruntime vs PyTorch parity failed on output 'y': max abs error 1" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+class NoOnnxSymbolic(nn.Module):
+    def forward(self, x):
+        return torch.linalg.svdvals(x.reshape(-1, 2, 2))  # runs in eager; ONNX has no such operator
+
+
+def test_exporter_failure_is_an_export_error_and_writes_nothing(tmp_path):
+    spec = ModelSpec("no-onnx-symbolic", NoOnnxSymbolic, (InputSpec("x", ("batch", 4)),), ("y",))
+    with pytest.raises(ExportError, match=r"^ONNX export failed \(UnsupportedOperatorError\): .*'aten::linalg_svdvals'"):
+        export_artifact(spec, PruningPlan(), "dense", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
