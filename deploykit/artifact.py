@@ -35,13 +35,26 @@ class Manifest:
     plan: dict[str, Any]
     pruned_parameters: list[str]
     excluded_modules: list[str]
-    #: one entry per parameter: name, shape, numel, nonzero, sparsity, pruned
+    #: the pruned (stripped) model, one entry per parameter: name, shape, numel, nonzero, sparsity, pruned
     sparsity: list[dict[str, Any]]
+    #: parameters of the saved model (after conversion: fewer for dense-shrunk), and how many are nonzero
     parameters: int
     nonzero_parameters: int
+    #: zeros over all parameters / over the pruned ones, in the pruned (stripped) model
     overall_sparsity: float
     pruned_sparsity: float
-    #: layers the form converted (e.g. Linear -> CSRLinear)
+    #: parameters of the pruned model before conversion
+    parameters_before_conversion: int
+    #: FLOPs of one item (batch 1) by torch's flop counter, before and after conversion
+    flops_before_conversion: int
+    flops: int
+    #: what Form.restore needs to rebuild the saved shapes (dense-shrunk: the pruning history)
+    form_recipe: dict[str, Any]
+    #: facts about the conversion (channels removed per layer; layers swapped for sparse kernels)
+    conversion: dict[str, Any]
+    #: module -> [shape before, shape after] for modules the conversion changed
+    shape_changes: dict[str, list[str]]
+    #: layers the form runs with other kernels under PyTorch (e.g. Linear -> CSRLinear)
     converted_layers: list[str]
     #: tensor name -> how the weights file stores it (dense, csr, bitmask)
     weight_encodings: dict[str, str]
@@ -58,6 +71,8 @@ class Manifest:
     parity_tolerance: float
     versions: dict[str, str]
     created_utc: str
+    #: quality of the pruned model from the model spec's evaluator (e.g. accuracy), when it has one
+    metrics: dict[str, float] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
@@ -86,30 +101,34 @@ def read_manifest(directory: str | Path) -> Manifest:
     if data.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{str(path)!r}: unsupported format_version {data.get('format_version')!r}")
     names = {f.name for f in dataclasses.fields(Manifest)}
-    missing = sorted(n for n in names - set(data) if n not in ("notes",))
+    missing = sorted(n for n in names - set(data) if n not in ("notes", "metrics"))
     unknown = sorted(set(data) - names)
     if missing or unknown:
         raise ArtifactError(f"{str(path)!r}: missing fields {missing}, unknown fields {unknown}")
     return Manifest(**data)
 
 
-def load_torch_model(directory: str | Path, form: str | None = None) -> "tuple[nn.Module, Manifest]":
-    """Rebuild the PyTorch model of an artifact: spec -> weights -> form conversion.
+def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tuple[nn.Module, Manifest]":
+    """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights.
 
-    `form` overrides the artifact's own (e.g. "dense" for the stripped reference model).
+    With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers);
+    without, the saved dense module (the reference its runtimes are compared against).
     """
     from .forms import FORMS
-    from .spec import get_model
+    from .spec import TRACE_BATCH, get_model
     from .storage import load_weights
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    model = get_model(manifest.model).make()
+    spec = get_model(manifest.model)
+    form = FORMS.get(manifest.form)
+    model = form.restore(spec.make(trained=False), spec, spec.example_inputs(TRACE_BATCH), manifest.form_recipe)
     state = load_weights(directory / WEIGHTS_FILE)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
-    model, _ = FORMS.get(form or manifest.form).to_torch(model)
+    if for_runtime:
+        model, _ = form.for_torch(model)
     return model.eval(), manifest

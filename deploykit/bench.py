@@ -111,7 +111,7 @@ def bench_artifact(
     directory = Path(directory).absolute()
     manifest = read_manifest(directory)
     spec = get_model(manifest.model)
-    reference_model, _ = load_torch_model(directory, form="dense")
+    reference_model, _ = load_torch_model(directory, for_runtime=False)
     counter = counter or itertools.count(1)
     total = total or len(grid)
     versions, machine = library_versions(), machine_info()

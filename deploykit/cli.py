@@ -41,18 +41,47 @@ def _progress(args):
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scope", choices=("global", "layer"), default="global",
+    p.add_argument("--scope", choices=("global", "layer"), default=None,
                    help="prune the fraction over all layers together (global, default) or in each layer")
+    p.add_argument("--seed", type=int, default=None, help="seed for random pruning (default 0)")
+    p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPARSITY",
+                   help="per-module sparsity by name pattern, e.g. 'encoder.*.feed_forward*=0.5'; the first matching "
+                   "rule wins, other layers get the --prune sparsity (repeatable)")
+    p.add_argument("--plan", metavar="FILE.toml",
+                   help="pruning plan file: method, sparsity, scope, exclude, exclude_output, seed and a [rules] "
+                   "table; command-line options override it")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="module name pattern never to prune, e.g. 'mlp.0' or 'encoder.*' (repeatable)")
     p.add_argument("--prune-output", action="store_true",
                    help="also prune the output layer (left dense by default, as in the pruning studies)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random pruning (default 0)")
 
 
 def _plan_options(args) -> dict:
-    return {"scope": args.scope, "exclude": tuple(args.exclude), "exclude_output": not args.prune_output,
-            "seed": args.seed}
+    """PruningPlan fields from --plan FILE, overridden by the command-line options given."""
+    from .prune import load_plan_file, parse_rule
+
+    options = load_plan_file(args.plan) if args.plan else {}
+    if args.scope is not None:
+        options["scope"] = args.scope
+    if args.seed is not None:
+        options["seed"] = args.seed
+    if args.rule:
+        options["rules"] = tuple(parse_rule(text) for text in args.rule)
+    options["exclude"] = tuple(options.get("exclude", ())) + tuple(args.exclude)
+    if args.prune_output:
+        options["exclude_output"] = False
+    return options
+
+
+def _plans(texts: list[str], options: dict) -> list:
+    """Plans for each METHOD:S[,S...] in `texts`; a plan file's method and sparsity are the default."""
+    from .prune import PruningPlan, parse_prune_spec
+
+    if not texts:
+        return [PruningPlan(**options)]
+    fields = {k: v for k, v in options.items() if k not in ("method", "amount")}
+    return [PruningPlan(method=method, amount=amount, **fields)
+            for text in texts for method, amount in _expand_prune(text, parse_prune_spec)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,11 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
         "weights.safetensors, model.onnx and manifest.json.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; see `deploykit models`)")
-    p.add_argument("--prune", default="magnitude:0", metavar="METHOD:SPARSITY",
-                   help="pruning method and fraction of prunable weights to zero, e.g. magnitude:0.9 or random:0.5 "
-                   f"(methods: {', '.join(PRUNERS.names())}; default magnitude:0, no pruning)")
+    p.add_argument("--prune", metavar="METHOD:SPARSITY",
+                   help="pruning method and the fraction to zero (of weights; of output channels for the *-structured "
+                   f"methods and fpgm), e.g. magnitude:0.9 or l1-structured:0.5 (methods: {', '.join(PRUNERS.names())}; "
+                   "default: no pruning)")
     _add_plan_options(p)
-    p.add_argument("--form", default="dense", help="deployable form: dense or csr (default dense)")
+    p.add_argument("--form", default="dense",
+                   help="deployable form: dense, csr (compact file, sparse kernels) or dense-shrunk (zero channels "
+                   "removed; pair with a structured method) (default dense)")
+    p.add_argument("--best-effort", action="store_true",
+                   help="dense-shrunk: leave groups with unsupported layers dense (with a warning) instead of failing")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -133,19 +167,27 @@ def cmd_models(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_artifact
-    from .prune import PruningPlan
     from .report import MB, sparsity_report
 
-    plan = PruningPlan.parse(args.prune, **_plan_options(args))
+    (plan,) = _plans([args.prune] if args.prune else [], _plan_options(args))
     result = export_artifact(args.model, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
-                             overwrite=args.overwrite, progress=_progress(args))
+                             overwrite=args.overwrite, best_effort=args.best_effort, progress=_progress(args))
     m = result.manifest
     if args.json:
         print(m.to_json(), end="")
         return 0
     print(f"{m.model}: {plan.label()} ({plan.scope}), form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
     print(sparsity_report(result.table))
-    print(f"\nparameters {m.parameters:,}, nonzero {m.nonzero_parameters:,}")
+    if m.shape_changes:
+        print(f"\n{m.form}: modules changed")
+        width = max(len(name) for name in m.shape_changes)
+        for name, (before, after) in m.shape_changes.items():
+            print(f"  {name + ':':<{width + 1}} {before} -> {after}")
+    print(f"\nparameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
+    print(f"FLOPs per item {m.flops_before_conversion:,} -> {m.flops:,} "
+          f"(theoretical speedup {m.flops_before_conversion / m.flops:.2f}x; torch's flop counter, multiply-add = 2)")
+    for name, value in m.metrics.items():
+        print(f"{name} of the pruned model: {value:.4f}")
     if m.converted_layers:
         print(f"converted to {m.form}: {', '.join(m.converted_layers)}")
     print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})")
@@ -160,11 +202,10 @@ def cmd_bench(args) -> int:
     from .bench import DEFAULT_FORMS, DEFAULT_RUNTIMES, Grid, TimingSettings, bench_artifact, bench_model
     from .env import available_cores
     from .fsutil import write_text_atomic
-    from .prune import PruningPlan, parse_prune_spec
     from .report import bench_table, records_json
 
-    if args.artifacts and (args.model or args.prune or args.form):
-        raise UsageError("give either exported DIRs or --model/--prune/--form, not both")
+    if args.artifacts and (args.model or args.prune or args.form or args.plan or args.rule):
+        raise UsageError("give either exported DIRs or --model/--prune/--plan/--rule/--form, not both")
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
                             max_iters=max(100_000, args.min_iters))
     grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
@@ -175,9 +216,8 @@ def cmd_bench(args) -> int:
         for directory in args.artifacts:
             records += bench_artifact(directory, grid, timing, progress)
     else:
-        plans = [PruningPlan(method=method, amount=amount, **_plan_options(args))
-                 for text in (args.prune or [DEFAULT_BENCH_PRUNE])
-                 for method, amount in _expand_prune(text, parse_prune_spec)]
+        options = _plan_options(args)
+        plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)
         records = bench_model(args.model or DEFAULT_MODEL, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress)
     if args.json == "-":
         print(records_json(records), end="")

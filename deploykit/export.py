@@ -28,16 +28,15 @@ from .onnx_export import (
     max_abs_errors,
     torch_outputs,
 )
-from .prune import PruneResult, PruningPlan, prune_model, strip_masks
+from .prune import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
 from .runtime import ort_session
 from .sparsity import SparsityTable, sparsity_table
-from .spec import ModelSpec, get_model
+from .spec import TRACE_BATCH, ModelSpec, get_model
 from .storage import save_weights
+from .summary import count_flops, count_parameters, module_shapes, shape_changes
 
 Progress = Callable[[str], None]
 
-#: batch size of the example inputs the model is traced with
-TRACE_BATCH = 2
 #: a different batch size for the parity inputs proves the exported batch axis is really dynamic
 PARITY_BATCH = 3
 
@@ -47,7 +46,10 @@ class ExportResult:
     directory: Path
     manifest: Manifest
     prune_result: PruneResult
+    #: per-parameter sparsity of the pruned (stripped) model
     table: SparsityTable
+    #: quality of the pruned model, when the model spec has an evaluator
+    metrics: dict[str, float]
 
 
 def export_artifact(
@@ -59,12 +61,14 @@ def export_artifact(
     opset: int = DEFAULT_OPSET,
     tolerance: float = ONNX_TOLERANCE,
     overwrite: bool = False,
+    best_effort: bool = False,
     progress: Progress = lambda message: None,
 ) -> ExportResult:
     """Prune `model` by `plan`, convert it to `form`, export it and write `out_dir` atomically.
 
     Raises `ParityError` (and writes nothing) when ONNX Runtime or the converted PyTorch model
-    disagree with the stripped model beyond tolerance.
+    disagree with the stripped model beyond tolerance. `best_effort` lets dense-shrunk leave groups
+    it cannot shrink dense (with a warning) instead of failing.
     """
     spec = get_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
@@ -74,21 +78,33 @@ def export_artifact(
         raise UsageError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
     check_writable_destination(out_dir, overwrite)
 
-    progress(f"building {spec.name}")
+    progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
     net = spec.make()
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
+    one_item = spec.example_inputs(1, seed=0)
 
     progress(f"pruning: {plan.label()} ({plan.scope})")
-    result = prune_model(net, plan, trace_inputs, spec.output_layers)
+    result = prune_model(net, plan, trace_inputs, spec.output_layers, spec=spec)
     table = sparsity_table(net, result.pruned_parameters)
     strip_masks(net)
     reference = torch_outputs(net, parity_inputs)
+    metrics = spec.evaluate(net) if spec.evaluate else {}
+    shapes_before, flops_before = module_shapes(net), count_flops(net, one_item)
+
+    progress(f"converting to form {form!r}")
+    outputs_layers = list(spec.output_layers) or detect_output_layers(net, trace_inputs)
+    converted = form_entry.convert(net, spec, trace_inputs, {"keep": outputs_layers, "best_effort": best_effort})
+    saved = converted.module.eval()
+    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved))
+    form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
+    check_parity(f"form {form!r} vs stripped model", form_errors, FORM_TOLERANCE)
+    parameters, nonzero = count_parameters(saved)
 
     with atomic_directory(out_dir, overwrite) as tmp:
         progress(f"exporting ONNX (opset {opset})")
         export_onnx(
-            net, trace_inputs, tmp / ONNX_FILE,
+            saved, trace_inputs, tmp / ONNX_FILE,
             input_names=spec.input_names, output_names=spec.outputs,
             dynamic_axes=spec.dynamic_axes(), opset=opset,
         )
@@ -98,12 +114,8 @@ def export_artifact(
         onnx_errors = max_abs_errors(reference, session.run(None, feeds), spec.outputs)
         check_parity("onnxruntime vs PyTorch", onnx_errors, tolerance)
 
-        progress(f"converting to form {form!r} and writing weights")
-        encoded = save_weights(net.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding)
-        converted, converted_layers = form_entry.to_torch(copy.deepcopy(net))
-        form_errors = max_abs_errors(reference, torch_outputs(converted, parity_inputs), spec.outputs)
-        check_parity(f"form {form!r} vs stripped model", form_errors, FORM_TOLERANCE)
-
+        progress("writing weights")
+        encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding)
         manifest = Manifest(
             model=spec.name,
             form=form,
@@ -111,11 +123,17 @@ def export_artifact(
             pruned_parameters=list(result.pruned_parameters),
             excluded_modules=list(result.excluded_modules),
             sparsity=[_sparsity_row(row) for row in table.rows],
-            parameters=table.parameters,
-            nonzero_parameters=table.nonzero,
+            parameters=parameters,
+            nonzero_parameters=nonzero,
             overall_sparsity=table.overall,
             pruned_sparsity=table.pruned_overall,
-            converted_layers=converted_layers,
+            parameters_before_conversion=table.parameters,
+            flops_before_conversion=flops_before,
+            flops=count_flops(saved, one_item),
+            form_recipe=converted.recipe,
+            conversion=converted.summary,
+            shape_changes=shape_changes(shapes_before, module_shapes(saved)),
+            converted_layers=swapped,
             weight_encodings={enc.name: enc.kind for enc in encoded},
             inputs=[dataclasses.asdict(i) for i in spec.inputs],
             outputs=list(spec.outputs),
@@ -126,12 +144,13 @@ def export_artifact(
             parity_tolerance=tolerance,
             versions=library_versions(),
             created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            metrics=metrics,
             notes=_form_notes(form),
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
     progress(f"wrote {out_dir}")
-    return ExportResult(Path(out_dir), manifest, result, table)
+    return ExportResult(Path(out_dir), manifest, result, table, metrics)
 
 
 def _sparsity_row(row) -> dict:

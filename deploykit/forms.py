@@ -1,18 +1,21 @@
 """Deployable forms of a stripped model: how its weights are stored and how PyTorch runs it.
 
-A `Form` pairs a weights-file encoding (see `deploykit.storage`) with a conversion of the stripped,
-dense-with-zeros model into the module PyTorch executes. The weights file always holds the stripped
-model's own state-dict names, so any form can be rebuilt from the model spec plus the file.
+A `Form` has three steps:
 
-How to add a form: write `to_torch(model) -> (model, converted_layer_names)` and register
-``FORMS.add("name", Form("name", "what it is", encoding, to_torch))``.
+- `convert(stripped, spec, inputs) -> Converted`: the dense module that is saved and exported to ONNX,
+  plus a JSON-friendly `recipe` that turns a freshly built model into one of the same shapes
+  (dense-shrunk records which channels it removed; dense and csr need nothing);
+- `restore(fresh, spec, inputs, recipe)`: that recipe applied at load time, before the weights;
+- `for_torch(module)`: the module PyTorch executes (csr swaps pruned Linear layers for `CSRLinear`).
+
+How to add a form: write those three functions and ``FORMS.add("name", Form(...))``.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,13 +24,37 @@ from .registry import Registry
 
 
 @dataclass(frozen=True)
+class Converted:
+    #: the dense module to save (its state dict) and to export to ONNX
+    module: nn.Module
+    #: what `Form.restore` needs to rebuild these shapes from a fresh model; stored in the manifest
+    recipe: dict[str, Any] = field(default_factory=dict)
+    #: human-readable facts about the conversion, e.g. channels removed per layer
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _keep(stripped: nn.Module, spec, inputs, options) -> Converted:
+    return Converted(stripped)
+
+
+def _restore_nothing(fresh: nn.Module, spec, inputs, recipe) -> nn.Module:
+    return fresh
+
+
+def _as_is(module: nn.Module) -> tuple[nn.Module, list[str]]:
+    return module, []
+
+
+@dataclass(frozen=True)
 class Form:
     name: str
     description: str
     #: weights-file encoding: "dense" (plain safetensors) or "compact" (smallest per tensor)
     encoding: str
-    #: stripped model -> (module to run under PyTorch, names of the layers it converted)
-    to_torch: Callable[[nn.Module], tuple[nn.Module, list[str]]]
+    convert: Callable[..., Converted] = _keep
+    restore: Callable[..., nn.Module] = _restore_nothing
+    #: saved module -> (module PyTorch runs, names of layers it swapped)
+    for_torch: Callable[[nn.Module], tuple[nn.Module, list[str]]] = _as_is
 
 
 FORMS: Registry[Form] = Registry("form")
@@ -60,10 +87,6 @@ class CSRLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-def _as_is(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    return model, []
-
-
 def to_csr_modules(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """Replace every Linear layer that has zero weights by a `CSRLinear`; returns the converted names."""
     converted = []
@@ -74,13 +97,25 @@ def to_csr_modules(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, converted
 
 
+def _shrink(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], options: dict) -> Converted:
+    from .shrink import shrink
+
+    result = shrink(stripped, inputs, keep=options.get("keep", ()), best_effort=options.get("best_effort", False))
+    return Converted(result.model, {"history": result.history},
+                     {"channels_removed": result.removed, "left_dense": result.skipped})
+
+
+def _replay(fresh: nn.Module, spec, inputs: Sequence[torch.Tensor], recipe: dict) -> nn.Module:
+    from .shrink import replay
+
+    return replay(fresh, inputs, recipe.get("history", []))
+
+
 for _form in (
-    Form("dense", "stripped weights stored and run densely (zeros included)", "dense", _as_is),
-    Form(
-        "csr",
-        "compact weights file; pruned Linear layers run as torch.sparse_csr under PyTorch",
-        "compact",
-        to_csr_modules,
-    ),
+    Form("dense", "stripped weights stored and run densely (zeros included)", "dense"),
+    Form("csr", "compact weights file; pruned Linear layers run as torch.sparse_csr under PyTorch",
+         "compact", for_torch=to_csr_modules),
+    Form("dense-shrunk", "channels that are zero across their coupled group physically removed",
+         "dense", convert=_shrink, restore=_replay),
 ):
     FORMS.add(_form.name, _form)

@@ -1,22 +1,26 @@
-"""Unstructured pruning on top of `torch.nn.utils.prune`, and stripping of its masks.
+"""Pruning: plans, the pruner registry, and stripping of `torch.nn.utils.prune` masks.
 
-`prune_model` applies a `PruningPlan` to a model: it selects the prunable weights (Linear and Conv
-layers, minus excluded ones and, by default, the output layer), hands them to the plan's `Pruner`, and
-checks that the requested fraction really was zeroed; a pruner that silently prunes nothing is the
-classic failure, so it is an error here. `strip_masks` then folds `weight_orig * weight_mask` into a
-plain `weight` so that no trace of `torch.nn.utils.prune` is left.
+`prune_model` applies a `PruningPlan` to a model: it selects the prunable layers (Linear and Conv,
+minus excluded ones and, by default, the output layer), resolves each layer's sparsity from the
+plan's rules, hands them to the plan's `Pruner`, and checks that what was asked for was masked. A
+pruner that silently prunes nothing is the classic failure, so a shortfall is an error here.
+Every pruner leaves `torch.nn.utils.prune` masks; `strip_masks` folds them into plain weights.
 
-How to add a pruner: write a class with an `apply(targets, amount, scope)` method that installs
-`torch.nn.utils.prune` masks on the given (module, "weight") pairs, and register an instance with
-``PRUNERS.add("name", MyPruner())``. `prune_model` does selection, seeding and verification around it.
+How to add a pruner: write a class with ``apply(ctx: PruneContext) -> Outcome`` that installs masks
+(``torch.nn.utils.prune.custom_from_mask`` is the general tool) on the layers in ``ctx.targets`` and
+reports what it was asked for and what it masked, then ``PRUNERS.add("name", MyPruner())``.
+`prune_model` does selection, rule resolution, seeding and verification around it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from .errors import UsageError
 from .registry import Registry
@@ -25,49 +29,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .spec import ModelSpec
+
 SCOPES = ("global", "layer")
 #: "magnitude:0.9" -> method "magnitude", amount 0.9
 _SPEC = re.compile(r"^(?P<method>[a-z][a-z0-9_-]*):(?P<amount>[^:]+)$")
-
-class Pruner(Protocol):
-    def apply(self, targets: "Sequence[tuple[nn.Module, str]]", amount: float, scope: str) -> None:
-        """Install pruning masks so that `amount` of the targets' weights are zero.
-
-        With scope "global" the fraction holds over all targets together; with "layer", for each.
-        """
-
-
-PRUNERS: Registry[Pruner] = Registry("pruning method")
-
-
-class MagnitudePruner:
-    """Zero the weights of smallest absolute value (L1 unstructured)."""
-
-    def apply(self, targets, amount, scope):  # noqa: D102 - see Pruner.apply
-        from torch.nn.utils import prune
-
-        if scope == "global":
-            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
-        else:
-            for module, name in targets:
-                prune.l1_unstructured(module, name, amount=amount)
-
-
-class RandomPruner:
-    """Zero weights chosen uniformly at random (the baseline every saliency pruner must beat)."""
-
-    def apply(self, targets, amount, scope):
-        from torch.nn.utils import prune
-
-        if scope == "global":
-            prune.global_unstructured(targets, pruning_method=prune.RandomUnstructured, amount=amount)
-        else:
-            for module, name in targets:
-                prune.random_unstructured(module, name, amount=amount)
-
-
-PRUNERS.add("magnitude", MagnitudePruner())
-PRUNERS.add("random", RandomPruner())
 
 
 @dataclass(frozen=True)
@@ -75,9 +41,12 @@ class PruningPlan:
     """What to prune and how much. Recorded verbatim in every manifest."""
 
     method: str = "magnitude"
-    #: fraction of the prunable weights set to zero, in [0, 1)
+    #: fraction of each selected layer's weights (or channels, for structured methods) to zero, in [0, 1)
     amount: float = 0.0
     scope: str = "global"
+    #: (module name pattern, sparsity) pairs; the first pattern that matches a layer sets its sparsity,
+    #: e.g. ("encoder.*.feed_forward*", 0.5). Layers no rule matches get `amount`.
+    rules: tuple[tuple[str, float], ...] = ()
     #: fnmatch patterns on module names that are never pruned (e.g. "mlp.0", "encoder.*")
     exclude: tuple[str, ...] = ()
     #: leave the output layer dense, as the pruning studies did
@@ -86,20 +55,40 @@ class PruningPlan:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Manifests hand these back as JSON lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "rules", tuple((str(p), float(a)) for p, a in self.rules))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         PRUNERS.get(self.method)  # raises with the list of known methods
-        if not 0.0 <= self.amount < 1.0:
-            raise UsageError(f"sparsity {self.amount:g} is outside [0, 1)")
+        for amount in (self.amount, *(a for _, a in self.rules)):
+            _check_sparsity(amount)
         if self.scope not in SCOPES:
             raise UsageError(f"unknown pruning scope {self.scope!r}; known: {', '.join(SCOPES)}")
 
     @classmethod
-    def parse(cls, text: str, **options) -> "PruningPlan":
+    def parse(cls, text: str, **options: Any) -> "PruningPlan":
         """Parse "METHOD:SPARSITY" (e.g. "magnitude:0.9"); `options` fill the other fields."""
         method, amount = parse_prune_spec(text)
         return cls(method=method, amount=amount, **options)
 
+    def amount_for(self, module_name: str) -> float:
+        for pattern, amount in self.rules:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return amount
+        return self.amount
+
+    def is_empty(self) -> bool:
+        return self.amount == 0 and all(a == 0 for _, a in self.rules)
+
     def label(self) -> str:
-        return f"{self.method}:{self.amount:g}" if self.amount else "none"
+        if self.is_empty():
+            return "none"
+        return f"{self.method}:{self.amount:g}" + (f"+{len(self.rules)} rules" if self.rules else "")
+
+
+def _check_sparsity(amount: float) -> float:
+    if not 0.0 <= amount < 1.0:
+        raise UsageError(f"sparsity {amount:g} is outside [0, 1)")
+    return amount
 
 
 def parse_prune_spec(text: str) -> tuple[str, float]:
@@ -111,28 +100,128 @@ def parse_prune_spec(text: str) -> tuple[str, float]:
     except ValueError:
         raise UsageError(f"bad sparsity {match['amount']!r} in pruning spec {text!r}") from None
     PRUNERS.get(match["method"])
-    if not 0.0 <= amount < 1.0:
-        raise UsageError(f"sparsity {amount:g} is outside [0, 1)")
-    return match["method"], amount
+    return match["method"], _check_sparsity(amount)
+
+
+def parse_rule(text: str) -> tuple[str, float]:
+    """"encoder.*=0.5" -> ("encoder.*", 0.5)."""
+    pattern, sep, amount = text.rpartition("=")
+    if not sep or not pattern:
+        raise UsageError(f"bad rule {text!r}; expected PATTERN=SPARSITY, e.g. 'encoder.*=0.5'")
+    try:
+        return pattern, _check_sparsity(float(amount))
+    except ValueError:
+        raise UsageError(f"bad sparsity {amount!r} in rule {text!r}") from None
+
+
+PLAN_KEYS = {"method", "sparsity", "scope", "rules", "exclude", "exclude_output", "seed"}
+
+
+def load_plan_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML plan: top-level method/sparsity/scope/exclude/exclude_output/seed and a [rules] table.
+
+    Returns PruningPlan keyword arguments. Unknown keys are errors that name the key and the file.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"plan file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read plan file {str(path)!r}: {exc}") from None
+    unknown = sorted(set(data) - PLAN_KEYS)
+    if unknown:
+        raise UsageError(f"plan file {str(path)!r}: unknown key {unknown[0]!r}; known: {', '.join(sorted(PLAN_KEYS))}")
+    options = {k: v for k, v in data.items() if k not in ("sparsity", "rules")}
+    if "sparsity" in data:
+        options["amount"] = data["sparsity"]
+    rules = data.get("rules", {})
+    if not isinstance(rules, dict) or not all(isinstance(v, (int, float)) for v in rules.values()):
+        raise UsageError(f"plan file {str(path)!r}: [rules] must map module patterns to sparsities")
+    options["rules"] = tuple(rules.items())
+    return options
+
+
+@dataclass(frozen=True)
+class PruneContext:
+    """Everything a pruner may need; `targets` maps module name -> the sparsity it should get."""
+
+    model: "nn.Module"
+    plan: PruningPlan
+    targets: dict[str, float]
+    excluded: tuple[str, ...]
+    example_inputs: "Sequence[torch.Tensor]"
+    spec: "ModelSpec | None" = None
+
+    def modules(self) -> "list[tuple[str, nn.Module, float]]":
+        return [(name, self.model.get_submodule(name), amount) for name, amount in self.targets.items()]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a pruner was asked for and what it masked, in its own unit ("weights" or "channels")."""
+
+    unit: str
+    requested: int
+    masked: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Pruner(Protocol):
+    def apply(self, ctx: PruneContext) -> Outcome:
+        """Install pruning masks on `ctx.targets` (global or per layer, by `ctx.plan.scope`)."""
+
+
+PRUNERS: Registry[Pruner] = Registry("pruning method")
+
+
+class UnstructuredPruner:
+    """Zero individual weights of each target's `weight`: the smallest (L1) or random ones."""
+
+    def __init__(self, method: str):
+        self.method = method  # the torch.nn.utils.prune method name: "l1_unstructured" / "random_unstructured"
+
+    def apply(self, ctx: PruneContext) -> Outcome:
+        from torch.nn.utils import prune
+
+        method_class = {"l1_unstructured": prune.L1Unstructured, "random_unstructured": prune.RandomUnstructured}[self.method]
+        requested = 0
+        by_amount: dict[float, list] = {}
+        for _, module, amount in ctx.modules():
+            by_amount.setdefault(amount, []).append(module)
+        for amount, modules in by_amount.items():
+            if ctx.plan.scope == "global":  # one threshold across the layers sharing this sparsity
+                prune.global_unstructured([(m, "weight") for m in modules], pruning_method=method_class, amount=amount)
+                requested += round(amount * sum(m.weight.numel() for m in modules))
+            else:
+                for module in modules:
+                    getattr(prune, self.method)(module, "weight", amount=amount)
+                    requested += round(amount * module.weight.numel())
+        masked = sum(_masked_count(module, "weight") for _, module, _ in ctx.modules())
+        return Outcome("weights", requested, masked)
+
+
+PRUNERS.add("magnitude", UnstructuredPruner("l1_unstructured"))
+PRUNERS.add("random", UnstructuredPruner("random_unstructured"))
+for _name in ("l1-structured", "l2-structured", "fpgm", "random-structured"):
+    PRUNERS.declare(_name, "deploykit.structured")
 
 
 @dataclass(frozen=True)
 class PruneResult:
-    """Which weights a plan touched: names of pruned parameters and of excluded modules."""
+    """Which parameters a plan masked, which modules it left alone, and the verified outcome."""
 
     plan: PruningPlan
     pruned_parameters: tuple[str, ...]
     excluded_modules: tuple[str, ...]
-    #: zeros the pruner was asked for vs zeros it made, over the pruned parameters
-    requested_zeros: int = 0
-    actual_zeros: int = 0
+    outcome: Outcome | None = None
 
 
-def prunable_modules(model: "nn.Module") -> list[tuple[str, "nn.Module"]]:
-    """Modules whose `weight` unstructured pruning applies to: Linear and Conv layers."""
+def prunable_modules(model: "nn.Module") -> "list[tuple[str, nn.Module]]":
+    """Modules pruning applies to: Linear, Conv and embedding layers."""
     from torch import nn
 
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
@@ -154,53 +243,61 @@ def detect_output_layers(model: "nn.Module", example_inputs: "Sequence[torch.Ten
     return order[-1:]
 
 
+def excluded_modules(
+    model: "nn.Module", plan: PruningPlan, example_inputs: "Sequence[torch.Tensor]", output_layers: Sequence[str] = ()
+) -> list[str]:
+    """Module names the plan never prunes: matches of `plan.exclude`, and the output layer(s)."""
+    names = [name for name, _ in prunable_modules(model)]
+    excluded = {name for name in names if any(fnmatch.fnmatchcase(name, p) for p in plan.exclude)}
+    if plan.exclude_output:
+        excluded.update(output_layers or detect_output_layers(model, example_inputs))
+    return sorted(excluded)
+
+
 def prune_model(
     model: "nn.Module",
     plan: PruningPlan,
     example_inputs: "Sequence[torch.Tensor]" = (),
     output_layers: Sequence[str] = (),
+    spec: "ModelSpec | None" = None,
 ) -> PruneResult:
     """Apply `plan` to `model` in place, leaving `torch.nn.utils.prune` masks on it.
 
     `output_layers` names the output layer(s); when empty it is detected from a forward pass over
     `example_inputs`. Raises `UsageError` when the plan leaves nothing to prune, and `RuntimeError`
-    when the pruner zeroed fewer weights than asked (a silent no-op is a bug, not a result).
+    when the pruner masked other than what it was asked for.
     """
     import torch
 
-    candidates = prunable_modules(model)
-    excluded = {name for name, _ in candidates if any(fnmatch.fnmatchcase(name, p) for p in plan.exclude)}
-    if plan.exclude_output:
-        outputs = list(output_layers) or detect_output_layers(model, example_inputs)
-        excluded.update(outputs)
-    targets = [(name, module) for name, module in candidates if name not in excluded]
-    result_names = tuple(f"{name}.weight" for name, _ in targets)
-    if plan.amount == 0.0:
-        return PruneResult(plan, result_names, tuple(sorted(excluded)))
+    candidates = [name for name, _ in prunable_modules(model)]
+    excluded = excluded_modules(model, plan, example_inputs, output_layers)
+    targets = {name: plan.amount_for(name) for name in candidates if name not in excluded}
+    targets = {name: amount for name, amount in targets.items() if amount > 0}
+    if plan.is_empty():
+        return PruneResult(plan, (), tuple(excluded))
     if not targets:
-        raise UsageError(
-            f"nothing to prune: all {len(candidates)} prunable layers are excluded by the plan"
-        )
+        raise UsageError(f"nothing to prune: the plan selects none of the {len(candidates)} prunable layers")
 
-    weights = [(module, "weight") for _, module in targets]
-    total = sum(module.weight.numel() for _, module in targets)
+    ctx = PruneContext(model, plan, targets, tuple(excluded), tuple(example_inputs), spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
-        PRUNERS.get(plan.method).apply(weights, plan.amount, plan.scope)
-    if plan.scope == "global":
-        requested = round(plan.amount * total)
-    else:
-        requested = sum(round(plan.amount * module.weight.numel()) for _, module in targets)
-    # Count the masks, not the weights: weights that happened to be zero already must not hide a
-    # pruner that did nothing.
-    masked = sum(_masked_count(module) for _, module in targets)
-    if masked != requested:
-        raise RuntimeError(f"{plan.method} pruning masked {masked} weights where {requested} were requested")
-    return PruneResult(plan, result_names, tuple(sorted(excluded)), requested, masked)
+        outcome = PRUNERS.get(plan.method).apply(ctx)
+    if outcome.unit == "weights":  # recount from the masks: a pruner's own report is not evidence
+        outcome = dataclasses.replace(outcome, masked=sum(_masked_count(m, "weight") for _, m, _ in ctx.modules()))
+    if outcome.masked != outcome.requested:
+        raise RuntimeError(
+            f"{plan.method} pruning masked {outcome.masked} {outcome.unit} where {outcome.requested} were requested"
+        )
+    return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome)
 
 
-def _masked_count(module: "nn.Module") -> int:
-    mask = getattr(module, "weight_mask", None)  # absent when the pruner left this module alone
+def masked_parameters(model: "nn.Module") -> list[str]:
+    """Names of parameters carrying a pruning mask, as they will be named once stripped."""
+    return [name[: -len("_mask")] for name, _ in model.named_buffers() if name.endswith("_mask")]
+
+
+def _masked_count(module: "nn.Module", name: str) -> int:
+    mask = getattr(module, f"{name}_mask", None)  # absent when the pruner left this module alone
     return 0 if mask is None else int((mask == 0).sum())
 
 

@@ -11,7 +11,10 @@ The builder's docstring is the model's description; cite the shape it reproduces
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .registry import Registry
@@ -22,6 +25,8 @@ if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays i
 
 #: dtype names accepted in InputSpec, mapped to torch dtype attribute names
 INPUT_DTYPES = ("float32", "float16", "int64", "int32")
+#: batch size of the example inputs models are traced with (ONNX export, dependency graphs)
+TRACE_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -74,14 +79,25 @@ class ModelSpec:
     seed: int = 0
     #: module names never pruned by default; empty means "detect the output layer"
     output_layers: tuple[str, ...] = field(default=())
+    #: trains a freshly built model in place on data a package ships (deterministic for a seed)
+    train: "Callable[[nn.Module], None] | None" = None
+    #: quality of a model on held-out data, e.g. {"accuracy": 0.97}
+    evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None
+    #: bump when `train` changes, so cached trained weights are not reused
+    train_version: str = "1"
 
-    def make(self) -> "nn.Module":
-        """Build the model with its fixed seed, in eval mode."""
+    def make(self, trained: bool = True) -> "nn.Module":
+        """Build the model with its fixed seed, in eval mode; trained (from the cache) if it trains.
+
+        `trained=False` gives the initial weights: what loading saved weights or rewinding starts from.
+        """
         import torch
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = self.build()
+        if trained and self.train is not None:
+            _load_or_train(self, model)
         return model.eval()
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0) -> "tuple[torch.Tensor, ...]":
@@ -102,6 +118,41 @@ class ModelSpec:
         if any("batch" in spec.shape for spec in self.inputs):
             axes.update({name: {0: "batch"} for name in self.outputs})
         return axes
+
+
+def cache_dir() -> Path:
+    """Where trained zoo weights are kept: $DEPLOYKIT_CACHE, else ~/.cache/deploykit."""
+    return Path(os.environ.get("DEPLOYKIT_CACHE") or Path.home() / ".cache" / "deploykit")
+
+
+def _load_or_train(spec: "ModelSpec", model: "nn.Module") -> None:
+    """Load `spec`'s trained weights from the cache, training (and caching) them on a miss.
+
+    The cache only saves time: training is seeded, so a miss reproduces the same model up to the
+    float summation order of the machine's kernels.
+    """
+    import torch
+
+    from .errors import ArtifactError
+    from .storage import load_weights, save_weights
+
+    key = hashlib.sha256(f"{spec.name}:{spec.seed}:{spec.train_version}:{torch.__version__}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"{spec.name}-{key}.safetensors"
+    if path.is_file():
+        try:
+            model.load_state_dict(load_weights(path))
+            return
+        except (ArtifactError, RuntimeError):
+            pass  # a damaged or stale cache entry is retrained over
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        spec.train(model)
+    model.eval()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(model.state_dict(), path)
+    except OSError:
+        pass  # an unwritable cache costs time on the next run, not correctness
 
 
 def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator") -> "torch.Tensor":
@@ -125,6 +176,8 @@ def register_model(
     sampler: Sampler | None = None,
     seed: int = 0,
     output_layers: Sequence[str] = (),
+    train: "Callable[[nn.Module], None] | None" = None,
+    evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None,
 ) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
     """Decorator registering a zero-argument model builder under `name`."""
 
@@ -141,6 +194,8 @@ def register_model(
                 sampler=sampler,
                 seed=seed,
                 output_layers=tuple(output_layers),
+                train=train,
+                evaluate=evaluate,
             ),
         )
         return build

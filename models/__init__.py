@@ -1,7 +1,8 @@
 """The built-in model zoo, imported as `deploykit.zoo`.
 
 Each module registers its models with `deploykit.spec.register_model`; importing this package fills
-the registry. Weights are random (seeded) unless a model can be trained quickly on data a package ships.
+the registry. Weights are random (seeded) unless a model can be trained quickly on data a package
+ships (the LeNets, on scikit-learn's digits).
 """
 
-from . import mlp  # noqa: F401
+from . import lenet, mlp, resnet, vae  # noqa: F401

@@ -23,9 +23,12 @@ def test_help_explains_the_commands(cli):
 
 
 def test_models_lists_the_zoo(cli):
-    assert cli("models").stdout.startswith("mlp-sst2")
-    listed = json.loads(cli("models", "--json").stdout)
-    assert {"name": "mlp-sst2", "inputs": ["bow"], "outputs": ["logits"]}.items() <= listed[0].items()
+    lines = cli("models").stdout.splitlines()
+    rows = dict(line.split(None, 1) for line in lines)
+    assert rows["mlp-sst2"].startswith("SST-2 bag-of-words MLP (SST-2 study): 5000 -> 256")
+    assert {"lenet-300-100", "lenet-5", "resnet18", "resnet50", "vae"} <= set(rows)
+    listed = {m["name"]: m for m in json.loads(cli("models", "--json").stdout)}
+    assert {"name": "mlp-sst2", "inputs": ["bow"], "outputs": ["logits"]}.items() <= listed["mlp-sst2"].items()
 
 
 def test_export_prints_the_sparsity_table_and_writes_the_artifact(cli, tmp_path):
@@ -51,7 +54,7 @@ def test_export_json_is_the_manifest(cli, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["export", "--model", "nope", "--out", "{tmp}/o"], "unknown model 'nope'; known: mlp-sst2"),
+        (["export", "--model", "nope", "--out", "{tmp}/o"], "unknown model 'nope'; known: lenet-300-100, lenet-5, mlp-sst2"),
         (["export", "--prune", "magnitude:1.5", "--out", "{tmp}/o"], "sparsity 1.5 is outside [0, 1)"),
         (["export", "--prune", "magnitude:-0.2", "--out", "{tmp}/o"], "sparsity -0.2 is outside [0, 1)"),
         (["export", "--form", "coo", "--out", "{tmp}/o"], "unknown form 'coo'; known: csr, dense"),
@@ -65,7 +68,7 @@ def test_export_json_is_the_manifest(cli, tmp_path):
         (["bench", "--runtime", "tensorrt"], "unknown runtime 'tensorrt'; known: onnxruntime, torch"),
         (["bench", "--batch", "0"], "batch sizes must be >= 1"),
         (["bench", "--prune", "magnitude:0.5,1"], "sparsity 1 is outside [0, 1)"),
-        (["bench", "{tmp}/existing", "--model", "mlp-sst2"], "give either exported DIRs or --model/--prune/--form"),
+        (["bench", "{tmp}/existing", "--model", "mlp-sst2"], "give either exported DIRs or --model/--prune/--plan/--rule/--form, not both"),
         (["bench", "--batch", "x"], "expected a comma-separated list of int"),
     ],
 )

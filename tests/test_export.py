@@ -43,7 +43,7 @@ def test_artifact_holds_weights_onnx_and_manifest(csr_artifact):
 
 def test_torch_model_reloads_from_the_artifact(csr_artifact, mlp_spec):
     model, _ = load_torch_model(csr_artifact.directory)
-    reference, _ = load_torch_model(csr_artifact.directory, form="dense")
+    reference, _ = load_torch_model(csr_artifact.directory, for_runtime=False)
     assert type(model.mlp[0]).__name__ == "CSRLinear" and isinstance(reference.mlp[0], nn.Linear)
     inputs = mlp_spec.example_inputs(7, seed=5)
     np.testing.assert_allclose(torch_outputs(model, inputs)[0], torch_outputs(reference, inputs)[0], atol=1e-5)
@@ -51,7 +51,7 @@ def test_torch_model_reloads_from_the_artifact(csr_artifact, mlp_spec):
 
 def test_onnx_batch_axis_is_dynamic(csr_artifact, mlp_spec):
     session = ort_session(csr_artifact.directory / "model.onnx", threads=1)
-    reference, _ = load_torch_model(csr_artifact.directory, form="dense")
+    reference, _ = load_torch_model(csr_artifact.directory, for_runtime=False)
     for batch in (1, 5):
         inputs = mlp_spec.example_inputs(batch, seed=9)
         (out,) = session.run(None, {"bow": inputs[0].numpy()})

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from deploykit.errors import UnknownNameError, UsageError
-from deploykit.prune import PRUNERS, PruningPlan, detect_output_layers, parse_prune_spec, prune_model, strip_masks
+from deploykit.prune import PRUNERS, Outcome, PruningPlan, detect_output_layers, parse_prune_spec, prune_model, strip_masks
 from deploykit.sparsity import sparsity_table
 
 
@@ -110,7 +110,7 @@ def test_bad_prune_specs(text, message):
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(UnknownNameError, match="known: magnitude, random"):
+    with pytest.raises(UnknownNameError, match="known: fpgm, l1-structured, l2-structured, magnitude, random, random-structured"):
         PruningPlan.parse("snap:0.5")
 
 
@@ -121,8 +121,8 @@ def test_plan_that_excludes_everything_is_an_error(mlp, mlp_spec):
 
 def test_a_pruner_that_prunes_nothing_is_caught(mlp, mlp_spec, monkeypatch):
     class DoesNothing:
-        def apply(self, targets, amount, scope):
-            pass
+        def apply(self, ctx):
+            return Outcome("weights", requested=705_536, masked=705_536)  # claims success, masks nothing
 
     monkeypatch.setitem(PRUNERS._entries, "noop", DoesNothing())
     with pytest.raises(RuntimeError, match="masked 0 weights where 705536 were requested"):

@@ -52,3 +52,15 @@ def test_input_spec_validation():
 
 def test_zoo_lists_mlp_sst2():
     assert "mlp-sst2" in [spec.name for spec in list_models()]
+
+
+def test_declared_names_are_listed_and_loaded_on_first_use(tmp_path, monkeypatch):
+    (tmp_path / "plugin_for_registry_test.py").write_text(
+        "from tests_registry_target import REG\nREG.add('late', 42)\n")
+    (tmp_path / "tests_registry_target.py").write_text(
+        "from deploykit.registry import Registry\nREG = Registry('widget')\nREG.declare('late', 'plugin_for_registry_test')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from tests_registry_target import REG
+
+    assert REG.names() == ["late"] and "late" in REG
+    assert REG.get("late") == 42

@@ -1,0 +1,127 @@
+"""Coupled channel groups, from torch-pruning's dependency graph.
+
+A *group* is the unit of structured pruning: all the parameter slices that must go together when one
+output channel of a layer goes (the producing Linear/Conv rows, a BatchNorm's entries, every layer
+joined by a residual add or a concatenation, a consumer's input columns). torch-pruning's
+`DependencyGraph` finds groups; this module adds what deploykit needs on top: which parameter slices
+*produce* a channel (zeroing those makes the channel's output exactly zero), and which channels of a
+group are already dead.
+
+How to support another layer type: add it to `_PRODUCER_SLICES` with the parameters and dimensions
+that hold one output channel, and (if torch-pruning does not know it) give torch-pruning a pruner
+for it through `customized_pruners`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import DeployKitError
+
+ROOT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
+#: layers that normalise across channels: removing a channel changes every other channel's output
+#: (the mean and variance are taken over one channel fewer), so their groups are never removable exactly
+BLOCKING_TYPES = (nn.LayerNorm, nn.GroupNorm)
+
+
+class UnsupportedLayerError(DeployKitError):
+    """A group contains a layer whose channel parameters deploykit does not know how to read."""
+
+
+def _conv_slices(m: nn.Module) -> list[tuple[str, int]]:
+    return [("weight", 1 if m.transposed else 0), ("bias", 0)]
+
+
+#: layer type -> (parameter name, dimension) pairs that hold one output channel
+_PRODUCER_SLICES = {
+    nn.Linear: lambda m: [("weight", 0), ("bias", 0)],
+    nn.modules.conv._ConvNd: _conv_slices,
+    nn.modules.batchnorm._BatchNorm: lambda m: [("weight", 0), ("bias", 0)],
+    nn.Embedding: lambda m: [("weight", 1)],
+    nn.EmbeddingBag: lambda m: [("weight", 1)],
+}
+
+
+def producer_slices(module: nn.Module) -> list[tuple[str, int]] | None:
+    """(parameter, dim) pairs of `module` that hold its output channels; None for unknown types."""
+    for kind, slices in _PRODUCER_SLICES.items():
+        if isinstance(module, kind):
+            return [(name, dim) for name, dim in slices(module) if getattr(module, name, None) is not None]
+    return None
+
+
+def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tp.DependencyGraph:
+    # torch-pruning traces through autograd, so gradients must be on even for an inference model.
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=tuple(example_inputs), verbose=False)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One parameter slice producing channel `root` of a group: `module.<param>[..., index, ...]` along `dim`."""
+
+    module_name: str
+    module: nn.Module
+    param: str
+    dim: int
+    index: int
+    root: int
+
+
+class ChannelGroup:
+    """A torch-pruning group seen as channels: which slices produce each root channel."""
+
+    def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str]):
+        self.group = group
+        self.root_module = group[0].dep.target.module
+        self.root_name = names[self.root_module]
+        self.size = len(group[0].idxs)
+        self.slices: list[Slice] = []
+        self.unsupported: list[str] = []
+        self.blocking: list[str] = []
+        for item in group:
+            dep = item.dep
+            module = dep.target.module
+            if isinstance(module, BLOCKING_TYPES):
+                self.blocking.append(f"{names.get(module, '?')} ({type(module).__name__})")
+                continue
+            if not isinstance(module, nn.Module) or not graph.is_out_channel_pruning_fn(dep.handler):
+                continue
+            if not any(True for _ in module.parameters(recurse=False)):
+                continue  # torch-pruning's placeholder nodes (add, cat, reshape) hold no weights
+            slices = producer_slices(module)
+            if slices is None:
+                self.unsupported.append(f"{names.get(module, '?')} ({type(module).__name__})")
+                continue
+            for param, dim in slices:
+                for index, root in zip(item.idxs, item.root_idxs):
+                    self.slices.append(Slice(names[module], module, param, dim, int(index), int(root)))
+
+    def dead_channels(self) -> list[int]:
+        """Root channels whose every producing slice is exactly zero (their output is identically 0)."""
+        alive = set()
+        for s in self.slices:
+            if s.root not in alive and bool(getattr(s.module, s.param).select(s.dim, s.index).any()):
+                alive.add(s.root)
+        return [c for c in range(self.size) if c not in alive]
+
+    def prune(self, channels: Sequence[int]) -> None:
+        """Physically remove root `channels` from every layer of the group (records history)."""
+        # With idxs, torch-pruning prunes (and records) a new sub-group, then records this whole
+        # group's indices as well unless told not to: that second entry would replay as "prune all".
+        self.group.prune(idxs=list(channels), record_history=False)
+
+
+def channel_groups(
+    graph: tp.DependencyGraph, model: nn.Module, keep: Sequence[str] = ()
+) -> Iterator[ChannelGroup]:
+    """Groups rooted at Linear/Conv layers whose output width may change (not those of `keep`)."""
+    names = {module: name for name, module in model.named_modules()}
+    ignored = [model.get_submodule(name) for name in keep]
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
+        yield ChannelGroup(graph, group, names)

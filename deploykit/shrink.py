@@ -1,0 +1,74 @@
+"""Dense-shrunk conversion: physically remove channels that are zero across their whole group.
+
+After structured pruning and mask stripping, pruned channels are rows of zeros that still cost time.
+`shrink` finds, group by group (torch-pruning's dependency graph: residual adds, BatchNorm,
+concatenation, coupled heads), the channels whose every producing slice is zero and removes them from
+all layers of the group. The output layer's width never changes.
+
+The removal is recorded as torch-pruning's pruning history (root layer, out/in, indices), small and
+JSON-friendly; `replay` applies it to a freshly built model so that the saved shrunk weights fit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .channels import UnsupportedLayerError, channel_groups, dependency_graph
+
+
+@dataclass(frozen=True)
+class ShrinkResult:
+    model: nn.Module
+    #: torch-pruning pruning history: [root module name, is out-channel pruning, root indices]
+    history: list[list]
+    #: root layer -> channels removed
+    removed: dict[str, int]
+    #: groups left dense in best-effort mode, with the reason
+    skipped: list[str] = field(default_factory=list)
+
+
+def shrink(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], keep: Sequence[str], best_effort: bool = False
+) -> ShrinkResult:
+    """Remove dead channels of `model` in place; `keep` names layers whose output width must not change.
+
+    A group holding dead channels next to a layer type deploykit cannot read raises
+    `UnsupportedLayerError` naming it, or, with `best_effort`, is left dense with a warning.
+    """
+    graph = dependency_graph(model, example_inputs)
+    removed: dict[str, int] = {}
+    skipped: list[str] = []
+    for group in channel_groups(graph, model, keep=keep):
+        if group.blocking:  # normalised across channels: removal would change the outputs
+            continue
+        dead = group.dead_channels()
+        if not dead:
+            continue
+        if group.unsupported:
+            message = (f"cannot shrink the group of {group.root_name}: it contains "
+                       f"{', '.join(group.unsupported)}, whose channel parameters deploykit cannot read")
+            if not best_effort:
+                raise UnsupportedLayerError(message + " (use best effort to leave it dense)")
+            warnings.warn(message + "; left dense", stacklevel=2)
+            skipped.append(message)
+            continue
+        if len(dead) == group.size:
+            dead = dead[1:]  # a layer cannot have zero channels: keep one (it outputs zeros)
+        if dead:
+            group.prune(dead)
+            removed[group.root_name] = len(dead)
+    history = [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
+    return ShrinkResult(model, history, removed, skipped)
+
+
+def replay(model: nn.Module, example_inputs: Sequence[torch.Tensor], history: list[list]) -> nn.Module:
+    """Apply a recorded shrink to a freshly built `model`, so that its shapes match the saved weights."""
+    if history:
+        graph = dependency_graph(model, example_inputs)
+        graph.load_pruning_history([[name, is_out, list(idxs)] for name, is_out, idxs in history])
+    return model

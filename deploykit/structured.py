@@ -1,0 +1,97 @@
+"""Structured pruners: zero whole output channels (rows of Linear, filters of Conv) by coupled group.
+
+Channels are scored per torch-pruning group (L1 or L2 norm, FPGM's distance to the geometric median,
+or random), and the lowest-scoring ones are masked in *every* layer that produces them (the Linear or
+Conv rows and biases, BatchNorm scale and shift, each residual branch), so the channel's output is
+exactly zero and `dense-shrunk` can later remove it without changing the model's outputs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch_pruning as tp
+from torch.nn.utils import prune
+
+from .channels import ChannelGroup, UnsupportedLayerError, channel_groups, dependency_graph
+from .prune import PRUNERS, Outcome, PruneContext
+
+
+class StructuredPruner:
+    """Mask the lowest-importance channels of each group; `importance` is a torch-pruning scorer."""
+
+    def __init__(self, importance: tp.importance.Importance, global_importance: tp.importance.Importance):
+        self.importance = importance
+        # Across groups, raw norms are not comparable (layers differ in scale): global ranking uses a
+        # scorer normalised per group, as torch-pruning's own global pruning does.
+        self.global_importance = global_importance
+
+    def apply(self, ctx: PruneContext) -> Outcome:
+        graph = dependency_graph(ctx.model, ctx.example_inputs)
+        groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded) if g.root_name in ctx.targets]
+        # Channels feeding a LayerNorm cannot be removed exactly, so masking them would buy nothing.
+        not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
+        groups = [g for g in groups if not g.blocking]
+        for group in groups:
+            if group.unsupported:
+                raise UnsupportedLayerError(
+                    f"structured pruning cannot mask channels of {', '.join(group.unsupported)} "
+                    f"(in the group of {group.root_name}); exclude it with --exclude"
+                )
+        chosen = self._choose(ctx, groups)
+        masks = defaultdict(dict)
+        for group in groups:
+            picked = set(chosen[group.root_name])
+            for s in group.slices:
+                if s.root in picked:
+                    mask = masks[s.module_name].setdefault(
+                        s.param, torch.ones_like(getattr(s.module, s.param), dtype=torch.bool))
+                    mask.select(s.dim, s.index).fill_(False)
+        for module_name, params in masks.items():
+            module = ctx.model.get_submodule(module_name)
+            for param, mask in params.items():
+                prune.custom_from_mask(module, param, mask)
+        requested = sum(len(c) for c in chosen.values())
+        masked = sum(len(set(chosen[g.root_name]) & set(g.dead_channels())) for g in groups)
+        details = {"channels_masked": {name: len(c) for name, c in chosen.items()},
+                   "skipped_normalised_groups": {k: v for k, v in not_removable.items()}}
+        return Outcome("channels", requested, masked, details)
+
+    def _choose(self, ctx: PruneContext, groups: list[ChannelGroup]) -> dict[str, list[int]]:
+        """Root channels to prune per group; every group keeps at least one channel."""
+        chosen: dict[str, list[int]] = {}
+        if ctx.plan.scope == "layer":
+            for group in groups:
+                n = min(round(ctx.targets[group.root_name] * group.size), group.size - 1)
+                scores = self.importance(group.group)
+                chosen[group.root_name] = torch.argsort(scores)[:n].tolist()
+            return chosen
+        by_amount = defaultdict(list)
+        for group in groups:
+            by_amount[ctx.targets[group.root_name]].append(group)
+        for amount, members in by_amount.items():
+            scored = [(float(score), group.root_name, c)
+                      for group in members for c, score in enumerate(self.global_importance(group.group))]
+            budget = round(amount * sum(g.size for g in members))
+            sizes = {g.root_name: g.size for g in members}
+            for group in members:
+                chosen[group.root_name] = []
+            for _, name, channel in sorted(scored):
+                if budget == 0:
+                    break
+                if len(chosen[name]) < sizes[name] - 1:
+                    chosen[name].append(channel)
+                    budget -= 1
+        return chosen
+
+
+def _magnitude(p: int, normalizer: str | None):
+    return tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=normalizer)
+
+
+PRUNERS.add("l1-structured", StructuredPruner(_magnitude(1, None), _magnitude(1, "mean")))
+PRUNERS.add("l2-structured", StructuredPruner(_magnitude(2, None), _magnitude(2, "mean")))
+PRUNERS.add("fpgm", StructuredPruner(tp.importance.FPGMImportance(p=2, normalizer=None),
+                                     tp.importance.FPGMImportance(p=2, normalizer="mean")))
+PRUNERS.add("random-structured", StructuredPruner(tp.importance.RandomImportance(), tp.importance.RandomImportance()))
