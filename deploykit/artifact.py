@@ -122,7 +122,8 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tup
     manifest = read_manifest(directory)
     spec = get_model(manifest.model)
     form = FORMS.get(manifest.form)
-    model = form.restore(spec.make(trained=False), spec, spec.example_inputs(TRACE_BATCH), manifest.form_recipe)
+    inputs = spec.example_inputs(TRACE_BATCH)
+    model = form.restore(spec.make(trained=False), spec, inputs, manifest.form_recipe)
     state = load_weights(directory / WEIGHTS_FILE)
     try:
         model.load_state_dict(state, strict=True)
@@ -130,5 +131,5 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tup
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
     if for_runtime:
-        model, _ = form.for_torch(model)
+        model, _ = form.for_torch(model, inputs)
     return model.eval(), manifest

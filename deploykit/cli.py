@@ -44,6 +44,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=("global", "layer"), default=None,
                    help="prune the fraction over all layers together (global, default) or in each layer")
     p.add_argument("--seed", type=int, default=None, help="seed for random pruning (default 0)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="imp: prune-rewind-retrain rounds, each removing the same share of what remains (default 1)")
     p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPARSITY",
                    help="per-module sparsity by name pattern, e.g. 'encoder.*.feed_forward*=0.5'; the first matching "
                    "rule wins, other layers get the --prune sparsity (repeatable)")
@@ -65,6 +67,8 @@ def _plan_options(args) -> dict:
         options["scope"] = args.scope
     if args.seed is not None:
         options["seed"] = args.seed
+    if args.rounds is not None:
+        options["rounds"] = args.rounds
     if args.rule:
         options["rules"] = tuple(parse_rule(text) for text in args.rule)
     options["exclude"] = tuple(options.get("exclude", ())) + tuple(args.exclude)

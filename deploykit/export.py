@@ -96,7 +96,7 @@ def export_artifact(
     outputs_layers = list(spec.output_layers) or detect_output_layers(net, trace_inputs)
     converted = form_entry.convert(net, spec, trace_inputs, {"keep": outputs_layers, "best_effort": best_effort})
     saved = converted.module.eval()
-    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved))
+    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), trace_inputs)
     form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
     check_parity(f"form {form!r} vs stripped model", form_errors, FORM_TOLERANCE)
     parameters, nonzero = count_parameters(saved)

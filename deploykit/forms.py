@@ -41,7 +41,7 @@ def _restore_nothing(fresh: nn.Module, spec, inputs, recipe) -> nn.Module:
     return fresh
 
 
-def _as_is(module: nn.Module) -> tuple[nn.Module, list[str]]:
+def _as_is(module: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[nn.Module, list[str]]:
     return module, []
 
 
@@ -53,8 +53,8 @@ class Form:
     encoding: str
     convert: Callable[..., Converted] = _keep
     restore: Callable[..., nn.Module] = _restore_nothing
-    #: saved module -> (module PyTorch runs, names of layers it swapped)
-    for_torch: Callable[[nn.Module], tuple[nn.Module, list[str]]] = _as_is
+    #: (saved module, example inputs) -> (module PyTorch runs, names of layers it swapped)
+    for_torch: Callable[[nn.Module, Sequence[torch.Tensor]], tuple[nn.Module, list[str]]] = _as_is
 
 
 FORMS: Registry[Form] = Registry("form")
@@ -87,14 +87,42 @@ class CSRLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-def to_csr_modules(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Replace every Linear layer that has zero weights by a `CSRLinear`; returns the converted names."""
+def to_csr_modules(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[nn.Module, list[str]]:
+    """Replace every Linear layer that has zero weights, and is called as a module, by a `CSRLinear`.
+
+    Some parents read a Linear's `weight` themselves instead of calling it (nn.MultiheadAttention's
+    out_proj); swapping those would break the parent, so only layers whose forward runs during a
+    pass over `inputs` are converted. Parents with a fused inference path (`FUSED_PARENTS`) call
+    their Linears only when hooks are attached, so their children are never converted.
+    """
+    called = _called_modules(model, inputs, nn.Linear)
+    fused = {f"{parent}.{child}" if parent else child
+             for parent, module in model.named_modules() if isinstance(module, FUSED_PARENTS)
+             for child, _ in module.named_modules() if child}
     converted = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and bool((module.weight == 0).any()):
+        if name in called and name not in fused and bool((module.weight == 0).any()):
             model.set_submodule(name, CSRLinear(module))
             converted.append(name)
     return model, converted
+
+
+#: modules whose inference fast path reads their children's weights directly (torch's fused
+#: transformer encoder kernel), bypassing the children's forward
+FUSED_PARENTS = (nn.TransformerEncoderLayer,)
+
+
+def _called_modules(model: nn.Module, inputs: Sequence[torch.Tensor], kind: type) -> set[str]:
+    called: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name))
+               for name, m in model.named_modules() if isinstance(m, kind)]
+    try:
+        with torch.inference_mode():  # the mode runtimes use, which is when fused paths kick in
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
 
 
 def _shrink(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], options: dict) -> Converted:

@@ -53,6 +53,9 @@ class PruningPlan:
     exclude_output: bool = True
     #: seed for random choices (random pruning, tie breaking)
     seed: int = 0
+    #: iterative methods (imp): prune-rewind-retrain rounds, each removing the same fraction of what
+    #: remains, so that the last round reaches `amount`
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         # Manifests hand these back as JSON lists; keep the dataclass hashable and comparable.
@@ -63,6 +66,8 @@ class PruningPlan:
             _check_sparsity(amount)
         if self.scope not in SCOPES:
             raise UsageError(f"unknown pruning scope {self.scope!r}; known: {', '.join(SCOPES)}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise UsageError(f"rounds must be a positive integer, got {self.rounds!r}")
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> "PruningPlan":
@@ -114,7 +119,7 @@ def parse_rule(text: str) -> tuple[str, float]:
         raise UsageError(f"bad sparsity {amount!r} in rule {text!r}") from None
 
 
-PLAN_KEYS = {"method", "sparsity", "scope", "rules", "exclude", "exclude_output", "seed"}
+PLAN_KEYS = {"method", "sparsity", "scope", "rules", "exclude", "exclude_output", "seed", "rounds"}
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:
@@ -205,6 +210,7 @@ PRUNERS.add("magnitude", UnstructuredPruner("l1_unstructured"))
 PRUNERS.add("random", UnstructuredPruner("random_unstructured"))
 for _name in ("l1-structured", "l2-structured", "fpgm", "random-structured"):
     PRUNERS.declare(_name, "deploykit.structured")
+PRUNERS.declare("imp", "deploykit.imp")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch_pruning as tp
 from torch.nn.utils import prune
 
 from .channels import ChannelGroup, UnsupportedLayerError, channel_groups, dependency_graph
+from .errors import UsageError
 from .prune import PRUNERS, Outcome, PruneContext
 
 
@@ -39,6 +40,13 @@ class StructuredPruner:
                     f"structured pruning cannot mask channels of {', '.join(group.unsupported)} "
                     f"(in the group of {group.root_name}); exclude it with --exclude"
                 )
+        ungrouped = sorted(set(ctx.targets) - {g.root_name for g in groups} - set(not_removable))
+        if not groups:
+            raise UsageError(
+                "structured pruning found no removable channel group among the selected layers"
+                + (f"; no torch-pruning group for: {', '.join(ungrouped)}" if ungrouped else "")
+                + (f"; normalised across channels: {', '.join(not_removable)}" if not_removable else "")
+            )
         chosen = self._choose(ctx, groups)
         masks = defaultdict(dict)
         for group in groups:
@@ -55,7 +63,7 @@ class StructuredPruner:
         requested = sum(len(c) for c in chosen.values())
         masked = sum(len(set(chosen[g.root_name]) & set(g.dead_channels())) for g in groups)
         details = {"channels_masked": {name: len(c) for name, c in chosen.items()},
-                   "skipped_normalised_groups": {k: v for k, v in not_removable.items()}}
+                   "skipped_normalised_groups": not_removable, "without_group": ungrouped}
         return Outcome("channels", requested, masked, details)
 
     def _choose(self, ctx: PruneContext, groups: list[ChannelGroup]) -> dict[str, list[int]]:
