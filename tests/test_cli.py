@@ -129,3 +129,37 @@ def test_bench_fails_when_an_artifacts_onnx_no_longer_matches_its_weights(cli, t
     result = cli("bench", str(tmp_path / "a"), "--runtime", "onnxruntime", *FAST)
     assert result.returncode == 1
     assert "onnxruntime vs stripped PyTorch model (batch 1) parity failed on output 'logits'" in result.stderr
+
+
+def test_export_dense_shrunk_prints_shapes_parameters_and_flops(cli, tmp_path):
+    result = cli("export", "--model", "vae", "--prune", "l1-structured:0.8", "--scope", "layer",
+                 "--form", "dense-shrunk", "--out", str(tmp_path / "vae"), "-q")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "  fc1:  Linear(784 -> 400) -> Linear(784 -> 80)" in out
+    assert "  fc4:  Linear(400 -> 784) -> Linear(80 -> 784)" in out
+    assert "parameters 652,824 -> 127,352" in out
+    assert "FLOPs per item 1,302,400 -> 252,800 (theoretical speedup 5.15x" in out
+
+
+def test_plan_file_and_rules_on_the_command_line(cli, tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text('method = "magnitude"\nsparsity = 0.2\nscope = "layer"\n[rules]\n"fc1" = 0.9\n')
+    result = cli("export", "--model", "lenet-300-100", "--plan", str(plan), "--rule", "fc2=0.5",
+                 "--out", str(tmp_path / "a"), "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["plan"]["rules"] == [["fc2", 0.5]]  # --rule replaces the file's rules
+    rows = {r["name"]: r for r in manifest["sparsity"]}
+    assert rows["fc2.weight"]["sparsity"] == pytest.approx(0.5) and rows["fc1.weight"]["sparsity"] == pytest.approx(0.2)
+    assert 0 <= manifest["metrics"]["accuracy"] <= 1
+    plan.write_text("sparsity = 0.2\nblocks = 3\n")
+    bad = cli("export", "--plan", str(plan), "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "unknown key 'blocks'" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_imp_without_training_hook_is_a_clear_error(cli, tmp_path):
+    result = cli("export", "--prune", "imp:0.5", "--rounds", "2", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == ["deploykit: error: imp retrains between rounds, and mlp-sst2 has no training hook"]

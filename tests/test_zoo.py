@@ -1,0 +1,44 @@
+"""Every zoo model builds, prunes, converts, exports and passes parity."""
+
+import pytest
+
+from deploykit.export import export_artifact
+from deploykit.prune import PruningPlan
+from deploykit.spec import list_models
+from deploykit.summary import count_parameters
+
+# Parameter counts the model docstrings cite (from the studies' shapes).
+PARAMETERS = {
+    "mlp-sst2": 1_412_354,
+    "lenet-300-100": 266_610,
+    "lenet-5": 61_706,
+    "vae": 652_824,
+    "resnet18": 11_173_962,
+    "resnet50": 23_520_842,
+    "textclf-agnews": 6_132_164,
+    "seq2seq-transformer": 33_570_389,
+}
+# EmbeddingBag has no torch-pruning handler, so the AG News model has no channel group to shrink.
+STRUCTURED = {name: "l1-structured:0.5" for name in PARAMETERS} | {"textclf-agnews": "magnitude:0.5"}
+
+
+def test_the_zoo_is_complete():
+    assert {spec.name for spec in list_models()} == set(PARAMETERS)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_model_has_its_cited_parameter_count(name):
+    spec = next(s for s in list_models() if s.name == name)
+    assert count_parameters(spec.make(trained=False))[0] == PARAMETERS[name]
+    assert spec.description
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_model_prunes_shrinks_exports_and_passes_parity(tmp_path, name):
+    plan = PruningPlan.parse(STRUCTURED[name], scope="layer")
+    manifest = export_artifact(name, plan, "dense-shrunk", tmp_path / name).manifest
+    assert manifest.onnx_parity_error <= 1e-4
+    assert max(manifest.form_parity_max_abs_error.values()) <= 1e-5
+    if plan.method == "l1-structured":
+        assert manifest.parameters < manifest.parameters_before_conversion
+        assert manifest.flops < manifest.flops_before_conversion
