@@ -73,17 +73,48 @@ class Slice:
     root: int
 
 
-class ChannelGroup:
+class SliceGroup:
+    """Units (channels, heads) of a group, each produced by parameter slices; the interface pruners
+    and the shrinker use. Subclasses fill `slices` and implement `prune`."""
+
+    root_name: str
+    size: int
+    #: torch-pruning's group, for its importance scorers; None for groups it does not model
+    group = None
+
+    def __init__(self) -> None:
+        self.slices: list[Slice] = []
+        self.unsupported: list[str] = []
+        self.blocking: list[str] = []
+
+    def dead_channels(self) -> list[int]:
+        """Root units whose every producing slice is exactly zero (their output is identically 0)."""
+        alive = set()
+        for s in self.slices:
+            if s.root not in alive and bool(getattr(s.module, s.param).select(s.dim, s.index).any()):
+                alive.add(s.root)
+        return [c for c in range(self.size) if c not in alive]
+
+    def unit_matrix(self) -> torch.Tensor:
+        """(size, features): each unit's producing values, for importance criteria."""
+        rows: dict[int, list[torch.Tensor]] = {c: [] for c in range(self.size)}
+        for s in self.slices:
+            rows[s.root].append(getattr(s.module, s.param).detach().select(s.dim, s.index).reshape(-1))
+        return torch.stack([torch.cat(rows[c]) for c in range(self.size)])
+
+    def prune(self, channels: Sequence[int]) -> None:
+        raise NotImplementedError
+
+
+class ChannelGroup(SliceGroup):
     """A torch-pruning group seen as channels: which slices produce each root channel."""
 
     def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str]):
+        super().__init__()
         self.group = group
         self.root_module = group[0].dep.target.module
         self.root_name = names[self.root_module]
         self.size = len(group[0].idxs)
-        self.slices: list[Slice] = []
-        self.unsupported: list[str] = []
-        self.blocking: list[str] = []
         for item in group:
             dep = item.dep
             module = dep.target.module
@@ -102,14 +133,6 @@ class ChannelGroup:
                 for index, root in zip(item.idxs, item.root_idxs):
                     self.slices.append(Slice(names[module], module, param, dim, int(index), int(root)))
 
-    def dead_channels(self) -> list[int]:
-        """Root channels whose every producing slice is exactly zero (their output is identically 0)."""
-        alive = set()
-        for s in self.slices:
-            if s.root not in alive and bool(getattr(s.module, s.param).select(s.dim, s.index).any()):
-                alive.add(s.root)
-        return [c for c in range(self.size) if c not in alive]
-
     def prune(self, channels: Sequence[int]) -> None:
         """Physically remove root `channels` from every layer of the group (records history)."""
         # With idxs, torch-pruning prunes (and records) a new sub-group, then records this whole
@@ -118,10 +141,18 @@ class ChannelGroup:
 
 
 def channel_groups(
-    graph: tp.DependencyGraph, model: nn.Module, keep: Sequence[str] = ()
-) -> Iterator[ChannelGroup]:
-    """Groups rooted at Linear/Conv layers whose output width may change (not those of `keep`)."""
+    graph: tp.DependencyGraph, model: nn.Module, keep: Sequence[str] = (), block_history: list | None = None
+) -> Iterator[SliceGroup]:
+    """Groups whose width may change (not those of `keep`): torch-pruning's groups rooted at
+    Linear/Conv/embedding layers, then the units of composite blocks it cannot see (`deploykit.blocks`).
+
+    Removals in torch-pruning groups are recorded in `graph.pruning_history()`; removals in block
+    groups are appended to `block_history`.
+    """
+    from .blocks import block_groups
+
     names = {module: name for name, module in model.named_modules()}
     ignored = [model.get_submodule(name) for name in keep]
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
         yield ChannelGroup(graph, group, names)
+    yield from block_groups(model, keep, [] if block_history is None else block_history)

@@ -129,14 +129,14 @@ def _shrink(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], options: 
     from .shrink import shrink
 
     result = shrink(stripped, inputs, keep=options.get("keep", ()), best_effort=options.get("best_effort", False))
-    return Converted(result.model, {"history": result.history},
+    return Converted(result.model, {"history": result.history, "blocks": result.block_history},
                      {"channels_removed": result.removed, "left_dense": result.skipped})
 
 
 def _replay(fresh: nn.Module, spec, inputs: Sequence[torch.Tensor], recipe: dict) -> nn.Module:
     from .shrink import replay
 
-    return replay(fresh, inputs, recipe.get("history", []))
+    return replay(fresh, inputs, recipe.get("history", []), recipe.get("blocks", []))
 
 
 for _form in (

@@ -223,12 +223,29 @@ class PruneResult:
     outcome: Outcome | None = None
 
 
+#: prunable layer types outside torch, by class path (so that transformers is not imported here):
+#: GPT-2's Conv1D is a Linear with its weight stored transposed; missing it, pruning GPT-2 prunes nothing
+PRUNABLE_CLASS_PATHS = {"transformers.pytorch_utils.Conv1D"}
+
+
 def prunable_modules(model: "nn.Module") -> "list[tuple[str, nn.Module]]":
-    """Modules pruning applies to: Linear, Conv and embedding layers."""
+    """Modules pruning applies to: Linear, Conv and embedding layers (and transformers' Conv1D)."""
     from torch import nn
 
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, kinds) or f"{type(m).__module__}.{type(m).__qualname__}" in PRUNABLE_CLASS_PATHS]
+
+
+def tied_modules(model: "nn.Module") -> list[str]:
+    """Prunable modules whose weight is shared with another module (GPT-2's embedding and LM head).
+
+    Pruning one side of a tie would replace its weight and silently untie it, so these are excluded.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in prunable_modules(model):
+        owners.setdefault(id(module.weight), []).append(name)
+    return sorted(name for names in owners.values() if len(names) > 1 for name in names)
 
 
 def detect_output_layers(model: "nn.Module", example_inputs: "Sequence[torch.Tensor]") -> list[str]:
@@ -255,6 +272,7 @@ def excluded_modules(
     """Module names the plan never prunes: matches of `plan.exclude`, and the output layer(s)."""
     names = [name for name, _ in prunable_modules(model)]
     excluded = {name for name in names if any(fnmatch.fnmatchcase(name, p) for p in plan.exclude)}
+    excluded.update(tied_modules(model))
     if plan.exclude_output:
         excluded.update(output_layers or detect_output_layers(model, example_inputs))
     return sorted(excluded)

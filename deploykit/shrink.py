@@ -26,6 +26,8 @@ class ShrinkResult:
     model: nn.Module
     #: torch-pruning pruning history: [root module name, is out-channel pruning, root indices]
     history: list[list]
+    #: removals inside composite blocks (deploykit.blocks): [block name, unit, indices]
+    block_history: list[list]
     #: root layer -> channels removed
     removed: dict[str, int]
     #: groups left dense in best-effort mode, with the reason
@@ -43,7 +45,8 @@ def shrink(
     graph = dependency_graph(model, example_inputs)
     removed: dict[str, int] = {}
     skipped: list[str] = []
-    for group in channel_groups(graph, model, keep=keep):
+    blocks: list[list] = []
+    for group in channel_groups(graph, model, keep=keep, block_history=blocks):
         if group.blocking:  # normalised across channels: removal would change the outputs
             continue
         dead = group.dead_channels()
@@ -63,12 +66,21 @@ def shrink(
             group.prune(dead)
             removed[group.root_name] = len(dead)
     history = [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
-    return ShrinkResult(model, history, removed, skipped)
+    return ShrinkResult(model, history, blocks, removed, skipped)
 
 
-def replay(model: nn.Module, example_inputs: Sequence[torch.Tensor], history: list[list]) -> nn.Module:
-    """Apply a recorded shrink to a freshly built `model`, so that its shapes match the saved weights."""
+def replay(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], history: list[list], block_history: list[list] = ()
+) -> nn.Module:
+    """Apply a recorded shrink to a freshly built `model`, so that its shapes match the saved weights.
+
+    torch-pruning groups and composite blocks never share a layer, so the two histories replay
+    independently.
+    """
+    from .blocks import replay_blocks
+
     if history:
         graph = dependency_graph(model, example_inputs)
         graph.load_pruning_history([[name, is_out, list(idxs)] for name, is_out, idxs in history])
+    replay_blocks(model, block_history)
     return model

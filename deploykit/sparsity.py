@@ -81,8 +81,13 @@ def sparsity_table(model: "nn.Module", pruned: Collection[str] = ()) -> Sparsity
 
 
 def _effective_parameters(model: "nn.Module"):
+    """(name, tensor) per distinct parameter; a tied weight is reported once, under its first name."""
+    seen: set[int] = set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             if name.endswith("_orig"):
                 name = name[: -len("_orig")]
                 param = getattr(module, name)  # the masked tensor torch.nn.utils.prune recomputes

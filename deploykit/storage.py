@@ -19,6 +19,10 @@ parts are stored under ``<name>::<part>``:
 - ``bitmask``: ``::mask`` one bit per element, row-major, packed most-significant-bit first into uint8
   (`numpy.packbits`), padding bits zero; ``::values`` the nonzero values in the same order.
 
+Tensors that are one and the same (tied weights, e.g. GPT-2's embedding and LM head) are stored once;
+the metadata key ``aliases`` maps each other name to the stored one, and loading hands back the same
+tensor under every name.
+
 Each tensor takes the encoding of fewest bytes, counting the extra header entries it costs, so a file
 written with ``encoding="compact"`` is never larger than the dense one. Zeros are exact zeros; -0.0 is
 stored as +0.0. `load_weights` checks every part's presence, dtype, shape and bounds and rejects a
@@ -146,10 +150,25 @@ def encode_state(state: "Mapping[str, torch.Tensor]", encoding: str) -> list[Enc
     return [encode(name, tensor.detach().cpu()) for name, tensor in state.items()]
 
 
+def _split_aliases(state: "Mapping[str, torch.Tensor]") -> "tuple[dict[str, torch.Tensor], dict[str, str]]":
+    """Separate tensors that are views of the very same memory (tied weights) into name -> stored name."""
+    unique: dict[tuple, str] = {}
+    stored, aliases = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in unique:
+            aliases[name] = unique[key]
+        else:
+            unique.setdefault(key, name)
+            stored[name] = tensor
+    return stored, aliases
+
+
 def save_weights(state: "Mapping[str, torch.Tensor]", path: str | os.PathLike, encoding: str = "dense") -> list[EncodedTensor]:
-    """Write `state` to `path` atomically; returns how each tensor was stored."""
+    """Write `state` to `path` atomically; returns how each stored tensor was encoded."""
     from safetensors.torch import save_file
 
+    state, aliases = _split_aliases(state)
     encoded = encode_state(state, encoding)
     tensors = {}
     records = {}
@@ -161,6 +180,8 @@ def save_weights(state: "Mapping[str, torch.Tensor]", path: str | os.PathLike, e
     metadata = {"format": FORMAT, "version": VERSION}
     if records:
         metadata["encodings"] = json.dumps(records, separators=(",", ":"))
+    if aliases:
+        metadata["aliases"] = json.dumps(aliases, separators=(",", ":"))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return encoded
@@ -183,16 +204,26 @@ def load_weights(path: str | os.PathLike) -> "dict[str, torch.Tensor]":
         raise ArtifactError(f"{str(path)!r} is not a deploykit weights file (format {metadata.get('format')!r})")
     if metadata.get("version") != VERSION:
         raise ArtifactError(f"{str(path)!r}: unsupported weights format version {metadata.get('version')!r}")
+    records, aliases = (_json_object(path, metadata, key) for key in ("encodings", "aliases"))
     try:
-        records = json.loads(metadata.get("encodings", "{}"))
-        if not isinstance(records, dict):
-            raise ValueError("not an object")
-    except ValueError as exc:
-        raise ArtifactError(f"{str(path)!r}: malformed encodings metadata ({exc})") from None
-    try:
-        return _decode_all(raw, records)
+        tensors = _decode_all(raw, records)
+        for alias, target in aliases.items():
+            if alias in tensors or target not in tensors:
+                raise _Invalid(f"alias {alias!r} -> {target!r} does not name one stored tensor")
+            tensors[alias] = tensors[target]
+        return tensors
     except _Invalid as exc:
         raise ArtifactError(f"{str(path)!r}: {exc}") from None
+
+
+def _json_object(path: Path, metadata: dict, key: str) -> dict:
+    try:
+        value = json.loads(metadata.get(key, "{}"))
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+        return value
+    except ValueError as exc:
+        raise ArtifactError(f"{str(path)!r}: malformed {key} metadata ({exc})") from None
 
 
 class _Invalid(Exception):

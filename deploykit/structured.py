@@ -9,24 +9,41 @@ exactly zero and `dense-shrunk` can later remove it without changing the model's
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 import torch_pruning as tp
 from torch.nn.utils import prune
 
-from .channels import ChannelGroup, UnsupportedLayerError, channel_groups, dependency_graph
+from .channels import SliceGroup, UnsupportedLayerError, channel_groups, dependency_graph
 from .errors import UsageError
 from .prune import PRUNERS, Outcome, PruneContext
 
 
-class StructuredPruner:
-    """Mask the lowest-importance channels of each group; `importance` is a torch-pruning scorer."""
+class Criterion:
+    """Channel importance: torch-pruning's scorer for its groups, `units` over each unit's weights
+    (rows of `SliceGroup.unit_matrix`) for the blocks it cannot see.
 
-    def __init__(self, importance: tp.importance.Importance, global_importance: tp.importance.Importance):
-        self.importance = importance
-        # Across groups, raw norms are not comparable (layers differ in scale): global ranking uses a
-        # scorer normalised per group, as torch-pruning's own global pruning does.
-        self.global_importance = global_importance
+    Across groups raw norms are not comparable (layers differ in scale), so global ranking divides
+    scores by their group mean, as torch-pruning's own global pruning does.
+    """
+
+    def __init__(self, local: tp.importance.Importance, normalised: tp.importance.Importance,
+                 units: Callable[[torch.Tensor], torch.Tensor]):
+        self.local, self.normalised, self.units = local, normalised, units
+
+    def __call__(self, group: SliceGroup, normalise: bool) -> torch.Tensor:
+        if group.group is not None:
+            return (self.normalised if normalise else self.local)(group.group)
+        scores = self.units(group.unit_matrix())
+        return scores / scores.mean().clamp_min(1e-12) if normalise else scores
+
+
+class StructuredPruner:
+    """Mask the lowest-importance channels of each group."""
+
+    def __init__(self, criterion: Criterion):
+        self.criterion = criterion
 
     def apply(self, ctx: PruneContext) -> Outcome:
         graph = dependency_graph(ctx.model, ctx.example_inputs)
@@ -66,13 +83,13 @@ class StructuredPruner:
                    "skipped_normalised_groups": not_removable, "without_group": ungrouped}
         return Outcome("channels", requested, masked, details)
 
-    def _choose(self, ctx: PruneContext, groups: list[ChannelGroup]) -> dict[str, list[int]]:
+    def _choose(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
         """Root channels to prune per group; every group keeps at least one channel."""
         chosen: dict[str, list[int]] = {}
         if ctx.plan.scope == "layer":
             for group in groups:
                 n = min(round(ctx.targets[group.root_name] * group.size), group.size - 1)
-                scores = self.importance(group.group)
+                scores = self.criterion(group, normalise=False)
                 chosen[group.root_name] = torch.argsort(scores)[:n].tolist()
             return chosen
         by_amount = defaultdict(list)
@@ -80,7 +97,7 @@ class StructuredPruner:
             by_amount[ctx.targets[group.root_name]].append(group)
         for amount, members in by_amount.items():
             scored = [(float(score), group.root_name, c)
-                      for group in members for c, score in enumerate(self.global_importance(group.group))]
+                      for group in members for c, score in enumerate(self.criterion(group, normalise=True))]
             budget = round(amount * sum(g.size for g in members))
             sizes = {g.root_name: g.size for g in members}
             for group in members:
@@ -94,12 +111,21 @@ class StructuredPruner:
         return chosen
 
 
-def _magnitude(p: int, normalizer: str | None):
-    return tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=normalizer)
+def _magnitude(p: int) -> Criterion:
+    return Criterion(
+        tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=None),
+        tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer="mean"),
+        lambda units: units.norm(p=p, dim=1),
+    )
 
 
-PRUNERS.add("l1-structured", StructuredPruner(_magnitude(1, None), _magnitude(1, "mean")))
-PRUNERS.add("l2-structured", StructuredPruner(_magnitude(2, None), _magnitude(2, "mean")))
-PRUNERS.add("fpgm", StructuredPruner(tp.importance.FPGMImportance(p=2, normalizer=None),
-                                     tp.importance.FPGMImportance(p=2, normalizer="mean")))
-PRUNERS.add("random-structured", StructuredPruner(tp.importance.RandomImportance(), tp.importance.RandomImportance()))
+PRUNERS.add("l1-structured", StructuredPruner(_magnitude(1)))
+PRUNERS.add("l2-structured", StructuredPruner(_magnitude(2)))
+PRUNERS.add("fpgm", StructuredPruner(Criterion(
+    tp.importance.FPGMImportance(p=2, normalizer=None),
+    tp.importance.FPGMImportance(p=2, normalizer="mean"),
+    lambda units: torch.cdist(units, units).sum(dim=1),  # distance to all others: near the median = redundant
+)))
+PRUNERS.add("random-structured", StructuredPruner(Criterion(
+    tp.importance.RandomImportance(), tp.importance.RandomImportance(), lambda units: torch.rand(len(units)),
+)))

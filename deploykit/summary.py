@@ -26,10 +26,19 @@ _SHAPES: dict[type, Callable[[nn.Module], str]] = {
 }
 
 
+#: the same for layer types outside torch, by class path (transformers is not imported here)
+_SHAPES_BY_PATH: dict[str, Callable[[nn.Module], str]] = {
+    "transformers.pytorch_utils.Conv1D": lambda m: f"Conv1D({m.weight.shape[0]} -> {m.nf})",
+}
+
+
 def describe(module: nn.Module) -> str:
     for kind, fmt in _SHAPES.items():
         if isinstance(module, kind):
             return fmt(module)
+    by_path = _SHAPES_BY_PATH.get(f"{type(module).__module__}.{type(module).__qualname__}")
+    if by_path is not None:
+        return by_path(module)
     shapes = ", ".join(f"{n}={list(p.shape)}" for n, p in module.named_parameters(recurse=False))
     return f"{type(module).__name__}({shapes})"
 

@@ -186,3 +186,21 @@ def test_missing_file_and_plain_safetensors_are_rejected(tmp_path):
 def test_reserved_separator_in_names_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reserved separator"):
         save_weights({"a::b": torch.ones(2)}, tmp_path / "w", "compact")
+
+
+def test_tied_tensors_are_stored_once_and_come_back_under_both_names(tmp_path):
+    shared = torch.randn(50, 8)
+    state = {"wte.weight": shared, "lm_head.weight": shared, "other": torch.randn(3)}
+    save_weights(state, tmp_path / "w", "dense")
+    save_weights({"wte.weight": shared, "other": state["other"]}, tmp_path / "single", "dense")
+    loaded = load_weights(tmp_path / "w")
+    assert torch.equal(loaded["lm_head.weight"], shared) and torch.equal(loaded["wte.weight"], shared)
+    size, single = (tmp_path / "w").stat().st_size, (tmp_path / "single").stat().st_size
+    assert single < size < single + 200  # one copy of the data; the alias costs only metadata
+
+    def dangling(tensors, metadata):
+        metadata["aliases"] = json.dumps({"lm_head.weight": "missing"})
+
+    _rewrite(tmp_path / "w", dangling)
+    with pytest.raises(ArtifactError, match="alias 'lm_head.weight' -> 'missing' does not name one stored tensor"):
+        load_weights(tmp_path / "w")

@@ -168,3 +168,29 @@ def test_shrunk_artifact_reloads_with_its_shapes(tmp_path):
     assert 0 <= m.metrics["accuracy"] <= 1
     model, _ = load_torch_model(tmp_path / "a")
     assert model.conv2.out_channels == 8 and model.fc1.in_features == 200
+
+
+def test_gpt2_heads_and_mlp_shrink_consistently_and_replay():
+    from deploykit.zoo.gpt2 import build_gpt2
+
+    def tiny():
+        torch.manual_seed(0)
+        return build_gpt2(n_layer=2, n_embd=64, n_head=4, vocab_size=500).eval()
+
+    model = tiny()
+    inputs = (torch.randint(0, 500, (2, 10)),)
+    plan = PruningPlan("l2-structured", 0.5, scope="layer", rules=(("*.mlp.c_fc", 0.75),))
+    result = prune_model(model, plan, inputs)
+    assert result.excluded_modules == ("model.lm_head", "model.transformer.wte")  # tied: never pruned
+    strip_masks(model)
+    before = torch_outputs(model, inputs)[0]
+    shrunk = shrink(model, inputs, keep=["model.lm_head"])
+    for block in shrunk.model.model.transformer.h:
+        assert (block.attn.num_heads, block.attn.split_size, block.attn.c_attn.nf) == (2, 32, 96)
+        assert (block.mlp.c_fc.nf, block.mlp.c_proj.weight.shape[0]) == (64, 64)
+    assert (torch_outputs(shrunk.model, inputs)[0] - before).__abs__().max() <= 1e-5
+    assert shrunk.block_history[0] == ["model.transformer.h.0.attn", "heads", shrunk.block_history[0][2]]
+    fresh = replay(tiny(), inputs, shrunk.history, shrunk.block_history)
+    fresh.load_state_dict(shrunk.model.state_dict())
+    assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight
+    assert (torch_outputs(fresh, inputs)[0] - before).__abs__().max() <= 1e-5
