@@ -194,3 +194,27 @@ def test_gpt2_heads_and_mlp_shrink_consistently_and_replay():
     fresh.load_state_dict(shrunk.model.state_dict())
     assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight
     assert (torch_outputs(fresh, inputs)[0] - before).__abs__().max() <= 1e-5
+
+
+class ConcatBranches(nn.Module):
+    """Two conv branches concatenated along channels, then a conv consuming all 16 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_concatenated_branches_shrink_with_the_right_consumer_channels():
+    model = ConcatBranches().eval()
+    inputs = (torch.randn(2, 3, 8, 8),)
+    prune_model(model, PruningPlan("l1-structured", 0.5, scope="layer"), inputs, output_layers=["head"])
+    strip_masks(model)
+    before = torch_outputs(model, inputs)[0]
+    result = shrink(model, inputs, keep=["head"])
+    assert (model.a.out_channels, model.b.out_channels, model.head.in_channels) == (4, 4, 8)
+    assert (torch_outputs(result.model, inputs)[0] - before).__abs__().max() <= 1e-5
