@@ -56,8 +56,13 @@ class Manifest:
     shape_changes: dict[str, list[str]]
     #: layers the form runs with other kernels under PyTorch (e.g. Linear -> CSRLinear)
     converted_layers: list[str]
-    #: tensor name -> how the weights file stores it (dense, csr, bitmask)
+    #: tensor name -> how the weights file stores it (dense, csr, bitmask), and its payload bytes
     weight_encodings: dict[str, str]
+    weight_bytes: dict[str, int]
+    #: codec the weights file is compressed with, if any
+    weight_compression: str | None
+    #: initializer name -> nonzeros, for initializers model.onnx stores as sparse_initializer
+    onnx_sparse_initializers: dict[str, int]
     #: InputSpec fields per input
     inputs: list[dict[str, Any]]
     outputs: list[str]
@@ -131,5 +136,5 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tup
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
     if for_runtime:
-        model, _ = form.for_torch(model, inputs)
+        model, _ = form.for_torch(model, inputs, manifest.form_recipe)
     return model.eval(), manifest

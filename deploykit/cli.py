@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", default="dense",
                    help="deployable form: dense, csr (compact file, sparse kernels) or dense-shrunk (zero channels "
                    "removed; pair with a structured method) (default dense)")
+    p.add_argument("--compress", choices=("zlib", "lzma"),
+                   help="compress the weights file losslessly (each tensor only where that makes it smaller)")
+    p.add_argument("--kernel-batch", type=int, default=1, metavar="N",
+                   help="csr: batch size at which each pruned layer is timed dense and sparse to choose its "
+                   "kernel (default 1)")
     p.add_argument("--best-effort", action="store_true",
                    help="dense-shrunk: leave groups with unsupported layers dense (with a warning) instead of failing")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
@@ -175,7 +180,8 @@ def cmd_export(args) -> int:
 
     (plan,) = _plans([args.prune] if args.prune else [], _plan_options(args))
     result = export_artifact(args.model, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
-                             overwrite=args.overwrite, best_effort=args.best_effort, progress=_progress(args))
+                             overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
+                             kernel_batch=args.kernel_batch, progress=_progress(args))
     m = result.manifest
     if args.json:
         print(m.to_json(), end="")
@@ -188,12 +194,18 @@ def cmd_export(args) -> int:
         for name, (before, after) in m.shape_changes.items():
             print(f"  {name + ':':<{width + 1}} {before} -> {after}")
     print(f"\nparameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
-    print(f"FLOPs per item {m.flops_before_conversion:,} -> {m.flops:,} "
-          f"(theoretical speedup {m.flops_before_conversion / m.flops:.2f}x; torch's flop counter, multiply-add = 2)")
+    if m.flops != m.flops_before_conversion:
+        print(f"FLOPs per item {m.flops_before_conversion:,} -> {m.flops:,} "
+              f"(theoretical speedup {m.flops_before_conversion / m.flops:.2f}x; torch's flop counter, multiply-add = 2)")
+    else:
+        print(f"FLOPs per item {m.flops:,} (dense count, torch's flop counter; zeros are still multiplied)")
     for name, value in m.metrics.items():
         print(f"{name} of the pruned model: {value:.4f}")
-    if m.converted_layers:
-        print(f"converted to {m.form}: {', '.join(m.converted_layers)}")
+    for name, decision in m.form_recipe.get("kernels", {}).items():
+        print(f"kernel {name}: {decision['choice']} (sparsity {100 * decision['sparsity']:.2f}%; dense "
+              f"{decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms at batch {m.form_recipe['kernel_batch']})")
+    if m.onnx_sparse_initializers:
+        print(f"model.onnx sparse initializers: {', '.join(m.onnx_sparse_initializers)}")
     print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})")
     for name, size in m.files.items():
         print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")

@@ -26,13 +26,14 @@ from .onnx_export import (
     check_parity,
     export_onnx,
     max_abs_errors,
+    sparsify_initializers,
     torch_outputs,
 )
 from .prune import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
 from .runtime import ort_session
 from .sparsity import SparsityTable, sparsity_table
 from .spec import TRACE_BATCH, ModelSpec, get_model
-from .storage import save_weights
+from .storage import CODECS, save_weights
 from .summary import count_flops, count_parameters, module_shapes, shape_changes
 
 Progress = Callable[[str], None]
@@ -62,13 +63,17 @@ def export_artifact(
     tolerance: float = ONNX_TOLERANCE,
     overwrite: bool = False,
     best_effort: bool = False,
+    compression: str | None = None,
+    kernel_batch: int = 1,
     progress: Progress = lambda message: None,
 ) -> ExportResult:
     """Prune `model` by `plan`, convert it to `form`, export it and write `out_dir` atomically.
 
     Raises `ParityError` (and writes nothing) when ONNX Runtime or the converted PyTorch model
     disagree with the stripped model beyond tolerance. `best_effort` lets dense-shrunk leave groups
-    it cannot shrink dense (with a warning) instead of failing.
+    it cannot shrink dense (with a warning) instead of failing. `compression` ("zlib", "lzma")
+    compresses the weights file losslessly. `kernel_batch` is the batch size csr measures its
+    per-layer kernel choice at.
     """
     spec = get_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
@@ -76,6 +81,10 @@ def export_artifact(
         raise UsageError(f"tolerance must be >= 0, got {tolerance:g}")
     if opset not in SUPPORTED_OPSETS:
         raise UsageError(f"opset {opset} is not supported; use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    if compression is not None and compression not in CODECS:
+        raise UsageError(f"unknown compression {compression!r}; known: {', '.join(CODECS)}")
+    if kernel_batch < 1:
+        raise UsageError(f"kernel batch must be >= 1, got {kernel_batch}")
     check_writable_destination(out_dir, overwrite)
 
     progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
@@ -94,9 +103,10 @@ def export_artifact(
 
     progress(f"converting to form {form!r}")
     outputs_layers = list(spec.output_layers) or detect_output_layers(net, trace_inputs)
-    converted = form_entry.convert(net, spec, trace_inputs, {"keep": outputs_layers, "best_effort": best_effort})
+    converted = form_entry.convert(net, spec, trace_inputs,
+                                   {"keep": outputs_layers, "best_effort": best_effort, "kernel_batch": kernel_batch})
     saved = converted.module.eval()
-    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), trace_inputs)
+    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), trace_inputs, converted.recipe)
     form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
     check_parity(f"form {form!r} vs stripped model", form_errors, FORM_TOLERANCE)
     parameters, nonzero = count_parameters(saved)
@@ -108,6 +118,7 @@ def export_artifact(
             input_names=spec.input_names, output_names=spec.outputs,
             dynamic_axes=spec.dynamic_axes(), opset=opset,
         )
+        sparse_initializers = sparsify_initializers(tmp / ONNX_FILE) if form_entry.sparse_onnx else {}
         progress("checking onnxruntime against PyTorch")
         session = ort_session(tmp / ONNX_FILE, threads=1)
         feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
@@ -115,7 +126,7 @@ def export_artifact(
         check_parity("onnxruntime vs PyTorch", onnx_errors, tolerance)
 
         progress("writing weights")
-        encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding)
+        encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding, compression)
         manifest = Manifest(
             model=spec.name,
             form=form,
@@ -135,6 +146,9 @@ def export_artifact(
             shape_changes=shape_changes(shapes_before, module_shapes(saved)),
             converted_layers=swapped,
             weight_encodings={enc.name: enc.kind for enc in encoded},
+            weight_bytes={enc.name: enc.payload_bytes for enc in encoded},
+            weight_compression=compression,
+            onnx_sparse_initializers=sparse_initializers,
             inputs=[dataclasses.asdict(i) for i in spec.inputs],
             outputs=list(spec.outputs),
             opset=opset,
@@ -160,5 +174,5 @@ def _sparsity_row(row) -> dict:
 def _form_notes(form: str) -> list[str]:
     if form == "csr":
         # Said in every csr manifest because users read ORT figures of a csr artifact as sparse speed.
-        return ["model.onnx stores weights densely; onnxruntime figures are dense-kernel speed"]
+        return ["onnxruntime densifies sparse initializers at load: its figures are dense-kernel speed"]
     return []

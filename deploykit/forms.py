@@ -41,7 +41,7 @@ def _restore_nothing(fresh: nn.Module, spec, inputs, recipe) -> nn.Module:
     return fresh
 
 
-def _as_is(module: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[nn.Module, list[str]]:
+def _as_is(module: nn.Module, inputs: Sequence[torch.Tensor], recipe: dict) -> tuple[nn.Module, list[str]]:
     return module, []
 
 
@@ -53,8 +53,10 @@ class Form:
     encoding: str
     convert: Callable[..., Converted] = _keep
     restore: Callable[..., nn.Module] = _restore_nothing
-    #: (saved module, example inputs) -> (module PyTorch runs, names of layers it swapped)
-    for_torch: Callable[[nn.Module, Sequence[torch.Tensor]], tuple[nn.Module, list[str]]] = _as_is
+    #: (saved module, example inputs, recipe) -> (module PyTorch runs, names of layers it swapped)
+    for_torch: Callable[[nn.Module, Sequence[torch.Tensor], dict], tuple[nn.Module, list[str]]] = _as_is
+    #: store sparse initializers in model.onnx where that is smaller
+    sparse_onnx: bool = False
 
 
 FORMS: Registry[Form] = Registry("form")
@@ -87,24 +89,86 @@ class CSRLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-def to_csr_modules(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[nn.Module, list[str]]:
-    """Replace every Linear layer that has zero weights, and is called as a module, by a `CSRLinear`.
+def csr_candidates(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[str]:
+    """Linear layers with zero weights that can safely run as `CSRLinear`.
 
     Some parents read a Linear's `weight` themselves instead of calling it (nn.MultiheadAttention's
     out_proj); swapping those would break the parent, so only layers whose forward runs during a
-    pass over `inputs` are converted. Parents with a fused inference path (`FUSED_PARENTS`) call
-    their Linears only when hooks are attached, so their children are never converted.
+    pass over `inputs` qualify. Parents with a fused inference path (`FUSED_PARENTS`) call their
+    Linears only when hooks are attached, so their children never qualify.
     """
     called = _called_modules(model, inputs, nn.Linear)
     fused = {f"{parent}.{child}" if parent else child
              for parent, module in model.named_modules() if isinstance(module, FUSED_PARENTS)
              for child, _ in module.named_modules() if child}
-    converted = []
-    for name, module in list(model.named_modules()):
-        if name in called and name not in fused and bool((module.weight == 0).any()):
-            model.set_submodule(name, CSRLinear(module))
-            converted.append(name)
-    return model, converted
+    return [name for name, module in model.named_modules()
+            if name in called and name not in fused and bool((module.weight == 0).any())]
+
+
+def to_csr_modules(model: nn.Module, inputs: Sequence[torch.Tensor], recipe: dict) -> tuple[nn.Module, list[str]]:
+    """Swap the layers the recipe chose (by measurement, see `choose_kernels`) for `CSRLinear`."""
+    chosen = [name for name, decision in recipe.get("kernels", {}).items() if decision["choice"] == "csr"]
+    for name in chosen:
+        model.set_submodule(name, CSRLinear(model.get_submodule(name)))
+    return model, chosen
+
+
+#: interleaved dense/CSR measurement rounds per layer in `choose_kernels`
+ROUNDS = 3
+
+
+def choose_kernels(model: nn.Module, inputs: Sequence[torch.Tensor], min_time_s: float = 0.02) -> dict[str, dict]:
+    """Time each candidate layer dense and as CSR on its real input; CSR where its median is lower.
+
+    Whether a sparse kernel wins depends on the sparsity, the layer's shape, the batch and the
+    machine (here CSR beat dense at batch 1 only above about 90% sparsity), so it is measured, not
+    assumed. `inputs` set the batch the decision is made for.
+    """
+    from .measure import measure
+
+    candidates = csr_candidates(model, inputs)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(_module, args, _output) -> None:  # a hook that returns a value replaces the output
+            captured.setdefault(name, args[0].detach())
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(capture(name)) for name in candidates]
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    decisions = {}
+    with torch.inference_mode():
+        for name in candidates:
+            dense, x = model.get_submodule(name), captured[name]
+            sparse = CSRLinear(dense)
+            # Interleaved rounds, best median of each: a burst of load from another process can
+            # inflate one measurement by orders of magnitude, but rarely every round of one kernel.
+            best = {"dense": float("inf"), "csr": float("inf")}
+            for _ in range(ROUNDS):
+                for kind, m in (("dense", dense), ("csr", sparse)):
+                    median = measure(lambda m=m: m(x), warmup_s=0.005, min_time_s=min_time_s, min_iters=10).median_ms
+                    best[kind] = min(best[kind], median)
+            timings = best
+            decisions[name] = {
+                "sparsity": float((dense.weight == 0).float().mean()),
+                "dense_ms": timings["dense"],
+                "csr_ms": timings["csr"],
+                "choice": "csr" if timings["csr"] < timings["dense"] else "dense",
+            }
+    return decisions
+
+
+def _measured_csr(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], options: dict) -> Converted:
+    batch = options.get("kernel_batch", 1)
+    kernels = choose_kernels(stripped, spec.example_inputs(batch, seed=0) if spec is not None else inputs)
+    recipe = {"kernels": kernels, "kernel_batch": batch, "threads": torch.get_num_threads()}
+    chosen = [name for name, d in kernels.items() if d["choice"] == "csr"]
+    return Converted(stripped, recipe, {"csr_layers": chosen, "dense_layers": sorted(set(kernels) - set(chosen))})
 
 
 #: modules whose inference fast path reads their children's weights directly (torch's fused
@@ -141,8 +205,9 @@ def _replay(fresh: nn.Module, spec, inputs: Sequence[torch.Tensor], recipe: dict
 
 for _form in (
     Form("dense", "stripped weights stored and run densely (zeros included)", "dense"),
-    Form("csr", "compact weights file; pruned Linear layers run as torch.sparse_csr under PyTorch",
-         "compact", for_torch=to_csr_modules),
+    Form("csr", "compact weights file and sparse ONNX initializers; pruned Linear layers run as "
+         "torch.sparse_csr under PyTorch where a measurement shows it beats dense",
+         "compact", convert=_measured_csr, for_torch=to_csr_modules, sparse_onnx=True),
     Form("dense-shrunk", "channels that are zero across their coupled group physically removed",
          "dense", convert=_shrink, restore=_replay),
 ):

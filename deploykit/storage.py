@@ -23,6 +23,11 @@ Tensors that are one and the same (tied weights, e.g. GPT-2's embedding and LM h
 the metadata key ``aliases`` maps each other name to the stored one, and loading hands back the same
 tensor under every name.
 
+Optional lossless compression (``zlib`` or ``lzma``, from the standard library): each stored tensor
+(dense, or a part of an encoded one) whose bytes shrink by more than its metadata costs is stored as
+uint8 compressed bytes, listed in the metadata key ``compressed`` as ``{key: {"codec", "dtype",
+"shape"}}``. Loading decompresses no more than the recorded shape's size and checks it exactly.
+
 Each tensor takes the encoding of fewest bytes, counting the extra header entries it costs, so a file
 written with ``encoding="compact"`` is never larger than the dense one. Zeros are exact zeros; -0.0 is
 stored as +0.0. `load_weights` checks every part's presence, dtype, shape and bounds and rejects a
@@ -32,8 +37,10 @@ truncated or tampered file with `ArtifactError`.
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -164,10 +171,85 @@ def _split_aliases(state: "Mapping[str, torch.Tensor]") -> "tuple[dict[str, torc
     return stored, aliases
 
 
-def save_weights(state: "Mapping[str, torch.Tensor]", path: str | os.PathLike, encoding: str = "dense") -> list[EncodedTensor]:
-    """Write `state` to `path` atomically; returns how each stored tensor was encoded."""
+def _zlib_decompress(data: bytes, limit: int) -> bytes:
+    decompressor = zlib.decompressobj()
+    out = decompressor.decompress(data, limit)
+    if decompressor.unconsumed_tail or not decompressor.eof:
+        raise ValueError("more data than recorded, or truncated")
+    return out
+
+
+def _lzma_decompress(data: bytes, limit: int) -> bytes:
+    decompressor = lzma.LZMADecompressor()
+    out = decompressor.decompress(data, max_length=limit)
+    if not decompressor.eof:
+        raise ValueError("more data than recorded, or truncated")
+    return out
+
+
+#: codec name -> (compress, decompress(data, max output bytes))
+CODECS = {
+    "zlib": (lambda data: zlib.compress(data, 9), _zlib_decompress),
+    "lzma": (lambda data: lzma.compress(data, preset=9), _lzma_decompress),
+}
+#: metadata bytes one compressed entry may cost, beyond its key
+_COMPRESSED_RECORD = 96
+
+
+def _compress(tensors: "dict[str, torch.Tensor]", codec: str) -> dict[str, dict]:
+    """Replace tensors whose compressed bytes are smaller (metadata included); returns the records."""
+    import torch
+
+    compress = CODECS[codec][0]
+    records = {}
+    for key, tensor in list(tensors.items()):
+        raw = tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        packed = compress(raw)
+        if len(packed) + _COMPRESSED_RECORD + 2 * len(key) < len(raw):
+            tensors[key] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+            records[key] = {"codec": codec, "dtype": _dtype_name(tensor), "shape": list(tensor.shape)}
+    return records
+
+
+def _decompress(raw: dict, records: dict) -> None:
+    import torch
+
+    for key, record in records.items():
+        if key not in raw or not isinstance(record, dict) or record.get("codec") not in CODECS:
+            raise _Invalid(f"compressed entry {key!r}: missing, or unknown codec {record!r}")
+        if record.get("dtype") not in _STORABLE_DTYPES or _dtype_name(raw[key]) != "uint8":
+            raise _Invalid(f"compressed entry {key!r}: bad dtype {record.get('dtype')!r}")
+        shape = _record_shape(key, record)
+        dtype = getattr(torch, record["dtype"])
+        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        try:
+            data = CODECS[record["codec"]][1](raw[key].numpy().tobytes(), expected)
+        except (ValueError, zlib.error, lzma.LZMAError) as exc:
+            raise _Invalid(f"compressed entry {key!r} does not decompress: {exc}") from None
+        if len(data) != expected:
+            raise _Invalid(f"compressed entry {key!r} holds {len(data)} bytes, {expected} expected")
+        raw[key] = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape) if data \
+            else torch.empty(shape, dtype=dtype)
+
+
+_STORABLE_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+                    "uint8", "uint16", "bool")
+
+
+def save_weights(
+    state: "Mapping[str, torch.Tensor]",
+    path: str | os.PathLike,
+    encoding: str = "dense",
+    compression: str | None = None,
+) -> list[EncodedTensor]:
+    """Write `state` to `path` atomically; returns how each stored tensor was encoded.
+
+    `compression` ("zlib", "lzma") additionally compresses every stored tensor that it shrinks.
+    """
     from safetensors.torch import save_file
 
+    if compression is not None and compression not in CODECS:
+        raise ValueError(f"unknown compression {compression!r}; known: {', '.join(CODECS)}")
     state, aliases = _split_aliases(state)
     encoded = encode_state(state, encoding)
     tensors = {}
@@ -182,6 +264,10 @@ def save_weights(state: "Mapping[str, torch.Tensor]", path: str | os.PathLike, e
         metadata["encodings"] = json.dumps(records, separators=(",", ":"))
     if aliases:
         metadata["aliases"] = json.dumps(aliases, separators=(",", ":"))
+    if compression is not None:
+        compressed = _compress(tensors, compression)
+        if compressed:
+            metadata["compressed"] = json.dumps(compressed, separators=(",", ":"))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return encoded
@@ -204,8 +290,9 @@ def load_weights(path: str | os.PathLike) -> "dict[str, torch.Tensor]":
         raise ArtifactError(f"{str(path)!r} is not a deploykit weights file (format {metadata.get('format')!r})")
     if metadata.get("version") != VERSION:
         raise ArtifactError(f"{str(path)!r}: unsupported weights format version {metadata.get('version')!r}")
-    records, aliases = (_json_object(path, metadata, key) for key in ("encodings", "aliases"))
+    records, aliases, compressed = (_json_object(path, metadata, key) for key in ("encodings", "aliases", "compressed"))
     try:
+        _decompress(raw, compressed)
         tensors = _decode_all(raw, records)
         for alias, target in aliases.items():
             if alias in tensors or target not in tensors:

@@ -45,3 +45,9 @@ def _sample_bag_of_words(batch_size: int, generator: torch.Generator) -> tuple[t
 def mlp_sst2() -> nn.Module:
     """SST-2 bag-of-words MLP (SST-2 study): 5000 -> 256 -> 256 -> 256 -> 2, ReLU, 1,412,354 parameters."""
     return BagOfWordsMLP(SST2_VOCAB, SST2_HIDDEN, depth=3, classes=2)
+
+
+@register_model("linear-stack-4096", inputs=[InputSpec("x", ("batch", 4096))], outputs=["y"])
+def linear_stack_4096() -> nn.Module:
+    """Linear stack for sparse-kernel crossover benchmarks: 4096 -> 4096 -> 4096 -> 10, ReLU, 33,603,594 parameters."""
+    return nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))

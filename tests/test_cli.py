@@ -54,7 +54,7 @@ def test_export_json_is_the_manifest(cli, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["export", "--model", "nope", "--out", "{tmp}/o"], "unknown model 'nope'; known: gpt2-small, lenet-300-100, lenet-5, mlp-sst2"),
+        (["export", "--model", "nope", "--out", "{tmp}/o"], "unknown model 'nope'; known: gpt2-small, lenet-300-100, lenet-5, linear-stack-4096, mlp-sst2"),
         (["export", "--prune", "magnitude:1.5", "--out", "{tmp}/o"], "sparsity 1.5 is outside [0, 1)"),
         (["export", "--prune", "magnitude:-0.2", "--out", "{tmp}/o"], "sparsity -0.2 is outside [0, 1)"),
         (["export", "--form", "coo", "--out", "{tmp}/o"], "unknown form 'coo'; known: csr, dense"),

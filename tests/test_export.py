@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -31,7 +32,16 @@ def test_artifact_holds_weights_onnx_and_manifest(csr_artifact):
     assert manifest.parameters == 1_412_354
     assert manifest.files == {p.name: p.stat().st_size for p in directory.iterdir() if p.name != "manifest.json"}
     assert manifest.files["weights.safetensors"] < 0.14 * 5_649_416
-    assert manifest.converted_layers == ["mlp.0", "mlp.2", "mlp.4"]
+    # csr is "sparse where it wins": each pruned Linear was timed both ways, the faster kernel kept
+    kernels = manifest.form_recipe["kernels"]
+    assert sorted(kernels) == ["mlp.0", "mlp.2", "mlp.4"] and manifest.form_recipe["kernel_batch"] == 1
+    for decision in kernels.values():
+        assert decision["choice"] == ("csr" if decision["csr_ms"] < decision["dense_ms"] else "dense")
+    assert manifest.converted_layers == [n for n, d in kernels.items() if d["choice"] == "csr"]
+    # sparse initializers where smaller (values + int64 indices): mlp.0 at 97% sparsity, not the 22% layers
+    assert set(manifest.onnx_sparse_initializers) == {"mlp.0.weight"}
+    assert manifest.files["model.onnx"] < 0.25 * 5_649_416
+    assert manifest.weight_bytes["mlp.0.weight"] < manifest.files["weights.safetensors"]
     assert manifest.excluded_modules == ["mlp.6"]
     assert manifest.onnx_parity_error <= 1e-4
     assert manifest.versions["torch"].startswith("2.10.0") and "onnxruntime" in manifest.versions
@@ -41,12 +51,26 @@ def test_artifact_holds_weights_onnx_and_manifest(csr_artifact):
     assert manifest.nonzero_parameters == sum(row["nonzero"] for row in manifest.sparsity)
 
 
-def test_torch_model_reloads_from_the_artifact(csr_artifact, mlp_spec):
-    model, _ = load_torch_model(csr_artifact.directory)
+def test_torch_model_reloads_with_the_recorded_kernels(csr_artifact, mlp_spec):
+    model, manifest = load_torch_model(csr_artifact.directory)
     reference, _ = load_torch_model(csr_artifact.directory, for_runtime=False)
-    assert type(model.mlp[0]).__name__ == "CSRLinear" and isinstance(reference.mlp[0], nn.Linear)
+    kinds = {name: type(model.get_submodule(name)).__name__ for name in manifest.form_recipe["kernels"]}
+    assert kinds == {n: "CSRLinear" if n in manifest.converted_layers else "Linear" for n in kinds}
+    assert isinstance(reference.mlp[0], nn.Linear)
     inputs = mlp_spec.example_inputs(7, seed=5)
     np.testing.assert_allclose(torch_outputs(model, inputs)[0], torch_outputs(reference, inputs)[0], atol=1e-5)
+
+
+def test_csr_kernels_match_dense_within_1e_5(csr_artifact, mlp_spec):
+    from deploykit.forms import to_csr_modules
+
+    reference, manifest = load_torch_model(csr_artifact.directory, for_runtime=False)
+    every_layer = {"kernels": {name: {"choice": "csr"} for name in manifest.form_recipe["kernels"]}}
+    model, swapped = to_csr_modules(copy.deepcopy(reference), mlp_spec.example_inputs(2), every_layer)
+    assert swapped == ["mlp.0", "mlp.2", "mlp.4"]
+    for batch in (1, 32):
+        inputs = mlp_spec.example_inputs(batch, seed=6)
+        np.testing.assert_allclose(torch_outputs(model, inputs)[0], torch_outputs(reference, inputs)[0], atol=1e-5)
 
 
 def test_onnx_batch_axis_is_dynamic(csr_artifact, mlp_spec):
@@ -115,3 +139,17 @@ def test_manifest_problems_are_artifact_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "deploykit.artifact", "format_version": 1}))
     with pytest.raises(ArtifactError, match="missing fields"):
         read_manifest(tmp_path)
+
+
+def test_kernel_choice_follows_measurement_far_from_the_crossover():
+    from deploykit.forms import choose_kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[torch.rand(2048, 2048) < 0.999] = 0  # 99.9% sparse: CSR does ~1/1000 of the work
+        model[1].weight[torch.rand(2048, 2048) < 0.05] = 0  # 5% sparse: CSR only adds overhead
+    decisions = choose_kernels(model, (torch.randn(1, 2048),))
+    assert set(decisions) == {"0", "1"}  # the dense output layer has no zeros: not a candidate
+    assert decisions["0"]["choice"] == "csr" and decisions["1"]["choice"] == "dense"
+    assert decisions["0"]["sparsity"] == pytest.approx(0.999, abs=2e-3)

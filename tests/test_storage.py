@@ -27,13 +27,16 @@ def _sparse_tensor(shape, sparsity, dtype, seed):
     sparsity=st.sampled_from([0.0, 0.1, 0.5, 0.9, 0.99, 1.0]),
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**16),
+    codec=st.sampled_from(["zlib", "lzma"]),
 )
-def test_round_trip_is_exact_and_never_larger_than_dense(tmp_path_factory, shape, sparsity, dtype, seed):
+def test_round_trip_is_exact_and_never_larger_than_dense(tmp_path_factory, shape, sparsity, dtype, seed, codec):
     tmp = tmp_path_factory.mktemp("w")
     state = {"layer.weight": _sparse_tensor(shape, sparsity, dtype, seed), "layer.bias": torch.ones(3, dtype=dtype)}
     save_weights(state, tmp / "dense.safetensors", "dense")
     save_weights(state, tmp / "compact.safetensors", "compact")
-    for name in ("dense", "compact"):
+    save_weights(state, tmp / "compressed.safetensors", "compact", compression=codec)
+    assert (tmp / "compressed.safetensors").stat().st_size <= (tmp / "compact.safetensors").stat().st_size
+    for name in ("dense", "compact", "compressed"):
         loaded = load_weights(tmp / f"{name}.safetensors")
         assert set(loaded) == set(state)
         for key, tensor in state.items():
@@ -204,3 +207,22 @@ def test_tied_tensors_are_stored_once_and_come_back_under_both_names(tmp_path):
     _rewrite(tmp_path / "w", dangling)
     with pytest.raises(ArtifactError, match="alias 'lm_head.weight' -> 'missing' does not name one stored tensor"):
         load_weights(tmp_path / "w")
+
+
+def test_compression_shrinks_redundant_tensors_and_rejects_tampering(tmp_path):
+    state = {"w": torch.arange(4096, dtype=torch.float32).reshape(64, 64) % 7 + 1}
+    save_weights(state, tmp_path / "plain", "dense")
+    save_weights(state, tmp_path / "z", "dense", compression="zlib")
+    assert (tmp_path / "z").stat().st_size < 0.2 * (tmp_path / "plain").stat().st_size
+    assert torch.equal(load_weights(tmp_path / "z")["w"], state["w"])
+
+    def grow(tensors, metadata):
+        records = json.loads(metadata["compressed"])
+        records["w"]["shape"] = [32, 64]  # claims fewer bytes than the data holds
+        metadata["compressed"] = json.dumps(records)
+
+    _rewrite(tmp_path / "z", grow)
+    with pytest.raises(ArtifactError, match="compressed entry 'w' does not decompress"):
+        load_weights(tmp_path / "z")
+    with pytest.raises(ValueError, match="unknown compression 'zip'"):
+        save_weights(state, tmp_path / "q", "compact", compression="zip")

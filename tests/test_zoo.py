@@ -18,6 +18,7 @@ PARAMETERS = {
     "textclf-agnews": 6_132_164,
     "seq2seq-transformer": 33_570_389,
     "gpt2-small": 124_439_808,
+    "linear-stack-4096": 33_603_594,
 }
 # EmbeddingBag has no torch-pruning handler, so the AG News model has no channel group to shrink.
 STRUCTURED = {name: "l1-structured:0.5" for name in PARAMETERS} | {"textclf-agnews": "magnitude:0.5"}
