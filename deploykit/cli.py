@@ -155,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the records as JSON to PATH, or to stdout (instead of the table) when no PATH is given")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "audit", help="pre-release size audit of an artifact (or a model) against budgets",
+        description="Per-layer storage (shape, nonzeros, sparsity, encoding, bytes read from the weights file), "
+        "totals, and a verdict against a budget file (TOML, one table per model: max_disk_mb, max_weights_mb, "
+        "max_onnx_mb, max_parameters, max_growth with baseline). Exit 0 within budget, 1 over budget, "
+        "2 on bad input. TARGET is an artifact directory, or a model name exported with --prune/--form first.",
+    )
+    p.add_argument("target", metavar="TARGET", help="artifact directory or registered model name")
+    p.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
+    p.add_argument("--prune", metavar="METHOD:SPARSITY", help="for a model TARGET: pruning before export")
+    p.add_argument("--form", default="csr", help="for a model TARGET: form to export (default csr)")
+    p.add_argument("--json", action="store_true", help="print the audit as JSON (usable as a later baseline)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
@@ -243,6 +258,46 @@ def cmd_bench(args) -> int:
         progress(f"wrote {args.json}")
     print(bench_table(records))
     return 0
+
+
+def cmd_audit(args) -> int:
+    import dataclasses
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from .audit import audit_artifact, check_budget, load_budgets
+    from .report import audit_table
+    from .spec import MODELS, list_models
+
+    budgets = load_budgets(args.budget) if args.budget else {}
+    target = Path(args.target)
+    with tempfile.TemporaryDirectory(prefix="deploykit-audit-") as tmp:
+        if target.is_dir():
+            report = audit_artifact(target)
+        else:
+            list_models()  # fill the registry so the error below can list the names
+            if args.target not in MODELS:
+                raise UsageError(f"{args.target!r} is neither an artifact directory nor a known model; "
+                                 f"models: {', '.join(MODELS.names())}")
+            from .export import export_artifact
+            from .prune import PruningPlan
+
+            plan = PruningPlan.parse(args.prune) if args.prune else PruningPlan()
+            directory = Path(tmp) / "artifact"
+            export_artifact(args.target, plan, args.form, directory, progress=_progress(args))
+            report = dataclasses.replace(audit_artifact(directory),
+                                         artifact=f"{args.target} exported as {args.form}, {plan.label()}")
+    if args.budget:
+        if report.model not in budgets:
+            raise UsageError(f"no budget for model {report.model!r} in {args.budget}; "
+                             f"budgeted: {', '.join(budgets) or 'none'}")
+        report = check_budget(report, budgets[report.model])
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(audit_table(report))
+    return 0 if report.within_budget else 1
 
 
 def _expand_prune(text: str, parse) -> list[tuple[str, float]]:

@@ -51,5 +51,22 @@ def bench_table(records: Sequence[BenchRecord]) -> str:
                     colalign=("left", "left", "right", "left") + ("right",) * 11)
 
 
+def audit_table(report) -> str:
+    """Per-layer storage, totals and budget checks of an `AuditReport`."""
+    rows = [[r.parameter, "x".join(map(str, r.shape)), r.numel, r.nonzero, f"{100 * r.sparsity:.2f}%", r.storage,
+             r.stored_bytes] for r in report.rows]
+    rows.append(["total", "", report.parameters, report.nonzero_parameters, "", "", sum(r.stored_bytes for r in report.rows)])
+    text = tabulate(rows, headers=["parameter", "shape", "numel", "nnz", "sparsity", "storage", "bytes"],
+                    colalign=("left", "left", "right", "right", "right", "left", "right"))
+    text += (f"\n\n{report.model} at {report.artifact}: weights {report.weights_bytes / MB:.3f} MB, "
+             f"model.onnx {report.onnx_bytes / MB:.3f} MB, disk {report.disk_bytes / MB:.3f} MB")
+    if report.checks:
+        text += "\n\n" + tabulate(
+            [[c.name, f"{c.actual:,.4g}", f"{c.limit:,.4g}", "ok" if c.ok else "OVER"] for c in report.checks],
+            headers=["budget", "actual", "limit", ""], disable_numparse=True)
+        text += "\n\nverdict: " + ("within budget" if report.within_budget else "OVER BUDGET")
+    return text
+
+
 def records_json(records: Iterable[BenchRecord]) -> str:
     return json.dumps([r.to_dict() for r in records], indent=2) + "\n"
