@@ -8,6 +8,7 @@ then shows what deploykit's storage does instead. Every size is a file written a
 - csr:    weights.safetensors as `--form csr` writes it (per tensor the smallest of dense, CSR with
           the narrowest index dtypes, bitmask + values)
 - coo:    the study's method, `torch.save` of the state with every tensor `.to_sparse()` (int64 COO)
+- csr+lzma: the same, each stored tensor lzma-compressed where that shrinks it (`--compress lzma`)
 - floor:  the information floor, 32 bits per kept weight plus n * H(density) bits for the mask
 
 Run: bash .ci/env python benchmarks/size_table.py [--json PATH]
@@ -50,9 +51,9 @@ def measure(model_name: str, sparsity: float, exclude_output: bool, tmp: Path) -
     table = sparsity_table(model, result.pruned_parameters)
     state = model.state_dict()
     sizes = {}
-    for encoding, name in (("dense", "dense"), ("compact", "csr")):
+    for encoding, name, codec in (("dense", "dense", None), ("compact", "csr", None), ("compact", "csr_lzma", "lzma")):
         path = tmp / f"{name}.safetensors"
-        save_weights(state, path, encoding)
+        save_weights(state, path, encoding, codec)
         sizes[name] = path.stat().st_size
     coo_path = tmp / "coo.pt"
     torch.save({k: v.to_sparse() for k, v in state.items()}, coo_path)
@@ -65,6 +66,7 @@ def measure(model_name: str, sparsity: float, exclude_output: bool, tmp: Path) -
         "nonzero": table.nonzero,
         "dense_bytes": sizes["dense"],
         "csr_bytes": sizes["csr"],
+        "csr_lzma_bytes": sizes["csr_lzma"],
         "coo_bytes": sizes["coo"],
         "floor_bytes": floor,
         "csr_over_dense": sizes["csr"] / sizes["dense"],
@@ -89,11 +91,12 @@ def main() -> int:
             print(f"measured sparsity {sparsity:g}", file=sys.stderr)
     print(tabulate(
         [[f"{r['sparsity']:.2f}", f"{100 * r['overall_sparsity']:.2f}%", f"{r['dense_bytes'] / MB:.3f}",
-          f"{r['csr_bytes'] / MB:.3f}", f"{r['csr_over_dense']:.3f}x", f"{r['coo_bytes'] / MB:.3f}",
+          f"{r['csr_bytes'] / MB:.3f}", f"{r['csr_over_dense']:.3f}x", f"{r['csr_lzma_bytes'] / MB:.3f}",
+          f"{r['coo_bytes'] / MB:.3f}",
           f"{r['coo_over_dense']:.2f}x", f"{r['floor_bytes'] / MB:.3f}", f"{r['csr_over_floor']:.3f}x"] for r in rows],
-        headers=["sparsity", "overall", "dense MB", "csr MB", "csr/dense", "study COO MB", "COO/dense",
-                 "floor MB", "csr/floor"],
-        disable_numparse=True, colalign=("right",) * 9,
+        headers=["sparsity", "overall", "dense MB", "csr MB", "csr/dense", "csr+lzma MB", "study COO MB",
+                 "COO/dense", "floor MB", "csr/floor"],
+        disable_numparse=True, colalign=("right",) * 10,
     ))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.json, json.dumps({"model": args.model, "exclude_output": args.exclude_output, "rows": rows}, indent=2) + "\n")
