@@ -45,9 +45,10 @@ class Manifest:
     pruned_sparsity: float
     #: parameters of the pruned model before conversion
     parameters_before_conversion: int
-    #: FLOPs of one item (batch 1) by torch's flop counter, before and after conversion
-    flops_before_conversion: int
-    flops: int
+    #: FLOPs of one item (batch 1) by torch's flop counter, before and after conversion; None for models
+    #: that are not one forward pass (encoder/decoder pairs)
+    flops_before_conversion: int | None
+    flops: int | None
     #: what Form.restore needs to rebuild the saved shapes (dense-shrunk: the pruning history)
     form_recipe: dict[str, Any]
     #: facts about the conversion (channels removed per layer; layers swapped for sparse kernels)

@@ -209,7 +209,9 @@ def cmd_export(args) -> int:
         for name, (before, after) in m.shape_changes.items():
             print(f"  {name + ':':<{width + 1}} {before} -> {after}")
     print(f"\nparameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
-    if m.flops != m.flops_before_conversion:
+    if m.flops is None:
+        print("FLOPs: not counted (the model is not one forward pass)")
+    elif m.flops != m.flops_before_conversion:
         print(f"FLOPs per item {m.flops_before_conversion:,} -> {m.flops:,} "
               f"(theoretical speedup {m.flops_before_conversion / m.flops:.2f}x; torch's flop counter, multiply-add = 2)")
     else:
@@ -220,7 +222,7 @@ def cmd_export(args) -> int:
         print(f"kernel {name}: {decision['choice']} (sparsity {100 * decision['sparsity']:.2f}%; dense "
               f"{decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms at batch {m.form_recipe['kernel_batch']})")
     if m.onnx_sparse_initializers:
-        print(f"model.onnx sparse initializers: {', '.join(m.onnx_sparse_initializers)}")
+        print(f"sparse ONNX initializers: {', '.join(m.onnx_sparse_initializers)}")
     print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})")
     for name, size in m.files.items():
         print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")

@@ -16,7 +16,7 @@ from typing import Callable
 from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, read_manifest
 from .env import library_versions
 from .errors import UsageError
-from .forms import FORMS
+from .forms import FORMS, Converted
 from .fsutil import atomic_directory, check_writable_destination, write_text_atomic
 from .onnx_export import (
     DEFAULT_OPSET,
@@ -77,6 +77,8 @@ def export_artifact(
     """
     spec = get_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
+    if spec.forms is not None and form not in spec.forms:
+        raise UsageError(f"model {spec.name!r} supports forms {', '.join(spec.forms)}, not {form!r}")
     if not tolerance >= 0:
         raise UsageError(f"tolerance must be >= 0, got {tolerance:g}")
     if opset not in SUPPORTED_OPSETS:
@@ -91,39 +93,34 @@ def export_artifact(
     net = spec.make()
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
-    one_item = spec.example_inputs(1, seed=0)
 
     progress(f"pruning: {plan.label()} ({plan.scope})")
     result = prune_model(net, plan, trace_inputs, spec.output_layers, spec=spec)
     table = sparsity_table(net, result.pruned_parameters)
     strip_masks(net)
-    reference = torch_outputs(net, parity_inputs)
     metrics = spec.evaluate(net) if spec.evaluate else {}
-    shapes_before, flops_before = module_shapes(net), count_flops(net, one_item)
 
-    progress(f"converting to form {form!r}")
-    outputs_layers = list(spec.output_layers) or detect_output_layers(net, trace_inputs)
-    converted = form_entry.convert(net, spec, trace_inputs,
-                                   {"keep": outputs_layers, "best_effort": best_effort, "kernel_batch": kernel_batch})
-    saved = converted.module.eval()
-    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), trace_inputs, converted.recipe)
-    form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
-    check_parity(f"form {form!r} vs stripped model", form_errors, FORM_TOLERANCE)
+    if spec.export is None:
+        step = _convert_single_graph(spec, net, form_entry, trace_inputs, parity_inputs,
+                                     {"keep": list(spec.output_layers) or detect_output_layers(net, trace_inputs),
+                                      "best_effort": best_effort, "kernel_batch": kernel_batch}, progress)
+    else:  # encoder/decoder pairs and the like: stored as they are, exported by the spec itself
+        step = _Converted(Converted(net), [], {}, None, None, None)
+    saved = step.converted.module.eval()
     parameters, nonzero = count_parameters(saved)
 
     with atomic_directory(out_dir, overwrite) as tmp:
         progress(f"exporting ONNX (opset {opset})")
-        export_onnx(
-            saved, trace_inputs, tmp / ONNX_FILE,
-            input_names=spec.input_names, output_names=spec.outputs,
-            dynamic_axes=spec.dynamic_axes(), opset=opset,
-        )
-        sparse_initializers = sparsify_initializers(tmp / ONNX_FILE) if form_entry.sparse_onnx else {}
-        progress("checking onnxruntime against PyTorch")
-        session = ort_session(tmp / ONNX_FILE, threads=1)
-        feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
-        onnx_errors = max_abs_errors(reference, session.run(None, feeds), spec.outputs)
-        check_parity("onnxruntime vs PyTorch", onnx_errors, tolerance)
+        if spec.export is None:
+            onnx_errors, sparse_initializers = _export_single_graph(
+                spec, saved, tmp, trace_inputs, parity_inputs, step.reference, opset, tolerance,
+                form_entry.sparse_onnx, progress)
+        else:
+            onnx_errors = spec.export(saved, tmp, opset, tolerance)  # checks parity itself
+            sparse_initializers = {}
+            if form_entry.sparse_onnx:
+                for path in sorted(tmp.glob("*.onnx")):
+                    sparse_initializers.update({f"{path.name}:{k}": v for k, v in sparsify_initializers(path).items()})
 
         progress("writing weights")
         encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding, compression)
@@ -139,12 +136,12 @@ def export_artifact(
             overall_sparsity=table.overall,
             pruned_sparsity=table.pruned_overall,
             parameters_before_conversion=table.parameters,
-            flops_before_conversion=flops_before,
-            flops=count_flops(saved, one_item),
-            form_recipe=converted.recipe,
-            conversion=converted.summary,
-            shape_changes=shape_changes(shapes_before, module_shapes(saved)),
-            converted_layers=swapped,
+            flops_before_conversion=step.flops_before,
+            flops=step.flops_after,
+            form_recipe=step.converted.recipe,
+            conversion=step.converted.summary,
+            shape_changes=step.shape_changes,
+            converted_layers=step.swapped,
             weight_encodings={enc.name: enc.kind for enc in encoded},
             weight_bytes={enc.name: enc.payload_bytes for enc in encoded},
             weight_compression=compression,
@@ -154,7 +151,7 @@ def export_artifact(
             opset=opset,
             files={p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
             onnx_parity_max_abs_error=onnx_errors,
-            form_parity_max_abs_error=form_errors,
+            form_parity_max_abs_error=step.form_errors,
             parity_tolerance=tolerance,
             versions=library_versions(),
             created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -165,6 +162,49 @@ def export_artifact(
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
     progress(f"wrote {out_dir}")
     return ExportResult(Path(out_dir), manifest, result, table, metrics)
+
+
+@dataclass(frozen=True)
+class _Converted:
+    converted: Converted
+    swapped: list[str]
+    form_errors: dict[str, float]
+    #: stripped model's outputs on the parity inputs
+    reference: list | None
+    flops_before: int | None
+    flops_after: int | None
+    shape_changes: dict = dataclasses.field(default_factory=dict)
+
+
+def _convert_single_graph(spec, net, form_entry, trace_inputs, parity_inputs, options, progress) -> _Converted:
+    """Convert a one-forward-pass model to the form and check the PyTorch side against the stripped model."""
+    one_item = spec.example_inputs(1, seed=0)
+    reference = torch_outputs(net, parity_inputs)
+    shapes_before, flops_before = module_shapes(net), count_flops(net, one_item)
+    progress(f"converting to form {form_entry.name!r}")
+    converted = form_entry.convert(net, spec, trace_inputs, options)
+    saved = converted.module.eval()
+    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), trace_inputs, converted.recipe)
+    form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
+    check_parity(f"form {form_entry.name!r} vs stripped model", form_errors, FORM_TOLERANCE)
+    return _Converted(converted, swapped, form_errors, reference, flops_before, count_flops(saved, one_item),
+                      shape_changes(shapes_before, module_shapes(saved)))
+
+
+def _export_single_graph(spec, saved, tmp, trace_inputs, parity_inputs, reference, opset, tolerance, sparse, progress):
+    """model.onnx from one forward pass, optionally with sparse initializers, checked against PyTorch.
+
+    Returns (max abs error per output, sparse initializer name -> nonzeros).
+    """
+    export_onnx(saved, trace_inputs, tmp / ONNX_FILE, input_names=spec.input_names, output_names=spec.outputs,
+                dynamic_axes=spec.dynamic_axes(), opset=opset)
+    sparse_initializers = sparsify_initializers(tmp / ONNX_FILE) if sparse else {}
+    progress("checking onnxruntime against PyTorch")
+    session = ort_session(tmp / ONNX_FILE, threads=1)
+    feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
+    errors = max_abs_errors(reference, session.run(None, feeds), spec.outputs)
+    check_parity("onnxruntime vs PyTorch", errors, tolerance)
+    return errors, sparse_initializers
 
 
 def _sparsity_row(row) -> dict:

@@ -85,6 +85,11 @@ class ModelSpec:
     evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None
     #: bump when `train` changes, so cached trained weights are not reused
     train_version: str = "1"
+    #: ONNX export for models that are not one forward pass (encoder/decoder pairs):
+    #: (model, directory, opset, tolerance) -> {output: max abs error vs PyTorch}; it checks parity itself
+    export: "Callable[[nn.Module, Path, int, float], dict[str, float]] | None" = None
+    #: the forms this model supports; None means all
+    forms: tuple[str, ...] | None = None
 
     def make(self, trained: bool = True) -> "nn.Module":
         """Build the model with its fixed seed, in eval mode; trained (from the cache) if it trains.
@@ -178,6 +183,8 @@ def register_model(
     output_layers: Sequence[str] = (),
     train: "Callable[[nn.Module], None] | None" = None,
     evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None,
+    export: "Callable[[nn.Module, Path, int, float], dict[str, float]] | None" = None,
+    forms: Sequence[str] | None = None,
 ) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
     """Decorator registering a zero-argument model builder under `name`."""
 
@@ -196,6 +203,8 @@ def register_model(
                 output_layers=tuple(output_layers),
                 train=train,
                 evaluate=evaluate,
+                export=export,
+                forms=tuple(forms) if forms is not None else None,
             ),
         )
         return build

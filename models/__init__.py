@@ -5,4 +5,4 @@ the registry. Weights are random (seeded) unless a model can be trained quickly 
 ships (the LeNets, on scikit-learn's digits).
 """
 
-from . import gpt2, lenet, mlp, resnet, text, vae  # noqa: F401
+from . import espnet_st, gpt2, lenet, mlp, resnet, text, vae  # noqa: F401

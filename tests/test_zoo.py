@@ -19,9 +19,17 @@ PARAMETERS = {
     "seq2seq-transformer": 33_570_389,
     "gpt2-small": 124_439_808,
     "linear-stack-4096": 33_603_594,
+    "espnet-st": 16_622_312,
+    "espnet-st-small": 361_024,
 }
-# EmbeddingBag has no torch-pruning handler, so the AG News model has no channel group to shrink.
-STRUCTURED = {name: "l1-structured:0.5" for name in PARAMETERS} | {"textclf-agnews": "magnitude:0.5"}
+# (pruning, form) per model. EmbeddingBag has no torch-pruning handler, so the AG News model has no
+# channel group to shrink; the ESPnet encoder/decoder pair is exported by its own exporter, without
+# dense-shrunk.
+CONFIGURATIONS = {name: ("l1-structured:0.5", "dense-shrunk") for name in PARAMETERS} | {
+    "textclf-agnews": ("magnitude:0.5", "dense-shrunk"),
+    "espnet-st": ("magnitude:0.5", "csr"),
+    "espnet-st-small": ("magnitude:0.5", "csr"),
+}
 
 
 def test_the_zoo_is_complete():
@@ -36,11 +44,12 @@ def test_model_has_its_cited_parameter_count(name):
 
 
 @pytest.mark.parametrize("name", sorted(PARAMETERS))
-def test_model_prunes_shrinks_exports_and_passes_parity(tmp_path, name):
-    plan = PruningPlan.parse(STRUCTURED[name], scope="layer")
-    manifest = export_artifact(name, plan, "dense-shrunk", tmp_path / name).manifest
+def test_model_prunes_converts_exports_and_passes_parity(tmp_path, name):
+    prune, form = CONFIGURATIONS[name]
+    plan = PruningPlan.parse(prune, scope="layer")
+    manifest = export_artifact(name, plan, form, tmp_path / name).manifest
     assert manifest.onnx_parity_error <= 1e-4
-    assert max(manifest.form_parity_max_abs_error.values()) <= 1e-5
+    assert max(manifest.form_parity_max_abs_error.values(), default=0.0) <= 1e-5
     if plan.method == "l1-structured":
         assert manifest.parameters < manifest.parameters_before_conversion
         assert manifest.flops < manifest.flops_before_conversion

@@ -1,0 +1,328 @@
+"""ESPnet speech translation: build or load a model, export encoder and decoder, decode greedily.
+
+Needs the `espnet` extra. A model is built with `espnet2.tasks.st.STTask.build_model` from a config
+(the zoo's YAML presets, or a real experiment's `config.yaml`), or loaded from an experiment
+directory or zip (`config.yaml` plus `valid.acc.ave.pth` / `model.pth`).
+
+Export goes through espnet_onnx's wrapper modules, with our own conversion map (the PyPI wheel does
+not ship `convert_map.yml`) and torch's TorchScript exporter (`dynamo=False`; espnet_onnx pins
+opset 12 otherwise): the encoder maps features (1, time, 80) to `encoder_out`, the decoder maps the
+token prefix, the encoder output and per-layer caches to the next token's log-probabilities and new
+caches. Every export checks ONNX Runtime against PyTorch on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import shutil
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ArtifactError, UsageError
+from .onnx_export import DEFAULT_OPSET, ONNX_TOLERANCE, check_parity, max_abs_errors
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+ST_CONFIG_FILE = "st_config.json"
+#: the longest feature / token sequence the exported positional tables cover
+MAX_SEQ_LEN = 2048
+
+#: espnet class -> espnet_onnx export wrapper, in the order espnet_onnx applies them (subclasses first):
+#: ESPnet's positional encodings grow a cache in Python, which tracing would freeze at one length;
+#: the wrappers precompute a table of MAX_SEQ_LEN positions instead.
+CONVERT_MAP = {
+    "espnet.nets.pytorch_backend.transformer.embedding.LegacyRelPositionalEncoding":
+        "espnet_onnx.export.asr.models.layers.embed.OnnxLegacyRelPositionalEncoding",
+    "espnet.nets.pytorch_backend.transformer.embedding.ScaledPositionalEncoding":
+        "espnet_onnx.export.asr.models.layers.embed.OnnxScaledPositionalEncoding",
+    "espnet.nets.pytorch_backend.transformer.embedding.RelPositionalEncoding":
+        "espnet_onnx.export.asr.models.layers.embed.OnnxRelPositionalEncoding",
+    "espnet.nets.pytorch_backend.transformer.embedding.PositionalEncoding":
+        "espnet_onnx.export.asr.models.layers.embed.OnnxPositionalEncoding",
+}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ESPnet's imports try to download NLTK data and log deprecation notes: keep that out of the CLI."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _st_task():
+    try:
+        with _quiet():
+            from espnet2.tasks.st import STTask
+    except ImportError:
+        raise UsageError("ESPnet models need the espnet extra: pip install 'deploykit[espnet]'") from None
+    return STTask
+
+
+def token_list(vocab_size: int) -> list[str]:
+    """A synthetic vocabulary: blank, unk, `vocab_size - 3` tokens, sos/eos (ESPnet's layout)."""
+    return ["<blank>", "<unk>"] + [f"tok{i}" for i in range(vocab_size - 3)] + ["<sos/eos>"]
+
+
+def build_st_model(config: dict[str, Any]) -> nn.Module:
+    """An ESPnetSTModel from a config dict: ESPnet's parser defaults, overridden by the config's keys.
+
+    A config without `token_list` gets a synthetic vocabulary of `vocab_size` entries.
+    """
+    task = _st_task()
+    parser = task.get_parser()
+    args = argparse.Namespace(**{a.dest: a.default for a in parser._actions if a.dest != "help"})
+    config = dict(config)
+    vocab = config.pop("token_list", None) or token_list(config.pop("vocab_size", 64))
+    config.pop("vocab_size", None)
+    for key, value in {"frontend": None, "specaug": None, "normalize": None, "preencoder": None,
+                       "postencoder": None, "extra_asr_decoder": None, "extra_mt_decoder": None}.items():
+        setattr(args, key, value)
+    for key, value in config.items():
+        setattr(args, key, value)
+    args.token_list = vocab
+    args.src_token_list = config.get("src_token_list") or vocab
+    with _quiet():
+        model = task.build_model(args)
+    return model.eval()
+
+
+def _safe_extract(archive: Path, target: Path) -> None:
+    """Extract a zip, refusing entries that would land outside `target` (absolute paths, `..`, links)."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            root = target.resolve()
+            for info in zf.infolist():
+                destination = (target / info.filename).resolve()
+                if destination != root and root not in destination.parents:
+                    raise ArtifactError(f"{str(archive)!r}: entry {info.filename!r} escapes the extraction directory")
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise ArtifactError(f"{str(archive)!r}: entry {info.filename!r} is a symbolic link")
+            zf.extractall(target)
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"{str(archive)!r} is not a readable zip: {exc}") from None
+
+
+#: model files an ESPnet experiment may hold, in order of preference
+MODEL_FILES = ("valid.acc.ave.pth", "valid.acc.best.pth", "model.pth")
+
+
+def load_st_experiment(path: str | Path, workdir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a real ESPnet ST experiment: a directory or zip with config.yaml and a model .pth.
+
+    Zips are extracted into `workdir` (safely). Weights are read with `weights_only=True`.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"ESPnet experiment {str(path)!r} does not exist")
+    root = path
+    if path.is_file():
+        root = Path(workdir) / "experiment"
+        root.mkdir(parents=True, exist_ok=True)
+        _safe_extract(path, root)
+    configs = sorted(root.rglob("config.yaml"))
+    if not configs:
+        raise ArtifactError(f"{str(path)!r} holds no config.yaml")
+    config_path = configs[0]
+    weights = next((p for name in MODEL_FILES for p in sorted(root.rglob(name))), None)
+    if weights is None:
+        raise ArtifactError(f"{str(path)!r} holds none of {', '.join(MODEL_FILES)}")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"cannot read {str(config_path)!r}: {exc}") from None
+    model = build_st_model(config)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # unpickling refusals, shape mismatches: all mean "not this model's weights"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"cannot load {str(weights)!r} into the model of {str(config_path)!r}: {first}") from None
+    return model.eval(), config
+
+
+def _import_class(path: str):
+    module, _, name = path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def onnx_encoder(model: nn.Module, feats_dim: int) -> nn.Module:
+    """espnet_onnx's encoder wrapper around a copy of `model.encoder`, our conversion map applied."""
+    with _quiet():
+        from espnet_onnx.export.asr.models.encoder_wrapper import DefaultEncoder
+        from espnet_onnx.utils.export_function import replace_modules
+
+    replacements = [{"from": _import_class(src), "to": _import_class(dst), "max_seq_len": MAX_SEQ_LEN}
+                    for src, dst in CONVERT_MAP.items()]
+    config = {"max_seq_len": MAX_SEQ_LEN}
+    encoder = replace_modules(replacements, copy.deepcopy(model.encoder), preencoder=None, export_config=config)
+    return DefaultEncoder(encoder, None, feats_dim=feats_dim, **config).eval()
+
+
+def onnx_decoder(model: nn.Module) -> nn.Module:
+    with _quiet():
+        from espnet_onnx.export.asr.models.decoders.xformer import XformerDecoder
+
+    return XformerDecoder(copy.deepcopy(model.decoder), max_seq_len=MAX_SEQ_LEN).eval()
+
+
+@dataclass(frozen=True)
+class STExport:
+    """What `export_st` wrote, and how closely ONNX Runtime matched PyTorch."""
+
+    config: dict[str, Any]
+    encoder_max_abs_error: float
+    decoder_max_abs_error: float
+
+
+def sos_eos(model: nn.Module) -> int:
+    return model.sos  # ESPnet uses one id, the last of the vocabulary, for both
+
+
+def export_st(
+    model: nn.Module,
+    directory: str | Path,
+    feats_dim: int,
+    *,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = ONNX_TOLERANCE,
+    frames: int = 200,
+) -> STExport:
+    """Write encoder.onnx, decoder.onnx and st_config.json into `directory` and check both models.
+
+    `frames` of random features (the 10 ms frames of 2 s of audio, by default) trace the encoder;
+    parity is checked on a different length to prove the time axis is dynamic.
+    """
+    from .runtime import ort_session
+
+    directory = Path(directory)
+    generator = torch.Generator().manual_seed(0)
+    encoder = onnx_encoder(model, feats_dim)
+    decoder = onnx_decoder(model)
+    layers = len(model.decoder.decoders)
+    size = model.decoder.decoders[0].size
+    feats = torch.randn(1, frames, feats_dim, generator=generator)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(encoder, (feats,), str(directory / ENCODER_FILE), dynamo=False, opset_version=opset,
+                          input_names=["feats"], output_names=["encoder_out", "encoder_out_lens"],
+                          dynamic_axes={"feats": {1: "frames"}, "encoder_out": {1: "encoder_frames"}})
+        memory = encoder(feats)[0]
+        tgt = torch.tensor([[sos_eos(model), 3, 5]])
+        # espnet_onnx's caches hold one dummy position plus the earlier steps: as long as the prefix
+        caches = [torch.zeros(1, tgt.shape[1], size) for _ in range(layers)]
+        torch.onnx.export(decoder, (tgt, memory, caches), str(directory / DECODER_FILE), dynamo=False,
+                          opset_version=opset,
+                          input_names=["tgt", "memory"] + [f"cache_{i}" for i in range(layers)],
+                          output_names=["y"] + [f"out_cache_{i}" for i in range(layers)],
+                          dynamic_axes={"tgt": {1: "tokens"}, "memory": {1: "encoder_frames"},
+                                        **{f"cache_{i}": {1: "cached"} for i in range(layers)}})
+
+    other = torch.randn(1, frames + 37, feats_dim, generator=generator)  # another length: dynamic axis
+    session = ort_session(directory / ENCODER_FILE, threads=1)
+    with torch.no_grad():
+        reference = model.encode(other, torch.tensor([other.shape[1]]))[0].numpy()
+    encoder_error = max_abs_errors([reference], session.run(["encoder_out"], {"feats": other.numpy()}),
+                                   ["encoder_out"])
+    check_parity("encoder onnxruntime vs PyTorch", encoder_error, tolerance)
+
+    ort_steps = OrtSTDecoder(directory / DECODER_FILE, layers, size)
+    prefix = [sos_eos(model), 7, 11, 13]
+    with torch.no_grad():  # ESPnet recomputing the whole prefix...
+        torch_logp, _ = torch_step(model, prefix, torch.from_numpy(reference), None)
+    cache = ort_steps.initial_cache()
+    for k in range(1, len(prefix) + 1):  # ...against the exported decoder stepping through it with its cache
+        ort_logp, cache = ort_steps.step(np.array([prefix[:k]]), reference, cache)
+    decoder_error = max_abs_errors([torch_logp.numpy()], [ort_logp], ["logp"])
+    check_parity("decoder step onnxruntime vs PyTorch", decoder_error, tolerance)
+
+    config = {
+        "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "feats_dim": feats_dim, "decoder_layers": layers,
+        "decoder_size": size, "sos": sos_eos(model), "eos": sos_eos(model), "vocab_size": model.vocab_size,
+        "max_seq_len": MAX_SEQ_LEN, "opset": opset,
+    }
+    (directory / ST_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return STExport(config, encoder_error["encoder_out"], decoder_error["logp"])
+
+
+def torch_step(model: nn.Module, prefix: Sequence[int], memory: torch.Tensor, cache):
+    """ESPnet's own one-step decoding: log-probabilities of the next token after `prefix`."""
+    from espnet.nets.pytorch_backend.transformer.mask import subsequent_mask
+
+    tgt = torch.tensor([list(prefix)])
+    mask = subsequent_mask(len(prefix)).unsqueeze(0)
+    logp, cache = model.decoder.forward_one_step(tgt, mask, memory, cache=cache)
+    return logp[0], cache
+
+
+class OrtSTDecoder:
+    """The exported decoder under ONNX Runtime, with espnet_onnx's cache convention: each layer's
+    cache starts as zeros of one dummy position, and the model hands back the caches to feed next."""
+
+    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1):
+        from .runtime import ort_session
+
+        self.session = ort_session(path, threads)
+        self.layers, self.size = layers, size
+
+    def initial_cache(self) -> list[np.ndarray]:
+        return [np.zeros((1, 1, self.size), dtype=np.float32) for _ in range(self.layers)]
+
+    def step(self, tokens: np.ndarray, memory: np.ndarray, cache: list[np.ndarray]):
+        feeds = {"tgt": tokens.astype(np.int64), "memory": memory,
+                 **{f"cache_{i}": c for i, c in enumerate(cache)}}
+        logp, *cache = self.session.run(None, feeds)
+        return logp[0], cache
+
+
+def greedy_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int) -> list[int]:
+    """Greedy decoding with the PyTorch model: the reference the ONNX decoder must reproduce."""
+    eos = sos_eos(model)
+    with torch.no_grad():
+        memory = model.encode(feats, torch.tensor([feats.shape[1]]))[0]
+        tokens, cache = [eos], None
+        for _ in range(max_tokens):
+            logp, cache = torch_step(model, tokens, memory, cache)
+            tokens.append(int(logp.argmax()))
+            if tokens[-1] == eos:
+                break
+    return tokens[1:]
+
+
+def greedy_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, threads: int = 1) -> list[int]:
+    """Greedy decoding with the exported encoder and decoder under ONNX Runtime (no torch needed)."""
+    from .runtime import ort_session
+
+    directory = Path(directory)
+    config = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))
+    encoder = ort_session(directory / config["encoder"], threads)
+    decoder = OrtSTDecoder(directory / config["decoder"], config["decoder_layers"], config["decoder_size"], threads)
+    memory = encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
+    tokens, cache = [config["sos"]], decoder.initial_cache()
+    for _ in range(max_tokens):
+        logp, cache = decoder.step(np.array([tokens]), memory, cache)
+        tokens.append(int(logp.argmax()))
+        if tokens[-1] == config["eos"]:
+            break
+    return tokens[1:]

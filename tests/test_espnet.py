@@ -1,0 +1,145 @@
+"""ESPnet speech translation on the small preset: build, export, parity, greedy tokens, loading."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("espnet2", reason="needs the espnet extra")
+
+from deploykit.errors import ArtifactError  # noqa: E402
+from deploykit.espnet import build_st_model, export_st, greedy_onnx, greedy_torch, load_st_experiment  # noqa: E402
+from deploykit.prune import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
+from deploykit.zoo.espnet_st import MODULE_GROUPS, PRESETS  # noqa: E402
+
+CONFIG = yaml.safe_load((PRESETS / "st_small.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_st_model(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("st")
+    return directory, export_st(model, directory, CONFIG["input_size"])
+
+
+def test_small_preset_shape(model):
+    assert type(model).__name__ == "ESPnetSTModel"
+    assert sum(p.numel() for p in model.parameters()) == 361_024
+    assert len(model.encoder.encoders) == 2 and len(model.decoder.decoders) == 2
+    assert model.vocab_size == 64 and model.sos == model.eos == 63
+
+
+def test_export_writes_the_pair_and_checks_parity(exported):
+    directory, result = exported
+    assert sorted(p.name for p in directory.iterdir()) == ["decoder.onnx", "encoder.onnx", "st_config.json"]
+    assert result.encoder_max_abs_error <= 1e-4 and result.decoder_max_abs_error <= 1e-4
+    config = json.loads((directory / "st_config.json").read_text())
+    assert config["decoder_layers"] == 2 and config["sos"] == config["eos"] == 63
+
+
+@pytest.mark.parametrize("frames", [150, 413])
+def test_onnxruntime_greedy_decoding_gives_pytorchs_tokens(model, exported, frames):
+    directory, _ = exported
+    feats = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(frames))
+    tokens = greedy_torch(model, feats, max_tokens=15)
+    assert len(tokens) >= 1
+    assert greedy_onnx(directory, feats.numpy(), max_tokens=15) == tokens
+
+
+def _pack(tmp_path, model, name="exp.zip", extra=None):
+    root = tmp_path / "exp"
+    root.mkdir(exist_ok=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    torch.save(model.state_dict(), root / "valid.acc.ave.pth")
+    archive = tmp_path / name
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in root.iterdir():
+            zf.write(path, f"exp/{path.name}")
+        for entry, data in (extra or {}).items():
+            zf.writestr(entry, data)
+    return root, archive
+
+
+def _same_encoder(a, b):
+    feats = torch.randn(1, 120, 80)
+    with torch.no_grad():
+        return torch.equal(a.encode(feats, torch.tensor([120]))[0], b.encode(feats, torch.tensor([120]))[0])
+
+
+def test_real_experiment_loads_from_directory_and_zip(model, tmp_path):
+    root, archive = _pack(tmp_path, model)
+    from_dir, config = load_st_experiment(root, tmp_path / "w1")
+    from_zip, _ = load_st_experiment(archive, tmp_path / "w2")
+    assert config["encoder"] == "conformer"
+    assert _same_encoder(model, from_dir) and _same_encoder(model, from_zip)
+
+
+@pytest.mark.parametrize("entry", ["../evil.txt", "exp/../../evil.txt", "/abs/evil.txt"])
+def test_zip_entries_escaping_the_target_are_refused(model, tmp_path, entry):
+    _, archive = _pack(tmp_path, model, extra={entry: "payload"})
+    target = tmp_path / "nested" / "work"
+    with pytest.raises(ArtifactError, match="escapes the extraction directory"):
+        load_st_experiment(archive, target)
+    assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
+
+
+def test_zip_symlinks_and_pickle_payloads_are_refused(model, tmp_path):
+    _, archive = _pack(tmp_path, model)
+    with zipfile.ZipFile(archive, "a") as zf:
+        link = zipfile.ZipInfo("exp/link")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "/etc/passwd")
+    with pytest.raises(ArtifactError, match="is a symbolic link"):
+        load_st_experiment(archive, tmp_path / "w")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    root = tmp_path / "evil"
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    torch.save({"x": Payload()}, root / "model.pth")
+    with pytest.raises(ArtifactError, match="cannot load"):
+        load_st_experiment(root, tmp_path / "w3")
+
+
+def test_best_plan_preset_prunes_the_study_groups(tmp_path):
+    plan = PruningPlan(**load_plan_file(PRESETS / "best_plan.toml"))
+    torch.manual_seed(0)
+    model = build_st_model(CONFIG)
+    names = [name for name, _ in prunable_modules(model)]
+    for pattern in MODULE_GROUPS.values():  # every group addresses real modules
+        assert any(__import__("fnmatch").fnmatchcase(n, pattern) for n in names), pattern
+    prune_model(model, plan, output_layers=["decoder.output_layer"])
+    strip_masks(model)
+
+    def sparsity(module):
+        return float((model.get_submodule(module).weight == 0).float().mean())
+
+    assert sparsity("encoder.embed.conv.0") == pytest.approx(0.9, abs=0.01)
+    assert sparsity("encoder.encoders.1.conv_module.pointwise_conv1") == pytest.approx(0.7, abs=1e-3)
+    assert sparsity("decoder.decoders.0.src_attn.linear_q") == pytest.approx(0.33, abs=1e-3)
+    assert sparsity("decoder.decoders.0.feed_forward.w_1") == 0 and sparsity("decoder.output_layer") == 0
+
+
+def test_cli_exports_the_pair_with_the_preset(cli, tmp_path):
+    out = tmp_path / "st"
+    result = cli("export", "--model", "espnet-st-small", "--plan", str(PRESETS / "best_plan.toml"),
+                 "--out", str(out), "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", "st_config.json", "weights.safetensors"}
+    assert set(manifest["onnx_parity_max_abs_error"]) == {"encoder_out", "decoder_logp"}
+    assert max(manifest["onnx_parity_max_abs_error"].values()) <= 1e-4 and manifest["flops"] is None
+    bad = cli("export", "--model", "espnet-st-small", "--form", "dense-shrunk", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "supports forms dense, csr, not 'dense-shrunk'" in bad.stderr
