@@ -296,22 +296,74 @@ class OrtSTDecoder:
         return logp[0], cache
 
 
-def greedy_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int) -> list[int]:
-    """Greedy decoding with the PyTorch model: the reference the ONNX decoder must reproduce."""
-    eos = sos_eos(model)
+class TorchStepper:
+    """Next-token log-probabilities from the PyTorch decoder, with ESPnet's own cache."""
+
+    def __init__(self, model: nn.Module, memory: torch.Tensor):
+        self.model, self.memory = model, memory
+
+    def start(self):
+        return None
+
+    def step(self, tokens: list[int], state):
+        with torch.no_grad():
+            logp, state = torch_step(self.model, tokens, self.memory, state)
+        return logp.numpy(), state
+
+
+class OrtStepper:
+    """The same from the exported decoder under ONNX Runtime."""
+
+    def __init__(self, decoder: OrtSTDecoder, memory: np.ndarray):
+        self.decoder, self.memory = decoder, memory
+
+    def start(self):
+        return self.decoder.initial_cache()
+
+    def step(self, tokens: list[int], state):
+        return self.decoder.step(np.array([tokens]), self.memory, state)
+
+
+def decode(stepper, sos: int, eos: int, max_tokens: int, beam: int = 1) -> list[int]:
+    """Greedy (beam 1) or beam search over any stepper; returns the tokens after <sos>.
+
+    One algorithm for both runtimes, so that their token sequences can be compared exactly. Beam
+    search keeps the `beam` best partial hypotheses by summed log-probability, sets aside those that
+    end with <eos>, and stops when `beam` have ended or after `max_tokens`; the best ended hypothesis
+    wins (the best unfinished one if none ended).
+    """
+    if beam < 1 or max_tokens < 1:
+        raise UsageError("beam and max_tokens must be >= 1")
+    beams = [(0.0, [sos], stepper.start())]
+    finished: list[tuple[float, list[int]]] = []
+    for _ in range(max_tokens):
+        candidates = []
+        for score, tokens, state in beams:
+            logp, new_state = stepper.step(tokens, state)
+            for token in np.argsort(-logp, kind="stable")[:beam]:
+                candidates.append((score + float(logp[token]), tokens + [int(token)], new_state))
+        candidates.sort(key=lambda c: -c[0])  # stable: ties keep their order on both runtimes
+        beams = []
+        for score, tokens, state in candidates[:beam]:
+            if tokens[-1] == eos:
+                finished.append((score, tokens))
+            else:
+                beams.append((score, tokens, state))
+        if not beams or len(finished) >= beam:
+            break
+    best = max(finished or [(score, tokens) for score, tokens, _ in beams], key=lambda c: c[0])
+    return best[1][1:]
+
+
+def decode_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int, beam: int = 1) -> list[int]:
+    """Decoding with the PyTorch model: the reference the ONNX decoder must reproduce."""
     with torch.no_grad():
         memory = model.encode(feats, torch.tensor([feats.shape[1]]))[0]
-        tokens, cache = [eos], None
-        for _ in range(max_tokens):
-            logp, cache = torch_step(model, tokens, memory, cache)
-            tokens.append(int(logp.argmax()))
-            if tokens[-1] == eos:
-                break
-    return tokens[1:]
+    return decode(TorchStepper(model, memory), sos_eos(model), sos_eos(model), max_tokens, beam)
 
 
-def greedy_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, threads: int = 1) -> list[int]:
-    """Greedy decoding with the exported encoder and decoder under ONNX Runtime (no torch needed)."""
+def decode_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, beam: int = 1, threads: int = 1) -> list[int]:
+    """Decoding with the exported encoder and decoder under ONNX Runtime (no torch needed)."""
     from .runtime import ort_session
 
     directory = Path(directory)
@@ -319,10 +371,15 @@ def greedy_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, threa
     encoder = ort_session(directory / config["encoder"], threads)
     decoder = OrtSTDecoder(directory / config["decoder"], config["decoder_layers"], config["decoder_size"], threads)
     memory = encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
-    tokens, cache = [config["sos"]], decoder.initial_cache()
-    for _ in range(max_tokens):
-        logp, cache = decoder.step(np.array([tokens]), memory, cache)
-        tokens.append(int(logp.argmax()))
-        if tokens[-1] == config["eos"]:
-            break
-    return tokens[1:]
+    return decode(OrtStepper(decoder, memory), config["sos"], config["eos"], max_tokens, beam)
+
+
+def bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU (4-gram, uniform weights, as the study used), 0..100, by NLTK's implementation."""
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    if len(hypotheses) != len(references):
+        raise UsageError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    score = corpus_bleu([[list(r)] for r in references], [list(h) for h in hypotheses],
+                        smoothing_function=SmoothingFunction().method1)
+    return 100.0 * score

@@ -12,7 +12,7 @@ import yaml
 pytest.importorskip("espnet2", reason="needs the espnet extra")
 
 from deploykit.errors import ArtifactError  # noqa: E402
-from deploykit.espnet import build_st_model, export_st, greedy_onnx, greedy_torch, load_st_experiment  # noqa: E402
+from deploykit.espnet import bleu, build_st_model, decode_onnx, decode_torch, export_st, load_st_experiment  # noqa: E402
 from deploykit.prune import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
 from deploykit.zoo.espnet_st import MODULE_GROUPS, PRESETS  # noqa: E402
 
@@ -46,13 +46,44 @@ def test_export_writes_the_pair_and_checks_parity(exported):
     assert config["decoder_layers"] == 2 and config["sos"] == config["eos"] == 63
 
 
-@pytest.mark.parametrize("frames", [150, 413])
-def test_onnxruntime_greedy_decoding_gives_pytorchs_tokens(model, exported, frames):
+@pytest.mark.parametrize("frames, beam", [(150, 1), (413, 1), (150, 4), (413, 3)])
+def test_onnxruntime_decoding_gives_pytorchs_tokens(model, exported, frames, beam):
     directory, _ = exported
     feats = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(frames))
-    tokens = greedy_torch(model, feats, max_tokens=15)
+    tokens = decode_torch(model, feats, max_tokens=15, beam=beam)
     assert len(tokens) >= 1
-    assert greedy_onnx(directory, feats.numpy(), max_tokens=15) == tokens
+    assert decode_onnx(directory, feats.numpy(), max_tokens=15, beam=beam) == tokens
+
+
+def test_beam_search_scores_at_least_as_well_as_greedy(model):
+    from deploykit.espnet import TorchStepper, decode
+
+    feats = torch.randn(1, 200, 80, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        memory = model.encode(feats, torch.tensor([200]))[0]
+    stepper = TorchStepper(model, memory)
+
+    def score(tokens):
+        total, prefix, state = 0.0, [63], None
+        for token in tokens:
+            logp, state = stepper.step(prefix, state)
+            total += float(logp[token])
+            prefix = prefix + [token]
+        return total
+
+    greedy = decode(stepper, 63, 63, max_tokens=8, beam=1)
+    beam = decode(stepper, 63, 63, max_tokens=8, beam=5)
+    assert len(beam) == len(greedy) == 8  # no <eos> within 8 tokens with these random weights
+    assert score(beam) >= score(greedy) - 1e-5  # same length: the wider search finds an equal or better sum
+    assert beam != greedy  # and here a different, better one
+
+
+def test_bleu_is_4_gram_corpus_bleu():
+    reference = "the cat sat on the mat today".split()
+    assert bleu([reference], [reference]) == pytest.approx(100.0)
+    assert 0 < bleu(["the cat sat on a mat today".split()], [reference]) < 100
+    with pytest.raises(Exception, match="1 hypotheses for 2 references"):
+        bleu([reference], [reference, reference])
 
 
 def _pack(tmp_path, model, name="exp.zip", extra=None):
