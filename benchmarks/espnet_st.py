@@ -24,12 +24,11 @@ from tabulate import tabulate
 
 from deploykit.artifact import read_manifest
 from deploykit.env import available_cores
-from deploykit.espnet import OrtSTDecoder, decode_onnx, decode_torch, torch_step
+from deploykit.espnet import OrtSpeechTranslator, decode_torch, torch_step
 from deploykit.export import export_artifact
 from deploykit.fsutil import write_text_atomic
 from deploykit.measure import measure
 from deploykit.prune import PruningPlan, load_plan_file, strip_masks, prune_model
-from deploykit.runtime import ort_session
 from deploykit.spec import get_model
 from deploykit.zoo.espnet_st import PRESETS
 
@@ -62,9 +61,8 @@ def main() -> int:
             model = spec.make()
             prune_model(model, plan, output_layers=spec.output_layers)
             strip_masks(model)
-            config = json.loads((directory / "st_config.json").read_text())
-            encoder = ort_session(directory / "encoder.onnx", threads)
-            decoder = OrtSTDecoder(directory / "decoder.onnx", config["decoder_layers"], config["decoder_size"], threads)
+            translator = OrtSpeechTranslator(directory, threads)  # sessions loaded once, outside the timing
+            config, encoder, decoder = translator.config, translator.encoder, translator.decoder
             with torch.no_grad():
                 memory = model.encode(feats, torch.tensor([FRAMES]))[0]
                 prefix = [config["sos"]] + list(range(3, 13))
@@ -84,7 +82,7 @@ def main() -> int:
                     "torch_step_ms": timed(lambda: torch_step(model, prefix, memory, torch_cache), 20),
                     "ort_step_ms": timed(lambda: decoder.step(np.array([prefix]), memory.numpy(), ort_cache), 20),
                     "torch_decode_ms": timed(lambda: decode_torch(model, feats, args.tokens), 3),
-                    "ort_decode_ms": timed(lambda: decode_onnx(directory, feats.numpy(), args.tokens, threads=threads), 3),
+                    "ort_decode_ms": timed(lambda: translator.decode(feats.numpy(), args.tokens), 3),
                 }
             rows.append(row)
     base = rows[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ArtifactError
+from .fsutil import read_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -96,12 +97,12 @@ def read_manifest(directory: str | Path) -> Manifest:
     if not directory.is_dir():
         raise ArtifactError(f"artifact directory {str(directory)!r} does not exist")
     path = directory / MANIFEST_FILE
+    if not path.exists():
+        raise ArtifactError(f"{str(directory)!r} is not a deploykit artifact (no {MANIFEST_FILE})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArtifactError(f"{str(directory)!r} is not a deploykit artifact (no {MANIFEST_FILE})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot read {str(path)!r}: {exc}") from None
+        data = json.loads(read_text(path, "manifest", ArtifactError))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"cannot read manifest {str(path)!r}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ArtifactError(f"{str(path)!r} is not a deploykit manifest")
     if data.get("format_version") != FORMAT_VERSION:

@@ -28,6 +28,7 @@ from typing import Any
 
 from .artifact import ONNX_FILE, WEIGHTS_FILE, read_manifest
 from .errors import UsageError
+from .fsutil import read_text
 from .storage import SEPARATOR, load_weights
 
 MB = 1e6
@@ -95,12 +96,7 @@ class Budget:
 
 def load_budgets(path: str | Path) -> dict[str, Budget]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"budget file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read budget file {str(path)!r}: {exc}") from None
+    text = read_text(path, "budget file", UsageError)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -283,7 +283,7 @@ class OrtSTDecoder:
     def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1):
         from .runtime import ort_session
 
-        self.session = ort_session(path, threads)
+        self.session = ort_session(path, threads, spinning=False)  # it takes turns with the encoder
         self.layers, self.size = layers, size
 
     def initial_cache(self) -> list[np.ndarray]:
@@ -362,16 +362,29 @@ def decode_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int, beam: i
     return decode(TorchStepper(model, memory), sos_eos(model), sos_eos(model), max_tokens, beam)
 
 
-def decode_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, beam: int = 1, threads: int = 1) -> list[int]:
-    """Decoding with the exported encoder and decoder under ONNX Runtime (no torch needed)."""
-    from .runtime import ort_session
+class OrtSpeechTranslator:
+    """An exported encoder/decoder pair loaded once into ONNX Runtime sessions (no torch needed)."""
 
-    directory = Path(directory)
-    config = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))
-    encoder = ort_session(directory / config["encoder"], threads)
-    decoder = OrtSTDecoder(directory / config["decoder"], config["decoder_layers"], config["decoder_size"], threads)
-    memory = encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
-    return decode(OrtStepper(decoder, memory), config["sos"], config["eos"], max_tokens, beam)
+    def __init__(self, directory: str | Path, threads: int = 1):
+        from .runtime import ort_session
+
+        directory = Path(directory)
+        self.config = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))
+        self.encoder = ort_session(directory / self.config["encoder"], threads, spinning=False)
+        self.decoder = OrtSTDecoder(directory / self.config["decoder"], self.config["decoder_layers"],
+                                    self.config["decoder_size"], threads)
+
+    def encode(self, feats: np.ndarray) -> np.ndarray:
+        return self.encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
+
+    def decode(self, feats: np.ndarray, max_tokens: int, beam: int = 1) -> list[int]:
+        stepper = OrtStepper(self.decoder, self.encode(feats))
+        return decode(stepper, self.config["sos"], self.config["eos"], max_tokens, beam)
+
+
+def decode_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, beam: int = 1, threads: int = 1) -> list[int]:
+    """Load an exported pair and decode one utterance (see `OrtSpeechTranslator` to decode many)."""
+    return OrtSpeechTranslator(directory, threads).decode(feats, max_tokens, beam)
 
 
 def bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> float:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .hooks import observe_forward
 from .registry import Registry
 
 
@@ -128,19 +129,8 @@ def choose_kernels(model: nn.Module, inputs: Sequence[torch.Tensor], min_time_s:
 
     candidates = csr_candidates(model, inputs)
     captured: dict[str, torch.Tensor] = {}
-
-    def capture(name: str):
-        def hook(_module, args, _output) -> None:  # a hook that returns a value replaces the output
-            captured.setdefault(name, args[0].detach())
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_hook(capture(name)) for name in candidates]
-    try:
-        with torch.inference_mode():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_forward(model, inputs, {model.get_submodule(name): lambda args, _o, name=name: captured.setdefault(
+        name, args[0].detach()) for name in candidates})
     decisions = {}
     with torch.inference_mode():
         for name in candidates:
@@ -178,14 +168,8 @@ FUSED_PARENTS = (nn.TransformerEncoderLayer,)
 
 def _called_modules(model: nn.Module, inputs: Sequence[torch.Tensor], kind: type) -> set[str]:
     called: set[str] = set()
-    handles = [m.register_forward_hook(lambda *_, name=name: called.add(name))
-               for name, m in model.named_modules() if isinstance(m, kind)]
-    try:
-        with torch.inference_mode():  # the mode runtimes use, which is when fused paths kick in
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_forward(model, inputs, {m: lambda _a, _o, name=name: called.add(name)
+                                    for name, m in model.named_modules() if isinstance(m, kind)})
     return called
 
 

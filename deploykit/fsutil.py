@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputPathError
+from .errors import DeployKitError, OutputPathError
 
 
 def check_writable_destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -63,6 +63,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_text(path: str | os.PathLike, what: str, error: type[DeployKitError]) -> str:
+    """A UTF-8 text file's contents, or `error` saying in one line why "`what` PATH" cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} {str(path)!r}: {exc}") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -127,12 +127,12 @@ def load_plan_file(path: str | Path) -> dict[str, Any]:
 
     Returns PruningPlan keyword arguments. Unknown keys are errors that name the key and the file.
     """
+    from .fsutil import read_text
+
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"plan file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(read_text(path, "plan file", UsageError))
+    except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"cannot read plan file {str(path)!r}: {exc}") from None
     unknown = sorted(set(data) - PLAN_KEYS)
     if unknown:
@@ -250,19 +250,11 @@ def tied_modules(model: "nn.Module") -> list[str]:
 
 def detect_output_layers(model: "nn.Module", example_inputs: "Sequence[torch.Tensor]") -> list[str]:
     """The prunable module that runs last in a forward pass: the layer that produces the output."""
-    import torch
+    from .hooks import observe_forward
 
     order: list[str] = []
-    handles = [
-        module.register_forward_hook(lambda _m, _i, _o, name=name: order.append(name))
-        for name, module in prunable_modules(model)
-    ]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_forward(model, example_inputs, {module: lambda _a, _o, name=name: order.append(name)
+                                            for name, module in prunable_modules(model)}, inference=False)
     return order[-1:]
 
 
