@@ -29,7 +29,7 @@ def _csv(kind: type = str):
         try:
             return [kind(item.strip()) for item in text.split(",") if item.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
 
     return parse
 

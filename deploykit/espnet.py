@@ -19,7 +19,6 @@ import copy
 import io
 import json
 import logging
-import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass

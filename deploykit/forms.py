@@ -2,13 +2,15 @@
 
 A `Form` has three steps:
 
-- `convert(stripped, spec, inputs) -> Converted`: the dense module that is saved and exported to ONNX,
-  plus a JSON-friendly `recipe` that turns a freshly built model into one of the same shapes
-  (dense-shrunk records which channels it removed; dense and csr need nothing);
-- `restore(fresh, spec, inputs, recipe)`: that recipe applied at load time, before the weights;
-- `for_torch(module)`: the module PyTorch executes (csr swaps pruned Linear layers for `CSRLinear`).
+- `convert(stripped, spec, inputs, options) -> Converted`: the dense module that is saved and
+  exported to ONNX, plus a JSON-friendly `recipe` stored in the manifest (dense-shrunk records the
+  channels it removed; csr the per-layer kernel it measured and chose; dense nothing);
+- `restore(fresh, spec, inputs, recipe)`: the recipe applied to a freshly built model at load time,
+  before the weights, so that their shapes fit;
+- `for_torch(module, inputs, recipe)`: the module PyTorch executes (csr swaps the chosen Linear
+  layers for `CSRLinear`).
 
-How to add a form: write those three functions and ``FORMS.add("name", Form(...))``.
+How to add a form: write those functions and ``FORMS.add("name", Form(...))``.
 """
 
 from __future__ import annotations
