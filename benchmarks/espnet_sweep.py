@@ -1,0 +1,97 @@
+"""Sensitivity sweep of an ESPnet ST model: each module group pruned alone at 0.33/0.5/0.7/0.9.
+
+For every group of `MODULE_GROUPS` (encoder subsampling, conv module, feed-forward, self-attention;
+decoder embedding, self-attention, cross-attention, feed-forward) and sparsity, the model is pruned
+(L1 unstructured, that group only), exported as csr, and measured: nonzero parameters, weights and
+ONNX sizes, onnxruntime greedy decoding latency on 5 s of features, and quality. Quality is BLEU
+when `--features` (an .npy of shape (utterances, frames, 80)) and `--references` (one tokenised
+reference per line, tokens from the model's vocabulary) are given; otherwise the share of greedy
+tokens that match the unpruned model's, a proxy that needs no data.
+
+Run: bash .ci/env python benchmarks/espnet_sweep.py [--model espnet-st-small] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from deploykit.espnet import OrtSpeechTranslator, bleu, token_list
+from deploykit.export import export_artifact
+from deploykit.fsutil import write_text_atomic
+from deploykit.measure import measure
+from deploykit.prune import PruningPlan
+from deploykit.spec import get_model
+from deploykit.zoo.espnet_st import MODULE_GROUPS
+
+SPARSITIES = (0.33, 0.5, 0.7, 0.9)
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="espnet-st")
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--features", help=".npy of shape (utterances, frames, 80)")
+    parser.add_argument("--references", help="text file, one space-separated reference per utterance")
+    parser.add_argument("--json", default="benchmarks/results/espnet_sweep.json")
+    args = parser.parse_args()
+    if bool(args.features) != bool(args.references):
+        parser.error("--features and --references go together")
+    spec = get_model(args.model)
+    utterances = (np.load(args.features) if args.features
+                  else torch.randn(3, 500, 80, generator=torch.Generator().manual_seed(0)).numpy())
+    references = Path(args.references).read_text().splitlines() if args.references else None
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(label: str, plan: PruningPlan) -> dict:
+            directory = Path(tmp) / label
+            manifest = export_artifact(spec, plan, "csr", directory).manifest
+            translator = OrtSpeechTranslator(directory)
+            outputs = [translator.decode(u[None], args.tokens) for u in utterances]
+            latency = measure(lambda: translator.decode(utterances[0][None], args.tokens),
+                              warmup_s=0.1, min_time_s=0.5, min_iters=3).median_ms
+            vocab = token_list(translator.config["vocab_size"])
+            return {"nonzero": manifest.nonzero_parameters, "weights_bytes": manifest.files["weights.safetensors"],
+                    "onnx_bytes": manifest.files["encoder.onnx"] + manifest.files["decoder.onnx"],
+                    "decode_ms": latency, "tokens": outputs,
+                    "bleu": bleu([[vocab[t] for t in o if t != translator.config["eos"]] for o in outputs],
+                                 [r.split() for r in references]) if references else None}
+
+        print("dense", file=sys.stderr)
+        dense = run("dense", PruningPlan())
+        for group, pattern in MODULE_GROUPS.items():
+            for sparsity in SPARSITIES:
+                print(f"{group} {sparsity:g}", file=sys.stderr)
+                result = run(f"{group}-{sparsity}", PruningPlan("magnitude", 0.0, scope="layer",
+                                                                rules=((pattern, sparsity),)))
+                result.update(group=group, sparsity=sparsity, token_agreement=float(np.mean(
+                    [agreement(a, b) for a, b in zip(result["tokens"], dense["tokens"])])))
+                rows.append(result)
+    quality = "BLEU" if references else "tokens as dense"
+    print(tabulate(
+        [[r["group"], f"{r['sparsity']:g}", f"{r['nonzero']:,}", f"{r['weights_bytes'] / 1e6:.2f}",
+          f"{r['onnx_bytes'] / 1e6:.2f}", f"{r['decode_ms']:.1f}",
+          f"{r['bleu']:.1f}" if references else f"{100 * r['token_agreement']:.0f}%"] for r in rows],
+        headers=["group", "sparsity", "nonzero", "weights MB", "onnx MB", "ort decode ms", quality],
+        disable_numparse=True))
+    print(f"dense: {dense['nonzero']:,} nonzero, weights {dense['weights_bytes'] / 1e6:.2f} MB, "
+          f"decode {dense['decode_ms']:.1f} ms" + (f", BLEU {dense['bleu']:.1f}" if references else ""))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.json, json.dumps({"model": args.model, "dense": dense, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
