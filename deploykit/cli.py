@@ -15,6 +15,7 @@ from . import __version__
 from .errors import DeployKitError, UsageError
 from .prune import PRUNERS  # torch-free at import, like everything imported here
 from .spec import DEFAULT_MODEL
+from .storage import CODECS
 
 DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
 
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", default="dense",
                    help="deployable form: dense, csr (compact file, sparse kernels) or dense-shrunk (zero channels "
                    "removed; pair with a structured method) (default dense)")
-    p.add_argument("--compress", choices=("zlib", "lzma"),
+    p.add_argument("--compress", choices=sorted(CODECS),
                    help="compress the weights file losslessly (each tensor only where that makes it smaller)")
     p.add_argument("--kernel-batch", type=int, default=1, metavar="N",
                    help="csr: batch size at which each pruned layer is timed dense and sparse to choose its "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, UsageError
-from .onnx_export import DEFAULT_OPSET, ONNX_TOLERANCE, check_parity, max_abs_errors
+from .onnx_export import DEFAULT_OPSET, ONNX_TOLERANCE, check_parity, export_onnx, max_abs_errors, sparsify_initializers
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -193,6 +193,8 @@ class STExport:
     config: dict[str, Any]
     encoder_max_abs_error: float
     decoder_max_abs_error: float
+    #: "file:initializer" -> nonzeros, for initializers stored sparse (with `sparse=True`)
+    sparse_initializers: dict[str, int]
 
 
 def sos_eos(model: nn.Module) -> int:
@@ -207,11 +209,14 @@ def export_st(
     opset: int = DEFAULT_OPSET,
     tolerance: float = ONNX_TOLERANCE,
     frames: int = 200,
+    sparse: bool = False,
 ) -> STExport:
     """Write encoder.onnx, decoder.onnx and st_config.json into `directory` and check both models.
 
     `frames` of random features (the 10 ms frames of 2 s of audio, by default) trace the encoder;
-    parity is checked on a different length to prove the time axis is dynamic.
+    parity is checked on a different length to prove the time axis is dynamic. With `sparse`,
+    initializers are stored sparse where smaller, before the check, so the files checked are the
+    files shipped.
     """
     from .runtime import ort_session
 
@@ -222,21 +227,23 @@ def export_st(
     layers = len(model.decoder.decoders)
     size = model.decoder.decoders[0].size
     feats = torch.randn(1, frames, feats_dim, generator=generator)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(encoder, (feats,), str(directory / ENCODER_FILE), dynamo=False, opset_version=opset,
-                          input_names=["feats"], output_names=["encoder_out", "encoder_out_lens"],
-                          dynamic_axes={"feats": {1: "frames"}, "encoder_out": {1: "encoder_frames"}})
+    export_onnx(encoder, (feats,), directory / ENCODER_FILE, input_names=["feats"],
+                output_names=["encoder_out", "encoder_out_lens"],
+                dynamic_axes={"feats": {1: "frames"}, "encoder_out": {1: "encoder_frames"}}, opset=opset)
+    with torch.no_grad():
         memory = encoder(feats)[0]
-        tgt = torch.tensor([[sos_eos(model), 3, 5]])
-        # espnet_onnx's caches hold one dummy position plus the earlier steps: as long as the prefix
-        caches = [torch.zeros(1, tgt.shape[1], size) for _ in range(layers)]
-        torch.onnx.export(decoder, (tgt, memory, caches), str(directory / DECODER_FILE), dynamo=False,
-                          opset_version=opset,
-                          input_names=["tgt", "memory"] + [f"cache_{i}" for i in range(layers)],
-                          output_names=["y"] + [f"out_cache_{i}" for i in range(layers)],
-                          dynamic_axes={"tgt": {1: "tokens"}, "memory": {1: "encoder_frames"},
-                                        **{f"cache_{i}": {1: "cached"} for i in range(layers)}})
+    tgt = torch.tensor([[sos_eos(model), 3, 5]])
+    # espnet_onnx's caches hold one dummy position plus the earlier steps: as long as the prefix
+    caches = [torch.zeros(1, tgt.shape[1], size) for _ in range(layers)]
+    export_onnx(decoder, (tgt, memory, caches), directory / DECODER_FILE,
+                input_names=["tgt", "memory"] + [f"cache_{i}" for i in range(layers)],
+                output_names=["y"] + [f"out_cache_{i}" for i in range(layers)],
+                dynamic_axes={"tgt": {1: "tokens"}, "memory": {1: "encoder_frames"},
+                              **{f"cache_{i}": {1: "cached"} for i in range(layers)}}, opset=opset)
+    sparse_initializers = {}
+    if sparse:
+        for name in (ENCODER_FILE, DECODER_FILE):
+            sparse_initializers.update({f"{name}:{k}": v for k, v in sparsify_initializers(directory / name).items()})
 
     other = torch.randn(1, frames + 37, feats_dim, generator=generator)  # another length: dynamic axis
     session = ort_session(directory / ENCODER_FILE, threads=1)
@@ -262,7 +269,7 @@ def export_st(
         "max_seq_len": MAX_SEQ_LEN, "opset": opset,
     }
     (directory / ST_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return STExport(config, encoder_error["encoder_out"], decoder_error["logp"])
+    return STExport(config, encoder_error["encoder_out"], decoder_error["logp"], sparse_initializers)
 
 
 def torch_step(model: nn.Module, prefix: Sequence[int], memory: torch.Tensor, cache):

@@ -115,12 +115,8 @@ def export_artifact(
             onnx_errors, sparse_initializers = _export_single_graph(
                 spec, saved, tmp, trace_inputs, parity_inputs, step.reference, opset, tolerance,
                 form_entry.sparse_onnx, progress)
-        else:
-            onnx_errors = spec.export(saved, tmp, opset, tolerance)  # checks parity itself
-            sparse_initializers = {}
-            if form_entry.sparse_onnx:
-                for path in sorted(tmp.glob("*.onnx")):
-                    sparse_initializers.update({f"{path.name}:{k}": v for k, v in sparsify_initializers(path).items()})
+        else:  # the spec's exporter sparsifies (if asked) before it checks parity
+            onnx_errors, sparse_initializers = spec.export(saved, tmp, opset, tolerance, form_entry.sparse_onnx)
 
         progress("writing weights")
         encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding, compression)

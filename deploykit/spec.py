@@ -86,8 +86,10 @@ class ModelSpec:
     #: bump when `train` changes, so cached trained weights are not reused
     train_version: str = "1"
     #: ONNX export for models that are not one forward pass (encoder/decoder pairs):
-    #: (model, directory, opset, tolerance) -> {output: max abs error vs PyTorch}; it checks parity itself
-    export: "Callable[[nn.Module, Path, int, float], dict[str, float]] | None" = None
+    #: (model, directory, opset, tolerance, sparse) -> ({output: max abs error vs PyTorch},
+    #: {initializer: nonzeros stored sparse}); with `sparse` it stores sparse initializers where smaller,
+    #: and it checks parity itself, on the files as written
+    export: "Callable[[nn.Module, Path, int, float, bool], tuple[dict[str, float], dict[str, int]]] | None" = None
     #: the forms this model supports; None means all
     forms: tuple[str, ...] | None = None
 
@@ -183,7 +185,7 @@ def register_model(
     output_layers: Sequence[str] = (),
     train: "Callable[[nn.Module], None] | None" = None,
     evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None,
-    export: "Callable[[nn.Module, Path, int, float], dict[str, float]] | None" = None,
+    export: "Callable[[nn.Module, Path, int, float, bool], tuple[dict[str, float], dict[str, int]]] | None" = None,
     forms: Sequence[str] | None = None,
 ) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
     """Decorator registering a zero-argument model builder under `name`."""

@@ -42,11 +42,12 @@ def _build(preset: str) -> nn.Module:
     return build_st_model(_config(preset))
 
 
-def _export(model: nn.Module, directory: Path, opset: int, tolerance: float) -> dict[str, float]:
+def _export(model: nn.Module, directory: Path, opset: int, tolerance: float, sparse: bool):
     from deploykit.espnet import export_st
 
-    result = export_st(model, directory, FEATS, opset=opset, tolerance=tolerance)
-    return {"encoder_out": result.encoder_max_abs_error, "decoder_logp": result.decoder_max_abs_error}
+    result = export_st(model, directory, FEATS, opset=opset, tolerance=tolerance, sparse=sparse)
+    errors = {"encoder_out": result.encoder_max_abs_error, "decoder_logp": result.decoder_max_abs_error}
+    return errors, result.sparse_initializers
 
 
 def _features(batch: int, generator: torch.Generator) -> tuple[torch.Tensor]:

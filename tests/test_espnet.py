@@ -165,11 +165,15 @@ def test_best_plan_preset_prunes_the_study_groups(tmp_path):
 def test_cli_exports_the_pair_with_the_preset(cli, tmp_path):
     out = tmp_path / "st"
     result = cli("export", "--model", "espnet-st-small", "--plan", str(PRESETS / "best_plan.toml"),
-                 "--out", str(out), "--json", "-q")
+                 "--form", "csr", "--out", str(out), "--json", "-q")
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
     assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", "st_config.json", "weights.safetensors"}
     assert set(manifest["onnx_parity_max_abs_error"]) == {"encoder_out", "decoder_logp"}
     assert max(manifest["onnx_parity_max_abs_error"].values()) <= 1e-4 and manifest["flops"] is None
+    # csr stores the 0.9-pruned subsampling convolutions sparse, in the files the parity check ran on
+    sparse = manifest["onnx_sparse_initializers"]
+    assert sparse and {key.split(":")[0] for key in sparse} <= {"encoder.onnx", "decoder.onnx"}
+    assert any(key.startswith("encoder.onnx:model.embed.conv") for key in sparse)
     bad = cli("export", "--model", "espnet-st-small", "--form", "dense-shrunk", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "supports forms dense, csr, not 'dense-shrunk'" in bad.stderr
