@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from deploykit.espnet import OrtSpeechTranslator, bleu, token_list
+from deploykit.espnet import token_list
+from deploykit.st_decode import OrtSpeechTranslator, bleu
 from deploykit.export import export_artifact
 from deploykit.fsutil import write_text_atomic
 from deploykit.measure import measure

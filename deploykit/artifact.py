@@ -1,6 +1,6 @@
 """The exported artifact: a directory holding weights, `model.onnx` and `manifest.json`.
 
-The manifest records everything needed to rebuild the PyTorch model (model name, form) and to judge
+The manifest records everything needed to rebuild the PyTorch model (model name or source, form) and to judge
 the artifact (pruning plan, per-parameter sparsity, sizes, parity errors, versions). This module does
 not import torch at import time; `load_torch_model` does when called.
 """
@@ -80,6 +80,11 @@ class Manifest:
     created_utc: str
     #: quality of the pruned model from the model spec's evaluator (e.g. accuracy), when it has one
     metrics: dict[str, float] = field(default_factory=dict)
+    #: what running the artifact means: "forward" (one graph) or "speech-translation" (encoder/decoder pair)
+    pipeline: str = "forward"
+    #: how to rebuild the PyTorch model: {"kind": "zoo"} (by model name), or a record naming files in
+    #: the artifact (`deploykit.sources`)
+    source: dict[str, Any] = field(default_factory=lambda: {"kind": "zoo"})
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
@@ -90,6 +95,10 @@ class Manifest:
     @property
     def onnx_parity_error(self) -> float:
         return max(self.onnx_parity_max_abs_error.values(), default=0.0)
+
+
+#: fields added after format version 1 first shipped: older manifests lack them and get the defaults
+OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source")
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -108,7 +117,7 @@ def read_manifest(directory: str | Path) -> Manifest:
     if data.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{str(path)!r}: unsupported format_version {data.get('format_version')!r}")
     names = {f.name for f in dataclasses.fields(Manifest)}
-    missing = sorted(n for n in names - set(data) if n not in ("notes", "metrics"))
+    missing = sorted(n for n in names - set(data) if n not in OPTIONAL_FIELDS)
     unknown = sorted(set(data) - names)
     if missing or unknown:
         raise ArtifactError(f"{str(path)!r}: missing fields {missing}, unknown fields {unknown}")
@@ -122,12 +131,13 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tup
     without, the saved dense module (the reference its runtimes are compared against).
     """
     from .forms import FORMS
-    from .spec import TRACE_BATCH, get_model
+    from .sources import spec_for_artifact
+    from .spec import TRACE_BATCH
     from .storage import load_weights
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    spec = get_model(manifest.model)
+    spec = spec_for_artifact(directory, manifest)
     form = FORMS.get(manifest.form)
     inputs = spec.example_inputs(TRACE_BATCH)
     model = form.restore(spec.make(trained=False), spec, inputs, manifest.form_recipe)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import ONNX_FILE, WEIGHTS_FILE, read_manifest
+from .artifact import WEIGHTS_FILE, read_manifest
 from .errors import UsageError
 from .fsutil import read_text
 from .storage import SEPARATOR, load_weights
@@ -159,7 +159,6 @@ def audit_artifact(directory: str | Path) -> AuditReport:
         numel, nonzero = tensor.numel(), int(tensor.count_nonzero())
         rows.append(LayerRow(name, list(tensor.shape), numel, nonzero, (numel - nonzero) / numel if numel else 0.0,
                              manifest.weight_encodings.get(name, "dense") + codec, sizes.get(name, 0)))
-    onnx_path = directory / ONNX_FILE
     return AuditReport(
         model=manifest.model,
         artifact=str(directory),
@@ -167,7 +166,8 @@ def audit_artifact(directory: str | Path) -> AuditReport:
         parameters=sum(r.numel for r in rows),
         nonzero_parameters=sum(r.nonzero for r in rows),
         weights_bytes=weights_path.stat().st_size,
-        onnx_bytes=onnx_path.stat().st_size if onnx_path.exists() else 0,
+        # every ONNX file the artifact ships: model.onnx, or an encoder/decoder pair
+        onnx_bytes=sum(p.stat().st_size for p in directory.glob("*.onnx")),
     )
 
 

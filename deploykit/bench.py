@@ -3,6 +3,11 @@
 `bench_model` exports (model, plan, form) artifacts with the same `export_artifact` users run, and
 `bench_artifact` measures one artifact under each runtime, batch size and thread count. Every
 measurement runs in its own worker process (`deploykit.worker`) so peak memory is per configuration.
+
+What is fed and what must match depends on the artifact's pipeline (`WORKLOADS`): a one-graph model
+gets its spec's example inputs and is compared output by output with the stripped PyTorch model; a
+speech-translation pair gets 5 s of features, and its encoder output, one decoder step and its
+greedy tokens are compared with the stripped model's.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from .onnx_export import check_parity, max_abs_errors, torch_outputs
 from .prune import PruningPlan
 from .records import BenchRecord
 from .runtime import RUNTIMES
-from .spec import get_model
+from .registry import Registry
+from .sources import resolve_model, spec_for_artifact
 
 Progress = Callable[[str], None]
 
@@ -85,7 +91,7 @@ def bench_model(
     """Export every (plan, form) of `model` to a temporary artifact and benchmark it."""
     from .export import export_artifact
 
-    spec = get_model(model)
+    spec = resolve_model(model)
     for form in forms:
         FORMS.get(form)
     total = len(plans) * len(forms) * len(grid)
@@ -99,6 +105,61 @@ def bench_model(
     return records
 
 
+@dataclass(frozen=True)
+class Workload:
+    """How one pipeline is benchmarked: its inputs, and the reference every runtime must reproduce."""
+
+    #: (artifact directory, manifest, batch, seed) -> input name -> array
+    inputs: Callable[[Path, Manifest, int, int], dict]
+    #: (artifact directory, feeds) -> the stripped PyTorch model's outputs
+    reference: Callable[[Path, dict], list]
+    #: names of those outputs
+    outputs: Callable[[Manifest], Sequence[str]]
+
+
+WORKLOADS: Registry[Workload] = Registry("pipeline")
+
+
+def _forward_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) -> dict:
+    spec = spec_for_artifact(directory, manifest)
+    return {name: t.numpy() for name, t in zip(spec.input_names, spec.example_inputs(batch, seed=seed))}
+
+
+def _forward_reference(directory: Path, feeds: dict) -> list:
+    import torch
+
+    model, manifest = load_torch_model(directory, for_runtime=False)
+    return torch_outputs(model, [torch.from_numpy(feeds[spec["name"]]) for spec in manifest.inputs])
+
+
+def _st_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) -> dict:
+    import numpy as np
+
+    from .st_decode import BENCH_FRAMES, ST_CONFIG_FILE
+
+    if batch != 1:
+        raise UsageError(f"{manifest.model}: speech translation decodes one utterance at a time; use batch 1")
+    width = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))["feats_dim"]
+    feats = np.random.default_rng(seed).standard_normal((1, BENCH_FRAMES, width), dtype=np.float32)
+    return {"feats": feats}
+
+
+def _st_reference(directory: Path, feeds: dict) -> list:
+    from .espnet import reference_outputs
+
+    return reference_outputs(directory, feeds)
+
+
+def _st_outputs(manifest: Manifest) -> Sequence[str]:
+    from .st_decode import ST_BENCH_OUTPUTS
+
+    return ST_BENCH_OUTPUTS
+
+
+WORKLOADS.add("forward", Workload(_forward_inputs, _forward_reference, lambda manifest: manifest.outputs))
+WORKLOADS.add("speech-translation", Workload(_st_inputs, _st_reference, _st_outputs))
+
+
 def bench_artifact(
     directory: str | Path,
     grid: Grid,
@@ -110,35 +171,39 @@ def bench_artifact(
     """Measure one exported artifact under every runtime, batch size and thread count of `grid`."""
     directory = Path(directory).absolute()
     manifest = read_manifest(directory)
-    spec = get_model(manifest.model)
-    reference_model, _ = load_torch_model(directory, for_runtime=False)
+    workload = WORKLOADS.get(manifest.pipeline)
     counter = counter or itertools.count(1)
     total = total or len(grid)
     versions, machine = library_versions(), machine_info()
     records = []
     with tempfile.TemporaryDirectory(prefix="deploykit-worker-") as tmp:
         for batch in grid.batches:
-            inputs = spec.example_inputs(batch, seed=INPUT_SEED)
+            feeds = workload.inputs(directory, manifest, batch, INPUT_SEED)
             inputs_path = Path(tmp) / f"inputs-{batch}.safetensors"
-            _save_numpy({n: t.numpy() for n, t in zip(spec.input_names, inputs)}, inputs_path)
-            reference = torch_outputs(reference_model, inputs)
+            _save_numpy(feeds, inputs_path)
+            reference = workload.reference(directory, feeds)
             for runtime, threads in itertools.product(grid.runtimes, grid.threads):
                 label = (
                     f"[{next(counter)}/{total}] {manifest.model} {_plan_label(manifest)} "
                     f"form={manifest.form} runtime={runtime} batch={batch} threads={threads}"
                 )
                 progress(label)
-                result, outputs = run_worker(directory, runtime, threads, batch, inputs_path, timing, Path(tmp))
-                errors = max_abs_errors(reference, outputs, manifest.outputs)
+                result, outputs = run_worker(directory, manifest.pipeline, runtime, threads, batch, inputs_path,
+                                             timing, Path(tmp))
+                errors = max_abs_errors(reference, outputs, workload.outputs(manifest))
                 check_parity(f"{runtime} vs stripped PyTorch model (batch {batch})", errors, manifest.parity_tolerance)
-                record = _record(manifest, directory, runtime, batch, result, errors, timing, versions, machine)
-                progress(f"    p50 {record.measurement.median_ms:.4f} ms, {len(record.measurement.samples_ns)} samples")
-                records.append(record)
+                for stage, measured in result["stages"].items():
+                    record = _record(manifest, directory, runtime, batch, stage, measured, result, errors, timing,
+                                     versions, machine)
+                    progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
+                             f"{len(record.measurement.samples_ns)} samples")
+                    records.append(record)
     return records
 
 
 def run_worker(
-    directory: Path, runtime: str, threads: int, batch: int, inputs_path: Path, timing: TimingSettings, tmp: Path
+    directory: Path, pipeline: str, runtime: str, threads: int, batch: int, inputs_path: Path, timing: TimingSettings,
+    tmp: Path,
 ) -> tuple[dict, list]:
     """Run `deploykit.worker` in a fresh interpreter; returns its result and the outputs it wrote."""
     from safetensors.numpy import load_file
@@ -147,6 +212,7 @@ def run_worker(
     outputs_path = tmp / "outputs.safetensors"
     request = {
         "artifact": str(directory),
+        "pipeline": pipeline,
         "runtime": runtime,
         "threads": threads,
         "batch_size": batch,
@@ -178,7 +244,7 @@ def _plan_label(manifest: Manifest) -> str:
     return PruningPlan(**manifest.plan).label()
 
 
-def _record(manifest, directory, runtime, batch, result, errors, timing, versions, machine) -> BenchRecord:
+def _record(manifest, directory, runtime, batch, stage, measured, result, errors, timing, versions, machine) -> BenchRecord:
     return BenchRecord(
         model=manifest.model,
         prune=_plan_label(manifest),
@@ -186,14 +252,15 @@ def _record(manifest, directory, runtime, batch, result, errors, timing, version
         overall_sparsity=manifest.overall_sparsity,
         form=manifest.form,
         runtime=runtime,
+        stage=stage,
         runtime_version=result["runtime_version"],
         device=result["device"],
         batch_size=batch,
         threads=result["threads"],
-        measurement=Measurement(tuple(result["samples_ns"]), result["warmup_iters"], batch),
+        measurement=Measurement(tuple(measured["samples_ns"]), measured["warmup_iters"], batch),
         peak_rss_bytes=result["peak_rss_bytes"],
         baseline_rss_bytes=result["baseline_rss_bytes"],
-        disk_bytes=manifest.files[RUNTIMES.get(runtime).artifact_file],
+        disk_bytes=sum(manifest.files[name] for name in result["files"]),
         parameters=manifest.parameters,
         nonzero_parameters=manifest.nonzero_parameters,
         parity_max_abs_error=max(errors.values(), default=0.0),

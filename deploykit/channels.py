@@ -14,19 +14,25 @@ for it through `customized_pruners`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import DeployKitError
+from .hooks import class_path, run_forward
 
 ROOT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
 #: layers that normalise across channels: removing a channel changes every other channel's output
 #: (the mean and variance are taken over one channel fewer), so their groups are never removable exactly
 BLOCKING_TYPES = (nn.LayerNorm, nn.GroupNorm)
+#: attention modules that reshape their projections into heads of a size kept as an attribute (ESPnet's
+#: `d_k`): one channel of a projection cannot go alone, only whole heads could (not supported yet)
+HEAD_SPLIT_CLASSES = ("espnet.nets.pytorch_backend.transformer.attention.MultiHeadedAttention",)
 
 
 class UnsupportedLayerError(DeployKitError):
@@ -57,8 +63,42 @@ def producer_slices(module: nn.Module) -> list[tuple[str, int]] | None:
 
 def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tp.DependencyGraph:
     # torch-pruning traces through autograd, so gradients must be on even for an inference model.
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=tuple(example_inputs), verbose=False)
+    with torch.enable_grad(), _split_glu():
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=tuple(example_inputs), forward_fn=lambda m, inputs: run_forward(m, inputs),
+            verbose=False)
+    _detach_kept_activations(model)
+    return graph
+
+
+@contextlib.contextmanager
+def _split_glu():
+    """Trace GLU as the split it is. `F.glu(x)` is `a * sigmoid(b)` for the two halves of `x`; traced as
+    one opaque op, torch-pruning takes it for elementwise and couples channel i of its output with
+    channel i of its input only (seen on ESPnet's Conformer conv module: pruning then broke the
+    depthwise conv). Computed with `chunk`, the trace shows a split, which torch-pruning maps to
+    channels i and C + i. Same values; only the recorded graph differs."""
+    original = F.glu
+
+    def glu(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        a, b = input.chunk(2, dim=dim)
+        return a * torch.sigmoid(b)
+
+    F.glu = glu
+    try:
+        yield
+    finally:
+        F.glu = original
+
+
+def _detach_kept_activations(model: nn.Module) -> None:
+    """Some modules keep their last activation as an attribute (ESPnet's attention keeps `attn` for
+    plotting). Traced with gradients, those are autograd graph nodes, which pin the graph in memory
+    and make the model impossible to deep-copy; detached, they are plain tensors again."""
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
 
 
 @dataclass(frozen=True)
@@ -109,7 +149,7 @@ class SliceGroup:
 class ChannelGroup(SliceGroup):
     """A torch-pruning group seen as channels: which slices produce each root channel."""
 
-    def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str]):
+    def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str], head_projections=frozenset()):
         super().__init__()
         self.group = group
         self.root_module = group[0].dep.target.module
@@ -120,6 +160,9 @@ class ChannelGroup(SliceGroup):
             module = dep.target.module
             if isinstance(module, BLOCKING_TYPES):
                 self.blocking.append(f"{names.get(module, '?')} ({type(module).__name__})")
+                continue
+            if module in head_projections:
+                self.blocking.append(f"{names.get(module, '?')} (projection into attention heads)")
                 continue
             if not isinstance(module, nn.Module) or not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
@@ -153,6 +196,8 @@ def channel_groups(
 
     names = {module: name for name, module in model.named_modules()}
     ignored = [model.get_submodule(name) for name in keep]
+    heads = frozenset(child for m in model.modules()
+                      if any(class_path(c) in HEAD_SPLIT_CLASSES for c in type(m).__mro__) for child in m.children())
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        yield ChannelGroup(graph, group, names)
+        yield ChannelGroup(graph, group, names, heads)
     yield from block_groups(model, keep, [] if block_history is None else block_history)

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "onnxruntime against PyTorch (max abs error <= --tolerance) and write DIR atomically with "
         "weights.safetensors, model.onnx and manifest.json.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; see `deploykit models`)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; see "
+                   "`deploykit models`), or the path of an ESPnet ST experiment directory or zip")
     p.add_argument("--prune", metavar="METHOD:SPARSITY",
                    help="pruning method and the fraction to zero (of weights; of output channels for the *-structured "
                    f"methods and fpgm), e.g. magnitude:0.9 or l1-structured:0.5 (methods: {', '.join(PRUNERS.names())}; "
@@ -140,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "process (warm-up, then iterations until --min-time and --min-iters), so peak memory is its own.",
     )
     p.add_argument("artifacts", nargs="*", metavar="DIR", help="exported artifact directories to benchmark instead of --model")
-    p.add_argument("--model", help=f"registered model name (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"registered model name (default {DEFAULT_MODEL}), or the path of an ESPnet ST "
+                   "experiment directory or zip")
     p.add_argument("--prune", action="append", metavar="METHOD:S[,S...]",
                    help=f"pruning method and sparsities (repeatable; default {DEFAULT_BENCH_PRUNE})")
     _add_plan_options(p)
@@ -162,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer storage (shape, nonzeros, sparsity, encoding, bytes read from the weights file), "
         "totals, and a verdict against a budget file (TOML, one table per model: max_disk_mb, max_weights_mb, "
         "max_onnx_mb, max_parameters, max_growth with baseline). Exit 0 within budget, 1 over budget, "
-        "2 on bad input. TARGET is an artifact directory, or a model name exported with --prune/--form first.",
+        "2 on bad input. TARGET is an artifact directory, or a model (name or path, as for export --model) "
+        "exported with --prune/--form first.",
     )
-    p.add_argument("target", metavar="TARGET", help="artifact directory or registered model name")
+    p.add_argument("target", metavar="TARGET", help="artifact directory, registered model name or model path")
     p.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
     p.add_argument("--prune", metavar="METHOD:SPARSITY", help="for a model TARGET: pruning before export")
     p.add_argument("--form", default="csr", help="for a model TARGET: form to export (default csr)")
@@ -269,26 +272,24 @@ def cmd_audit(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from .artifact import MANIFEST_FILE
     from .audit import audit_artifact, check_budget, load_budgets
     from .report import audit_table
-    from .spec import MODELS, list_models
+    from .sources import resolve_model
 
     budgets = load_budgets(args.budget) if args.budget else {}
     target = Path(args.target)
     with tempfile.TemporaryDirectory(prefix="deploykit-audit-") as tmp:
-        if target.is_dir():
+        if (target / MANIFEST_FILE).is_file():
             report = audit_artifact(target)
         else:
-            list_models()  # fill the registry so the error below can list the names
-            if args.target not in MODELS:
-                raise UsageError(f"{args.target!r} is neither an artifact directory nor a known model; "
-                                 f"models: {', '.join(MODELS.names())}")
+            spec = resolve_model(args.target)
             from .export import export_artifact
             from .prune import PruningPlan
 
             plan = PruningPlan.parse(args.prune) if args.prune else PruningPlan()
             directory = Path(tmp) / "artifact"
-            export_artifact(args.target, plan, args.form, directory, progress=_progress(args))
+            export_artifact(spec, plan, args.form, directory, progress=_progress(args))
             report = dataclasses.replace(audit_artifact(directory),
                                          artifact=f"{args.target} exported as {args.form}, {plan.label()}")
     if args.budget:

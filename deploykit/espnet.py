@@ -30,11 +30,13 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, UsageError
+from .fsutil import read_text
+from .hooks import TRACE_FORWARDS
 from .onnx_export import DEFAULT_OPSET, ONNX_TOLERANCE, check_parity, export_onnx, max_abs_errors, sparsify_initializers
+from .st_decode import ST_CONFIG_FILE, OrtSTDecoder, STSession, translate
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
-ST_CONFIG_FILE = "st_config.json"
 #: the longest feature / token sequence the exported positional tables cover
 MAX_SEQ_LEN = 2048
 
@@ -151,6 +153,9 @@ def load_st_experiment(path: str | Path, workdir: str | Path) -> tuple[nn.Module
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"cannot read {str(config_path)!r}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{str(config_path)!r} is not an ESPnet config (not a mapping)")
+    config = _with_local_files(config, root)
     model = build_st_model(config)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -159,6 +164,32 @@ def load_st_experiment(path: str | Path, workdir: str | Path) -> tuple[nn.Module
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ArtifactError(f"cannot load {str(weights)!r} into the model of {str(config_path)!r}: {first}") from None
     return model.eval(), config
+
+
+def _local_file(value: str, root: Path, what: str) -> Path:
+    """A file an experiment's config names by its path in the recipe (espnet_model_zoo's zips keep
+    that layout): found under `root` at that relative path, or by its name if unique there."""
+    relative = Path(value)
+    if not relative.is_absolute() and (root / relative).is_file():
+        return root / relative
+    matches = sorted(p for p in root.rglob(relative.name) if p.is_file())
+    if len(matches) != 1:
+        found = "no file" if not matches else f"{len(matches)} files"
+        raise ArtifactError(f"the config names {what} {value!r}, and the experiment holds {found} of that name")
+    return matches[0]
+
+
+def _with_local_files(config: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The config with its file references (normalisation statistics, token lists) read from the experiment."""
+    config = copy.deepcopy(config)
+    stats = (config.get("normalize_conf") or {}).get("stats_file")
+    if config.get("normalize") == "global_mvn" and isinstance(stats, str):
+        config["normalize_conf"]["stats_file"] = str(_local_file(stats, root, "statistics file"))
+    for key in ("token_list", "src_token_list"):
+        if isinstance(config.get(key), str):
+            text = read_text(_local_file(config[key], root, key), key, ArtifactError)
+            config[key] = [line.split()[0] for line in text.splitlines() if line.strip()]
+    return config
 
 
 def _import_class(path: str):
@@ -176,7 +207,22 @@ def onnx_encoder(model: nn.Module, feats_dim: int) -> nn.Module:
                     for src, dst in CONVERT_MAP.items()]
     config = {"max_seq_len": MAX_SEQ_LEN}
     encoder = replace_modules(replacements, copy.deepcopy(model.encoder), preencoder=None, export_config=config)
-    return DefaultEncoder(encoder, None, feats_dim=feats_dim, **config).eval()
+    wrapped = DefaultEncoder(encoder, None, feats_dim=feats_dim, **config)
+    return _NormalizedEncoder(copy.deepcopy(model.normalize), wrapped).eval()
+
+
+class _NormalizedEncoder(nn.Module):
+    """The model's feature normalisation (global or utterance MVN, if any) in front of the encoder
+    wrapper, so that encoder.onnx takes the frontend's features as they come."""
+
+    def __init__(self, normalize: nn.Module | None, encoder: nn.Module):
+        super().__init__()
+        self.normalize, self.encoder = normalize, encoder
+
+    def forward(self, feats: torch.Tensor):
+        if self.normalize is not None:
+            feats, _ = self.normalize(feats, None)  # no lengths: every frame is real (one utterance)
+        return self.encoder(feats)
 
 
 def onnx_decoder(model: nn.Module) -> nn.Module:
@@ -199,6 +245,49 @@ class STExport:
 
 def sos_eos(model: nn.Module) -> int:
     return model.sos  # ESPnet uses one id, the last of the vocabulary, for both
+
+
+def feats_dim(model: nn.Module, config: dict[str, Any]) -> int:
+    """Width of the features the exported encoder takes: the frontend's output, else the config's input size."""
+    if model.frontend is not None:
+        return model.frontend.output_size()
+    if not isinstance(config.get("input_size"), int):
+        raise ArtifactError("an ESPnet config without a frontend must give input_size (the feature width)")
+    return config["input_size"]
+
+
+def encode_features(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+    """Encoder output for a batch of equal-length feature sequences (the frontend's output).
+
+    The frontend (STFT and filterbank, for raw-audio models) is preprocessing, kept out of the
+    exported graph as espnet_onnx does; feature normalisation is part of the model, and of encoder.onnx.
+    """
+    lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
+    if model.normalize is not None:
+        feats, lengths = model.normalize(feats, lengths)
+    return model.encoder(feats, lengths)[0]
+
+
+#: the token prefix the trace forward teacher-forces through the decoder (ids valid in any vocabulary >= 8)
+TRACE_TOKENS = (3, 5, 7)
+
+
+def trace_forward(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass through every layer of an ST model, for tracing and form parity: features -> encoder
+    output, and the decoder's logits over a fixed token prefix (teacher forcing).
+
+    `ESPnetSTModel.forward` needs speech, text and their lengths and returns a loss, which tells a
+    dependency graph nothing about the deployed layers."""
+    (feats,) = inputs
+    memory = encode_features(model, feats)
+    batch = feats.shape[0]
+    tgt = torch.tensor([[sos_eos(model), *TRACE_TOKENS]] * batch)
+    lengths = torch.full((batch,), memory.shape[1], dtype=torch.long)
+    logits, _ = model.decoder(memory, lengths, tgt, torch.full((batch,), tgt.shape[1], dtype=torch.long))
+    return memory, logits
+
+
+TRACE_FORWARDS.add("espnet2.st.espnet_model.ESPnetSTModel", trace_forward)
 
 
 def export_st(
@@ -248,7 +337,7 @@ def export_st(
     other = torch.randn(1, frames + 37, feats_dim, generator=generator)  # another length: dynamic axis
     session = ort_session(directory / ENCODER_FILE, threads=1)
     with torch.no_grad():
-        reference = model.encode(other, torch.tensor([other.shape[1]]))[0].numpy()
+        reference = encode_features(model, other).numpy()
     encoder_error = max_abs_errors([reference], session.run(["encoder_out"], {"feats": other.numpy()}),
                                    ["encoder_out"])
     check_parity("encoder onnxruntime vs PyTorch", encoder_error, tolerance)
@@ -266,10 +355,26 @@ def export_st(
     config = {
         "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "feats_dim": feats_dim, "decoder_layers": layers,
         "decoder_size": size, "sos": sos_eos(model), "eos": sos_eos(model), "vocab_size": model.vocab_size,
-        "max_seq_len": MAX_SEQ_LEN, "opset": opset,
+        "max_seq_len": MAX_SEQ_LEN, "opset": opset, "normalization_in_encoder": model.normalize is not None,
+        "frontend": _frontend_description(model),
     }
     (directory / ST_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return STExport(config, encoder_error["encoder_out"], decoder_error["logp"], sparse_initializers)
+
+
+def _frontend_description(model: nn.Module) -> dict[str, Any] | None:
+    """How the model turns audio into the encoder's features: users compute them the same way."""
+    frontend = model.frontend
+    if frontend is None:
+        return None
+    description: dict[str, Any] = {"class": type(frontend).__name__, "output_size": frontend.output_size()}
+    for part in ("stft", "logmel"):
+        module = getattr(frontend, part, None)
+        if module is not None:
+            description[part] = module.extra_repr()
+    if getattr(frontend, "fs", None) is not None:
+        description["fs"] = frontend.fs
+    return description
 
 
 def torch_step(model: nn.Module, prefix: Sequence[int], memory: torch.Tensor, cache):
@@ -280,26 +385,6 @@ def torch_step(model: nn.Module, prefix: Sequence[int], memory: torch.Tensor, ca
     mask = subsequent_mask(len(prefix)).unsqueeze(0)
     logp, cache = model.decoder.forward_one_step(tgt, mask, memory, cache=cache)
     return logp[0], cache
-
-
-class OrtSTDecoder:
-    """The exported decoder under ONNX Runtime, with espnet_onnx's cache convention: each layer's
-    cache starts as zeros of one dummy position, and the model hands back the caches to feed next."""
-
-    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1):
-        from .runtime import ort_session
-
-        self.session = ort_session(path, threads, spinning=False)  # it takes turns with the encoder
-        self.layers, self.size = layers, size
-
-    def initial_cache(self) -> list[np.ndarray]:
-        return [np.zeros((1, 1, self.size), dtype=np.float32) for _ in range(self.layers)]
-
-    def step(self, tokens: np.ndarray, memory: np.ndarray, cache: list[np.ndarray]):
-        feeds = {"tgt": tokens.astype(np.int64), "memory": memory,
-                 **{f"cache_{i}": c for i, c in enumerate(cache)}}
-        logp, *cache = self.session.run(None, feeds)
-        return logp[0], cache
 
 
 class TorchStepper:
@@ -317,88 +402,42 @@ class TorchStepper:
         return logp.numpy(), state
 
 
-class OrtStepper:
-    """The same from the exported decoder under ONNX Runtime."""
+class TorchTranslator:
+    """The PyTorch model behind the translator interface of `deploykit.st_decode`."""
 
-    def __init__(self, decoder: OrtSTDecoder, memory: np.ndarray):
-        self.decoder, self.memory = decoder, memory
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sos = self.eos = sos_eos(model)
+        self.vocab_size = model.vocab_size
 
-    def start(self):
-        return self.decoder.initial_cache()
+    def encode(self, feats) -> torch.Tensor:
+        with torch.no_grad():
+            return encode_features(self.model, torch.as_tensor(feats))
 
-    def step(self, tokens: list[int], state):
-        return self.decoder.step(np.array([tokens]), self.memory, state)
-
-
-def decode(stepper, sos: int, eos: int, max_tokens: int, beam: int = 1) -> list[int]:
-    """Greedy (beam 1) or beam search over any stepper; returns the tokens after <sos>.
-
-    One algorithm for both runtimes, so that their token sequences can be compared exactly. Beam
-    search keeps the `beam` best partial hypotheses by summed log-probability, sets aside those that
-    end with <eos>, and stops when `beam` have ended or after `max_tokens`; the best ended hypothesis
-    wins (the best unfinished one if none ended).
-    """
-    if beam < 1 or max_tokens < 1:
-        raise UsageError("beam and max_tokens must be >= 1")
-    beams = [(0.0, [sos], stepper.start())]
-    finished: list[tuple[float, list[int]]] = []
-    for _ in range(max_tokens):
-        candidates = []
-        for score, tokens, state in beams:
-            logp, new_state = stepper.step(tokens, state)
-            for token in np.argsort(-logp, kind="stable")[:beam]:
-                candidates.append((score + float(logp[token]), tokens + [int(token)], new_state))
-        candidates.sort(key=lambda c: -c[0])  # stable: ties keep their order on both runtimes
-        beams = []
-        for score, tokens, state in candidates[:beam]:
-            if tokens[-1] == eos:
-                finished.append((score, tokens))
-            else:
-                beams.append((score, tokens, state))
-        if not beams or len(finished) >= beam:
-            break
-    best = max(finished or [(score, tokens) for score, tokens, _ in beams], key=lambda c: c[0])
-    return best[1][1:]
+    def stepper(self, memory: torch.Tensor) -> TorchStepper:
+        return TorchStepper(self.model, memory)
 
 
 def decode_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int, beam: int = 1) -> list[int]:
     """Decoding with the PyTorch model: the reference the ONNX decoder must reproduce."""
-    with torch.no_grad():
-        memory = model.encode(feats, torch.tensor([feats.shape[1]]))[0]
-    return decode(TorchStepper(model, memory), sos_eos(model), sos_eos(model), max_tokens, beam)
+    return translate(TorchTranslator(model), feats, max_tokens, beam)
 
 
-class OrtSpeechTranslator:
-    """An exported encoder/decoder pair loaded once into ONNX Runtime sessions (no torch needed)."""
+def load_torch_session(directory: str | Path, threads: int) -> STSession:
+    """The benchmark session of an exported ST artifact under PyTorch (its form's execution module)."""
+    from .artifact import WEIGHTS_FILE, load_torch_model
+    from .runtime import RuntimeInfo
 
-    def __init__(self, directory: str | Path, threads: int = 1):
-        from .runtime import ort_session
-
-        directory = Path(directory)
-        self.config = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))
-        self.encoder = ort_session(directory / self.config["encoder"], threads, spinning=False)
-        self.decoder = OrtSTDecoder(directory / self.config["decoder"], self.config["decoder_layers"],
-                                    self.config["decoder_size"], threads)
-
-    def encode(self, feats: np.ndarray) -> np.ndarray:
-        return self.encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
-
-    def decode(self, feats: np.ndarray, max_tokens: int, beam: int = 1) -> list[int]:
-        stepper = OrtStepper(self.decoder, self.encode(feats))
-        return decode(stepper, self.config["sos"], self.config["eos"], max_tokens, beam)
+    torch.set_num_threads(threads)
+    model, _ = load_torch_model(directory)
+    return STSession(TorchTranslator(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 
-def decode_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, beam: int = 1, threads: int = 1) -> list[int]:
-    """Load an exported pair and decode one utterance (see `OrtSpeechTranslator` to decode many)."""
-    return OrtSpeechTranslator(directory, threads).decode(feats, max_tokens, beam)
+def reference_outputs(directory: str | Path, feeds) -> list[np.ndarray]:
+    """What every runtime's ST session must reproduce: the stripped PyTorch model's outputs."""
+    from .artifact import load_torch_model
+    from .runtime import RuntimeInfo
 
-
-def bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU (4-gram, uniform weights, as the study used), 0..100, by NLTK's implementation."""
-    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-
-    if len(hypotheses) != len(references):
-        raise UsageError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    score = corpus_bleu([[list(r)] for r in references], [list(h) for h in hypotheses],
-                        smoothing_function=SmoothingFunction().method1)
-    return 100.0 * score
+    model, _ = load_torch_model(directory, for_runtime=False)
+    info = RuntimeInfo("torch", torch.__version__, torch.get_num_threads(), "cpu")
+    return STSession(TorchTranslator(model), info, []).run(feeds)

@@ -32,7 +32,8 @@ from .onnx_export import (
 from .prune import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
 from .runtime import ort_session
 from .sparsity import SparsityTable, sparsity_table
-from .spec import TRACE_BATCH, ModelSpec, get_model
+from .sources import resolve_model
+from .spec import TRACE_BATCH, ModelSpec
 from .storage import CODECS, save_weights
 from .summary import count_flops, count_parameters, module_shapes, shape_changes
 
@@ -75,7 +76,7 @@ def export_artifact(
     compresses the weights file losslessly. `kernel_batch` is the batch size csr measures its
     per-layer kernel choice at.
     """
-    spec = get_model(model) if isinstance(model, str) else model
+    spec = resolve_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
     if spec.forms is not None and form not in spec.forms:
         raise UsageError(f"model {spec.name!r} supports forms {', '.join(spec.forms)}, not {form!r}")
@@ -100,12 +101,9 @@ def export_artifact(
     strip_masks(net)
     metrics = spec.evaluate(net) if spec.evaluate else {}
 
-    if spec.export is None:
-        step = _convert_single_graph(spec, net, form_entry, trace_inputs, parity_inputs,
-                                     {"keep": list(spec.output_layers) or detect_output_layers(net, trace_inputs),
-                                      "best_effort": best_effort, "kernel_batch": kernel_batch}, progress)
-    else:  # encoder/decoder pairs and the like: stored as they are, exported by the spec itself
-        step = _Converted(Converted(net), [], {}, None, None, None)
+    options = {"keep": list(spec.output_layers) or detect_output_layers(net, trace_inputs),
+               "best_effort": best_effort, "kernel_batch": kernel_batch}
+    step = _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progress)
     saved = step.converted.module.eval()
     parameters, nonzero = count_parameters(saved)
 
@@ -115,8 +113,9 @@ def export_artifact(
             onnx_errors, sparse_initializers = _export_single_graph(
                 spec, saved, tmp, trace_inputs, parity_inputs, step.reference, opset, tolerance,
                 form_entry.sparse_onnx, progress)
-        else:  # the spec's exporter sparsifies (if asked) before it checks parity
+        else:  # encoder/decoder pairs: the spec's exporter sparsifies (if asked) before it checks parity
             onnx_errors, sparse_initializers = spec.export(saved, tmp, opset, tolerance, form_entry.sparse_onnx)
+        source = spec.bundle(tmp) if spec.bundle is not None else {"kind": "zoo"}
 
         progress("writing weights")
         encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding, compression)
@@ -152,6 +151,8 @@ def export_artifact(
             versions=library_versions(),
             created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             metrics=metrics,
+            pipeline=spec.pipeline,
+            source=source,
             notes=_form_notes(form),
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
@@ -172,18 +173,23 @@ class _Converted:
     shape_changes: dict = dataclasses.field(default_factory=dict)
 
 
-def _convert_single_graph(spec, net, form_entry, trace_inputs, parity_inputs, options, progress) -> _Converted:
-    """Convert a one-forward-pass model to the form and check the PyTorch side against the stripped model."""
+def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progress) -> _Converted:
+    """Convert the stripped model to the form and check the PyTorch side against it.
+
+    FLOPs are counted for one-graph models only: an encoder/decoder pair's cost depends on how many
+    tokens it decodes, which no single traced pass says.
+    """
     one_item = spec.example_inputs(1, seed=0)
     reference = torch_outputs(net, parity_inputs)
-    shapes_before, flops_before = module_shapes(net), count_flops(net, one_item)
+    flops = (lambda module: count_flops(module, one_item)) if spec.pipeline == "forward" else (lambda module: None)
+    shapes_before, flops_before = module_shapes(net), flops(net)
     progress(f"converting to form {form_entry.name!r}")
     converted = form_entry.convert(net, spec, trace_inputs, options)
     saved = converted.module.eval()
     runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), trace_inputs, converted.recipe)
     form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
     check_parity(f"form {form_entry.name!r} vs stripped model", form_errors, FORM_TOLERANCE)
-    return _Converted(converted, swapped, form_errors, reference, flops_before, count_flops(saved, one_item),
+    return _Converted(converted, swapped, form_errors, reference, flops_before, flops(saved),
                       shape_changes(shapes_before, module_shapes(saved)))
 
 

@@ -94,8 +94,10 @@ def sparsify_initializers(path: str | Path) -> dict[str, int]:
 
 
 def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    from .hooks import run_forward
+
     with torch.inference_mode():
-        outputs = model(*inputs)
+        outputs = run_forward(model, inputs)
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     return [out.detach().cpu().numpy() for out in outputs]
 

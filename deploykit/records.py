@@ -23,6 +23,8 @@ class BenchRecord:
     overall_sparsity: float
     form: str
     runtime: str
+    #: what was timed: "forward" (one call), or a stage of a pipeline ("encoder", "decoder-step", "greedy")
+    stage: str
     runtime_version: str
     device: str
     batch_size: int
@@ -32,7 +34,7 @@ class BenchRecord:
     peak_rss_bytes: int
     #: resident memory of that process after importing the runtime, before loading the model
     baseline_rss_bytes: int
-    #: size of the file this runtime loads (weights for torch, model.onnx for onnxruntime)
+    #: size of the files this runtime loads (weights for torch, the ONNX files for onnxruntime)
     disk_bytes: int
     parameters: int
     nonzero_parameters: int

@@ -38,17 +38,20 @@ BENCH_HEADERS = [
 
 
 def bench_table(records: Sequence[BenchRecord]) -> str:
+    """One row per record; a "stage" column when some artifact is timed in stages (encoder, decoder step...)."""
+    staged = any(r.stage != "forward" for r in records)
     rows = []
     for r in records:
         m = r.measurement
         rows.append([
-            r.model, r.form, f"{r.sparsity:g}", r.runtime, r.batch_size, r.threads,
+            r.model, r.form, f"{r.sparsity:g}", r.runtime, *([r.stage] if staged else []), r.batch_size, r.threads,
             f"{m.percentile_ms(50):.4f}", f"{m.percentile_ms(90):.4f}", f"{m.percentile_ms(99):.4f}",
             f"{m.throughput_items_per_s:,.0f}", f"{r.peak_rss_bytes / MB:.1f}", f"{r.disk_bytes / MB:.3f}",
             f"{r.parameters:,}", f"{r.nonzero_parameters:,}", f"{r.parity_max_abs_error:.1e}",
         ])
-    table = tabulate(rows, headers=BENCH_HEADERS, disable_numparse=True,
-                     colalign=("left", "left", "right", "left") + ("right",) * 11)
+    headers = BENCH_HEADERS[:4] + (["stage"] if staged else []) + BENCH_HEADERS[4:]
+    table = tabulate(rows, headers=headers, disable_numparse=True,
+                     colalign=("left", "left", "right", "left") + (("left",) if staged else ()) + ("right",) * 11)
     if any(r.form == "csr" and r.runtime == "onnxruntime" for r in records):
         table += ("\nnote: onnxruntime densifies sparse initializers when it loads a model: its csr rows run "
                   "dense kernels (the file is smaller, the time is dense time)")
@@ -63,7 +66,7 @@ def audit_table(report) -> str:
     text = tabulate(rows, headers=["parameter", "shape", "numel", "nnz", "sparsity", "storage", "bytes"],
                     colalign=("left", "left", "right", "right", "right", "left", "right"))
     text += (f"\n\n{report.model} at {report.artifact}: weights {report.weights_bytes / MB:.3f} MB, "
-             f"model.onnx {report.onnx_bytes / MB:.3f} MB, disk {report.disk_bytes / MB:.3f} MB")
+             f"ONNX {report.onnx_bytes / MB:.3f} MB, disk {report.disk_bytes / MB:.3f} MB")
     if report.checks:
         text += "\n\n" + tabulate(
             [[c.name, f"{c.actual:,.4g}", f"{c.limit:,.4g}", "ok" if c.ok else "OVER"] for c in report.checks],

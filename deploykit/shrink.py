@@ -47,7 +47,7 @@ def shrink(
     skipped: list[str] = []
     blocks: list[list] = []
     for group in channel_groups(graph, model, keep=keep, block_history=blocks):
-        if group.blocking:  # normalised across channels: removal would change the outputs
+        if group.blocking:  # normalised across channels or split into heads: removal would change the outputs
             continue
         dead = group.dead_channels()
         if not dead:

@@ -92,6 +92,13 @@ class ModelSpec:
     export: "Callable[[nn.Module, Path, int, float, bool], tuple[dict[str, float], dict[str, int]]] | None" = None
     #: the forms this model supports; None means all
     forms: tuple[str, ...] | None = None
+    #: what running the exported artifact means (see `deploykit.runtime`): "forward" (one graph, one
+    #: call) or "speech-translation" (an encoder/decoder pair, decoded token by token)
+    pipeline: str = "forward"
+    #: for models that are not in the zoo: writes what rebuilding the model needs into an artifact
+    #: directory and returns the manifest's `source` record (see `deploykit.sources`); None for zoo
+    #: models, which are rebuilt by name
+    bundle: "Callable[[Path], dict] | None" = None
 
     def make(self, trained: bool = True) -> "nn.Module":
         """Build the model with its fixed seed, in eval mode; trained (from the cache) if it trains.
@@ -187,6 +194,7 @@ def register_model(
     evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None,
     export: "Callable[[nn.Module, Path, int, float, bool], tuple[dict[str, float], dict[str, int]]] | None" = None,
     forms: Sequence[str] | None = None,
+    pipeline: str = "forward",
 ) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
     """Decorator registering a zero-argument model builder under `name`."""
 
@@ -207,6 +215,7 @@ def register_model(
                 evaluate=evaluate,
                 export=export,
                 forms=tuple(forms) if forms is not None else None,
+                pipeline=pipeline,
             ),
         )
         return build

@@ -48,7 +48,8 @@ class StructuredPruner:
     def apply(self, ctx: PruneContext) -> Outcome:
         graph = dependency_graph(ctx.model, ctx.example_inputs)
         groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded) if g.root_name in ctx.targets]
-        # Channels feeding a LayerNorm cannot be removed exactly, so masking them would buy nothing.
+        # Channels feeding a LayerNorm or split into attention heads cannot be removed exactly, so
+        # masking them would buy nothing.
         not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
         groups = [g for g in groups if not g.blocking]
         for group in groups:
@@ -62,7 +63,8 @@ class StructuredPruner:
             raise UsageError(
                 "structured pruning found no removable channel group among the selected layers"
                 + (f"; no torch-pruning group for: {', '.join(ungrouped)}" if ungrouped else "")
-                + (f"; normalised across channels: {', '.join(not_removable)}" if not_removable else "")
+                + (f"; not removable (normalised across channels, or split into heads): {', '.join(not_removable)}"
+                   if not_removable else "")
             )
         chosen = self._choose(ctx, groups)
         masks = defaultdict(dict)

@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .hooks import run_forward
+
 
 def _conv(m: nn.modules.conv._ConvNd) -> str:
     kernel = "x".join(map(str, m.kernel_size))
@@ -65,7 +67,7 @@ def count_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
 
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(*inputs)
+        run_forward(model, inputs)
     return int(counter.get_total_flops())
 
 

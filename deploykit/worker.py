@@ -3,7 +3,8 @@
 A fresh process per configuration keeps one configuration's memory (and allocator state, and thread
 pools) out of the next one's figures. The worker imports only what its runtime needs: an onnxruntime
 worker never imports torch. It reads inputs from a safetensors file, writes the outputs of one call to
-another, and prints a JSON result on stdout.
+another, measures each of the session's stages in turn (one for a plain model; encoder, decoder step
+and greedy decoding for a speech-translation pair), and prints a JSON result on stdout.
 """
 
 from __future__ import annotations
@@ -29,21 +30,19 @@ def main(argv: list[str]) -> int:
         importlib.import_module(module)
     baseline = _current_rss_bytes()
     start = time.perf_counter()
-    session = runtime.load(Path(request["artifact"]), request["threads"])
+    session = runtime.load(request["pipeline"], Path(request["artifact"]), request["threads"])
     load_s = time.perf_counter() - start
     outputs = session.run(feeds)
     save_file({f"output_{i}": out for i, out in enumerate(outputs)}, request["outputs"])
-    measurement = measure(
-        session.prepare(feeds),
-        batch_size=request["batch_size"],
-        warmup_s=request["warmup_s"],
-        min_time_s=request["min_time_s"],
-        min_iters=request["min_iters"],
-        max_iters=request["max_iters"],
-    )
+    stages = {}
+    for stage, call in session.stages(feeds).items():
+        measurement = measure(call, batch_size=request["batch_size"], warmup_s=request["warmup_s"],
+                              min_time_s=request["min_time_s"], min_iters=request["min_iters"],
+                              max_iters=request["max_iters"])
+        stages[stage] = {"samples_ns": list(measurement.samples_ns), "warmup_iters": measurement.warmup_iters}
     result = {
-        "samples_ns": list(measurement.samples_ns),
-        "warmup_iters": measurement.warmup_iters,
+        "stages": stages,
+        "files": list(session.files),
         "peak_rss_bytes": peak_rss_bytes(),
         "baseline_rss_bytes": baseline,
         "load_s": load_s,

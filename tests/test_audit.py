@@ -94,7 +94,7 @@ def test_tampered_weights_and_unknown_targets_exit_2(cli, artifact, tmp_path):
     result = cli("audit", str(broken))
     assert result.returncode == 2 and "cannot read weights file" in result.stderr
     result = cli("audit", "no-such-thing")
-    assert result.returncode == 2 and "neither an artifact directory nor a known model" in result.stderr
+    assert result.returncode == 2 and "unknown model 'no-such-thing'; known: " in result.stderr
 
 
 def test_audit_a_model_by_name(cli):

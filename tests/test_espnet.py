@@ -11,8 +11,9 @@ import yaml
 pytest.importorskip("espnet2", reason="needs the espnet extra")
 
 from deploykit.errors import ArtifactError  # noqa: E402
-from deploykit.espnet import bleu, build_st_model, decode_onnx, decode_torch, export_st, load_st_experiment  # noqa: E402
+from deploykit.espnet import build_st_model, decode_torch, encode_features, export_st, load_st_experiment  # noqa: E402
 from deploykit.prune import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
+from deploykit.st_decode import bleu, decode_onnx  # noqa: E402
 from deploykit.zoo.espnet_st import MODULE_GROUPS, PRESETS  # noqa: E402
 
 CONFIG = yaml.safe_load((PRESETS / "st_small.yaml").read_text())
@@ -55,11 +56,12 @@ def test_onnxruntime_decoding_gives_pytorchs_tokens(model, exported, frames, bea
 
 
 def test_beam_search_scores_at_least_as_well_as_greedy(model):
-    from deploykit.espnet import TorchStepper, decode
+    from deploykit.espnet import TorchStepper
+    from deploykit.st_decode import decode
 
     feats = torch.randn(1, 200, 80, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        memory = model.encode(feats, torch.tensor([200]))[0]
+        memory = encode_features(model, feats)
     stepper = TorchStepper(model, memory)
 
     def score(tokens):
@@ -174,6 +176,123 @@ def test_cli_exports_the_pair_with_the_preset(cli, tmp_path):
     # csr stores the 0.9-pruned subsampling convolutions sparse, in the files the parity check ran on
     sparse = manifest["onnx_sparse_initializers"]
     assert sparse and {key.split(":")[0] for key in sparse} <= {"encoder.onnx", "decoder.onnx"}
-    assert any(key.startswith("encoder.onnx:model.embed.conv") for key in sparse)
-    bad = cli("export", "--model", "espnet-st-small", "--form", "dense-shrunk", "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and "supports forms dense, csr, not 'dense-shrunk'" in bad.stderr
+    assert any(key.startswith("encoder.onnx:encoder.model.embed.conv") for key in sparse)
+
+
+# -- dense-shrunk, real experiments on the command line, bench ------------------------------------
+
+SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv_module.*=0.5",
+                "decoder.decoders.*.feed_forward.*=0.5", "*=0")
+
+
+def test_dense_shrunk_removes_feed_forward_and_conv_module_channels(tmp_path):
+    from deploykit.artifact import load_torch_model, read_manifest
+    from deploykit.export import export_artifact
+    from deploykit.prune import parse_rule
+
+    plan = PruningPlan("l1-structured", 0.5, rules=tuple(parse_rule(r) for r in SHRINK_RULES))
+    result = export_artifact("espnet-st-small", plan, "dense-shrunk", tmp_path / "st")
+    m = result.manifest
+    assert m.pipeline == "speech-translation" and max(m.onnx_parity_max_abs_error.values()) <= 1e-4
+    assert max(m.form_parity_max_abs_error.values()) <= 1e-5
+    model, _ = load_torch_model(tmp_path / "st", for_runtime=False)
+    for block in model.encoder.encoders:
+        conv = block.conv_module
+        # GLU halves pointwise_conv1's output: it must keep exactly twice the depthwise channels
+        assert conv.pointwise_conv1.out_channels == 2 * conv.depthwise_conv.in_channels < 128
+        assert conv.depthwise_conv.groups == conv.depthwise_conv.out_channels == conv.norm.num_features
+        assert block.feed_forward.w_1.out_features == block.feed_forward.w_2.in_features < 128
+        assert block.self_attn.linear_v.out_features == 64  # heads: never cut channel by channel
+    assert m.parameters < m.parameters_before_conversion == 361_024
+    assert sum(p.numel() for p in model.parameters()) == m.parameters
+    assert read_manifest(tmp_path / "st").shape_changes
+
+
+def test_structured_pruning_of_attention_alone_says_why_nothing_is_removable():
+    from deploykit.errors import UsageError
+    from deploykit.prune import parse_rule
+
+    torch.manual_seed(0)
+    model = build_st_model(CONFIG)
+    plan = PruningPlan("l1-structured", 0.5, rules=(parse_rule("encoder.encoders.*.self_attn.*=0.5"), parse_rule("*=0")))
+    inputs = (torch.randn(2, 200, 80),)
+    with pytest.raises(UsageError, match="split into heads"):
+        prune_model(model, plan, inputs, output_layers=["decoder.output_layer"])
+
+
+def _pack_raw_audio_experiment(tmp_path):
+    """An experiment as ESPnet writes it: a raw-audio frontend, global MVN whose statistics file the
+    config names by its path in the recipe, the trained weights as valid.acc.ave.pth."""
+    import numpy as np
+
+    root = tmp_path / "recipe"
+    stats = root / "exp" / "st_stats_raw" / "train" / "feats_stats.npz"
+    stats.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=20)
+    np.savez(stats, count=np.array(100.0), sum=100 * mean, sum_square=100 * (mean ** 2 + rng.uniform(0.5, 2, 20)))
+    config = {k: v for k, v in CONFIG.items() if k != "input_size"}
+    config.update(frontend="default", frontend_conf={"n_fft": 128, "hop_length": 32, "n_mels": 20, "fs": 8000},
+                  normalize="global_mvn", normalize_conf={"stats_file": "exp/st_stats_raw/train/feats_stats.npz"})
+    torch.manual_seed(1)
+    model = build_st_model({**config, "normalize_conf": {"stats_file": str(stats)}})
+    experiment = root / "exp" / "st_train"
+    experiment.mkdir()
+    (experiment / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.save(model.state_dict(), experiment / "valid.acc.ave.pth")
+    archive = tmp_path / "st_model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in root.rglob("*"):
+            if path.is_file():
+                zf.write(path, path.relative_to(root))
+    return model, archive
+
+
+def test_cli_exports_and_benches_a_real_experiment_zip(cli, tmp_path):
+    import numpy as np
+
+    from deploykit.st_decode import decode_onnx
+
+    model, archive = _pack_raw_audio_experiment(tmp_path)
+    out = tmp_path / "artifact"
+    result = cli("export", "--model", str(archive), "--prune", "magnitude:0.5", "--form", "csr", "--out", str(out),
+                 "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["model"] == "st_model" and manifest["source"]["kind"] == "espnet-experiment"
+    assert {"espnet_config.yaml", "feats_stats.npz"} <= set(manifest["files"])
+    config = json.loads((out / "st_config.json").read_text())
+    assert config["feats_dim"] == 20 and config["normalization_in_encoder"] is True
+    assert config["frontend"]["class"] == "DefaultFrontend"
+    # the exported encoder normalises: its output is the PyTorch model's on the same filterbank features
+    feats = torch.randn(1, 120, 20, generator=torch.Generator().manual_seed(5))
+    from deploykit.st_decode import OrtSpeechTranslator
+
+    with torch.no_grad():
+        unnormalised = model.encoder(feats, torch.tensor([120]))[0].numpy()
+    encoded = OrtSpeechTranslator(out).encode(feats.numpy())
+    assert np.abs(encoded - unnormalised).max() > 1e-2
+    assert decode_onnx(out, feats.numpy(), max_tokens=5)  # it decodes
+
+    bench = cli("bench", str(out), "--min-time", "0", "--min-iters", "2", "--warmup", "0", "--json", "-q")
+    assert bench.returncode == 0, bench.stderr
+    records = json.loads(bench.stdout)
+    assert {(r["runtime"], r["stage"]) for r in records} == {
+        (runtime, stage) for runtime in ("torch", "onnxruntime") for stage in ("encoder", "decoder-step", "greedy")}
+    for r in records:
+        assert r["parity_max_abs_error"] <= 1e-4  # greedy tokens included: one differing token would be >= 1
+        expected = ["weights.safetensors"] if r["runtime"] == "torch" else ["encoder.onnx", "decoder.onnx"]
+        assert r["disk_bytes"] == sum(manifest["files"][name] for name in expected)
+    batch = cli("bench", str(out), "--batch", "2", "-q")
+    assert batch.returncode == 2 and "one utterance at a time; use batch 1" in batch.stderr
+
+
+def test_experiment_missing_its_statistics_file_is_refused(tmp_path):
+    _, archive = _pack_raw_audio_experiment(tmp_path)
+    stripped = tmp_path / "stripped.zip"
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(stripped, "w") as dst:
+        for info in src.infolist():
+            if not info.filename.endswith(".npz"):
+                dst.writestr(info, src.read(info))
+    with pytest.raises(ArtifactError, match="statistics file 'exp/st_stats_raw/train/feats_stats.npz'.*no file"):
+        load_st_experiment(stripped, tmp_path / "w")
