@@ -29,6 +29,7 @@ from .errors import MeasurementError, UsageError
 from .forms import FORMS
 from .measure import Measurement
 from .onnx_export import check_parity, max_abs_errors, torch_outputs
+from .profiles import current_profile
 from .prune import PruningPlan
 from .records import BenchRecord
 from .runtime import RUNTIMES
@@ -87,8 +88,13 @@ def bench_model(
     grid: Grid,
     timing: TimingSettings = TimingSettings(),
     progress: Progress = lambda message: None,
+    sink: list[BenchRecord] | None = None,
 ) -> list[BenchRecord]:
-    """Export every (plan, form) of `model` to a temporary artifact and benchmark it."""
+    """Export every (plan, form) of `model` to a temporary artifact and benchmark it.
+
+    Records are appended to `sink` (and returned) as they are measured, so a caller interrupted
+    midway still holds what was measured.
+    """
     from .export import export_artifact
 
     spec = resolve_model(model)
@@ -96,12 +102,12 @@ def bench_model(
         FORMS.get(form)
     total = len(plans) * len(forms) * len(grid)
     counter = itertools.count(1)
-    records: list[BenchRecord] = []
+    records: list[BenchRecord] = [] if sink is None else sink
     with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
         for i, (plan, form) in enumerate(itertools.product(plans, forms)):
             progress(f"exporting {spec.name} {plan.label()} form={form}")
             result = export_artifact(spec, plan, form, Path(tmp) / f"artifact-{i}")
-            records += bench_artifact(result.directory, grid, timing, progress, counter, total)
+            bench_artifact(result.directory, grid, timing, progress, counter, total, sink=records)
     return records
 
 
@@ -167,15 +173,20 @@ def bench_artifact(
     progress: Progress = lambda message: None,
     counter: "itertools.count[int] | None" = None,
     total: int | None = None,
+    sink: list[BenchRecord] | None = None,
 ) -> list[BenchRecord]:
-    """Measure one exported artifact under every runtime, batch size and thread count of `grid`."""
+    """Measure one exported artifact under every runtime, batch size and thread count of `grid`.
+
+    Records are appended to `sink` (and returned) as they are measured.
+    """
     directory = Path(directory).absolute()
     manifest = read_manifest(directory)
     workload = WORKLOADS.get(manifest.pipeline)
     counter = counter or itertools.count(1)
     total = total or len(grid)
-    versions, machine = library_versions(), machine_info()
-    records = []
+    # conditions recorded with every row: software, machine, and the hardware profile it matches
+    context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
+    records: list[BenchRecord] = [] if sink is None else sink
     with tempfile.TemporaryDirectory(prefix="deploykit-worker-") as tmp:
         for batch in grid.batches:
             feeds = workload.inputs(directory, manifest, batch, INPUT_SEED)
@@ -194,10 +205,10 @@ def bench_artifact(
                 check_parity(f"{runtime} vs stripped PyTorch model (batch {batch})", errors, manifest.parity_tolerance)
                 for stage, measured in result["stages"].items():
                     record = _record(manifest, directory, runtime, batch, stage, measured, result, errors, timing,
-                                     versions, machine)
+                                     context)
+                    records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")
-                    records.append(record)
     return records
 
 
@@ -244,7 +255,7 @@ def _plan_label(manifest: Manifest) -> str:
     return PruningPlan(**manifest.plan).label()
 
 
-def _record(manifest, directory, runtime, batch, stage, measured, result, errors, timing, versions, machine) -> BenchRecord:
+def _record(manifest, directory, runtime, batch, stage, measured, result, errors, timing, context) -> BenchRecord:
     return BenchRecord(
         model=manifest.model,
         prune=_plan_label(manifest),
@@ -257,7 +268,8 @@ def _record(manifest, directory, runtime, batch, stage, measured, result, errors
         device=result["device"],
         batch_size=batch,
         threads=result["threads"],
-        measurement=Measurement(tuple(measured["samples_ns"]), measured["warmup_iters"], batch),
+        measurement=Measurement(tuple(measured["samples_ns"]), measured["warmup_iters"], batch,
+                                measured["calls_per_sample"], measured["overhead_ns"], measured["warmup_stable"]),
         peak_rss_bytes=result["peak_rss_bytes"],
         baseline_rss_bytes=result["baseline_rss_bytes"],
         disk_bytes=sum(manifest.files[name] for name in result["files"]),
@@ -267,6 +279,5 @@ def _record(manifest, directory, runtime, batch, stage, measured, result, errors
         load_s=result["load_s"],
         timing=dataclasses.asdict(timing),
         artifact=str(directory),
-        versions=versions,
-        machine=machine,
+        **context,
     )

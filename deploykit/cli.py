@@ -18,6 +18,7 @@ from .spec import DEFAULT_MODEL
 from .storage import CODECS
 
 DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
+REPORT_FORMATS = ("table", "markdown", "csv", "json")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-iters", type=int, default=100, metavar="N", help="minimum timed calls (default 100)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the records as JSON to PATH, or to stdout (instead of the table) when no PATH is given")
+    p.add_argument("--store", metavar="FILE",
+                   help="results store to keep the run in (SQLite; default $DEPLOYKIT_STORE, else "
+                   "~/.local/share/deploykit/results.sqlite); see `deploykit report`")
+    p.add_argument("--no-store", action="store_true", help="do not keep this run in the results store")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_bench)
 
@@ -174,6 +179,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the audit as JSON (usable as a later baseline)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "report", help="render benchmark runs kept in the results store",
+        description="Render a run from the results store (`deploykit bench` keeps every run there) as a terminal "
+        "table, Markdown, CSV or JSON, list the runs, or compare two runs (two machines: select each by profile) "
+        "side by side with ratios.",
+    )
+    p.add_argument("--store", metavar="FILE", help="results store (default $DEPLOYKIT_STORE, else "
+                   "~/.local/share/deploykit/results.sqlite)")
+    p.add_argument("--run", default="last", metavar="RUN",
+                   help="run to render: its id, 'last' (default) or 'profile:NAME' (that profile's last run)")
+    p.add_argument("--compare", metavar="RUN", help="a second run to compare with --run, configuration by configuration")
+    p.add_argument("--list", action="store_true", help="list the runs in the store")
+    p.add_argument("--format", choices=REPORT_FORMATS, default="table", help="output format (default table)")
+    p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("profile", help="hardware profiles: list, show one, or detect this machine",
+                       description="Hardware profiles describe a target machine (CPU, memory, GPU, published peak "
+                       "figures, preferred torch device and onnxruntime providers, thread policy). Shipped profiles "
+                       "live in profiles/; `detect --save` adds this machine's to the user's profile folder "
+                       "($DEPLOYKIT_PROFILES, else ~/.config/deploykit/profiles).")
+    profile_sub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_Parser, required=True)
+    q = profile_sub.add_parser("list", help="the known profiles")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_profile_list)
+    q = profile_sub.add_parser("show", help="one profile, as TOML (or JSON)")
+    q.add_argument("name", metavar="NAME", help="profile name (see `deploykit profile list`)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_profile_show)
+    q = profile_sub.add_parser("detect", help="describe this machine and name the known profile it matches",
+                               description="Describe this machine from py-cpuinfo, psutil, torch and onnxruntime, "
+                               "and say which known profile it matches (none: a new one is printed).")
+    q.add_argument("--save", nargs="?", const="", metavar="PATH",
+                   help="write the detected profile as TOML to PATH (default: the user's profile folder)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_profile_detect)
     return parser
 
 
@@ -240,6 +282,7 @@ def cmd_bench(args) -> int:
     from .env import available_cores
     from .fsutil import write_text_atomic
     from .report import bench_table, records_json
+    from .store import ResultStore, now_utc
 
     if args.artifacts and (args.model or args.prune or args.form or args.plan or args.rule):
         raise UsageError("give either exported DIRs or --model/--prune/--plan/--rule/--form, not both")
@@ -247,15 +290,30 @@ def cmd_bench(args) -> int:
                             max_iters=max(100_000, args.min_iters))
     grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
                 threads=tuple(args.threads or (available_cores(),)))
+    if args.store and args.no_store:
+        raise UsageError("--store and --no-store contradict each other")
+    if not args.no_store:
+        ResultStore(_store_path(args)).check_writable()
     progress = _progress(args)
-    if args.artifacts:
-        records = []
-        for directory in args.artifacts:
-            records += bench_artifact(directory, grid, timing, progress)
-    else:
-        options = _plan_options(args)
-        plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)
-        records = bench_model(args.model or DEFAULT_MODEL, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress)
+    records: list = []
+    started = now_utc()
+    try:
+        if args.artifacts:
+            for directory in args.artifacts:
+                bench_artifact(directory, grid, timing, progress, sink=records)
+        else:
+            options = _plan_options(args)
+            plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)
+            bench_model(args.model or DEFAULT_MODEL, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress,
+                        sink=records)
+    except KeyboardInterrupt:
+        if records and not args.no_store:  # keep what was measured; the run says it is partial
+            run_id = _store_run(args, records, started, "interrupted", timing, grid)
+            progress(f"interrupted: kept {len(records)} records as run {run_id} in {_store_path(args)}")
+        raise
+    if not args.no_store:
+        run_id = _store_run(args, records, started, "complete", timing, grid)
+        progress(f"kept as run {run_id} in {_store_path(args)}")
     if args.json == "-":
         print(records_json(records), end="")
         return 0
@@ -264,6 +322,25 @@ def cmd_bench(args) -> int:
         progress(f"wrote {args.json}")
     print(bench_table(records))
     return 0
+
+
+def _store_path(args):
+    from .store import default_store_path
+
+    return args.store or default_store_path()
+
+
+def _store_run(args, records, started, status, timing, grid) -> int:
+    import dataclasses
+
+    from .store import ResultStore
+
+    first = records[0]
+    conditions = {"versions": first.versions, "machine": first.machine, "timing": dataclasses.asdict(timing),
+                  "grid": dataclasses.asdict(grid)}
+    return ResultStore(_store_path(args)).save_run(
+        records, started_utc=started, status=status, command=" ".join(["deploykit", *sys.argv[1:]]),
+        profile=first.profile, conditions=conditions)
 
 
 def cmd_audit(args) -> int:
@@ -302,6 +379,95 @@ def cmd_audit(args) -> int:
     else:
         print(audit_table(report))
     return 0 if report.within_budget else 1
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from .fsutil import write_text_atomic
+    from .report import bench_csv, bench_table, compare_table, records_json
+    from .store import ResultStore
+
+    store = ResultStore(_store_path(args))
+    if args.list:
+        runs = store.runs()
+        if args.format == "json":
+            text = json.dumps([{k: v for k, v in run.__dict__.items() if k != "records"} for run in runs], indent=2) + "\n"
+        else:
+            from tabulate import tabulate
+
+            text = tabulate([[r.id, r.started_utc, r.status, r.profile, r.git_revision or "", r.command] for r in runs],
+                            headers=["run", "started (UTC)", "status", "profile", "revision", "command"],
+                            tablefmt="github" if args.format == "markdown" else "simple") + "\n"
+    else:
+        run = store.run(args.run)
+        if args.compare:
+            other = store.run(args.compare)
+            if args.format in ("csv", "json"):
+                raise UsageError("--compare renders as table or markdown")
+            text = compare_table(run.records, other.records, f"run {run.id}", f"run {other.id}",
+                                 "github" if args.format == "markdown" else "simple") + "\n"
+        elif args.format == "json":
+            text = records_json(run.records)
+        elif args.format == "csv":
+            text = bench_csv(run.records)
+        else:
+            header = (f"run {run.id} ({run.status}) on {run.profile}, {run.started_utc}, "
+                      f"deploykit {run.git_revision or 'not from a git checkout'}: {run.command}")
+            fmt = "github" if args.format == "markdown" else "simple"
+            text = ("# " if fmt == "github" else "") + header + "\n\n" + bench_table(run.records, fmt) + "\n"
+    if args.out:
+        write_text_atomic(args.out, text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_profile_list(args) -> int:
+    import json
+
+    from .profiles import known_profiles
+
+    profiles = known_profiles()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in profiles.values()], indent=2))
+        return 0
+    width = max(len(name) for name in profiles)
+    for profile in profiles.values():
+        print(f"{profile.name:<{width}}  {profile.description}")
+    return 0
+
+
+def cmd_profile_show(args) -> int:
+    import json
+
+    from .profiles import get_profile, to_toml
+
+    profile = get_profile(args.name)
+    print(json.dumps(profile.to_dict(), indent=2) if args.json else to_toml(profile), end="\n" if args.json else "")
+    return 0
+
+
+def cmd_profile_detect(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .fsutil import write_text_atomic
+    from .profiles import detect_profile, match_profile, to_toml, user_profile_dir
+
+    machine = detect_profile()
+    known = match_profile(machine)
+    if args.save is not None:
+        path = Path(args.save) if args.save else user_profile_dir() / f"{machine.name}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, to_toml(machine))
+        _progress(args)(f"wrote {path}")
+    if args.json:
+        print(json.dumps({"detected": machine.to_dict(), "matches": known.name if known else None}, indent=2))
+        return 0
+    print(to_toml(machine), end="")
+    print(f"\n# matches known profile: {known.name}" if known else "\n# matches no known profile")
+    return 0
 
 
 def _expand_prune(text: str, parse) -> list[tuple[str, float]]:

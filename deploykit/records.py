@@ -23,6 +23,8 @@ class BenchRecord:
     overall_sparsity: float
     form: str
     runtime: str
+    #: the hardware profile of the machine it ran on (a known profile's name, or the detected one's)
+    profile: str
     #: what was timed: "forward" (one call), or a stage of a pipeline ("encoder", "decoder-step", "greedy")
     stage: str
     runtime_version: str
@@ -47,16 +49,30 @@ class BenchRecord:
     versions: dict[str, str]
     machine: dict[str, Any]
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BenchRecord":
+        """The record `to_dict` wrote (derived statistics are recomputed, not read)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        m = values["measurement"]
+        values["measurement"] = Measurement(**{**m, "samples_ns": tuple(m["samples_ns"])})
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         m = self.measurement
+        low, high = m.median_ci_ms()
         data["latency_ms"] = {
             "p50": m.percentile_ms(50),
-            "p90": m.percentile_ms(90),
-            "p99": m.percentile_ms(99),
+            "p50_ci95": [low, high],
+            # a tail percentile from too few samples is not reported (see measure.required_samples)
+            "p90": m.percentile_ms(90) if m.enough_samples_for(90) else None,
+            "p99": m.percentile_ms(99) if m.enough_samples_for(99) else None,
             "mean": m.mean_ms,
             "iqr": m.iqr_ms,
             "samples": len(m.samples_ns),
         }
+        data["dispersion"] = m.dispersion
+        data["problems"] = m.problems()
         data["throughput_items_per_s"] = m.throughput_items_per_s
         return data

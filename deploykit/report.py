@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 
 from tabulate import tabulate
 
+from .errors import UsageError
+from .measure import REMEDIES, required_samples
 from .records import BenchRecord
 from .sparsity import SparsityTable
 
@@ -37,25 +39,111 @@ BENCH_HEADERS = [
 ]
 
 
-def bench_table(records: Sequence[BenchRecord]) -> str:
-    """One row per record; a "stage" column when some artifact is timed in stages (encoder, decoder step...)."""
+def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted rows; a "stage" column when some artifact is timed in stages."""
     staged = any(r.stage != "forward" for r in records)
     rows = []
     for r in records:
         m = r.measurement
         rows.append([
-            r.model, r.form, f"{r.sparsity:g}", r.runtime, *([r.stage] if staged else []), r.batch_size, r.threads,
-            f"{m.percentile_ms(50):.4f}", f"{m.percentile_ms(90):.4f}", f"{m.percentile_ms(99):.4f}",
+            r.model, r.form, f"{r.sparsity:g}", r.runtime, *([r.stage] if staged else []), str(r.batch_size),
+            str(r.threads), f"{m.percentile_ms(50):.4f}", _tail(m, 90), _tail(m, 99),
             f"{m.throughput_items_per_s:,.0f}", f"{r.peak_rss_bytes / MB:.1f}", f"{r.disk_bytes / MB:.3f}",
             f"{r.parameters:,}", f"{r.nonzero_parameters:,}", f"{r.parity_max_abs_error:.1e}",
         ])
-    headers = BENCH_HEADERS[:4] + (["stage"] if staged else []) + BENCH_HEADERS[4:]
-    table = tabulate(rows, headers=headers, disable_numparse=True,
-                     colalign=("left", "left", "right", "left") + (("left",) if staged else ()) + ("right",) * 11)
+    return BENCH_HEADERS[:4] + (["stage"] if staged else []) + BENCH_HEADERS[4:], rows
+
+
+def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str:
+    """The rows as a text table (or Markdown, with tablefmt="github"), then notes on how far to trust them."""
+    headers, rows = bench_rows(records)
+    left = ("model", "form", "runtime", "stage")
+    table = tabulate(rows, headers=headers, disable_numparse=True, tablefmt=tablefmt,
+                     colalign=tuple("left" if h in left else "right" for h in headers))
+    notes = []
+    thin = {q for r in records for q in (90, 99) if not r.measurement.enough_samples_for(q)}
+    if thin:
+        notes.append("note: " + ", ".join(f"p{q} needs >= {required_samples(q)} samples" for q in sorted(thin))
+                     + "; '-' marks rows with fewer (raise --min-iters or --min-time)")
+    overhead = sorted(r.measurement.overhead_ns for r in records)
+    if overhead:
+        fastest = min(r.measurement.median_ms for r in records)
+        notes.append(f"note: harness overhead {overhead[len(overhead) // 2] / 1e3:.2f} us per sample (median over "
+                     f"rows), {100 * overhead[len(overhead) // 2] / 1e6 / fastest:.2f}% of the fastest p50")
+    notes += _problem_notes(records)
     if any(r.form == "csr" and r.runtime == "onnxruntime" for r in records):
-        table += ("\nnote: onnxruntime densifies sparse initializers when it loads a model: its csr rows run "
-                  "dense kernels (the file is smaller, the time is dense time)")
-    return table
+        notes.append("note: onnxruntime densifies sparse initializers when it loads a model: its csr rows run "
+                     "dense kernels (the file is smaller, the time is dense time)")
+    separator = "\n" if tablefmt == "simple" else "\n\n"  # Markdown needs paragraphs
+    return table + "".join(separator + n for n in notes)
+
+
+def bench_csv(records: Sequence[BenchRecord]) -> str:
+    """One line per record with unformatted numbers (ms, bytes), for spreadsheets."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch", "threads",
+                     "p50_ms", "p50_ci95_low_ms", "p50_ci95_high_ms", "p90_ms", "p99_ms", "iqr_ms", "samples",
+                     "items_per_s", "peak_rss_bytes", "disk_bytes", "parameters", "nonzero_parameters", "parity"])
+    for r in records:
+        m = r.measurement
+        low, high = m.median_ci_ms()
+        writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form, r.runtime, r.stage, r.device, r.batch_size,
+                         r.threads, m.median_ms, low, high,
+                         m.percentile_ms(90) if m.enough_samples_for(90) else "",
+                         m.percentile_ms(99) if m.enough_samples_for(99) else "", m.iqr_ms, len(m.samples_ns),
+                         m.throughput_items_per_s, r.peak_rss_bytes, r.disk_bytes, r.parameters,
+                         r.nonzero_parameters, r.parity_max_abs_error])
+    return out.getvalue()
+
+
+def _key(r: BenchRecord) -> tuple:
+    return (r.model, r.prune, r.form, r.runtime, r.stage, r.batch_size, r.threads)
+
+
+def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], base_label: str, other_label: str,
+                  tablefmt: str = "simple") -> str:
+    """Configurations measured in both runs, side by side: p50 of each and other / base.
+
+    Ratios across runs (or machines) compare conditions as well as code: on a noisy machine only
+    ratios taken within one run are firm, which the footer says.
+    """
+    theirs = {_key(r): r for r in other}
+    rows = []
+    for r in base:
+        match = theirs.get(_key(r))
+        if match is None:
+            continue
+        a, b = r.measurement.median_ms, match.measurement.median_ms
+        rows.append([r.model, r.prune, r.form, r.runtime, r.stage, r.batch_size, r.threads, f"{a:.4f}", f"{b:.4f}",
+                     f"{b / a:.2f}x", f"{match.disk_bytes / MB:.3f}"])
+    if not rows:
+        raise UsageError(f"{base_label} and {other_label} share no configuration (model, plan, form, runtime, "
+                         "stage, batch, threads)")
+    table = tabulate(rows, tablefmt=tablefmt, disable_numparse=True, headers=[
+        "model", "prune", "form", "runtime", "stage", "batch", "threads", f"p50 ms {base_label}",
+        f"p50 ms {other_label}", "ratio", f"disk MB {other_label}"])
+    unmatched = len(base) + len(other) - 2 * len(rows)
+    return table + (f"\n{unmatched} configurations measured in only one of the two" if unmatched else "")
+
+
+def _problem_notes(records: Sequence[BenchRecord]) -> list[str]:
+    """One warning per kind of problem, naming the rows it affects, with the remedy once."""
+    notes = []
+    for kind, remedy in REMEDIES.items():
+        hit = [r for r in records if kind in r.measurement.problems()]
+        if hit:
+            rows = "; ".join(f"{r.form} {r.sparsity:g} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} "
+                             f"batch {r.batch_size}: {r.measurement.problems()[kind]}" for r in hit)
+            notes.append(f"warning: {len(hit)} of {len(records)} rows {remedy}. Rows: {rows}")
+    return notes
+
+
+def _tail(m, q: float) -> str:
+    return f"{m.percentile_ms(q):.4f}" if m.enough_samples_for(q) else "-"
 
 
 def audit_table(report) -> str:

@@ -39,7 +39,9 @@ def main(argv: list[str]) -> int:
         measurement = measure(call, batch_size=request["batch_size"], warmup_s=request["warmup_s"],
                               min_time_s=request["min_time_s"], min_iters=request["min_iters"],
                               max_iters=request["max_iters"])
-        stages[stage] = {"samples_ns": list(measurement.samples_ns), "warmup_iters": measurement.warmup_iters}
+        stages[stage] = {"samples_ns": list(measurement.samples_ns), "warmup_iters": measurement.warmup_iters,
+                         "calls_per_sample": measurement.calls_per_sample, "overhead_ns": measurement.overhead_ns,
+                         "warmup_stable": measurement.warmup_stable}
     result = {
         "stages": stages,
         "files": list(session.files),

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,12 @@ import torch
 from deploykit.spec import get_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Benchmarks run by the tests keep their results in a store of their own, not the user's, and see
+# only the shipped profiles.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="deploykit-tests-"))
+os.environ["DEPLOYKIT_STORE"] = str(_SCRATCH / "results.sqlite")
+os.environ["DEPLOYKIT_PROFILES"] = str(_SCRATCH / "profiles")
 
 
 @pytest.fixture(scope="session")

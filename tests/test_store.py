@@ -1,0 +1,135 @@
+"""The results store (SQLite) and `deploykit report`: round trips, atomic runs, interruption, renderings."""
+
+import csv
+import io
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from deploykit.measure import Measurement
+from deploykit.records import BenchRecord
+from deploykit.report import bench_csv, bench_table, compare_table
+from deploykit.store import ResultStore
+
+
+def _record(runtime="torch", p50_us=100, form="dense", profile="test-profile"):
+    samples = tuple(p50_us * 1000 + 10 * (i % 7) for i in range(600))
+    return BenchRecord(
+        model="mlp-sst2", prune="magnitude:0.9", sparsity=0.9, overall_sparsity=0.89, form=form, runtime=runtime,
+        profile=profile, stage="forward", runtime_version="1", device="cpu", batch_size=1, threads=2,
+        measurement=Measurement(samples, 10, 1, 1, 150, True), peak_rss_bytes=10**8, baseline_rss_bytes=10**7,
+        disk_bytes=5_650_104, parameters=1_412_354, nonzero_parameters=142_389, parity_max_abs_error=0.0,
+        load_s=0.1, timing={"min_time_s": 1.0}, artifact="/tmp/a", versions={"torch": "x"}, machine={"cores": 2})
+
+
+def _save(store, records, status="complete", profile="test-profile"):
+    return store.save_run(records, started_utc="2026-11-23T00:00:00+00:00", status=status, command="deploykit bench",
+                          profile=profile, conditions={"timing": {}})
+
+
+def test_runs_round_trip_with_raw_samples(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    records = [_record("torch"), _record("onnxruntime", 80)]
+    run_id = _save(store, records)
+    run = store.run("last")
+    assert run.id == run_id and run.status == "complete" and run.profile == "test-profile"
+    assert [r.to_dict() for r in run.records] == [r.to_dict() for r in records]
+    with sqlite3.connect(tmp_path / "r.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT runtime, p50_ms FROM records ORDER BY id").fetchall() == [
+            ("torch", records[0].measurement.median_ms), ("onnxruntime", records[1].measurement.median_ms)]
+
+
+def test_a_run_that_fails_while_written_leaves_no_trace(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    _save(store, [_record()])
+
+    class Broken:  # a record that cannot be serialised, second in the run
+        def __getattr__(self, name):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _save(store, [_record(), Broken()])
+    assert [r.id for r in store.runs()] == [1]
+    with sqlite3.connect(tmp_path / "r.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 1
+
+
+def test_run_selection_and_its_errors(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    with pytest.raises(Exception, match="no results store"):
+        store.runs()
+    _save(store, [_record(profile="a")], profile="a")
+    _save(store, [_record(profile="b")], profile="b")
+    _save(store, [_record(profile="a", p50_us=50)], profile="a")
+    assert store.run("profile:b").id == 2 and store.run("profile:a").id == 3 and store.run("1").id == 1
+    with pytest.raises(Exception, match="no run on profile 'c'; profiles in the store: a, b"):
+        store.run("profile:c")
+    with pytest.raises(Exception, match="no run '9' in the store; runs: 1, 2, 3"):
+        store.run("9")
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(Exception, match="cannot open results store"):
+        ResultStore(tmp_path / "junk.sqlite").runs()
+
+
+def test_renderings_agree_with_the_records():
+    records = [_record("torch", 100), _record("onnxruntime", 80, form="csr")]
+    text = bench_table(records)
+    assert "note: harness overhead 0.15 us per sample" in text and "0.1000" in text
+    markdown = bench_table(records, "github")
+    assert markdown.splitlines()[0].startswith("| model") and "onnxruntime densifies" in markdown
+    rows = list(csv.DictReader(io.StringIO(bench_csv(records))))
+    assert [float(r["p50_ms"]) for r in rows] == [r.measurement.median_ms for r in records]
+    assert float(rows[0]["p50_ci95_low_ms"]) <= float(rows[0]["p50_ms"]) <= float(rows[0]["p50_ci95_high_ms"])
+    assert rows[0]["p99_ms"]  # 600 samples: enough for p99
+
+
+def test_comparison_divides_matching_configurations():
+    base = [_record("torch", 100), _record("onnxruntime", 80)]
+    other = [_record("torch", 50), _record("onnxruntime", 80, form="csr")]
+    text = compare_table(base, other, "run 1", "run 2")
+    torch_row = next(line for line in text.splitlines() if " torch " in line)
+    assert "0.50x" in torch_row
+    assert "2 configurations measured in only one of the two" in text
+    with pytest.raises(Exception, match="share no configuration"):
+        compare_table(base[1:], other[1:], "a", "b")
+
+
+def test_bench_keeps_runs_and_report_renders_them(cli, tmp_path):
+    store = tmp_path / "results.sqlite"
+    common = ("--form", "dense", "--runtime", "onnxruntime", "--min-time", "0", "--min-iters", "5", "--warmup", "0",
+              "--store", str(store), "-q")
+    assert cli("bench", "--prune", "magnitude:0", *common).returncode == 0
+    assert cli("bench", "--prune", "magnitude:0,0.9", *common).returncode == 0
+    listed = cli("report", "--store", str(store), "--list", "--format", "json")
+    runs = json.loads(listed.stdout)
+    assert [r["status"] for r in runs] == ["complete", "complete"] and runs[1]["command"].startswith("deploykit bench")
+    compared = cli("report", "--store", str(store), "--run", "1", "--compare", "2")
+    assert compared.returncode == 0 and "1 configurations measured in only one" in compared.stdout
+    out = tmp_path / "report.md"
+    assert cli("report", "--store", str(store), "--format", "markdown", "--out", str(out)).returncode == 0
+    assert out.read_text().startswith("# run 2 (complete)")
+    records = json.loads(cli("report", "--store", str(store), "--format", "json").stdout)
+    assert len(records) == 2 and all(len(r["measurement"]["samples_ns"]) >= 5 for r in records)
+    both = cli("bench", "--store", str(store), "--no-store")
+    assert both.returncode == 2 and "contradict" in both.stderr
+
+
+def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):
+    store = tmp_path / "results.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploykit", "bench", "--prune", "magnitude:0,0.3,0.6,0.9", "--form", "dense",
+         "--runtime", "onnxruntime", "--min-time", "0.3", "--min-iters", "5", "--store", str(store)],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # interrupt once the first configuration is measured
+        if "p50" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: kept" in err, (line, err)
+    run = ResultStore(store).run("last")
+    assert run.status == "interrupted" and 1 <= len(run.records) < 4
