@@ -12,6 +12,7 @@ comment; a figure nobody published is left out, never guessed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import re
@@ -301,8 +302,10 @@ def match_profile(machine: Profile, profiles: dict[str, Profile] | None = None) 
     return found[0] if found else None
 
 
+@functools.lru_cache(maxsize=1)
 def current_profile() -> Profile:
-    """The known profile of this machine if one matches, else the detected description."""
+    """The known profile of this machine if one matches, else the detected description (detected
+    once per process: py-cpuinfo takes a second, and the machine does not change under us)."""
     machine = detect_profile()
     return match_profile(machine) or machine
 
