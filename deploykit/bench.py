@@ -117,8 +117,9 @@ class Workload:
 
     #: (artifact directory, manifest, batch, seed) -> input name -> array
     inputs: Callable[[Path, Manifest, int, int], dict]
-    #: (artifact directory, feeds) -> the stripped PyTorch model's outputs
-    reference: Callable[[Path, dict], list]
+    #: artifact directory -> a function from feeds to the stripped PyTorch model's outputs (the model
+    #: is loaded once per artifact: for dense-shrunk, loading replays the pruning history)
+    reference: Callable[[Path], Callable[[dict], list]]
     #: names of those outputs
     outputs: Callable[[Manifest], Sequence[str]]
 
@@ -131,11 +132,11 @@ def _forward_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) 
     return {name: t.numpy() for name, t in zip(spec.input_names, spec.example_inputs(batch, seed=seed))}
 
 
-def _forward_reference(directory: Path, feeds: dict) -> list:
+def _forward_reference(directory: Path) -> Callable[[dict], list]:
     import torch
 
     model, manifest = load_torch_model(directory, for_runtime=False)
-    return torch_outputs(model, [torch.from_numpy(feeds[spec["name"]]) for spec in manifest.inputs])
+    return lambda feeds: torch_outputs(model, [torch.from_numpy(feeds[spec["name"]]) for spec in manifest.inputs])
 
 
 def _st_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) -> dict:
@@ -150,10 +151,10 @@ def _st_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) -> di
     return {"feats": feats}
 
 
-def _st_reference(directory: Path, feeds: dict) -> list:
-    from .espnet import reference_outputs
+def _st_reference(directory: Path) -> Callable[[dict], list]:
+    from .espnet import reference_session
 
-    return reference_outputs(directory, feeds)
+    return reference_session(directory).run
 
 
 def _st_outputs(manifest: Manifest) -> Sequence[str]:
@@ -187,12 +188,13 @@ def bench_artifact(
     # conditions recorded with every row: software, machine, and the hardware profile it matches
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
+    reference_of = workload.reference(directory)
     with tempfile.TemporaryDirectory(prefix="deploykit-worker-") as tmp:
         for batch in grid.batches:
             feeds = workload.inputs(directory, manifest, batch, INPUT_SEED)
             inputs_path = Path(tmp) / f"inputs-{batch}.safetensors"
             _save_numpy(feeds, inputs_path)
-            reference = workload.reference(directory, feeds)
+            reference = reference_of(feeds)
             for runtime, threads in itertools.product(grid.runtimes, grid.threads):
                 label = (
                     f"[{next(counter)}/{total}] {manifest.model} {_plan_label(manifest)} "

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +32,7 @@ from .errors import ArtifactError, UsageError
 from .fsutil import read_text
 from .hooks import TRACE_FORWARDS
 from .onnx_export import DEFAULT_OPSET, ONNX_TOLERANCE, check_parity, export_onnx, max_abs_errors, sparsify_initializers
-from .st_decode import ST_CONFIG_FILE, OrtSTDecoder, STSession, translate
+from .st_decode import ST_CONFIG_FILE, OrtSTDecoder, OrtStepper, STSession, state_after, translate
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -342,13 +341,12 @@ def export_st(
                                    ["encoder_out"])
     check_parity("encoder onnxruntime vs PyTorch", encoder_error, tolerance)
 
-    ort_steps = OrtSTDecoder(directory / DECODER_FILE, layers, size)
+    ort_steps = OrtStepper(OrtSTDecoder(directory / DECODER_FILE, layers, size), reference)
     prefix = [sos_eos(model), 7, 11, 13]
     with torch.no_grad():  # ESPnet recomputing the whole prefix...
         torch_logp, _ = torch_step(model, prefix, torch.from_numpy(reference), None)
-    cache = ort_steps.initial_cache()
-    for k in range(1, len(prefix) + 1):  # ...against the exported decoder stepping through it with its cache
-        ort_logp, cache = ort_steps.step(np.array([prefix[:k]]), reference, cache)
+    # ...against the exported decoder stepping through it with its cache
+    ort_logp, _ = ort_steps.step(prefix, state_after(ort_steps, prefix[:-1]))
     decoder_error = max_abs_errors([torch_logp.numpy()], [ort_logp], ["logp"])
     check_parity("decoder step onnxruntime vs PyTorch", decoder_error, tolerance)
 
@@ -433,11 +431,11 @@ def load_torch_session(directory: str | Path, threads: int) -> STSession:
     return STSession(TorchTranslator(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 
-def reference_outputs(directory: str | Path, feeds) -> list[np.ndarray]:
-    """What every runtime's ST session must reproduce: the stripped PyTorch model's outputs."""
+def reference_session(directory: str | Path) -> STSession:
+    """What every runtime's ST session must reproduce: a session over the stripped PyTorch model."""
     from .artifact import load_torch_model
     from .runtime import RuntimeInfo
 
     model, _ = load_torch_model(directory, for_runtime=False)
     info = RuntimeInfo("torch", torch.__version__, torch.get_num_threads(), "cpu")
-    return STSession(TorchTranslator(model), info, []).run(feeds)
+    return STSession(TorchTranslator(model), info, [])

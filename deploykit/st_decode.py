@@ -156,14 +156,18 @@ class STSession:
             raise UsageError(f"speech translation decodes one utterance at a time, not a batch of {feats.shape[0]}")
         return feats
 
-    def run(self, feeds) -> list[np.ndarray]:
-        t = self.translator
-        feats = self._features(feeds)
-        memory = t.encode(feats)
-        stepper = t.stepper(memory)
+    def _step_ready(self, feats: np.ndarray):
+        """(encoder output, stepper over it, token prefix, the state after all but its last token)."""
+        memory = self.translator.encode(feats)
+        stepper = self.translator.stepper(memory)
         prefix = self._prefix()
-        logp, _ = stepper.step(prefix, state_after(stepper, prefix[:-1]))
-        tokens = translate(t, feats, BENCH_TOKENS)
+        return memory, stepper, prefix, state_after(stepper, prefix[:-1])
+
+    def run(self, feeds) -> list[np.ndarray]:
+        feats = self._features(feeds)
+        memory, stepper, prefix, state = self._step_ready(feats)
+        logp, _ = stepper.step(prefix, state)
+        tokens = translate(self.translator, feats, BENCH_TOKENS)
         padded = np.full(BENCH_TOKENS, NO_TOKEN, dtype=np.int64)
         padded[:len(tokens)] = tokens
         return [np.asarray(memory), np.asarray(logp), padded]
@@ -171,9 +175,7 @@ class STSession:
     def stages(self, feeds) -> dict[str, Callable[[], object]]:
         t = self.translator
         feats = self._features(feeds)
-        stepper = t.stepper(t.encode(feats))
-        prefix = self._prefix()
-        state = state_after(stepper, prefix[:-1])
+        _, stepper, prefix, state = self._step_ready(feats)
         return {
             "encoder": lambda: t.encode(feats),
             "decoder-step": lambda: stepper.step(prefix, state),

@@ -10,6 +10,7 @@ name pattern (`MODULE_GROUPS`); the study's best plan is `espnet/best_plan.toml`
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -136,13 +137,15 @@ def spec_from_artifact(directory: Path, manifest) -> ModelSpec:
     import yaml
 
     from deploykit.errors import ArtifactError
-    from deploykit.espnet import build_st_model, feats_dim
+    from deploykit.espnet import build_st_model
     from deploykit.fsutil import read_text
+    from deploykit.st_decode import ST_CONFIG_FILE
 
     config = yaml.safe_load(read_text(directory / manifest.source["config"], "ESPnet config", ArtifactError))
     stats = config.get("normalize_conf", {}).get("stats_file")
     if stats is not None:
         config["normalize_conf"]["stats_file"] = str(directory / stats)
-    model = build_st_model(config)
-    return _spec(manifest.model, lambda: build_st_model(config), feats_dim(model, config),
+    # the feature width export recorded, rather than building a model only to ask it
+    st_config = json.loads(read_text(directory / ST_CONFIG_FILE, "ST config", ArtifactError))
+    return _spec(manifest.model, lambda: build_st_model(config), st_config["feats_dim"],
                  f"ESPnet ST experiment {manifest.source.get('from', '')}")
