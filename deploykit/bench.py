@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from .artifact import Manifest, load_torch_model, read_manifest
 from .env import library_versions, machine_info
 from .errors import MeasurementError, UsageError
+from .devices import Placement, Target, place
 from .forms import FORMS
 from .measure import Measurement
 from .onnx_export import check_parity, max_abs_errors, torch_outputs
@@ -68,6 +69,10 @@ class Grid:
     runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
     batches: tuple[int, ...] = (1,)
     threads: tuple[int, ...] = (1,)
+    #: device choices (see `deploykit.devices`): auto follows the hardware profile
+    devices: tuple[str, ...] = ("auto",)
+    #: sequence lengths set on every named non-batch input axis; None keeps the model's own inputs
+    lengths: tuple[int | None, ...] = (None,)
 
     def __post_init__(self) -> None:
         for name in self.runtimes:
@@ -76,9 +81,16 @@ class Grid:
             raise UsageError("batch sizes must be >= 1")
         if not self.threads or min(self.threads) < 1:
             raise UsageError("thread counts must be >= 1")
+        if not self.lengths or min(length or 1 for length in self.lengths) < 1:
+            raise UsageError("sequence lengths must be >= 1")
 
-    def __len__(self) -> int:
-        return len(self.runtimes) * len(self.batches) * len(self.threads)
+    def placement(self) -> Placement:
+        """The (runtime, device) pairs this machine runs, and notes on choices it cannot honour."""
+        return place(self.runtimes, self.devices, current_profile())
+
+    def configurations(self, placement: Placement) -> int:
+        """Measured configurations per artifact."""
+        return len(placement.targets) * len(self.batches) * len(self.threads) * len(self.lengths)
 
 
 def bench_model(
@@ -98,9 +110,11 @@ def bench_model(
     from .export import export_artifact
 
     spec = resolve_model(model)
+    if any(grid.lengths):
+        spec.require_sequence_axis()
     for form in forms:
         FORMS.get(form)
-    total = len(plans) * len(forms) * len(grid)
+    total = len(plans) * len(forms) * grid.configurations(grid.placement())
     counter = itertools.count(1)
     records: list[BenchRecord] = [] if sink is None else sink
     with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
@@ -115,8 +129,8 @@ def bench_model(
 class Workload:
     """How one pipeline is benchmarked: its inputs, and the reference every runtime must reproduce."""
 
-    #: (artifact directory, manifest, batch, seed) -> input name -> array
-    inputs: Callable[[Path, Manifest, int, int], dict]
+    #: (artifact directory, manifest, batch, seed, sequence length or None) -> input name -> array
+    inputs: Callable[[Path, Manifest, int, int, "int | None"], dict]
     #: artifact directory -> a function from feeds to the stripped PyTorch model's outputs (the model
     #: is loaded once per artifact: for dense-shrunk, loading replays the pruning history)
     reference: Callable[[Path], Callable[[dict], list]]
@@ -127,9 +141,13 @@ class Workload:
 WORKLOADS: Registry[Workload] = Registry("pipeline")
 
 
-def _forward_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) -> dict:
+def _forward_inputs(directory: Path, manifest: Manifest, batch: int, seed: int, length: int | None) -> dict:
+    if length is not None and not any(isinstance(d, str) and d != "batch" for i in manifest.inputs for d in i["shape"]):
+        shapes = ", ".join(f"{i['name']} {i['shape']}" for i in manifest.inputs)
+        raise UsageError(f"{manifest.model}: this artifact's ONNX graph has no dynamic sequence axis to sweep "
+                         f"(inputs: {shapes})")
     spec = spec_for_artifact(directory, manifest)
-    return {name: t.numpy() for name, t in zip(spec.input_names, spec.example_inputs(batch, seed=seed))}
+    return {name: t.numpy() for name, t in zip(spec.input_names, spec.example_inputs(batch, seed=seed, length=length))}
 
 
 def _forward_reference(directory: Path) -> Callable[[dict], list]:
@@ -139,7 +157,7 @@ def _forward_reference(directory: Path) -> Callable[[dict], list]:
     return lambda feeds: torch_outputs(model, [torch.from_numpy(feeds[spec["name"]]) for spec in manifest.inputs])
 
 
-def _st_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) -> dict:
+def _st_inputs(directory: Path, manifest: Manifest, batch: int, seed: int, length: int | None) -> dict:
     import numpy as np
 
     from .st_decode import BENCH_FRAMES, ST_CONFIG_FILE
@@ -147,7 +165,8 @@ def _st_inputs(directory: Path, manifest: Manifest, batch: int, seed: int) -> di
     if batch != 1:
         raise UsageError(f"{manifest.model}: speech translation decodes one utterance at a time; use batch 1")
     width = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))["feats_dim"]
-    feats = np.random.default_rng(seed).standard_normal((1, BENCH_FRAMES, width), dtype=np.float32)
+    frames = length or BENCH_FRAMES
+    feats = np.random.default_rng(seed).standard_normal((1, frames, width), dtype=np.float32)
     return {"feats": feats}
 
 
@@ -183,31 +202,34 @@ def bench_artifact(
     directory = Path(directory).absolute()
     manifest = read_manifest(directory)
     workload = WORKLOADS.get(manifest.pipeline)
+    targets = grid.placement().targets
     counter = counter or itertools.count(1)
-    total = total or len(grid)
+    total = total or grid.configurations(grid.placement())
     # conditions recorded with every row: software, machine, and the hardware profile it matches
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
     reference_of = workload.reference(directory)
     with tempfile.TemporaryDirectory(prefix="deploykit-worker-") as tmp:
-        for batch in grid.batches:
-            feeds = workload.inputs(directory, manifest, batch, INPUT_SEED)
-            inputs_path = Path(tmp) / f"inputs-{batch}.safetensors"
+        for batch, length in itertools.product(grid.batches, grid.lengths):
+            feeds = workload.inputs(directory, manifest, batch, INPUT_SEED, length)
+            inputs_path = Path(tmp) / f"inputs-{batch}-{length}.safetensors"
             _save_numpy(feeds, inputs_path)
             reference = reference_of(feeds)
-            for runtime, threads in itertools.product(grid.runtimes, grid.threads):
+            shape = f"batch={batch}" + (f" length={length}" if length else "")
+            for target, threads in itertools.product(targets, grid.threads):
                 label = (
                     f"[{next(counter)}/{total}] {manifest.model} {_plan_label(manifest)} "
-                    f"form={manifest.form} runtime={runtime} batch={batch} threads={threads}"
+                    f"form={manifest.form} runtime={target.runtime} device={target.device} {shape} threads={threads}"
                 )
                 progress(label)
-                result, outputs = run_worker(directory, manifest.pipeline, runtime, threads, batch, inputs_path,
+                result, outputs = run_worker(directory, manifest.pipeline, target, threads, batch, inputs_path,
                                              timing, Path(tmp))
                 errors = max_abs_errors(reference, outputs, workload.outputs(manifest))
-                check_parity(f"{runtime} vs stripped PyTorch model (batch {batch})", errors, manifest.parity_tolerance)
+                check_parity(f"{target.runtime} on {target.device} vs stripped PyTorch model ({shape})", errors,
+                             manifest.parity_tolerance)
                 for stage, measured in result["stages"].items():
-                    record = _record(manifest, directory, runtime, batch, stage, measured, result, errors, timing,
-                                     context)
+                    record = _record(manifest, directory, target.runtime, batch, length, stage, measured, result,
+                                     errors, timing, context)
                     records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")
@@ -215,8 +237,8 @@ def bench_artifact(
 
 
 def run_worker(
-    directory: Path, pipeline: str, runtime: str, threads: int, batch: int, inputs_path: Path, timing: TimingSettings,
-    tmp: Path,
+    directory: Path, pipeline: str, target: Target, threads: int, batch: int, inputs_path: Path,
+    timing: TimingSettings, tmp: Path,
 ) -> tuple[dict, list]:
     """Run `deploykit.worker` in a fresh interpreter; returns its result and the outputs it wrote."""
     from safetensors.numpy import load_file
@@ -226,7 +248,8 @@ def run_worker(
     request = {
         "artifact": str(directory),
         "pipeline": pipeline,
-        "runtime": runtime,
+        "runtime": target.runtime,
+        "device": target.device,
         "threads": threads,
         "batch_size": batch,
         "inputs": str(inputs_path),
@@ -242,7 +265,7 @@ def run_worker(
     )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MeasurementError(f"{runtime} worker failed on {directory}: {last}")
+        raise MeasurementError(f"{target.runtime} worker ({target.device}) failed on {directory}: {last}")
     outputs = load_file(str(outputs_path))
     return json.loads(proc.stdout), [outputs[f"output_{i}"] for i in range(len(outputs))]
 
@@ -257,7 +280,7 @@ def _plan_label(manifest: Manifest) -> str:
     return PruningPlan(**manifest.plan).label()
 
 
-def _record(manifest, directory, runtime, batch, stage, measured, result, errors, timing, context) -> BenchRecord:
+def _record(manifest, directory, runtime, batch, length, stage, measured, result, errors, timing, context) -> BenchRecord:
     return BenchRecord(
         model=manifest.model,
         prune=_plan_label(manifest),
@@ -269,6 +292,7 @@ def _record(manifest, directory, runtime, batch, stage, measured, result, errors
         runtime_version=result["runtime_version"],
         device=result["device"],
         batch_size=batch,
+        sequence_length=length,
         threads=result["threads"],
         measurement=Measurement(tuple(measured["samples_ns"]), measured["warmup_iters"], batch,
                                 measured["calls_per_sample"], measured["overhead_ns"], measured["warmup_stable"]),
@@ -281,5 +305,6 @@ def _record(manifest, directory, runtime, batch, stage, measured, result, errors
         load_s=result["load_s"],
         timing=dataclasses.asdict(timing),
         artifact=str(directory),
+        metrics=dict(manifest.metrics),
         **context,
     )

@@ -18,7 +18,7 @@ from .spec import DEFAULT_MODEL
 from .storage import CODECS
 
 DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
-REPORT_FORMATS = ("table", "markdown", "csv", "json")
+REPORT_FORMATS = ("table", "markdown", "csv", "json", "html")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_options(p)
     p.add_argument("--form", type=_csv(), action="extend", metavar="F[,F...]", help="forms (default dense,csr)")
     p.add_argument("--runtime", type=_csv(), action="extend", metavar="R[,R...]", help="runtimes (default torch,onnxruntime)")
+    p.add_argument("--device", type=_csv(), action="extend", metavar="D[,D...]",
+                   help="devices: auto (the hardware profile's preferred torch device and onnxruntime providers, "
+                   "the CPU where those are not installed), cpu, gpu (skipped with a note where none is usable); "
+                   "default auto")
     p.add_argument("--batch", type=_csv(int), action="extend", metavar="N[,N...]", help="batch sizes (default 1)")
+    p.add_argument("--seq-len", type=_csv(int), action="extend", metavar="N[,N...]",
+                   help="sequence lengths: each sets every named non-batch input axis (tokens, frames); default: "
+                   "the model's own inputs")
     p.add_argument("--threads", type=_csv(int), action="extend", metavar="N[,N...]",
                    help="threads per runtime (default: the cores available to this process)")
     p.add_argument("--warmup", type=float, default=0.2, metavar="SECONDS", help="warm-up time per configuration (default 0.2)")
@@ -192,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run to render: its id, 'last' (default) or 'profile:NAME' (that profile's last run)")
     p.add_argument("--compare", metavar="RUN", help="a second run to compare with --run, configuration by configuration")
     p.add_argument("--list", action="store_true", help="list the runs in the store")
-    p.add_argument("--format", choices=REPORT_FORMATS, default="table", help="output format (default table)")
+    p.add_argument("--format", choices=REPORT_FORMATS, default="table",
+                   help="output format (default table); html is one self-contained page with plots (quality vs "
+                   "sparsity, size and latency; latency vs sparsity, batch and length; two runs side by side)")
     p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout")
     p.set_defaults(func=cmd_report)
 
@@ -289,12 +298,18 @@ def cmd_bench(args) -> int:
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
                             max_iters=max(100_000, args.min_iters))
     grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
-                threads=tuple(args.threads or (available_cores(),)))
+                threads=tuple(args.threads or (available_cores(),)), devices=tuple(args.device or ("auto",)),
+                lengths=tuple(args.seq_len or (None,)))
+    placement = grid.placement()
+    if not placement.targets:
+        raise UsageError("nothing to run: " + "; ".join(placement.notes))
     if args.store and args.no_store:
         raise UsageError("--store and --no-store contradict each other")
     if not args.no_store:
         ResultStore(_store_path(args)).check_writable()
     progress = _progress(args)
+    for note in placement.notes:
+        progress(f"note: {note}")
     records: list = []
     started = now_utc()
     try:
@@ -321,6 +336,8 @@ def cmd_bench(args) -> int:
         write_text_atomic(args.json, records_json(records))
         progress(f"wrote {args.json}")
     print(bench_table(records))
+    for note in placement.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -401,10 +418,14 @@ def cmd_report(args) -> int:
                             tablefmt="github" if args.format == "markdown" else "simple") + "\n"
     else:
         run = store.run(args.run)
-        if args.compare:
+        if args.format == "html":
+            from .htmlreport import html_report
+
+            text = html_report(run, store.run(args.compare) if args.compare else None)
+        elif args.compare:
             other = store.run(args.compare)
             if args.format in ("csv", "json"):
-                raise UsageError("--compare renders as table or markdown")
+                raise UsageError("--compare renders as table, markdown or html")
             text = compare_table(run.records, other.records, f"run {run.id}", f"run {other.id}",
                                  "github" if args.format == "markdown" else "simple") + "\n"
         elif args.format == "json":

@@ -109,10 +109,15 @@ def export_artifact(
 
     with atomic_directory(out_dir, overwrite) as tmp:
         progress(f"exporting ONNX (opset {opset})")
+        notes = _form_notes(form)
+        inputs = [dataclasses.asdict(i) for i in spec.inputs]
         if spec.export is None:
-            onnx_errors, sparse_initializers = _export_single_graph(
+            onnx_errors, sparse_initializers, fixed = _export_single_graph(
                 spec, saved, tmp, trace_inputs, parity_inputs, step.reference, opset, tolerance,
                 form_entry.sparse_onnx, progress)
+            if fixed:
+                notes.append(f"sequence axes fixed at the traced lengths: the traced graph {fixed}")
+                inputs = _fixed_length_inputs(spec, trace_inputs)
         else:  # encoder/decoder pairs: the spec's exporter sparsifies (if asked) before it checks parity
             onnx_errors, sparse_initializers = spec.export(saved, tmp, opset, tolerance, form_entry.sparse_onnx)
         source = spec.bundle(tmp) if spec.bundle is not None else {"kind": "zoo"}
@@ -141,7 +146,7 @@ def export_artifact(
             weight_bytes={enc.name: enc.payload_bytes for enc in encoded},
             weight_compression=compression,
             onnx_sparse_initializers=sparse_initializers,
-            inputs=[dataclasses.asdict(i) for i in spec.inputs],
+            inputs=inputs,
             outputs=list(spec.outputs),
             opset=opset,
             files={p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
@@ -153,7 +158,7 @@ def export_artifact(
             metrics=metrics,
             pipeline=spec.pipeline,
             source=source,
-            notes=_form_notes(form),
+            notes=notes,
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
@@ -196,17 +201,61 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progre
 def _export_single_graph(spec, saved, tmp, trace_inputs, parity_inputs, reference, opset, tolerance, sparse, progress):
     """model.onnx from one forward pass, optionally with sparse initializers, checked against PyTorch.
 
-    Returns (max abs error per output, sparse initializer name -> nonzeros).
+    A graph that declares a sequence axis dynamic must work at a length it was not traced with;
+    where tracing baked the length in (torch's nn.MultiheadAttention does, for one), the graph is
+    exported again with those axes fixed. Returns (max abs error per output, sparse initializer
+    name -> nonzeros, how the graph failed at another length or "").
     """
-    export_onnx(saved, trace_inputs, tmp / ONNX_FILE, input_names=spec.input_names, output_names=spec.outputs,
-                dynamic_axes=spec.dynamic_axes(), opset=opset)
+    def export(sequence: bool) -> None:
+        export_onnx(saved, trace_inputs, tmp / ONNX_FILE, input_names=spec.input_names, output_names=spec.outputs,
+                    dynamic_axes=spec.dynamic_axes(sequence), opset=opset)
+
+    export(sequence=True)
+    problem = _sequence_axes_problem(spec, saved, tmp / ONNX_FILE, trace_inputs, tolerance)
+    if problem:
+        progress(f"sequence axes fixed: the traced graph {problem}")
+        export(sequence=False)
     sparse_initializers = sparsify_initializers(tmp / ONNX_FILE) if sparse else {}
     progress("checking onnxruntime against PyTorch")
     session = ort_session(tmp / ONNX_FILE, threads=1)
     feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
     errors = max_abs_errors(reference, session.run(None, feeds), spec.outputs)
     check_parity("onnxruntime vs PyTorch", errors, tolerance)
-    return errors, sparse_initializers
+    return errors, sparse_initializers, problem
+
+
+def _fixed_length_inputs(spec, trace_inputs) -> list[dict]:
+    """The manifest's input records with sequence axes at the traced sizes (only "batch" stays named)."""
+    return [{**dataclasses.asdict(s), "shape": [dim if dim == "batch" else size for dim, size in zip(s.shape, t.shape)]}
+            for s, t in zip(spec.inputs, trace_inputs)]
+
+
+#: how much longer than traced the sequence-axis check runs the graph
+_LENGTH_CHECK_OFFSET = 3
+
+
+def _sequence_axes_problem(spec, model, path, trace_inputs, tolerance) -> str:
+    """How the exported graph fails at a sequence length other than the traced one; "" if it does
+    not, if the model has no sequence axis, or if the PyTorch model itself refuses that length."""
+    traced = [t.shape[d] for s, t in zip(spec.inputs, trace_inputs)
+              for d, dim in enumerate(s.shape) if dim in s.sequence_axes]
+    if not traced:
+        return ""
+    length = max(traced) + _LENGTH_CHECK_OFFSET
+    inputs = spec.example_inputs(1, seed=1, length=length)
+    try:
+        reference = torch_outputs(model, inputs)
+    except Exception:  # noqa: BLE001 - the model's own limit (positions, subsampling): nothing to check
+        return ""
+    try:
+        outputs = ort_session(path, threads=1).run(None, {n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; the first line says why
+        return f"fails at length {length} ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]})"
+    errors = max_abs_errors(reference, outputs, spec.outputs)
+    worst = max(errors, key=errors.get)
+    if not errors[worst] <= tolerance:
+        return f"gives wrong {worst!r} at length {length} (max abs error {errors[worst]:.2e})"
+    return ""
 
 
 def _sparsity_row(row) -> dict:

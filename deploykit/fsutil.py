@@ -29,6 +29,14 @@ def check_writable_destination(path: str | os.PathLike, overwrite: bool = False)
     return path
 
 
+def _umasked(mode: int) -> int:
+    """`mode` under the process umask: what open() and mkdir() would have given. tempfile creates
+    private (0600/0700) entries, which a finished artifact or report must not stay."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `path` when the block succeeds."""
@@ -36,6 +44,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umasked(0o777))
         if path.exists():
             # Move the old one aside first so that `path` is never missing a complete artifact
             # for longer than two renames.
@@ -59,6 +68,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _umasked(0o666))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

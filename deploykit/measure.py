@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 Clock = Callable[[], int]  # monotonic nanoseconds
+#: waits for work a call queued on a device (torch.cuda.synchronize); None for synchronous calls
+Sync = Callable[[], None] | None
 
 
 #: IQR / median above which a measurement is called noisy
@@ -126,28 +128,33 @@ def required_samples(q: float) -> int:
     return math.ceil(round(SAMPLES_PER_TAIL / (1 - q / 100), 9)) if q < 100 else 10 ** 9
 
 
-def _timed(fn: Callable[[], object], calls: int, clock: Clock) -> int:
+def _timed(fn: Callable[[], object], calls: int, clock: Clock, sync: Sync = None) -> int:
+    """Time `calls` back-to-back calls; with `sync`, until the device has finished them (the
+    previous sample's sync left the device idle, so nothing earlier is counted)."""
     t0 = clock()
     for _ in range(calls):
         fn()
+    if sync is not None:
+        sync()
     return clock() - t0
 
 
-def harness_overhead_ns(clock: Clock = time.perf_counter_ns, repeats: int = 200) -> int:
-    """The timing loop's own cost per sample: the median time it measures for an empty call."""
+def harness_overhead_ns(clock: Clock = time.perf_counter_ns, repeats: int = 200, sync: Sync = None) -> int:
+    """The timing loop's own cost per sample: the median time it measures for an empty call (with
+    the device synchronisation every sample pays)."""
     def empty() -> None:
         return None
 
-    return int(sorted(_timed(empty, 1, clock) for _ in range(repeats))[repeats // 2])
+    return int(sorted(_timed(empty, 1, clock, sync) for _ in range(repeats))[repeats // 2])
 
 
-def _warm_up(fn: Callable[[], object], warmup_s: float, clock: Clock) -> tuple[list[int], bool]:
+def _warm_up(fn: Callable[[], object], warmup_s: float, clock: Clock, sync: Sync) -> tuple[list[int], bool]:
     """Call `fn` for `warmup_s` at a time until the second half of a round is as fast as the first."""
     times: list[int] = []
     for _ in range(MAX_WARMUP_ROUNDS):
         start, round_times = clock(), []
         while True:
-            round_times.append(_timed(fn, 1, clock))
+            round_times.append(_timed(fn, 1, clock, sync))
             if clock() - start >= warmup_s * 1e9:
                 break
         times += round_times
@@ -169,6 +176,7 @@ def measure(
     min_iters: int = 100,
     max_iters: int = 1_000_000,
     clock: Clock = time.perf_counter_ns,
+    sync: Sync = None,
 ) -> Measurement:
     """Time `fn()` call by call.
 
@@ -176,12 +184,13 @@ def measure(
     so lazy initialisation, allocator growth and kernel selection happen before timing. Calls much
     shorter than the timer's own cost are batched per sample. Timing then continues until both
     `min_time_s` has passed and `min_iters` samples exist (p99 needs hundreds), or `max_iters` is
-    reached.
+    reached. With `sync` (a GPU), every sample ends with it: the clock is read once the device has
+    finished the sample's calls, not when they were queued.
     """
     if min_iters < 1 or max_iters < min_iters:
         raise ValueError("need 1 <= min_iters <= max_iters")
-    overhead = harness_overhead_ns(clock)
-    warm, stable = _warm_up(fn, warmup_s, clock)
+    overhead = harness_overhead_ns(clock, sync=sync)
+    warm, stable = _warm_up(fn, warmup_s, clock, sync)
     typical = sorted(warm)[len(warm) // 2] - overhead  # the call's own time, as far as the timer can tell
     calls = 1 if typical <= 0 else max(1, math.ceil(overhead / (MAX_OVERHEAD_SHARE * typical)))
     calls = min(calls, 1000)
@@ -189,7 +198,7 @@ def measure(
     elapsed = 0
     min_time_ns = min_time_s * 1e9
     while len(samples) < max_iters and (len(samples) < min_iters or elapsed < min_time_ns):
-        took = _timed(fn, calls, clock)
+        took = _timed(fn, calls, clock, sync)
         samples.append(round(took / calls))
         elapsed += took
     return Measurement(tuple(samples), len(warm), batch_size, calls, overhead, stable)

@@ -247,11 +247,11 @@ def _torch_device(gpus) -> str:
 
 def _providers() -> tuple[str, ...]:
     try:
-        import onnxruntime as ort
+        from .runtime import onnxruntime_providers
+
+        return onnxruntime_providers()
     except ImportError:
         return ("CPUExecutionProvider",)
-    available = set(ort.get_available_providers())
-    return tuple(p for p in LOCAL_PROVIDERS if p in available)
 
 
 def _slug(text: str) -> str:

@@ -48,6 +48,10 @@ class BenchRecord:
     artifact: str
     versions: dict[str, str]
     machine: dict[str, Any]
+    #: the length set on every named non-batch input axis (a sequence-length sweep); None: the model's own
+    sequence_length: int | None = None
+    #: the exported model's quality on held-out data (ModelSpec.evaluate), e.g. {"accuracy": 0.97}
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchRecord":

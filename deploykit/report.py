@@ -39,25 +39,34 @@ BENCH_HEADERS = [
 ]
 
 
+#: devices that go without saying: a "device" column appears only when some row ran elsewhere
+CPU_DEVICES = ("cpu", "CPUExecutionProvider")
+
+
 def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted rows; a "stage" column when some artifact is timed in stages."""
-    staged = any(r.stage != "forward" for r in records)
+    """Headers and formatted rows; "device", "stage" and "length" columns only where some row needs one."""
+    optional = {
+        "device": (any(r.device not in CPU_DEVICES for r in records), lambda r: r.device),
+        "stage": (any(r.stage != "forward" for r in records), lambda r: r.stage),
+        "length": (any(r.sequence_length for r in records), lambda r: str(r.sequence_length or "")),
+    }
+    shown = [(name, cell) for name, (wanted, cell) in optional.items() if wanted]
     rows = []
     for r in records:
         m = r.measurement
         rows.append([
-            r.model, r.form, f"{r.sparsity:g}", r.runtime, *([r.stage] if staged else []), str(r.batch_size),
+            r.model, r.form, f"{r.sparsity:g}", r.runtime, *(cell(r) for _, cell in shown), str(r.batch_size),
             str(r.threads), f"{m.percentile_ms(50):.4f}", _tail(m, 90), _tail(m, 99),
             f"{m.throughput_items_per_s:,.0f}", f"{r.peak_rss_bytes / MB:.1f}", f"{r.disk_bytes / MB:.3f}",
             f"{r.parameters:,}", f"{r.nonzero_parameters:,}", f"{r.parity_max_abs_error:.1e}",
         ])
-    return BENCH_HEADERS[:4] + (["stage"] if staged else []) + BENCH_HEADERS[4:], rows
+    return BENCH_HEADERS[:4] + [name for name, _ in shown] + BENCH_HEADERS[4:], rows
 
 
 def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str:
     """The rows as a text table (or Markdown, with tablefmt="github"), then notes on how far to trust them."""
     headers, rows = bench_rows(records)
-    left = ("model", "form", "runtime", "stage")
+    left = ("model", "form", "runtime", "device", "stage")
     table = tabulate(rows, headers=headers, disable_numparse=True, tablefmt=tablefmt,
                      colalign=tuple("left" if h in left else "right" for h in headers))
     notes = []
@@ -85,14 +94,15 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
 
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch", "threads",
+    writer.writerow(["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch",
+                     "sequence_length", "threads",
                      "p50_ms", "p50_ci95_low_ms", "p50_ci95_high_ms", "p90_ms", "p99_ms", "iqr_ms", "samples",
                      "items_per_s", "peak_rss_bytes", "disk_bytes", "parameters", "nonzero_parameters", "parity"])
     for r in records:
         m = r.measurement
         low, high = m.median_ci_ms()
         writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form, r.runtime, r.stage, r.device, r.batch_size,
-                         r.threads, m.median_ms, low, high,
+                         r.sequence_length or "", r.threads, m.median_ms, low, high,
                          m.percentile_ms(90) if m.enough_samples_for(90) else "",
                          m.percentile_ms(99) if m.enough_samples_for(99) else "", m.iqr_ms, len(m.samples_ns),
                          m.throughput_items_per_s, r.peak_rss_bytes, r.disk_bytes, r.parameters,
@@ -100,8 +110,9 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
     return out.getvalue()
 
 
-def _key(r: BenchRecord) -> tuple:
-    return (r.model, r.prune, r.form, r.runtime, r.stage, r.batch_size, r.threads)
+def configuration_key(r: BenchRecord) -> tuple:
+    """What makes two records the same configuration (in two runs, or on two machines)."""
+    return (r.model, r.prune, r.form, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length, r.threads)
 
 
 def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], base_label: str, other_label: str,
@@ -111,20 +122,20 @@ def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], bas
     Ratios across runs (or machines) compare conditions as well as code: on a noisy machine only
     ratios taken within one run are firm, which the footer says.
     """
-    theirs = {_key(r): r for r in other}
+    theirs = {configuration_key(r): r for r in other}
     rows = []
     for r in base:
-        match = theirs.get(_key(r))
+        match = theirs.get(configuration_key(r))
         if match is None:
             continue
         a, b = r.measurement.median_ms, match.measurement.median_ms
-        rows.append([r.model, r.prune, r.form, r.runtime, r.stage, r.batch_size, r.threads, f"{a:.4f}", f"{b:.4f}",
-                     f"{b / a:.2f}x", f"{match.disk_bytes / MB:.3f}"])
+        rows.append([r.model, r.prune, r.form, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length or "",
+                     r.threads, f"{a:.4f}", f"{b:.4f}", f"{b / a:.2f}x", f"{match.disk_bytes / MB:.3f}"])
     if not rows:
         raise UsageError(f"{base_label} and {other_label} share no configuration (model, plan, form, runtime, "
-                         "stage, batch, threads)")
+                         "device, stage, batch, length, threads)")
     table = tabulate(rows, tablefmt=tablefmt, disable_numparse=True, headers=[
-        "model", "prune", "form", "runtime", "stage", "batch", "threads", f"p50 ms {base_label}",
+        "model", "prune", "form", "runtime", "device", "stage", "batch", "length", "threads", f"p50 ms {base_label}",
         f"p50 ms {other_label}", "ratio", f"disk MB {other_label}"])
     unmatched = len(base) + len(other) - 2 * len(rows)
     return table + (f"\n{unmatched} configurations measured in only one of the two" if unmatched else "")

@@ -8,10 +8,14 @@ An artifact's *pipeline* says what running it means: `forward` is one call of on
 `speech-translation` is an encoder/decoder pair decoded token by token (`deploykit.st_decode`). Each
 runtime names, per pipeline, the function that loads a session, as "module:function", imported on use.
 
-How to add a runtime: write a `Session` class taking `(artifact_dir, threads)`, with `run(feeds) ->
-list[np.ndarray]`, `stages(feeds)` returning the zero-argument calls the timing loop repeats, by stage
-name (inputs already converted), an `info` and the artifact `files` it loaded, then
-``RUNTIMES.add("name", Runtime("name", modules, {"forward": "package.module:MySession"}))``.
+Each runtime also says which devices it can use on this machine and which of them a hardware profile
+prefers; `deploykit.devices` turns a bench's device choices (auto, cpu, gpu) into concrete devices.
+
+How to add a runtime: write a `Session` class taking `(artifact_dir, threads, device)`, with `run(feeds)
+-> list[np.ndarray]`, `stages(feeds)` returning the zero-argument calls the timing loop repeats, by
+stage name (inputs already converted), `synchronize` (waits for queued device work, or None when
+calls return only once their work is done), an `info` and the artifact `files` it loaded, then
+register a `Runtime` naming its loader per pipeline and its devices.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from .artifact import ONNX_FILE, WEIGHTS_FILE
-from .errors import UsageError
+from .errors import MeasurementError, UsageError
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .profiles import Profile
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,9 @@ class Session(Protocol):
     info: RuntimeInfo
     #: the artifact files this session loaded: their sizes are its "disk" figure
     files: Sequence[str]
+    #: blocks until work queued on the device is done (CUDA kernels launch asynchronously: a timer
+    #: read without it measures the launch, not the work); None where calls are synchronous
+    synchronize: Callable[[], None] | None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
 
@@ -58,21 +68,35 @@ class Runtime:
     #: libraries the runtime imports: the benchmark worker imports them before its baseline memory
     #: reading, so that "peak - baseline" is what loading and running the model cost
     modules: tuple[str, ...]
-    #: pipeline -> "module:function" loading a Session from (artifact directory, threads)
+    #: pipeline -> "module:function" loading a Session from (artifact directory, threads, device)
     loaders: Mapping[str, str]
+    #: the devices this runtime can use on this machine, accelerators first
+    available_devices: Callable[[], tuple[str, ...]]
+    #: the devices a hardware profile prefers for this runtime, in order
+    preferred_devices: Callable[["Profile"], tuple[str, ...]]
+    cpu_device: str
+    #: what to tell a user who asked for a GPU this runtime cannot use here
+    no_accelerator: str
 
-    def load(self, pipeline: str, directory: Path, threads: int) -> Session:
+    def load(self, pipeline: str, directory: Path, threads: int, device: str) -> Session:
         if pipeline not in self.loaders:
             raise UsageError(f"runtime {self.name!r} cannot run {pipeline!r} artifacts; it runs: {', '.join(self.loaders)}")
         module, _, function = self.loaders[pipeline].partition(":")
-        return getattr(importlib.import_module(module), function)(Path(directory), threads)
+        return getattr(importlib.import_module(module), function)(Path(directory), threads, device)
 
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
 
 
-def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True):
-    """An onnxruntime CPU session with `threads` intra-op threads and no inter-op parallelism.
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, provider: str = CPU_PROVIDER):
+    """An onnxruntime session on `provider` with `threads` intra-op threads and no inter-op parallelism.
+
+    Operators the provider lacks run on the CPU provider, as onnxruntime intends; a provider that
+    fails to start is an error here, not onnxruntime's silent fall-back to the CPU, so a figure
+    labelled CUDA was measured on CUDA.
 
     `spinning=False` stops idle intra-op threads from busy-waiting after a run: sessions used in
     turn (an encoder then a decoder) each own a thread pool, and one pool spinning steals the cores
@@ -87,14 +111,22 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # warnings about unused initializers are noise for users
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    providers = [provider] + ([CPU_PROVIDER] if provider != CPU_PROVIDER else [])
+    session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    if session.get_providers()[0] != provider:
+        raise MeasurementError(f"onnxruntime could not start {provider} for {Path(onnx_path).name} "
+                               f"(it offered {', '.join(session.get_providers())})")
+    return session
 
 
 class OrtSession:
-    def __init__(self, onnx_path: Path, threads: int):
+    #: session.run returns host arrays, so a call ends when its device work has
+    synchronize = None
+
+    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER):
         import onnxruntime as ort
 
-        self.session = ort_session(onnx_path, threads)
+        self.session = ort_session(onnx_path, threads, provider=provider)
         self.info = RuntimeInfo("onnxruntime", ort.__version__, threads, self.session.get_providers()[0])
         self.files = (Path(onnx_path).name,)
 
@@ -107,26 +139,29 @@ class OrtSession:
 
 
 class TorchSession:
-    def __init__(self, artifact_dir: Path, threads: int):
+    def __init__(self, artifact_dir: Path, threads: int, device: str = "cpu"):
         import torch
 
         from .artifact import load_torch_model
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model, self.manifest = load_torch_model(artifact_dir)
+        self.device = torch.device(device)
+        model, self.manifest = load_torch_model(artifact_dir)
+        self.model = model.to(self.device)
         self.input_names = [spec["name"] for spec in self.manifest.inputs]
-        self.info = RuntimeInfo("torch", torch.__version__, threads, "cpu")
+        self.info = RuntimeInfo("torch", torch.__version__, threads, device)
         self.files = (WEIGHTS_FILE,)
+        self.synchronize = _TORCH_SYNC.get(self.device.type, lambda torch: None)(torch)
 
     def _tensors(self, feeds):
-        return [self.torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self.input_names]
+        return [self.torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device) for name in self.input_names]
 
     def run(self, feeds):
         with self.torch.inference_mode():
             outputs = self.model(*self._tensors(feeds))
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return [out.numpy() for out in outputs]
+        return [out.cpu().numpy() for out in outputs]
 
     def stages(self, feeds):
         tensors = self._tensors(feeds)
@@ -139,15 +174,48 @@ class TorchSession:
         return {FORWARD_STAGE: call}
 
 
-def load_onnxruntime(artifact_dir: Path, threads: int) -> Session:
-    return OrtSession(Path(artifact_dir) / ONNX_FILE, threads)
+#: torch device type -> (torch -> the call that waits for its queued work); CPU calls are synchronous
+_TORCH_SYNC = {
+    "cuda": lambda torch: torch.cuda.synchronize,
+    "mps": lambda torch: torch.mps.synchronize,
+}
 
 
-RUNTIMES.add("torch", Runtime("torch", ("torch",), {
-    "forward": "deploykit.runtime:TorchSession",
-    "speech-translation": "deploykit.espnet:load_torch_session",
-}))
-RUNTIMES.add("onnxruntime", Runtime("onnxruntime", ("onnxruntime",), {
-    "forward": "deploykit.runtime:load_onnxruntime",
-    "speech-translation": "deploykit.st_decode:load_onnxruntime",
-}))
+def load_onnxruntime(artifact_dir: Path, threads: int, device: str) -> Session:
+    return OrtSession(Path(artifact_dir) / ONNX_FILE, threads, device)
+
+
+def torch_devices() -> tuple[str, ...]:
+    import torch
+
+    found = [name for name, available in (("cuda", torch.cuda.is_available), ("mps", torch.backends.mps.is_available))
+             if available()]
+    return (*found, "cpu")
+
+
+def onnxruntime_providers() -> tuple[str, ...]:
+    """This build's execution providers that run on this machine (remote ones, like Azure's, are not)."""
+    import onnxruntime as ort
+
+    from .profiles import LOCAL_PROVIDERS
+
+    available = set(ort.get_available_providers())
+    return tuple(p for p in LOCAL_PROVIDERS if p in available)
+
+
+RUNTIMES.add("torch", Runtime(
+    "torch", ("torch",),
+    {"forward": "deploykit.runtime:TorchSession", "speech-translation": "deploykit.espnet:load_torch_session"},
+    available_devices=torch_devices,
+    preferred_devices=lambda profile: (profile.runtime.torch_device, "cpu"),
+    cpu_device="cpu",
+    no_accelerator="torch sees no CUDA or MPS device",
+))
+RUNTIMES.add("onnxruntime", Runtime(
+    "onnxruntime", ("onnxruntime",),
+    {"forward": "deploykit.runtime:load_onnxruntime", "speech-translation": "deploykit.st_decode:load_onnxruntime"},
+    available_devices=onnxruntime_providers,
+    preferred_devices=lambda profile: profile.runtime.onnxruntime_providers,
+    cpu_device=CPU_PROVIDER,
+    no_accelerator="this onnxruntime build has no GPU execution provider (onnxruntime-gpu has CUDA's)",
+))

@@ -45,17 +45,24 @@ class InputSpec:
         if self.dtype.startswith("int") and self.high is None:
             raise ValueError(f"integer input {self.name!r} needs `high` (exclusive upper bound)")
 
-    def concrete_shape(self, batch_size: int) -> tuple[int, ...]:
-        """The shape with the "batch" axis set to `batch_size`; other named axes must be fixed later."""
+    def concrete_shape(self, batch_size: int, length: int | None = None) -> tuple[int, ...]:
+        """The shape with the "batch" axis set to `batch_size` and every other named axis to `length`."""
         out = []
         for dim in self.shape:
             if dim == "batch":
                 out.append(batch_size)
             elif isinstance(dim, str):
-                raise ValueError(f"input {self.name!r}: no size given for dynamic axis {dim!r}")
+                if length is None:
+                    raise ValueError(f"input {self.name!r}: no size given for dynamic axis {dim!r}")
+                out.append(length)
             else:
                 out.append(dim)
         return tuple(out)
+
+    @property
+    def sequence_axes(self) -> tuple[str, ...]:
+        """Named axes other than the batch: what a sequence-length sweep sets."""
+        return tuple(dim for dim in self.shape if isinstance(dim, str) and dim != "batch")
 
     def dynamic_axes(self) -> dict[int, str]:
         return {i: dim for i, dim in enumerate(self.shape) if isinstance(dim, str)}
@@ -114,21 +121,37 @@ class ModelSpec:
             _load_or_train(self, model)
         return model.eval()
 
-    def example_inputs(self, batch_size: int = 1, seed: int = 0) -> "tuple[torch.Tensor, ...]":
+    def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
+        """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a
+        sequence-length sweep; without it the model's sampler decides (or fixed axes only)."""
         import torch
 
         generator = torch.Generator().manual_seed(seed)
+        if length is not None:
+            self.require_sequence_axis()
+            return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
         if self.sampler is not None:
             return tuple(self.sampler(batch_size, generator))
         return tuple(_sample(spec, batch_size, generator) for spec in self.inputs)
+
+    def require_sequence_axis(self) -> None:
+        """A sequence-length sweep needs a named non-batch input axis to set."""
+        if not any(spec.sequence_axes for spec in self.inputs):
+            from .errors import UsageError
+
+            shapes = ", ".join(f"{s.name} {tuple(s.shape)}" for s in self.inputs)
+            raise UsageError(f"{self.name} has no sequence axis to set a length on (inputs: {shapes})")
 
     @property
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]
 
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """ONNX dynamic axes: every named input axis; outputs share the batch axis at dim 0."""
-        axes = {spec.name: spec.dynamic_axes() for spec in self.inputs if spec.dynamic_axes()}
+    def dynamic_axes(self, sequence: bool = True) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes: every named input axis (only "batch" with `sequence=False`); outputs
+        share the batch axis at dim 0."""
+        axes = {spec.name: {i: dim for i, dim in spec.dynamic_axes().items() if sequence or dim == "batch"}
+                for spec in self.inputs}
+        axes = {name: named for name, named in axes.items() if named}
         if any("batch" in spec.shape for spec in self.inputs):
             axes.update({name: {0: "batch"} for name in self.outputs})
         return axes
@@ -169,10 +192,10 @@ def _load_or_train(spec: "ModelSpec", model: "nn.Module") -> None:
         pass  # an unwritable cache costs time on the next run, not correctness
 
 
-def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator") -> "torch.Tensor":
+def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator", length: int | None = None) -> "torch.Tensor":
     import torch
 
-    shape = spec.concrete_shape(batch_size)
+    shape = spec.concrete_shape(batch_size, length)
     dtype = getattr(torch, spec.dtype)
     if spec.dtype.startswith("int"):
         return torch.randint(0, spec.high, shape, generator=generator, dtype=dtype)

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import UsageError
+from .runtime import CPU_PROVIDER
 
 ST_CONFIG_FILE = "st_config.json"
 #: the benchmark's utterance: 5 s of 10 ms feature frames, decoded greedily for a fixed token count
@@ -33,10 +34,11 @@ class OrtSTDecoder:
     """The exported decoder under ONNX Runtime, with espnet_onnx's cache convention: each layer's
     cache starts as zeros of one dummy position, and the model hands back the caches to feed next."""
 
-    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1):
+    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1, provider: str = CPU_PROVIDER):
         from .runtime import ort_session
 
-        self.session = ort_session(path, threads, spinning=False)  # it takes turns with the encoder
+        # it takes turns with the encoder: its threads must not spin while the encoder runs
+        self.session = ort_session(path, threads, spinning=False, provider=provider)
         self.layers, self.size = layers, size
 
     def initial_cache(self) -> list[np.ndarray]:
@@ -65,15 +67,15 @@ class OrtStepper:
 class OrtSpeechTranslator:
     """An exported encoder/decoder pair loaded once into ONNX Runtime sessions (no torch needed)."""
 
-    def __init__(self, directory: str | Path, threads: int = 1):
+    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER):
         from .runtime import ort_session
 
         directory = Path(directory)
         self.config = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))
         self.sos, self.eos, self.vocab_size = self.config["sos"], self.config["eos"], self.config["vocab_size"]
-        self.encoder = ort_session(directory / self.config["encoder"], threads, spinning=False)
+        self.encoder = ort_session(directory / self.config["encoder"], threads, spinning=False, provider=provider)
         self.decoder = OrtSTDecoder(directory / self.config["decoder"], self.config["decoder_layers"],
-                                    self.config["decoder_size"], threads)
+                                    self.config["decoder_size"], threads, provider)
 
     def encode(self, feats: np.ndarray) -> np.ndarray:
         return self.encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
@@ -142,6 +144,9 @@ class STSession:
     the encoder output, that step's log-probabilities, and the greedy tokens padded with `NO_TOKEN`.
     """
 
+    #: both translators return host arrays (onnxruntime) or run on the CPU (torch): calls are synchronous
+    synchronize = None
+
     def __init__(self, translator, info, files: Sequence[str]):
         self.translator, self.info, self.files = translator, info, tuple(files)
 
@@ -198,12 +203,12 @@ def bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]
     return 100.0 * score
 
 
-def load_onnxruntime(directory: Path, threads: int) -> STSession:
+def load_onnxruntime(directory: Path, threads: int, device: str = CPU_PROVIDER) -> STSession:
     """The benchmark session of an exported ST artifact under ONNX Runtime."""
     import onnxruntime as ort
 
     from .runtime import RuntimeInfo
 
-    translator = OrtSpeechTranslator(directory, threads)
+    translator = OrtSpeechTranslator(directory, threads, device)
     info = RuntimeInfo("onnxruntime", ort.__version__, threads, translator.encoder.get_providers()[0])
     return STSession(translator, info, [translator.config["encoder"], translator.config["decoder"]])

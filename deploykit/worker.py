@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         importlib.import_module(module)
     baseline = _current_rss_bytes()
     start = time.perf_counter()
-    session = runtime.load(request["pipeline"], Path(request["artifact"]), request["threads"])
+    session = runtime.load(request["pipeline"], Path(request["artifact"]), request["threads"], request["device"])
     load_s = time.perf_counter() - start
     outputs = session.run(feeds)
     save_file({f"output_{i}": out for i, out in enumerate(outputs)}, request["outputs"])
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     for stage, call in session.stages(feeds).items():
         measurement = measure(call, batch_size=request["batch_size"], warmup_s=request["warmup_s"],
                               min_time_s=request["min_time_s"], min_iters=request["min_iters"],
-                              max_iters=request["max_iters"])
+                              max_iters=request["max_iters"], sync=session.synchronize)
         stages[stage] = {"samples_ns": list(measurement.samples_ns), "warmup_iters": measurement.warmup_iters,
                          "calls_per_sample": measurement.calls_per_sample, "overhead_ns": measurement.overhead_ns,
                          "warmup_stable": measurement.warmup_stable}

@@ -131,7 +131,7 @@ def test_bench_fails_when_an_artifacts_onnx_no_longer_matches_its_weights(cli, t
     shutil.copy(tmp_path / "b" / "model.onnx", tmp_path / "a" / "model.onnx")
     result = cli("bench", str(tmp_path / "a"), "--runtime", "onnxruntime", *FAST)
     assert result.returncode == 1
-    assert "onnxruntime vs stripped PyTorch model (batch 1) parity failed on output 'logits'" in result.stderr
+    assert "onnxruntime on CPUExecutionProvider vs stripped PyTorch model (batch=1) parity failed on output 'logits'" in result.stderr
 
 
 def test_export_dense_shrunk_prints_shapes_parameters_and_flops(cli, tmp_path):

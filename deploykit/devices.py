@@ -1,0 +1,79 @@
+"""Where each runtime runs: the profile's preference, what this machine has, and what the user asked.
+
+A bench grid names device *choices*: `auto` (the hardware profile's preferred torch device or
+onnxruntime providers, falling back to the CPU when the preferred one is not installed here), `cpu`,
+or `gpu` (any accelerator the runtime can use here: CUDA or MPS for torch; CUDA, TensorRT, ROCm,
+CoreML or DirectML providers for onnxruntime). A choice this machine cannot honour is *skipped* with
+a note saying why; it is never run on something else under the asked-for name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import UsageError
+from .profiles import Profile
+from .runtime import RUNTIMES
+
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One runtime on one device: what a worker is asked to load."""
+
+    runtime: str
+    #: torch device ("cpu", "cuda", "mps") or onnxruntime execution provider
+    device: str
+    #: the choice it came from (auto, cpu, gpu)
+    choice: str
+
+
+@dataclass(frozen=True)
+class Placement:
+    targets: tuple[Target, ...]
+    #: one line per choice that could not be honoured, or was honoured differently than the profile asks
+    notes: tuple[str, ...]
+
+
+def place(runtimes: Sequence[str], choices: Sequence[str], profile: Profile) -> Placement:
+    """The distinct (runtime, device) pairs the choices ask for on this machine, and notes on the rest."""
+    for choice in choices:
+        if choice not in DEVICE_CHOICES:
+            raise UsageError(f"unknown device {choice!r}; choose from {', '.join(DEVICE_CHOICES)}")
+    targets: list[Target] = []
+    notes: list[str] = []
+    for name in runtimes:
+        runtime = RUNTIMES.get(name)
+        available = runtime.available_devices()
+        preferred = runtime.preferred_devices(profile)
+        for choice in choices:
+            device, note = _resolve(choice, available, preferred, runtime.cpu_device, profile.name)
+            if device is None:
+                notes.append(f"{name} on {choice}: skipped: {runtime.no_accelerator}")
+                continue
+            if note:
+                notes.append(f"{name} on {choice}: {note}")
+            if all((t.runtime, t.device) != (name, device) for t in targets):
+                targets.append(Target(name, device, choice))
+    return Placement(tuple(targets), tuple(notes))
+
+
+def _resolve(choice: str, available: tuple[str, ...], preferred: tuple[str, ...], cpu: str,
+             profile: str) -> tuple[str | None, str]:
+    """(device or None when skipped, a note or "")."""
+    if choice == "cpu":
+        return cpu, ""
+    accelerators = [d for d in available if d != cpu]
+    if choice == "gpu":
+        if not accelerators:
+            return None, ""
+        ranked = [d for d in preferred if d in accelerators] + accelerators
+        return ranked[0], ""
+    for device in preferred:
+        if device in available:
+            missing = preferred[:preferred.index(device)]
+            note = f"profile {profile} prefers {', '.join(missing)}, not available here: running on {device}" if missing else ""
+            return device, note
+    return cpu, f"none of profile {profile}'s devices ({', '.join(preferred)}) is available here: running on {cpu}"
