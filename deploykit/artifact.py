@@ -85,6 +85,9 @@ class Manifest:
     #: how to rebuild the PyTorch model: {"kind": "zoo"} (by model name), or a record naming files in
     #: the artifact (`deploykit.sources`)
     source: dict[str, Any] = field(default_factory=lambda: {"kind": "zoo"})
+    #: post-training quantization (`deploykit.quantize`): scheme, settings, error statistics and task
+    #: metrics per runtime; empty when the artifact is float
+    quantization: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
@@ -98,7 +101,7 @@ class Manifest:
 
 
 #: fields added after format version 1 first shipped: older manifests lack them and get the defaults
-OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source")
+OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization")
 
 
 def read_manifest(directory: str | Path) -> Manifest:

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "kernel (default 1)")
     p.add_argument("--best-effort", action="store_true",
                    help="dense-shrunk: leave groups with unsupported layers dense (with a warning) instead of failing")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="post-training quantization: int8 = onnxruntime dynamic quantization of model.onnx (int8 "
+                   "weights) and torch dynamic quantization of Linear layers at load; the error against the float "
+                   "model and the task metric's change are recorded, not checked against --tolerance")
+    p.add_argument("--per-channel", action="store_true", help="--quantize: one scale per output channel")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -251,7 +256,8 @@ def cmd_export(args) -> int:
     (plan,) = _plans([args.prune] if args.prune else [], _plan_options(args))
     result = export_artifact(args.model, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
                              overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
-                             kernel_batch=args.kernel_batch, progress=_progress(args))
+                             kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
+                             progress=_progress(args))
     m = result.manifest
     if args.json:
         print(m.to_json(), end="")
@@ -278,7 +284,13 @@ def cmd_export(args) -> int:
               f"{decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms at batch {m.form_recipe['kernel_batch']})")
     if m.onnx_sparse_initializers:
         print(f"sparse ONNX initializers: {', '.join(m.onnx_sparse_initializers)}")
-    print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})")
+    print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})"
+          + (", before quantization" if m.quantization else ""))
+    for runtime, error in m.quantization.get("error", {}).items():
+        delta = "".join(f", {k} {m.quantization['metrics'][runtime][k]:.4f} ({v:+.4f})"
+                        for k, v in m.quantization.get("metric_delta", {}).get(runtime, {}).items())
+        print(f"{m.quantization['scheme']} under {runtime}: max abs error {error['max_abs']:.2e}, mean "
+              f"{error['mean_abs']:.2e} vs the float model{delta}")
     for name, size in m.files.items():
         print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")
     for note in m.notes:

@@ -66,6 +66,8 @@ def export_artifact(
     best_effort: bool = False,
     compression: str | None = None,
     kernel_batch: int = 1,
+    quantize: str | None = None,
+    per_channel: bool = False,
     progress: Progress = lambda message: None,
 ) -> ExportResult:
     """Prune `model` by `plan`, convert it to `form`, export it and write `out_dir` atomically.
@@ -74,7 +76,8 @@ def export_artifact(
     disagree with the stripped model beyond tolerance. `best_effort` lets dense-shrunk leave groups
     it cannot shrink dense (with a warning) instead of failing. `compression` ("zlib", "lzma")
     compresses the weights file losslessly. `kernel_batch` is the batch size csr measures its
-    per-layer kernel choice at.
+    per-layer kernel choice at. `quantize` ("int8") quantizes the exported graph (and the torch
+    runtime's Linear layers when it loads the artifact); its error and metric change are recorded.
     """
     spec = resolve_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
@@ -88,6 +91,17 @@ def export_artifact(
         raise UsageError(f"unknown compression {compression!r}; known: {', '.join(CODECS)}")
     if kernel_batch < 1:
         raise UsageError(f"kernel batch must be >= 1, got {kernel_batch}")
+    if quantize is not None:
+        from .quantize import QUANTIZERS
+
+        QUANTIZERS.get(quantize)
+        if spec.export is not None:
+            raise UsageError(f"{spec.name}: quantization of encoder/decoder pairs is not supported yet")
+        if form_entry.sparse_onnx:
+            raise UsageError(f"--quantize needs form dense or dense-shrunk, not {form!r}: int8 weights are "
+                             "stored dense (4x smaller than float already)")
+    elif per_channel:
+        raise UsageError("--per-channel applies to --quantize")
     check_writable_destination(out_dir, overwrite)
 
     progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
@@ -111,6 +125,7 @@ def export_artifact(
         progress(f"exporting ONNX (opset {opset})")
         notes = _form_notes(form)
         inputs = [dataclasses.asdict(i) for i in spec.inputs]
+        quantization: dict = {}
         if spec.export is None:
             onnx_errors, sparse_initializers, fixed = _export_single_graph(
                 spec, saved, tmp, trace_inputs, parity_inputs, step.reference, opset, tolerance,
@@ -118,6 +133,11 @@ def export_artifact(
             if fixed:
                 notes.append(f"sequence axes fixed at the traced lengths: the traced graph {fixed}")
                 inputs = _fixed_length_inputs(spec, trace_inputs)
+            if quantize is not None:
+                from .quantize import quantize_artifact
+
+                quantization = quantize_artifact(spec, saved, tmp, ONNX_FILE, parity_inputs, step.reference, quantize,
+                                                 per_channel, metrics, progress)
         else:  # encoder/decoder pairs: the spec's exporter sparsifies (if asked) before it checks parity
             onnx_errors, sparse_initializers = spec.export(saved, tmp, opset, tolerance, form_entry.sparse_onnx)
         source = spec.bundle(tmp) if spec.bundle is not None else {"kind": "zoo"}
@@ -159,6 +179,7 @@ def export_artifact(
             pipeline=spec.pipeline,
             source=source,
             notes=notes,
+            quantization=quantization,
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)

@@ -24,7 +24,7 @@ _SERIES_FIELDS: dict[str, Callable[[BenchRecord], object]] = {
     "model": lambda r: r.model,
     "method": lambda r: r.prune.split(":")[0],
     "sparsity": lambda r: f"{r.sparsity:g}",
-    "form": lambda r: r.form,
+    "form": lambda r: r.form_label,
     "runtime": lambda r: r.runtime,
     "device": lambda r: r.device,
     "stage": lambda r: r.stage,
@@ -136,7 +136,7 @@ def _held(records: Sequence[BenchRecord], shown: str = "") -> tuple[list[BenchRe
 def _configuration(r: BenchRecord) -> str:
     stage = "" if r.stage == "forward" else f" {r.stage}"
     length = f" length {r.sequence_length}" if r.sequence_length else ""
-    return f"{r.model} {r.prune} {r.form} {r.runtime} ({r.device}){stage} batch {r.batch_size}{length} threads {r.threads}"
+    return f"{r.model} {r.prune} {r.form_label} {r.runtime} ({r.device}){stage} batch {r.batch_size}{length} threads {r.threads}"
 
 
 def _describe(r: BenchRecord) -> str:

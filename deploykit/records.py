@@ -52,6 +52,13 @@ class BenchRecord:
     sequence_length: int | None = None
     #: the exported model's quality on held-out data (ModelSpec.evaluate), e.g. {"accuracy": 0.97}
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: post-training quantization scheme of the artifact ("int8"), "" for float
+    quantization: str = ""
+
+    @property
+    def form_label(self) -> str:
+        """The form, with the quantization scheme when there is one ("dense+int8")."""
+        return self.form + (f"+{self.quantization}" if self.quantization else "")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BenchRecord":

@@ -55,7 +55,7 @@ def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str
     for r in records:
         m = r.measurement
         rows.append([
-            r.model, r.form, f"{r.sparsity:g}", r.runtime, *(cell(r) for _, cell in shown), str(r.batch_size),
+            r.model, r.form_label, f"{r.sparsity:g}", r.runtime, *(cell(r) for _, cell in shown), str(r.batch_size),
             str(r.threads), f"{m.percentile_ms(50):.4f}", _tail(m, 90), _tail(m, 99),
             f"{m.throughput_items_per_s:,.0f}", f"{r.peak_rss_bytes / MB:.1f}", f"{r.disk_bytes / MB:.3f}",
             f"{r.parameters:,}", f"{r.nonzero_parameters:,}", f"{r.parity_max_abs_error:.1e}",
@@ -101,7 +101,7 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
     for r in records:
         m = r.measurement
         low, high = m.median_ci_ms()
-        writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form, r.runtime, r.stage, r.device, r.batch_size,
+        writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form_label, r.runtime, r.stage, r.device, r.batch_size,
                          r.sequence_length or "", r.threads, m.median_ms, low, high,
                          m.percentile_ms(90) if m.enough_samples_for(90) else "",
                          m.percentile_ms(99) if m.enough_samples_for(99) else "", m.iqr_ms, len(m.samples_ns),
@@ -112,7 +112,8 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
 
 def configuration_key(r: BenchRecord) -> tuple:
     """What makes two records the same configuration (in two runs, or on two machines)."""
-    return (r.model, r.prune, r.form, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length, r.threads)
+    return (r.model, r.prune, r.form, r.quantization, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length,
+            r.threads)
 
 
 def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], base_label: str, other_label: str,
@@ -129,7 +130,7 @@ def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], bas
         if match is None:
             continue
         a, b = r.measurement.median_ms, match.measurement.median_ms
-        rows.append([r.model, r.prune, r.form, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length or "",
+        rows.append([r.model, r.prune, r.form_label, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length or "",
                      r.threads, f"{a:.4f}", f"{b:.4f}", f"{b / a:.2f}x", f"{match.disk_bytes / MB:.3f}"])
     if not rows:
         raise UsageError(f"{base_label} and {other_label} share no configuration (model, plan, form, runtime, "
@@ -147,7 +148,7 @@ def _problem_notes(records: Sequence[BenchRecord]) -> list[str]:
     for kind, remedy in REMEDIES.items():
         hit = [r for r in records if kind in r.measurement.problems()]
         if hit:
-            rows = "; ".join(f"{r.form} {r.sparsity:g} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} "
+            rows = "; ".join(f"{r.form_label} {r.sparsity:g} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} "
                              f"batch {r.batch_size}: {r.measurement.problems()[kind]}" for r in hit)
             notes.append(f"warning: {len(hit)} of {len(records)} rows {remedy}. Rows: {rows}")
     return notes

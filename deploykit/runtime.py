@@ -148,6 +148,10 @@ class TorchSession:
         self.torch = torch
         self.device = torch.device(device)
         model, self.manifest = load_torch_model(artifact_dir)
+        if self.manifest.quantization:
+            from .quantize import QUANTIZERS
+
+            model = QUANTIZERS.get(self.manifest.quantization["scheme"]).torch(model)
         self.model = model.to(self.device)
         self.input_names = [spec["name"] for spec in self.manifest.inputs]
         self.info = RuntimeInfo("torch", torch.__version__, threads, device)

@@ -1,0 +1,88 @@
+"""int8 post-training quantization: files shrink, both runtimes load and run it, and its cost is recorded."""
+
+import numpy as np
+import onnx
+import pytest
+
+from deploykit.bench import Grid, TimingSettings, bench_artifact
+from deploykit.errors import UsageError
+from deploykit.export import export_artifact
+from deploykit.prune import PruningPlan
+from deploykit.quantize import error_statistics, gemm_to_matmul
+
+
+@pytest.fixture(scope="module")
+def lenets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("q")
+    plan = PruningPlan("magnitude", 0.5)
+    return (export_artifact("lenet-300-100", plan, "dense", tmp / "float"),
+            export_artifact("lenet-300-100", plan, "dense", tmp / "int8", quantize="int8"),
+            export_artifact("lenet-300-100", plan, "dense", tmp / "int8-channel", quantize="int8", per_channel=True))
+
+
+def test_int8_onnx_is_at_least_3x_smaller_and_every_linear_layer_is_quantized(lenets):
+    plain, quantized, per_channel = lenets
+    for result in (quantized, per_channel):
+        assert plain.manifest.files["model.onnx"] >= 3 * result.manifest.files["model.onnx"]
+        ops = [node.op_type for node in onnx.load(str(result.directory / "model.onnx")).graph.node]
+        assert ops.count("MatMulInteger") == 3 and "Gemm" not in ops  # fc1, fc2, fc3
+    assert per_channel.manifest.quantization["per_channel"] is True
+
+
+def test_quantization_records_error_and_metric_change_per_runtime(lenets):
+    plain, quantized, _ = lenets
+    q = quantized.manifest.quantization
+    assert q["scheme"] == "int8" and set(q["error"]) == {"onnxruntime", "torch"}
+    for runtime in ("onnxruntime", "torch"):
+        error = q["error"][runtime]
+        assert 0 < error["mean_abs"] <= error["max_abs"]  # quantized: close to, but not, the float model
+        accuracy = q["metrics"][runtime]["accuracy"]
+        assert q["metric_delta"][runtime]["accuracy"] == pytest.approx(accuracy - plain.manifest.metrics["accuracy"])
+        assert accuracy > 0.9  # LeNet-300-100 keeps its accuracy on digits at int8
+    assert quantized.manifest.onnx_parity_error <= 1e-4  # the float graph was checked before quantizing
+
+
+def test_both_runtimes_bench_the_quantized_artifact(lenets):
+    _, quantized, _ = lenets
+    records = bench_artifact(quantized.directory, Grid(runtimes=("torch", "onnxruntime")),
+                             TimingSettings(warmup_s=0.01, min_time_s=0.01, min_iters=5))
+    assert [(r.runtime, r.form_label) for r in records] == [("torch", "dense+int8"), ("onnxruntime", "dense+int8")]
+    assert records[1].disk_bytes == quantized.manifest.files["model.onnx"]
+    assert all(0 < r.parity_max_abs_error < 0.5 for r in records)
+
+
+def test_quantization_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(UsageError, match="--quantize needs form dense or dense-shrunk, not 'csr'"):
+        export_artifact("lenet-300-100", PruningPlan(), "csr", tmp_path / "a", quantize="int8")
+    with pytest.raises(UsageError, match="unknown quantization 'int4'"):
+        export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "a", quantize="int4")
+    with pytest.raises(UsageError, match="--per-channel applies to --quantize"):
+        export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "a", per_channel=True)
+    assert not (tmp_path / "a").exists()
+
+
+def test_gemm_rewrite_computes_the_same(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deploykit.runtime import ort_session
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((4, 6), dtype=np.float32), rng.standard_normal(4, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    onnx.save(gemm_to_matmul(model), str(tmp_path / "matmul.onnx"))
+    x = rng.standard_normal((3, 6), dtype=np.float32)
+    before = ort_session(tmp_path / "gemm.onnx", 1).run(None, {"x": x})[0]
+    after = ort_session(tmp_path / "matmul.onnx", 1).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+    assert [n.op_type for n in onnx.load(str(tmp_path / "matmul.onnx")).graph.node] == ["MatMul", "Add"]
+
+
+def test_error_statistics():
+    stats = error_statistics([np.array([1.0, -4.0])], [np.array([1.5, -4.0])])
+    assert stats == {"max_abs": 0.5, "mean_abs": 0.25, "max_relative": 0.125}
