@@ -104,6 +104,11 @@ class Manifest:
 OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization")
 
 
+def file_sizes(directory: str | Path) -> dict[str, int]:
+    """File name -> bytes of an artifact directory's files, the manifest itself excluded."""
+    return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.name != MANIFEST_FILE}
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     directory = Path(directory)
     if not directory.is_dir():
@@ -130,8 +135,9 @@ def read_manifest(directory: str | Path) -> Manifest:
 def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tuple[nn.Module, Manifest]":
     """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights.
 
-    With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers);
-    without, the saved dense module (the reference its runtimes are compared against).
+    With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers;
+    a quantized artifact: its Linear layers quantized); without, the saved float module (the
+    reference its runtimes are compared against).
     """
     from .forms import FORMS
     from .sources import spec_for_artifact
@@ -152,4 +158,8 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tup
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
     if for_runtime:
         model, _ = form.for_torch(model, inputs, manifest.form_recipe)
+        if manifest.quantization:
+            from .quantize import QUANTIZERS
+
+            model = QUANTIZERS.get(manifest.quantization["scheme"]).torch(model)
     return model.eval(), manifest

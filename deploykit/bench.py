@@ -26,14 +26,14 @@ from typing import Callable, Sequence
 from .artifact import Manifest, load_torch_model, read_manifest
 from .env import library_versions, machine_info
 from .errors import MeasurementError, UsageError
-from .devices import Placement, Target, place
+from .devices import Placement, place
 from .forms import FORMS
 from .measure import Measurement
 from .onnx_export import check_parity, max_abs_errors, torch_outputs
 from .profiles import current_profile
 from .prune import PruningPlan
 from .records import BenchRecord
-from .runtime import RUNTIMES
+from .runtime import DEFAULT_GRAPH_OPTIMIZATION, RUNTIMES, Target
 from .registry import Registry
 from .sources import resolve_model, spec_for_artifact
 
@@ -73,6 +73,8 @@ class Grid:
     devices: tuple[str, ...] = ("auto",)
     #: sequence lengths set on every named non-batch input axis; None keeps the model's own inputs
     lengths: tuple[int | None, ...] = (None,)
+    #: onnxruntime graph optimisation levels (runtimes without levels are measured once)
+    graph_optimizations: tuple[str, ...] = (DEFAULT_GRAPH_OPTIMIZATION,)
 
     def __post_init__(self) -> None:
         for name in self.runtimes:
@@ -86,7 +88,7 @@ class Grid:
 
     def placement(self) -> Placement:
         """The (runtime, device) pairs this machine runs, and notes on choices it cannot honour."""
-        return place(self.runtimes, self.devices, current_profile())
+        return place(self.runtimes, self.devices, current_profile(), self.graph_optimizations)
 
     def configurations(self, placement: Placement) -> int:
         """Measured configurations per artifact."""
@@ -182,8 +184,27 @@ def _st_outputs(manifest: Manifest) -> Sequence[str]:
     return ST_BENCH_OUTPUTS
 
 
+def _textgen_inputs(directory: Path, manifest: Manifest, batch: int, seed: int, length: int | None) -> dict:
+    import numpy as np
+
+    from .textgen import BENCH_PROMPT, TEXTGEN_CONFIG_FILE
+
+    if batch != 1:
+        raise UsageError(f"{manifest.model}: text generation decodes one prompt at a time; use batch 1")
+    vocab = json.loads((directory / TEXTGEN_CONFIG_FILE).read_text(encoding="utf-8"))["vocab_size"]
+    return {"input_ids": np.random.default_rng(seed).integers(0, vocab, (1, length or BENCH_PROMPT), dtype=np.int64)}
+
+
+def _textgen_reference(directory: Path) -> Callable[[dict], list]:
+    from .gpt2 import reference_session
+
+    return reference_session(directory).run
+
+
 WORKLOADS.add("forward", Workload(_forward_inputs, _forward_reference, lambda manifest: manifest.outputs))
 WORKLOADS.add("speech-translation", Workload(_st_inputs, _st_reference, _st_outputs))
+WORKLOADS.add("text-generation", Workload(_textgen_inputs, _textgen_reference,
+                                          lambda manifest: ("prompt_logits", "step_logits", "greedy_tokens")))
 
 
 def bench_artifact(
@@ -219,7 +240,9 @@ def bench_artifact(
             for target, threads in itertools.product(targets, grid.threads):
                 label = (
                     f"[{next(counter)}/{total}] {manifest.model} {_plan_label(manifest)} "
-                    f"form={manifest.form} runtime={target.runtime} device={target.device} {shape} threads={threads}"
+                    f"form={manifest.form} runtime={target.runtime} device={target.device}"
+                    + (f" graph-opt={target.graph_optimization}" if target.graph_optimization else "")
+                    + f" {shape} threads={threads}"
                 )
                 progress(label)
                 result, outputs = run_worker(directory, manifest.pipeline, target, threads, batch, inputs_path,
@@ -229,7 +252,7 @@ def bench_artifact(
                     check_parity(f"{target.runtime} on {target.device} vs stripped PyTorch model ({shape})", errors,
                                  manifest.parity_tolerance)
                 for stage, measured in result["stages"].items():
-                    record = _record(manifest, directory, target.runtime, batch, length, stage, measured, result,
+                    record = _record(manifest, directory, target, batch, length, stage, measured, result,
                                      errors, timing, context)
                     records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
@@ -249,8 +272,7 @@ def run_worker(
     request = {
         "artifact": str(directory),
         "pipeline": pipeline,
-        "runtime": target.runtime,
-        "device": target.device,
+        "target": dataclasses.asdict(target),
         "threads": threads,
         "batch_size": batch,
         "inputs": str(inputs_path),
@@ -281,14 +303,14 @@ def _plan_label(manifest: Manifest) -> str:
     return PruningPlan(**manifest.plan).label()
 
 
-def _record(manifest, directory, runtime, batch, length, stage, measured, result, errors, timing, context) -> BenchRecord:
+def _record(manifest, directory, target, batch, length, stage, measured, result, errors, timing, context) -> BenchRecord:
     return BenchRecord(
         model=manifest.model,
         prune=_plan_label(manifest),
         sparsity=manifest.plan["amount"],
         overall_sparsity=manifest.overall_sparsity,
         form=manifest.form,
-        runtime=runtime,
+        runtime=target.runtime,
         stage=stage,
         runtime_version=result["runtime_version"],
         device=result["device"],
@@ -308,5 +330,6 @@ def _record(manifest, directory, runtime, batch, length, stage, measured, result
         artifact=str(directory),
         metrics=dict(manifest.metrics),
         quantization=manifest.quantization.get("scheme", ""),
+        graph_optimization=target.graph_optimization or "",
         **context,
     )

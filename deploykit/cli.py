@@ -127,11 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "kernel (default 1)")
     p.add_argument("--best-effort", action="store_true",
                    help="dense-shrunk: leave groups with unsupported layers dense (with a warning) instead of failing")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="post-training quantization: int8 = onnxruntime dynamic quantization of model.onnx (int8 "
-                   "weights) and torch dynamic quantization of Linear layers at load; the error against the float "
+    p.add_argument("--quantize", choices=["int8", "int8-static"],
+                   help="post-training quantization: int8 = onnxruntime dynamic quantization of the ONNX graphs (int8 "
+                   "weights) and torch dynamic quantization of Linear layers at load; int8-static = onnxruntime "
+                   "static quantization (activations too, ranges calibrated on the model's data where it has "
+                   "some, else its example inputs; one-graph models), torch as int8; the error against the float "
                    "model and the task metric's change are recorded, not checked against --tolerance")
     p.add_argument("--per-channel", action="store_true", help="--quantize: one scale per output channel")
+    p.add_argument("--save-optimized", choices=["disabled", "basic", "extended", "all"], metavar="LEVEL",
+                   help="also save each ONNX graph as onnxruntime optimises it at LEVEL (basic, extended, all), as "
+                   "<name>.<LEVEL>.onnx beside it; extended is portable, all adds this CPU's layouts")
     p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the CPU where those are not installed), cpu, gpu (skipped with a note where none is usable); "
                    "default auto")
     p.add_argument("--batch", type=_csv(int), action="extend", metavar="N[,N...]", help="batch sizes (default 1)")
+    p.add_argument("--graph-opt", type=_csv(), action="extend", metavar="L[,L...]",
+                   help="onnxruntime graph optimisation levels: disabled, basic, extended, all (default all, as "
+                   "onnxruntime's own default); recorded with each row")
     p.add_argument("--seq-len", type=_csv(int), action="extend", metavar="N[,N...]",
                    help="sequence lengths: each sets every named non-batch input axis (tokens, frames); default: "
                    "the model's own inputs")
@@ -257,6 +265,7 @@ def cmd_export(args) -> int:
     result = export_artifact(args.model, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
                              overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
                              kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
+                             save_optimized=args.save_optimized,
                              progress=_progress(args))
     m = result.manifest
     if args.json:
@@ -289,8 +298,10 @@ def cmd_export(args) -> int:
     for runtime, error in m.quantization.get("error", {}).items():
         delta = "".join(f", {k} {m.quantization['metrics'][runtime][k]:.4f} ({v:+.4f})"
                         for k, v in m.quantization.get("metric_delta", {}).get(runtime, {}).items())
+        agreement = m.quantization.get("greedy_token_agreement", {}).get(runtime)
+        agreement = "" if agreement is None else f", greedy tokens {100 * agreement:.1f}% the float model's"
         print(f"{m.quantization['scheme']} under {runtime}: max abs error {error['max_abs']:.2e}, mean "
-              f"{error['mean_abs']:.2e} vs the float model{delta}")
+              f"{error['mean_abs']:.2e} vs the float model{agreement}{delta}")
     for name, size in m.files.items():
         print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")
     for note in m.notes:
@@ -300,6 +311,7 @@ def cmd_export(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import DEFAULT_FORMS, DEFAULT_RUNTIMES, Grid, TimingSettings, bench_artifact, bench_model
+    from .runtime import DEFAULT_GRAPH_OPTIMIZATION
     from .env import available_cores
     from .fsutil import write_text_atomic
     from .report import bench_table, records_json
@@ -311,7 +323,8 @@ def cmd_bench(args) -> int:
                             max_iters=max(100_000, args.min_iters))
     grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
                 threads=tuple(args.threads or (available_cores(),)), devices=tuple(args.device or ("auto",)),
-                lengths=tuple(args.seq_len or (None,)))
+                lengths=tuple(args.seq_len or (None,)),
+                graph_optimizations=tuple(args.graph_opt or (DEFAULT_GRAPH_OPTIMIZATION,)))
     placement = grid.placement()
     if not placement.targets:
         raise UsageError("nothing to run: " + "; ".join(placement.notes))

@@ -14,20 +14,9 @@ from typing import Sequence
 
 from .errors import UsageError
 from .profiles import Profile
-from .runtime import RUNTIMES
+from .runtime import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS, RUNTIMES, Target
 
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
-
-
-@dataclass(frozen=True)
-class Target:
-    """One runtime on one device: what a worker is asked to load."""
-
-    runtime: str
-    #: torch device ("cpu", "cuda", "mps") or onnxruntime execution provider
-    device: str
-    #: the choice it came from (auto, cpu, gpu)
-    choice: str
 
 
 @dataclass(frozen=True)
@@ -37,11 +26,16 @@ class Placement:
     notes: tuple[str, ...]
 
 
-def place(runtimes: Sequence[str], choices: Sequence[str], profile: Profile) -> Placement:
-    """The distinct (runtime, device) pairs the choices ask for on this machine, and notes on the rest."""
+def place(runtimes: Sequence[str], choices: Sequence[str], profile: Profile,
+          graph_optimizations: Sequence[str] = (DEFAULT_GRAPH_OPTIMIZATION,)) -> Placement:
+    """The distinct (runtime, device) pairs the choices ask for on this machine, and notes on the rest;
+    runtimes with graph optimisation levels get one target per level asked for."""
     for choice in choices:
         if choice not in DEVICE_CHOICES:
             raise UsageError(f"unknown device {choice!r}; choose from {', '.join(DEVICE_CHOICES)}")
+    for level in graph_optimizations:
+        if level not in GRAPH_OPTIMIZATIONS:
+            raise UsageError(f"unknown graph optimisation {level!r}; choose from {', '.join(GRAPH_OPTIMIZATIONS)}")
     targets: list[Target] = []
     notes: list[str] = []
     for name in runtimes:
@@ -55,8 +49,9 @@ def place(runtimes: Sequence[str], choices: Sequence[str], profile: Profile) -> 
                 continue
             if note:
                 notes.append(f"{name} on {choice}: {note}")
-            if all((t.runtime, t.device) != (name, device) for t in targets):
-                targets.append(Target(name, device, choice))
+            for level in graph_optimizations if runtime.graph_optimizations else (None,):
+                if all((t.runtime, t.device, t.graph_optimization) != (name, device, level) for t in targets):
+                    targets.append(Target(name, device, choice, level))
     return Placement(tuple(targets), tuple(notes))
 
 

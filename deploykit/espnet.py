@@ -32,6 +32,7 @@ from .errors import ArtifactError, UsageError
 from .fsutil import read_text
 from .hooks import TRACE_FORWARDS
 from .onnx_export import DEFAULT_OPSET, ONNX_TOLERANCE, check_parity, export_onnx, max_abs_errors, sparsify_initializers
+from .runtime import Target
 from .st_decode import ST_CONFIG_FILE, OrtSTDecoder, OrtStepper, STSession, state_after, translate
 
 ENCODER_FILE = "encoder.onnx"
@@ -421,13 +422,13 @@ def decode_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int, beam: i
     return translate(TorchTranslator(model), feats, max_tokens, beam)
 
 
-def load_torch_session(directory: str | Path, threads: int, device: str = "cpu") -> STSession:
+def load_torch_session(directory: str | Path, threads: int, target: Target) -> STSession:
     """The benchmark session of an exported ST artifact under PyTorch (its form's execution module)."""
     from .artifact import WEIGHTS_FILE, load_torch_model
     from .runtime import RuntimeInfo
 
-    if device != "cpu":  # TorchTranslator builds its token and mask tensors on the CPU
-        raise UsageError(f"speech translation under torch runs on the CPU only, not {device}")
+    if target.device != "cpu":  # TorchTranslator builds its token and mask tensors on the CPU
+        raise UsageError(f"speech translation under torch runs on the CPU only, not {target.device}")
     torch.set_num_threads(threads)
     model, _ = load_torch_model(directory)
     return STSession(TorchTranslator(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])

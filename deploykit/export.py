@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, read_manifest
+from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, file_sizes, read_manifest
 from .env import library_versions
 from .errors import UsageError
 from .forms import FORMS, Converted
@@ -26,14 +26,15 @@ from .onnx_export import (
     check_parity,
     export_onnx,
     max_abs_errors,
+    save_optimized as save_optimized_graph,
     sparsify_initializers,
     torch_outputs,
 )
 from .prune import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
-from .runtime import ort_session
+from .runtime import GRAPH_OPTIMIZATIONS, ort_session
 from .sparsity import SparsityTable, sparsity_table
 from .sources import resolve_model
-from .spec import TRACE_BATCH, ModelSpec
+from .spec import ONE_PASS_PIPELINES, TRACE_BATCH, ModelSpec
 from .storage import CODECS, save_weights
 from .summary import count_flops, count_parameters, module_shapes, shape_changes
 
@@ -68,6 +69,7 @@ def export_artifact(
     kernel_batch: int = 1,
     quantize: str | None = None,
     per_channel: bool = False,
+    save_optimized: str | None = None,
     progress: Progress = lambda message: None,
 ) -> ExportResult:
     """Prune `model` by `plan`, convert it to `form`, export it and write `out_dir` atomically.
@@ -78,6 +80,8 @@ def export_artifact(
     compresses the weights file losslessly. `kernel_batch` is the batch size csr measures its
     per-layer kernel choice at. `quantize` ("int8") quantizes the exported graph (and the torch
     runtime's Linear layers when it loads the artifact); its error and metric change are recorded.
+    `save_optimized` (an onnxruntime graph optimisation level) saves each graph as onnxruntime
+    optimises it, beside the original.
     """
     spec = resolve_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
@@ -94,14 +98,16 @@ def export_artifact(
     if quantize is not None:
         from .quantize import QUANTIZERS
 
-        QUANTIZERS.get(quantize)
-        if spec.export is not None:
-            raise UsageError(f"{spec.name}: quantization of encoder/decoder pairs is not supported yet")
+        if spec.pipeline not in QUANTIZERS.get(quantize).pipelines:
+            raise UsageError(f"--quantize {quantize} quantizes {', '.join(QUANTIZERS.get(quantize).pipelines)} "
+                             f"artifacts, not {spec.pipeline} ({spec.name}); use int8 (dynamic)")
         if form_entry.sparse_onnx:
             raise UsageError(f"--quantize needs form dense or dense-shrunk, not {form!r}: int8 weights are "
                              "stored dense (4x smaller than float already)")
     elif per_channel:
         raise UsageError("--per-channel applies to --quantize")
+    if save_optimized is not None and save_optimized not in GRAPH_OPTIMIZATIONS:
+        raise UsageError(f"unknown graph optimisation {save_optimized!r}; choose from {', '.join(GRAPH_OPTIMIZATIONS)}")
     check_writable_destination(out_dir, overwrite)
 
     progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
@@ -125,7 +131,6 @@ def export_artifact(
         progress(f"exporting ONNX (opset {opset})")
         notes = _form_notes(form)
         inputs = [dataclasses.asdict(i) for i in spec.inputs]
-        quantization: dict = {}
         if spec.export is None:
             onnx_errors, sparse_initializers, fixed = _export_single_graph(
                 spec, saved, tmp, trace_inputs, parity_inputs, step.reference, opset, tolerance,
@@ -133,11 +138,6 @@ def export_artifact(
             if fixed:
                 notes.append(f"sequence axes fixed at the traced lengths: the traced graph {fixed}")
                 inputs = _fixed_length_inputs(spec, trace_inputs)
-            if quantize is not None:
-                from .quantize import quantize_artifact
-
-                quantization = quantize_artifact(spec, saved, tmp, ONNX_FILE, parity_inputs, step.reference, quantize,
-                                                 per_channel, metrics, progress)
         else:  # encoder/decoder pairs: the spec's exporter sparsifies (if asked) before it checks parity
             onnx_errors, sparse_initializers = spec.export(saved, tmp, opset, tolerance, form_entry.sparse_onnx)
         source = spec.bundle(tmp) if spec.bundle is not None else {"kind": "zoo"}
@@ -169,7 +169,7 @@ def export_artifact(
             inputs=inputs,
             outputs=list(spec.outputs),
             opset=opset,
-            files={p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
+            files=file_sizes(tmp),
             onnx_parity_max_abs_error=onnx_errors,
             form_parity_max_abs_error=step.form_errors,
             parity_tolerance=tolerance,
@@ -179,9 +179,22 @@ def export_artifact(
             pipeline=spec.pipeline,
             source=source,
             notes=notes,
-            quantization=quantization,
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
+        if quantize is not None:  # measured against the float artifact, which is complete at this point
+            from .quantize import quantize_artifact
+
+            manifest = quantize_artifact(tmp, manifest, quantize, per_channel, progress)
+            write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
+        if save_optimized is not None:  # of the graphs as shipped (quantized, if they are)
+            progress(f"saving onnxruntime's {save_optimized}-optimised graphs")
+            saved_graphs = [save_optimized_graph(tmp / name, save_optimized).name
+                            for name in manifest.files if name.endswith(".onnx")]
+            note = (f"onnxruntime's {save_optimized}-optimised graphs saved beside the originals: "
+                    f"{', '.join(saved_graphs)}" + (" (level all adds layouts for this machine's CPU)"
+                                                    if save_optimized == "all" else ""))
+            manifest = dataclasses.replace(manifest, files=file_sizes(tmp), notes=[*manifest.notes, note])
+            write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
     progress(f"wrote {out_dir}")
     return ExportResult(Path(out_dir), manifest, result, table, metrics)
@@ -207,7 +220,7 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progre
     """
     one_item = spec.example_inputs(1, seed=0)
     reference = torch_outputs(net, parity_inputs)
-    flops = (lambda module: count_flops(module, one_item)) if spec.pipeline == "forward" else (lambda module: None)
+    flops = (lambda module: count_flops(module, one_item)) if spec.pipeline in ONE_PASS_PIPELINES else (lambda module: None)
     shapes_before, flops_before = module_shapes(net), flops(net)
     progress(f"converting to form {form_entry.name!r}")
     converted = form_entry.convert(net, spec, trace_inputs, options)

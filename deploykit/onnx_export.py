@@ -93,6 +93,20 @@ def sparsify_initializers(path: str | Path) -> dict[str, int]:
     return converted
 
 
+def save_optimized(path: str | Path, level: str) -> Path:
+    """onnxruntime's graph at optimisation `level`, saved as <stem>.<level>.onnx beside `path`.
+
+    Levels up to "extended" are portable; "all" adds layout transformations for the CPU it runs
+    on, so its file is for this kind of machine.
+    """
+    from .runtime import ort_session
+
+    path = Path(path)
+    target = path.with_name(f"{path.stem}.{level}.onnx")
+    ort_session(path, threads=1, optimization=level, optimized_path=target)
+    return target
+
+
 def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
     from .hooks import run_forward
 

@@ -1,18 +1,20 @@
-"""Post-training int8 quantization of an exported model, for both runtimes, with its cost measured.
+"""Post-training int8 quantization of an exported artifact, for both runtimes, with its cost measured.
 
-onnxruntime: dynamic quantization of the ONNX graph (int8 weights stored in `model.onnx`,
-activations quantized per call), per tensor or per output channel. PyTorch: dynamic quantization of
-the Linear layers when the torch runtime loads the artifact (torch keeps no int8 file format of its
-own; the weights file stays float).
+onnxruntime: dynamic quantization of every ONNX graph of the artifact (int8 weights stored in the
+files, activations quantized per call), per tensor or per output channel. PyTorch: dynamic
+quantization of the Linear layers (GPT-2's Conv1D layers become Linear first) when the torch runtime
+loads the artifact; torch keeps no int8 file format of its own, so the weights file stays float.
 
 Quantized outputs differ from the float model's by design, so parity is not a pass/fail check at
-1e-4: the manifest records the error statistics per runtime, and the change in the model's task
-metric where the model spec has an evaluation (accuracy on digits for the LeNets).
+1e-4: the manifest records, per runtime, error statistics against the float model on the
+artifact's benchmark inputs, the agreement of greedy tokens for generating pipelines, and the change
+in the model's task metric where the model spec has an evaluation (accuracy on digits for the LeNets).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +28,18 @@ from .registry import Registry
 @dataclass(frozen=True)
 class Quantizer:
     description: str
-    #: (float ONNX path, quantized ONNX path, per_channel) -> None
-    onnx: Callable[[Path, Path, bool], None]
-    #: float PyTorch model -> quantized model
+    #: (float ONNX path, quantized ONNX path, per_channel, calibration feeds) -> None
+    onnx: Callable[[Path, Path, bool, Sequence[dict]], None]
+    #: float PyTorch model -> quantized copy
     torch: Callable[[object], object]
+    #: pipelines it can quantize (static calibration feeds one graph's own inputs)
+    pipelines: tuple[str, ...] = ("forward", "speech-translation", "text-generation")
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantization")
 
 
-def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool) -> None:
+def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -79,25 +83,69 @@ def gemm_to_matmul(model):
     return model
 
 
+def conv1d_to_linear(model):
+    """transformers' Conv1D layers (GPT-2) as the nn.Linear they compute, in place: torch's dynamic
+    quantization knows Linear only."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        cls = type(module)
+        if f"{cls.__module__}.{cls.__qualname__}" != "transformers.pytorch_utils.Conv1D":
+            continue
+        linear = torch.nn.Linear(module.weight.shape[0], module.nf)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
 def torch_dynamic_int8(model):
     """Linear layers with int8 weights and activations quantized per call (a copy; `model` is kept)."""
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(conv1d_to_linear(copy.deepcopy(model)), {torch.nn.Linear},
+                                                      dtype=torch.qint8)
+
+
+def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.remaining = iter(calibration)
+
+        def get_next(self):
+            return next(self.remaining, None)
+
+    quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
 
 
 QUANTIZERS.add("int8", Quantizer("dynamic int8 (weights int8, activations quantized per call)",
                                  _onnx_dynamic_int8, torch_dynamic_int8))
+QUANTIZERS.add("int8-static", Quantizer(
+    "static int8 under onnxruntime (weights and activations int8, activation ranges calibrated; QDQ); "
+    "dynamic int8 under torch", _onnx_static_int8, torch_dynamic_int8, pipelines=("forward",)))
 
 
 def error_statistics(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> dict[str, float]:
-    """Max and mean |actual - reference| over all outputs, and the max relative to the reference's range."""
-    diffs = [np.abs(a.astype(np.float64) - r.astype(np.float64)).ravel() for r, a in zip(reference, actual)]
-    diff = np.concatenate(diffs) if diffs else np.zeros(1)
-    scale = max(float(np.abs(np.concatenate([r.ravel() for r in reference])).max()), 1e-12) if reference else 1.0
+    """Max and mean |actual - reference| over the float outputs, and the max relative to the reference's
+    largest magnitude."""
+    pairs = [(r, a) for r, a in zip(reference, actual) if np.asarray(r).dtype.kind == "f"]
+    diff = np.concatenate([np.abs(a.astype(np.float64) - r.astype(np.float64)).ravel() for r, a in pairs])
+    scale = max(max(float(np.abs(r).max()) for r, _ in pairs), 1e-12)
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_relative": float(diff.max()) / scale}
+
+
+def token_agreement(reference: np.ndarray, actual: np.ndarray, pad: int = -1) -> float:
+    """Share of the reference's greedy tokens the quantized model produced at the same position."""
+    reference, actual = np.asarray(reference), np.asarray(actual)
+    positions = reference != pad
+    return float((reference[positions] == actual[positions]).mean()) if positions.any() else 1.0
 
 
 class _OrtModel:
@@ -119,38 +167,77 @@ class _OrtModel:
         return self
 
 
-def quantize_artifact(spec, model, directory: Path, onnx_file: str, parity_inputs, reference, scheme: str,
-                      per_channel: bool, metrics: dict[str, float], progress) -> dict:
-    """Quantize `directory/onnx_file` in place and measure what quantization costs on each runtime.
+#: prompts (or utterances) the greedy-token agreement of a generating pipeline is averaged over
+AGREEMENT_INPUTS = 4
 
-    Returns the manifest's `quantization` record: scheme, settings, error statistics against the
-    float model per runtime, and the task metrics (with their change) where the spec evaluates.
+
+#: batches static quantization calibrates on
+CALIBRATION_BATCHES = 16
+
+
+def _data(spec, manifest, directory, workload) -> tuple[list[dict], list[dict], str]:
+    """(calibration feeds, feeds the error is measured on, what those are).
+
+    A model with real data calibrates on some of it and is measured on batches it did not
+    calibrate on; others use random example inputs for both, and the record says so.
     """
-    from .onnx_export import torch_outputs
-    from .runtime import ort_session
+    def feeds(batches):
+        return [{name: t.numpy() for name, t in zip(spec.input_names, batch)} for batch in batches]
+
+    if spec.calibration is not None and manifest.pipeline == "forward":
+        batches = spec.calibration(CALIBRATION_BATCHES + AGREEMENT_INPUTS)
+        return (feeds(batches[:CALIBRATION_BATCHES]), feeds(batches[CALIBRATION_BATCHES:]),
+                f"the model's data: {len(batches[:CALIBRATION_BATCHES])} batches to calibrate, "
+                f"{len(batches[CALIBRATION_BATCHES:])} others to measure the error on")
+    calibration = feeds([spec.example_inputs(8, seed=100 + i) for i in range(CALIBRATION_BATCHES)]
+                        if manifest.pipeline == "forward" else [])
+    measured = [workload.inputs(directory, manifest, 1, seed, None) for seed in range(10, 10 + AGREEMENT_INPUTS)]
+    return calibration, measured, "random example inputs (the model has no data of its own)"
+
+
+def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool, progress) -> object:
+    """Quantize the ONNX graphs of the finished artifact in `directory` in place, and measure what
+    that costs on each runtime against the float model. Returns the manifest to write."""
+    from .artifact import MANIFEST_FILE, ONNX_FILE, file_sizes, load_torch_model
+    from .bench import WORKLOADS
+    from .fsutil import write_text_atomic
+    from .runtime import RUNTIMES
+    from .sources import spec_for_artifact
 
     quantizer = QUANTIZERS.get(scheme)
+    workload = WORKLOADS.get(manifest.pipeline)
+    spec = spec_for_artifact(directory, manifest)
+    calibration, feeds, data = _data(spec, manifest, directory, workload)
+    reference_of = workload.reference(directory)
+    references = [reference_of(f) for f in feeds]  # the float model, before anything changes
+
     progress(f"quantizing: {quantizer.description}" + (", per channel" if per_channel else ""))
-    path = directory / onnx_file
-    quantized = directory / f".{onnx_file}.int8"
-    quantizer.onnx(path, quantized, per_channel)
-    quantized.replace(path)
-    feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
-    torch_model = quantizer.torch(model)
-    record = {
-        "scheme": scheme,
-        "description": quantizer.description,
-        "per_channel": per_channel,
-        "error": {
-            "onnxruntime": error_statistics(reference, ort_session(path, threads=1).run(None, feeds)),
-            "torch": error_statistics(reference, torch_outputs(torch_model, parity_inputs)),
-        },
-    }
+    for name in [name for name in manifest.files if name.endswith(".onnx")]:
+        quantized = directory / f".{name}.int8"
+        quantizer.onnx(directory / name, quantized, per_channel, calibration)
+        quantized.replace(directory / name)
+    record = {"scheme": scheme, "description": quantizer.description, "per_channel": per_channel, "data": data}
+    manifest = dataclasses.replace(manifest, quantization=record, files=file_sizes(directory))
+    write_text_atomic(directory / MANIFEST_FILE, manifest.to_json())  # the torch loader reads it
+
+    progress("measuring the quantized model against the float one")
+    sessions = {name: RUNTIMES.get(name).load(manifest.pipeline, directory, 1) for name in ("onnxruntime", "torch")}
+    outputs = {runtime: [s.run(f) for f in feeds] for runtime, s in sessions.items()}
+    record["error"] = {runtime: error_statistics([a for r in references for a in r], [a for o in outs for a in o])
+                       for runtime, outs in outputs.items()}
+    if manifest.pipeline != "forward":  # generating pipelines: the last output is the greedy tokens
+        record["greedy_token_agreement"] = {
+            runtime: float(np.mean([token_agreement(r[-1], o[-1]) for r, o in zip(references, outs)]))
+            for runtime, outs in outputs.items()}
     if spec.evaluate is not None:
+        # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it
+        # where the artifact is that one call (a generating pipeline's graphs are not)
         progress("evaluating the quantized model")
-        quantized_metrics = {"onnxruntime": spec.evaluate(_OrtModel(path, spec.input_names)),
-                             "torch": spec.evaluate(torch_model)}
+        quantized_metrics = {"torch": spec.evaluate(load_torch_model(directory)[0])}
+        if manifest.pipeline == "forward":
+            quantized_metrics["onnxruntime"] = spec.evaluate(_OrtModel(directory / ONNX_FILE, spec.input_names))
         record["metrics"] = quantized_metrics
-        record["metric_delta"] = {runtime: {k: v - metrics[k] for k, v in values.items() if k in metrics}
+        record["metric_delta"] = {runtime: {k: v - manifest.metrics[k] for k, v in values.items()
+                                            if k in manifest.metrics}
                                   for runtime, values in quantized_metrics.items()}
-    return record
+    return dataclasses.replace(manifest, quantization=record)

@@ -54,6 +54,8 @@ class BenchRecord:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     #: post-training quantization scheme of the artifact ("int8"), "" for float
     quantization: str = ""
+    #: onnxruntime's graph optimisation level ("" for runtimes without one)
+    graph_optimization: str = ""
 
     @property
     def form_label(self) -> str:

@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from .errors import UsageError
 from .measure import REMEDIES, required_samples
+from .runtime import DEFAULT_GRAPH_OPTIMIZATION
 from .records import BenchRecord
 from .sparsity import SparsityTable
 
@@ -49,6 +50,8 @@ def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str
         "device": (any(r.device not in CPU_DEVICES for r in records), lambda r: r.device),
         "stage": (any(r.stage != "forward" for r in records), lambda r: r.stage),
         "length": (any(r.sequence_length for r in records), lambda r: str(r.sequence_length or "")),
+        "graph opt": (any(r.graph_optimization not in ("", DEFAULT_GRAPH_OPTIMIZATION) for r in records),
+                      lambda r: r.graph_optimization),
     }
     shown = [(name, cell) for name, (wanted, cell) in optional.items() if wanted]
     rows = []
@@ -95,14 +98,14 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch",
-                     "sequence_length", "threads",
+                     "sequence_length", "graph_optimization", "threads",
                      "p50_ms", "p50_ci95_low_ms", "p50_ci95_high_ms", "p90_ms", "p99_ms", "iqr_ms", "samples",
                      "items_per_s", "peak_rss_bytes", "disk_bytes", "parameters", "nonzero_parameters", "parity"])
     for r in records:
         m = r.measurement
         low, high = m.median_ci_ms()
         writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form_label, r.runtime, r.stage, r.device, r.batch_size,
-                         r.sequence_length or "", r.threads, m.median_ms, low, high,
+                         r.sequence_length or "", r.graph_optimization, r.threads, m.median_ms, low, high,
                          m.percentile_ms(90) if m.enough_samples_for(90) else "",
                          m.percentile_ms(99) if m.enough_samples_for(99) else "", m.iqr_ms, len(m.samples_ns),
                          m.throughput_items_per_s, r.peak_rss_bytes, r.disk_bytes, r.parameters,
@@ -112,8 +115,8 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
 
 def configuration_key(r: BenchRecord) -> tuple:
     """What makes two records the same configuration (in two runs, or on two machines)."""
-    return (r.model, r.prune, r.form, r.quantization, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length,
-            r.threads)
+    return (r.model, r.prune, r.form, r.quantization, r.runtime, r.device, r.graph_optimization, r.stage, r.batch_size,
+            r.sequence_length, r.threads)
 
 
 def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], base_label: str, other_label: str,

@@ -11,7 +11,7 @@ runtime names, per pipeline, the function that loads a session, as "module:funct
 Each runtime also says which devices it can use on this machine and which of them a hardware profile
 prefers; `deploykit.devices` turns a bench's device choices (auto, cpu, gpu) into concrete devices.
 
-How to add a runtime: write a `Session` class taking `(artifact_dir, threads, device)`, with `run(feeds)
+How to add a runtime: write a `Session` class taking `(artifact_dir, threads, target)`, with `run(feeds)
 -> list[np.ndarray]`, `stages(feeds)` returning the zero-argument calls the timing loop repeats, by
 stage name (inputs already converted), `synchronize` (waits for queued device work, or None when
 calls return only once their work is done), an `info` and the artifact `files` it loaded, then
@@ -61,6 +61,23 @@ class Session(Protocol):
 #: the stage of a one-graph artifact: one call
 FORWARD_STAGE = "forward"
 
+#: onnxruntime graph optimisation levels by name (onnxruntime's own default is "all")
+GRAPH_OPTIMIZATIONS = ("disabled", "basic", "extended", "all")
+DEFAULT_GRAPH_OPTIMIZATION = "all"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One runtime on one device with its settings: what a worker is asked to load."""
+
+    runtime: str
+    #: torch device ("cpu", "cuda", "mps") or onnxruntime execution provider
+    device: str
+    #: the device choice it came from (auto, cpu, gpu; see `deploykit.devices`)
+    choice: str = "cpu"
+    #: onnxruntime's graph optimisation level (None for runtimes without one)
+    graph_optimization: str | None = None
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -68,7 +85,7 @@ class Runtime:
     #: libraries the runtime imports: the benchmark worker imports them before its baseline memory
     #: reading, so that "peak - baseline" is what loading and running the model cost
     modules: tuple[str, ...]
-    #: pipeline -> "module:function" loading a Session from (artifact directory, threads, device)
+    #: pipeline -> "module:function" loading a Session from (artifact directory, threads, Target)
     loaders: Mapping[str, str]
     #: the devices this runtime can use on this machine, accelerators first
     available_devices: Callable[[], tuple[str, ...]]
@@ -77,12 +94,18 @@ class Runtime:
     cpu_device: str
     #: what to tell a user who asked for a GPU this runtime cannot use here
     no_accelerator: str
+    #: whether the runtime has graph optimisation levels (GRAPH_OPTIMIZATIONS)
+    graph_optimizations: bool = False
 
-    def load(self, pipeline: str, directory: Path, threads: int, device: str) -> Session:
+    def load(self, pipeline: str, directory: Path, threads: int, target: Target | None = None) -> Session:
+        """A session for the artifact in `directory` (on the CPU with default settings unless `target` says)."""
         if pipeline not in self.loaders:
             raise UsageError(f"runtime {self.name!r} cannot run {pipeline!r} artifacts; it runs: {', '.join(self.loaders)}")
+        if target is None:
+            target = Target(self.name, self.cpu_device,
+                            graph_optimization=DEFAULT_GRAPH_OPTIMIZATION if self.graph_optimizations else None)
         module, _, function = self.loaders[pipeline].partition(":")
-        return getattr(importlib.import_module(module), function)(Path(directory), threads, device)
+        return getattr(importlib.import_module(module), function)(Path(directory), threads, target)
 
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
@@ -91,8 +114,11 @@ RUNTIMES: Registry[Runtime] = Registry("runtime")
 CPU_PROVIDER = "CPUExecutionProvider"
 
 
-def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, provider: str = CPU_PROVIDER):
-    """An onnxruntime session on `provider` with `threads` intra-op threads and no inter-op parallelism.
+def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, provider: str = CPU_PROVIDER,
+                optimization: str | None = None, optimized_path: str | Path | None = None):
+    """An onnxruntime session on `provider` with `threads` intra-op threads and no inter-op parallelism,
+    at graph optimisation level `optimization` (GRAPH_OPTIMIZATIONS; default onnxruntime's, "all"),
+    writing the optimised graph to `optimized_path` when given.
 
     Operators the provider lacks run on the CPU provider, as onnxruntime intends; a provider that
     fails to start is an error here, not onnxruntime's silent fall-back to the CPU, so a figure
@@ -111,6 +137,9 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # warnings about unused initializers are noise for users
+    options.graph_optimization_level = _graph_level(optimization or DEFAULT_GRAPH_OPTIMIZATION)
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     providers = [provider] + ([CPU_PROVIDER] if provider != CPU_PROVIDER else [])
     session = ort.InferenceSession(str(onnx_path), options, providers=providers)
     if session.get_providers()[0] != provider:
@@ -119,14 +148,26 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
     return session
 
 
+def _graph_level(name: str):
+    import onnxruntime as ort
+
+    levels = dict(zip(GRAPH_OPTIMIZATIONS, (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_ALL)))
+    if name not in levels:
+        raise UsageError(f"unknown graph optimisation {name!r}; choose from {', '.join(GRAPH_OPTIMIZATIONS)}")
+    return levels[name]
+
+
 class OrtSession:
     #: session.run returns host arrays, so a call ends when its device work has
     synchronize = None
 
-    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER):
+    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER, optimization: str | None = None):
         import onnxruntime as ort
 
-        self.session = ort_session(onnx_path, threads, provider=provider)
+        self.session = ort_session(onnx_path, threads, provider=provider, optimization=optimization)
         self.info = RuntimeInfo("onnxruntime", ort.__version__, threads, self.session.get_providers()[0])
         self.files = (Path(onnx_path).name,)
 
@@ -139,19 +180,16 @@ class OrtSession:
 
 
 class TorchSession:
-    def __init__(self, artifact_dir: Path, threads: int, device: str = "cpu"):
+    def __init__(self, artifact_dir: Path, threads: int, target: Target):
         import torch
 
         from .artifact import load_torch_model
 
         torch.set_num_threads(threads)
         self.torch = torch
+        device = target.device
         self.device = torch.device(device)
         model, self.manifest = load_torch_model(artifact_dir)
-        if self.manifest.quantization:
-            from .quantize import QUANTIZERS
-
-            model = QUANTIZERS.get(self.manifest.quantization["scheme"]).torch(model)
         self.model = model.to(self.device)
         self.input_names = [spec["name"] for spec in self.manifest.inputs]
         self.info = RuntimeInfo("torch", torch.__version__, threads, device)
@@ -185,8 +223,8 @@ _TORCH_SYNC = {
 }
 
 
-def load_onnxruntime(artifact_dir: Path, threads: int, device: str) -> Session:
-    return OrtSession(Path(artifact_dir) / ONNX_FILE, threads, device)
+def load_onnxruntime(artifact_dir: Path, threads: int, target: Target) -> Session:
+    return OrtSession(Path(artifact_dir) / ONNX_FILE, threads, target.device, target.graph_optimization)
 
 
 def torch_devices() -> tuple[str, ...]:
@@ -209,7 +247,8 @@ def onnxruntime_providers() -> tuple[str, ...]:
 
 RUNTIMES.add("torch", Runtime(
     "torch", ("torch",),
-    {"forward": "deploykit.runtime:TorchSession", "speech-translation": "deploykit.espnet:load_torch_session"},
+    {"forward": "deploykit.runtime:TorchSession", "speech-translation": "deploykit.espnet:load_torch_session",
+     "text-generation": "deploykit.gpt2:load_torch_session"},
     available_devices=torch_devices,
     preferred_devices=lambda profile: (profile.runtime.torch_device, "cpu"),
     cpu_device="cpu",
@@ -217,9 +256,11 @@ RUNTIMES.add("torch", Runtime(
 ))
 RUNTIMES.add("onnxruntime", Runtime(
     "onnxruntime", ("onnxruntime",),
-    {"forward": "deploykit.runtime:load_onnxruntime", "speech-translation": "deploykit.st_decode:load_onnxruntime"},
+    {"forward": "deploykit.runtime:load_onnxruntime", "speech-translation": "deploykit.st_decode:load_onnxruntime",
+     "text-generation": "deploykit.textgen:load_onnxruntime"},
     available_devices=onnxruntime_providers,
     preferred_devices=lambda profile: profile.runtime.onnxruntime_providers,
     cpu_device=CPU_PROVIDER,
     no_accelerator="this onnxruntime build has no GPU execution provider (onnxruntime-gpu has CUDA's)",
+    graph_optimizations=True,
 ))

@@ -1,7 +1,8 @@
 """Where a model comes from: a zoo name, or a path the user points at.
 
 `resolve_model` turns what the user typed after `--model` into a `ModelSpec`: a registered name, or
-a path one of the `PATH_SOURCES` recognises (today: an ESPnet experiment directory or zip). A spec
+a path one of the `PATH_SOURCES` recognises (today: a local Hugging Face GPT-2 directory, an ESPnet
+experiment directory or zip). A spec
 that is not from the zoo carries a `bundle` hook that writes what rebuilding it needs into the
 artifact, and the manifest's `source` record names the loader that reads it back
 (`spec_for_artifact`), so an artifact never depends on the path it was exported from.
@@ -41,11 +42,14 @@ class PathSource:
 
 
 PATH_SOURCES = (
+    PathSource("hf-directory", "a local Hugging Face GPT-2 directory (config.json + weights)",
+               "deploykit.zoo.gpt2:is_hf_directory", "deploykit.zoo.gpt2:hf_directory_spec"),
     PathSource("espnet-experiment", "an ESPnet ST experiment directory or zip (config.yaml + model .pth)",
                "deploykit.zoo.espnet_st:is_experiment", "deploykit.zoo.espnet_st:experiment_spec"),
 )
 #: manifest source kind -> "module:function" rebuilding the spec from (artifact directory, manifest)
 ARTIFACT_SOURCES = {
+    "hf-directory": "deploykit.zoo.gpt2:hf_spec_from_artifact",
     "espnet-experiment": "deploykit.zoo.espnet_st:spec_from_artifact",
 }
 

@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays i
 INPUT_DTYPES = ("float32", "float16", "int64", "int32")
 #: batch size of the example inputs models are traced with (ONNX export, dependency graphs)
 TRACE_BATCH = 2
+#: pipelines whose model forward is one pass over the example inputs: FLOPs per item are counted for
+#: these (a speech-translation forward is a traced stand-in for encoder + decoder steps)
+ONE_PASS_PIPELINES = ("forward", "text-generation")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ class ModelSpec:
     evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None
     #: bump when `train` changes, so cached trained weights are not reused
     train_version: str = "1"
+    #: real inputs for static quantization's calibration: n -> up to n input tuples (a batch each);
+    #: without it, calibration uses example inputs, which is only as good as they are
+    calibration: "Callable[[int], Sequence[tuple[torch.Tensor, ...]]] | None" = None
     #: ONNX export for models that are not one forward pass (encoder/decoder pairs):
     #: (model, directory, opset, tolerance, sparse) -> ({output: max abs error vs PyTorch},
     #: {initializer: nonzeros stored sparse}); with `sparse` it stores sparse initializers where smaller,
@@ -218,6 +224,7 @@ def register_model(
     export: "Callable[[nn.Module, Path, int, float, bool], tuple[dict[str, float], dict[str, int]]] | None" = None,
     forms: Sequence[str] | None = None,
     pipeline: str = "forward",
+    calibration: "Callable[[int], Sequence[tuple[torch.Tensor, ...]]] | None" = None,
 ) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
     """Decorator registering a zero-argument model builder under `name`."""
 
@@ -239,6 +246,7 @@ def register_model(
                 export=export,
                 forms=tuple(forms) if forms is not None else None,
                 pipeline=pipeline,
+                calibration=calibration,
             ),
         )
         return build

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import UsageError
-from .runtime import CPU_PROVIDER
+from .runtime import CPU_PROVIDER, Target
 
 ST_CONFIG_FILE = "st_config.json"
 #: the benchmark's utterance: 5 s of 10 ms feature frames, decoded greedily for a fixed token count
@@ -34,11 +34,12 @@ class OrtSTDecoder:
     """The exported decoder under ONNX Runtime, with espnet_onnx's cache convention: each layer's
     cache starts as zeros of one dummy position, and the model hands back the caches to feed next."""
 
-    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1, provider: str = CPU_PROVIDER):
+    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1, provider: str = CPU_PROVIDER,
+                 optimization: str | None = None):
         from .runtime import ort_session
 
         # it takes turns with the encoder: its threads must not spin while the encoder runs
-        self.session = ort_session(path, threads, spinning=False, provider=provider)
+        self.session = ort_session(path, threads, spinning=False, provider=provider, optimization=optimization)
         self.layers, self.size = layers, size
 
     def initial_cache(self) -> list[np.ndarray]:
@@ -67,15 +68,17 @@ class OrtStepper:
 class OrtSpeechTranslator:
     """An exported encoder/decoder pair loaded once into ONNX Runtime sessions (no torch needed)."""
 
-    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER):
+    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER,
+                 optimization: str | None = None):
         from .runtime import ort_session
 
         directory = Path(directory)
         self.config = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))
         self.sos, self.eos, self.vocab_size = self.config["sos"], self.config["eos"], self.config["vocab_size"]
-        self.encoder = ort_session(directory / self.config["encoder"], threads, spinning=False, provider=provider)
+        self.encoder = ort_session(directory / self.config["encoder"], threads, spinning=False, provider=provider,
+                                   optimization=optimization)
         self.decoder = OrtSTDecoder(directory / self.config["decoder"], self.config["decoder_layers"],
-                                    self.config["decoder_size"], threads, provider)
+                                    self.config["decoder_size"], threads, provider, optimization)
 
     def encode(self, feats: np.ndarray) -> np.ndarray:
         return self.encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
@@ -203,12 +206,12 @@ def bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]
     return 100.0 * score
 
 
-def load_onnxruntime(directory: Path, threads: int, device: str = CPU_PROVIDER) -> STSession:
+def load_onnxruntime(directory: Path, threads: int, target: Target) -> STSession:
     """The benchmark session of an exported ST artifact under ONNX Runtime."""
     import onnxruntime as ort
 
     from .runtime import RuntimeInfo
 
-    translator = OrtSpeechTranslator(directory, threads, device)
+    translator = OrtSpeechTranslator(directory, threads, target.device, target.graph_optimization)
     info = RuntimeInfo("onnxruntime", ort.__version__, threads, translator.encoder.get_providers()[0])
     return STSession(translator, info, [translator.config["encoder"], translator.config["decoder"]])

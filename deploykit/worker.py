@@ -22,15 +22,16 @@ def main(argv: list[str]) -> int:
 
     from .env import peak_rss_bytes
     from .measure import measure
-    from .runtime import RUNTIMES
+    from .runtime import RUNTIMES, Target
 
     feeds = load_file(request["inputs"])
-    runtime = RUNTIMES.get(request["runtime"])
+    target = Target(**request["target"])
+    runtime = RUNTIMES.get(target.runtime)
     for module in runtime.modules:
         importlib.import_module(module)
     baseline = _current_rss_bytes()
     start = time.perf_counter()
-    session = runtime.load(request["pipeline"], Path(request["artifact"]), request["threads"], request["device"])
+    session = runtime.load(request["pipeline"], Path(request["artifact"]), request["threads"], target)
     load_s = time.perf_counter() - start
     outputs = session.run(feeds)
     save_file({f"output_{i}": out for i, out in enumerate(outputs)}, request["outputs"])

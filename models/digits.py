@@ -60,6 +60,12 @@ def train_on_digits(
     model.eval()
 
 
+def calibration_batches(count: int) -> list[tuple[torch.Tensor]]:
+    """Up to `count` batches of training images: what static quantization calibrates on."""
+    images = digits()[0]
+    return [(images[i:i + BATCH],) for i in range(0, min(count * BATCH, len(images)), BATCH)]
+
+
 def accuracy_on_digits(model: nn.Module) -> dict[str, float]:
     _, _, x, y = digits()
     with torch.no_grad():

@@ -1,8 +1,13 @@
 """GPT-2 of the GPT-2 study, from its configuration (random weights; nothing is downloaded).
 
-Needs the `hf` extra (transformers). The model is built with eager attention and no KV cache: the
-cache and SDPA attention break tracing (ONNX export, torch-pruning), and the wrapper returns the
-logits tensor instead of a ModelOutput.
+Needs the `hf` extra (transformers, optimum). The model is built with eager attention and no KV
+cache: the cache and SDPA attention break tracing (torch-pruning), and the wrapper returns the
+logits tensor instead of a ModelOutput. Its ONNX form comes from optimum, with and without the
+key/value cache (`deploykit.gpt2`), and artifacts run as the "text-generation" pipeline.
+
+Its evaluation is perplexity on a fixed token sequence drawn from the model's own vocabulary: for
+random weights that number is about the vocabulary size, and it exercises the path a trained model
+and a real text would take.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from deploykit.spec import InputSpec, register_model
 
 VOCAB = 50257
 PROMPT_TOKENS = 16
+#: tokens of the sequence perplexity is measured on
+EVAL_TOKENS = 128
 
 
 class CausalLM(nn.Module):
@@ -43,14 +50,113 @@ def build_gpt2(**config) -> CausalLM:
     return CausalLM(GPT2LMHeadModel(cfg))
 
 
-def _prompt(batch: int, generator: torch.Generator) -> tuple[torch.Tensor]:
-    return (torch.randint(0, VOCAB, (batch, PROMPT_TOKENS), generator=generator),)
+def _export(model: nn.Module, directory, opset: int, tolerance: float, sparse: bool):
+    from deploykit.gpt2 import export_gpt2
+
+    result = export_gpt2(model, directory, opset, tolerance, sparse)
+    return result.errors, result.sparse_initializers
 
 
-TOKENS = InputSpec("input_ids", ("batch", "sequence"), "int64", high=VOCAB)
+def _perplexity(model: nn.Module) -> dict[str, float]:
+    from deploykit.gpt2 import TorchCausalLM
+    from deploykit.textgen import perplexity
+
+    vocab = model.model.config.vocab_size
+    tokens = torch.randint(0, vocab, (EVAL_TOKENS,), generator=torch.Generator().manual_seed(7)).tolist()
+    return {"perplexity": perplexity(TorchCausalLM(model), tokens)}
 
 
-@register_model("gpt2-small", inputs=[TOKENS], outputs=["logits"], sampler=_prompt, output_layers=["model.lm_head"])
+def _fields(vocab: int) -> dict:
+    def prompt(batch: int, generator: torch.Generator) -> tuple[torch.Tensor]:
+        return (torch.randint(0, vocab, (batch, PROMPT_TOKENS), generator=generator),)
+
+    return dict(inputs=[InputSpec("input_ids", ("batch", "sequence"), "int64", high=vocab)], outputs=["logits"],
+                sampler=prompt, output_layers=["model.lm_head"], export=_export, evaluate=_perplexity,
+                pipeline="text-generation")
+
+
+@register_model("gpt2-small", **_fields(VOCAB))
 def gpt2_small() -> nn.Module:
     """GPT-2 small (GPT-2 study): 12 layers, 12 heads, d_model 768, vocab 50257, 124,439,808 parameters."""
     return build_gpt2()
+
+
+TINY_VOCAB = 1000
+
+
+@register_model("gpt2-tiny", **_fields(TINY_VOCAB))
+def gpt2_tiny() -> nn.Module:
+    """GPT-2, tiny configuration for CI: 2 layers, 4 heads, d_model 64, vocab 1000, 180,480 parameters."""
+    return build_gpt2(n_layer=2, n_head=4, n_embd=64, vocab_size=TINY_VOCAB, n_positions=256)
+
+
+# -- a local Hugging Face model directory ------------------------------------------------------------
+
+#: the config an artifact exported from a local directory carries, to rebuild the model's shape
+HF_CONFIG_FILE = "hf_config.json"
+
+
+def is_hf_directory(path) -> bool:
+    """A directory with a Hugging Face config.json (whether deploykit can run its architecture is
+    checked when it is read)."""
+    from pathlib import Path
+
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _spec_from_config(name: str, config, description: str, build, bundle=None):
+    from deploykit.spec import ModelSpec
+
+    fields = _fields(config.vocab_size)
+    return ModelSpec(name=name, build=build, inputs=tuple(fields.pop("inputs")), outputs=tuple(fields.pop("outputs")),
+                     output_layers=tuple(fields.pop("output_layers")), description=description, bundle=bundle,
+                     **fields)
+
+
+def _read_config(path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if config.model_type != "gpt2":
+        raise UsageError(f"{path}: model_type {config.model_type!r} is not supported; deploykit reads GPT-2 "
+                         "directories (model_type 'gpt2')")
+    config.use_cache, config._attn_implementation = False, "eager"  # as the zoo builds it (tracing)
+    return config
+
+
+def hf_directory_spec(path):
+    """A spec for a local GPT-2 directory (config.json + weights), read without touching the network."""
+    from pathlib import Path
+
+    from transformers import GPT2LMHeadModel
+
+    from deploykit.fsutil import write_text_atomic
+
+    path = Path(path)
+    config = _read_config(path)
+
+    def build() -> nn.Module:
+        try:
+            model = GPT2LMHeadModel.from_pretrained(str(path), config=config, local_files_only=True)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot load the weights: {str(exc).splitlines()[0]}") from None
+        return CausalLM(model)
+
+    def bundle(directory) -> dict:
+        write_text_atomic(Path(directory) / HF_CONFIG_FILE, config.to_json_string())
+        return {"kind": "hf-directory", "config": HF_CONFIG_FILE, "from": str(path)}
+
+    return _spec_from_config(path.name, config, f"Hugging Face GPT-2 directory {path}", build, bundle)
+
+
+def hf_spec_from_artifact(directory, manifest):
+    """The spec of an artifact exported from a local directory: its shape from the config it carries
+    (the weights come from the artifact)."""
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config.from_json_file(str(Path(directory) / manifest.source["config"]))
+    config.use_cache, config._attn_implementation = False, "eager"
+    return _spec_from_config(manifest.model, config, f"exported from {manifest.source['from']}",
+                             lambda: CausalLM(GPT2LMHeadModel(config)))

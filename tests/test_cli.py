@@ -174,4 +174,5 @@ def test_unknown_model_lists_every_registered_model(cli, tmp_path):
     result = cli("export", "--model", "nope", "--out", str(tmp_path / "o"))
     names = ", ".join(sorted(spec.name for spec in list_models()))
     assert result.stderr.strip() == (f"deploykit: error: unknown model 'nope'; known: {names}; or the path of "
-                                     "an ESPnet ST experiment directory or zip (config.yaml + model .pth)")
+                                     "a local Hugging Face GPT-2 directory (config.json + weights) or an ESPnet ST "
+                                     "experiment directory or zip (config.yaml + model .pth)")

@@ -8,7 +8,7 @@ from deploykit.bench import Grid, TimingSettings, bench_artifact
 from deploykit.errors import UsageError
 from deploykit.export import export_artifact
 from deploykit.prune import PruningPlan
-from deploykit.quantize import error_statistics, gemm_to_matmul
+from deploykit.quantize import conv1d_to_linear, error_statistics, gemm_to_matmul, token_agreement
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,51 @@ def test_gemm_rewrite_computes_the_same(tmp_path):
     assert [n.op_type for n in onnx.load(str(tmp_path / "matmul.onnx")).graph.node] == ["MatMul", "Add"]
 
 
-def test_error_statistics():
-    stats = error_statistics([np.array([1.0, -4.0])], [np.array([1.5, -4.0])])
-    assert stats == {"max_abs": 0.5, "mean_abs": 0.25, "max_relative": 0.125}
+def test_error_statistics_and_token_agreement():
+    tokens = np.array([3, 4, 5, -1])
+    stats = error_statistics([np.array([1.0, -4.0]), tokens], [np.array([1.5, -4.0]), tokens + 9])
+    assert stats == {"max_abs": 0.5, "mean_abs": 0.25, "max_relative": 0.125}  # token ids are not errors
+    assert token_agreement(np.array([3, 4, 5, -1]), np.array([3, 9, 5, 7])) == pytest.approx(2 / 3)
+
+
+def test_conv1d_becomes_the_linear_it_computes():
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Conv1D(6, 4))
+    x = torch.randn(3, 4)
+    expected = model(x)
+    converted = conv1d_to_linear(model)
+    assert isinstance(converted[0], torch.nn.Linear) and converted[0].weight.shape == (6, 4)
+    torch.testing.assert_close(converted(x), expected)
+
+
+def test_gpt2_quantizes_for_both_runtimes_with_greedy_agreement(tmp_path):
+    pytest.importorskip("optimum")
+    from deploykit.artifact import load_torch_model
+
+    plain = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.3), "dense", tmp_path / "float")
+    result = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.3), "dense", tmp_path / "int8", quantize="int8")
+    q = result.manifest.quantization
+    assert set(q["greedy_token_agreement"]) == {"onnxruntime", "torch"}
+    assert all(0 <= v <= 1 for v in q["greedy_token_agreement"].values())
+    assert set(q["metric_delta"]["torch"]) == {"perplexity"}
+    for name in ("decoder.onnx", "decoder_with_past.onnx"):
+        assert plain.manifest.files[name] >= 2.5 * result.manifest.files[name]
+    model, _ = load_torch_model(result.directory)
+    kinds = {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()}
+    assert "torch.ao.nn.quantized.dynamic.modules.linear.Linear" in kinds
+    assert not any(kind.endswith(".Conv1D") for kind in kinds)  # GPT-2's projections were converted and quantized
+
+
+def test_static_quantization_calibrates_on_the_models_data(tmp_path):
+    result = export_artifact("lenet-300-100", PruningPlan("magnitude", 0.5), "dense", tmp_path / "s",
+                             quantize="int8-static")
+    q = result.manifest.quantization
+    assert q["data"] == "the model's data: 16 batches to calibrate, 4 others to measure the error on"
+    ops = {node.op_type for node in onnx.load(str(result.directory / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantized too (QDQ)
+    assert q["metrics"]["onnxruntime"]["accuracy"] > 0.9
+    with pytest.raises(UsageError, match="--quantize int8-static quantizes forward artifacts, not text-generation"):
+        export_artifact("gpt2-tiny", PruningPlan(), "dense", tmp_path / "g", quantize="int8-static")

@@ -145,3 +145,28 @@ def test_sequence_length_sweep_records_each_length(tmp_path):
         (runtime, stage, length) for length in (60, 240) for runtime in ("torch", "onnxruntime")
         for stage in ("encoder", "decoder-step", "greedy")]
     assert all(r.parity_max_abs_error <= result.manifest.parity_tolerance for r in records)
+
+
+def test_graph_optimisation_levels_are_swept_for_onnxruntime_only(tmp_path):
+    directory = export_artifact("lenet-300-100", PruningPlan("magnitude", 0.5), "dense", tmp_path / "a",
+                                save_optimized="extended").directory
+    records = bench_artifact(directory, Grid(runtimes=("torch", "onnxruntime"), graph_optimizations=("disabled", "all")),
+                             TimingSettings(warmup_s=0.01, min_time_s=0.01, min_iters=5))
+    assert [(r.runtime, r.graph_optimization) for r in records] == [
+        ("torch", ""), ("onnxruntime", "disabled"), ("onnxruntime", "all")]
+    with pytest.raises(UsageError, match="unknown graph optimisation 'fast'; choose from disabled, basic, extended, all"):
+        Grid(graph_optimizations=("fast",)).placement()
+
+
+def test_the_optimised_graph_is_saved_beside_the_original_and_computes_the_same(tmp_path):
+    import numpy as np
+
+    from deploykit.runtime import ort_session
+
+    result = export_artifact("lenet-5", PruningPlan(), "dense", tmp_path / "a", save_optimized="extended")
+    assert "model.extended.onnx" in result.manifest.files
+    assert result.manifest.notes[-1].startswith("onnxruntime's extended-optimised graphs saved beside the originals")
+    feeds = {"image": np.random.default_rng(0).standard_normal((2, 1, 28, 28), dtype=np.float32)}
+    original = ort_session(result.directory / "model.onnx", 1, optimization="disabled").run(None, feeds)[0]
+    optimised = ort_session(result.directory / "model.extended.onnx", 1, optimization="disabled").run(None, feeds)[0]
+    np.testing.assert_allclose(optimised, original, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ PARAMETERS = {
     "textclf-agnews": 6_132_164,
     "seq2seq-transformer": 33_570_389,
     "gpt2-small": 124_439_808,
+    "gpt2-tiny": 180_480,
     "linear-stack-4096": 33_603_594,
     "espnet-st": 16_622_312,
     "espnet-st-small": 361_024,

@@ -1,0 +1,119 @@
+"""GPT-2 through optimum: export with and without the cache, greedy tokens identical to transformers',
+structured pruning of heads and MLP blocks, local model directories, perplexity, and the benchmark."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("optimum")
+
+from deploykit.artifact import load_torch_model  # noqa: E402
+from deploykit.bench import Grid, TimingSettings, bench_artifact  # noqa: E402
+from deploykit.errors import UsageError  # noqa: E402
+from deploykit.export import export_artifact  # noqa: E402
+from deploykit.prune import PruningPlan  # noqa: E402
+from deploykit.textgen import OrtCausalLM, greedy, perplexity  # noqa: E402
+
+FAST = TimingSettings(warmup_s=0.01, min_time_s=0.01, min_iters=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.5), "csr", tmp_path_factory.mktemp("g") / "a")
+
+
+def test_export_writes_both_graphs_and_checks_them(tiny):
+    m = tiny.manifest
+    assert m.pipeline == "text-generation"
+    assert {"decoder.onnx", "decoder_with_past.onnx", "textgen_config.json"} <= set(m.files)
+    assert set(m.onnx_parity_max_abs_error) == {"prompt_logits", "step_logits", "logits"}
+    assert m.onnx_parity_error <= 1e-4
+    ort = OrtCausalLM(tiny.directory)
+    assert len(ort.past_names) == 4  # key and value of 2 layers
+    assert {i.name for i in ort.no_past.get_inputs()}.isdisjoint(ort.past_names)
+    assert m.metrics["perplexity"] > 1
+
+
+def test_onnxruntime_greedy_tokens_are_transformers_generate_tokens(tiny):
+    model, _ = load_torch_model(tiny.directory, for_runtime=False)
+    hf = model.model
+    prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                               use_cache=True, pad_token_id=hf.config.eos_token_id)[0, 12:].tolist()
+    got = greedy(OrtCausalLM(tiny.directory), prompt[0].tolist(), 40, hf.config.eos_token_id)
+    assert got == expected and len(got) == 40
+
+
+def test_heads_and_mlp_blocks_shrink_and_export(tmp_path):
+    result = export_artifact("gpt2-tiny", PruningPlan("l2-structured", 0.5, scope="layer"), "dense-shrunk",
+                             tmp_path / "a")
+    m = result.manifest
+    assert m.shape_changes["model.transformer.h.0.attn.c_attn"] == ["Conv1D(64 -> 192)", "Conv1D(64 -> 96)"]
+    assert m.shape_changes["model.transformer.h.0.mlp.c_fc"] == ["Conv1D(64 -> 256)", "Conv1D(64 -> 128)"]
+    assert m.parameters < m.parameters_before_conversion and m.flops < m.flops_before_conversion
+    ort = OrtCausalLM(result.directory)
+    assert [i.shape[1] for i in ort.with_past.get_inputs() if i.name.startswith("past_key_values.")] == [2] * 4
+    assert m.onnx_parity_error <= 1e-4
+
+
+def test_heads_pruned_unevenly_are_refused_by_name(tmp_path):
+    with pytest.raises(UsageError, match="a different number of attention heads per layer cannot go through optimum"):
+        export_artifact("gpt2-tiny", PruningPlan("l2-structured", 0.5, rules=(("*.h.0.attn.c_attn", 0.0),)),
+                        "dense-shrunk", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_local_model_directory_exports_and_benches(tmp_path, cli):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=300, n_positions=128)).save_pretrained(
+        tmp_path / "my-gpt2")
+    out = tmp_path / "artifact"
+    result = cli("export", "--model", str(tmp_path / "my-gpt2"), "--prune", "magnitude:0.3", "--out", str(out), "-q")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "my-gpt2" and manifest["source"]["kind"] == "hf-directory"
+    records = bench_artifact(out, Grid(runtimes=("torch", "onnxruntime")), FAST)
+    assert [(r.runtime, r.stage) for r in records] == [(rt, stage) for rt in ("torch", "onnxruntime")
+                                                       for stage in ("prompt", "decode-step", "generate")]
+    assert all(r.parity_max_abs_error <= 1e-4 for r in records)  # greedy token ids included: any difference fails
+
+
+def test_non_gpt2_directories_are_refused(tmp_path, cli):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    result = cli("export", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "a"))
+    assert result.returncode == 2
+    assert "model_type 'bert' is not supported; deploykit reads GPT-2 directories" in result.stderr
+
+
+def test_bench_refuses_batches_of_prompts(tiny):
+    with pytest.raises(UsageError, match="text generation decodes one prompt at a time; use batch 1"):
+        bench_artifact(tiny.directory, Grid(runtimes=("onnxruntime",), batches=(2,)), FAST)
+
+
+class Uniform:
+    """A language model that gives every token the same probability."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def logits(self, ids):
+        return np.zeros((1, ids.shape[1], self.vocab))
+
+
+def test_perplexity_of_a_uniform_model_is_its_vocabulary_size():
+    assert perplexity(Uniform(50), [3, 1, 4, 1, 5, 9, 2, 6]) == pytest.approx(50)
+
+
+def test_perplexity_agrees_across_runtimes(tiny):
+    from deploykit.gpt2 import TorchCausalLM
+
+    model, _ = load_torch_model(tiny.directory, for_runtime=False)
+    tokens = list(range(100, 160))
+    assert perplexity(OrtCausalLM(tiny.directory), tokens) == pytest.approx(perplexity(TorchCausalLM(model), tokens),
+                                                                          rel=1e-5)
