@@ -161,5 +161,5 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tup
         if manifest.quantization:
             from .quantize import QUANTIZERS
 
-            model = QUANTIZERS.get(manifest.quantization["scheme"]).torch(model)
+            model = QUANTIZERS.get(manifest.quantization["scheme"]).torch(model, inplace=True)
     return model.eval(), manifest

@@ -30,8 +30,8 @@ class Quantizer:
     description: str
     #: (float ONNX path, quantized ONNX path, per_channel, calibration feeds) -> None
     onnx: Callable[[Path, Path, bool, Sequence[dict]], None]
-    #: float PyTorch model -> quantized copy
-    torch: Callable[[object], object]
+    #: (float PyTorch model, inplace) -> quantized model (a copy unless inplace)
+    torch: Callable[..., object]
     #: pipelines it can quantize (static calibration feeds one graph's own inputs)
     pipelines: tuple[str, ...] = ("forward", "speech-translation", "text-generation")
 
@@ -101,14 +101,16 @@ def conv1d_to_linear(model):
     return model
 
 
-def torch_dynamic_int8(model):
-    """Linear layers with int8 weights and activations quantized per call (a copy; `model` is kept)."""
+def torch_dynamic_int8(model, inplace: bool = False):
+    """Linear layers with int8 weights and activations quantized per call. A copy unless `inplace`:
+    a loader that has no use for the float model quantizes in place, or its peak memory holds both."""
     import torch
 
+    model = model if inplace else copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
-        return torch.ao.quantization.quantize_dynamic(conv1d_to_linear(copy.deepcopy(model)), {torch.nn.Linear},
-                                                      dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(conv1d_to_linear(model), {torch.nn.Linear}, dtype=torch.qint8,
+                                                      inplace=True)
 
 
 def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
