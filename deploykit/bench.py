@@ -203,8 +203,13 @@ def _textgen_reference(directory: Path) -> Callable[[dict], list]:
 
 WORKLOADS.add("forward", Workload(_forward_inputs, _forward_reference, lambda manifest: manifest.outputs))
 WORKLOADS.add("speech-translation", Workload(_st_inputs, _st_reference, _st_outputs))
-WORKLOADS.add("text-generation", Workload(_textgen_inputs, _textgen_reference,
-                                          lambda manifest: ("prompt_logits", "step_logits", "greedy_tokens")))
+def _textgen_outputs(manifest: Manifest) -> Sequence[str]:
+    from .textgen import TEXTGEN_OUTPUTS
+
+    return TEXTGEN_OUTPUTS
+
+
+WORKLOADS.add("text-generation", Workload(_textgen_inputs, _textgen_reference, _textgen_outputs))
 
 
 def bench_artifact(
@@ -223,9 +228,9 @@ def bench_artifact(
     directory = Path(directory).absolute()
     manifest = read_manifest(directory)
     workload = WORKLOADS.get(manifest.pipeline)
-    targets = grid.placement().targets
+    placement = grid.placement()
     counter = counter or itertools.count(1)
-    total = total or grid.configurations(grid.placement())
+    total = total or grid.configurations(placement)
     # conditions recorded with every row: software, machine, and the hardware profile it matches
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
@@ -237,7 +242,7 @@ def bench_artifact(
             _save_numpy(feeds, inputs_path)
             reference = reference_of(feeds)
             shape = f"batch={batch}" + (f" length={length}" if length else "")
-            for target, threads in itertools.product(targets, grid.threads):
+            for target, threads in itertools.product(placement.targets, grid.threads):
                 label = (
                     f"[{next(counter)}/{total}] {manifest.model} {_plan_label(manifest)} "
                     f"form={manifest.form} runtime={target.runtime} device={target.device}"
