@@ -19,6 +19,8 @@ from .fsutil import read_text
 if TYPE_CHECKING:
     from torch import nn
 
+    from .spec import ModelSpec
+
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
@@ -132,12 +134,14 @@ def read_manifest(directory: str | Path) -> Manifest:
     return Manifest(**data)
 
 
-def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tuple[nn.Module, Manifest]":
+def load_torch_model(directory: str | Path, *, for_runtime: bool = True,
+                     spec: "ModelSpec | None" = None) -> "tuple[nn.Module, Manifest]":
     """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights.
 
     With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers;
     a quantized artifact: its Linear layers quantized); without, the saved float module (the
-    reference its runtimes are compared against).
+    reference its runtimes are compared against). `spec` builds the model instead of the source the
+    manifest names (needed for artifacts exported from a ModelSpec made in Python).
     """
     from .forms import FORMS
     from .sources import spec_for_artifact
@@ -146,7 +150,7 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True) -> "tup
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    spec = spec_for_artifact(directory, manifest)
+    spec = spec or spec_for_artifact(directory, manifest)
     form = FORMS.get(manifest.form)
     inputs = spec.example_inputs(TRACE_BATCH)
     model = form.restore(spec.make(trained=False), spec, inputs, manifest.form_recipe)

@@ -6,7 +6,7 @@ own safetensors header. Budgets live in a TOML file, one table per model:
 
     ["mlp-sst2"]
     max_disk_mb = 1.5           # weights + model.onnx, MB = 10^6 bytes
-    max_weights_mb = 0.7        # the weights file alone
+    max_weights_mb = 0.7        # the weights file alone (an ONNX file's external data)
     max_onnx_mb = 1.0           # model.onnx alone
     max_parameters = 1_500_000  # parameters of the saved model
     max_growth = 0.05           # allowed growth of disk bytes and parameters over `baseline`
@@ -156,19 +156,35 @@ def audit_artifact(directory: str | Path) -> AuditReport:
         if id(tensor) in seen:  # a tied alias: stored once, listed once
             continue
         seen.add(id(tensor))
-        numel, nonzero = tensor.numel(), int(tensor.count_nonzero())
-        rows.append(LayerRow(name, list(tensor.shape), numel, nonzero, (numel - nonzero) / numel if numel else 0.0,
-                             manifest.weight_encodings.get(name, "dense") + codec, sizes.get(name, 0)))
-    return AuditReport(
-        model=manifest.model,
-        artifact=str(directory),
-        rows=rows,
-        parameters=sum(r.numel for r in rows),
-        nonzero_parameters=sum(r.nonzero for r in rows),
-        weights_bytes=weights_path.stat().st_size,
-        # every ONNX file the artifact ships: model.onnx, or an encoder/decoder pair
-        onnx_bytes=sum(p.stat().st_size for p in directory.glob("*.onnx")),
-    )
+        rows.append(_row(name, list(tensor.shape), tensor.numel(), int(tensor.count_nonzero()),
+                         manifest.weight_encodings.get(name, "dense") + codec, sizes.get(name, 0)))
+    # every ONNX file the artifact ships: model.onnx, or an encoder/decoder pair
+    onnx_bytes = sum(p.stat().st_size for p in directory.glob("*.onnx"))
+    return _report(manifest.model, directory, rows, weights_path.stat().st_size, onnx_bytes)
+
+
+def audit_onnx_file(path: str | Path) -> AuditReport:
+    """The audit of an ONNX file as it is: its initializers (shape and index constants left out: they
+    are not parameters), the graph file as "onnx" bytes and its external data files as "weights"
+    bytes. The model's name, for budgets, is the file's name (["model.onnx"])."""
+    from .onnxfile import data_files, initializers, is_parameter
+
+    path = Path(path)
+    rows = [_row(r.name, r.shape, r.numel, r.nonzero, r.storage, r.stored_bytes)
+            for r in initializers(path) if is_parameter(r)]
+    files = data_files(path)
+    external = sum(size for name, size in files.items() if name != path.name)
+    return _report(path.name, path, rows, external, files[path.name])
+
+
+def _row(name: str, shape: list[int], numel: int, nonzero: int, storage: str, stored_bytes: int) -> LayerRow:
+    return LayerRow(name, shape, numel, nonzero, (numel - nonzero) / numel if numel else 0.0, storage, stored_bytes)
+
+
+def _report(model: str, location: Path, rows: list[LayerRow], weights_bytes: int, onnx_bytes: int) -> AuditReport:
+    return AuditReport(model=model, artifact=str(location), rows=rows, parameters=sum(r.numel for r in rows),
+                       nonzero_parameters=sum(r.nonzero for r in rows), weights_bytes=weights_bytes,
+                       onnx_bytes=onnx_bytes)
 
 
 def check_budget(report: AuditReport, budget: Budget) -> AuditReport:

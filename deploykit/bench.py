@@ -36,6 +36,7 @@ from .records import BenchRecord
 from .runtime import DEFAULT_GRAPH_OPTIMIZATION, RUNTIMES, Target
 from .registry import Registry
 from .sources import resolve_model, spec_for_artifact
+from .spec import InputSpec, ModelSpec
 
 Progress = Callable[[str], None]
 
@@ -96,7 +97,7 @@ class Grid:
 
 
 def bench_model(
-    model: str,
+    model: str | ModelSpec,
     plans: Sequence[PruningPlan],
     forms: Sequence[str],
     grid: Grid,
@@ -111,7 +112,7 @@ def bench_model(
     """
     from .export import export_artifact
 
-    spec = resolve_model(model)
+    spec = resolve_model(model) if isinstance(model, str) else model
     if any(grid.lengths):
         spec.require_sequence_axis()
     for form in forms:
@@ -212,8 +213,95 @@ def _textgen_outputs(manifest: Manifest) -> Sequence[str]:
 WORKLOADS.add("text-generation", Workload(_textgen_inputs, _textgen_reference, _textgen_outputs))
 
 
+@dataclass(frozen=True)
+class Subject:
+    """One thing `bench` measures, as the measuring loop needs it: an exported artifact directory
+    (`artifact_subject`) or an ONNX file as the user brought it (`onnx_file_subject`)."""
+
+    #: what runtime loaders open: the artifact directory, or the ONNX file
+    location: Path
+    pipeline: str
+    model: str
+    prune: str
+    sparsity: float
+    overall_sparsity: float
+    form: str
+    #: post-training quantization scheme ("" for float)
+    quantization: str
+    parameters: int
+    nonzero_parameters: int
+    metrics: dict[str, float]
+    #: file name -> bytes, for each file a runtime may load
+    files: dict[str, int]
+    #: (batch, seed, sequence length or None) -> input name -> array
+    inputs: Callable[[int, int, "int | None"], dict]
+    #: feeds -> the outputs every runtime is compared with
+    reference: Callable[[dict], list]
+    #: names of those outputs
+    outputs: Sequence[str]
+    #: what the reference is, for messages
+    reference_label: str
+    #: max abs error allowed against the reference; None: recorded, not checked
+    tolerance: float | None
+
+
+def artifact_subject(directory: str | Path) -> Subject:
+    """An exported artifact, compared with its stripped PyTorch model (loaded once, here)."""
+    directory = Path(directory).absolute()
+    manifest = read_manifest(directory)
+    workload = WORKLOADS.get(manifest.pipeline)
+    return Subject(
+        location=directory, pipeline=manifest.pipeline, model=manifest.model, prune=_plan_label(manifest),
+        sparsity=manifest.plan["amount"], overall_sparsity=manifest.overall_sparsity, form=manifest.form,
+        quantization=manifest.quantization.get("scheme", ""), parameters=manifest.parameters,
+        nonzero_parameters=manifest.nonzero_parameters, metrics=dict(manifest.metrics), files=manifest.files,
+        inputs=lambda batch, seed, length: workload.inputs(directory, manifest, batch, seed, length),
+        reference=workload.reference(directory), outputs=workload.outputs(manifest),
+        reference_label="stripped PyTorch model",
+        # quantized outputs differ by design: the error is recorded, not checked
+        tolerance=None if manifest.quantization else manifest.parity_tolerance,
+    )
+
+
+def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Subject:
+    """An ONNX file as it is (external data checked first). It has no PyTorch model: every runtime
+    configuration is compared with onnxruntime on the CPU running the graph as written (optimisations
+    disabled), so a provider or optimisation level that changes the results shows in the record."""
+    import numpy as np
+
+    from .onnxfile import PIPELINE, data_files, initializers, input_specs, is_parameter
+    from .runtime import CPU_PROVIDER, ort_session
+
+    path = Path(path).absolute()
+    files = data_files(path)
+    specs = input_specs(path, inputs)
+    rows = [r for r in initializers(path) if is_parameter(r)]
+    parameters, nonzero = sum(r.numel for r in rows), sum(r.nonzero for r in rows)
+    reference = ort_session(path, 1, provider=CPU_PROVIDER, optimization="disabled")
+
+    def feeds(batch: int, seed: int, length: int | None) -> dict:
+        rng = np.random.default_rng(seed)
+        out = {}
+        for spec in specs:
+            if length is None and spec.sequence_axes:
+                raise UsageError(f"input {spec.name!r} of {path.name} has dynamic axes {', '.join(spec.sequence_axes)}: "
+                                 "give their size with --seq-len N (or fix them with --input-spec)")
+            shape = spec.concrete_shape(batch, length)
+            out[spec.name] = (rng.integers(0, spec.high, shape).astype(spec.dtype) if spec.dtype.startswith("int")
+                              else rng.standard_normal(shape).astype(spec.dtype))
+        return out
+
+    return Subject(
+        location=path, pipeline=PIPELINE, model=path.name, prune="none", sparsity=0.0,
+        overall_sparsity=1 - nonzero / parameters if parameters else 0.0, form="onnx", quantization="",
+        parameters=parameters, nonzero_parameters=nonzero, metrics={}, files=files, inputs=feeds,
+        reference=lambda feeds: reference.run(None, feeds), outputs=[o.name for o in reference.get_outputs()],
+        reference_label="onnxruntime CPU, graph optimisations disabled", tolerance=None,
+    )
+
+
 def bench_artifact(
-    directory: str | Path,
+    target: "str | Path | Subject",
     grid: Grid,
     timing: TimingSettings = TimingSettings(),
     progress: Progress = lambda message: None,
@@ -221,44 +309,46 @@ def bench_artifact(
     total: int | None = None,
     sink: list[BenchRecord] | None = None,
 ) -> list[BenchRecord]:
-    """Measure one exported artifact under every runtime, batch size and thread count of `grid`.
+    """Measure an exported artifact directory (or any `Subject`, such as `onnx_file_subject(path)`)
+    under every runtime that can run it, batch size and thread count of `grid`.
 
     Records are appended to `sink` (and returned) as they are measured.
     """
-    directory = Path(directory).absolute()
-    manifest = read_manifest(directory)
-    workload = WORKLOADS.get(manifest.pipeline)
+    subject = target if isinstance(target, Subject) else artifact_subject(target)
     placement = grid.placement()
+    targets = [t for t in placement.targets if subject.pipeline in RUNTIMES.get(t.runtime).loaders]
+    for runtime in sorted({t.runtime for t in placement.targets} - {t.runtime for t in targets}):
+        progress(f"note: {runtime} cannot run {subject.pipeline} ({subject.location.name}): skipped")
+    if not targets:
+        raise UsageError(f"no runtime of {', '.join(grid.runtimes)} runs {subject.pipeline} ({subject.location.name})")
     counter = counter or itertools.count(1)
-    total = total or grid.configurations(placement)
+    total = total or len(targets) * len(grid.batches) * len(grid.threads) * len(grid.lengths)
     # conditions recorded with every row: software, machine, and the hardware profile it matches
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
-    reference_of = workload.reference(directory)
     with tempfile.TemporaryDirectory(prefix="deploykit-worker-") as tmp:
         for batch, length in itertools.product(grid.batches, grid.lengths):
-            feeds = workload.inputs(directory, manifest, batch, INPUT_SEED, length)
+            feeds = subject.inputs(batch, INPUT_SEED, length)
             inputs_path = Path(tmp) / f"inputs-{batch}-{length}.safetensors"
             _save_numpy(feeds, inputs_path)
-            reference = reference_of(feeds)
+            reference = subject.reference(feeds)
             shape = f"batch={batch}" + (f" length={length}" if length else "")
-            for target, threads in itertools.product(placement.targets, grid.threads):
+            for target, threads in itertools.product(targets, grid.threads):
                 label = (
-                    f"[{next(counter)}/{total}] {manifest.model} {_plan_label(manifest)} "
-                    f"form={manifest.form} runtime={target.runtime} device={target.device}"
+                    f"[{next(counter)}/{total}] {subject.model} {subject.prune} "
+                    f"form={subject.form} runtime={target.runtime} device={target.device}"
                     + (f" graph-opt={target.graph_optimization}" if target.graph_optimization else "")
                     + f" {shape} threads={threads}"
                 )
                 progress(label)
-                result, outputs = run_worker(directory, manifest.pipeline, target, threads, batch, inputs_path,
+                result, outputs = run_worker(subject.location, subject.pipeline, target, threads, batch, inputs_path,
                                              timing, Path(tmp))
-                errors = max_abs_errors(reference, outputs, workload.outputs(manifest))
-                if not manifest.quantization:  # quantized outputs differ by design: the error is recorded
-                    check_parity(f"{target.runtime} on {target.device} vs stripped PyTorch model ({shape})", errors,
-                                 manifest.parity_tolerance)
+                errors = max_abs_errors(reference, outputs, subject.outputs)
+                if subject.tolerance is not None:
+                    check_parity(f"{target.runtime} on {target.device} vs {subject.reference_label} ({shape})", errors,
+                                 subject.tolerance)
                 for stage, measured in result["stages"].items():
-                    record = _record(manifest, directory, target, batch, length, stage, measured, result,
-                                     errors, timing, context)
+                    record = _record(subject, target, batch, length, stage, measured, result, errors, timing, context)
                     records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")
@@ -308,13 +398,13 @@ def _plan_label(manifest: Manifest) -> str:
     return PruningPlan(**manifest.plan).label()
 
 
-def _record(manifest, directory, target, batch, length, stage, measured, result, errors, timing, context) -> BenchRecord:
+def _record(subject: Subject, target, batch, length, stage, measured, result, errors, timing, context) -> BenchRecord:
     return BenchRecord(
-        model=manifest.model,
-        prune=_plan_label(manifest),
-        sparsity=manifest.plan["amount"],
-        overall_sparsity=manifest.overall_sparsity,
-        form=manifest.form,
+        model=subject.model,
+        prune=subject.prune,
+        sparsity=subject.sparsity,
+        overall_sparsity=subject.overall_sparsity,
+        form=subject.form,
         runtime=target.runtime,
         stage=stage,
         runtime_version=result["runtime_version"],
@@ -326,15 +416,15 @@ def _record(manifest, directory, target, batch, length, stage, measured, result,
                                 measured["calls_per_sample"], measured["overhead_ns"], measured["warmup_stable"]),
         peak_rss_bytes=result["peak_rss_bytes"],
         baseline_rss_bytes=result["baseline_rss_bytes"],
-        disk_bytes=sum(manifest.files[name] for name in result["files"]),
-        parameters=manifest.parameters,
-        nonzero_parameters=manifest.nonzero_parameters,
+        disk_bytes=sum(subject.files[name] for name in result["files"]),
+        parameters=subject.parameters,
+        nonzero_parameters=subject.nonzero_parameters,
         parity_max_abs_error=max(errors.values(), default=0.0),
         load_s=result["load_s"],
         timing=dataclasses.asdict(timing),
-        artifact=str(directory),
-        metrics=dict(manifest.metrics),
-        quantization=manifest.quantization.get("scheme", ""),
+        artifact=str(subject.location),
+        metrics=dict(subject.metrics),
+        quantization=subject.quantization,
         graph_optimization=target.graph_optimization or "",
         **context,
     )

@@ -7,9 +7,14 @@ joined by a residual add or a concatenation, a consumer's input columns). torch-
 *produce* a channel (zeroing those makes the channel's output exactly zero), and which channels of a
 group are already dead.
 
-How to support another layer type: add it to `_PRODUCER_SLICES` with the parameters and dimensions
-that hold one output channel, and (if torch-pruning does not know it) give torch-pruning a pruner
-for it through `customized_pruners`.
+How to support another layer type: for a built-in one, add it to `_PRODUCER_SLICES` with the
+parameters and dimensions that hold one output channel (and, if torch-pruning does not know it, a
+pruner in torch-pruning's registry); for a user's own layer, give a `LayerHandler` in the model
+spec's pruning hints (`deploykit.hints`), which does both without editing deploykit.
+
+Where torch-pruning cannot follow an architecture, the failure names the layer: grouped
+convolutions block their groups (`_is_grouped_conv`), and an exception inside torch-pruning's group
+search is reported with the layers it has no real handler for (`unknown_layers`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import DeployKitError
+from .hints import NO_HINTS, PruningHints
 from .hooks import class_path, run_forward
 
 ROOT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
@@ -53,22 +59,39 @@ _PRODUCER_SLICES = {
 }
 
 
-def producer_slices(module: nn.Module) -> list[tuple[str, int]] | None:
+def producer_slices(module: nn.Module, hints: PruningHints = NO_HINTS) -> list[tuple[str, int]] | None:
     """(parameter, dim) pairs of `module` that hold its output channels; None for unknown types."""
+    handler = hints.handler_for(module)
+    if handler is not None:
+        return [(name, dim) for name, dim in handler.out if isinstance(getattr(module, name, None), torch.Tensor)]
     for kind, slices in _PRODUCER_SLICES.items():
         if isinstance(module, kind):
             return [(name, dim) for name, dim in slices(module) if getattr(module, name, None) is not None]
     return None
 
 
-def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> tp.DependencyGraph:
+def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                     hints: PruningHints = NO_HINTS) -> tp.DependencyGraph:
     # torch-pruning traces through autograd, so gradients must be on even for an inference model.
     with torch.enable_grad(), _split_glu():
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=tuple(example_inputs), forward_fn=lambda m, inputs: run_forward(m, inputs),
-            verbose=False)
+            customized_pruners=hints.customized_pruners() or None, verbose=False)
     _detach_kept_activations(model)
     return graph
+
+
+def unknown_layers(graph: tp.DependencyGraph, model: nn.Module, hints: PruningHints = NO_HINTS) -> list[str]:
+    """Modules holding their own parameters that neither torch-pruning nor deploykit can read the
+    channels of (torch-pruning handles them as elementwise: a guess)."""
+    out = []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)) or hints.handler_for(module) is not None:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or type(pruner).__name__ == "ElementWisePruner":
+            out.append(f"{name} ({type(module).__name__})")
+    return out
 
 
 @contextlib.contextmanager
@@ -149,7 +172,8 @@ class SliceGroup:
 class ChannelGroup(SliceGroup):
     """A torch-pruning group seen as channels: which slices produce each root channel."""
 
-    def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str], head_projections=frozenset()):
+    def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str], head_projections=frozenset(),
+                 hints: PruningHints = NO_HINTS):
         super().__init__()
         self.group = group
         self.root_module = group[0].dep.target.module
@@ -164,11 +188,15 @@ class ChannelGroup(SliceGroup):
             if module in head_projections:
                 self.blocking.append(f"{names.get(module, '?')} (projection into attention heads)")
                 continue
+            if _is_grouped_conv(module):
+                self.blocking.append(f"{names.get(module, '?')} (convolution in {module.groups} groups: its channels "
+                                     "go only in equal shares of every group)")
+                continue
             if not isinstance(module, nn.Module) or not graph.is_out_channel_pruning_fn(dep.handler):
                 continue
             if not any(True for _ in module.parameters(recurse=False)):
                 continue  # torch-pruning's placeholder nodes (add, cat, reshape) hold no weights
-            slices = producer_slices(module)
+            slices = producer_slices(module, hints)
             if slices is None:
                 self.unsupported.append(f"{names.get(module, '?')} ({type(module).__name__})")
                 continue
@@ -183,8 +211,17 @@ class ChannelGroup(SliceGroup):
         self.group.prune(idxs=list(channels), record_history=False)
 
 
+def _is_grouped_conv(module) -> bool:
+    """A grouped (not depthwise) convolution: removing channels unevenly across groups breaks it.
+    Depthwise ones (one channel per group) shrink like any other layer."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
+        return False
+    return not (module.groups == module.in_channels == module.out_channels)
+
+
 def channel_groups(
-    graph: tp.DependencyGraph, model: nn.Module, keep: Sequence[str] = (), block_history: list | None = None
+    graph: tp.DependencyGraph, model: nn.Module, keep: Sequence[str] = (), block_history: list | None = None,
+    hints: PruningHints = NO_HINTS,
 ) -> Iterator[SliceGroup]:
     """Groups whose width may change (not those of `keep`): torch-pruning's groups rooted at
     Linear/Conv/embedding layers, then the units of composite blocks it cannot see (`deploykit.blocks`).
@@ -196,8 +233,20 @@ def channel_groups(
 
     names = {module: name for name, module in model.named_modules()}
     ignored = [model.get_submodule(name) for name in keep]
-    heads = frozenset(child for m in model.modules()
-                      if any(class_path(c) in HEAD_SPLIT_CLASSES for c in type(m).__mro__) for child in m.children())
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        yield ChannelGroup(graph, group, names, heads)
+    heads = frozenset(child for name, m in model.named_modules()
+                      if any(class_path(c) in HEAD_SPLIT_CLASSES for c in type(m).__mro__) or hints.is_attention(name)
+                      for child in m.children())
+    groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=(*ROOT_TYPES, *hints.layers))
+    while True:
+        try:
+            group = next(groups)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001 - torch-pruning fails deep inside on layers it misreads
+            unknown = unknown_layers(graph, model, hints)
+            raise UnsupportedLayerError(
+                f"torch-pruning could not follow the channels ({type(exc).__name__}: {exc})"
+                + (f"; layers it cannot read: {', '.join(unknown)}: describe them with a LayerHandler hint, or "
+                   "prune a model without them" if unknown else "")) from None
+        yield ChannelGroup(graph, group, names, heads, hints)
     yield from block_groups(model, keep, [] if block_history is None else block_history)

@@ -60,6 +60,40 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="also prune the output layer (left dense by default, as in the pruning studies)")
 
 
+MODEL_HELP = (f"registered model name (default {DEFAULT_MODEL}; see `deploykit models`), an entry point "
+              "(package.module:factory or path/to/file.py:factory: a function returning a ModelSpec, (model, example "
+              "inputs) or a model with --input-spec), a local Hugging Face GPT-2 directory, or an ESPnet ST "
+              "experiment directory or zip")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="FILE",
+                   help="weights to load into a zoo or entry-point model: .safetensors, or a torch checkpoint loaded "
+                   "with torch.load(weights_only=True) (a state dict, possibly under 'state_dict' or 'model')")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="let --weights be a full pickle (a pickled nn.Module or custom objects): loading it runs "
+                   "code from the file; only for files you trust")
+    p.add_argument("--input-spec", action="append", default=[], metavar="NAME:SHAPE[:DTYPE[:HIGH]]",
+                   help="describe one input of an entry point or ONNX file (repeatable), e.g. x:batch,3,32,32 or "
+                   "tokens:batch,seq:int64:30000 (token ids below 30000); the axis 'batch' follows --batch, other "
+                   "named axes follow --seq-len; dtypes: float32, float16, int64, int32")
+    p.add_argument("--input-shape", metavar="SHAPE",
+                   help="shorthand for a one-input model: its shape, e.g. batch,3,224,224 (float32)")
+
+
+def _model_options(args):
+    from .sources import ModelOptions
+    from .spec import InputSpec
+
+    inputs = [InputSpec.parse(text) for text in args.input_spec]
+    if args.input_shape:
+        if inputs:
+            raise UsageError("give --input-shape or --input-spec, not both")
+        # unnamed: it takes the name of the model's one input
+        inputs = [InputSpec("", InputSpec.parse(f"_:{args.input_shape}").shape)]
+    return ModelOptions(weights=args.weights, trust_pickle=args.trust_pickle, inputs=tuple(inputs))
+
+
 def _plan_options(args) -> dict:
     """PruningPlan fields from --plan FILE, overridden by the command-line options given."""
     from .prune import load_plan_file, parse_rule
@@ -110,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         "onnxruntime against PyTorch (max abs error <= --tolerance) and write DIR atomically with "
         "weights.safetensors, model.onnx and manifest.json.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default {DEFAULT_MODEL}; see "
-                   "`deploykit models`), or the path of an ESPnet ST experiment directory or zip")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    _add_model_options(p)
     p.add_argument("--prune", metavar="METHOD:SPARSITY",
                    help="pruning method and the fraction to zero (of weights; of output channels for the *-structured "
                    f"methods and fpgm), e.g. magnitude:0.9 or l1-structured:0.5 (methods: {', '.join(PRUNERS.names())}; "
@@ -151,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "csr, runtimes torch and onnxruntime. Each configuration is exported, then timed in a fresh "
         "process (warm-up, then iterations until --min-time and --min-iters), so peak memory is its own.",
     )
-    p.add_argument("artifacts", nargs="*", metavar="DIR", help="exported artifact directories to benchmark instead of --model")
-    p.add_argument("--model", help=f"registered model name (default {DEFAULT_MODEL}), or the path of an ESPnet ST "
-                   "experiment directory or zip")
+    p.add_argument("artifacts", nargs="*", metavar="DIR|FILE.onnx",
+                   help="exported artifact directories, or ONNX files (run as they are by onnxruntime, compared with "
+                   "onnxruntime on the CPU with graph optimisations off), to benchmark instead of --model")
+    p.add_argument("--model", help=MODEL_HELP)
+    _add_model_options(p)
     p.add_argument("--prune", action="append", metavar="METHOD:S[,S...]",
                    help=f"pruning method and sparsities (repeatable; default {DEFAULT_BENCH_PRUNE})")
     _add_plan_options(p)
@@ -189,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer storage (shape, nonzeros, sparsity, encoding, bytes read from the weights file), "
         "totals, and a verdict against a budget file (TOML, one table per model: max_disk_mb, max_weights_mb, "
         "max_onnx_mb, max_parameters, max_growth with baseline). Exit 0 within budget, 1 over budget, "
-        "2 on bad input. TARGET is an artifact directory, or a model (name or path, as for export --model) "
+        "2 on bad input. TARGET is an artifact directory, an ONNX file, or a model (as for export --model) "
         "exported with --prune/--form first.",
     )
-    p.add_argument("target", metavar="TARGET", help="artifact directory, registered model name or model path")
+    p.add_argument("target", metavar="TARGET", help="artifact directory, ONNX file (its initializers; external data "
+                   "counts as weights), or a model as for export --model")
+    _add_model_options(p)
     p.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
     p.add_argument("--prune", metavar="METHOD:SPARSITY", help="for a model TARGET: pruning before export")
     p.add_argument("--form", default="csr", help="for a model TARGET: form to export (default csr)")
@@ -260,9 +298,11 @@ def cmd_models(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_artifact
     from .report import MB, sparsity_report
+    from .sources import resolve_model
 
     (plan,) = _plans([args.prune] if args.prune else [], _plan_options(args))
-    result = export_artifact(args.model, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
+    spec = resolve_model(args.model, _model_options(args))
+    result = export_artifact(spec, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
                              overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
                              kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
                              save_optimized=args.save_optimized,
@@ -310,15 +350,26 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import DEFAULT_FORMS, DEFAULT_RUNTIMES, Grid, TimingSettings, bench_artifact, bench_model
+    from .bench import (DEFAULT_FORMS, DEFAULT_RUNTIMES, Grid, TimingSettings, bench_artifact, bench_model,
+                        onnx_file_subject)
+    from .sources import resolve_model
     from .runtime import DEFAULT_GRAPH_OPTIMIZATION
     from .env import available_cores
     from .fsutil import write_text_atomic
     from .report import bench_table, records_json
     from .store import ResultStore, now_utc
 
+    if args.model and args.model.endswith(".onnx"):  # an ONNX file is benchmarked as it is, like a DIR
+        args.artifacts, args.model = [*args.artifacts, args.model], None
     if args.artifacts and (args.model or args.prune or args.form or args.plan or args.rule):
-        raise UsageError("give either exported DIRs or --model/--prune/--plan/--rule/--form, not both")
+        raise UsageError("give either exported DIRs / ONNX files or --model/--prune/--plan/--rule/--form, not both")
+    model_options = _model_options(args)
+    onnx_files = [path for path in args.artifacts if path.endswith(".onnx")]
+    if args.artifacts and (model_options.weights or model_options.trust_pickle):
+        raise UsageError("--weights applies to --model; artifacts and ONNX files carry their weights")
+    if model_options.inputs and len(onnx_files) != len(args.artifacts):
+        raise UsageError("--input-spec applies to --model entry points and ONNX files; an artifact's inputs were "
+                         "fixed when it was exported")
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
                             max_iters=max(100_000, args.min_iters))
     grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
@@ -339,13 +390,14 @@ def cmd_bench(args) -> int:
     started = now_utc()
     try:
         if args.artifacts:
-            for directory in args.artifacts:
-                bench_artifact(directory, grid, timing, progress, sink=records)
+            for path in args.artifacts:
+                target = onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx") else path
+                bench_artifact(target, grid, timing, progress, sink=records)
         else:
             options = _plan_options(args)
             plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)
-            bench_model(args.model or DEFAULT_MODEL, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress,
-                        sink=records)
+            spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
+            bench_model(spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress, sink=records)
     except KeyboardInterrupt:
         if records and not args.no_store:  # keep what was measured; the run says it is partial
             run_id = _store_run(args, records, started, "interrupted", timing, grid)
@@ -392,17 +444,21 @@ def cmd_audit(args) -> int:
     from pathlib import Path
 
     from .artifact import MANIFEST_FILE
-    from .audit import audit_artifact, check_budget, load_budgets
+    from .audit import audit_artifact, audit_onnx_file, check_budget, load_budgets
     from .report import audit_table
     from .sources import resolve_model
 
     budgets = load_budgets(args.budget) if args.budget else {}
     target = Path(args.target)
+    model_options = _model_options(args)
     with tempfile.TemporaryDirectory(prefix="deploykit-audit-") as tmp:
-        if (target / MANIFEST_FILE).is_file():
-            report = audit_artifact(target)
+        if (target / MANIFEST_FILE).is_file() or target.suffix == ".onnx":
+            if model_options != type(model_options)() or args.prune:
+                raise UsageError("--prune, --weights and --input-spec apply to a model TARGET, not to an artifact "
+                                 "or ONNX file, which is audited as it is")
+            report = audit_artifact(target) if target.suffix != ".onnx" else audit_onnx_file(target)
         else:
-            spec = resolve_model(args.target)
+            spec = resolve_model(args.target, model_options)
             from .export import export_artifact
             from .prune import PruningPlan
 

@@ -140,7 +140,7 @@ def export_artifact(
                 inputs = _fixed_length_inputs(spec, trace_inputs)
         else:  # encoder/decoder pairs: the spec's exporter sparsifies (if asked) before it checks parity
             onnx_errors, sparse_initializers = spec.export(saved, tmp, opset, tolerance, form_entry.sparse_onnx)
-        source = spec.bundle(tmp) if spec.bundle is not None else {"kind": "zoo"}
+        source = spec.bundle(tmp) if spec.bundle is not None else _registered_source(spec)
 
         progress("writing weights")
         encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding, compression)
@@ -282,7 +282,7 @@ def _sequence_axes_problem(spec, model, path, trace_inputs, tolerance) -> str:
     except Exception:  # noqa: BLE001 - the model's own limit (positions, subsampling): nothing to check
         return ""
     try:
-        outputs = ort_session(path, threads=1).run(None, {n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+        outputs = ort_session(path, threads=1, probe=True).run(None, {n: t.numpy() for n, t in zip(spec.input_names, inputs)})
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types; the first line says why
         return f"fails at length {length} ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]})"
     errors = max_abs_errors(reference, outputs, spec.outputs)
@@ -290,6 +290,14 @@ def _sequence_axes_problem(spec, model, path, trace_inputs, tolerance) -> str:
     if not errors[worst] <= tolerance:
         return f"gives wrong {worst!r} at length {length} (max abs error {errors[worst]:.2e})"
     return ""
+
+
+def _registered_source(spec: ModelSpec) -> dict:
+    """A zoo model is rebuilt by name; a spec built in Python (a library call) cannot be found again
+    from the artifact alone, and its manifest says so."""
+    from .spec import MODELS
+
+    return {"kind": "zoo"} if spec.name in MODELS and MODELS.get(spec.name) is spec else {"kind": "library"}
 
 
 def _sparsity_row(row) -> dict:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .hints import hints_of
 from .hooks import observe_forward
 from .registry import Registry
 
@@ -178,7 +179,8 @@ def _called_modules(model: nn.Module, inputs: Sequence[torch.Tensor], kind: type
 def _shrink(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], options: dict) -> Converted:
     from .shrink import shrink
 
-    result = shrink(stripped, inputs, keep=options.get("keep", ()), best_effort=options.get("best_effort", False))
+    result = shrink(stripped, inputs, keep=options.get("keep", ()), best_effort=options.get("best_effort", False),
+                    hints=hints_of(spec))
     return Converted(result.model, {"history": result.history, "blocks": result.block_history},
                      {"channels_removed": result.removed, "left_dense": result.skipped})
 
@@ -186,7 +188,7 @@ def _shrink(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], options: 
 def _replay(fresh: nn.Module, spec, inputs: Sequence[torch.Tensor], recipe: dict) -> nn.Module:
     from .shrink import replay
 
-    return replay(fresh, inputs, recipe.get("history", []), recipe.get("blocks", []))
+    return replay(fresh, inputs, recipe.get("history", []), recipe.get("blocks", []), hints_of(spec))
 
 
 for _form in (

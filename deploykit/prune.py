@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from .hints import PruningHints
     from .spec import ModelSpec
 
 SCOPES = ("global", "layer")
@@ -228,11 +229,12 @@ class PruneResult:
 PRUNABLE_CLASS_PATHS = {"transformers.pytorch_utils.Conv1D"}
 
 
-def prunable_modules(model: "nn.Module") -> "list[tuple[str, nn.Module]]":
-    """Modules pruning applies to: Linear, Conv and embedding layers (and transformers' Conv1D)."""
+def prunable_modules(model: "nn.Module", hints: "PruningHints | None" = None) -> "list[tuple[str, nn.Module]]":
+    """Modules pruning applies to: Linear, Conv and embedding layers (and transformers' Conv1D), and
+    the layer types `hints` describe."""
     from torch import nn
 
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag, *(hints.layers if hints else ()))
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, kinds) or f"{type(m).__module__}.{type(m).__qualname__}" in PRUNABLE_CLASS_PATHS]
 
@@ -259,11 +261,19 @@ def detect_output_layers(model: "nn.Module", example_inputs: "Sequence[torch.Ten
 
 
 def excluded_modules(
-    model: "nn.Module", plan: PruningPlan, example_inputs: "Sequence[torch.Tensor]", output_layers: Sequence[str] = ()
+    model: "nn.Module", plan: PruningPlan, example_inputs: "Sequence[torch.Tensor]", output_layers: Sequence[str] = (),
+    hints: "PruningHints | None" = None,
 ) -> list[str]:
-    """Module names the plan never prunes: matches of `plan.exclude`, and the output layer(s)."""
-    names = [name for name, _ in prunable_modules(model)]
-    excluded = {name for name in names if any(fnmatch.fnmatchcase(name, p) for p in plan.exclude)}
+    """Module names the plan never prunes: matches of `plan.exclude` and of the hints' ignored layers
+    (any module: excluding a block keeps its output width too), and the output layer(s)."""
+    patterns = (*plan.exclude, *(hints.ignored_layers if hints else ()))
+
+    def matches(name: str) -> bool:  # the module or a block holding it
+        parts = name.split(".")
+        return any(fnmatch.fnmatchcase(".".join(parts[:i]), p) for i in range(1, len(parts) + 1) for p in patterns)
+
+    excluded = {name for name, m in model.named_modules()
+                if name and matches(name) and next(m.parameters(), None) is not None}
     excluded.update(tied_modules(model))
     if plan.exclude_output:
         excluded.update(output_layers or detect_output_layers(model, example_inputs))
@@ -285,8 +295,11 @@ def prune_model(
     """
     import torch
 
-    candidates = [name for name, _ in prunable_modules(model)]
-    excluded = excluded_modules(model, plan, example_inputs, output_layers)
+    from .hints import hints_of
+
+    hints = hints_of(spec)
+    candidates = [name for name, _ in prunable_modules(model, hints)]
+    excluded = excluded_modules(model, plan, example_inputs, output_layers, hints)
     targets = {name: plan.amount_for(name) for name in candidates if name not in excluded}
     targets = {name: amount for name, amount in targets.items() if amount > 0}
     if plan.is_empty():

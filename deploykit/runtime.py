@@ -115,7 +115,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 
 def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, provider: str = CPU_PROVIDER,
-                optimization: str | None = None, optimized_path: str | Path | None = None):
+                optimization: str | None = None, optimized_path: str | Path | None = None, probe: bool = False):
     """An onnxruntime session on `provider` with `threads` intra-op threads and no inter-op parallelism,
     at graph optimisation level `optimization` (GRAPH_OPTIMIZATIONS; default onnxruntime's, "all"),
     writing the optimised graph to `optimized_path` when given.
@@ -123,6 +123,9 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
     Operators the provider lacks run on the CPU provider, as onnxruntime intends; a provider that
     fails to start is an error here, not onnxruntime's silent fall-back to the CPU, so a figure
     labelled CUDA was measured on CUDA.
+
+    `probe=True` silences onnxruntime's own error log, for sessions run to find out whether a graph
+    fails (the caller reports the failure).
 
     `spinning=False` stops idle intra-op threads from busy-waiting after a run: sessions used in
     turn (an encoder then a decoder) each own a thread pool, and one pool spinning steals the cores
@@ -136,7 +139,7 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # warnings about unused initializers are noise for users
+    options.log_severity_level = 4 if probe else 3  # warnings about unused initializers are noise for users
     options.graph_optimization_level = _graph_level(optimization or DEFAULT_GRAPH_OPTIMIZATION)
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
@@ -164,12 +167,13 @@ class OrtSession:
     #: session.run returns host arrays, so a call ends when its device work has
     synchronize = None
 
-    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER, optimization: str | None = None):
+    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER, optimization: str | None = None,
+                 files: Sequence[str] | None = None):
         import onnxruntime as ort
 
         self.session = ort_session(onnx_path, threads, provider=provider, optimization=optimization)
         self.info = RuntimeInfo("onnxruntime", ort.__version__, threads, self.session.get_providers()[0])
-        self.files = (Path(onnx_path).name,)
+        self.files = tuple(files) if files is not None else (Path(onnx_path).name,)
 
     def run(self, feeds):
         return list(self.session.run(None, dict(feeds)))
@@ -227,6 +231,13 @@ def load_onnxruntime(artifact_dir: Path, threads: int, target: Target) -> Sessio
     return OrtSession(Path(artifact_dir) / ONNX_FILE, threads, target.device, target.graph_optimization)
 
 
+def load_onnx_file(path: Path, threads: int, target: Target) -> Session:
+    """A user's ONNX file as it is; its external data files count as loaded (checked in `deploykit.onnxfile`)."""
+    from .onnxfile import data_files
+
+    return OrtSession(path, threads, target.device, target.graph_optimization, files=list(data_files(path)))
+
+
 def torch_devices() -> tuple[str, ...]:
     import torch
 
@@ -257,7 +268,7 @@ RUNTIMES.add("torch", Runtime(
 RUNTIMES.add("onnxruntime", Runtime(
     "onnxruntime", ("onnxruntime",),
     {"forward": "deploykit.runtime:load_onnxruntime", "speech-translation": "deploykit.st_decode:load_onnxruntime",
-     "text-generation": "deploykit.textgen:load_onnxruntime"},
+     "text-generation": "deploykit.textgen:load_onnxruntime", "onnx-file": "deploykit.runtime:load_onnx_file"},
     available_devices=onnxruntime_providers,
     preferred_devices=lambda profile: profile.runtime.onnxruntime_providers,
     cpu_device=CPU_PROVIDER,

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from .channels import UnsupportedLayerError, channel_groups, dependency_graph
+from .hints import NO_HINTS, PruningHints
+from .hooks import run_forward
 
 
 @dataclass(frozen=True)
@@ -35,18 +37,21 @@ class ShrinkResult:
 
 
 def shrink(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], keep: Sequence[str], best_effort: bool = False
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], keep: Sequence[str], best_effort: bool = False,
+    hints: PruningHints = NO_HINTS,
 ) -> ShrinkResult:
     """Remove dead channels of `model` in place; `keep` names layers whose output width must not change.
 
     A group holding dead channels next to a layer type deploykit cannot read raises
-    `UnsupportedLayerError` naming it, or, with `best_effort`, is left dense with a warning.
+    `UnsupportedLayerError` naming it, or, with `best_effort`, is left dense with a warning. So does a
+    removal after which the model no longer runs (a weight also used outside its module, as in a
+    tied output projection `h @ embedding.weight.T`, which the dependency graph cannot see).
     """
-    graph = dependency_graph(model, example_inputs)
+    graph = dependency_graph(model, example_inputs, hints)
     removed: dict[str, int] = {}
     skipped: list[str] = []
     blocks: list[list] = []
-    for group in channel_groups(graph, model, keep=keep, block_history=blocks):
+    for group in channel_groups(graph, model, keep=keep, block_history=blocks, hints=hints):
         if group.blocking:  # normalised across channels or split into heads: removal would change the outputs
             continue
         dead = group.dead_channels()
@@ -64,13 +69,27 @@ def shrink(
             dead = dead[1:]  # a layer cannot have zero channels: keep one (it outputs zeros)
         if dead:
             group.prune(dead)
+            _check_runs(model, example_inputs, group)
             removed[group.root_name] = len(dead)
     history = [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
     return ShrinkResult(model, history, blocks, removed, skipped)
 
 
+def _check_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], group) -> None:
+    try:
+        with torch.no_grad():
+            run_forward(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - any failure means this removal broke the model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedLayerError(
+            f"removing channels of the group of {group.root_name} broke the forward pass ({type(exc).__name__}: "
+            f"{first}): a weight of that group is used outside its module (tied, or applied functionally); "
+            f"exclude {group.root_name} with --exclude") from None
+
+
 def replay(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], history: list[list], block_history: list[list] = ()
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], history: list[list], block_history: list[list] = (),
+    hints: PruningHints = NO_HINTS,
 ) -> nn.Module:
     """Apply a recorded shrink to a freshly built `model`, so that its shapes match the saved weights.
 
@@ -80,7 +99,7 @@ def replay(
     from .blocks import replay_blocks
 
     if history:
-        graph = dependency_graph(model, example_inputs)
+        graph = dependency_graph(model, example_inputs, hints)
         graph.load_pruning_history([[name, is_out, list(idxs)] for name, is_out, idxs in history])
     replay_blocks(model, block_history)
     return model

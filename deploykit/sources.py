@@ -1,8 +1,10 @@
-"""Where a model comes from: a zoo name, or a path the user points at.
+"""Where a model comes from: a zoo name, the user's code, or a path the user points at.
 
-`resolve_model` turns what the user typed after `--model` into a `ModelSpec`: a registered name, or
-a path one of the `PATH_SOURCES` recognises (today: a local Hugging Face GPT-2 directory, an ESPnet
-experiment directory or zip). A spec
+`resolve_model` turns what the user typed after `--model` into a `ModelSpec`: a registered name, an
+entry point (`package.module:factory`, `path/to/file.py:factory`; see `deploykit.entrypoint`), or a
+path one of the `PATH_SOURCES` recognises (today: a local Hugging Face GPT-2 directory, an ESPnet
+experiment directory or zip). `ModelOptions` adds what the user gave beside it: a weights file for a
+zoo or entry-point model (loaded safely: `deploykit.checkpoints`) and input specs. A spec
 that is not from the zoo carries a `bundle` hook that writes what rebuilding it needs into the
 artifact, and the manifest's `source` record names the loader that reads it back
 (`spec_for_artifact`), so an artifact never depends on the path it was exported from.
@@ -14,13 +16,14 @@ returns {"kind": KIND, ...}) and `from_artifact(directory, manifest) -> ModelSpe
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ArtifactError, UsageError
-from .spec import MODELS, ModelSpec, get_model, list_models
+from .spec import MODELS, InputSpec, ModelSpec, get_model, list_models
 
 if TYPE_CHECKING:
     from .artifact import Manifest
@@ -51,14 +54,68 @@ PATH_SOURCES = (
 ARTIFACT_SOURCES = {
     "hf-directory": "deploykit.zoo.gpt2:hf_spec_from_artifact",
     "espnet-experiment": "deploykit.zoo.espnet_st:spec_from_artifact",
+    "entry-point": "deploykit.entrypoint:spec_from_artifact",
 }
 
 
-def resolve_model(text: str) -> ModelSpec:
-    """The spec `text` names: a registered model, else a path a source recognises."""
+@dataclass(frozen=True)
+class ModelOptions:
+    """What the user gave beside `--model`."""
+
+    #: a weights file loaded into the built model (safetensors, or a torch checkpoint)
+    weights: str | None = None
+    #: let `weights` be a full pickle (it can run code)
+    trust_pickle: bool = False
+    #: inputs replacing the model's own description (entry points; ONNX files)
+    inputs: tuple[InputSpec, ...] = ()
+
+
+def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpec:
+    """The spec `text` names (a registered model, an entry point, else a path a source recognises),
+    with `options` applied."""
+    from .entrypoint import entry_point_spec, parse_entry_point
+
+    if text.endswith(".onnx"):
+        raise UsageError(f"{text!r} is an ONNX file: `deploykit bench` and `deploykit audit` take it as it is; "
+                         "pruning and export need the PyTorch model")
     list_models()
-    if text in MODELS:
-        return get_model(text)
+    from_code = text not in MODELS and parse_entry_point(text) is not None and not Path(text).exists()
+    if options.inputs and not from_code:
+        raise UsageError(f"--input-spec describes the inputs of an entry point (module:factory, file.py:factory) "
+                         f"or an ONNX file; {text!r} declares its own")
+    if options.trust_pickle and not options.weights:
+        raise UsageError("--trust-pickle applies to a --weights file")
+    if from_code:
+        spec = entry_point_spec(text, options.inputs or None)
+    elif text in MODELS:
+        spec = get_model(text)
+    else:
+        spec = _path_spec(text)
+        if options.weights:
+            raise UsageError(f"--weights loads into a zoo or entry-point model; {text!r} carries its own weights")
+    return with_weights(spec, options.weights, options.trust_pickle) if options.weights else spec
+
+
+def with_weights(spec: ModelSpec, path: str, trust_pickle: bool = False) -> ModelSpec:
+    """`spec` building its model with the weights in `path` (read once, now: a bad file fails early).
+
+    The artifact records which file (name and sha256) it came from; it does not need the file again,
+    since it carries the pruned weights itself."""
+    from .checkpoints import apply_checkpoint, file_digest, load_checkpoint
+
+    state = load_checkpoint(path, trust_pickle)
+    apply_checkpoint(spec.make(trained=False), state, path)  # fits? (errors name what differs)
+    provenance = {"file": Path(path).name, "sha256": file_digest(path)}
+    bundle = spec.bundle
+
+    def bundle_with_weights(directory: Path) -> dict:
+        return {**(bundle(directory) if bundle else {"kind": "zoo"}), "weights": provenance}
+
+    return dataclasses.replace(spec, build=lambda: apply_checkpoint(spec.build(), state, path), train=None,
+                               bundle=bundle_with_weights)
+
+
+def _path_spec(text: str) -> ModelSpec:
     path = Path(text)
     if path.exists():
         for source in PATH_SOURCES:
@@ -66,7 +123,8 @@ def resolve_model(text: str) -> ModelSpec:
                 return _resolve(source.spec)(path)
         kinds = "; ".join(s.description for s in PATH_SOURCES)
         raise UsageError(f"{text!r} is not a model deploykit can read (it reads {kinds})")
-    raise UsageError(f"unknown model {text!r}; known: {', '.join(MODELS.names())}; "
+    raise UsageError(f"unknown model {text!r}; known: {', '.join(MODELS.names())}; or an entry point "
+                     f"(package.module:factory, path/to/file.py:factory); "
                      f"or the path of {' or '.join(s.description for s in PATH_SOURCES)}")
 
 
@@ -75,6 +133,9 @@ def spec_for_artifact(directory: Path, manifest: "Manifest") -> ModelSpec:
     kind = manifest.source.get("kind")
     if kind == "zoo":
         return get_model(manifest.model)
+    if kind == "library":
+        raise ArtifactError(f"{str(directory)!r} was exported from a ModelSpec built in Python, not a zoo name or an "
+                            "entry point: load it with load_torch_model(directory, spec=that spec)")
     if kind not in ARTIFACT_SOURCES:
         raise ArtifactError(f"{str(directory)!r}: unknown model source {kind!r}; known: zoo, {', '.join(ARTIFACT_SOURCES)}")
     return _resolve(ARTIFACT_SOURCES[kind])(Path(directory), manifest)

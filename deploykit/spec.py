@@ -23,10 +23,14 @@ if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays i
     import torch
     from torch import nn
 
+    from .hints import PruningHints
+
 #: dtype names accepted in InputSpec, mapped to torch dtype attribute names
 INPUT_DTYPES = ("float32", "float16", "int64", "int32")
 #: batch size of the example inputs models are traced with (ONNX export, dependency graphs)
 TRACE_BATCH = 2
+#: size of named non-batch axes (sequence, frames) in example inputs when the model has no sampler
+DEFAULT_LENGTH = 16
 #: pipelines whose model forward is one pass over the example inputs: FLOPs per item are counted for
 #: these (a speech-translation forward is a traced stand-in for encoder + decoder steps)
 ONE_PASS_PIPELINES = ("forward", "text-generation")
@@ -70,6 +74,37 @@ class InputSpec:
     def dynamic_axes(self) -> dict[int, str]:
         return {i: dim for i, dim in enumerate(self.shape) if isinstance(dim, str)}
 
+    @classmethod
+    def parse(cls, text: str) -> "InputSpec":
+        """An input from `NAME:SHAPE[:DTYPE[:HIGH]]`, SHAPE comma-separated sizes or axis names:
+        `x:batch,3,32,32`, `tokens:batch,seq:int64:1000` (token ids in [0, 1000)). The axis named
+        "batch" follows --batch; other names follow --seq-len."""
+        from .errors import UsageError
+
+        parts = text.split(":")
+        if not 2 <= len(parts) <= 4 or not parts[0] or not parts[1]:
+            raise UsageError(f"input spec {text!r}: expected NAME:SHAPE[:DTYPE[:HIGH]], e.g. x:batch,3,32,32 or "
+                             "tokens:batch,seq:int64:1000")
+        name, shape_text, dtype, high = parts[0], parts[1], *(parts[2:] + [None, None])[:2]
+        shape = tuple(_parse_dim(text, dim.strip()) for dim in shape_text.split(","))
+        if high is not None and not high.isdigit():
+            raise UsageError(f"input spec {text!r}: HIGH must be a positive integer (the exclusive upper bound "
+                             f"of the values), got {high!r}")
+        try:
+            return cls(name, shape, dtype or "float32", int(high) if high else None)
+        except ValueError as exc:
+            raise UsageError(f"input spec {text!r}: {exc}") from None
+
+
+def _parse_dim(text: str, dim: str) -> int | str:
+    from .errors import UsageError
+
+    if dim.isdigit() and int(dim) > 0:
+        return int(dim)
+    if dim.isidentifier():
+        return dim
+    raise UsageError(f"input spec {text!r}: axis {dim!r} is neither a positive size nor a name")
+
 
 Sampler = Callable[[int, "torch.Generator"], "tuple[torch.Tensor, ...]"]
 
@@ -112,6 +147,9 @@ class ModelSpec:
     #: directory and returns the manifest's `source` record (see `deploykit.sources`); None for zoo
     #: models, which are rebuilt by name
     bundle: "Callable[[Path], dict] | None" = None
+    #: what structured pruning and dense-shrunk need to know about layers they cannot read
+    #: (`deploykit.hints`: custom layer handlers, layers whose width stays, attention blocks)
+    pruning_hints: "PruningHints | None" = None
 
     def make(self, trained: bool = True) -> "nn.Module":
         """Build the model with its fixed seed, in eval mode; trained (from the cache) if it trains.
@@ -129,7 +167,7 @@ class ModelSpec:
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
         """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a
-        sequence-length sweep; without it the model's sampler decides (or fixed axes only)."""
+        sequence-length sweep; without it the model's sampler decides, else DEFAULT_LENGTH."""
         import torch
 
         generator = torch.Generator().manual_seed(seed)
@@ -138,7 +176,8 @@ class ModelSpec:
             return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
         if self.sampler is not None:
             return tuple(self.sampler(batch_size, generator))
-        return tuple(_sample(spec, batch_size, generator) for spec in self.inputs)
+        length = DEFAULT_LENGTH if any(spec.sequence_axes for spec in self.inputs) else None
+        return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
 
     def require_sequence_axis(self) -> None:
         """A sequence-length sweep needs a named non-batch input axis to set."""

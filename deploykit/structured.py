@@ -17,6 +17,7 @@ from torch.nn.utils import prune
 
 from .channels import SliceGroup, UnsupportedLayerError, channel_groups, dependency_graph
 from .errors import UsageError
+from .hints import hints_of
 from .prune import PRUNERS, Outcome, PruneContext
 
 
@@ -46,8 +47,10 @@ class StructuredPruner:
         self.criterion = criterion
 
     def apply(self, ctx: PruneContext) -> Outcome:
-        graph = dependency_graph(ctx.model, ctx.example_inputs)
-        groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded) if g.root_name in ctx.targets]
+        hints = hints_of(ctx.spec)
+        graph = dependency_graph(ctx.model, ctx.example_inputs, hints)
+        groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded, hints=hints)
+                  if g.root_name in ctx.targets]
         # Channels feeding a LayerNorm or split into attention heads cannot be removed exactly, so
         # masking them would buy nothing.
         not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
@@ -56,7 +59,8 @@ class StructuredPruner:
             if group.unsupported:
                 raise UnsupportedLayerError(
                     f"structured pruning cannot mask channels of {', '.join(group.unsupported)} "
-                    f"(in the group of {group.root_name}); exclude it with --exclude"
+                    f"(in the group of {group.root_name}); exclude it with --exclude (its width then stays, and "
+                    "so does its group's), or describe its type with a LayerHandler hint"
                 )
         ungrouped = sorted(set(ctx.targets) - {g.root_name for g in groups} - set(not_removable))
         if not groups:

@@ -68,7 +68,7 @@ def test_export_json_is_the_manifest(cli, tmp_path):
         (["bench", "--runtime", "tensorrt"], "unknown runtime 'tensorrt'; known: onnxruntime, torch"),
         (["bench", "--batch", "0"], "batch sizes must be >= 1"),
         (["bench", "--prune", "magnitude:0.5,1"], "sparsity 1 is outside [0, 1)"),
-        (["bench", "{tmp}/existing", "--model", "mlp-sst2"], "give either exported DIRs or --model/--prune/--plan/--rule/--form, not both"),
+        (["bench", "{tmp}/existing", "--model", "mlp-sst2"], "give either exported DIRs / ONNX files or --model/--prune/--plan/--rule/--form, not both"),
         (["bench", "--batch", "x"], "expected a comma-separated list of int"),
     ],
 )
@@ -173,6 +173,7 @@ def test_unknown_model_lists_every_registered_model(cli, tmp_path):
 
     result = cli("export", "--model", "nope", "--out", str(tmp_path / "o"))
     names = ", ".join(sorted(spec.name for spec in list_models()))
-    assert result.stderr.strip() == (f"deploykit: error: unknown model 'nope'; known: {names}; or the path of "
+    assert result.stderr.strip() == (f"deploykit: error: unknown model 'nope'; known: {names}; or an entry point "
+                                     "(package.module:factory, path/to/file.py:factory); or the path of "
                                      "a local Hugging Face GPT-2 directory (config.json + weights) or an ESPnet ST "
                                      "experiment directory or zip (config.yaml + model .pth)")
