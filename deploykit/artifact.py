@@ -90,6 +90,11 @@ class Manifest:
     #: post-training quantization (`deploykit.quantize`): scheme, settings, error statistics and task
     #: metrics per runtime; empty when the artifact is float
     quantization: dict[str, Any] = field(default_factory=dict)
+    #: FLOPs of one item with the pruned weights' multiply-adds left out (what sparse kernels could
+    #: skip; pruning-at-initialisation papers' "remaining FLOPs"); None where FLOPs are not counted
+    sparse_flops: int | None = None
+    #: sparse_flops / flops_before_conversion: the AG News study's "remaining FLOPs"
+    remaining_flops_fraction: float | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
@@ -103,7 +108,8 @@ class Manifest:
 
 
 #: fields added after format version 1 first shipped: older manifests lack them and get the defaults
-OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization")
+OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization", "sparse_flops",
+                   "remaining_flops_fraction")
 
 
 def file_sizes(directory: str | Path) -> dict[str, int]:

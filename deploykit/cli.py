@@ -52,12 +52,18 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="per-module sparsity by name pattern, e.g. 'encoder.*.feed_forward*=0.5'; the first matching "
                    "rule wins, other layers get the --prune sparsity (repeatable)")
     p.add_argument("--plan", metavar="FILE.toml",
-                   help="pruning plan file: method, sparsity, scope, exclude, exclude_output, seed and a [rules] "
-                   "table; command-line options override it")
+                   help="pruning plan file: method, sparsity (or compression), scope, exclude, exclude_output, seed, "
+                   "rounds, layer_types, at_init and a [rules] table; command-line options override it")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="module name pattern never to prune, e.g. 'mlp.0' or 'encoder.*' (repeatable)")
     p.add_argument("--prune-output", action="store_true",
                    help="also prune the output layer (left dense by default, as in the pruning studies)")
+    p.add_argument("--layer-types", type=_csv(), metavar="T[,T...]",
+                   help="kinds of layer to prune: linear, conv, embedding, custom (default: every kind; snip, grasp "
+                   "and synflow: linear,conv, as the AG News study pruned)")
+    p.add_argument("--at-init", action="store_true",
+                   help="prune the model's initial weights, then train it with the masks in force (its training "
+                   "hook): the protocol snip, grasp and synflow were designed for")
 
 
 MODEL_HELP = (f"registered model name (default {DEFAULT_MODEL}; see `deploykit models`), an entry point "
@@ -110,6 +116,10 @@ def _plan_options(args) -> dict:
     options["exclude"] = tuple(options.get("exclude", ())) + tuple(args.exclude)
     if args.prune_output:
         options["exclude_output"] = False
+    if args.layer_types:
+        options["layer_types"] = tuple(args.layer_types)
+    if args.at_init:
+        options["at_init"] = True
     return options
 
 
@@ -119,9 +129,8 @@ def _plans(texts: list[str], options: dict) -> list:
 
     if not texts:
         return [PruningPlan(**options)]
-    fields = {k: v for k, v in options.items() if k not in ("method", "amount")}
-    return [PruningPlan(method=method, amount=amount, **fields)
-            for text in texts for method, amount in _expand_prune(text, parse_prune_spec)]
+    fields = {k: v for k, v in options.items() if k not in ("method", "amount", "compression")}
+    return [PruningPlan(**fields, **parsed) for text in texts for parsed in _expand_prune(text, parse_prune_spec)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--prune", metavar="METHOD:SPARSITY",
                    help="pruning method and the fraction to zero (of weights; of output channels for the *-structured "
-                   f"methods and fpgm), e.g. magnitude:0.9 or l1-structured:0.5 (methods: {', '.join(PRUNERS.names())}; "
-                   "default: no pruning)")
+                   f"methods and fpgm), e.g. magnitude:0.9 or l1-structured:0.5, or cC for compression C (keep 10^-C: "
+                   f"grasp:c2 keeps 1%%) (methods: {', '.join(PRUNERS.names())}; default: no pruning)")
     _add_plan_options(p)
     p.add_argument("--form", default="dense",
                    help="deployable form: dense, csr (compact file, sparse kernels) or dense-shrunk (zero channels "
@@ -319,6 +328,10 @@ def cmd_export(args) -> int:
         for name, (before, after) in m.shape_changes.items():
             print(f"  {name + ':':<{width + 1}} {before} -> {after}")
     print(f"\nparameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
+    if m.sparse_flops is not None and m.sparse_flops != m.flops_before_conversion:
+        print(f"FLOPs per item with pruned weights skipped: {m.sparse_flops:,} "
+              f"({100 * m.sparse_flops / m.flops_before_conversion:.2f}% of {m.flops_before_conversion:,}; "
+              "what sparse kernels could skip)")
     if m.flops is None:
         print("FLOPs: not counted (the model is not one forward pass)")
     elif m.flops != m.flops_before_conversion:
@@ -572,8 +585,8 @@ def cmd_profile_detect(args) -> int:
     return 0
 
 
-def _expand_prune(text: str, parse) -> list[tuple[str, float]]:
-    """"magnitude:0,0.5,0.9" -> [("magnitude", 0.0), ("magnitude", 0.5), ("magnitude", 0.9)]."""
+def _expand_prune(text: str, parse) -> list[dict]:
+    """"magnitude:0,0.5,0.9" -> the fields of magnitude:0, magnitude:0.5 and magnitude:0.9 ("snip:c1,c2" alike)."""
     method, _, amounts = text.partition(":")
     return [parse(f"{method}:{amount}") for amount in amounts.split(",")] if amounts else [parse(text)]
 

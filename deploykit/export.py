@@ -36,7 +36,7 @@ from .sparsity import SparsityTable, sparsity_table
 from .sources import resolve_model
 from .spec import ONE_PASS_PIPELINES, TRACE_BATCH, ModelSpec
 from .storage import CODECS, save_weights
-from .summary import count_flops, count_parameters, module_shapes, shape_changes
+from .summary import count_flops, count_parameters, count_sparse_flops, module_shapes, shape_changes
 
 Progress = Callable[[str], None]
 
@@ -108,15 +108,23 @@ def export_artifact(
         raise UsageError("--per-channel applies to --quantize")
     if save_optimized is not None and save_optimized not in GRAPH_OPTIMIZATIONS:
         raise UsageError(f"unknown graph optimisation {save_optimized!r}; choose from {', '.join(GRAPH_OPTIMIZATIONS)}")
+    if plan.at_init and spec.train is None:
+        raise UsageError(f"--at-init trains the pruned model, and {spec.name} has no training hook")
     check_writable_destination(out_dir, overwrite)
 
-    progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
-    net = spec.make()
+    if plan.at_init:
+        progress(f"building {spec.name} (initial weights)")
+    else:
+        progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
+    net = spec.make(trained=not plan.at_init)
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
 
-    progress(f"pruning: {plan.label()} ({plan.scope})")
+    progress(f"pruning: {plan.label()} ({plan.scope})" + (" at initialisation" if plan.at_init else ""))
     result = prune_model(net, plan, trace_inputs, spec.output_layers, spec=spec)
+    if plan.at_init:
+        progress("training the pruned model (masks in force)")
+        _train_with_masks(spec, net)
     table = sparsity_table(net, result.pruned_parameters)
     strip_masks(net)
     metrics = spec.evaluate(net) if spec.evaluate else {}
@@ -158,6 +166,9 @@ def export_artifact(
             parameters_before_conversion=table.parameters,
             flops_before_conversion=step.flops_before,
             flops=step.flops_after,
+            sparse_flops=step.sparse_flops,
+            remaining_flops_fraction=(step.sparse_flops / step.flops_before
+                                      if step.sparse_flops is not None and step.flops_before else None),
             form_recipe=step.converted.recipe,
             conversion=step.converted.summary,
             shape_changes=step.shape_changes,
@@ -200,6 +211,16 @@ def export_artifact(
     return ExportResult(Path(out_dir), manifest, result, table, metrics)
 
 
+def _train_with_masks(spec: ModelSpec, net) -> None:
+    """The spec's training, seeded as its own, on a model whose pruning masks stay in force."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        spec.train(net)
+    net.eval()
+
+
 @dataclass(frozen=True)
 class _Converted:
     converted: Converted
@@ -210,6 +231,8 @@ class _Converted:
     flops_before: int | None
     flops_after: int | None
     shape_changes: dict = dataclasses.field(default_factory=dict)
+    #: FLOPs of the stripped model with pruned weights' multiply-adds left out
+    sparse_flops: int | None = None
 
 
 def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progress) -> _Converted:
@@ -220,8 +243,10 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progre
     """
     one_item = spec.example_inputs(1, seed=0)
     reference = torch_outputs(net, parity_inputs)
-    flops = (lambda module: count_flops(module, one_item)) if spec.pipeline in ONE_PASS_PIPELINES else (lambda module: None)
+    one_pass = spec.pipeline in ONE_PASS_PIPELINES
+    flops = (lambda module: count_flops(module, one_item)) if one_pass else (lambda module: None)
     shapes_before, flops_before = module_shapes(net), flops(net)
+    sparse_flops = count_sparse_flops(net, one_item) if one_pass else None
     progress(f"converting to form {form_entry.name!r}")
     converted = form_entry.convert(net, spec, trace_inputs, options)
     saved = converted.module.eval()
@@ -229,7 +254,7 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progre
     form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
     check_parity(f"form {form_entry.name!r} vs stripped model", form_errors, FORM_TOLERANCE)
     return _Converted(converted, swapped, form_errors, reference, flops_before, flops(saved),
-                      shape_changes(shapes_before, module_shapes(saved)))
+                      shape_changes(shapes_before, module_shapes(saved)), sparse_flops)
 
 
 def _export_single_graph(spec, saved, tmp, trace_inputs, parity_inputs, reference, opset, tolerance, sparse, progress):

@@ -90,5 +90,7 @@ def _effective_parameters(model: "nn.Module"):
             seen.add(id(param))
             if name.endswith("_orig"):
                 name = name[: -len("_orig")]
-                param = getattr(module, name)  # the masked tensor torch.nn.utils.prune recomputes
+                # orig * mask, not the `weight` attribute: torch.nn.utils.prune recomputes that only in the
+                # next forward pass, so after an optimizer step (training with masks) it is stale
+                param = param * getattr(module, f"{name}_mask")
             yield (f"{module_name}.{name}" if module_name else name), param

@@ -147,6 +147,10 @@ class ModelSpec:
     #: directory and returns the manifest's `source` record (see `deploykit.sources`); None for zoo
     #: models, which are rebuilt by name
     bundle: "Callable[[Path], dict] | None" = None
+    #: labelled batches for data-aware pruners (snip, grasp): n -> up to n (inputs tuple, targets)
+    data: "Callable[[int], Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]] | None" = None
+    #: (outputs, targets) -> scalar loss for those pruners; None: cross-entropy on the (first) output
+    loss: "Callable[[object, torch.Tensor], torch.Tensor] | None" = None
     #: what structured pruning and dense-shrunk need to know about layers they cannot read
     #: (`deploykit.hints`: custom layer handlers, layers whose width stays, attention blocks)
     pruning_hints: "PruningHints | None" = None
@@ -264,6 +268,7 @@ def register_model(
     forms: Sequence[str] | None = None,
     pipeline: str = "forward",
     calibration: "Callable[[int], Sequence[tuple[torch.Tensor, ...]]] | None" = None,
+    data: "Callable[[int], Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]] | None" = None,
 ) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
     """Decorator registering a zero-argument model builder under `name`."""
 
@@ -286,6 +291,7 @@ def register_model(
                 forms=tuple(forms) if forms is not None else None,
                 pipeline=pipeline,
                 calibration=calibration,
+                data=data,
             ),
         )
         return build

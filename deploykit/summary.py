@@ -71,6 +71,27 @@ def count_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
+def count_sparse_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
+    """FLOPs of one forward pass with the pruned weights' multiply-adds left out: each module that owns
+    a `weight` counts its FLOPs times the weight's density, as pruning-at-initialisation papers report
+    "remaining FLOPs". What a sparse kernel could skip; dense kernels still do it all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        run_forward(model, inputs)
+    per_module = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    skipped = 0.0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not name or not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+            continue
+        density = int(torch.count_nonzero(weight)) / weight.numel()
+        skipped += per_module.get(f"{root}.{name}", 0) * (1 - density)
+    return int(round(counter.get_total_flops() - skipped))
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameters, nonzero parameters) of a plain (stripped) model."""
     total = nonzero = 0

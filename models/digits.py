@@ -66,6 +66,12 @@ def calibration_batches(count: int) -> list[tuple[torch.Tensor]]:
     return [(images[i:i + BATCH],) for i in range(0, min(count * BATCH, len(images)), BATCH)]
 
 
+def labelled_batches(count: int) -> list[tuple[tuple[torch.Tensor], torch.Tensor]]:
+    """Up to `count` labelled training batches: what data-aware pruners (snip, grasp) score on."""
+    images, labels = digits()[:2]
+    return [((images[i:i + BATCH],), labels[i:i + BATCH]) for i in range(0, min(count * BATCH, len(labels)), BATCH)]
+
+
 def accuracy_on_digits(model: nn.Module) -> dict[str, float]:
     _, _, x, y = digits()
     with torch.no_grad():

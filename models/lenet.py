@@ -9,7 +9,7 @@ from torch import nn
 
 from deploykit.spec import InputSpec, register_model
 
-from .digits import accuracy_on_digits, calibration_batches, train_on_digits
+from .digits import accuracy_on_digits, calibration_batches, labelled_batches, train_on_digits
 
 IMAGE = InputSpec("image", ("batch", 1, 28, 28))
 
@@ -44,14 +44,16 @@ class LeNet5(nn.Module):
 
 
 @register_model("lenet-300-100", inputs=[IMAGE], outputs=["logits"],
-                train=partial(train_on_digits, epochs=20), evaluate=accuracy_on_digits, calibration=calibration_batches)
+                train=partial(train_on_digits, epochs=20), evaluate=accuracy_on_digits, calibration=calibration_batches,
+                data=labelled_batches)
 def lenet_300_100() -> nn.Module:
     """LeNet-300-100 (LeNet/ResNet study): 784 -> 300 -> 100 -> 10, 266,610 parameters; trained on digits."""
     return LeNet300100()
 
 
 @register_model("lenet-5", inputs=[IMAGE], outputs=["logits"],
-                train=partial(train_on_digits, epochs=20), evaluate=accuracy_on_digits, calibration=calibration_batches)
+                train=partial(train_on_digits, epochs=20), evaluate=accuracy_on_digits, calibration=calibration_batches,
+                data=labelled_batches)
 def lenet_5() -> nn.Module:
     """LeNet-5 (LeNet/ResNet study): conv 6@5x5, conv 16@5x5, 400 -> 120 -> 84 -> 10, 61,706 parameters; trained on digits."""
     return LeNet5()

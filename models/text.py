@@ -11,12 +11,13 @@ from deploykit.spec import InputSpec, register_model
 
 AGNEWS_VOCAB = 95811
 AGNEWS_TOKENS = 48  # tokens per example input (a news title plus description is ~40 words)
+AGNEWS_CLASSES = 4
 
 
 class TextClassifier(nn.Module):
     """EmbeddingBag (mean over a row's token ids) + Linear, as in the PyTorch text classification tutorial."""
 
-    def __init__(self, vocab: int = AGNEWS_VOCAB, dim: int = 64, classes: int = 4):
+    def __init__(self, vocab: int = AGNEWS_VOCAB, dim: int = 64, classes: int = AGNEWS_CLASSES):
         super().__init__()
         self.embedding = nn.EmbeddingBag(vocab, dim, mode="mean")
         self.fc = nn.Linear(dim, classes)
@@ -25,8 +26,20 @@ class TextClassifier(nn.Module):
         return self.fc(self.embedding(tokens))
 
 
+AGNEWS_BATCH = 32
+
+
+def agnews_generated_batches(count: int) -> list[tuple[tuple[torch.Tensor], torch.Tensor]]:
+    """Labelled batches for data-aware pruners: token ids and class labels drawn from the model's own
+    vocabulary and classes (seeded). AG News does not ship in a package; this exercises the path,
+    and saliency on the real dataset needs the real dataset."""
+    generator = torch.Generator().manual_seed(0)
+    return [((torch.randint(0, AGNEWS_VOCAB, (AGNEWS_BATCH, AGNEWS_TOKENS), generator=generator),),
+             torch.randint(0, AGNEWS_CLASSES, (AGNEWS_BATCH,), generator=generator)) for _ in range(count)]
+
+
 @register_model("textclf-agnews", inputs=[InputSpec("tokens", ("batch", AGNEWS_TOKENS), "int64", high=AGNEWS_VOCAB)],
-                outputs=["logits"])
+                outputs=["logits"], data=agnews_generated_batches)
 def textclf_agnews() -> nn.Module:
     """AG News classifier (AG News study): EmbeddingBag(95811, 64, mean) + Linear(64 -> 4), 6,132,164 parameters."""
     return TextClassifier()
