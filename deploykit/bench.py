@@ -280,6 +280,10 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
     reference = ort_session(path, 1, provider=CPU_PROVIDER, optimization="disabled")
 
     def feeds(batch: int, seed: int, length: int | None) -> dict:
+        if batch != 1 and not any("batch" in spec.shape for spec in specs):
+            shapes = ", ".join(f"{s.name} {tuple(s.shape)}" for s in specs)
+            raise UsageError(f"{path.name} has no batch axis to set to {batch} (inputs: {shapes}); bench it at "
+                             "--batch 1, or name its first axis 'batch' with --input-spec")
         rng = np.random.default_rng(seed)
         out = {}
         for spec in specs:
@@ -327,8 +331,11 @@ def bench_artifact(
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
     with tempfile.TemporaryDirectory(prefix="deploykit-worker-") as tmp:
-        for batch, length in itertools.product(grid.batches, grid.lengths):
-            feeds = subject.inputs(batch, INPUT_SEED, length)
+        # every shape is built before anything is measured: one the subject cannot take fails now,
+        # not after minutes of measuring the others
+        shapes = {(batch, length): subject.inputs(batch, INPUT_SEED, length)
+                  for batch, length in itertools.product(grid.batches, grid.lengths)}
+        for (batch, length), feeds in shapes.items():
             inputs_path = Path(tmp) / f"inputs-{batch}-{length}.safetensors"
             _save_numpy(feeds, inputs_path)
             reference = subject.reference(feeds)

@@ -333,6 +333,14 @@ def test_onnx_file_inputs_come_from_the_graph(cli, tmp_path):
     assert [rec["sequence_length"] for rec in json.loads(r.stdout)] == [4, 9]
 
 
+def test_onnx_file_with_a_fixed_batch_refuses_other_batch_sizes(cli, tmp_path):
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"])
+    r = cli("bench", str(path), "--batch", "1,4", "--no-store")
+    assert r.returncode == 2 and "fixed.onnx has no batch axis to set to 4 (inputs: x (1, 4))" in r.stderr
+
+
 def test_onnx_file_is_not_a_model_to_export(cli, onnx_dir, tmp_path):
     r = cli("export", "--model", str(onnx_dir / "model.onnx"), "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "is an ONNX file: `deploykit bench` and `deploykit audit` take it" in r.stderr
@@ -354,3 +362,15 @@ def test_onnx_file_runs_are_kept_and_reported(cli, onnx_dir, tmp_path):
     header, row = r.stdout.strip().splitlines()[:2]
     fields = dict(zip(header.split(","), row.split(",")))
     assert (fields["model"], fields["form"], fields["runtime"]) == ("model.onnx", "onnx", "onnxruntime")
+
+
+def test_audit_takes_an_entry_point_with_weights(cli, user_file, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(_user_net(user_file).state_dict(), tmp_path / "w.safetensors")
+    r = cli("audit", f"{user_file}:build", "--weights", str(tmp_path / "w.safetensors"), "--prune", "magnitude:0.5",
+            "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    audit = json.loads(r.stdout)
+    assert audit["model"] == "usermodel.py:build" and audit["parameters"] == 1732
+    assert audit["nonzero_parameters"] == 1732 - round(0.5 * (16 * 32 + 32 * 32))  # head excluded
