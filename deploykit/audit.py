@@ -167,12 +167,13 @@ def audit_onnx_file(path: str | Path) -> AuditReport:
     """The audit of an ONNX file as it is: its initializers (shape and index constants left out: they
     are not parameters), the graph file as "onnx" bytes and its external data files as "weights"
     bytes. The model's name, for budgets, is the file's name (["model.onnx"])."""
-    from .onnxfile import data_files, initializers, is_parameter
+    from .onnxfile import initializers, is_parameter, open_onnx_file
 
     path = Path(path)
+    model = open_onnx_file(path)
     rows = [_row(r.name, r.shape, r.numel, r.nonzero, r.storage, r.stored_bytes)
-            for r in initializers(path) if is_parameter(r)]
-    files = data_files(path)
+            for r in initializers(model) if is_parameter(r)]
+    files = model.files()
     external = sum(size for name, size in files.items() if name != path.name)
     return _report(path.name, path, rows, external, files[path.name])
 

@@ -269,13 +269,16 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
     disabled), so a provider or optimisation level that changes the results shows in the record."""
     import numpy as np
 
-    from .onnxfile import PIPELINE, data_files, initializers, input_specs, is_parameter
+    from .onnxfile import PIPELINE, initializers, input_specs, is_parameter, open_onnx_file
     from .runtime import CPU_PROVIDER, ort_session
 
     path = Path(path).absolute()
-    files = data_files(path)
-    specs = input_specs(path, inputs)
-    rows = [r for r in initializers(path) if is_parameter(r)]
+    model = open_onnx_file(path)
+    # a session loads the graph and its external data together: one entry, so the worker need not
+    # parse the graph again to list the data files it read
+    files = {path.name: sum(model.files().values())}
+    specs = input_specs(model, inputs)
+    rows = [r for r in initializers(model) if is_parameter(r)]
     parameters, nonzero = sum(r.numel for r in rows), sum(r.nonzero for r in rows)
     reference = ort_session(path, 1, provider=CPU_PROVIDER, optimization="disabled")
 

@@ -89,7 +89,7 @@ def unknown_layers(graph: tp.DependencyGraph, model: nn.Module, hints: PruningHi
         if not any(True for _ in module.parameters(recurse=False)) or hints.handler_for(module) is not None:
             continue
         pruner = graph.get_pruner_of_module(module)
-        if pruner is None or type(pruner).__name__ == "ElementWisePruner":
+        if pruner is None or isinstance(pruner, tp.ops.ElementWisePruner):
             out.append(f"{name} ({type(module).__name__})")
     return out
 

@@ -66,12 +66,34 @@ def _tensors(graph) -> Iterator:
                 yield from _tensors(sub)
 
 
-def external_data(path: str | Path) -> list[ExternalData]:
-    """The external data references of the ONNX file at `path`, each checked to stay inside its directory."""
-    import onnx
+@dataclass(frozen=True)
+class OnnxFile:
+    """An ONNX file read once: its graph (external data not loaded) and its checked external references.
+    Everything below works from this, so a large model is parsed once per command, not per question."""
 
+    path: Path
+    proto: "onnx.ModelProto"
+    external: tuple[ExternalData, ...]
+
+    def files(self) -> dict[str, int]:
+        """File name (relative to the model's directory) -> bytes, for the model and its external data."""
+        files = {self.path.name: self.path.stat().st_size}
+        for ref in self.external:
+            files.setdefault(ref.location, (self.path.parent / ref.location).stat().st_size)
+        return files
+
+
+def open_onnx_file(path: str | Path) -> OnnxFile:
+    """Read the graph at `path` and check every external data reference before anything loads it."""
     path = Path(path)
     proto = _model_proto(path)
+    return OnnxFile(path, proto, tuple(_checked_external_data(path, proto)))
+
+
+def _checked_external_data(path: Path, proto: "onnx.ModelProto") -> list[ExternalData]:
+    """The external data references of `proto`, each checked to stay inside the model's directory."""
+    import onnx
+
     root = path.parent.resolve()
     found = []
     for tensor in _tensors(proto.graph):
@@ -90,21 +112,11 @@ def external_data(path: str | Path) -> list[ExternalData]:
     return found
 
 
-def data_files(path: str | Path) -> dict[str, int]:
-    """File name (relative to the model's directory) -> bytes, for the model and its external data."""
-    path = Path(path)
-    files = {path.name: path.stat().st_size}
-    for ref in external_data(path):
-        files.setdefault(ref.location, (path.parent / ref.location).stat().st_size)
-    return files
-
-
-def input_specs(path: str | Path, overrides: Sequence[InputSpec] = ()) -> tuple[InputSpec, ...]:
+def input_specs(model: OnnxFile, overrides: Sequence[InputSpec] = ()) -> tuple[InputSpec, ...]:
     """The graph's inputs as InputSpecs, with `overrides` (by name; an unnamed one for a one-input graph)."""
     import onnx
 
-    path = Path(path)
-    graph = _model_proto(path).graph
+    path, graph = model.path, model.proto.graph
     constants = {init.name for init in graph.initializer}
     declared = [value for value in graph.input if value.name not in constants]
     by_name = {spec.name: spec for spec in overrides if spec.name}
@@ -130,7 +142,8 @@ def input_specs(path: str | Path, overrides: Sequence[InputSpec] = ()) -> tuple[
             raise UsageError(f"input {value.name!r} of {path.name} is {dtype}; deploykit feeds {', '.join(INPUT_DTYPES)}")
         if dtype.startswith("int"):
             raise UsageError(f"input {value.name!r} of {path.name} is {dtype}: give its value range, e.g. "
-                             f"--input-spec {value.name}:{_shape_text(tensor_type)}:{dtype}:HIGH")
+                             f"--input-spec {value.name}:{','.join(map(str, _shape(value.name, tensor_type)))}:"
+                             f"{dtype}:HIGH")
         specs.append(InputSpec(value.name, _shape(value.name, tensor_type), dtype))
     return tuple(specs)
 
@@ -147,10 +160,6 @@ def _shape(name: str, tensor_type) -> tuple[int | str, ...]:
     return tuple(dims)
 
 
-def _shape_text(tensor_type) -> str:
-    return ",".join(str(d) for d in _shape("x", tensor_type))
-
-
 @dataclass(frozen=True)
 class InitializerRow:
     name: str
@@ -163,14 +172,13 @@ class InitializerRow:
     stored_bytes: int
 
 
-def initializers(path: str | Path) -> list[InitializerRow]:
-    """Every initializer of the graph (external data read after the references are checked)."""
+def initializers(model: OnnxFile) -> list[InitializerRow]:
+    """Every initializer of the graph (external data read from the checked references)."""
     import numpy as np
     from onnx import numpy_helper
 
-    path = Path(path)
-    refs = {ref.tensor: ref for ref in external_data(path)}
-    graph = _model_proto(path).graph
+    path, graph = model.path, model.proto.graph
+    refs = {ref.tensor: ref for ref in model.external}
     rows = []
     for init in graph.initializer:
         if init.name in refs:

@@ -167,13 +167,12 @@ class OrtSession:
     #: session.run returns host arrays, so a call ends when its device work has
     synchronize = None
 
-    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER, optimization: str | None = None,
-                 files: Sequence[str] | None = None):
+    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER, optimization: str | None = None):
         import onnxruntime as ort
 
         self.session = ort_session(onnx_path, threads, provider=provider, optimization=optimization)
         self.info = RuntimeInfo("onnxruntime", ort.__version__, threads, self.session.get_providers()[0])
-        self.files = tuple(files) if files is not None else (Path(onnx_path).name,)
+        self.files = (Path(onnx_path).name,)
 
     def run(self, feeds):
         return list(self.session.run(None, dict(feeds)))
@@ -232,10 +231,8 @@ def load_onnxruntime(artifact_dir: Path, threads: int, target: Target) -> Sessio
 
 
 def load_onnx_file(path: Path, threads: int, target: Target) -> Session:
-    """A user's ONNX file as it is; its external data files count as loaded (checked in `deploykit.onnxfile`)."""
-    from .onnxfile import data_files
-
-    return OrtSession(path, threads, target.device, target.graph_optimization, files=list(data_files(path)))
+    """A user's ONNX file as it is (its external data checked by `deploykit.onnxfile` before any run)."""
+    return OrtSession(path, threads, target.device, target.graph_optimization)
 
 
 def torch_devices() -> tuple[str, ...]:

@@ -109,7 +109,7 @@ def _batches(ctx: PruneContext, method: str) -> Sequence[tuple[tuple[torch.Tenso
 
 
 def _loss(ctx: PruneContext) -> Callable[[object, torch.Tensor], torch.Tensor]:
-    return ctx.spec.loss if ctx.spec.loss is not None else classification_loss
+    return getattr(ctx.spec, "loss", None) or classification_loss
 
 
 def classification_loss(outputs, targets: torch.Tensor) -> torch.Tensor:

@@ -299,14 +299,14 @@ def test_external_data_outside_the_model_directory_is_refused(cli, onnx_dir, tmp
 
 
 def test_symlinked_external_data_escaping_the_directory_is_refused(onnx_dir, tmp_path):
-    from deploykit.onnxfile import external_data
+    from deploykit.onnxfile import open_onnx_file
 
     path = _external(onnx_dir, tmp_path / "m", location="link.data")
     (tmp_path / "elsewhere.data").write_bytes((path.parent / "link.data").read_bytes())
     (path.parent / "link.data").unlink()
     (path.parent / "link.data").symlink_to(tmp_path / "elsewhere.data")
     with pytest.raises(ArtifactError, match="outside the model's directory"):
-        external_data(path)
+        open_onnx_file(path)
 
 
 def test_onnx_file_inputs_come_from_the_graph(cli, tmp_path):
