@@ -11,21 +11,23 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import ArtifactError
-from .fsutil import read_text
+from .confine import check_named_paths, inside
+from .errors import ArtifactError, IntegrityError
+from .fsutil import file_digest, read_text
+from .spec import TRACE_BATCH, InputSpec, ModelSpec
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from .spec import ModelSpec
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 ONNX_FILE = "model.onnx"
 FORMAT = "deploykit.artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this deploykit reads (1: no checksums; such an artifact is only used with --no-verify)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class Manifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    #: file name -> SHA-256 (hex) of its contents, for every file in `files`; checked before use
+    checksums: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -109,7 +113,9 @@ class Manifest:
 
 #: fields added after format version 1 first shipped: older manifests lack them and get the defaults
 OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization", "sparse_flops",
-                   "remaining_flops_fraction")
+                   "remaining_flops_fraction", "checksums")
+#: keys of a manifest's source record that are provenance (never read as files) or code (`sources`)
+_SOURCE_NOT_FILES = ("kind", "from", "entry_point")
 
 
 def file_sizes(directory: str | Path) -> dict[str, int]:
@@ -117,46 +123,152 @@ def file_sizes(directory: str | Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.name != MANIFEST_FILE}
 
 
+def with_file_records(manifest: Manifest, directory: str | Path) -> Manifest:
+    """`manifest` with the sizes and checksums of the files `directory` holds now (the last step of
+    writing an artifact)."""
+    sizes = file_sizes(directory)
+    return dataclasses.replace(manifest, files=sizes,
+                               checksums={name: file_digest(Path(directory) / name) for name in sizes})
+
+
+def _annotation_types(annotation: str) -> tuple[type, ...]:
+    """The JSON types a field's annotation allows ("dict[str, int]" -> dict; "int | None" -> int, None)."""
+    kinds = {"dict": dict, "list": list, "str": str, "int": int, "float": (int, float), "None": type(None)}
+    allowed: list[type] = []
+    for part in annotation.split("|"):
+        kind = kinds[part.strip().split("[")[0]]
+        allowed.extend(kind if isinstance(kind, tuple) else (kind,))
+    return tuple(allowed)
+
+
+def _check_types(data: dict[str, Any], path: Path) -> None:
+    for f in dataclasses.fields(Manifest):
+        if f.name not in data:
+            continue
+        value, allowed = data[f.name], _annotation_types(f.type)
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise ArtifactError(f"{str(path)!r}: field {f.name!r} is {type(value).__name__}, not "
+                                f"{' or '.join(t.__name__ for t in allowed)}")
+    for name, size in data["files"].items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ArtifactError(f"{str(path)!r}: files[{name!r}] is not a size in bytes: {size!r}")
+
+
 def read_manifest(directory: str | Path) -> Manifest:
+    """The manifest of the artifact in `directory`, checked for shape (fields and their types) and for
+    the files it names (each inside the directory). Its figures are claims: `verify_artifact` checks
+    the files against their recorded sizes and checksums, and counts come from the files themselves."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"artifact directory {str(directory)!r} does not exist")
     path = directory / MANIFEST_FILE
     if not path.exists():
         raise ArtifactError(f"{str(directory)!r} is not a deploykit artifact (no {MANIFEST_FILE})")
+    if not path.is_file() or path.is_symlink():
+        raise ArtifactError(f"{str(path)!r} is not a regular file")
     try:
         data = json.loads(read_text(path, "manifest", ArtifactError))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"cannot read manifest {str(path)!r}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ArtifactError(f"{str(path)!r} is not a deploykit manifest")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(f"{str(path)!r}: unsupported format_version {data.get('format_version')!r}")
     names = {f.name for f in dataclasses.fields(Manifest)}
     missing = sorted(n for n in names - set(data) if n not in OPTIONAL_FIELDS)
     unknown = sorted(set(data) - names)
     if missing or unknown:
         raise ArtifactError(f"{str(path)!r}: missing fields {missing}, unknown fields {unknown}")
+    _check_types(data, path)
+    for name in {*data["files"], *data.get("checksums", {})}:
+        inside(directory, name, f"manifest files[{name!r}]")
+    check_named_paths(data.get("source", {}), directory, f"{str(path)!r} source", skip=_SOURCE_NOT_FILES)
+    try:
+        for spec in data["inputs"]:
+            InputSpec(**{**spec, "shape": tuple(spec["shape"])})
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{str(path)!r}: its inputs are malformed ({exc})") from None
     return Manifest(**data)
 
 
-def load_torch_model(directory: str | Path, *, for_runtime: bool = True,
-                     spec: "ModelSpec | None" = None) -> "tuple[nn.Module, Manifest]":
+def owned_artifact(directory: Path) -> str | None:
+    """None when `directory` is an artifact deploykit wrote (a manifest, and no file the manifest does
+    not list), else why it is not: the test `--overwrite` applies before replacing a directory."""
+    try:
+        manifest = read_manifest(directory)
+    except ArtifactError:
+        return "it is not a deploykit artifact (no readable manifest.json)"
+    extra = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest.files)
+    if extra:
+        return f"it holds files its manifest does not list ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
+    return None
+
+
+def verify_artifact(directory: str | Path, manifest: Manifest) -> None:
+    """Check every file the manifest lists: present, a regular file inside the directory, of the
+    recorded size and SHA-256. Raises `IntegrityError` naming the first file that differs."""
+    directory = Path(directory)
+    if not manifest.checksums:
+        raise IntegrityError(f"{str(directory)!r} records no checksums (exported by an older deploykit): "
+                             "re-export it, or pass --no-verify to use it unchecked")
+    unchecked = sorted(set(manifest.files) ^ set(manifest.checksums))
+    if unchecked:
+        raise IntegrityError(f"{str(directory)!r}: the manifest lists {unchecked[0]!r} without a size and checksum")
+    for name, size in manifest.files.items():
+        path = inside(directory, name, f"manifest files[{name!r}]")
+        if not path.is_file():
+            raise IntegrityError(f"{str(directory)!r}: {name} is missing (the manifest lists it)")
+        actual = path.stat().st_size
+        if actual != size:
+            raise IntegrityError(f"{str(directory)!r}: {name} is {actual:,} bytes, the manifest recorded {size:,} "
+                                 "(truncated or replaced)")
+        if file_digest(path) != manifest.checksums[name]:
+            raise IntegrityError(f"{str(directory)!r}: {name} does not match its recorded SHA-256 (damaged or "
+                                 "modified since export)")
+
+
+def count_weights(directory: str | Path, manifest: Manifest) -> tuple[int, int]:
+    """(parameters, nonzero parameters) counted in the artifact's weights file. The manifest only says
+    which of its tensors are parameters (its per-parameter rows; buffers such as BatchNorm statistics
+    are not); every tensor it names must be in the file, and each tied tensor counts once."""
+    from .storage import load_weights
+
+    directory = Path(directory)
+    state = load_weights(inside(directory, WEIGHTS_FILE, "weights"))
+    names = [row.get("name") for row in manifest.sparsity if isinstance(row, dict)]
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise IntegrityError(f"{str(directory)!r}: the manifest lists parameter {missing[0]!r}, which "
+                             f"{WEIGHTS_FILE} does not hold")
+    seen: set[int] = set()
+    total = nonzero = 0
+    for name in names:
+        tensor = state[name]
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel()
+        nonzero += int(tensor.count_nonzero())
+    return total, nonzero
+
+
+def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: "ModelSpec | None" = None,
+                     consent: "Sequence[str]" = ()) -> "tuple[nn.Module, Manifest]":
     """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights.
 
     With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers;
     a quantized artifact: its Linear layers quantized); without, the saved float module (the
     reference its runtimes are compared against). `spec` builds the model instead of the source the
-    manifest names (needed for artifacts exported from a ModelSpec made in Python).
+    manifest names (needed for artifacts exported from a ModelSpec made in Python). Code the manifest
+    names (an entry point) is imported only with `consent` (`deploykit.sources.code_refusal`).
     """
     from .forms import FORMS
     from .sources import spec_for_artifact
-    from .spec import TRACE_BATCH
     from .storage import load_weights
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    spec = spec or spec_for_artifact(directory, manifest)
+    spec = spec or spec_for_artifact(directory, manifest, consent)
     form = FORMS.get(manifest.form)
     inputs = spec.example_inputs(TRACE_BATCH)
     model = form.restore(spec.make(trained=False), spec, inputs, manifest.form_recipe)

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import struct
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import WEIGHTS_FILE, read_manifest
+from .artifact import WEIGHTS_FILE, read_manifest, verify_artifact
+from .confine import inside
 from .errors import UsageError
-from .fsutil import read_text
+from .tomlfile import line_of, read_toml
 from .storage import SEPARATOR, load_weights
 
 MB = 1e6
@@ -96,34 +95,21 @@ class Budget:
 
 def load_budgets(path: str | Path) -> dict[str, Budget]:
     path = Path(path)
-    text = read_text(path, "budget file", UsageError)
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"malformed budget file {str(path)!r}: {exc}") from None
+    data, text = read_toml(path, "budget file")
     budgets = {}
     for model, limits in data.items():
         if not isinstance(limits, dict):
-            raise UsageError(f"budget file {str(path)!r}, line {_line_of(text, model)}: {model!r} must be a "
+            raise UsageError(f"budget file {str(path)!r}, line {line_of(text, model)}: {model!r} must be a "
                              f"table of limits, e.g. [\"{model}\"]")
         for key, value in limits.items():
             if key not in BUDGET_KEYS:
-                raise UsageError(f"budget file {str(path)!r}, line {_line_of(text, key)}: unknown key {key!r} "
+                raise UsageError(f"budget file {str(path)!r}, line {line_of(text, key)}: unknown key {key!r} "
                                  f"in [{model}]; known: {', '.join(BUDGET_KEYS)}")
             if not isinstance(value, BUDGET_KEYS[key]) or isinstance(value, bool):
-                raise UsageError(f"budget file {str(path)!r}, line {_line_of(text, key)}: {key} must be "
+                raise UsageError(f"budget file {str(path)!r}, line {line_of(text, key)}: {key} must be "
                                  f"{' or '.join(t.__name__ for t in BUDGET_KEYS[key])}, got {value!r}")
         budgets[model] = Budget(model, limits, path.parent)
     return budgets
-
-
-def _line_of(text: str, key: str) -> int | str:
-    """Line number of `key = ...` or `[key]` in TOML text (tomllib reports no positions for valid keys)."""
-    pattern = re.compile(rf'^\s*(\[\s*)?["\']?{re.escape(key)}["\']?\s*(=|\])')
-    for number, line in enumerate(text.splitlines(), 1):
-        if pattern.match(line):
-            return number
-    return "?"
 
 
 def stored_bytes_per_tensor(path: Path) -> dict[str, int]:
@@ -141,10 +127,15 @@ def stored_bytes_per_tensor(path: Path) -> dict[str, int]:
     return sizes
 
 
-def audit_artifact(directory: str | Path) -> AuditReport:
+def audit_artifact(directory: str | Path, verify: bool = True) -> AuditReport:
+    """Per-tensor storage of an artifact, counted from its files (shapes, nonzeros and bytes as read,
+    never as the manifest claims). With `verify`, every file is first checked against the sizes and
+    checksums its manifest recorded (`IntegrityError` names the first that differs)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    weights_path = directory / WEIGHTS_FILE
+    if verify:
+        verify_artifact(directory, manifest)
+    weights_path = inside(directory, WEIGHTS_FILE, "weights")
     tensors = load_weights(weights_path)  # validates every encoded part
     sizes = stored_bytes_per_tensor(weights_path)
     codec = f"+{manifest.weight_compression}" if manifest.weight_compression else ""
@@ -159,7 +150,7 @@ def audit_artifact(directory: str | Path) -> AuditReport:
         rows.append(_row(name, list(tensor.shape), tensor.numel(), int(tensor.count_nonzero()),
                          manifest.weight_encodings.get(name, "dense") + codec, sizes.get(name, 0)))
     # every ONNX file the artifact ships: model.onnx, or an encoder/decoder pair
-    onnx_bytes = sum(p.stat().st_size for p in directory.glob("*.onnx"))
+    onnx_bytes = sum(p.stat().st_size for p in directory.glob("*.onnx") if p.is_file() and not p.is_symlink())
     return _report(manifest.model, directory, rows, weights_path.stat().st_size, onnx_bytes)
 
 
@@ -199,7 +190,7 @@ def check_budget(report: AuditReport, budget: Budget) -> AuditReport:
     if "max_growth" in limits:
         if "baseline" not in limits:
             raise UsageError(f"budget for {budget.model!r}: max_growth needs a baseline audit file")
-        baseline = _read_baseline(budget.root / limits["baseline"])
+        baseline = _read_baseline(inside(budget.root, limits["baseline"], f"budget {budget.model!r} baseline"))
         for what, now, before in (("disk", report.disk_bytes, baseline["disk_bytes"]),
                                   ("parameters", report.parameters, baseline["parameters"])):
             growth = (now - before) / before if before else 0.0

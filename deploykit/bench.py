@@ -15,28 +15,30 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .artifact import Manifest, load_torch_model, read_manifest
+from .artifact import ONNX_FILE, Manifest, count_weights, load_torch_model, read_manifest, verify_artifact
+from .confine import inside, read_json
 from .env import library_versions, machine_info
-from .errors import MeasurementError, UsageError
+from .errors import ArtifactError, DeployKitError, MeasurementError, ParityError, UsageError
+from .fsutil import scratch_directory
 from .devices import Placement, place
 from .forms import FORMS
 from .measure import Measurement
 from .onnx_export import check_parity, max_abs_errors, torch_outputs
 from .profiles import current_profile
 from .prune import PruningPlan
-from .records import BenchRecord
+from .records import BenchRecord, FailedConfiguration
 from .runtime import DEFAULT_GRAPH_OPTIMIZATION, RUNTIMES, Target
 from .registry import Registry
-from .sources import resolve_model, spec_for_artifact
-from .spec import InputSpec, ModelSpec
+from .sources import code_refusal, consent_of, inputs_for_artifact, resolve_model
+from .spec import InputSpec, ModelSpec, check_input_memory
 
 Progress = Callable[[str], None]
 
@@ -45,6 +47,16 @@ DEFAULT_FORMS = ("dense", "csr")
 DEFAULT_RUNTIMES = ("torch", "onnxruntime")
 #: seed of the benchmark inputs (export uses 0 and 1; a third set keeps the measurement honest)
 INPUT_SEED = 2
+
+
+#: longest warm-up or minimum timing a configuration may ask for (a value past it is a typo, and an
+#: infinite one would never end)
+MAX_TIMING_S = 3600.0
+#: most timed calls a configuration may ask for
+MAX_ITERS = 10_000_000
+def _finite_seconds(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= MAX_TIMING_S):
+        raise UsageError(f"{name} must be a finite number of seconds in [0, {MAX_TIMING_S:g}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,10 @@ class TimingSettings:
     max_iters: int = 100_000
 
     def __post_init__(self) -> None:
-        if self.warmup_s < 0 or self.min_time_s < 0:
-            raise UsageError("warm-up and minimum time must be >= 0 seconds")
-        if not 1 <= self.min_iters <= self.max_iters:
-            raise UsageError("need 1 <= --min-iters <= max iterations")
+        _finite_seconds("--warmup", self.warmup_s)
+        _finite_seconds("--min-time", self.min_time_s)
+        if not 1 <= self.min_iters <= self.max_iters <= MAX_ITERS:
+            raise UsageError(f"need 1 <= --min-iters <= max iterations <= {MAX_ITERS:,}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,10 @@ class Grid:
             raise UsageError("batch sizes must be >= 1")
         if not self.threads or min(self.threads) < 1:
             raise UsageError("thread counts must be >= 1")
+        # more threads than a few per core only thrash; a huge count would exhaust the process
+        most = 4 * (os.cpu_count() or 1)
+        if max(self.threads) > most:
+            raise UsageError(f"{max(self.threads)} threads is more than 4 per logical core ({most} here)")
         if not self.lengths or min(length or 1 for length in self.lengths) < 1:
             raise UsageError("sequence lengths must be >= 1")
 
@@ -95,6 +111,22 @@ class Grid:
         """Measured configurations per artifact."""
         return len(placement.targets) * len(self.batches) * len(self.threads) * len(self.lengths)
 
+    def check_input_memory(self, inputs: Sequence[InputSpec], what: str) -> None:
+        """Refuse every batch size and length of the grid whose inputs would not fit (`check_input_memory`)."""
+        for batch, length in itertools.product(self.batches, self.lengths):
+            check_input_memory(inputs, batch, length, what)
+
+
+@dataclass(frozen=True)
+class FailureSink:
+    """Where configurations that fail go, so that one failure does not lose the rest of a run."""
+
+    failures: list[FailedConfiguration] = dataclasses.field(default_factory=list)
+
+    def add(self, failure: FailedConfiguration, progress: Progress) -> None:
+        self.failures.append(failure)
+        progress(f"    failed: {failure.error}")
+
 
 def bench_model(
     model: str | ModelSpec,
@@ -104,11 +136,13 @@ def bench_model(
     timing: TimingSettings = TimingSettings(),
     progress: Progress = lambda message: None,
     sink: list[BenchRecord] | None = None,
+    failures: FailureSink | None = None,
 ) -> list[BenchRecord]:
     """Export every (plan, form) of `model` to a temporary artifact and benchmark it.
 
     Records are appended to `sink` (and returned) as they are measured, so a caller interrupted
-    midway still holds what was measured.
+    midway still holds what was measured. With `failures`, a (plan, form) whose export fails, or a
+    configuration that fails, is kept there and the run goes on; without, the first failure raises.
     """
     from .export import export_artifact
 
@@ -117,14 +151,24 @@ def bench_model(
         spec.require_sequence_axis()
     for form in forms:
         FORMS.get(form)
+    grid.check_input_memory(spec.inputs, spec.name)
     total = len(plans) * len(forms) * grid.configurations(grid.placement())
     counter = itertools.count(1)
     records: list[BenchRecord] = [] if sink is None else sink
-    with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
+    with scratch_directory("bench") as tmp:
         for i, (plan, form) in enumerate(itertools.product(plans, forms)):
             progress(f"exporting {spec.name} {plan.label()} form={form}")
-            result = export_artifact(spec, plan, form, Path(tmp) / f"artifact-{i}")
-            bench_artifact(result.directory, grid, timing, progress, counter, total, sink=records)
+            try:
+                result = export_artifact(spec, plan, form, Path(tmp) / f"artifact-{i}")
+            except DeployKitError as exc:
+                if failures is None:
+                    raise
+                failures.add(FailedConfiguration(spec.name, plan.label(), form, stage="export", error=str(exc)),
+                             progress)
+                continue
+            # the manifest was written by this run, from the user's own spec: its entry point may run
+            bench_artifact(result.directory, grid, timing, progress, counter, total, sink=records, failures=failures,
+                           consent=consent_of(result.manifest.source))
     return records
 
 
@@ -134,9 +178,10 @@ class Workload:
 
     #: (artifact directory, manifest, batch, seed, sequence length or None) -> input name -> array
     inputs: Callable[[Path, Manifest, int, int, "int | None"], dict]
-    #: artifact directory -> a function from feeds to the stripped PyTorch model's outputs (the model
-    #: is loaded once per artifact: for dense-shrunk, loading replays the pruning history)
-    reference: Callable[[Path], Callable[[dict], list]]
+    #: (artifact directory, code consent) -> a function from feeds to the stripped PyTorch model's
+    #: outputs (the model is loaded once per artifact: for dense-shrunk, loading replays the pruning
+    #: history)
+    reference: Callable[[Path, Sequence[str]], Callable[[dict], list]]
     #: names of those outputs
     outputs: Callable[[Manifest], Sequence[str]]
 
@@ -149,14 +194,14 @@ def _forward_inputs(directory: Path, manifest: Manifest, batch: int, seed: int, 
         shapes = ", ".join(f"{i['name']} {i['shape']}" for i in manifest.inputs)
         raise UsageError(f"{manifest.model}: this artifact's ONNX graph has no dynamic sequence axis to sweep "
                          f"(inputs: {shapes})")
-    spec = spec_for_artifact(directory, manifest)
+    spec = inputs_for_artifact(directory, manifest)  # no code the artifact names runs for its inputs
     return {name: t.numpy() for name, t in zip(spec.input_names, spec.example_inputs(batch, seed=seed, length=length))}
 
 
-def _forward_reference(directory: Path) -> Callable[[dict], list]:
+def _forward_reference(directory: Path, consent: Sequence[str]) -> Callable[[dict], list]:
     import torch
 
-    model, manifest = load_torch_model(directory, for_runtime=False)
+    model, manifest = load_torch_model(directory, for_runtime=False, consent=consent)
     return lambda feeds: torch_outputs(model, [torch.from_numpy(feeds[spec["name"]]) for spec in manifest.inputs])
 
 
@@ -167,16 +212,16 @@ def _st_inputs(directory: Path, manifest: Manifest, batch: int, seed: int, lengt
 
     if batch != 1:
         raise UsageError(f"{manifest.model}: speech translation decodes one utterance at a time; use batch 1")
-    width = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))["feats_dim"]
+    width = read_json(directory, ST_CONFIG_FILE, "speech-translation config")["feats_dim"]
     frames = length or BENCH_FRAMES
     feats = np.random.default_rng(seed).standard_normal((1, frames, width), dtype=np.float32)
     return {"feats": feats}
 
 
-def _st_reference(directory: Path) -> Callable[[dict], list]:
+def _st_reference(directory: Path, consent: Sequence[str]) -> Callable[[dict], list]:
     from .espnet import reference_session
 
-    return reference_session(directory).run
+    return reference_session(directory, consent).run
 
 
 def _st_outputs(manifest: Manifest) -> Sequence[str]:
@@ -192,14 +237,14 @@ def _textgen_inputs(directory: Path, manifest: Manifest, batch: int, seed: int, 
 
     if batch != 1:
         raise UsageError(f"{manifest.model}: text generation decodes one prompt at a time; use batch 1")
-    vocab = json.loads((directory / TEXTGEN_CONFIG_FILE).read_text(encoding="utf-8"))["vocab_size"]
+    vocab = read_json(directory, TEXTGEN_CONFIG_FILE, "text-generation config")["vocab_size"]
     return {"input_ids": np.random.default_rng(seed).integers(0, vocab, (1, length or BENCH_PROMPT), dtype=np.int64)}
 
 
-def _textgen_reference(directory: Path) -> Callable[[dict], list]:
+def _textgen_reference(directory: Path, consent: Sequence[str]) -> Callable[[dict], list]:
     from .gpt2 import reference_session
 
-    return reference_session(directory).run
+    return reference_session(directory, consent).run
 
 
 WORKLOADS.add("forward", Workload(_forward_inputs, _forward_reference, lambda manifest: manifest.outputs))
@@ -243,23 +288,61 @@ class Subject:
     reference_label: str
     #: max abs error allowed against the reference; None: recorded, not checked
     tolerance: float | None
+    #: what its inputs are, for the memory estimate of a batch size or length
+    input_specs: Sequence[InputSpec] = ()
+    #: why torch may not rebuild its PyTorch model (code it names, no consent); None: it may
+    torch_refusal: str | None = None
+    #: entry points torch may import for it
+    consent: tuple[str, ...] = ()
 
 
-def artifact_subject(directory: str | Path) -> Subject:
-    """An exported artifact, compared with its stripped PyTorch model (loaded once, here)."""
+def _plan_of(directory: Path, manifest: Manifest) -> PruningPlan:
+    try:
+        return PruningPlan(**manifest.plan)
+    except (TypeError, ValueError, UsageError) as exc:
+        raise ArtifactError(f"{str(directory)!r}: the manifest's pruning plan is malformed ({exc})") from None
+
+
+def _ort_reference(path: Path) -> Callable[[dict], list]:
+    """onnxruntime on the CPU running the graph as written (optimisations off): the reference where
+    there is no PyTorch model to compare with."""
+    from .runtime import CPU_PROVIDER, ort_session
+
+    session = ort_session(path, 1, provider=CPU_PROVIDER, optimization="disabled")
+    return lambda feeds: session.run(None, feeds)
+
+
+def artifact_subject(directory: str | Path, consent: Sequence[str] = (), verify: bool = True) -> Subject:
+    """An exported artifact, compared with its stripped PyTorch model (loaded once, here).
+
+    Its files are checked against the manifest's sizes and checksums first (unless `verify` is
+    off), and its counts come from its weights file, not from the manifest. Where its PyTorch model
+    needs code the artifact names and the user gave no `consent`, torch is left out and the
+    onnxruntime rows are compared with onnxruntime running the graph as written."""
     directory = Path(directory).absolute()
     manifest = read_manifest(directory)
+    if verify:
+        verify_artifact(directory, manifest)
     workload = WORKLOADS.get(manifest.pipeline)
+    plan = _plan_of(directory, manifest)
+    parameters, nonzero = count_weights(directory, manifest)
+    refusal = code_refusal(directory, manifest, consent)
+    if refusal and manifest.pipeline == "forward":
+        reference, label = _ort_reference(inside(directory, ONNX_FILE, "model")), \
+            "onnxruntime CPU, graph optimisations disabled (no PyTorch model without --trust-code)"
+    else:
+        reference, label = workload.reference(directory, consent), "stripped PyTorch model"
     return Subject(
-        location=directory, pipeline=manifest.pipeline, model=manifest.model, prune=_plan_label(manifest),
-        sparsity=manifest.plan["amount"], overall_sparsity=manifest.overall_sparsity, form=manifest.form,
-        quantization=manifest.quantization.get("scheme", ""), parameters=manifest.parameters,
-        nonzero_parameters=manifest.nonzero_parameters, metrics=dict(manifest.metrics), files=manifest.files,
+        location=directory, pipeline=manifest.pipeline, model=manifest.model, prune=plan.label(),
+        sparsity=plan.amount, overall_sparsity=1 - nonzero / parameters if parameters else 0.0, form=manifest.form,
+        quantization=str(manifest.quantization.get("scheme", "")), parameters=parameters,
+        nonzero_parameters=nonzero, metrics=dict(manifest.metrics),
+        files={name: inside(directory, name, "file").stat().st_size for name in manifest.files},
         inputs=lambda batch, seed, length: workload.inputs(directory, manifest, batch, seed, length),
-        reference=workload.reference(directory), outputs=workload.outputs(manifest),
-        reference_label="stripped PyTorch model",
+        reference=reference, outputs=workload.outputs(manifest), reference_label=label,
         # quantized outputs differ by design: the error is recorded, not checked
         tolerance=None if manifest.quantization else manifest.parity_tolerance,
+        input_specs=inputs_for_artifact(directory, manifest).inputs, torch_refusal=refusal, consent=tuple(consent),
     )
 
 
@@ -270,7 +353,6 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
     import numpy as np
 
     from .onnxfile import PIPELINE, initializers, input_specs, is_parameter, open_onnx_file
-    from .runtime import CPU_PROVIDER, ort_session
 
     path = Path(path).absolute()
     model = open_onnx_file(path)
@@ -280,7 +362,8 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
     specs = input_specs(model, inputs)
     rows = [r for r in initializers(model) if is_parameter(r)]
     parameters, nonzero = sum(r.numel for r in rows), sum(r.nonzero for r in rows)
-    reference = ort_session(path, 1, provider=CPU_PROVIDER, optimization="disabled")
+    reference = _ort_reference(path)
+    outputs = [o.name for o in model.proto.graph.output]
 
     def feeds(batch: int, seed: int, length: int | None) -> dict:
         if batch != 1 and not any("batch" in spec.shape for spec in specs):
@@ -302,8 +385,8 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
         location=path, pipeline=PIPELINE, model=path.name, prune="none", sparsity=0.0,
         overall_sparsity=1 - nonzero / parameters if parameters else 0.0, form="onnx", quantization="",
         parameters=parameters, nonzero_parameters=nonzero, metrics={}, files=files, inputs=feeds,
-        reference=lambda feeds: reference.run(None, feeds), outputs=[o.name for o in reference.get_outputs()],
-        reference_label="onnxruntime CPU, graph optimisations disabled", tolerance=None,
+        reference=reference, outputs=outputs,
+        reference_label="onnxruntime CPU, graph optimisations disabled", tolerance=None, input_specs=specs,
     )
 
 
@@ -315,25 +398,37 @@ def bench_artifact(
     counter: "itertools.count[int] | None" = None,
     total: int | None = None,
     sink: list[BenchRecord] | None = None,
+    failures: FailureSink | None = None,
+    consent: Sequence[str] = (),
+    verify: bool = True,
 ) -> list[BenchRecord]:
     """Measure an exported artifact directory (or any `Subject`, such as `onnx_file_subject(path)`)
     under every runtime that can run it, batch size and thread count of `grid`.
 
-    Records are appended to `sink` (and returned) as they are measured.
+    Records are appended to `sink` (and returned) as they are measured. With `failures`, a
+    configuration that fails (its worker, or its parity) is kept there and the others still run;
+    a parity failure keeps its measured rows too, marked with the error. `consent` names the entry
+    points torch may import to rebuild an artifact's model (see `deploykit.sources.code_refusal`);
+    `verify` checks the artifact's files against its manifest first.
     """
-    subject = target if isinstance(target, Subject) else artifact_subject(target)
+    subject = target if isinstance(target, Subject) else artifact_subject(target, consent, verify)
     placement = grid.placement()
     targets = [t for t in placement.targets if subject.pipeline in RUNTIMES.get(t.runtime).loaders]
     for runtime in sorted({t.runtime for t in placement.targets} - {t.runtime for t in targets}):
         progress(f"note: {runtime} cannot run {subject.pipeline} ({subject.location.name}): skipped")
+    if subject.torch_refusal and any(t.runtime == "torch" for t in targets):
+        progress(f"note: torch skipped: {subject.torch_refusal}")
+        targets = [t for t in targets if t.runtime != "torch"]
     if not targets:
         raise UsageError(f"no runtime of {', '.join(grid.runtimes)} runs {subject.pipeline} ({subject.location.name})")
+    targets = [dataclasses.replace(t, code_consent=subject.consent) for t in targets]
+    grid.check_input_memory(subject.input_specs, subject.model)
     counter = counter or itertools.count(1)
     total = total or len(targets) * len(grid.batches) * len(grid.threads) * len(grid.lengths)
     # conditions recorded with every row: software, machine, and the hardware profile it matches
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
-    with tempfile.TemporaryDirectory(prefix="deploykit-worker-") as tmp:
+    with scratch_directory("worker") as tmp:
         # every shape is built before anything is measured: one the subject cannot take fails now,
         # not after minutes of measuring the others
         shapes = {(batch, length): subject.inputs(batch, INPUT_SEED, length)
@@ -351,17 +446,35 @@ def bench_artifact(
                     + f" {shape} threads={threads}"
                 )
                 progress(label)
-                result, outputs = run_worker(subject.location, subject.pipeline, target, threads, batch, inputs_path,
-                                             timing, Path(tmp))
+
+                def failed(error: str) -> FailedConfiguration:
+                    return FailedConfiguration(
+                        subject.model, subject.prune, subject.form, runtime=target.runtime, device=target.device,
+                        batch_size=batch, threads=threads, sequence_length=length, stage="measure", error=error,
+                        artifact=str(subject.location), profile=context["profile"])
+
+                try:
+                    result, outputs = run_worker(subject.location, subject.pipeline, target, threads, batch,
+                                                 inputs_path, timing, Path(tmp))
+                except MeasurementError as exc:
+                    if failures is None:
+                        raise
+                    failures.add(failed(str(exc)), progress)
+                    continue
                 errors = max_abs_errors(reference, outputs, subject.outputs)
-                if subject.tolerance is not None:
-                    check_parity(f"{target.runtime} on {target.device} vs {subject.reference_label} ({shape})", errors,
-                                 subject.tolerance)
                 for stage, measured in result["stages"].items():
                     record = _record(subject, target, batch, length, stage, measured, result, errors, timing, context)
                     records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")
+                if subject.tolerance is not None:
+                    try:
+                        check_parity(f"{target.runtime} on {target.device} vs {subject.reference_label} ({shape})",
+                                     errors, subject.tolerance)
+                    except ParityError as exc:
+                        if failures is None:
+                            raise
+                        failures.add(failed(f"{exc} (its rows are kept, marked wrong)"), progress)
     return records
 
 
@@ -404,10 +517,6 @@ def _save_numpy(arrays: dict, path: Path) -> None:
     save_file(arrays, str(path))
 
 
-def _plan_label(manifest: Manifest) -> str:
-    return PruningPlan(**manifest.plan).label()
-
-
 def _record(subject: Subject, target, batch, length, stage, measured, result, errors, timing, context) -> BenchRecord:
     return BenchRecord(
         model=subject.model,
@@ -430,6 +539,7 @@ def _record(subject: Subject, target, batch, length, stage, measured, result, er
         parameters=subject.parameters,
         nonzero_parameters=subject.nonzero_parameters,
         parity_max_abs_error=max(errors.values(), default=0.0),
+        parity_tolerance=subject.tolerance,
         load_s=result["load_s"],
         timing=dataclasses.asdict(timing),
         artifact=str(subject.location),

@@ -12,7 +12,6 @@ What a checkpoint may hold: a state dict, a dict with one of the usual keys arou
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 from pathlib import Path
@@ -109,15 +108,6 @@ def apply_checkpoint(model: "nn.Module", state: "dict[str, torch.Tensor]", path:
     if problems:
         raise ArtifactError(f"weights {str(path)!r} do not fit the model: {'; '.join(problems)}")
     return model
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, to record which weights an artifact was exported from."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _listed(names: list[str], limit: int = 4) -> str:

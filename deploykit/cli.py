@@ -1,14 +1,18 @@
 """`deploykit` command line: parses options and calls the library; nothing else.
 
 Heavy libraries (torch, onnxruntime) are imported inside the command functions, so `deploykit --help`
-answers at once. Expected failures (`DeployKitError`) print one line and exit non-zero: 2 for bad input,
-1 for a failed check; nothing half-written is left behind (the library writes atomically).
+answers at once. No traceback reaches the user: expected failures (`DeployKitError`) print one line and
+exit non-zero (2 for bad input, 1 for a failed check); anything else is deploykit's own fault and prints
+one line too, exit 1, with the traceback behind `--debug`. Nothing half-written is left behind (the
+library writes atomically).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import traceback
 from typing import Sequence
 
 from . import __version__
@@ -16,6 +20,7 @@ from .errors import DeployKitError, UsageError
 from .prune import PRUNERS  # torch-free at import, like everything imported here
 from .spec import DEFAULT_MODEL
 from .storage import CODECS
+from .store import ATTEMPTS, BUSY_TIMEOUT_S
 
 DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -85,6 +90,41 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "named axes follow --seq-len; dtypes: float32, float16, int64, int32")
     p.add_argument("--input-shape", metavar="SHAPE",
                    help="shorthand for a one-input model: its shape, e.g. batch,3,224,224 (float32)")
+
+
+def _add_trust_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="let torch import the code an artifact's manifest names to rebuild its model (an entry "
+                   "point): that runs code from the artifact; only for artifacts you trust. Without it, such "
+                   "artifacts run under onnxruntime only (or give the same entry point with --model)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="use artifacts without checking their files against the sizes and SHA-256 checksums in "
+                   "their manifests (a damaged or edited file then goes unnoticed)")
+
+
+def _trust_warnings(args, progress) -> tuple[str, ...]:
+    """The code consent of --trust-code, with the warnings --trust-code and --no-verify owe the user."""
+    from .sources import TRUST_ALL_CODE
+
+    if getattr(args, "no_verify", False):
+        progress("warning: --no-verify: artifact files are used without checking their checksums")
+    if getattr(args, "trust_code", False):
+        progress("warning: --trust-code: code named by artifacts will be imported and run")
+        return (TRUST_ALL_CODE,)
+    return ()
+
+
+def _check_output(path: str, option: str) -> None:
+    """Refuse an output path before any work: a directory, device, FIFO or socket, or a missing directory."""
+    from pathlib import Path
+
+    from .fsutil import check_output_file
+
+    if Path(path).is_dir():
+        raise UsageError(f"{option} {path!r} is a directory; give a file path"
+                         + (" (to print JSON and bench a DIR, write `--json - DIR` or put DIR first)"
+                            if option == "--json" else ""))
+    check_output_file(path)
 
 
 def _model_options(args):
@@ -226,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results store to keep the run in (SQLite; default $DEPLOYKIT_STORE, else "
                    "~/.local/share/deploykit/results.sqlite); see `deploykit report`")
     p.add_argument("--no-store", action="store_true", help="do not keep this run in the results store")
+    p.add_argument("--store-timeout", type=float, default=BUSY_TIMEOUT_S, metavar="SECONDS",
+                   help="how long each of the store's write attempts waits for another process's lock before the "
+                   f"run goes to a JSON file beside the store instead (default {BUSY_TIMEOUT_S:g}; {ATTEMPTS} attempts)")
+    _add_trust_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_bench)
 
@@ -243,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
     p.add_argument("--prune", metavar="METHOD:SPARSITY", help="for a model TARGET: pruning before export")
     p.add_argument("--form", default="csr", help="for a model TARGET: form to export (default csr)")
-    p.add_argument("--json", action="store_true", help="print the audit as JSON (usable as a later baseline)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the audit as JSON (usable as a later baseline) to PATH, or print it instead of the "
+                   "table when no PATH is given")
+    p.add_argument("--no-verify", action="store_true",
+                   help="audit an artifact without checking its files against the sizes and SHA-256 checksums in "
+                   "its manifest (a damaged or edited file then goes unnoticed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_audit)
 
@@ -263,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output format (default table); html is one self-contained page with plots (quality vs "
                    "sparsity, size and latency; latency vs sparsity, batch and length; two runs side by side)")
     p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE.json",
+                   help="put the runs of a JSON file into the store (bench writes one beside the store when it "
+                   "cannot write the store itself); a run already there is not added twice (repeatable)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("profile", help="hardware profiles: list, show one, or detect this machine",
@@ -285,7 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the detected profile as TOML to PATH (default: the user's profile folder)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=cmd_profile_detect)
+    _add_debug(parser)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """`--debug` on every command: the traceback of an internal fault, which is otherwise one line."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an internal error, print its traceback too")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub)
 
 
 def cmd_models(args) -> int:
@@ -309,7 +372,11 @@ def cmd_export(args) -> int:
     from .report import MB, sparsity_report
     from .sources import resolve_model
 
-    (plan,) = _plans([args.prune] if args.prune else [], _plan_options(args))
+    plans = _plans([args.prune] if args.prune else [], _plan_options(args))
+    if len(plans) != 1:
+        raise UsageError(f"export writes one artifact: give one sparsity, not {len(plans)} ({args.prune}); "
+                         "`deploykit bench --prune` sweeps several")
+    (plan,) = plans
     spec = resolve_model(args.model, _model_options(args))
     result = export_artifact(spec, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
                              overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
@@ -363,19 +430,21 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import (DEFAULT_FORMS, DEFAULT_RUNTIMES, Grid, TimingSettings, bench_artifact, bench_model,
-                        onnx_file_subject)
-    from .sources import resolve_model
-    from .runtime import DEFAULT_GRAPH_OPTIMIZATION
+    from .bench import (DEFAULT_FORMS, DEFAULT_RUNTIMES, FailureSink, Grid, TimingSettings, bench_artifact,
+                        bench_model, onnx_file_subject)
     from .env import available_cores
     from .fsutil import write_text_atomic
-    from .report import bench_table, records_json
-    from .store import ResultStore, now_utc
+    from .report import bench_table, failures_text, records_json
+    from .runtime import DEFAULT_GRAPH_OPTIMIZATION
+    from .sources import resolve_model
+    from .store import now_utc
 
     if args.model and args.model.endswith(".onnx"):  # an ONNX file is benchmarked as it is, like a DIR
         args.artifacts, args.model = [*args.artifacts, args.model], None
     if args.artifacts and (args.model or args.prune or args.form or args.plan or args.rule):
         raise UsageError("give either exported DIRs / ONNX files or --model/--prune/--plan/--rule/--form, not both")
+    if args.json not in (None, "-"):
+        _check_output(args.json, "--json")
     model_options = _model_options(args)
     onnx_files = [path for path in args.artifacts if path.endswith(".onnx")]
     if args.artifacts and (model_options.weights or model_options.trust_pickle):
@@ -394,88 +463,113 @@ def cmd_bench(args) -> int:
         raise UsageError("nothing to run: " + "; ".join(placement.notes))
     if args.store and args.no_store:
         raise UsageError("--store and --no-store contradict each other")
-    if not args.no_store:
-        ResultStore(_store_path(args)).check_writable()
     progress = _progress(args)
+    store = None if args.no_store else _store(args)
+    if store is not None and (busy := store.check_writable()):
+        progress(f"note: {busy}")
+    consent = _trust_warnings(args, progress)
     for note in placement.notes:
         progress(f"note: {note}")
     records: list = []
+    failures = FailureSink()
     started = now_utc()
     try:
         if args.artifacts:
             for path in args.artifacts:
                 target = onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx") else path
-                bench_artifact(target, grid, timing, progress, sink=records)
+                bench_artifact(target, grid, timing, progress, sink=records, failures=failures, consent=consent,
+                               verify=not args.no_verify)
         else:
             options = _plan_options(args)
             plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)
             spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
-            bench_model(spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress, sink=records)
-    except KeyboardInterrupt:
-        if records and not args.no_store:  # keep what was measured; the run says it is partial
-            run_id = _store_run(args, records, started, "interrupted", timing, grid)
-            progress(f"interrupted: kept {len(records)} records as run {run_id} in {_store_path(args)}")
+            bench_model(spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress, sink=records,
+                        failures=failures)
+    except BaseException as exc:
+        # keep what was measured; the run says it is partial
+        if store is not None and (records or failures.failures):
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            _keep_run(store, records, failures.failures, started, status, timing, grid, progress)
         raise
-    if not args.no_store:
-        run_id = _store_run(args, records, started, "complete", timing, grid)
-        progress(f"kept as run {run_id} in {_store_path(args)}")
+    if store is not None and (records or failures.failures):
+        _keep_run(store, records, failures.failures, started, "failed" if failures.failures else "complete",
+                  timing, grid, progress)
     if args.json == "-":
         print(records_json(records), end="")
-        return 0
-    if args.json:
-        write_text_atomic(args.json, records_json(records))
-        progress(f"wrote {args.json}")
-    print(bench_table(records))
-    for note in placement.notes:
-        print(f"note: {note}")
+    else:
+        if args.json:
+            replaced = write_text_atomic(args.json, records_json(records))
+            progress(f"wrote {args.json}" + (f" (replacing a file of {replaced:,} bytes)" if replaced is not None else ""))
+        if records:
+            print(bench_table(records))
+        for note in placement.notes:
+            print(f"note: {note}")
+    if failures.failures:
+        print(failures_text(failures.failures), file=sys.stderr)
+        return 1
     return 0
 
 
-def _store_path(args):
-    from .store import default_store_path
+def _store(args):
+    from .store import ResultStore, default_store_path
 
-    return args.store or default_store_path()
+    if not (args.store_timeout >= 0 and args.store_timeout < float("inf")):
+        raise UsageError(f"--store-timeout must be a finite number of seconds >= 0, got {args.store_timeout}")
+    return ResultStore(args.store or default_store_path(), busy_timeout_s=args.store_timeout)
 
 
-def _store_run(args, records, started, status, timing, grid) -> int:
+def _keep_run(store, records, failures, started, status, timing, grid, progress) -> None:
+    """Write the run into the store; if the store cannot take it, into a JSON file beside it."""
     import dataclasses
 
-    from .store import ResultStore
+    from .errors import StoreError
+    from .profiles import current_profile
+    from .store import NewRun
 
-    first = records[0]
-    conditions = {"versions": first.versions, "machine": first.machine, "timing": dataclasses.asdict(timing),
-                  "grid": dataclasses.asdict(grid)}
-    return ResultStore(_store_path(args)).save_run(
-        records, started_utc=started, status=status, command=" ".join(["deploykit", *sys.argv[1:]]),
-        profile=first.profile, conditions=conditions)
+    first = records[0] if records else None
+    conditions = {"versions": first.versions if first else {}, "machine": first.machine if first else {},
+                  "timing": dataclasses.asdict(timing), "grid": dataclasses.asdict(grid)}
+    run = NewRun(records, started, status, " ".join(["deploykit", *sys.argv[1:]]),
+                 first.profile if first else current_profile().name, conditions, failures)
+    try:
+        run_id = store.save(run)
+    except (StoreError, DeployKitError) as exc:
+        path = store.spill(run)
+        progress(f"{exc}; the run ({len(records)} records, {len(failures)} failures) is in {path}: "
+                 f"`deploykit report --import {path}` puts it into a store")
+        return
+    progress(f"kept as run {run_id} ({status}) in {store.path}")
 
 
 def cmd_audit(args) -> int:
     import dataclasses
     import json
-    import tempfile
     from pathlib import Path
 
     from .artifact import MANIFEST_FILE
     from .audit import audit_artifact, audit_onnx_file, check_budget, load_budgets
+    from .fsutil import scratch_directory, write_text_atomic
     from .report import audit_table
     from .sources import resolve_model
 
+    if args.json not in (None, "-"):
+        _check_output(args.json, "--json")
     budgets = load_budgets(args.budget) if args.budget else {}
     target = Path(args.target)
     model_options = _model_options(args)
-    with tempfile.TemporaryDirectory(prefix="deploykit-audit-") as tmp:
-        if (target / MANIFEST_FILE).is_file() or target.suffix == ".onnx":
-            if model_options != type(model_options)() or args.prune:
-                raise UsageError("--prune, --weights and --input-spec apply to a model TARGET, not to an artifact "
-                                 "or ONNX file, which is audited as it is")
-            report = audit_artifact(target) if target.suffix != ".onnx" else audit_onnx_file(target)
-        else:
-            spec = resolve_model(args.target, model_options)
-            from .export import export_artifact
-            from .prune import PruningPlan
+    _trust_warnings(args, _progress(args))
+    if (target / MANIFEST_FILE).is_file() or target.suffix == ".onnx":
+        if model_options != type(model_options)() or args.prune:
+            raise UsageError("--prune, --weights and --input-spec apply to a model TARGET, not to an artifact "
+                             "or ONNX file, which is audited as it is")
+        report = audit_artifact(target, verify=not args.no_verify) if target.suffix != ".onnx" else audit_onnx_file(target)
+    else:
+        from .export import export_artifact
+        from .prune import PruningPlan
 
-            plan = PruningPlan.parse(args.prune) if args.prune else PruningPlan()
+        spec = resolve_model(args.target, model_options)
+        plan = PruningPlan.parse(args.prune) if args.prune else PruningPlan()
+        with scratch_directory("audit") as tmp:
             directory = Path(tmp) / "artifact"
             export_artifact(spec, plan, args.form, directory, progress=_progress(args))
             report = dataclasses.replace(audit_artifact(directory),
@@ -485,9 +579,13 @@ def cmd_audit(args) -> int:
             raise UsageError(f"no budget for model {report.model!r} in {args.budget}; "
                              f"budgeted: {', '.join(budgets) or 'none'}")
         report = check_budget(report, budgets[report.model])
-    if args.json:
+    if args.json == "-":
         print(json.dumps(report.to_dict(), indent=2))
     else:
+        if args.json:
+            replaced = write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+            _progress(args)(f"wrote {args.json}" + (f" (replacing a file of {replaced:,} bytes)"
+                                                    if replaced is not None else ""))
         print(audit_table(report))
     return 0 if report.within_budget else 1
 
@@ -496,14 +594,27 @@ def cmd_report(args) -> int:
     import json
 
     from .fsutil import write_text_atomic
-    from .report import bench_csv, bench_table, compare_table, records_json
-    from .store import ResultStore
+    from .report import bench_csv, bench_table, compare_table, failures_text, records_json
+    from .store import ResultStore, default_store_path, read_spilled_runs
 
-    store = ResultStore(_store_path(args))
+    if args.out:
+        _check_output(args.out, "--out")
+    store = ResultStore(args.store or default_store_path())
+    if args.imports:
+        for path in args.imports:
+            for run in read_spilled_runs(path):
+                before = {r.id for r in store.runs()} if store.path.is_file() else set()
+                run_id = store.save(run)
+                print(f"{path}: run {run.uid} " + (f"is already in {store.path} as run {run_id}" if run_id in before
+                                                   else f"imported into {store.path} as run {run_id}"))
+        return 0
     if args.list:
+        if args.format in ("csv", "html"):
+            raise UsageError(f"--list renders as table, markdown or json, not {args.format}")
         runs = store.runs()
         if args.format == "json":
-            text = json.dumps([{k: v for k, v in run.__dict__.items() if k != "records"} for run in runs], indent=2) + "\n"
+            text = json.dumps([{k: v for k, v in run.__dict__.items() if k not in ("records", "failures")}
+                               for run in runs], indent=2) + "\n"
         else:
             from tabulate import tabulate
 
@@ -530,9 +641,12 @@ def cmd_report(args) -> int:
             header = (f"run {run.id} ({run.status}) on {run.profile}, {run.started_utc}, "
                       f"deploykit {run.git_revision or 'not from a git checkout'}: {run.command}")
             fmt = "github" if args.format == "markdown" else "simple"
-            text = ("# " if fmt == "github" else "") + header + "\n\n" + bench_table(run.records, fmt) + "\n"
+            text = (("# " if fmt == "github" else "") + header + "\n\n" + bench_table(run.records, fmt) + "\n"
+                    + (f"\n{failures_text(run.failures)}\n" if run.failures else ""))
     if args.out:
-        write_text_atomic(args.out, text)
+        replaced = write_text_atomic(args.out, text)
+        print(f"deploykit: wrote {args.out}" + (f" (replacing a file of {replaced:,} bytes)" if replaced is not None
+                                                 else ""), file=sys.stderr)
     else:
         print(text, end="")
     return 0
@@ -574,7 +688,8 @@ def cmd_profile_detect(args) -> int:
     known = match_profile(machine)
     if args.save is not None:
         path = Path(args.save) if args.save else user_profile_dir() / f"{machine.name}.toml"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not args.save:  # the user's profile folder is deploykit's to create; a named path's folder is not
+            path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, to_toml(machine))
         _progress(args)(f"wrote {path}")
     if args.json:
@@ -591,6 +706,10 @@ def _expand_prune(text: str, parse) -> list[dict]:
     return [parse(f"{method}:{amount}") for amount in amounts.split(",")] if amounts else [parse(text)]
 
 
+#: OSErrors that mean the user named a path that cannot be read as given: bad input, not a fault
+_INPUT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ENAMETOOLONG, errno.ELOOP}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -600,11 +719,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DeployKitError as exc:
-        print(f"deploykit: error: {exc}", file=sys.stderr)
+        print(f"deploykit: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("deploykit: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        if exc.errno in _INPUT_ERRNOS:
+            print(f"deploykit: error: {exc.strerror}: {exc.filename!r}", file=sys.stderr)
+            return 2
+        print(f"deploykit: error: {exc.strerror or exc}" + (f": {exc.filename!r}" if exc.filename else ""),
+              file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a fault of deploykit's, in one line
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"deploykit: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in deploykit; rerun with "
+              "--debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:500] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

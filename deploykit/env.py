@@ -66,3 +66,10 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, others KiB
+
+
+def available_memory_bytes() -> int:
+    """Memory the system can give a new allocation now without swapping (psutil's "available")."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -1,7 +1,8 @@
 """Errors deploykit raises on purpose.
 
 Each carries a message written for the user: the CLI prints it on one line and exits non-zero, with no
-traceback. Anything else that escapes is a bug in deploykit and keeps its traceback.
+traceback. Anything else that escapes is a bug in deploykit: the CLI prints it on one line too, exits 1,
+and shows the traceback only with `--debug`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,26 @@ class ArtifactError(UsageError):
 
 class OutputPathError(UsageError):
     """An output path that cannot be written (exists, unwritable, parent missing)."""
+
+
+class WriteError(DeployKitError):
+    """The file system refused a write (disk full, read-only, permissions): not the user's input."""
+
+    exit_code = 1
+
+
+class IntegrityError(ArtifactError):
+    """An artifact's file whose size or checksum is not what its manifest recorded (damaged or edited)."""
+
+
+class UntrustedCodeError(UsageError):
+    """Data (a manifest, a config) names code to import, and the user has not consented to run it."""
+
+
+class StoreError(DeployKitError):
+    """A results store that cannot be written now (locked, damaged); the records went elsewhere."""
+
+    exit_code = 1
 
 
 class ParityError(DeployKitError):

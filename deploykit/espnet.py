@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .confine import check_named_paths, inside
 from .errors import ArtifactError, UsageError
 from .fsutil import read_text
 from .hooks import TRACE_FORWARDS
@@ -155,6 +156,8 @@ def load_st_experiment(path: str | Path, workdir: str | Path) -> tuple[nn.Module
         raise ArtifactError(f"cannot read {str(config_path)!r}: {exc}") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{str(config_path)!r} is not an ESPnet config (not a mapping)")
+    # every key, not only those read below: ESPnet's builders open files their configs name too
+    check_named_paths(config, root, str(config_path), absolute_if_missing=True)
     config = _with_local_files(config, root)
     model = build_st_model(config)
     try:
@@ -170,9 +173,10 @@ def _local_file(value: str, root: Path, what: str) -> Path:
     """A file an experiment's config names by its path in the recipe (espnet_model_zoo's zips keep
     that layout): found under `root` at that relative path, or by its name if unique there."""
     relative = Path(value)
-    if not relative.is_absolute() and (root / relative).is_file():
+    if not relative.is_absolute() and inside(root, value, what).is_file():
         return root / relative
-    matches = sorted(p for p in root.rglob(relative.name) if p.is_file())
+    # a file reached through a symbolic link that leads out of the experiment is not in it
+    matches = sorted(p for p in root.rglob(relative.name) if p.is_file() and p.resolve().is_relative_to(root.resolve()))
     if len(matches) != 1:
         found = "no file" if not matches else f"{len(matches)} files"
         raise ArtifactError(f"the config names {what} {value!r}, and the experiment holds {found} of that name")
@@ -430,15 +434,15 @@ def load_torch_session(directory: str | Path, threads: int, target: Target) -> S
     if target.device != "cpu":  # TorchTranslator builds its token and mask tensors on the CPU
         raise UsageError(f"speech translation under torch runs on the CPU only, not {target.device}")
     torch.set_num_threads(threads)
-    model, _ = load_torch_model(directory)
+    model, _ = load_torch_model(directory, consent=target.code_consent)
     return STSession(TorchTranslator(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 
-def reference_session(directory: str | Path) -> STSession:
+def reference_session(directory: str | Path, consent: Sequence[str] = ()) -> STSession:
     """What every runtime's ST session must reproduce: a session over the stripped PyTorch model."""
     from .artifact import load_torch_model
     from .runtime import RuntimeInfo
 
-    model, _ = load_torch_model(directory, for_runtime=False)
+    model, _ = load_torch_model(directory, for_runtime=False, consent=consent)
     info = RuntimeInfo("torch", torch.__version__, torch.get_num_threads(), "cpu")
     return STSession(TorchTranslator(model), info, [])

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, file_sizes, read_manifest
+from .artifact import (MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, file_sizes, owned_artifact, read_manifest,
+                       with_file_records)
 from .env import library_versions
 from .errors import UsageError
 from .forms import FORMS, Converted
@@ -33,7 +34,7 @@ from .onnx_export import (
 from .prune import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
 from .runtime import GRAPH_OPTIMIZATIONS, ort_session
 from .sparsity import SparsityTable, sparsity_table
-from .sources import resolve_model
+from .sources import consent_of, resolve_model
 from .spec import ONE_PASS_PIPELINES, TRACE_BATCH, ModelSpec
 from .storage import CODECS, save_weights
 from .summary import count_flops, count_parameters, count_sparse_flops, module_shapes, shape_changes
@@ -110,7 +111,7 @@ def export_artifact(
         raise UsageError(f"unknown graph optimisation {save_optimized!r}; choose from {', '.join(GRAPH_OPTIMIZATIONS)}")
     if plan.at_init and spec.train is None:
         raise UsageError(f"--at-init trains the pruned model, and {spec.name} has no training hook")
-    check_writable_destination(out_dir, overwrite)
+    replacing = check_writable_destination(out_dir, overwrite, owned_artifact).exists()
 
     if plan.at_init:
         progress(f"building {spec.name} (initial weights)")
@@ -135,7 +136,7 @@ def export_artifact(
     saved = step.converted.module.eval()
     parameters, nonzero = count_parameters(saved)
 
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, owned_artifact, notes=progress) as tmp:
         progress(f"exporting ONNX (opset {opset})")
         notes = _form_notes(form)
         inputs = [dataclasses.asdict(i) for i in spec.inputs]
@@ -195,7 +196,8 @@ def export_artifact(
         if quantize is not None:  # measured against the float artifact, which is complete at this point
             from .quantize import quantize_artifact
 
-            manifest = quantize_artifact(tmp, manifest, quantize, per_channel, progress)
+            # the source record was made this run from the user's own spec: its entry point may run
+            manifest = quantize_artifact(tmp, manifest, quantize, per_channel, progress, consent_of(source))
             write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if save_optimized is not None:  # of the graphs as shipped (quantized, if they are)
             progress(f"saving onnxruntime's {save_optimized}-optimised graphs")
@@ -204,10 +206,11 @@ def export_artifact(
             note = (f"onnxruntime's {save_optimized}-optimised graphs saved beside the originals: "
                     f"{', '.join(saved_graphs)}" + (" (level all adds layouts for this machine's CPU)"
                                                     if save_optimized == "all" else ""))
-            manifest = dataclasses.replace(manifest, files=file_sizes(tmp), notes=[*manifest.notes, note])
-            write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
+            manifest = dataclasses.replace(manifest, notes=[*manifest.notes, note])
+        # the files are final: their sizes and checksums go into the manifest, checked before each use
+        write_text_atomic(tmp / MANIFEST_FILE, with_file_records(manifest, tmp).to_json())
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
-    progress(f"wrote {out_dir}")
+    progress(f"wrote {out_dir}" + (" (replacing the artifact that was there)" if replacing else ""))
     return ExportResult(Path(out_dir), manifest, result, table, metrics)
 
 

@@ -14,16 +14,17 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import ExportError, ParityError, UsageError
+from .fsutil import scratch_directory
 from .onnx_export import max_abs_errors, sparsify_initializers
 from .runtime import RuntimeInfo, Target
 from .textgen import (
@@ -137,7 +138,7 @@ def _optimum_export(hf: nn.Module, task: str, opset: int, path: Path) -> None:
     if hf.transformer.h[0].attn.num_heads != hf.config.n_head:
         custom = {"model": _pruned_heads_config(hf, task)}
     try:
-        with tempfile.TemporaryDirectory(prefix="deploykit-optimum-") as tmp, warnings.catch_warnings():
+        with scratch_directory("optimum") as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 onnx_export_from_model(hf, tmp, task=task, opset=opset, do_validation=False, custom_onnx_configs=custom)
@@ -179,15 +180,15 @@ def load_torch_session(directory: str | Path, threads: int, target: Target) -> G
     if target.device != "cpu":
         raise UsageError(f"text generation under torch runs on the CPU only, not {target.device}")
     torch.set_num_threads(threads)
-    model, _ = load_torch_model(directory)
+    model, _ = load_torch_model(directory, consent=target.code_consent)
     lm = TorchCausalLM(model, _hf(model).config.eos_token_id)
     return GenerationSession(lm, RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 
-def reference_session(directory: str | Path) -> GenerationSession:
+def reference_session(directory: str | Path, consent: Sequence[str] = ()) -> GenerationSession:
     """What every runtime's session must reproduce: the stripped PyTorch model's."""
     from .artifact import load_torch_model
 
-    model, _ = load_torch_model(directory, for_runtime=False)
+    model, _ = load_torch_model(directory, for_runtime=False, consent=consent)
     lm = TorchCausalLM(model, _hf(model).config.eos_token_id)
     return GenerationSession(lm, RuntimeInfo("torch", torch.__version__, torch.get_num_threads(), "cpu"), [])

@@ -84,10 +84,61 @@ class OnnxFile:
 
 
 def open_onnx_file(path: str | Path) -> OnnxFile:
-    """Read the graph at `path` and check every external data reference before anything loads it."""
+    """Read the graph at `path` and check it before anything loads it: every external data reference
+    stays inside the model's directory and fits its file, every tensor's declared size matches the
+    bytes it holds, and the graph passes onnx's checker."""
     path = Path(path)
     proto = _model_proto(path)
-    return OnnxFile(path, proto, tuple(_checked_external_data(path, proto)))
+    external = tuple(_checked_external_data(path, proto))
+    _check_tensor_sizes(path, proto, {ref.tensor: ref for ref in external})
+    _check_graph(path, proto)
+    return OnnxFile(path, proto, external)
+
+
+def _check_graph(path: Path, proto: "onnx.ModelProto") -> None:
+    import onnx
+
+    try:
+        # by path: external data is checked where it lies (beside the model), not beside the process
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
+        raise ArtifactError(f"{str(path)!r} is not a valid ONNX graph: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _check_tensor_sizes(path: Path, proto: "onnx.ModelProto", external: dict[str, ExternalData]) -> None:
+    """Refuse tensors whose declared shape does not match the bytes they hold (read nothing yet): a
+    crafted dimension of 10^12 would otherwise be allocated when the tensor is read."""
+    import onnx
+
+    for tensor in _tensors(proto.graph):
+        if any(dim < 0 for dim in tensor.dims):
+            raise ArtifactError(f"{str(path)!r}: tensor {tensor.name!r} declares a negative dimension {list(tensor.dims)}")
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{str(path)!r}: tensor {tensor.name!r} has unknown element type {tensor.data_type}") from None
+        if tensor.name in external and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            held = external[tensor.name].length
+        elif tensor.HasField("raw_data"):
+            held = len(tensor.raw_data)
+        else:  # typed fields (float_data, int64_data, ...): one entry per element (two for complex)
+            held = None
+            stored = max(len(tensor.float_data), len(tensor.int32_data), len(tensor.int64_data),
+                         len(tensor.double_data), len(tensor.uint64_data), len(tensor.string_data))
+            if stored and stored < count:
+                raise ArtifactError(f"{str(path)!r}: tensor {tensor.name!r} declares {count:,} elements and holds "
+                                    f"{stored:,}")
+        if held is not None and itemsize and held < count * itemsize and tensor.data_type != onnx.TensorProto.STRING:
+            raise ArtifactError(f"{str(path)!r}: tensor {tensor.name!r} declares shape {list(tensor.dims)} "
+                                f"({count * itemsize:,} bytes) and holds {held:,} bytes")
 
 
 def _checked_external_data(path: Path, proto: "onnx.ModelProto") -> list[ExternalData]:
@@ -107,7 +158,16 @@ def _checked_external_data(path: Path, proto: "onnx.ModelProto") -> list[Externa
                                 "model's directory; refused (external data must sit beside the model)")
         if not target.is_file():
             raise ArtifactError(f"{str(path)!r}: external data file {location!r} of tensor {tensor.name!r} is missing")
-        length = int(entries["length"]) if "length" in entries else target.stat().st_size - int(entries.get("offset", 0))
+        size = target.stat().st_size
+        try:
+            offset = int(entries.get("offset", 0))
+            length = int(entries["length"]) if "length" in entries else size - offset
+        except ValueError:
+            raise ArtifactError(f"{str(path)!r}: tensor {tensor.name!r} has a non-numeric external offset or length "
+                                f"({entries.get('offset')!r}, {entries.get('length')!r})") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ArtifactError(f"{str(path)!r}: tensor {tensor.name!r} keeps {length:,} bytes at offset {offset:,} of "
+                                f"{location!r}, which holds {size:,}: impossible (truncated or crafted)")
         found.append(ExternalData(tensor.name, location, length))
     return found
 

@@ -18,7 +18,6 @@ import dataclasses
 import fnmatch
 import hashlib
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
@@ -34,6 +33,8 @@ if TYPE_CHECKING:
     from .spec import ModelSpec
 
 SCOPES = ("global", "layer")
+#: most prune-rewind-retrain rounds (imp) or scoring iterations (synflow) a plan may ask for
+MAX_ROUNDS = 1000
 #: kinds of prunable layer a plan can select (`layer_type`); "custom" are the layer types of pruning hints
 LAYER_TYPES = ("linear", "conv", "embedding", "custom")
 #: "magnitude:0.9" -> method "magnitude", amount 0.9; "grasp:c2" (or "grasp:c=2") -> compression 2
@@ -95,8 +96,15 @@ class PruningPlan:
             _check_sparsity(amount)
         if self.scope not in SCOPES:
             raise UsageError(f"unknown pruning scope {self.scope!r}; known: {', '.join(SCOPES)}")
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            raise UsageError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
+            raise UsageError(f"rounds must be an integer in [1, {MAX_ROUNDS}], got {self.rounds!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise UsageError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for name in ("exclude_output", "at_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.method, str) or not all(isinstance(p, str) for p in (*self.exclude, *self.layer_types)):
+            raise UsageError("method, exclude and layer_types must be strings")
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> "PruningPlan":
@@ -156,32 +164,32 @@ def parse_rule(text: str) -> tuple[str, float]:
         raise UsageError(f"bad sparsity {amount!r} in rule {text!r}") from None
 
 
-PLAN_KEYS = {"method", "sparsity", "compression", "scope", "rules", "exclude", "exclude_output", "seed", "rounds",
-             "layer_types", "at_init"}
+
+#: plan file key -> the TOML kind its value must be (`deploykit.tomlfile.check_value`)
+PLAN_KEYS = {"method": "string", "sparsity": "number", "compression": "number", "scope": "string",
+             "rules": "table of numbers", "exclude": "list of strings", "exclude_output": "boolean",
+             "seed": "integer", "rounds": "integer", "layer_types": "list of strings", "at_init": "boolean"}
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML plan: top-level method/sparsity/scope/exclude/exclude_output/seed and a [rules] table.
 
-    Returns PruningPlan keyword arguments. Unknown keys are errors that name the key and the file.
+    Returns PruningPlan keyword arguments. Unknown keys, and values of the wrong type (a string for a
+    boolean, a boolean for a number), are errors naming the key, its line and the file.
     """
-    from .fsutil import read_text
+    from .tomlfile import check_value, read_toml
 
     path = Path(path)
-    try:
-        data = tomllib.loads(read_text(path, "plan file", UsageError))
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"cannot read plan file {str(path)!r}: {exc}") from None
-    unknown = sorted(set(data) - PLAN_KEYS)
+    data, text = read_toml(path, "plan file")
+    unknown = sorted(set(data) - set(PLAN_KEYS))
     if unknown:
         raise UsageError(f"plan file {str(path)!r}: unknown key {unknown[0]!r}; known: {', '.join(sorted(PLAN_KEYS))}")
+    for key, value in data.items():
+        check_value(value, PLAN_KEYS[key], key, path, text)
     options = {k: v for k, v in data.items() if k not in ("sparsity", "rules")}
     if "sparsity" in data:
         options["amount"] = data["sparsity"]
-    rules = data.get("rules", {})
-    if not isinstance(rules, dict) or not all(isinstance(v, (int, float)) for v in rules.values()):
-        raise UsageError(f"plan file {str(path)!r}: [rules] must map module patterns to sparsities")
-    options["rules"] = tuple(rules.items())
+    options["rules"] = tuple(data.get("rules", {}).items())
     return options
 
 

@@ -197,9 +197,11 @@ def _data(spec, manifest, directory, workload) -> tuple[list[dict], list[dict], 
     return calibration, measured, "random example inputs (the model has no data of its own)"
 
 
-def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool, progress) -> object:
+def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool, progress,
+                      consent: Sequence[str] = ()) -> object:
     """Quantize the ONNX graphs of the finished artifact in `directory` in place, and measure what
-    that costs on each runtime against the float model. Returns the manifest to write."""
+    that costs on each runtime against the float model. Returns the manifest to write. `consent`:
+    the entry points the artifact may import to rebuild its PyTorch model (the one it was exported from)."""
     from .artifact import MANIFEST_FILE, ONNX_FILE, file_sizes, load_torch_model
     from .bench import WORKLOADS
     from .fsutil import write_text_atomic
@@ -208,9 +210,9 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
 
     quantizer = QUANTIZERS.get(scheme)
     workload = WORKLOADS.get(manifest.pipeline)
-    spec = spec_for_artifact(directory, manifest)
+    spec = spec_for_artifact(directory, manifest, consent)
     calibration, feeds, data = _data(spec, manifest, directory, workload)
-    reference_of = workload.reference(directory)
+    reference_of = workload.reference(directory, consent)
     references = [reference_of(f) for f in feeds]  # the float model, before anything changes
 
     progress(f"quantizing: {quantizer.description}" + (", per channel" if per_channel else ""))
@@ -223,7 +225,7 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
     write_text_atomic(directory / MANIFEST_FILE, manifest.to_json())  # the torch loader reads it
 
     progress("measuring the quantized model against the float one")
-    sessions = {name: RUNTIMES.get(name).load(manifest.pipeline, directory, 1) for name in ("onnxruntime", "torch")}
+    sessions = {name: RUNTIMES.get(name).load(manifest.pipeline, directory, 1, consent=consent) for name in ("onnxruntime", "torch")}
     outputs = {runtime: [s.run(f) for f in feeds] for runtime, s in sessions.items()}
     record["error"] = {runtime: error_statistics([a for r in references for a in r], [a for o in outs for a in o])
                        for runtime, outs in outputs.items()}
@@ -235,7 +237,7 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
         # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it
         # where the artifact is that one call (a generating pipeline's graphs are not)
         progress("evaluating the quantized model")
-        quantized_metrics = {"torch": spec.evaluate(load_torch_model(directory)[0])}
+        quantized_metrics = {"torch": spec.evaluate(load_torch_model(directory, consent=consent)[0])}
         if manifest.pipeline == "forward":
             quantized_metrics["onnxruntime"] = spec.evaluate(_OrtModel(directory / ONNX_FILE, spec.input_names))
         record["metrics"] = quantized_metrics

@@ -56,6 +56,14 @@ class BenchRecord:
     quantization: str = ""
     #: onnxruntime's graph optimisation level ("" for runtimes without one)
     graph_optimization: str = ""
+    #: the largest parity error allowed against the reference; None where none is checked (quantized
+    #: artifacts, ONNX files): a row above it was measured on wrong outputs
+    parity_tolerance: float | None = None
+
+    @property
+    def wrong(self) -> bool:
+        """Whether its outputs differed from the reference's beyond the tolerance."""
+        return self.parity_tolerance is not None and not self.parity_max_abs_error <= self.parity_tolerance
 
     @property
     def form_label(self) -> str:
@@ -89,3 +97,38 @@ class BenchRecord:
         data["problems"] = m.problems()
         data["throughput_items_per_s"] = m.throughput_items_per_s
         return data
+
+
+@dataclass(frozen=True)
+class FailedConfiguration:
+    """A configuration of a run that failed, with why: kept beside the measured rows, never dropped."""
+
+    model: str
+    prune: str
+    form: str
+    #: what failed: "export" (the artifact could not be made) or "measure" (its worker or parity)
+    stage: str
+    error: str
+    runtime: str = ""
+    device: str = ""
+    batch_size: int | None = None
+    threads: int | None = None
+    sequence_length: int | None = None
+    artifact: str = ""
+    profile: str = ""
+
+    @property
+    def label(self) -> str:
+        parts = [self.model, self.prune, f"form={self.form}"]
+        parts += [f"runtime={self.runtime}"] if self.runtime else []
+        parts += [f"batch={self.batch_size}"] if self.batch_size is not None else []
+        parts += [f"length={self.sequence_length}"] if self.sequence_length else []
+        parts += [f"threads={self.threads}"] if self.threads is not None else []
+        return " ".join(parts)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FailedConfiguration":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

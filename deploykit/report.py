@@ -61,7 +61,8 @@ def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str
             r.model, r.form_label, f"{r.sparsity:g}", r.runtime, *(cell(r) for _, cell in shown), str(r.batch_size),
             str(r.threads), f"{m.percentile_ms(50):.4f}", _tail(m, 90), _tail(m, 99),
             f"{m.throughput_items_per_s:,.0f}", f"{r.peak_rss_bytes / MB:.1f}", f"{r.disk_bytes / MB:.3f}",
-            f"{r.parameters:,}", f"{r.nonzero_parameters:,}", f"{r.parity_max_abs_error:.1e}",
+            f"{r.parameters:,}", f"{r.nonzero_parameters:,}",
+            f"{r.parity_max_abs_error:.1e}" + (" WRONG" if r.wrong else ""),
         ])
     return BENCH_HEADERS[:4] + [name for name, _ in shown] + BENCH_HEADERS[4:], rows
 
@@ -83,6 +84,10 @@ def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str
         notes.append(f"note: harness overhead {overhead[len(overhead) // 2] / 1e3:.2f} us per sample (median over "
                      f"rows), {100 * overhead[len(overhead) // 2] / 1e6 / fastest:.2f}% of the fastest p50")
     notes += _problem_notes(records)
+    wrong = [r for r in records if r.wrong]
+    if wrong:
+        notes.append(f"warning: {len(wrong)} of {len(records)} rows are marked WRONG: their outputs differ from the "
+                     "reference beyond the parity tolerance, so their speed is not the model's")
     if any(r.form == "csr" and r.runtime == "onnxruntime" for r in records):
         notes.append("note: onnxruntime densifies sparse initializers when it loads a model: its csr rows run "
                      "dense kernels (the file is smaller, the time is dense time)")
@@ -180,3 +185,8 @@ def audit_table(report) -> str:
 
 def records_json(records: Iterable[BenchRecord]) -> str:
     return json.dumps([r.to_dict() for r in records], indent=2) + "\n"
+
+
+def failures_text(failures) -> str:
+    """One line per configuration that failed, for the terminal or a report."""
+    return "\n".join(f"failed: {f.label}: {f.error}" for f in failures)

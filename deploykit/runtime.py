@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .artifact import ONNX_FILE, WEIGHTS_FILE
-from .errors import MeasurementError, UsageError
+from .errors import ArtifactError, MeasurementError, UsageError
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -77,6 +77,9 @@ class Target:
     choice: str = "cpu"
     #: onnxruntime's graph optimisation level (None for runtimes without one)
     graph_optimization: str | None = None
+    #: entry points the user consented to import when torch rebuilds an artifact's model
+    #: (`deploykit.sources.code_refusal`); plain data, so it travels to the benchmark worker
+    code_consent: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,16 @@ class Runtime:
     #: whether the runtime has graph optimisation levels (GRAPH_OPTIMIZATIONS)
     graph_optimizations: bool = False
 
-    def load(self, pipeline: str, directory: Path, threads: int, target: Target | None = None) -> Session:
-        """A session for the artifact in `directory` (on the CPU with default settings unless `target` says)."""
+    def load(self, pipeline: str, directory: Path, threads: int, target: Target | None = None,
+             consent: Sequence[str] = ()) -> Session:
+        """A session for the artifact in `directory` (on the CPU with default settings and the code
+        `consent` given, unless `target` says)."""
         if pipeline not in self.loaders:
             raise UsageError(f"runtime {self.name!r} cannot run {pipeline!r} artifacts; it runs: {', '.join(self.loaders)}")
         if target is None:
             target = Target(self.name, self.cpu_device,
-                            graph_optimization=DEFAULT_GRAPH_OPTIMIZATION if self.graph_optimizations else None)
+                            graph_optimization=DEFAULT_GRAPH_OPTIMIZATION if self.graph_optimizations else None,
+                            code_consent=tuple(consent))
         module, _, function = self.loaders[pipeline].partition(":")
         return getattr(importlib.import_module(module), function)(Path(directory), threads, target)
 
@@ -144,7 +150,11 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     providers = [provider] + ([CPU_PROVIDER] if provider != CPU_PROVIDER else [])
-    session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad graphs
+        lines = str(exc).strip().splitlines()
+        raise ArtifactError(f"onnxruntime cannot load {str(onnx_path)!r}: {lines[0][:300] if lines else type(exc).__name__}") from None
     if session.get_providers()[0] != provider:
         raise MeasurementError(f"onnxruntime could not start {provider} for {Path(onnx_path).name} "
                                f"(it offered {', '.join(session.get_providers())})")
@@ -192,7 +202,7 @@ class TorchSession:
         self.torch = torch
         device = target.device
         self.device = torch.device(device)
-        model, self.manifest = load_torch_model(artifact_dir)
+        model, self.manifest = load_torch_model(artifact_dir, consent=target.code_consent)
         self.model = model.to(self.device)
         self.input_names = [spec["name"] for spec in self.manifest.inputs]
         self.info = RuntimeInfo("torch", torch.__version__, threads, device)

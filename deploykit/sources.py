@@ -20,9 +20,9 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
-from .errors import ArtifactError, UsageError
+from .errors import ArtifactError, UntrustedCodeError, UsageError
 from .spec import MODELS, InputSpec, ModelSpec, get_model, list_models
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ def with_weights(spec: ModelSpec, path: str, trust_pickle: bool = False) -> Mode
 
     The artifact records which file (name and sha256) it came from; it does not need the file again,
     since it carries the pruned weights itself."""
-    from .checkpoints import apply_checkpoint, file_digest, load_checkpoint
+    from .checkpoints import apply_checkpoint, load_checkpoint
+    from .fsutil import file_digest
 
     state = load_checkpoint(path, trust_pickle)
     apply_checkpoint(spec.make(trained=False), state, path)  # fits? (errors name what differs)
@@ -128,8 +129,38 @@ def _path_spec(text: str) -> ModelSpec:
                      f"or the path of {' or '.join(s.description for s in PATH_SOURCES)}")
 
 
-def spec_for_artifact(directory: Path, manifest: "Manifest") -> ModelSpec:
-    """The spec an artifact's PyTorch model is rebuilt from: by zoo name, or from files it holds."""
+#: code consent that lets every entry point an artifact names be imported (`--trust-code`)
+TRUST_ALL_CODE = "*"
+
+
+def consent_of(source: dict) -> tuple[str, ...]:
+    """The code consent a source record carries when deploykit made it from what the user gave this
+    run (an entry point on the command line): that entry point, and nothing else."""
+    return (str(source["entry_point"]),) if source.get("kind") == "entry-point" else ()
+
+
+def code_refusal(directory: Path, manifest: "Manifest", consent: Sequence[str] = ()) -> str | None:
+    """Why rebuilding the artifact's PyTorch model would import code it names without the user's
+    consent; None when it imports none (zoo, Hugging Face, ESPnet sources) or the user consented.
+
+    `consent` holds the entry points the user gave on the command line, or TRUST_ALL_CODE."""
+    if manifest.source.get("kind") != "entry-point":
+        return None
+    from .entrypoint import parse_entry_point
+
+    named = str(manifest.source.get("entry_point"))
+    entry = parse_entry_point(named)
+    given = {parsed.text for text in consent if (parsed := parse_entry_point(text)) is not None}
+    if TRUST_ALL_CODE in consent or (entry is not None and entry.text in given):
+        return None
+    return (f"{str(directory)!r}: its PyTorch model is built by code the manifest names ({named}), which deploykit "
+            "imports only with --trust-code (or when you give that entry point with --model); onnxruntime needs "
+            "no code")
+
+
+def spec_for_artifact(directory: Path, manifest: "Manifest", consent: Sequence[str] = ()) -> ModelSpec:
+    """The spec an artifact's PyTorch model is rebuilt from: by zoo name, or from files it holds.
+    Code the artifact names (an entry point) is imported only with `consent` (see `code_refusal`)."""
     kind = manifest.source.get("kind")
     if kind == "zoo":
         return get_model(manifest.model)
@@ -138,4 +169,26 @@ def spec_for_artifact(directory: Path, manifest: "Manifest") -> ModelSpec:
                             "entry point: load it with load_torch_model(directory, spec=that spec)")
     if kind not in ARTIFACT_SOURCES:
         raise ArtifactError(f"{str(directory)!r}: unknown model source {kind!r}; known: zoo, {', '.join(ARTIFACT_SOURCES)}")
+    refusal = code_refusal(directory, manifest, consent)
+    if refusal:
+        raise UntrustedCodeError(refusal)
     return _resolve(ARTIFACT_SOURCES[kind])(Path(directory), manifest)
+
+
+def inputs_for_artifact(directory: Path, manifest: "Manifest") -> ModelSpec:
+    """A spec that makes the artifact's inputs without importing code it names: the source's own spec
+    where building it runs no user code (its samplers), else one described by the manifest's inputs."""
+    if code_refusal(directory, manifest) is None:
+        return spec_for_artifact(directory, manifest)
+    try:
+        inputs = tuple(InputSpec(**{**i, "shape": tuple(i["shape"])}) for i in manifest.inputs)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{str(directory)!r}: the manifest's inputs are malformed ({exc})") from None
+    return ModelSpec(name=manifest.model, build=_no_model(directory), inputs=inputs, outputs=tuple(manifest.outputs))
+
+
+def _no_model(directory: Path):
+    def build():
+        raise UntrustedCodeError(f"{str(directory)!r}: its PyTorch model needs code deploykit may not import")
+
+    return build

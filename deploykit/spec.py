@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from .env import available_memory_bytes
 from .registry import Registry
 
 if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays instant
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays i
 
 #: dtype names accepted in InputSpec, mapped to torch dtype attribute names
 INPUT_DTYPES = ("float32", "float16", "int64", "int32")
+#: bytes per element of each of those
+INPUT_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
 #: batch size of the example inputs models are traced with (ONNX export, dependency graphs)
 TRACE_BATCH = 2
 #: size of named non-batch axes (sequence, frames) in example inputs when the model has no sampler
@@ -65,6 +68,13 @@ class InputSpec:
             else:
                 out.append(dim)
         return tuple(out)
+
+    def nbytes(self, batch_size: int, length: int | None = None) -> int:
+        """Bytes of one array of this input at `batch_size` (named axes at `length`, else DEFAULT_LENGTH)."""
+        size = INPUT_ITEMSIZE[self.dtype]
+        for dim in self.concrete_shape(batch_size, length or DEFAULT_LENGTH):
+            size *= dim
+        return size
 
     @property
     def sequence_axes(self) -> tuple[str, ...]:
@@ -174,6 +184,8 @@ class ModelSpec:
         sequence-length sweep; without it the model's sampler decides, else DEFAULT_LENGTH."""
         import torch
 
+        check_input_memory(self.inputs, batch_size, length, self.name)
+
         generator = torch.Generator().manual_seed(seed)
         if length is not None:
             self.require_sequence_axis()
@@ -204,6 +216,26 @@ class ModelSpec:
         if any("batch" in spec.shape for spec in self.inputs):
             axes.update({name: {0: "batch"} for name in self.outputs})
         return axes
+
+
+#: inputs may take at most this share of the memory available: the model's activations, its outputs
+#: and the reference's copies need several times the inputs
+INPUT_MEMORY_SHARE = 0.25
+
+
+def check_input_memory(inputs: Sequence[InputSpec], batch_size: int, length: int | None, what: str) -> None:
+    """Refuse, before anything is allocated, a batch size or length whose inputs alone would take more
+    than INPUT_MEMORY_SHARE of the memory available now (a typo like --batch 1000000 would otherwise
+    allocate until the kernel kills the process)."""
+    from .errors import UsageError
+
+    needed = sum(spec.nbytes(batch_size, length) for spec in inputs)
+    available = available_memory_bytes()
+    if needed > INPUT_MEMORY_SHARE * available:
+        shape = f"batch {batch_size}" + (f", length {length}" if length else "")
+        raise UsageError(f"{what} at {shape} needs {needed / 2**30:.3g} GiB for its inputs alone, more than "
+                         f"{INPUT_MEMORY_SHARE:.0%} of the {available / 2**30:.3g} GiB available: use a smaller "
+                         "--batch or --seq-len")
 
 
 def cache_dir() -> Path:

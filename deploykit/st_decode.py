@@ -11,12 +11,12 @@ both runtimes and their token sequences can be compared exactly:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .confine import inside, read_json
 from .errors import UsageError
 from .runtime import CPU_PROVIDER, Target
 
@@ -73,11 +73,11 @@ class OrtSpeechTranslator:
         from .runtime import ort_session
 
         directory = Path(directory)
-        self.config = json.loads((directory / ST_CONFIG_FILE).read_text(encoding="utf-8"))
+        self.config = read_json(directory, ST_CONFIG_FILE, "speech-translation config")
         self.sos, self.eos, self.vocab_size = self.config["sos"], self.config["eos"], self.config["vocab_size"]
-        self.encoder = ort_session(directory / self.config["encoder"], threads, spinning=False, provider=provider,
+        self.encoder = ort_session(inside(directory, self.config.get("encoder"), f"{ST_CONFIG_FILE} encoder"), threads, spinning=False, provider=provider,
                                    optimization=optimization)
-        self.decoder = OrtSTDecoder(directory / self.config["decoder"], self.config["decoder_layers"],
+        self.decoder = OrtSTDecoder(inside(directory, self.config.get("decoder"), f"{ST_CONFIG_FILE} decoder"), self.config["decoder_layers"],
                                     self.config["decoder_size"], threads, provider, optimization)
 
     def encode(self, feats: np.ndarray) -> np.ndarray:

@@ -13,12 +13,12 @@ benchmark's decode-step stage does exactly that).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from .confine import inside, read_json
 from .errors import UsageError
 from .runtime import CPU_PROVIDER, RuntimeInfo, Target
 
@@ -67,9 +67,9 @@ class OrtCausalLM:
 
         self.directory, self.threads = Path(directory), threads
         self.options = {"provider": provider, "optimization": optimization}
-        self.config = json.loads((self.directory / TEXTGEN_CONFIG_FILE).read_text(encoding="utf-8"))
+        self.config = read_json(self.directory, TEXTGEN_CONFIG_FILE, "text-generation config")
         self.eos = self.config.get("eos")
-        self.with_past = ort_session(self.directory / self.config["with_past"], threads, **self.options)
+        self.with_past = ort_session(inside(self.directory, self.config.get("with_past"), f"{TEXTGEN_CONFIG_FILE} with_past"), threads, **self.options)
         self._no_past = None
         inputs = self.with_past.get_inputs()
         self.past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]
@@ -98,7 +98,7 @@ class OrtCausalLM:
         from .runtime import ort_session
 
         if self._no_past is None:
-            self._no_past = ort_session(self.directory / self.config["no_past"], self.threads, **self.options)
+            self._no_past = ort_session(inside(self.directory, self.config.get("no_past"), f"{TEXTGEN_CONFIG_FILE} no_past"), self.threads, **self.options)
         return self._no_past
 
     def logits(self, ids: np.ndarray) -> np.ndarray:

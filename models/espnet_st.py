@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +102,9 @@ def _spec(name: str, build, feats: int, description: str, bundle=None) -> ModelS
 def experiment_spec(path: Path) -> ModelSpec:
     """A spec for a real ESPnet ST experiment: its trained weights, exported as features-in encoder + decoder."""
     from deploykit.espnet import feats_dim, load_st_experiment
+    from deploykit.fsutil import scratch_directory
 
-    with tempfile.TemporaryDirectory(prefix="deploykit-espnet-") as tmp:
+    with scratch_directory("espnet") as tmp:
         model, config = load_st_experiment(path, tmp)
     return _spec(path.stem if path.suffix == ".zip" else path.name, lambda: copy.deepcopy(model),
                  feats_dim(model, config), f"ESPnet ST experiment {path}",
@@ -136,16 +136,21 @@ def spec_from_artifact(directory: Path, manifest) -> ModelSpec:
     """Rebuild an experiment's spec from the config its artifact carries (weights come from the artifact)."""
     import yaml
 
+    from deploykit.confine import check_named_paths, inside, read_json
     from deploykit.errors import ArtifactError
     from deploykit.espnet import build_st_model
     from deploykit.fsutil import read_text
     from deploykit.st_decode import ST_CONFIG_FILE
 
-    config = yaml.safe_load(read_text(directory / manifest.source["config"], "ESPnet config", ArtifactError))
-    stats = config.get("normalize_conf", {}).get("stats_file")
+    config_path = inside(directory, manifest.source.get("config"), "manifest source.config")
+    config = yaml.safe_load(read_text(config_path, "ESPnet config", ArtifactError))
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{str(config_path)!r} is not an ESPnet config (not a mapping)")
+    check_named_paths(config, directory, str(config_path))
+    stats = (config.get("normalize_conf") or {}).get("stats_file")
     if stats is not None:
-        config["normalize_conf"]["stats_file"] = str(directory / stats)
+        config["normalize_conf"]["stats_file"] = str(inside(directory, stats, "normalize_conf.stats_file"))
     # the feature width export recorded, rather than building a model only to ask it
-    st_config = json.loads(read_text(directory / ST_CONFIG_FILE, "ST config", ArtifactError))
+    st_config = read_json(directory, ST_CONFIG_FILE, "speech-translation config")
     return _spec(manifest.model, lambda: build_st_model(config), st_config["feats_dim"],
                  f"ESPnet ST experiment {manifest.source.get('from', '')}")

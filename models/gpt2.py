@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deploykit.errors import UsageError
+from deploykit.errors import ArtifactError, UsageError
 from deploykit.spec import InputSpec, register_model
 
 VOCAB = 50257
@@ -156,7 +156,13 @@ def hf_spec_from_artifact(directory, manifest):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config.from_json_file(str(Path(directory) / manifest.source["config"]))
+    from deploykit.confine import inside
+
+    config_path = inside(Path(directory), manifest.source.get("config"), "manifest source.config")
+    try:
+        config = GPT2Config.from_json_file(str(config_path))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read the GPT-2 config {str(config_path)!r}: {exc}") from None
     config.use_cache, config._attn_implementation = False, "eager"
     return _spec_from_config(manifest.model, config, f"exported from {manifest.source['from']}",
                              lambda: CausalLM(GPT2LMHeadModel(config)))

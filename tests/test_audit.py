@@ -92,6 +92,8 @@ def test_tampered_weights_and_unknown_targets_exit_2(cli, artifact, tmp_path):
     data = (broken / "weights.safetensors").read_bytes()
     (broken / "weights.safetensors").write_bytes(data[: len(data) // 2])
     result = cli("audit", str(broken))
+    assert result.returncode == 2 and f"weights.safetensors is {len(data) // 2:,} bytes, the manifest recorded" in result.stderr
+    result = cli("audit", str(broken), "--no-verify")  # unchecked, the weights file's own validation still refuses it
     assert result.returncode == 2 and "cannot read weights file" in result.stderr
     result = cli("audit", "no-such-thing")
     assert result.returncode == 2 and "unknown model 'no-such-thing'; known: " in result.stderr

@@ -102,7 +102,13 @@ def test_entry_point_export_and_bench_rebuild_the_model(cli, user_file, tmp_path
     assert manifest["source"] == {"kind": "entry-point", "entry_point": f"{user_file}:build", "inputs": None}
     assert manifest["inputs"] == [{"name": "features", "shape": ["batch", 16], "dtype": "float32", "high": None}]
     assert manifest["parameters"] < manifest["parameters_before_conversion"]
-    r = cli("bench", str(out), "--min-iters", "5", "--min-time", "0", "--warmup", "0", "--no-store", "--json")
+    fast = ["--min-iters", "5", "--min-time", "0", "--warmup", "0", "--no-store", "--json"]
+    # the artifact names code: torch imports it only with consent; onnxruntime needs none
+    r = cli("bench", str(out), *fast)
+    assert r.returncode == 0, r.stderr
+    assert {rec["runtime"] for rec in json.loads(r.stdout)} == {"onnxruntime"}
+    assert "note: torch skipped:" in r.stderr and "--trust-code" in r.stderr
+    r = cli("bench", str(out), *fast, "--trust-code")
     assert r.returncode == 0, r.stderr
     records = json.loads(r.stdout)
     assert {rec["runtime"] for rec in records} == {"torch", "onnxruntime"}

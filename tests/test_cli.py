@@ -123,15 +123,23 @@ def test_bench_an_exported_directory_with_json_file(cli, tmp_path):
     assert all(r["artifact"] == str(art) and r["sparsity"] == 0.9 for r in records)
 
 
-def test_bench_fails_when_an_artifacts_onnx_no_longer_matches_its_weights(cli, tmp_path):
+def test_bench_refuses_an_artifact_whose_onnx_no_longer_matches_and_parity_catches_it_unchecked(cli, tmp_path):
     import shutil
 
     for name, prune in (("a", "magnitude:0"), ("b", "magnitude:0.9")):
         assert cli("export", "--prune", prune, "--out", str(tmp_path / name), "-q").returncode == 0
     shutil.copy(tmp_path / "b" / "model.onnx", tmp_path / "a" / "model.onnx")
+    # the checksum the manifest recorded catches the swap before anything runs
     result = cli("bench", str(tmp_path / "a"), "--runtime", "onnxruntime", *FAST)
+    assert result.returncode == 2
+    assert result.stderr.endswith("model.onnx does not match its recorded SHA-256 (damaged or modified since export)\n")
+    # unchecked, the parity check catches it: the rows are kept, marked wrong, and the exit code says so
+    result = cli("bench", str(tmp_path / "a"), "--runtime", "onnxruntime", "--no-verify", *FAST)
     assert result.returncode == 1
     assert "onnxruntime on CPUExecutionProvider vs stripped PyTorch model (batch=1) parity failed on output 'logits'" in result.stderr
+    assert "warning: --no-verify" in result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("mlp-sst2"))
+    assert row.endswith("WRONG")
 
 
 def test_export_dense_shrunk_prints_shapes_parameters_and_flops(cli, tmp_path):

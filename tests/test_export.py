@@ -90,7 +90,14 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(OutputPathError, match="already exists"):
         export_artifact("mlp-sst2", PruningPlan(), "dense", out)
     assert (out / "keep").exists()
-    export_artifact("mlp-sst2", PruningPlan(), "dense", out, overwrite=True)
+    # --overwrite replaces only what deploykit wrote: a directory of someone's files is not that
+    with pytest.raises(OutputPathError, match="it is not a deploykit artifact"):
+        export_artifact("mlp-sst2", PruningPlan(), "dense", out, overwrite=True)
+    assert (out / "keep").read_text() == "x"
+    (out / "keep").unlink()
+    out.rmdir()
+    export_artifact("mlp-sst2", PruningPlan(), "dense", out)
+    export_artifact("mlp-sst2", PruningPlan.parse("magnitude:0.5"), "dense", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 

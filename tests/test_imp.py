@@ -38,5 +38,5 @@ def test_imp_needs_a_training_hook():
 
 
 def test_rounds_must_be_positive():
-    with pytest.raises(UsageError, match="rounds must be a positive integer"):
+    with pytest.raises(UsageError, match=r"rounds must be an integer in \[1, 1000\], got 0"):
         PruningPlan("imp", 0.5, rounds=0)

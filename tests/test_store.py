@@ -130,6 +130,6 @@ def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted: kept" in err, (line, err)
+    assert proc.returncode == 130 and "(interrupted) in" in err and "kept as run 1" in err, (line, err)
     run = ResultStore(store).run("last")
     assert run.status == "interrupted" and 1 <= len(run.records) < 4

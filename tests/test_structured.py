@@ -151,7 +151,7 @@ def test_plan_files(tmp_path):
     with pytest.raises(UsageError, match="unknown key 'layers'"):
         load_plan_file(path)
     path.write_text("sparsity = \n")
-    with pytest.raises(UsageError, match=r"cannot read plan file .*line 1"):
+    with pytest.raises(UsageError, match=r"malformed plan file .*line 1"):
         load_plan_file(path)
     with pytest.raises(UsageError, match="bad rule 'fc1'"):
         parse_rule("fc1")
