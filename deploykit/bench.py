@@ -54,6 +54,8 @@ INPUT_SEED = 2
 MAX_TIMING_S = 3600.0
 #: most timed calls a configuration may ask for
 MAX_ITERS = 10_000_000
+
+
 def _finite_seconds(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= MAX_TIMING_S):
         raise UsageError(f"{name} must be a finite number of seconds in [0, {MAX_TIMING_S:g}], got {value!r}")
@@ -163,8 +165,8 @@ def bench_model(
             except DeployKitError as exc:
                 if failures is None:
                     raise
-                failures.add(FailedConfiguration(spec.name, plan.label(), form, stage="export", error=str(exc)),
-                             progress)
+                failures.add(FailedConfiguration(spec.name, plan.label(), form, stage="export", error=str(exc),
+                                                 profile=current_profile().name), progress)
                 continue
             # the manifest was written by this run, from the user's own spec: its entry point may run
             bench_artifact(result.directory, grid, timing, progress, counter, total, sink=records, failures=failures,
@@ -328,8 +330,8 @@ def artifact_subject(directory: str | Path, consent: Sequence[str] = (), verify:
     parameters, nonzero = count_weights(directory, manifest)
     refusal = code_refusal(directory, manifest, consent)
     if refusal and manifest.pipeline == "forward":
-        reference, label = _ort_reference(inside(directory, ONNX_FILE, "model")), \
-            "onnxruntime CPU, graph optimisations disabled (no PyTorch model without --trust-code)"
+        reference = _ort_reference(inside(directory, ONNX_FILE, "model"))
+        label = "onnxruntime CPU, graph optimisations disabled (no PyTorch model without --trust-code)"
     else:
         reference, label = workload.reference(directory, consent), "stripped PyTorch model"
     return Subject(

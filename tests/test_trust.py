@@ -137,7 +137,9 @@ def test_an_edited_entry_point_is_never_imported_without_consent(dk, entry_artif
     assert not marker.exists()
 
 
-def test_trust_code_is_consent_and_says_so(dk, entry_artifact, tmp_path, monkeypatch):
+@pytest.fixture
+def hijacked(entry_artifact, tmp_path, monkeypatch):
+    """(artifact whose manifest names an attacker's file beside it, the marker that file writes on import)."""
     art = tmp_path / "art"
     shutil.copytree(entry_artifact, art)
     marker = tmp_path / "marker"
@@ -146,6 +148,11 @@ def test_trust_code_is_consent_and_says_so(dk, entry_artifact, tmp_path, monkeyp
     data = _manifest(art)
     data["source"]["entry_point"] = f"{art / 'evil.py'}:make"
     _write_manifest(art, data)
+    return art, marker
+
+
+def test_trust_code_is_consent_and_says_so(dk, hijacked):
+    art, marker = hijacked
     code, out, err = dk("bench", art, *FAST[:-2], "--runtime", "torch", "--no-store", "--trust-code")
     assert code == 0, err
     assert "warning: --trust-code: code named by artifacts will be imported and run" in err
@@ -163,15 +170,8 @@ def test_an_entry_point_given_with_model_is_consent_for_its_own_artifacts(dk, tm
     assert any(line.split()[3] == "torch" for line in out.splitlines() if line.startswith("tiny.py:make"))
 
 
-def test_audit_of_an_edited_entry_point_imports_nothing(dk, entry_artifact, tmp_path, monkeypatch):
-    art = tmp_path / "art"
-    shutil.copytree(entry_artifact, art)
-    marker = tmp_path / "marker"
-    monkeypatch.setenv("DEPLOYKIT_TEST_MARKER", str(marker))
-    (art / "evil.py").write_text(TINY_MODEL)
-    data = _manifest(art)
-    data["source"]["entry_point"] = f"{art / 'evil.py'}:make"
-    _write_manifest(art, data)
+def test_audit_of_an_edited_entry_point_imports_nothing(dk, hijacked):
+    art, marker = hijacked
     code, _, err = dk("audit", art)
     assert code == 0, err
     assert not marker.exists()
