@@ -253,7 +253,7 @@ def count_weights(directory: str | Path, manifest: Manifest) -> tuple[int, int]:
 
 
 def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: "ModelSpec | None" = None,
-                     consent: "Sequence[str]" = ()) -> "tuple[nn.Module, Manifest]":
+                     consent: "Sequence[str]" = (), batch: int | None = None) -> "tuple[nn.Module, Manifest]":
     """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights.
 
     With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers;
@@ -261,6 +261,7 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: "
     reference its runtimes are compared against). `spec` builds the model instead of the source the
     manifest names (needed for artifacts exported from a ModelSpec made in Python). Code the manifest
     names (an entry point) is imported only with `consent` (`deploykit.sources.code_refusal`).
+    `batch` is the batch the runtime module will be fed (forms may choose kernels for it).
     """
     from .forms import FORMS
     from .sources import spec_for_artifact
@@ -279,7 +280,7 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: "
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
     if for_runtime:
-        model, _ = form.for_torch(model, inputs, manifest.form_recipe)
+        model, _ = form.for_torch(model, spec.example_inputs(batch) if batch else inputs, manifest.form_recipe)
         if manifest.quantization:
             from .quantize import QUANTIZERS
 

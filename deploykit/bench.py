@@ -456,7 +456,8 @@ def bench_artifact(
                         artifact=str(subject.location), profile=context["profile"])
 
                 try:
-                    result, outputs = run_worker(subject.location, subject.pipeline, target, threads, batch,
+                    result, outputs = run_worker(subject.location, subject.pipeline,
+                                                 dataclasses.replace(target, batch=batch), threads, batch,
                                                  inputs_path, timing, Path(tmp))
                 except MeasurementError as exc:
                     if failures is None:

@@ -409,8 +409,11 @@ def cmd_export(args) -> int:
     for name, value in m.metrics.items():
         print(f"{name} of the pruned model: {value:.4f}")
     for name, decision in m.form_recipe.get("kernels", {}).items():
-        print(f"kernel {name}: {decision['choice']} (sparsity {100 * decision['sparsity']:.2f}%; dense "
-              f"{decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms at batch {m.form_recipe['kernel_batch']})")
+        timed = (f"; dense {decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms (medians of "
+                 f"{len(decision['dense_rounds_ms'])} interleaved rounds)" if "dense_rounds_ms" in decision else "")
+        print(f"kernel {name}: {decision['choice']}{' (NOISY decision)' if decision.get('noisy') else ''} (sparsity "
+              f"{100 * decision['sparsity']:.2f}%{timed}; {decision.get('reason', '')}; batch "
+              f"{m.form_recipe['kernel_batch']}, {m.form_recipe.get('threads')} threads)")
     if m.onnx_sparse_initializers:
         print(f"sparse ONNX initializers: {', '.join(m.onnx_sparse_initializers)}")
     print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})"

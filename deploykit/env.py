@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -40,6 +41,7 @@ def machine_info() -> dict[str, object]:
     }
 
 
+@functools.lru_cache(maxsize=1)  # py-cpuinfo takes a second or more per call
 def _cpu_brand() -> str:
     try:
         import cpuinfo

@@ -434,7 +434,7 @@ def load_torch_session(directory: str | Path, threads: int, target: Target) -> S
     if target.device != "cpu":  # TorchTranslator builds its token and mask tensors on the CPU
         raise UsageError(f"speech translation under torch runs on the CPU only, not {target.device}")
     torch.set_num_threads(threads)
-    model, _ = load_torch_model(directory, consent=target.code_consent)
+    model, _ = load_torch_model(directory, consent=target.code_consent, batch=target.batch)
     return STSession(TorchTranslator(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 

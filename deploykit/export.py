@@ -253,7 +253,9 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progre
     progress(f"converting to form {form_entry.name!r}")
     converted = form_entry.convert(net, spec, trace_inputs, options)
     saved = converted.module.eval()
-    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), trace_inputs, converted.recipe)
+    # the PyTorch module as it will run at the batch its kernels were chosen for
+    kernel_inputs = spec.example_inputs(options["kernel_batch"], seed=0)
+    runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), kernel_inputs, converted.recipe)
     form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
     check_parity(f"form {form_entry.name!r} vs stripped model", form_errors, FORM_TOLERANCE)
     return _Converted(converted, swapped, form_errors, reference, flops_before, flops(saved),

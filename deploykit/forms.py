@@ -15,6 +15,7 @@ How to add a form: write those functions and ``FORMS.add("name", Form(...))``.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from . import kernel_choice
 from .hints import hints_of
 from .hooks import observe_forward
 from .registry import Registry
@@ -110,49 +112,50 @@ def csr_candidates(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[str
 
 
 def to_csr_modules(model: nn.Module, inputs: Sequence[torch.Tensor], recipe: dict) -> tuple[nn.Module, list[str]]:
-    """Swap the layers the recipe chose (by measurement, see `choose_kernels`) for `CSRLinear`."""
-    chosen = [name for name, decision in recipe.get("kernels", {}).items() if decision["choice"] == "csr"]
+    """Swap the layers chosen for CSR (see `deploykit.kernel_choice`) for `CSRLinear`.
+
+    The recipe's decisions hold for the thread count and batch they were measured at; run at others
+    (this process's torch threads, the batch of `inputs`), the layers are decided again, and that
+    decision is cached per machine."""
+    batch, threads = _batch_of(inputs), torch.get_num_threads()
+    kernels = recipe.get("kernels", {})
+    if (recipe.get("threads"), recipe.get("kernel_batch")) != (threads, batch):
+        kernels = choose_kernels(model, inputs, cache=True)
+    chosen = [name for name, decision in kernels.items() if decision["choice"] == "csr"]
     for name in chosen:
         model.set_submodule(name, CSRLinear(model.get_submodule(name)))
     return model, chosen
 
 
-#: interleaved dense/CSR measurement rounds per layer in `choose_kernels`
-ROUNDS = 3
+def _batch_of(inputs: Sequence[torch.Tensor]) -> int:
+    return int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
 
 
-def choose_kernels(model: nn.Module, inputs: Sequence[torch.Tensor], min_time_s: float = 0.02) -> dict[str, dict]:
-    """Time each candidate layer dense and as CSR on its real input; CSR where its median is lower.
-
-    Whether a sparse kernel wins depends on the sparsity, the layer's shape, the batch and the
-    machine (here CSR beat dense at batch 1 only above about 90% sparsity), so it is measured, not
-    assumed. `inputs` set the batch the decision is made for.
-    """
-    from .measure import measure
+def choose_kernels(model: nn.Module, inputs: Sequence[torch.Tensor], cache: bool = False) -> dict[str, dict]:
+    """The kernel decision (`deploykit.kernel_choice.decide_layer`) of each pruned Linear that can run
+    as CSR, measured on the input it really receives from `inputs` (whose batch the decision is for),
+    at this process's thread count. With `cache`, decisions are read from and written to the
+    per-machine cache; noisy ones are never cached."""
+    from .fsutil import write_text_atomic
+    from .spec import cache_dir
 
     candidates = csr_candidates(model, inputs)
     captured: dict[str, torch.Tensor] = {}
     observe_forward(model, inputs, {model.get_submodule(name): lambda args, _o, name=name: captured.setdefault(
         name, args[0].detach()) for name in candidates})
+    batch, threads = _batch_of(inputs), torch.get_num_threads()
+    folder = cache_dir() / "kernels"
     decisions = {}
-    with torch.inference_mode():
-        for name in candidates:
-            dense, x = model.get_submodule(name), captured[name]
-            sparse = CSRLinear(dense)
-            # Interleaved rounds, best median of each: a burst of load from another process can
-            # inflate one measurement by orders of magnitude, but rarely every round of one kernel.
-            best = {"dense": float("inf"), "csr": float("inf")}
-            for _ in range(ROUNDS):
-                for kind, m in (("dense", dense), ("csr", sparse)):
-                    median = measure(lambda m=m: m(x), warmup_s=0.005, min_time_s=min_time_s, min_iters=10).median_ms
-                    best[kind] = min(best[kind], median)
-            timings = best
-            decisions[name] = {
-                "sparsity": float((dense.weight == 0).float().mean()),
-                "dense_ms": timings["dense"],
-                "csr_ms": timings["csr"],
-                "choice": "csr" if timings["csr"] < timings["dense"] else "dense",
-            }
+    for name in candidates:
+        dense = model.get_submodule(name)
+        key = kernel_choice.cache_key(name, dense.weight, threads, batch) if cache else ""
+        decision = kernel_choice.cached_decision(folder, key) if cache else None
+        if decision is None:
+            decision = kernel_choice.decide_layer(dense, CSRLinear(dense), captured[name], batch)
+            if cache and not decision["noisy"]:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(folder / f"{key}.json", json.dumps(decision))
+        decisions[name] = decision
     return decisions
 
 
@@ -161,7 +164,9 @@ def _measured_csr(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], opt
     kernels = choose_kernels(stripped, spec.example_inputs(batch, seed=0) if spec is not None else inputs)
     recipe = {"kernels": kernels, "kernel_batch": batch, "threads": torch.get_num_threads()}
     chosen = [name for name, d in kernels.items() if d["choice"] == "csr"]
-    return Converted(stripped, recipe, {"csr_layers": chosen, "dense_layers": sorted(set(kernels) - set(chosen))})
+    noisy = [name for name, d in kernels.items() if d["noisy"]]
+    return Converted(stripped, recipe, {"csr_layers": chosen, "dense_layers": sorted(set(kernels) - set(chosen)),
+                                        "noisy_kernel_decisions": noisy})
 
 
 #: modules whose inference fast path reads their children's weights directly (torch's fused

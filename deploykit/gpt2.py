@@ -180,7 +180,7 @@ def load_torch_session(directory: str | Path, threads: int, target: Target) -> G
     if target.device != "cpu":
         raise UsageError(f"text generation under torch runs on the CPU only, not {target.device}")
     torch.set_num_threads(threads)
-    model, _ = load_torch_model(directory, consent=target.code_consent)
+    model, _ = load_torch_model(directory, consent=target.code_consent, batch=target.batch)
     lm = TorchCausalLM(model, _hf(model).config.eos_token_id)
     return GenerationSession(lm, RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 

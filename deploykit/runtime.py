@@ -80,6 +80,8 @@ class Target:
     #: entry points the user consented to import when torch rebuilds an artifact's model
     #: (`deploykit.sources.code_refusal`); plain data, so it travels to the benchmark worker
     code_consent: tuple[str, ...] = ()
+    #: the batch size the session will be fed: a form may choose its kernels for it
+    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ class TorchSession:
         self.torch = torch
         device = target.device
         self.device = torch.device(device)
-        model, self.manifest = load_torch_model(artifact_dir, consent=target.code_consent)
+        model, self.manifest = load_torch_model(artifact_dir, consent=target.code_consent, batch=target.batch)
         self.model = model.to(self.device)
         self.input_names = [spec["name"] for spec in self.manifest.inputs]
         self.info = RuntimeInfo("torch", torch.__version__, threads, device)

@@ -9,6 +9,7 @@ from torch import nn
 from deploykit.artifact import load_torch_model, read_manifest
 from deploykit.errors import ArtifactError, ExportError, OutputPathError, ParityError
 from deploykit.export import export_artifact
+from deploykit.kernel_choice import KernelTimings, Round, decide
 from deploykit.onnx_export import torch_outputs
 from deploykit.prune import PruningPlan
 from deploykit.runtime import ort_session
@@ -32,11 +33,18 @@ def test_artifact_holds_weights_onnx_and_manifest(csr_artifact):
     assert manifest.parameters == 1_412_354
     assert manifest.files == {p.name: p.stat().st_size for p in directory.iterdir() if p.name != "manifest.json"}
     assert manifest.files["weights.safetensors"] < 0.14 * 5_649_416
-    # csr is "sparse where it wins": each pruned Linear was timed both ways, the faster kernel kept
+    # csr is "sparse where it wins": candidates were timed both ways in interleaved rounds, kept raw, and
+    # the choice is the rule's on those rounds; the others were never candidates
     kernels = manifest.form_recipe["kernels"]
     assert sorted(kernels) == ["mlp.0", "mlp.2", "mlp.4"] and manifest.form_recipe["kernel_batch"] == 1
     for decision in kernels.values():
-        assert decision["choice"] == ("csr" if decision["csr_ms"] < decision["dense_ms"] else "dense")
+        if "dense_rounds_ms" not in decision:
+            assert decision["choice"] == "dense" and decision["reason"].startswith("not timed")
+            continue
+        timings = KernelTimings(*(tuple(Round(m, low) for m, low in zip(decision[f"{k}_rounds_ms"],
+                                                                        decision[f"{k}_rounds_min_ms"]))
+                                  for k in ("dense", "csr")))
+        assert (decision["choice"], decision["noisy"]) == decide(timings)[:2]
     assert manifest.converted_layers == [n for n, d in kernels.items() if d["choice"] == "csr"]
     # sparse initializers where smaller (values + int64 indices): mlp.0 at 97% sparsity, not the 22% layers
     assert set(manifest.onnx_sparse_initializers) == {"mlp.0.weight"}
@@ -51,8 +59,12 @@ def test_artifact_holds_weights_onnx_and_manifest(csr_artifact):
     assert manifest.nonzero_parameters == sum(row["nonzero"] for row in manifest.sparsity)
 
 
+def manifest_batch(result):
+    return result.manifest.form_recipe["kernel_batch"]
+
+
 def test_torch_model_reloads_with_the_recorded_kernels(csr_artifact, mlp_spec):
-    model, manifest = load_torch_model(csr_artifact.directory)
+    model, manifest = load_torch_model(csr_artifact.directory, batch=manifest_batch(csr_artifact))
     reference, _ = load_torch_model(csr_artifact.directory, for_runtime=False)
     kinds = {name: type(model.get_submodule(name)).__name__ for name in manifest.form_recipe["kernels"]}
     assert kinds == {n: "CSRLinear" if n in manifest.converted_layers else "Linear" for n in kinds}
@@ -65,7 +77,8 @@ def test_csr_kernels_match_dense_within_1e_5(csr_artifact, mlp_spec):
     from deploykit.forms import to_csr_modules
 
     reference, manifest = load_torch_model(csr_artifact.directory, for_runtime=False)
-    every_layer = {"kernels": {name: {"choice": "csr"} for name in manifest.form_recipe["kernels"]}}
+    every_layer = {"kernels": {name: {"choice": "csr"} for name in manifest.form_recipe["kernels"]},
+                   "threads": torch.get_num_threads(), "kernel_batch": 2}
     model, swapped = to_csr_modules(copy.deepcopy(reference), mlp_spec.example_inputs(2), every_layer)
     assert swapped == ["mlp.0", "mlp.2", "mlp.4"]
     for batch in (1, 32):
