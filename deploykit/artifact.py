@@ -45,7 +45,7 @@ class Manifest:
     #: parameters of the saved model (after conversion: fewer for dense-shrunk), and how many are nonzero
     parameters: int
     nonzero_parameters: int
-    #: zeros over all parameters / over the pruned ones, in the pruned (stripped) model
+    #: zeros over all parameters / over the pruned ones, in the saved model (after conversion)
     overall_sparsity: float
     pruned_sparsity: float
     #: parameters of the pruned model before conversion
@@ -92,11 +92,21 @@ class Manifest:
     #: post-training quantization (`deploykit.quantize`): scheme, settings, error statistics and task
     #: metrics per runtime; empty when the artifact is float
     quantization: dict[str, Any] = field(default_factory=dict)
-    #: FLOPs of one item with the pruned weights' multiply-adds left out (what sparse kernels could
-    #: skip; pruning-at-initialisation papers' "remaining FLOPs"); None where FLOPs are not counted
+    #: FLOPs of one item of the saved model with zero weights' multiply-adds left out (what sparse
+    #: kernels could skip; pruning-at-initialisation papers' "remaining FLOPs"); None where not counted
     sparse_flops: int | None = None
-    #: sparse_flops / flops_before_conversion: the AG News study's "remaining FLOPs"
+    #: sparse_flops (of the saved model) / flops_before_conversion: the AG News study's "remaining
+    #: FLOPs"; for dense-shrunk, whose weights are all nonzero, flops / flops_before_conversion
     remaining_flops_fraction: float | None = None
+    #: the pruned model's figures before conversion (dense-shrunk changes them; dense and csr do not)
+    nonzero_parameters_before_conversion: int | None = None
+    overall_sparsity_before_conversion: float | None = None
+    pruned_sparsity_before_conversion: float | None = None
+    sparse_flops_before_conversion: int | None = None
+    #: output name -> max abs error over the largest |PyTorch| value of that output, on the parity inputs
+    onnx_parity_max_rel_error: dict[str, float] = field(default_factory=dict)
+    #: what makes the artifact's checks weaker than they look (outputs constant on the parity inputs)
+    warnings: list[str] = field(default_factory=list)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
@@ -113,7 +123,9 @@ class Manifest:
 
 #: fields added after format version 1 first shipped: older manifests lack them and get the defaults
 OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization", "sparse_flops",
-                   "remaining_flops_fraction", "checksums")
+                   "remaining_flops_fraction", "checksums", "nonzero_parameters_before_conversion",
+                   "overall_sparsity_before_conversion", "pruned_sparsity_before_conversion",
+                   "sparse_flops_before_conversion", "onnx_parity_max_rel_error", "warnings")
 #: keys of a manifest's source record that are provenance (never read as files) or code (`sources`)
 _SOURCE_NOT_FILES = ("kind", "from", "entry_point")
 

@@ -28,6 +28,7 @@ from .confine import inside, read_json
 from .env import library_versions, machine_info
 from .errors import ArtifactError, DeployKitError, MeasurementError, ParityError, UsageError
 from .fsutil import scratch_directory
+from .load import LoadProbe, check_threads, sample_load
 from .devices import Placement, place
 from .forms import FORMS
 from .measure import Measurement
@@ -96,12 +97,10 @@ class Grid:
             RUNTIMES.get(name)
         if not self.batches or min(self.batches) < 1:
             raise UsageError("batch sizes must be >= 1")
-        if not self.threads or min(self.threads) < 1:
-            raise UsageError("thread counts must be >= 1")
-        # more threads than a few per core only thrash; a huge count would exhaust the process
-        most = 4 * (os.cpu_count() or 1)
-        if max(self.threads) > most:
-            raise UsageError(f"{max(self.threads)} threads is more than 4 per logical core ({most} here)")
+        if not self.threads:
+            raise UsageError("no thread counts")
+        for threads in self.threads:
+            check_threads(threads)
         if not self.lengths or min(length or 1 for length in self.lengths) < 1:
             raise UsageError("sequence lengths must be >= 1")
 
@@ -455,6 +454,8 @@ def bench_artifact(
                         batch_size=batch, threads=threads, sequence_length=length, stage="measure", error=error,
                         artifact=str(subject.location), profile=context["profile"])
 
+                before = sample_load()
+                probe = LoadProbe()
                 try:
                     result, outputs = run_worker(subject.location, subject.pipeline,
                                                  dataclasses.replace(target, batch=batch), threads, batch,
@@ -464,9 +465,16 @@ def bench_artifact(
                         raise
                     failures.add(failed(str(exc)), progress)
                     continue
+                during = probe.stop()
+                for when, load in (("before", before), ("during", during)):
+                    if load.disturbed:
+                        progress(f"    warning: {when} this configuration {load.describe()}: its figures may be "
+                                 "inflated (close other programs, or use fewer --threads)")
+                load_record = {"before": before.to_dict(), "during": during.to_dict()}
                 errors = max_abs_errors(reference, outputs, subject.outputs)
                 for stage, measured in result["stages"].items():
-                    record = _record(subject, target, batch, length, stage, measured, result, errors, timing, context)
+                    record = _record(subject, target, batch, length, stage, measured, result, errors, timing,
+                                     {**context, "load": load_record})
                     records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")

@@ -66,6 +66,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-types", type=_csv(), metavar="T[,T...]",
                    help="kinds of layer to prune: linear, conv, embedding, custom (default: every kind; snip, grasp "
                    "and synflow: linear,conv, as the AG News study pruned)")
+    p.add_argument("--allow-layer-collapse", action="store_true",
+                   help="let the plan prune a layer to 100%% (by default that stops with the layers named: "
+                   "nothing passes through such a layer)")
     p.add_argument("--at-init", action="store_true",
                    help="prune the model's initial weights, then train it with the masks in force (its training "
                    "hook): the protocol snip, grasp and synflow were designed for")
@@ -160,6 +163,8 @@ def _plan_options(args) -> dict:
         options["layer_types"] = tuple(args.layer_types)
     if args.at_init:
         options["at_init"] = True
+    if args.allow_layer_collapse:
+        options["allow_layer_collapse"] = True
     return options
 
 
@@ -224,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed between onnxruntime and PyTorch (default 1e-4)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 1) where the export's checks prove little: an output that is zero or the same "
+                   "for every parity input (otherwise a warning)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for the export's own work (tracing, csr kernel timing, parity): the csr kernel "
+                   "choice is made for this count (default: the cores idle now)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_export)
@@ -256,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequence lengths: each sets every named non-batch input axis (tokens, frames); default: "
                    "the model's own inputs")
     p.add_argument("--threads", type=_csv(int), action="extend", metavar="N[,N...]",
-                   help="threads per runtime (default: the cores available to this process)")
+                   help="threads per runtime; this process's own work (exports, references) runs at the smallest "
+                   "(default: the cores other work leaves idle now, recorded with every row)")
     p.add_argument("--warmup", type=float, default=0.2, metavar="SECONDS", help="warm-up time per configuration (default 0.2)")
     p.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS", help="minimum timed duration (default 1.0)")
     p.add_argument("--min-iters", type=int, default=100, metavar="N", help="minimum timed calls (default 100)")
@@ -377,12 +389,14 @@ def cmd_export(args) -> int:
         raise UsageError(f"export writes one artifact: give one sparsity, not {len(plans)} ({args.prune}); "
                          "`deploykit bench --prune` sweeps several")
     (plan,) = plans
+    progress = _progress(args)
+    _threads_for_this_process(args.threads, progress)
     spec = resolve_model(args.model, _model_options(args))
     result = export_artifact(spec, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
                              overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
                              kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
-                             save_optimized=args.save_optimized,
-                             progress=_progress(args))
+                             save_optimized=args.save_optimized, strict=args.strict,
+                             progress=progress)
     m = result.manifest
     if args.json:
         print(m.to_json(), end="")
@@ -396,7 +410,7 @@ def cmd_export(args) -> int:
             print(f"  {name + ':':<{width + 1}} {before} -> {after}")
     print(f"\nparameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
     if m.sparse_flops is not None and m.sparse_flops != m.flops_before_conversion:
-        print(f"FLOPs per item with pruned weights skipped: {m.sparse_flops:,} "
+        print(f"FLOPs per item with zero weights skipped: {m.sparse_flops:,} "
               f"({100 * m.sparse_flops / m.flops_before_conversion:.2f}% of {m.flops_before_conversion:,}; "
               "what sparse kernels could skip)")
     if m.flops is None:
@@ -416,7 +430,9 @@ def cmd_export(args) -> int:
               f"{m.form_recipe['kernel_batch']}, {m.form_recipe.get('threads')} threads)")
     if m.onnx_sparse_initializers:
         print(f"sparse ONNX initializers: {', '.join(m.onnx_sparse_initializers)}")
-    print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g})"
+    relative = max(m.onnx_parity_max_rel_error.values(), default=None)
+    print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g}"
+          + (f"; relative to the output {relative:.2e}" if relative is not None else "") + ")"
           + (", before quantization" if m.quantization else ""))
     for runtime, error in m.quantization.get("error", {}).items():
         delta = "".join(f", {k} {m.quantization['metrics'][runtime][k]:.4f} ({v:+.4f})"
@@ -429,13 +445,14 @@ def cmd_export(args) -> int:
         print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")
     for note in m.notes:
         print(f"note: {note}")
+    for warning in m.warnings:
+        print(f"warning: {warning}")
     return 0
 
 
 def cmd_bench(args) -> int:
     from .bench import (DEFAULT_FORMS, DEFAULT_RUNTIMES, FailureSink, Grid, TimingSettings, bench_artifact,
                         bench_model, onnx_file_subject)
-    from .env import available_cores
     from .fsutil import write_text_atomic
     from .report import bench_table, failures_text, records_json
     from .runtime import DEFAULT_GRAPH_OPTIMIZATION
@@ -457,8 +474,14 @@ def cmd_bench(args) -> int:
                          "fixed when it was exported")
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
                             max_iters=max(100_000, args.min_iters))
+    progress = _progress(args)
+    if args.threads:  # the workers run at each count; this process's own work at the smallest
+        _threads_for_this_process(min(args.threads), progress)
+        threads = tuple(args.threads)
+    else:
+        threads = (_threads_for_this_process(None, progress),)
     grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
-                threads=tuple(args.threads or (available_cores(),)), devices=tuple(args.device or ("auto",)),
+                threads=threads, devices=tuple(args.device or ("auto",)),
                 lengths=tuple(args.seq_len or (None,)),
                 graph_optimizations=tuple(args.graph_opt or (DEFAULT_GRAPH_OPTIMIZATION,)))
     placement = grid.placement()
@@ -466,7 +489,6 @@ def cmd_bench(args) -> int:
         raise UsageError("nothing to run: " + "; ".join(placement.notes))
     if args.store and args.no_store:
         raise UsageError("--store and --no-store contradict each other")
-    progress = _progress(args)
     store = None if args.no_store else _store(args)
     if store is not None and (busy := store.check_writable()):
         progress(f"note: {busy}")
@@ -511,6 +533,21 @@ def cmd_bench(args) -> int:
         print(failures_text(failures.failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _threads_for_this_process(threads: int | None, progress) -> int:
+    """Set (and return) the torch threads of this process: `threads`, or the cores idle now."""
+    from .load import check_threads, idle_cores, sample_load, use_threads
+
+    if threads is not None:
+        check_threads(threads)
+    else:
+        load = sample_load()
+        threads = idle_cores(load)
+        if load.disturbed:
+            progress(f"note: {load.describe()}: using {threads} thread{'s' * (threads > 1)}, the cores left idle")
+    use_threads(threads)
+    return threads
 
 
 def _store(args):

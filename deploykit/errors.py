@@ -70,6 +70,13 @@ class ParityError(DeployKitError):
         )
 
 
+class QualityError(DeployKitError):
+    """Under --strict: an artifact whose checks prove too little (outputs that do not depend on the
+    input) or whose quality dropped."""
+
+    exit_code = 1
+
+
 class ExportError(DeployKitError):
     """torch.onnx could not export the model; the message carries the exporter's first line."""
 

@@ -16,7 +16,7 @@ from typing import Callable
 from .artifact import (MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, Manifest, file_sizes, owned_artifact, read_manifest,
                        with_file_records)
 from .env import library_versions
-from .errors import UsageError
+from .errors import QualityError, UsageError
 from .forms import FORMS, Converted
 from .fsutil import atomic_directory, check_writable_destination, write_text_atomic
 from .onnx_export import (
@@ -27,9 +27,11 @@ from .onnx_export import (
     check_parity,
     export_onnx,
     max_abs_errors,
+    relative_errors,
     save_optimized as save_optimized_graph,
     sparsify_initializers,
     torch_outputs,
+    trivial_outputs,
 )
 from .prune import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
 from .runtime import GRAPH_OPTIMIZATIONS, ort_session
@@ -71,6 +73,7 @@ def export_artifact(
     quantize: str | None = None,
     per_channel: bool = False,
     save_optimized: str | None = None,
+    strict: bool = False,
     progress: Progress = lambda message: None,
 ) -> ExportResult:
     """Prune `model` by `plan`, convert it to `form`, export it and write `out_dir` atomically.
@@ -82,7 +85,8 @@ def export_artifact(
     per-layer kernel choice at. `quantize` ("int8") quantizes the exported graph (and the torch
     runtime's Linear layers when it loads the artifact); its error and metric change are recorded.
     `save_optimized` (an onnxruntime graph optimisation level) saves each graph as onnxruntime
-    optimises it, beside the original.
+    optimises it, beside the original. Outputs that are zero or constant on the parity inputs (a
+    parity check on them proves nothing) are a warning in the manifest, and with `strict` an error.
     """
     spec = resolve_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
@@ -133,15 +137,23 @@ def export_artifact(
     options = {"keep": list(spec.output_layers) or detect_output_layers(net, trace_inputs),
                "best_effort": best_effort, "kernel_batch": kernel_batch}
     step = _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progress)
+    warnings = [f"{problem}: parity on it proves nothing" for problem in trivial_outputs(step.reference, spec.outputs)]
+    for warning in warnings:
+        progress(f"warning: {warning}")
+    if warnings and strict:
+        raise QualityError(f"{spec.name}: {warnings[0]} (--strict)")
     saved = step.converted.module.eval()
     parameters, nonzero = count_parameters(saved)
 
     with atomic_directory(out_dir, overwrite, owned_artifact, notes=progress) as tmp:
         progress(f"exporting ONNX (opset {opset})")
         notes = _form_notes(form)
+        if result.collapsed_layers:
+            notes.append(f"layers pruned to 100% (allowed by the plan): {', '.join(result.collapsed_layers)}")
         inputs = [dataclasses.asdict(i) for i in spec.inputs]
+        relative = {}
         if spec.export is None:
-            onnx_errors, sparse_initializers, fixed = _export_single_graph(
+            onnx_errors, relative, sparse_initializers, fixed = _export_single_graph(
                 spec, saved, tmp, trace_inputs, parity_inputs, step.reference, opset, tolerance,
                 form_entry.sparse_onnx, progress)
             if fixed:
@@ -160,14 +172,19 @@ def export_artifact(
             pruned_parameters=list(result.pruned_parameters),
             excluded_modules=list(result.excluded_modules),
             sparsity=[_sparsity_row(row) for row in table.rows],
+            # figures of the shipped (converted) model; the pruned model's before it, under explicit names
             parameters=parameters,
             nonzero_parameters=nonzero,
-            overall_sparsity=table.overall,
-            pruned_sparsity=table.pruned_overall,
+            overall_sparsity=1 - nonzero / parameters if parameters else 0.0,
+            pruned_sparsity=_zeros_share(saved, result.pruned_parameters),
             parameters_before_conversion=table.parameters,
+            nonzero_parameters_before_conversion=table.nonzero,
+            overall_sparsity_before_conversion=table.overall,
+            pruned_sparsity_before_conversion=table.pruned_overall,
             flops_before_conversion=step.flops_before,
             flops=step.flops_after,
             sparse_flops=step.sparse_flops,
+            sparse_flops_before_conversion=step.sparse_flops_before,
             remaining_flops_fraction=(step.sparse_flops / step.flops_before
                                       if step.sparse_flops is not None and step.flops_before else None),
             form_recipe=step.converted.recipe,
@@ -183,6 +200,8 @@ def export_artifact(
             opset=opset,
             files=file_sizes(tmp),
             onnx_parity_max_abs_error=onnx_errors,
+            onnx_parity_max_rel_error=relative,
+            warnings=warnings,
             form_parity_max_abs_error=step.form_errors,
             parity_tolerance=tolerance,
             versions=library_versions(),
@@ -234,7 +253,8 @@ class _Converted:
     flops_before: int | None
     flops_after: int | None
     shape_changes: dict = dataclasses.field(default_factory=dict)
-    #: FLOPs of the stripped model with pruned weights' multiply-adds left out
+    #: FLOPs with zero weights' multiply-adds left out: of the stripped model, and of the converted one
+    sparse_flops_before: int | None = None
     sparse_flops: int | None = None
 
 
@@ -249,7 +269,8 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progre
     one_pass = spec.pipeline in ONE_PASS_PIPELINES
     flops = (lambda module: count_flops(module, one_item)) if one_pass else (lambda module: None)
     shapes_before, flops_before = module_shapes(net), flops(net)
-    sparse_flops = count_sparse_flops(net, one_item) if one_pass else None
+    sparse_flops = (lambda module: count_sparse_flops(module, one_item)) if one_pass else (lambda module: None)
+    sparse_flops_before = sparse_flops(net)
     progress(f"converting to form {form_entry.name!r}")
     converted = form_entry.convert(net, spec, trace_inputs, options)
     saved = converted.module.eval()
@@ -259,7 +280,7 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, progre
     form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
     check_parity(f"form {form_entry.name!r} vs stripped model", form_errors, FORM_TOLERANCE)
     return _Converted(converted, swapped, form_errors, reference, flops_before, flops(saved),
-                      shape_changes(shapes_before, module_shapes(saved)), sparse_flops)
+                      shape_changes(shapes_before, module_shapes(saved)), sparse_flops_before, sparse_flops(saved))
 
 
 def _export_single_graph(spec, saved, tmp, trace_inputs, parity_inputs, reference, opset, tolerance, sparse, progress):
@@ -267,8 +288,9 @@ def _export_single_graph(spec, saved, tmp, trace_inputs, parity_inputs, referenc
 
     A graph that declares a sequence axis dynamic must work at a length it was not traced with;
     where tracing baked the length in (torch's nn.MultiheadAttention does, for one), the graph is
-    exported again with those axes fixed. Returns (max abs error per output, sparse initializer
-    name -> nonzeros, how the graph failed at another length or "").
+    exported again with those axes fixed. Returns (max abs error per output, that error relative to
+    the output's largest value, sparse initializer name -> nonzeros, how the graph failed at another
+    length or "").
     """
     def export(sequence: bool) -> None:
         export_onnx(saved, trace_inputs, tmp / ONNX_FILE, input_names=spec.input_names, output_names=spec.outputs,
@@ -285,7 +307,7 @@ def _export_single_graph(spec, saved, tmp, trace_inputs, parity_inputs, referenc
     feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
     errors = max_abs_errors(reference, session.run(None, feeds), spec.outputs)
     check_parity("onnxruntime vs PyTorch", errors, tolerance)
-    return errors, sparse_initializers, problem
+    return errors, relative_errors(reference, errors, spec.outputs), sparse_initializers, problem
 
 
 def _fixed_length_inputs(spec, trace_inputs) -> list[dict]:
@@ -328,6 +350,14 @@ def _registered_source(spec: ModelSpec) -> dict:
     from .spec import MODELS
 
     return {"kind": "zoo"} if spec.name in MODELS and MODELS.get(spec.name) is spec else {"kind": "library"}
+
+
+def _zeros_share(model, names) -> float:
+    """Zeros over the named parameters as `model` holds them (0 when it names none)."""
+    params = dict(model.named_parameters())
+    tensors = [params[name] for name in names if name in params]
+    total = sum(t.numel() for t in tensors)
+    return sum(int((t == 0).sum()) for t in tensors) / total if total else 0.0
 
 
 def _sparsity_row(row) -> dict:

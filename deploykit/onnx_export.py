@@ -132,6 +132,33 @@ def max_abs_errors(
     return errors
 
 
+def relative_errors(reference: Sequence[np.ndarray], errors: Mapping[str, float], names: Sequence[str]) -> dict[str, float]:
+    """Per output: its max abs error over the largest |reference| value (inf where the reference is all
+    zeros and the error is not): how large the error is next to what the output carries."""
+    out = {}
+    for name, ref in zip(names, reference):
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        error = errors.get(name, float("inf"))
+        out[name] = error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
+    return out
+
+
+def trivial_outputs(reference: Sequence[np.ndarray], names: Sequence[str]) -> list[str]:
+    """Outputs a parity check on them proves nothing about: identically zero, or the same for every
+    input of the batch (an output that does not depend on the input: underflow, a collapsed layer).
+    One line each, naming the output."""
+    found = []
+    for name, ref in zip(names, reference):
+        values = np.asarray(ref, dtype=np.float64)
+        if values.size == 0:
+            continue
+        if not np.any(values):
+            found.append(f"output {name!r} is identically zero on the parity inputs")
+        elif values.ndim > 0 and values.shape[0] > 1 and np.all(values == values[:1]):
+            found.append(f"output {name!r} is the same for every parity input (it does not depend on the input)")
+    return found
+
+
 def check_parity(what: str, errors: Mapping[str, float], tolerance: float) -> None:
     """Raise `ParityError` naming the worst output when any error exceeds `tolerance`."""
     if not errors:

@@ -76,6 +76,9 @@ class PruningPlan:
     #: prune the model's initial weights, then train it with the masks in force (the spec's training
     #: hook): the protocol pruning-at-initialisation methods (snip, grasp, synflow) were designed for
     at_init: bool = False
+    #: let the plan prune a layer to 100% (nothing then passes through it); refused by default, since
+    #: a global threshold silently emptying a small-magnitude layer is a broken model, not a sparse one
+    allow_layer_collapse: bool = False
 
     def __post_init__(self) -> None:
         # Manifests hand these back as JSON lists; keep the dataclass hashable and comparable.
@@ -100,7 +103,7 @@ class PruningPlan:
             raise UsageError(f"rounds must be an integer in [1, {MAX_ROUNDS}], got {self.rounds!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise UsageError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        for name in ("exclude_output", "at_init"):
+        for name in ("exclude_output", "at_init", "allow_layer_collapse"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.method, str) or not all(isinstance(p, str) for p in (*self.exclude, *self.layer_types)):
@@ -168,7 +171,8 @@ def parse_rule(text: str) -> tuple[str, float]:
 #: plan file key -> the TOML kind its value must be (`deploykit.tomlfile.check_value`)
 PLAN_KEYS = {"method": "string", "sparsity": "number", "compression": "number", "scope": "string",
              "rules": "table of numbers", "exclude": "list of strings", "exclude_output": "boolean",
-             "seed": "integer", "rounds": "integer", "layer_types": "list of strings", "at_init": "boolean"}
+             "seed": "integer", "rounds": "integer", "layer_types": "list of strings", "at_init": "boolean",
+             "allow_layer_collapse": "boolean"}
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:
@@ -269,6 +273,8 @@ class PruneResult:
     pruned_parameters: tuple[str, ...]
     excluded_modules: tuple[str, ...]
     outcome: Outcome | None = None
+    #: layers the plan pruned to 100% (only with `allow_layer_collapse`)
+    collapsed_layers: tuple[str, ...] = ()
 
 
 #: prunable layer types outside torch, by class path (so that transformers is not imported here):
@@ -382,7 +388,19 @@ def prune_model(
         raise RuntimeError(
             f"{plan.method} pruning masked {outcome.masked} {outcome.unit} where {outcome.requested} were requested"
         )
-    return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome)
+    collapsed = [name for name, module, _ in ctx.modules() if _fully_masked(module)]
+    if collapsed and not plan.allow_layer_collapse:
+        raise UsageError(f"{plan.label()} ({plan.scope}) prunes {len(collapsed)} layer{'s' * (len(collapsed) > 1)} to "
+                         f"100%, so nothing passes through {'them' if len(collapsed) > 1 else 'it'}: "
+                         f"{', '.join(collapsed[:5])}{', ...' if len(collapsed) > 5 else ''}; lower the sparsity, prune "
+                         f"per layer (--scope layer), --exclude {'them' if len(collapsed) > 1 else 'it'}, or pass "
+                         "--allow-layer-collapse")
+    return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome, tuple(collapsed))
+
+
+def _fully_masked(module: "nn.Module") -> bool:
+    mask = getattr(module, "weight_mask", None)
+    return mask is not None and mask.numel() > 0 and not bool(mask.any())
 
 
 def pruning_seed(seed: int) -> int:

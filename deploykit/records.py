@@ -59,6 +59,9 @@ class BenchRecord:
     #: the largest parity error allowed against the reference; None where none is checked (quantized
     #: artifacts, ONNX files): a row above it was measured on wrong outputs
     parity_tolerance: float | None = None
+    #: other work on the machine (`deploykit.load.Load` fields) just before ("before") and while
+    #: ("during") this configuration ran
+    load: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def wrong(self) -> bool:

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 from tabulate import tabulate
 
 from .errors import UsageError
+from .load import Load
 from .measure import REMEDIES, required_samples
 from .runtime import DEFAULT_GRAPH_OPTIMIZATION
 from .records import BenchRecord
@@ -84,6 +85,11 @@ def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str
         notes.append(f"note: harness overhead {overhead[len(overhead) // 2] / 1e3:.2f} us per sample (median over "
                      f"rows), {100 * overhead[len(overhead) // 2] / 1e6 / fastest:.2f}% of the fastest p50")
     notes += _problem_notes(records)
+    busy = [r for r in records if _disturbed(r)]
+    if busy:
+        worst = max(max(r.load.get(w, {}).get("others_busy_cores", 0.0) for w in ("before", "during")) for r in busy)
+        notes.append(f"warning: {len(busy)} of {len(records)} rows were measured while other work ran (up to "
+                     f"{worst:.2f} cores busy with it): their times may be inflated; compare ratios taken in one run")
     wrong = [r for r in records if r.wrong]
     if wrong:
         notes.append(f"warning: {len(wrong)} of {len(records)} rows are marked WRONG: their outputs differ from the "
@@ -160,6 +166,10 @@ def _problem_notes(records: Sequence[BenchRecord]) -> list[str]:
                              f"batch {r.batch_size}: {r.measurement.problems()[kind]}" for r in hit)
             notes.append(f"warning: {len(hit)} of {len(records)} rows {remedy}. Rows: {rows}")
     return notes
+
+
+def _disturbed(record: BenchRecord) -> bool:
+    return any(Load(**record.load[when]).disturbed for when in ("before", "during") if when in record.load)
 
 
 def _tail(m, q: float) -> str:

@@ -173,3 +173,89 @@ def test_kernel_choice_follows_measurement_far_from_the_crossover():
     assert set(decisions) == {"0", "1"}  # the dense output layer has no zeros: not a candidate
     assert decisions["0"]["choice"] == "csr" and decisions["1"]["choice"] == "dense"
     assert decisions["0"]["sparsity"] == pytest.approx(0.999, abs=2e-3)
+
+
+@pytest.mark.parametrize("model, prune, form", [
+    ("mlp-sst2", "magnitude:0.5", "dense"),
+    ("mlp-sst2", "magnitude:0.9", "csr"),
+    ("vae", "l1-structured:0.5", "dense-shrunk"),
+])
+def test_manifest_figures_describe_the_shipped_model(tmp_path, model, prune, form):
+    from deploykit.artifact import count_weights
+
+    plan = PruningPlan.parse(prune, scope="layer")
+    m = export_artifact(model, plan, form, tmp_path / "a").manifest
+    assert (m.parameters, m.nonzero_parameters) == count_weights(tmp_path / "a", m)  # counted in the file
+    assert m.overall_sparsity == pytest.approx(1 - m.nonzero_parameters / m.parameters)
+    assert m.remaining_flops_fraction == pytest.approx(m.sparse_flops / m.flops_before_conversion)
+    assert m.sparse_flops <= m.flops <= m.flops_before_conversion
+    assert m.overall_sparsity_before_conversion == pytest.approx(
+        1 - m.nonzero_parameters_before_conversion / m.parameters_before_conversion)
+    if form == "dense-shrunk":  # every remaining weight is nonzero: what is left is what runs
+        assert m.nonzero_parameters == m.parameters < m.parameters_before_conversion
+        assert m.overall_sparsity == 0 and m.overall_sparsity_before_conversion > 0.2
+        assert m.sparse_flops == m.flops < m.flops_before_conversion
+        assert m.remaining_flops_fraction == pytest.approx(m.flops / m.flops_before_conversion)
+    else:  # nothing removed: the figures before and after conversion agree
+        assert (m.parameters, m.nonzero_parameters) == (m.parameters_before_conversion,
+                                                        m.nonzero_parameters_before_conversion)
+        assert m.flops == m.flops_before_conversion and m.sparse_flops == m.sparse_flops_before_conversion
+        assert m.pruned_sparsity == pytest.approx(m.pruned_sparsity_before_conversion)
+
+
+class Underflows(nn.Module):
+    """Outputs zero for every input (a random-init network whose activations underflow, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x) * 0.0
+
+
+class IgnoresItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.fc.weight.data.zero_()  # only the bias is left: the same output for every input
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("module, says", [
+    (Underflows, "output 'y' is identically zero on the parity inputs: parity on it proves nothing"),
+    (IgnoresItsInput, "output 'y' is the same for every parity input (it does not depend on the input)"),
+])
+def test_parity_on_trivial_outputs_is_a_warning_and_an_error_when_strict(tmp_path, module, says):
+    from deploykit.errors import QualityError
+
+    spec = ModelSpec("trivial", module, (InputSpec("x", ("batch", 4)),), ("y",))
+    messages = []
+    manifest = export_artifact(spec, PruningPlan(), "dense", tmp_path / "a", progress=messages.append).manifest
+    assert any(says in w for w in manifest.warnings) and f"warning: {manifest.warnings[0]}" in messages
+    with pytest.raises(QualityError, match="--strict"):
+        export_artifact(spec, PruningPlan(), "dense", tmp_path / "b", strict=True)
+    assert not (tmp_path / "b").exists()
+
+
+def test_parity_reports_the_relative_error_too(csr_artifact):
+    m = csr_artifact.manifest
+    assert set(m.onnx_parity_max_rel_error) == {"logits"}
+    assert 0 <= m.onnx_parity_max_rel_error["logits"] <= m.onnx_parity_max_abs_error["logits"] * 1e6
+
+
+def test_a_plan_that_empties_a_layer_stops_naming_it_unless_allowed(tmp_path):
+    from deploykit.errors import UsageError
+
+    # global magnitude at 0.95: mlp.0's small initial weights (5000 inputs) all fall under the threshold
+    with pytest.raises(UsageError, match=r"prunes 1 layer to 100%, so nothing passes through it: mlp\.0; .*"
+                                         r"--allow-layer-collapse"):
+        export_artifact("mlp-sst2", PruningPlan.parse("magnitude:0.95"), "dense", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    m = export_artifact("mlp-sst2", PruningPlan.parse("magnitude:0.95", allow_layer_collapse=True), "dense",
+                        tmp_path / "a").manifest
+    assert "layers pruned to 100% (allowed by the plan): mlp.0" in m.notes
+    rows = {row["name"]: row for row in m.sparsity}
+    assert rows["mlp.0.weight"]["nonzero"] == 0 and rows["mlp.2.weight"]["nonzero"] > 0  # per layer, for review
