@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +24,7 @@ from .confine import inside, read_json
 from .env import library_versions, machine_info
 from .errors import ArtifactError, DeployKitError, MeasurementError, ParityError, UsageError
 from .fsutil import scratch_directory
+from .interleave import Job, run_interleaved
 from .load import LoadProbe, check_threads, sample_load
 from .devices import Placement, place
 from .forms import FORMS
@@ -36,7 +33,7 @@ from .onnx_export import check_parity, max_abs_errors, torch_outputs
 from .profiles import current_profile
 from .prune import PruningPlan
 from .records import BenchRecord, FailedConfiguration
-from .runtime import DEFAULT_GRAPH_OPTIMIZATION, RUNTIMES, Target
+from .runtime import DEFAULT_GRAPH_OPTIMIZATION, RUNTIMES
 from .registry import Registry
 from .sources import code_refusal, consent_of, inputs_for_artifact, resolve_model
 from .spec import InputSpec, ModelSpec, check_input_memory
@@ -55,6 +52,8 @@ INPUT_SEED = 2
 MAX_TIMING_S = 3600.0
 #: most timed calls a configuration may ask for
 MAX_ITERS = 10_000_000
+#: most interleaved rounds a configuration's timing may be split into
+MAX_ROUNDS = 100
 
 
 def _finite_seconds(name: str, value: float) -> None:
@@ -70,12 +69,16 @@ class TimingSettings:
     min_time_s: float = 1.0
     min_iters: int = 100
     max_iters: int = 100_000
+    #: interleaved rounds the timing is split into (see `deploykit.interleave`)
+    rounds: int = 5
 
     def __post_init__(self) -> None:
         _finite_seconds("--warmup", self.warmup_s)
         _finite_seconds("--min-time", self.min_time_s)
         if not 1 <= self.min_iters <= self.max_iters <= MAX_ITERS:
             raise UsageError(f"need 1 <= --min-iters <= max iterations <= {MAX_ITERS:,}")
+        if not isinstance(self.rounds, int) or not 1 <= self.rounds <= MAX_ROUNDS:
+            raise UsageError(f"--timing-rounds must be an integer in [1, {MAX_ROUNDS}], got {self.rounds!r}")
 
 
 @dataclass(frozen=True)
@@ -157,19 +160,22 @@ def bench_model(
     counter = itertools.count(1)
     records: list[BenchRecord] = [] if sink is None else sink
     with scratch_directory("bench") as tmp:
-        for i, (plan, form) in enumerate(itertools.product(plans, forms)):
-            progress(f"exporting {spec.name} {plan.label()} form={form}")
-            try:
-                result = export_artifact(spec, plan, form, Path(tmp) / f"artifact-{i}")
-            except DeployKitError as exc:
-                if failures is None:
-                    raise
-                failures.add(FailedConfiguration(spec.name, plan.label(), form, stage="export", error=str(exc),
-                                                 profile=current_profile().name), progress)
-                continue
-            # the manifest was written by this run, from the user's own spec: its entry point may run
-            bench_artifact(result.directory, grid, timing, progress, counter, total, sink=records, failures=failures,
-                           consent=consent_of(result.manifest.source))
+        for p, plan in enumerate(plans):
+            subjects = []
+            for form in forms:  # the forms of one plan are measured together, interleaved
+                progress(f"exporting {spec.name} {plan.label()} form={form}")
+                try:
+                    result = export_artifact(spec, plan, form, Path(tmp) / f"artifact-{p}-{form}")
+                except DeployKitError as exc:
+                    if failures is None:
+                        raise
+                    failures.add(FailedConfiguration(spec.name, plan.label(), form, stage="export", error=str(exc),
+                                                     profile=current_profile().name), progress)
+                    continue
+                # the manifest was written by this run, from the user's own spec: its entry point may run
+                subjects.append(artifact_subject(result.directory, consent_of(result.manifest.source)))
+            if subjects:
+                bench_subjects(subjects, grid, timing, progress, counter, total, records, failures)
     return records
 
 
@@ -404,122 +410,115 @@ def bench_artifact(
     verify: bool = True,
 ) -> list[BenchRecord]:
     """Measure an exported artifact directory (or any `Subject`, such as `onnx_file_subject(path)`)
-    under every runtime that can run it, batch size and thread count of `grid`.
-
-    Records are appended to `sink` (and returned) as they are measured. With `failures`, a
-    configuration that fails (its worker, or its parity) is kept there and the others still run;
-    a parity failure keeps its measured rows too, marked with the error. `consent` names the entry
-    points torch may import to rebuild an artifact's model (see `deploykit.sources.code_refusal`);
-    `verify` checks the artifact's files against its manifest first.
+    under every runtime that can run it, batch size and thread count of `grid` (see `bench_subjects`).
+    `consent` names the entry points torch may import to rebuild an artifact's model (see
+    `deploykit.sources.code_refusal`); `verify` checks the artifact's files against its manifest first.
     """
     subject = target if isinstance(target, Subject) else artifact_subject(target, consent, verify)
+    return bench_subjects([subject], grid, timing, progress, counter, total, sink, failures)
+
+
+def bench_subjects(
+    subjects: Sequence[Subject],
+    grid: Grid,
+    timing: TimingSettings = TimingSettings(),
+    progress: Progress = lambda message: None,
+    counter: "itertools.count[int] | None" = None,
+    total: int | None = None,
+    sink: list[BenchRecord] | None = None,
+    failures: FailureSink | None = None,
+) -> list[BenchRecord]:
+    """Measure every subject under every runtime that can run it, batch size and thread count of
+    `grid`, comparing each configuration's outputs with the subject's reference.
+
+    For each shape (batch, length), all configurations of all subjects are measured together in
+    interleaved rounds (`deploykit.interleave`), so that ratios between them hold on a busy machine.
+    Records are appended to `sink` (and returned) as they are measured. With `failures`, a
+    configuration that fails (its worker, or its parity) is kept there and the others still count; a
+    parity failure keeps its measured rows too, marked with the error.
+    """
     placement = grid.placement()
-    targets = [t for t in placement.targets if subject.pipeline in RUNTIMES.get(t.runtime).loaders]
-    for runtime in sorted({t.runtime for t in placement.targets} - {t.runtime for t in targets}):
-        progress(f"note: {runtime} cannot run {subject.pipeline} ({subject.location.name}): skipped")
-    if subject.torch_refusal and any(t.runtime == "torch" for t in targets):
-        progress(f"note: torch skipped: {subject.torch_refusal}")
-        targets = [t for t in targets if t.runtime != "torch"]
-    if not targets:
-        raise UsageError(f"no runtime of {', '.join(grid.runtimes)} runs {subject.pipeline} ({subject.location.name})")
-    targets = [dataclasses.replace(t, code_consent=subject.consent) for t in targets]
-    grid.check_input_memory(subject.input_specs, subject.model)
+    plans = []  # (subject, its targets)
+    for subject in subjects:
+        targets = [t for t in placement.targets if subject.pipeline in RUNTIMES.get(t.runtime).loaders]
+        for runtime in sorted({t.runtime for t in placement.targets} - {t.runtime for t in targets}):
+            progress(f"note: {runtime} cannot run {subject.pipeline} ({subject.location.name}): skipped")
+        if subject.torch_refusal and any(t.runtime == "torch" for t in targets):
+            progress(f"note: torch skipped: {subject.torch_refusal}")
+            targets = [t for t in targets if t.runtime != "torch"]
+        if not targets:
+            raise UsageError(f"no runtime of {', '.join(grid.runtimes)} runs {subject.pipeline} "
+                             f"({subject.location.name})")
+        grid.check_input_memory(subject.input_specs, subject.model)
+        plans.append((subject, [dataclasses.replace(t, code_consent=subject.consent) for t in targets]))
     counter = counter or itertools.count(1)
-    total = total or len(targets) * len(grid.batches) * len(grid.threads) * len(grid.lengths)
+    total = total or sum(len(targets) for _, targets in plans) * len(grid.batches) * len(grid.threads) * len(grid.lengths)
     # conditions recorded with every row: software, machine, and the hardware profile it matches
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
     with scratch_directory("worker") as tmp:
-        # every shape is built before anything is measured: one the subject cannot take fails now,
-        # not after minutes of measuring the others
-        shapes = {(batch, length): subject.inputs(batch, INPUT_SEED, length)
-                  for batch, length in itertools.product(grid.batches, grid.lengths)}
-        for (batch, length), feeds in shapes.items():
-            inputs_path = Path(tmp) / f"inputs-{batch}-{length}.safetensors"
-            _save_numpy(feeds, inputs_path)
-            reference = subject.reference(feeds)
+        # every shape is built before anything is measured: one a subject cannot take fails now, not
+        # after minutes of measuring the others
+        shapes = {(i, batch, length): subject.inputs(batch, INPUT_SEED, length)
+                  for i, (subject, _) in enumerate(plans) for batch, length in itertools.product(grid.batches, grid.lengths)}
+        for batch, length in itertools.product(grid.batches, grid.lengths):
             shape = f"batch={batch}" + (f" length={length}" if length else "")
-            for target, threads in itertools.product(targets, grid.threads):
-                label = (
-                    f"[{next(counter)}/{total}] {subject.model} {subject.prune} "
-                    f"form={subject.form} runtime={target.runtime} device={target.device}"
-                    + (f" graph-opt={target.graph_optimization}" if target.graph_optimization else "")
-                    + f" {shape} threads={threads}"
-                )
-                progress(label)
+            jobs, owners = [], []
+            for i, (subject, targets) in enumerate(plans):
+                inputs_path = Path(tmp) / f"inputs-{i}-{batch}-{length}.safetensors"
+                _save_numpy(shapes[i, batch, length], inputs_path)
+                for target, threads in itertools.product(targets, grid.threads):
+                    label = (f"[{next(counter)}/{total}] {subject.model} {subject.prune} form={subject.form} "
+                             f"runtime={target.runtime} device={target.device}"
+                             + (f" graph-opt={target.graph_optimization}" if target.graph_optimization else "")
+                             + f" {shape} threads={threads}")
+                    progress(label)
+                    jobs.append(Job(subject.location, subject.pipeline, dataclasses.replace(target, batch=batch),
+                                    threads, batch, inputs_path, sum(subject.files.values()), label))
+                    owners.append(i)
+            before = sample_load()
+            probe = LoadProbe()
+            outcomes = run_interleaved(jobs, dataclasses.asdict(timing), timing.rounds, Path(tmp), progress)
+            during = probe.stop()
+            for when, load in (("before", before), ("during", during)):
+                if load.disturbed:
+                    progress(f"    warning: {when} these configurations {load.describe()}: their figures may be "
+                             "inflated (close other programs, or use fewer --threads)")
+            load_record = {"before": before.to_dict(), "during": during.to_dict()}
+            references = {}
+            for job, i, outcome in zip(jobs, owners, outcomes):
+                subject = plans[i][0]
 
                 def failed(error: str) -> FailedConfiguration:
                     return FailedConfiguration(
-                        subject.model, subject.prune, subject.form, runtime=target.runtime, device=target.device,
-                        batch_size=batch, threads=threads, sequence_length=length, stage="measure", error=error,
-                        artifact=str(subject.location), profile=context["profile"])
+                        subject.model, subject.prune, subject.form, runtime=job.target.runtime,
+                        device=job.target.device, batch_size=batch, threads=job.threads, sequence_length=length,
+                        stage="measure", error=error, artifact=str(subject.location), profile=context["profile"])
 
-                before = sample_load()
-                probe = LoadProbe()
-                try:
-                    result, outputs = run_worker(subject.location, subject.pipeline,
-                                                 dataclasses.replace(target, batch=batch), threads, batch,
-                                                 inputs_path, timing, Path(tmp))
-                except MeasurementError as exc:
+                if isinstance(outcome, MeasurementError):
                     if failures is None:
-                        raise
-                    failures.add(failed(str(exc)), progress)
+                        raise outcome
+                    failures.add(failed(str(outcome)), progress)
                     continue
-                during = probe.stop()
-                for when, load in (("before", before), ("during", during)):
-                    if load.disturbed:
-                        progress(f"    warning: {when} this configuration {load.describe()}: its figures may be "
-                                 "inflated (close other programs, or use fewer --threads)")
-                load_record = {"before": before.to_dict(), "during": during.to_dict()}
-                errors = max_abs_errors(reference, outputs, subject.outputs)
+                result, outputs = outcome
+                if i not in references:
+                    references[i] = subject.reference(shapes[i, batch, length])
+                errors = max_abs_errors(references[i], outputs, subject.outputs)
                 for stage, measured in result["stages"].items():
-                    record = _record(subject, target, batch, length, stage, measured, result, errors, timing,
+                    record = _record(subject, job.target, batch, length, stage, measured, result, errors, timing,
                                      {**context, "load": load_record})
                     records.append(record)  # before saying so: an interrupt may follow the message
-                    progress(f"    {stage}: p50 {record.measurement.median_ms:.4f} ms, "
+                    progress(f"    {job.label.split('] ', 1)[1]} {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")
                 if subject.tolerance is not None:
                     try:
-                        check_parity(f"{target.runtime} on {target.device} vs {subject.reference_label} ({shape})",
-                                     errors, subject.tolerance)
+                        check_parity(f"{job.target.runtime} on {job.target.device} vs {subject.reference_label} "
+                                     f"({shape})", errors, subject.tolerance)
                     except ParityError as exc:
                         if failures is None:
                             raise
                         failures.add(failed(f"{exc} (its rows are kept, marked wrong)"), progress)
     return records
-
-
-def run_worker(
-    directory: Path, pipeline: str, target: Target, threads: int, batch: int, inputs_path: Path,
-    timing: TimingSettings, tmp: Path,
-) -> tuple[dict, list]:
-    """Run `deploykit.worker` in a fresh interpreter; returns its result and the outputs it wrote."""
-    from safetensors.numpy import load_file
-
-    request_path = tmp / "request.json"
-    outputs_path = tmp / "outputs.safetensors"
-    request = {
-        "artifact": str(directory),
-        "pipeline": pipeline,
-        "target": dataclasses.asdict(target),
-        "threads": threads,
-        "batch_size": batch,
-        "inputs": str(inputs_path),
-        "outputs": str(outputs_path),
-        **dataclasses.asdict(timing),
-    }
-    request_path.write_text(json.dumps(request), encoding="utf-8")
-    # Thread pools that read the environment (OpenMP, MKL) must agree with the runtime's own setting.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "deploykit.worker", str(request_path)],
-        capture_output=True, text=True, env=env,
-    )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MeasurementError(f"{target.runtime} worker ({target.device}) failed on {directory}: {last}")
-    outputs = load_file(str(outputs_path))
-    return json.loads(proc.stdout), [outputs[f"output_{i}"] for i in range(len(outputs))]
 
 
 def _save_numpy(arrays: dict, path: Path) -> None:

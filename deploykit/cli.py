@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=0.2, metavar="SECONDS", help="warm-up time per configuration (default 0.2)")
     p.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS", help="minimum timed duration (default 1.0)")
     p.add_argument("--min-iters", type=int, default=100, metavar="N", help="minimum timed calls (default 100)")
+    p.add_argument("--timing-rounds", type=int, default=5, metavar="N",
+                   help="split each configuration's timing into N rounds, interleaved with the other "
+                   "configurations of the same shape (one measuring at a time, the order rotating), so a burst "
+                   "of other load cannot skew a ratio between them (default 5)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the records as JSON to PATH, or to stdout (instead of the table) when no PATH is given")
     p.add_argument("--store", metavar="FILE",
@@ -473,7 +477,7 @@ def cmd_bench(args) -> int:
         raise UsageError("--input-spec applies to --model entry points and ONNX files; an artifact's inputs were "
                          "fixed when it was exported")
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
-                            max_iters=max(100_000, args.min_iters))
+                            max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds)
     progress = _progress(args)
     if args.threads:  # the workers run at each count; this process's own work at the smallest
         _threads_for_this_process(min(args.threads), progress)

@@ -121,10 +121,14 @@ def to_csr_modules(model: nn.Module, inputs: Sequence[torch.Tensor], recipe: dic
     kernels = recipe.get("kernels", {})
     if (recipe.get("threads"), recipe.get("kernel_batch")) != (threads, batch):
         kernels = choose_kernels(model, inputs, cache=True)
-    chosen = [name for name, decision in kernels.items() if decision["choice"] == "csr"]
-    for name in chosen:
+    return swap_to_csr(model, [name for name, decision in kernels.items() if decision["choice"] == "csr"])
+
+
+def swap_to_csr(model: nn.Module, names: Sequence[str]) -> tuple[nn.Module, list[str]]:
+    """`model` with the named Linear layers replaced by `CSRLinear` (in place), and those names."""
+    for name in names:
         model.set_submodule(name, CSRLinear(model.get_submodule(name)))
-    return model, chosen
+    return model, list(names)
 
 
 def _batch_of(inputs: Sequence[torch.Tensor]) -> int:

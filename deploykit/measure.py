@@ -167,6 +167,39 @@ def _warm_up(fn: Callable[[], object], warmup_s: float, clock: Clock, sync: Sync
     return times, False
 
 
+class Sampler:
+    """The timing of one call, warmed up once and then sampled in as many rounds as asked: what lets
+    a benchmark interleave several configurations (a round of each in turn) so that a burst of other
+    load falls on all of them rather than on one. `measure` is one round."""
+
+    def __init__(self, fn: Callable[[], object], *, batch_size: int = 1, warmup_s: float = 0.2,
+                 clock: Clock = time.perf_counter_ns, sync: Sync = None):
+        self.fn, self.batch_size, self.clock, self.sync = fn, batch_size, clock, sync
+        self.overhead = harness_overhead_ns(clock, sync=sync)
+        warm, self.warmup_stable = _warm_up(fn, warmup_s, clock, sync)
+        self.warmup_iters = len(warm)
+        typical = sorted(warm)[len(warm) // 2] - self.overhead  # the call's own time, as far as the timer can tell
+        calls = 1 if typical <= 0 else max(1, math.ceil(self.overhead / (MAX_OVERHEAD_SHARE * typical)))
+        self.calls = min(calls, 1000)
+        self.samples: list[int] = []
+
+    def run(self, min_time_s: float, min_iters: int, max_iters: int) -> None:
+        """Add samples until `min_time_s` has passed and `min_iters` were taken this round, or the
+        measurement holds `max_iters`."""
+        if min_iters < 1 or max_iters < min_iters:
+            raise ValueError("need 1 <= min_iters <= max_iters")
+        taken, elapsed, min_time_ns = 0, 0, min_time_s * 1e9
+        while len(self.samples) < max_iters and (taken < min_iters or elapsed < min_time_ns):
+            took = _timed(self.fn, self.calls, self.clock, self.sync)
+            self.samples.append(round(took / self.calls))
+            elapsed += took
+            taken += 1
+
+    def measurement(self) -> Measurement:
+        return Measurement(tuple(self.samples), self.warmup_iters, self.batch_size, self.calls, self.overhead,
+                           self.warmup_stable)
+
+
 def measure(
     fn: Callable[[], object],
     *,
@@ -189,16 +222,6 @@ def measure(
     """
     if min_iters < 1 or max_iters < min_iters:
         raise ValueError("need 1 <= min_iters <= max_iters")
-    overhead = harness_overhead_ns(clock, sync=sync)
-    warm, stable = _warm_up(fn, warmup_s, clock, sync)
-    typical = sorted(warm)[len(warm) // 2] - overhead  # the call's own time, as far as the timer can tell
-    calls = 1 if typical <= 0 else max(1, math.ceil(overhead / (MAX_OVERHEAD_SHARE * typical)))
-    calls = min(calls, 1000)
-    samples: list[int] = []
-    elapsed = 0
-    min_time_ns = min_time_s * 1e9
-    while len(samples) < max_iters and (len(samples) < min_iters or elapsed < min_time_ns):
-        took = _timed(fn, calls, clock, sync)
-        samples.append(round(took / calls))
-        elapsed += took
-    return Measurement(tuple(samples), len(warm), batch_size, calls, overhead, stable)
+    sampler = Sampler(fn, batch_size=batch_size, warmup_s=warmup_s, clock=clock, sync=sync)
+    sampler.run(min_time_s, min_iters, max_iters)
+    return sampler.measurement()

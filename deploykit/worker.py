@@ -3,17 +3,28 @@
 A fresh process per configuration keeps one configuration's memory (and allocator state, and thread
 pools) out of the next one's figures. The worker imports only what its runtime needs: an onnxruntime
 worker never imports torch. It reads inputs from a safetensors file, writes the outputs of one call to
-another, measures each of the session's stages in turn (one for a plain model; encoder, decoder step
-and greedy decoding for a speech-translation pair), and prints a JSON result on stdout.
+another, warms up each of the session's stages (one for a plain model; encoder, decoder step and
+greedy decoding for a speech-translation pair) and says it is ready.
+
+Then it measures in rounds, on command, so that the benchmark can interleave the configurations it
+compares (a round of each in turn, one process measuring at a time): each line `round` on stdin
+takes `1/rounds` of the timing budget for every stage and answers one line; `done` ends it with the
+JSON result on stdout. Every message is one JSON line.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
+
+
+def _say(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str]) -> int:
@@ -21,11 +32,11 @@ def main(argv: list[str]) -> int:
     from safetensors.numpy import load_file, save_file
 
     from .env import peak_rss_bytes
-    from .measure import measure
+    from .measure import Sampler
     from .runtime import RUNTIMES, Target
 
     feeds = load_file(request["inputs"])
-    target = Target(**request["target"])
+    target = Target(**{**request["target"], "code_consent": tuple(request["target"]["code_consent"])})
     runtime = RUNTIMES.get(target.runtime)
     for module in runtime.modules:
         importlib.import_module(module)
@@ -35,15 +46,27 @@ def main(argv: list[str]) -> int:
     load_s = time.perf_counter() - start
     outputs = session.run(feeds)
     save_file({f"output_{i}": out for i, out in enumerate(outputs)}, request["outputs"])
+    calls = session.stages(feeds)
+    samplers = {stage: Sampler(call, batch_size=request["batch_size"], warmup_s=request["warmup_s"],
+                               sync=session.synchronize) for stage, call in calls.items()}
+    _say({"ready": True})
+    rounds, round_times = request["rounds"], []
+    for line in sys.stdin:
+        if json.loads(line).get("op") != "round":
+            break
+        began = time.time_ns()
+        for stage, sampler in samplers.items():
+            calls[stage]()  # one untimed call: another process ran in between, and its caches are cold
+            sampler.run(request["min_time_s"] / rounds, math.ceil(request["min_iters"] / rounds), request["max_iters"])
+        round_times.append([began, time.time_ns()])
+        _say({"round": len(round_times)})
     stages = {}
-    for stage, call in session.stages(feeds).items():
-        measurement = measure(call, batch_size=request["batch_size"], warmup_s=request["warmup_s"],
-                              min_time_s=request["min_time_s"], min_iters=request["min_iters"],
-                              max_iters=request["max_iters"], sync=session.synchronize)
+    for stage, sampler in samplers.items():
+        measurement = sampler.measurement()
         stages[stage] = {"samples_ns": list(measurement.samples_ns), "warmup_iters": measurement.warmup_iters,
                          "calls_per_sample": measurement.calls_per_sample, "overhead_ns": measurement.overhead_ns,
                          "warmup_stable": measurement.warmup_stable}
-    result = {
+    _say({
         "stages": stages,
         "files": list(session.files),
         "peak_rss_bytes": peak_rss_bytes(),
@@ -53,8 +76,9 @@ def main(argv: list[str]) -> int:
         "runtime_version": session.info.version,
         "threads": session.info.threads,
         "device": session.info.device,
-    }
-    json.dump(result, sys.stdout)
+        #: [start, end] wall-clock ns of each round: when this configuration was measured
+        "round_times_ns": round_times,
+    })
     return 0
 
 

@@ -10,7 +10,6 @@ name pattern (`MODULE_GROUPS`); the study's best plan is `espnet/best_plan.toml`
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 

@@ -74,12 +74,10 @@ def test_torch_model_reloads_with_the_recorded_kernels(csr_artifact, mlp_spec):
 
 
 def test_csr_kernels_match_dense_within_1e_5(csr_artifact, mlp_spec):
-    from deploykit.forms import to_csr_modules
+    from deploykit.forms import swap_to_csr
 
     reference, manifest = load_torch_model(csr_artifact.directory, for_runtime=False)
-    every_layer = {"kernels": {name: {"choice": "csr"} for name in manifest.form_recipe["kernels"]},
-                   "threads": torch.get_num_threads(), "kernel_batch": 2}
-    model, swapped = to_csr_modules(copy.deepcopy(reference), mlp_spec.example_inputs(2), every_layer)
+    model, swapped = swap_to_csr(copy.deepcopy(reference), list(manifest.form_recipe["kernels"]))
     assert swapped == ["mlp.0", "mlp.2", "mlp.4"]
     for batch in (1, 32):
         inputs = mlp_spec.example_inputs(batch, seed=6)

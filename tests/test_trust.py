@@ -596,15 +596,14 @@ def test_a_failing_configuration_keeps_the_others(dk, copy, tmp_path, monkeypatc
     from deploykit import bench
     from deploykit.errors import MeasurementError
 
-    real, calls = bench.run_worker, []
+    real, calls = bench.run_interleaved, []
 
-    def flaky(*args, **kwargs):
+    def flaky(jobs, *args, **kwargs):  # the worker of the second shape's configuration dies
         calls.append(1)
-        if len(calls) == 2:
-            raise MeasurementError("onnxruntime worker (CPUExecutionProvider) failed: killed")
-        return real(*args, **kwargs)
+        outcomes = real(jobs, *args, **kwargs)
+        return [MeasurementError("onnxruntime worker (CPUExecutionProvider) failed: killed")] if len(calls) == 2 else outcomes
 
-    monkeypatch.setattr(bench, "run_worker", flaky)
+    monkeypatch.setattr(bench, "run_interleaved", flaky)
     store = tmp_path / "s.sqlite"
     code, out, err = dk("bench", copy(), *FAST, "--batch", "1,2,3", "--store", store)
     assert code == 1
