@@ -268,7 +268,9 @@ def encode_features(model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
     """
     lengths = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long)
     if model.normalize is not None:
-        feats, lengths = model.normalize(feats, lengths)
+        # ESPnet's GlobalMVN normalises in place: on the caller's tensor, a second call would normalise
+        # twice (found once a plan stopped emptying the layer that hid it: outputs no longer constant)
+        feats, lengths = model.normalize(feats.clone(), lengths)
     return model.encoder(feats, lengths)[0]
 
 

@@ -43,7 +43,8 @@ def _masks(spec, plan):
 @pytest.mark.parametrize("method", SALIENCY + ["magnitude", "random"])
 @pytest.mark.parametrize("amount", [0.3, 0.77, 0.99])
 def test_global_density_is_exact(method, amount):
-    masks = _masks(SPEC, PruningPlan(method, amount))
+    # at 0.99 a global ranking empties fc1 (allowed here: the property is the count, not the model)
+    masks = _masks(SPEC, PruningPlan(method, amount, allow_layer_collapse=True))
     total = sum(m.numel() for m in masks.values())
     assert set(masks) == {"fc1.weight_mask", "fc2.weight_mask"}  # the output layer stays dense
     assert sum(int((m == 0).sum()) for m in masks.values()) == round(amount * total)

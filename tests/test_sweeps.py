@@ -138,7 +138,7 @@ def test_export_fixes_sequence_axes_the_traced_graph_does_not_honour(tmp_path):
 
 def test_sequence_length_sweep_records_each_length(tmp_path):
     pytest.importorskip("espnet")
-    result = export_artifact("espnet-st-small", PruningPlan("magnitude", 0.5), "dense", tmp_path / "a")
+    result = export_artifact("espnet-st-small", PruningPlan("magnitude", 0.5, scope="layer"), "dense", tmp_path / "a")
     records = bench_artifact(result.directory, Grid(runtimes=("torch", "onnxruntime"), lengths=(60, 240)),
                              TimingSettings(warmup_s=0.01, min_time_s=0.01, min_iters=3))
     assert [(r.runtime, r.stage, r.sequence_length) for r in records] == [

@@ -1,0 +1,79 @@
+"""How steady is a same-run ratio on a busy machine? csr/dense p50 of `linear-stack-4096` at 0.9
+(per layer), batch 32, one thread, from `deploykit bench` run 5 times, quietly and with a stress
+process spinning on one core, with interleaved timing rounds (the default) and without (1 round).
+
+Both artifacts are exported once; each bench run measures them together, as a user comparing the
+two would. Reported: the five ratios and their coefficient of variation (goal: under 5% with the
+stress process). Figures from one run on this machine.
+
+Run: bash .ci/env python benchmarks/ratio_spread.py [--runs N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tabulate import tabulate
+
+from deploykit.fsutil import write_text_atomic
+
+MODEL, PRUNE, BATCH = "linear-stack-4096", "magnitude:0.9", 32
+STRESS = "while True: pass"
+
+
+def deploykit(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "deploykit", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def ratio(dense: Path, csr: Path, rounds: int, min_time: float) -> float:
+    records = json.loads(deploykit("bench", str(dense), str(csr), "--runtime", "torch", "--batch", str(BATCH),
+                                   "--threads", "1", "--min-time", str(min_time), "--timing-rounds", str(rounds),
+                                   "--no-store", "--json", "-q"))
+    p50 = {r["form"]: r["latency_ms"]["p50"] for r in records}
+    return p50["csr"] / p50["dense"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=2.0)
+    parser.add_argument("--json", default="benchmarks/results/ratio_spread.json")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dense, csr = Path(tmp) / "dense", Path(tmp) / "csr"
+        for form, out in (("dense", dense), ("csr", csr)):
+            deploykit("export", "--model", MODEL, "--prune", PRUNE, "--scope", "layer", "--form", form,
+                      "--kernel-batch", str(BATCH), "--threads", "1", "--out", str(out), "-q")
+        for stressed in (False, True):
+            for rounds in (5, 1):
+                stress = subprocess.Popen([sys.executable, "-c", STRESS]) if stressed else None
+                try:
+                    ratios = [ratio(dense, csr, rounds, args.min_time) for _ in range(args.runs)]
+                finally:
+                    if stress is not None:
+                        stress.kill()
+                        stress.wait()
+                cv = statistics.stdev(ratios) / statistics.mean(ratios)
+                rows.append({"stress": stressed, "rounds": rounds, "ratios": ratios, "cv": cv})
+                print(f"stress={stressed} rounds={rounds}: {[round(r, 3) for r in ratios]} cv {100 * cv:.1f}%",
+                      file=sys.stderr, flush=True)
+    print(tabulate([["on one core" if r["stress"] else "none", r["rounds"], " ".join(f"{x:.3f}" for x in r["ratios"]),
+                     f"{statistics.mean(r['ratios']):.3f}", f"{100 * r['cv']:.1f}%"] for r in rows],
+                   headers=["stress process", "timing rounds", "csr/dense p50 per run", "mean", "CV"],
+                   disable_numparse=True))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.json, json.dumps({"model": MODEL, "prune": PRUNE, "batch": BATCH, "rows": rows},
+                                            indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
