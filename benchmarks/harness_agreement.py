@@ -12,7 +12,13 @@ Run: bash .ci/env python benchmarks/harness_agreement.py [--models a,b,c] [--jso
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# The reference harnesses run in this process under the conditions deploykit's worker has: one
+# OpenMP thread from the start (set before torch is imported; a pool started wider keeps its threads).
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import argparse  # noqa: E402
 import json
 import statistics
 import subprocess

@@ -95,11 +95,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="shorthand for a one-input model: its shape, e.g. batch,3,224,224 (float32)")
 
 
-def _add_trust_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-code", action="store_true",
-                   help="let torch import the code an artifact's manifest names to rebuild its model (an entry "
-                   "point): that runs code from the artifact; only for artifacts you trust. Without it, such "
-                   "artifacts run under onnxruntime only (or give the same entry point with --model)")
+def _add_trust_options(p: argparse.ArgumentParser, code: bool = True) -> None:
+    """--no-verify, and --trust-code where the command may run an artifact's PyTorch model (`code`)."""
+    if code:
+        p.add_argument("--trust-code", action="store_true",
+                       help="let torch import the code an artifact's manifest names to rebuild its model (an entry "
+                       "point): that runs code from the artifact; only for artifacts you trust. Without it, such "
+                       "artifacts run under onnxruntime only (or give the same entry point with --model)")
     p.add_argument("--no-verify", action="store_true",
                    help="use artifacts without checking their files against the sizes and SHA-256 checksums in "
                    "their manifests (a damaged or edited file then goes unnoticed)")
@@ -306,9 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the audit as JSON (usable as a later baseline) to PATH, or print it instead of the "
                    "table when no PATH is given")
-    p.add_argument("--no-verify", action="store_true",
-                   help="audit an artifact without checking its files against the sizes and SHA-256 checksums in "
-                   "its manifest (a damaged or edited file then goes unnoticed)")
+    _add_trust_options(p, code=False)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_audit)
 
@@ -455,8 +455,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import (DEFAULT_FORMS, DEFAULT_RUNTIMES, FailureSink, Grid, TimingSettings, bench_artifact,
-                        bench_model, onnx_file_subject)
+    from .bench import (DEFAULT_FORMS, DEFAULT_RUNTIMES, FailureSink, Grid, TimingSettings, artifact_subject,
+                        bench_model, bench_subjects, onnx_file_subject)
     from .fsutil import write_text_atomic
     from .report import bench_table, failures_text, records_json
     from .runtime import DEFAULT_GRAPH_OPTIMIZATION
@@ -503,11 +503,10 @@ def cmd_bench(args) -> int:
     failures = FailureSink()
     started = now_utc()
     try:
-        if args.artifacts:
-            for path in args.artifacts:
-                target = onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx") else path
-                bench_artifact(target, grid, timing, progress, sink=records, failures=failures, consent=consent,
-                               verify=not args.no_verify)
+        if args.artifacts:  # measured together: their configurations interleave
+            subjects = [onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx")
+                        else artifact_subject(path, consent, verify=not args.no_verify) for path in args.artifacts]
+            bench_subjects(subjects, grid, timing, progress, sink=records, failures=failures)
         else:
             options = _plan_options(args)
             plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)

@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from . import kernel_choice
+from .fsutil import write_text_atomic
 from .hints import hints_of
 from .hooks import observe_forward
 from .registry import Registry
+from .spec import cache_dir
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,6 @@ def choose_kernels(model: nn.Module, inputs: Sequence[torch.Tensor], cache: bool
     as CSR, measured on the input it really receives from `inputs` (whose batch the decision is for),
     at this process's thread count. With `cache`, decisions are read from and written to the
     per-machine cache; noisy ones are never cached."""
-    from .fsutil import write_text_atomic
-    from .spec import cache_dir
-
     candidates = csr_candidates(model, inputs)
     captured: dict[str, torch.Tensor] = {}
     observe_forward(model, inputs, {model.get_submodule(name): lambda args, _o, name=name: captured.setdefault(
