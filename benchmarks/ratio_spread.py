@@ -1,6 +1,7 @@
 """How steady is a same-run ratio on a busy machine? csr/dense p50 of `linear-stack-4096` at 0.9
 (per layer), batch 32, one thread, from `deploykit bench` run 5 times, quietly and with a stress
-process spinning on one core, with interleaved timing rounds (the default) and without (1 round).
+process spinning on one core, with interleaved timing rounds (the default) and without (1 round), and
+with each configuration measured in 3 worker processes (`--processes 3`) as well as one.
 
 Both artifacts are exported once; each bench run measures them together, as a user comparing the
 two would. Reported: the five ratios and their coefficient of variation (goal: under 5% with the
@@ -32,10 +33,10 @@ def deploykit(*args: str) -> str:
                           check=True).stdout
 
 
-def ratio(dense: Path, csr: Path, rounds: int, min_time: float) -> float:
+def ratio(dense: Path, csr: Path, rounds: int, processes: int, min_time: float) -> float:
     records = json.loads(deploykit("bench", str(dense), str(csr), "--runtime", "torch", "--batch", str(BATCH),
                                    "--threads", "1", "--min-time", str(min_time), "--timing-rounds", str(rounds),
-                                   "--no-store", "--json", "-q"))
+                                   "--processes", str(processes), "--no-store", "--json", "-q"))
     p50 = {r["form"]: r["latency_ms"]["p50"] for r in records}
     return p50["csr"] / p50["dense"]
 
@@ -43,7 +44,9 @@ def ratio(dense: Path, csr: Path, rounds: int, min_time: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--min-time", type=float, default=2.0)
+    parser.add_argument("--min-time", type=float, default=5.0)
+    parser.add_argument("--modes", default="5:1,1:1,5:3",
+                        help="timing rounds:worker processes per configuration, comma-separated")
     parser.add_argument("--json", default="benchmarks/results/ratio_spread.json")
     args = parser.parse_args()
     rows = []
@@ -52,22 +55,25 @@ def main() -> int:
         for form, out in (("dense", dense), ("csr", csr)):
             deploykit("export", "--model", MODEL, "--prune", PRUNE, "--scope", "layer", "--form", form,
                       "--kernel-batch", str(BATCH), "--threads", "1", "--out", str(out), "-q")
+        modes = [tuple(int(x) for x in mode.split(":")) for mode in args.modes.split(",")]
         for stressed in (False, True):
-            for rounds in (5, 1):
+            for rounds, processes in modes:
                 stress = subprocess.Popen([sys.executable, "-c", STRESS]) if stressed else None
                 try:
-                    ratios = [ratio(dense, csr, rounds, args.min_time) for _ in range(args.runs)]
+                    ratios = [ratio(dense, csr, rounds, processes, args.min_time) for _ in range(args.runs)]
                 finally:
                     if stress is not None:
                         stress.kill()
                         stress.wait()
                 cv = statistics.stdev(ratios) / statistics.mean(ratios)
-                rows.append({"stress": stressed, "rounds": rounds, "ratios": ratios, "cv": cv})
-                print(f"stress={stressed} rounds={rounds}: {[round(r, 3) for r in ratios]} cv {100 * cv:.1f}%",
+                rows.append({"stress": stressed, "rounds": rounds, "processes": processes, "ratios": ratios, "cv": cv})
+                print(f"stress={stressed} rounds={rounds} processes={processes}: {[round(r, 3) for r in ratios]} "
+                      f"cv {100 * cv:.1f}%",
                       file=sys.stderr, flush=True)
-    print(tabulate([["on one core" if r["stress"] else "none", r["rounds"], " ".join(f"{x:.3f}" for x in r["ratios"]),
-                     f"{statistics.mean(r['ratios']):.3f}", f"{100 * r['cv']:.1f}%"] for r in rows],
-                   headers=["stress process", "timing rounds", "csr/dense p50 per run", "mean", "CV"],
+    print(tabulate([["on one core" if r["stress"] else "none", r["rounds"], r["processes"],
+                     " ".join(f"{x:.3f}" for x in r["ratios"]), f"{statistics.mean(r['ratios']):.3f}",
+                     f"{100 * r['cv']:.1f}%"] for r in rows],
+                   headers=["stress process", "timing rounds", "processes", "csr/dense p50 per run", "mean", "CV"],
                    disable_numparse=True))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.json, json.dumps({"model": MODEL, "prune": PRUNE, "batch": BATCH, "rows": rows},

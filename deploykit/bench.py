@@ -54,6 +54,8 @@ MAX_TIMING_S = 3600.0
 MAX_ITERS = 10_000_000
 #: most interleaved rounds a configuration's timing may be split into
 MAX_ROUNDS = 100
+#: most worker processes one configuration may be measured in
+MAX_PROCESSES = 16
 
 
 def _finite_seconds(name: str, value: float) -> None:
@@ -71,6 +73,8 @@ class TimingSettings:
     max_iters: int = 100_000
     #: interleaved rounds the timing is split into (see `deploykit.interleave`)
     rounds: int = 5
+    #: worker processes each configuration is measured in, samples pooled (see `deploykit.interleave`)
+    processes: int = 1
 
     def __post_init__(self) -> None:
         _finite_seconds("--warmup", self.warmup_s)
@@ -79,6 +83,8 @@ class TimingSettings:
             raise UsageError(f"need 1 <= --min-iters <= max iterations <= {MAX_ITERS:,}")
         if not isinstance(self.rounds, int) or not 1 <= self.rounds <= MAX_ROUNDS:
             raise UsageError(f"--timing-rounds must be an integer in [1, {MAX_ROUNDS}], got {self.rounds!r}")
+        if not isinstance(self.processes, int) or not 1 <= self.processes <= MAX_PROCESSES:
+            raise UsageError(f"--processes must be an integer in [1, {MAX_PROCESSES}], got {self.processes!r}")
 
 
 @dataclass(frozen=True)
@@ -478,7 +484,8 @@ def bench_subjects(
                     owners.append(i)
             before = sample_load()
             probe = LoadProbe()
-            outcomes = run_interleaved(jobs, dataclasses.asdict(timing), timing.rounds, Path(tmp), progress)
+            outcomes = run_interleaved(jobs, dataclasses.asdict(timing), timing.rounds, Path(tmp), progress,
+                                       timing.processes)
             during = probe.stop()
             for when, load in (("before", before), ("during", during)):
                 if load.disturbed:

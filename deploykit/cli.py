@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results store to keep the run in (SQLite; default $DEPLOYKIT_STORE, else "
                    "~/.local/share/deploykit/results.sqlite); see `deploykit report`")
     p.add_argument("--no-store", action="store_true", help="do not keep this run in the results store")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="measure each configuration in N worker processes, splitting its timing budget and pooling "
+                   "the samples: a process's memory placement moves its times by a few percent, and N of them "
+                   "average that out of a ratio (default 1)")
     p.add_argument("--store-timeout", type=float, default=BUSY_TIMEOUT_S, metavar="SECONDS",
                    help="how long each of the store's write attempts waits for another process's lock before the "
                    f"run goes to a JSON file beside the store instead (default {BUSY_TIMEOUT_S:g}; {ATTEMPTS} attempts)")
@@ -477,7 +481,8 @@ def cmd_bench(args) -> int:
         raise UsageError("--input-spec applies to --model entry points and ONNX files; an artifact's inputs were "
                          "fixed when it was exported")
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
-                            max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds)
+                            max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds,
+                            processes=args.processes)
     progress = _progress(args)
     if args.threads:  # the workers run at each count; this process's own work at the smallest
         _threads_for_this_process(min(args.threads), progress)
@@ -567,13 +572,14 @@ def _keep_run(store, records, failures, started, status, timing, grid, progress)
 
     from .errors import StoreError
     from .profiles import current_profile
-    from .store import NewRun
+    from .store import NewRun, git_revision, now_utc
 
     first = records[0] if records else None
     conditions = {"versions": first.versions if first else {}, "machine": first.machine if first else {},
                   "timing": dataclasses.asdict(timing), "grid": dataclasses.asdict(grid)}
     run = NewRun(records, started, status, " ".join(["deploykit", *sys.argv[1:]]),
-                 first.profile if first else current_profile().name, conditions, failures)
+                 first.profile if first else current_profile().name, conditions, failures,
+                 git_revision=git_revision(), finished_utc=now_utc())
     try:
         run_id = store.save(run)
     except (StoreError, DeployKitError) as exc:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -103,14 +105,47 @@ class _Worker:
 
 
 def run_interleaved(jobs: Sequence[Job], timing: dict, rounds: int, tmp: Path,
-                    progress: Callable[[str], None] = lambda message: None,
-                    ) -> list[tuple[dict, dict] | MeasurementError]:
+                    progress: Callable[[str], None] = lambda message: None, processes: int = 1,
+                    ) -> list[tuple[dict, list] | MeasurementError]:
     """Measure `jobs` in `rounds` interleaved rounds (groups of `max_live` at a time); for each job,
-    in order, (worker result, outputs of one call by name) or the MeasurementError it ended in.
-    `timing` holds TimingSettings' fields: the budget each job gets in total, over its rounds."""
+    in order, (worker result, outputs of one call) or the MeasurementError it ended in. `timing`
+    holds TimingSettings' fields: the budget each job gets in total, over its rounds and over its
+    `processes`: each job is measured by that many workers (their samples pooled), because a process
+    lands its tensors at its own places in memory, and that moves one process's times by a few
+    percent against another's (two identical copies of a model differed by up to 1.24x here)."""
+    per_process = {**timing, "min_time_s": timing["min_time_s"] / processes,
+                   "min_iters": math.ceil(timing["min_iters"] / processes)}
+    copies = [job for job in jobs for _ in range(processes)]
+    outcomes = _run(copies, per_process, rounds, tmp, progress)
+    return [_pooled(outcomes[i:i + processes]) for i in range(0, len(outcomes), processes)]
+
+
+def _pooled(outcomes: list[tuple[dict, list] | MeasurementError]) -> tuple[dict, list] | MeasurementError:
+    """One job's result from its processes': samples pooled, peak memory the highest, load time the median."""
+    for outcome in outcomes:
+        if isinstance(outcome, MeasurementError):
+            return outcome
+    (first, outputs), results = outcomes[0], [result for result, _ in outcomes]
+    stages = {}
+    for stage in first["stages"]:
+        parts = [result["stages"][stage] for result in results]
+        stages[stage] = {"samples_ns": [s for part in parts for s in part["samples_ns"]],
+                         "warmup_iters": sum(part["warmup_iters"] for part in parts),
+                         "calls_per_sample": max(part["calls_per_sample"] for part in parts),
+                         "overhead_ns": statistics.median(part["overhead_ns"] for part in parts),
+                         "warmup_stable": all(part["warmup_stable"] for part in parts)}
+    return ({**first, "stages": stages, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+             "baseline_rss_bytes": min(r["baseline_rss_bytes"] for r in results),
+             "load_s": statistics.median(r["load_s"] for r in results),
+             "round_times_ns": [t for r in results for t in r["round_times_ns"]], "processes": len(results)},
+            outputs)
+
+
+def _run(jobs: Sequence[Job], timing: dict, rounds: int, tmp: Path,
+         progress: Callable[[str], None]) -> list[tuple[dict, list] | MeasurementError]:
     from safetensors.numpy import load_file
 
-    results: list[tuple[dict, dict] | MeasurementError] = []
+    results: list[tuple[dict, list] | MeasurementError] = []
     live = max_live(jobs)
     for start in range(0, len(jobs), live):
         group = jobs[start:start + live]
@@ -122,7 +157,7 @@ def run_interleaved(jobs: Sequence[Job], timing: dict, rounds: int, tmp: Path,
                 for worker in workers[r % len(workers):] + workers[:r % len(workers)]:
                     worker.ask("round")
                 alive = sum(worker.error is None for worker in workers)
-                progress(f"    round {r + 1}/{rounds} of {alive} configuration{'s' * (alive != 1)}")
+                progress(f"    round {r + 1}/{rounds} of {alive} worker{'s' * (alive != 1)}")
             for worker in workers:
                 result = worker.ask("done")
                 if result is None:

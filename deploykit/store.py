@@ -122,6 +122,7 @@ class NewRun:
     profile: str
     conditions: dict[str, Any]
     failures: Sequence[FailedConfiguration] = ()
+    #: the deploykit revision that measured it (`git_revision()`), kept as is when imported
     git_revision: str | None = None
     finished_utc: str | None = None
     uid: str | None = None
@@ -270,9 +271,8 @@ class ResultStore:
                 run_id = db.execute(
                     "INSERT INTO runs (started_utc, finished_utc, status, command, git_revision, profile, conditions, "
                     "uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run.started_utc, run.finished_utc or now_utc(), run.status, run.command,
-                     run.git_revision if run.git_revision is not None else git_revision(), run.profile,
-                     json.dumps(run.conditions), uid),
+                    (run.started_utc, run.finished_utc or now_utc(), run.status, run.command, run.git_revision,
+                     run.profile, json.dumps(run.conditions), uid),
                 ).lastrowid
                 db.executemany(
                     "INSERT INTO records (run_id, model, prune, sparsity, form, runtime, stage, device, batch_size, "
@@ -292,7 +292,8 @@ class ResultStore:
     def save_run(self, records: Sequence[BenchRecord], *, started_utc: str, status: str, command: str,
                  profile: str, conditions: dict[str, Any], failures: Sequence[FailedConfiguration] = ()) -> int:
         """Write one run and its records in one transaction; returns the run's id."""
-        return self.save(NewRun(records, started_utc, status, command, profile, conditions, failures))
+        return self.save(NewRun(records, started_utc, status, command, profile, conditions, failures,
+                                git_revision=git_revision()))
 
     def spill(self, run: NewRun) -> Path:
         """Write `run` as JSON beside the store (the store could not take it); returns the file.

@@ -48,3 +48,11 @@ def test_a_worker_that_dies_fails_alone(jobs):
     assert isinstance(first, MeasurementError) and "torch worker (cpu) failed on" in str(first)
     result, outputs = second
     assert len(result["round_times_ns"]) == 2 and outputs
+
+
+def test_processes_pool_their_samples(jobs):
+    tmp, (ort, _) = jobs
+    timing = dataclasses.asdict(TimingSettings(warmup_s=0.01, min_time_s=0.04, min_iters=10, rounds=2))
+    ((result, outputs),) = run_interleaved([ort], timing, 2, Path(tmp), processes=2)
+    assert result["processes"] == 2 and len(result["round_times_ns"]) == 4  # two workers, two rounds each
+    assert len(result["stages"]["forward"]["samples_ns"]) >= 10  # the budget is split, the samples pooled
