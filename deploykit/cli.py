@@ -398,7 +398,7 @@ def cmd_export(args) -> int:
                          "`deploykit bench --prune` sweeps several")
     (plan,) = plans
     progress = _progress(args)
-    _threads_for_this_process(args.threads, progress)
+    threads, threads_note = _threads_for_this_process(args.threads)
     spec = resolve_model(args.model, _model_options(args))
     result = export_artifact(spec, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
                              overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
@@ -455,6 +455,7 @@ def cmd_export(args) -> int:
         print(f"note: {note}")
     for warning in m.warnings:
         print(f"warning: {warning}")
+    print(f"threads: {threads}" + (f" ({threads_note})" if threads_note else ""))
     return 0
 
 
@@ -484,11 +485,9 @@ def cmd_bench(args) -> int:
                             max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds,
                             processes=args.processes)
     progress = _progress(args)
-    if args.threads:  # the workers run at each count; this process's own work at the smallest
-        _threads_for_this_process(min(args.threads), progress)
-        threads = tuple(args.threads)
-    else:
-        threads = (_threads_for_this_process(None, progress),)
+    # the workers run at each count; this process's own work at the smallest
+    threads, threads_note = _threads_for_this_process(min(args.threads) if args.threads else None)
+    threads = tuple(args.threads) if args.threads else (threads,)
     grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
                 threads=threads, devices=tuple(args.device or ("auto",)),
                 lengths=tuple(args.seq_len or (None,)),
@@ -502,7 +501,7 @@ def cmd_bench(args) -> int:
     if store is not None and (busy := store.check_writable()):
         progress(f"note: {busy}")
     consent = _trust_warnings(args, progress)
-    for note in placement.notes:
+    for note in placement.notes + ([threads_note] if threads_note else []):
         progress(f"note: {note}")
     records: list = []
     failures = FailureSink()
@@ -543,19 +542,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _threads_for_this_process(threads: int | None, progress) -> int:
-    """Set (and return) the torch threads of this process: `threads`, or the cores idle now."""
+def _threads_for_this_process(threads: int | None) -> tuple[int, str]:
+    """Set (and return) the torch threads of this process: `threads`, or the cores idle now; and a note
+    saying why when other work took cores ("" otherwise). The caller says it once its input is checked,
+    so that bad input still ends in one line."""
     from .load import check_threads, idle_cores, sample_load, use_threads
 
+    note = ""
     if threads is not None:
         check_threads(threads)
     else:
         load = sample_load()
         threads = idle_cores(load)
         if load.disturbed:
-            progress(f"note: {load.describe()}: using {threads} thread{'s' * (threads > 1)}, the cores left idle")
+            note = f"{load.describe()}: using {threads} thread{'s' * (threads > 1)}, the cores left idle"
     use_threads(threads)
-    return threads
+    return threads, note
 
 
 def _store(args):
