@@ -501,7 +501,7 @@ def cmd_bench(args) -> int:
     if store is not None and (busy := store.check_writable()):
         progress(f"note: {busy}")
     consent = _trust_warnings(args, progress)
-    for note in placement.notes + ([threads_note] if threads_note else []):
+    for note in [*placement.notes, *([threads_note] if threads_note else [])]:
         progress(f"note: {note}")
     records: list = []
     failures = FailureSink()
