@@ -12,6 +12,7 @@ configs too) and refuses any value that would lead out of the root.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -96,8 +97,6 @@ def check_named_paths(data: Any, root: str | os.PathLike, what: str, *, skip: tu
 
 def read_json(root: str | os.PathLike, name: str, key: str) -> dict[str, Any]:
     """The JSON object in the file `name` inside `root` (an artifact's pipeline config), in one-line errors."""
-    import json
-
     path = inside(root, name, key)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

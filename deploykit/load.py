@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from .env import available_cores
+from .errors import UsageError
 
 #: other processes using more than this many cores on average disturb a measurement
 OTHERS_LIMIT_CORES = 0.25
@@ -108,8 +109,6 @@ def idle_cores(load: Load | None = None) -> int:
 def check_threads(threads: int) -> int:
     """`threads`, if it is a sane count for this machine: 1 to 4 per logical core (more only thrash,
     and a huge count would exhaust the process)."""
-    from .errors import UsageError
-
     most = 4 * (os.cpu_count() or 1)
     if not 1 <= threads <= most:
         raise UsageError(f"{threads} threads: give 1 to {most} (4 per logical core here)")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import ArtifactError, StoreError, UsageError
-from .fsutil import check_output_file, write_text_atomic
+from .fsutil import check_output_file, read_text, write_text_atomic
 from .records import BenchRecord, FailedConfiguration
 
 SCHEMA_VERSION = 2
@@ -351,9 +351,7 @@ class ResultStore:
 
 
 def read_spilled_runs(path: str | Path) -> list[NewRun]:
-    """The runs in a JSON file `ResultStore.spill` wrote (or `deploykit report --format json` of whole runs)."""
-    from .fsutil import read_text
-
+    """The runs in a JSON file `ResultStore.spill` wrote, checked to be whole runs."""
     text = read_text(path, "runs file", UsageError)
     try:
         data = json.loads(text)
