@@ -408,20 +408,19 @@ def bench_artifact(
     grid: Grid,
     timing: TimingSettings = TimingSettings(),
     progress: Progress = lambda message: None,
-    counter: "itertools.count[int] | None" = None,
-    total: int | None = None,
-    sink: list[BenchRecord] | None = None,
-    failures: FailureSink | None = None,
+    *,
     consent: Sequence[str] = (),
     verify: bool = True,
+    **options,
 ) -> list[BenchRecord]:
     """Measure an exported artifact directory (or any `Subject`, such as `onnx_file_subject(path)`)
-    under every runtime that can run it, batch size and thread count of `grid` (see `bench_subjects`).
-    `consent` names the entry points torch may import to rebuild an artifact's model (see
-    `deploykit.sources.code_refusal`); `verify` checks the artifact's files against its manifest first.
+    under every runtime that can run it, batch size and thread count of `grid`: `bench_subjects` of
+    one subject, whose `options` (counter, total, sink, failures) it takes. `consent` names the entry
+    points torch may import to rebuild an artifact's model (see `deploykit.sources.code_refusal`);
+    `verify` checks the artifact's files against its manifest first.
     """
     subject = target if isinstance(target, Subject) else artifact_subject(target, consent, verify)
-    return bench_subjects([subject], grid, timing, progress, counter, total, sink, failures)
+    return bench_subjects([subject], grid, timing, progress, **options)
 
 
 def bench_subjects(
