@@ -483,8 +483,7 @@ def bench_subjects(
                     owners.append(i)
             before = sample_load()
             probe = LoadProbe()
-            outcomes = run_interleaved(jobs, dataclasses.asdict(timing), timing.rounds, Path(tmp), progress,
-                                       timing.processes)
+            outcomes = run_interleaved(jobs, dataclasses.asdict(timing), Path(tmp), progress)
             during = probe.stop()
             for when, load in (("before", before), ("during", during)):
                 if load.disturbed:

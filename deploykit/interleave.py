@@ -58,13 +58,13 @@ def max_live(jobs: Sequence[Job]) -> int:
 
 
 class _Worker:
-    def __init__(self, job: Job, timing: dict, rounds: int, tmp: Path, index: int):
+    def __init__(self, job: Job, timing: dict, tmp: Path, index: int):
         self.job = job
         self.outputs_path = tmp / f"outputs-{index}.safetensors"
         request_path = tmp / f"request-{index}.json"
         request = {"artifact": str(job.location), "pipeline": job.pipeline, "target": dataclasses.asdict(job.target),
                    "threads": job.threads, "batch_size": job.batch, "inputs": str(job.inputs),
-                   "outputs": str(self.outputs_path), "rounds": rounds, **timing}
+                   "outputs": str(self.outputs_path), **timing}
         request_path.write_text(json.dumps(request), encoding="utf-8")
         self.stderr_path = tmp / f"stderr-{index}.txt"
         # Thread pools that read the environment (OpenMP, MKL) must agree with the runtime's own setting.
@@ -104,19 +104,20 @@ class _Worker:
         self.proc.wait()
 
 
-def run_interleaved(jobs: Sequence[Job], timing: dict, rounds: int, tmp: Path,
-                    progress: Callable[[str], None] = lambda message: None, processes: int = 1,
+def run_interleaved(jobs: Sequence[Job], timing: dict, tmp: Path,
+                    progress: Callable[[str], None] = lambda message: None,
                     ) -> list[tuple[dict, list] | MeasurementError]:
-    """Measure `jobs` in `rounds` interleaved rounds (groups of `max_live` at a time); for each job,
-    in order, (worker result, outputs of one call) or the MeasurementError it ended in. `timing`
-    holds TimingSettings' fields: the budget each job gets in total, over its rounds and over its
+    """Measure `jobs` in interleaved rounds (groups of `max_live` at a time); for each job, in order,
+    (worker result, outputs of one call) or the MeasurementError it ended in. `timing` holds
+    TimingSettings' fields: the budget each job gets in total, over its `rounds` and over its
     `processes`: each job is measured by that many workers (their samples pooled), because a process
     lands its tensors at its own places in memory, and that moves one process's times by a few
     percent against another's (two identical copies of a model differed by up to 1.24x here)."""
+    processes = timing["processes"]
     per_process = {**timing, "min_time_s": timing["min_time_s"] / processes,
                    "min_iters": math.ceil(timing["min_iters"] / processes)}
     copies = [job for job in jobs for _ in range(processes)]
-    outcomes = _run(copies, per_process, rounds, tmp, progress)
+    outcomes = _run(copies, per_process, tmp, progress)
     return [_pooled(outcomes[i:i + processes]) for i in range(0, len(outcomes), processes)]
 
 
@@ -141,15 +142,16 @@ def _pooled(outcomes: list[tuple[dict, list] | MeasurementError]) -> tuple[dict,
             outputs)
 
 
-def _run(jobs: Sequence[Job], timing: dict, rounds: int, tmp: Path,
+def _run(jobs: Sequence[Job], timing: dict, tmp: Path,
          progress: Callable[[str], None]) -> list[tuple[dict, list] | MeasurementError]:
     from safetensors.numpy import load_file
 
+    rounds = timing["rounds"]
     results: list[tuple[dict, list] | MeasurementError] = []
     live = max_live(jobs)
     for start in range(0, len(jobs), live):
         group = jobs[start:start + live]
-        workers = [_Worker(job, timing, rounds, tmp, start + i) for i, job in enumerate(group)]
+        workers = [_Worker(job, timing, tmp, start + i) for i, job in enumerate(group)]
         try:
             for worker in workers:  # each loads, runs once and warms up; a failure ends only its own job
                 worker.ask(None)

@@ -30,7 +30,7 @@ def jobs(tmp_path_factory):
 def test_rounds_alternate_and_never_overlap(jobs):
     tmp, (ort, torch_job) = jobs
     timing = dataclasses.asdict(TimingSettings(warmup_s=0.01, min_time_s=0.05, min_iters=10, rounds=4))
-    (a, _), (b, _) = run_interleaved([ort, torch_job], timing, 4, Path(tmp))
+    (a, _), (b, _) = run_interleaved([ort, torch_job], timing, Path(tmp))
     rounds = sorted([(start, end, "ort") for start, end in a["round_times_ns"]] +
                     [(start, end, "torch") for start, end in b["round_times_ns"]])
     assert len(rounds) == 8
@@ -44,7 +44,7 @@ def test_a_worker_that_dies_fails_alone(jobs):
     tmp, (ort, torch_job) = jobs
     broken = dataclasses.replace(torch_job, location=Path(tmp) / "missing")
     timing = dataclasses.asdict(TimingSettings(warmup_s=0.01, min_time_s=0.02, min_iters=5, rounds=2))
-    first, second = run_interleaved([broken, ort], timing, 2, Path(tmp))
+    first, second = run_interleaved([broken, ort], timing, Path(tmp))
     assert isinstance(first, MeasurementError) and "torch worker (cpu) failed on" in str(first)
     result, outputs = second
     assert len(result["round_times_ns"]) == 2 and outputs
@@ -52,7 +52,7 @@ def test_a_worker_that_dies_fails_alone(jobs):
 
 def test_processes_pool_their_samples(jobs):
     tmp, (ort, _) = jobs
-    timing = dataclasses.asdict(TimingSettings(warmup_s=0.01, min_time_s=0.04, min_iters=10, rounds=2))
-    ((result, outputs),) = run_interleaved([ort], timing, 2, Path(tmp), processes=2)
+    timing = dataclasses.asdict(TimingSettings(warmup_s=0.01, min_time_s=0.04, min_iters=10, rounds=2, processes=2))
+    ((result, outputs),) = run_interleaved([ort], timing, Path(tmp))
     assert result["processes"] == 2 and len(result["round_times_ns"]) == 4  # two workers, two rounds each
     assert len(result["stages"]["forward"]["samples_ns"]) >= 10  # the budget is split, the samples pooled
