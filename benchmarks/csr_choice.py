@@ -2,7 +2,7 @@
 choice made on a quiet machine and with a stress process busy on one core during the choice.
 
 For every zoo model with Linear layers, each Linear but the output is magnitude-pruned per layer to
-0.5 / 0.9 / 0.98; the csr form chooses its kernels (`deploykit.kernel_choice`) at batch 1 and 32 and
+0.5 / 0.9 / 0.98; the csr form chooses its kernels (`deploykit.convert.kernel_choice`) at batch 1 and 32 and
 one thread, once quietly and once while `stress` spins a core. Then, quietly, the stripped dense model
 and each choice are timed at that batch in interleaved rounds (median of round medians). Goal: csr
 never more than 10% slower than dense in any cell; where CSR was chosen, faster. A second dense copy
@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from deploykit.forms import FORMS
-from deploykit.fsutil import write_text_atomic
-from deploykit.hooks import run_forward
-from deploykit.measure import measure
-from deploykit.prune import PruningPlan, prune_model, strip_masks
-from deploykit.spec import TRACE_BATCH, get_model
+from deploykit.convert.forms import FORMS
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.core.hooks import run_forward
+from deploykit.core.measure import measure
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.model.catalog import get_model
 
 MODELS = ("mlp-sst2", "linear-stack-4096", "textclf-agnews", "seq2seq-transformer", "gpt2-tiny", "espnet-st-small")
 SPARSITIES = (0.5, 0.9, 0.98)

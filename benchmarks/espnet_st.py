@@ -21,12 +21,13 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from deploykit.bench import Grid, TimingSettings, bench_artifact
-from deploykit.env import available_cores
-from deploykit.export import export_artifact
-from deploykit.fsutil import write_text_atomic
-from deploykit.prune import PruningPlan, load_plan_file, parse_rule
-from deploykit.zoo.espnet_st import PRESETS
+from deploykit.bench.runner import bench_artifact
+from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.core.env import available_cores
+from deploykit.export.build import export_artifact
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.prune.base import PruningPlan, load_plan_file, parse_rule
+from deploykit.model.zoo.espnet_st import PRESETS
 
 STAGES = ("encoder", "decoder-step", "greedy")
 SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv_module.*=0.5",

@@ -14,6 +14,7 @@ Run: bash .ci/env python benchmarks/espnet_sweep.py [--model espnet-st-small] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -23,14 +24,14 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from deploykit.espnet import token_list
-from deploykit.st_decode import OrtSpeechTranslator, bleu
-from deploykit.export import export_artifact
-from deploykit.fsutil import write_text_atomic
-from deploykit.measure import measure
-from deploykit.prune import PruningPlan
-from deploykit.spec import get_model
-from deploykit.zoo.espnet_st import MODULE_GROUPS
+from deploykit.model.espnet import token_list
+from deploykit.pipelines.st_decode import OrtSpeechTranslator, bleu
+from deploykit.export.build import export_artifact
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.core.measure import measure
+from deploykit.prune.base import PruningPlan
+from deploykit.model.catalog import get_model
+from deploykit.model.zoo.espnet_st import MODULE_GROUPS
 
 SPARSITIES = (0.33, 0.5, 0.7, 0.9)
 
@@ -67,8 +68,8 @@ def main() -> int:
             return {"nonzero": manifest.nonzero_parameters, "weights_bytes": manifest.files["weights.safetensors"],
                     "onnx_bytes": manifest.files["encoder.onnx"] + manifest.files["decoder.onnx"],
                     "decode_ms": latency, "tokens": outputs,
-                    "bleu": bleu([[vocab[t] for t in o if t != translator.config["eos"]] for o in outputs],
-                                 [r.split() for r in references]) if references else None}
+                    "bleu": dataclasses.asdict(bleu([" ".join(vocab[t] for t in o if t != translator.config["eos"])
+                                                     for o in outputs], references)) if references else None}
 
         print("dense", file=sys.stderr)
         dense = run("dense", PruningPlan())
@@ -84,11 +85,11 @@ def main() -> int:
     print(tabulate(
         [[r["group"], f"{r['sparsity']:g}", f"{r['nonzero']:,}", f"{r['weights_bytes'] / 1e6:.2f}",
           f"{r['onnx_bytes'] / 1e6:.2f}", f"{r['decode_ms']:.1f}",
-          f"{r['bleu']:.1f}" if references else f"{100 * r['token_agreement']:.0f}%"] for r in rows],
+          f"{r['bleu']['score']:.1f}" if references else f"{100 * r['token_agreement']:.0f}%"] for r in rows],
         headers=["group", "sparsity", "nonzero", "weights MB", "onnx MB", "ort decode ms", quality],
         disable_numparse=True))
     print(f"dense: {dense['nonzero']:,} nonzero, weights {dense['weights_bytes'] / 1e6:.2f} MB, "
-          f"decode {dense['decode_ms']:.1f} ms" + (f", BLEU {dense['bleu']:.1f}" if references else ""))
+          f"decode {dense['decode_ms']:.1f} ms" + (f", BLEU {dense['bleu']['score']:.1f} ({dense['bleu']['signature']})" if references else ""))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.json, json.dumps({"model": args.model, "dense": dense, "rows": rows}, indent=2) + "\n")
     return 0

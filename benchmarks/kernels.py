@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from deploykit.env import available_cores
-from deploykit.forms import choose_kernels, csr_candidates, swap_to_csr, to_csr_modules
-from deploykit.fsutil import write_text_atomic
-from deploykit.measure import measure
-from deploykit.onnx_export import export_onnx, sparsify_initializers
-from deploykit.prune import PruningPlan, prune_model, strip_masks
-from deploykit.runtime import ort_session
-from deploykit.spec import TRACE_BATCH, get_model
+from deploykit.core.env import available_cores
+from deploykit.convert.csr import choose_kernels, csr_candidates, swap_to_csr, to_csr_modules
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.core.measure import measure
+from deploykit.convert.onnx_export import export_onnx, sparsify_initializers
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
+from deploykit.core.ort import ort_session
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.model.catalog import get_model
 
 MODELS = ("mlp-sst2", "linear-stack-4096")
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)

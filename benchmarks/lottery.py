@@ -1,6 +1,6 @@
 """Iterative magnitude pruning with rewinding vs one-shot magnitude pruning, on LeNet-300-100 / digits.
 
-Reproduces the SST-2 study's finding on a model trained here (scikit-learn's digits): at high sparsity
+Reproduces the SST-2 study's finding on a model trained here (the UCI handwritten digits (shipped with deploykit)): at high sparsity
 one-shot magnitude pruning collapses while rewinding keeps accuracy. Three columns per sparsity:
 - one-shot: global magnitude pruning of the trained model, no retraining (the study's baseline);
 - one-shot + retrain: the same masks, then the training hook once more with masks in force;
@@ -18,9 +18,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from deploykit.fsutil import write_text_atomic
-from deploykit.prune import PruningPlan, prune_model, strip_masks
-from deploykit.spec import TRACE_BATCH, get_model
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.model.catalog import get_model
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 

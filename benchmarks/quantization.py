@@ -25,11 +25,12 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from deploykit.bench import Grid, TimingSettings, bench_artifact
-from deploykit.env import available_cores
-from deploykit.export import export_artifact
-from deploykit.fsutil import write_text_atomic
-from deploykit.prune import PruningPlan
+from deploykit.bench.runner import bench_artifact
+from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.core.env import available_cores
+from deploykit.export.build import export_artifact
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.prune.base import PruningPlan
 
 MB = 1e6
 ROWS = PruningPlan("l2-structured", 0.5, scope="layer")

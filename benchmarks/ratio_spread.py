@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from deploykit.fsutil import write_text_atomic
+from deploykit.core.fsutil import write_text_atomic
 
 MODEL, PRUNE, BATCH = "linear-stack-4096", "magnitude:0.9", 32
 STRESS = "while True: pass"

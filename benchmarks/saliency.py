@@ -5,7 +5,7 @@ as csr with `export_artifact`, exactly as `deploykit export --prune METHOD:cC --
 the table shows what remains: weights, FLOPs with pruned multiply-adds skipped (the study's
 "remaining FLOPs"), bytes on disk (weights file + model.onnx), and accuracy where the model is trained.
 
-- lenet-300-100 on scikit-learn's digits, the study's protocol: prune the initial weights, then train
+- lenet-300-100 on the UCI handwritten digits (shipped with deploykit), the study's protocol: prune the initial weights, then train
   with the masks in force (`--at-init`); linear layers, output layer dense. Accuracy on the 360-image
   test split.
 - textclf-agnews (random weights: AG News does not ship in a package, so no accuracy): its only
@@ -26,10 +26,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from deploykit.export import export_artifact
-from deploykit.fsutil import write_text_atomic
-from deploykit.prune import PruningPlan
-from deploykit.spec import get_model
+from deploykit.export.build import export_artifact
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.prune.base import PruningPlan
+from deploykit.model.catalog import get_model
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 #: (model, selection label, PruningPlan options)

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from deploykit.fsutil import write_text_atomic
-from deploykit.prune import PruningPlan, prune_model, strip_masks
-from deploykit.sparsity import sparsity_table
-from deploykit.spec import get_model
-from deploykit.storage import save_weights
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
+from deploykit.core.sparsity import sparsity_table
+from deploykit.model.catalog import get_model
+from deploykit.core.storage import save_weights
 
 SPARSITIES = (0.0, 0.33, 0.55, 0.70, 0.80, 0.90, 0.98)
 MB = 1e6

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from deploykit.bench import Grid, TimingSettings, bench_artifact
-from deploykit.export import export_artifact
-from deploykit.fsutil import write_text_atomic
-from deploykit.prune import PruningPlan
+from deploykit.bench.runner import bench_artifact
+from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.export.build import export_artifact
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.prune.base import PruningPlan
 
 MODELS = {"mlp-sst2": (1,), "vae": (1,), "resnet18": (1, 8)}
 SPARSITIES = (0.0, 0.2, 0.5, 0.8)
@@ -35,7 +36,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="default: the cores available")
     args = parser.parse_args()
 
-    from deploykit.env import available_cores
+    from deploykit.core.env import available_cores
 
     timing = TimingSettings(min_time_s=args.min_time)
     threads = args.threads or available_cores()

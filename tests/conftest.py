@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploykit.spec import get_model
+from deploykit.model.catalog import get_model
 
 REPO = Path(__file__).resolve().parents[1]
 

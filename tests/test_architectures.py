@@ -2,7 +2,7 @@
 
 Each architecture either works (the shrunk model is smaller, exact against the masked model, and its
 ONNX export matches) or fails with an error naming the module that stops it; both are pinned here, at
-several sizes each. Hints (`deploykit.hints`) then make some of the failures work without editing
+several sizes each. Hints (`deploykit.model.hints`) then make some of the failures work without editing
 deploykit.
 """
 
@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deploykit.artifact import load_torch_model
-from deploykit.channels import UnsupportedLayerError
-from deploykit.errors import UsageError
-from deploykit.export import export_artifact
-from deploykit.hints import LayerHandler, PruningHints
-from deploykit.prune import PruningPlan
-from deploykit.spec import InputSpec, ModelSpec
+from deploykit.runtime.loading import load_torch_model
+from deploykit.prune.channels import UnsupportedLayerError
+from deploykit.core.errors import UsageError
+from deploykit.export.build import export_artifact
+from deploykit.model.hints import LayerHandler, PruningHints
+from deploykit.prune.base import PruningPlan
+from deploykit.model.spec import InputSpec, ModelSpec
 
 
 class DepthwiseSeparable(nn.Module):

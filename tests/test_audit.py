@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from deploykit.audit import audit_artifact, load_budgets
-from deploykit.errors import UsageError
-from deploykit.export import export_artifact
-from deploykit.prune import PruningPlan
+from deploykit.results.audit import audit_artifact, load_budgets
+from deploykit.core.errors import UsageError
+from deploykit.export.build import export_artifact
+from deploykit.prune.base import PruningPlan
 
 
 @pytest.fixture(scope="module")

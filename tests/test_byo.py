@@ -9,17 +9,17 @@ import onnx
 import pytest
 import torch
 
-from deploykit.checkpoints import load_checkpoint
-from deploykit.entrypoint import entry_point_spec, parse_entry_point
-from deploykit.errors import ArtifactError, UsageError
-from deploykit.sources import ModelOptions, resolve_model
-from deploykit.spec import InputSpec
+from deploykit.model.checkpoints import load_checkpoint
+from deploykit.model.entrypoint import entry_point_spec, parse_entry_point
+from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.model.sources import ModelOptions, resolve_model
+from deploykit.model.spec import InputSpec
 
 USER_MODEL = textwrap.dedent('''
     import torch
     from torch import nn
 
-    from deploykit.spec import InputSpec, ModelSpec
+    from deploykit.model.spec import InputSpec, ModelSpec
 
 
     class Net(nn.Module):
@@ -226,7 +226,7 @@ def test_pickle_with_a_payload_is_refused_without_trust(user_file, tmp_path):
 
 
 def test_trusted_pickle_loads_a_whole_module_with_a_warning(cli, user_file, tmp_path):
-    from deploykit.checkpoints import PickleWarning
+    from deploykit.model.checkpoints import PickleWarning
 
     net = _user_net(user_file)
     torch.save(net, tmp_path / "whole.pt")
@@ -305,7 +305,7 @@ def test_external_data_outside_the_model_directory_is_refused(cli, onnx_dir, tmp
 
 
 def test_symlinked_external_data_escaping_the_directory_is_refused(onnx_dir, tmp_path):
-    from deploykit.onnxfile import open_onnx_file
+    from deploykit.model.onnxfile import open_onnx_file
 
     path = _external(onnx_dir, tmp_path / "m", location="link.data")
     (tmp_path / "elsewhere.data").write_bytes((path.parent / "link.data").read_bytes())

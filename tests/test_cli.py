@@ -8,7 +8,7 @@ FAST = ["--warmup", "0.01", "--min-time", "0.05", "--min-iters", "20", "--thread
 
 
 def test_help_is_instant_and_imports_no_torch():
-    code = "import sys, deploykit.cli; deploykit.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, deploykit.cli.app; deploykit.cli.app.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -178,7 +178,7 @@ def test_imp_without_training_hook_is_a_clear_error(cli, tmp_path):
 
 
 def test_unknown_model_lists_every_registered_model(cli, tmp_path):
-    from deploykit.spec import list_models
+    from deploykit.model.catalog import list_models
 
     result = cli("export", "--model", "nope", "--out", str(tmp_path / "o"))
     names = ", ".join(sorted(spec.name for spec in list_models()))

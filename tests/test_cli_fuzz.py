@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from deploykit.cli import build_parser, main
-from deploykit.export import export_artifact
-from deploykit.prune import PLAN_KEYS, PruningPlan
+from deploykit.cli.app import build_parser, main
+from deploykit.export.build import export_artifact
+from deploykit.prune.base import PLAN_KEYS, PruningPlan
 
 #: values chosen to break things: non-numbers, non-finite and huge numbers, paths out of their place,
 #: special files, lists where one value is expected

@@ -10,11 +10,13 @@ import yaml
 
 pytest.importorskip("espnet2", reason="needs the espnet extra")
 
-from deploykit.errors import ArtifactError  # noqa: E402
-from deploykit.espnet import build_st_model, decode_torch, encode_features, export_st, load_st_experiment  # noqa: E402
-from deploykit.prune import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
-from deploykit.st_decode import bleu, decode_onnx  # noqa: E402
-from deploykit.zoo.espnet_st import MODULE_GROUPS, PRESETS  # noqa: E402
+from deploykit.core.errors import ArtifactError  # noqa: E402
+from deploykit.pipelines.espnet import decode_torch, export_st, load_st_experiment  # noqa: E402
+from deploykit.model.espnet import build_st_model, encode_features
+from deploykit.prune.base import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
+from deploykit.core.errors import UsageError  # noqa: E402
+from deploykit.pipelines.st_decode import bleu, decode_onnx  # noqa: E402
+from deploykit.model.zoo.espnet_st import MODULE_GROUPS, PRESETS  # noqa: E402
 
 CONFIG = yaml.safe_load((PRESETS / "st_small.yaml").read_text())
 
@@ -56,8 +58,8 @@ def test_onnxruntime_decoding_gives_pytorchs_tokens(model, exported, frames, bea
 
 
 def test_beam_search_scores_at_least_as_well_as_greedy(model):
-    from deploykit.espnet import TorchStepper
-    from deploykit.st_decode import decode
+    from deploykit.pipelines.espnet import TorchStepper
+    from deploykit.pipelines.st_decode import decode
 
     feats = torch.randn(1, 200, 80, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -79,13 +81,16 @@ def test_beam_search_scores_at_least_as_well_as_greedy(model):
     assert beam != greedy  # and here a different, better one
 
 
-def test_bleu_is_4_gram_corpus_bleu():
-    reference = "the cat sat on the mat today".split()
-    assert bleu([reference], [reference]) == pytest.approx(100.0)
-    assert 0 < bleu(["the cat sat on a mat today".split()], [reference]) < 100
-    with pytest.raises(Exception, match="1 hypotheses for 2 references"):
+def test_bleu_is_sacrebleus_corpus_bleu_with_its_signature():
+    reference = "the cat sat on the mat today"
+    assert bleu([reference], [reference]).score == pytest.approx(100.0)
+    # 1- to 4-gram precisions 6/7, 4/6, 2/5, 1/4, no brevity penalty: their geometric mean
+    expected = 100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
+    score = bleu(["the cat sat on a mat today"], [reference])
+    assert score.score == pytest.approx(expected, abs=1e-9)
+    assert score.signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    with pytest.raises(UsageError, match="1 hypotheses for 2 references"):
         bleu([reference], [reference, reference])
-
 
 def _pack(tmp_path, model, name="exp.zip", extra=None):
     root = tmp_path / "exp"
@@ -186,9 +191,10 @@ SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv
 
 
 def test_dense_shrunk_removes_feed_forward_and_conv_module_channels(tmp_path):
-    from deploykit.artifact import load_torch_model, read_manifest
-    from deploykit.export import export_artifact
-    from deploykit.prune import parse_rule
+    from deploykit.model.artifact import read_manifest
+    from deploykit.runtime.loading import load_torch_model
+    from deploykit.export.build import export_artifact
+    from deploykit.prune.base import parse_rule
 
     plan = PruningPlan("l1-structured", 0.5, rules=tuple(parse_rule(r) for r in SHRINK_RULES))
     result = export_artifact("espnet-st-small", plan, "dense-shrunk", tmp_path / "st")
@@ -209,8 +215,8 @@ def test_dense_shrunk_removes_feed_forward_and_conv_module_channels(tmp_path):
 
 
 def test_structured_pruning_of_attention_alone_says_why_nothing_is_removable():
-    from deploykit.errors import UsageError
-    from deploykit.prune import parse_rule
+    from deploykit.core.errors import UsageError
+    from deploykit.prune.base import parse_rule
 
     torch.manual_seed(0)
     model = build_st_model(CONFIG)
@@ -251,7 +257,7 @@ def _pack_raw_audio_experiment(tmp_path):
 def test_cli_exports_and_benches_a_real_experiment_zip(cli, tmp_path):
     import numpy as np
 
-    from deploykit.st_decode import decode_onnx
+    from deploykit.pipelines.st_decode import decode_onnx
 
     model, archive = _pack_raw_audio_experiment(tmp_path)
     out = tmp_path / "artifact"
@@ -267,7 +273,7 @@ def test_cli_exports_and_benches_a_real_experiment_zip(cli, tmp_path):
     assert config["frontend"]["class"] == "DefaultFrontend"
     # the exported encoder normalises: its output is the PyTorch model's on the same filterbank features
     feats = torch.randn(1, 120, 20, generator=torch.Generator().manual_seed(5))
-    from deploykit.st_decode import OrtSpeechTranslator
+    from deploykit.pipelines.st_decode import OrtSpeechTranslator
 
     with torch.no_grad():
         unnormalised = model.encoder(feats, torch.tensor([120]))[0].numpy()

@@ -6,14 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from deploykit.artifact import load_torch_model, read_manifest
-from deploykit.errors import ArtifactError, ExportError, OutputPathError, ParityError
-from deploykit.export import export_artifact
-from deploykit.kernel_choice import KernelTimings, Round, decide
-from deploykit.onnx_export import torch_outputs
-from deploykit.prune import PruningPlan
-from deploykit.runtime import ort_session
-from deploykit.spec import InputSpec, ModelSpec
+from deploykit.model.artifact import read_manifest
+from deploykit.runtime.loading import load_torch_model
+from deploykit.core.errors import ArtifactError, ExportError, OutputPathError, ParityError
+from deploykit.export.build import export_artifact
+from deploykit.convert.kernel_choice import KernelTimings, Round, decide
+from deploykit.convert.onnx_export import torch_outputs
+from deploykit.prune.base import PruningPlan
+from deploykit.core.ort import ort_session
+from deploykit.model.spec import InputSpec, ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_torch_model_reloads_with_the_recorded_kernels(csr_artifact, mlp_spec):
 
 
 def test_csr_kernels_match_dense_within_1e_5(csr_artifact, mlp_spec):
-    from deploykit.forms import swap_to_csr
+    from deploykit.convert.csr import swap_to_csr
 
     reference, manifest = load_torch_model(csr_artifact.directory, for_runtime=False)
     model, swapped = swap_to_csr(copy.deepcopy(reference), list(manifest.form_recipe["kernels"]))
@@ -160,7 +161,7 @@ def test_manifest_problems_are_artifact_errors(tmp_path):
 
 
 def test_kernel_choice_follows_measurement_far_from_the_crossover():
-    from deploykit.forms import choose_kernels
+    from deploykit.convert.csr import choose_kernels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 4)).eval()
@@ -179,7 +180,7 @@ def test_kernel_choice_follows_measurement_far_from_the_crossover():
     ("vae", "l1-structured:0.5", "dense-shrunk"),
 ])
 def test_manifest_figures_describe_the_shipped_model(tmp_path, model, prune, form):
-    from deploykit.artifact import count_weights
+    from deploykit.model.artifact import count_weights
 
     plan = PruningPlan.parse(prune, scope="layer")
     m = export_artifact(model, plan, form, tmp_path / "a").manifest
@@ -227,7 +228,7 @@ class IgnoresItsInput(nn.Module):
     (IgnoresItsInput, "output 'y' is the same for every parity input (it does not depend on the input)"),
 ])
 def test_parity_on_trivial_outputs_is_a_warning_and_an_error_when_strict(tmp_path, module, says):
-    from deploykit.errors import QualityError
+    from deploykit.core.errors import QualityError
 
     spec = ModelSpec("trivial", module, (InputSpec("x", ("batch", 4)),), ("y",))
     messages = []
@@ -245,7 +246,7 @@ def test_parity_reports_the_relative_error_too(csr_artifact):
 
 
 def test_a_plan_that_empties_a_layer_stops_naming_it_unless_allowed(tmp_path):
-    from deploykit.errors import UsageError
+    from deploykit.core.errors import UsageError
 
     # global magnitude at 0.95: mlp.0's small initial weights (5000 inputs) all fall under the threshold
     with pytest.raises(UsageError, match=r"prunes 1 layer to 100%, so nothing passes through it: mlp\.0; .*"

@@ -9,12 +9,14 @@ import torch
 
 pytest.importorskip("optimum")
 
-from deploykit.artifact import load_torch_model  # noqa: E402
-from deploykit.bench import Grid, TimingSettings, bench_artifact  # noqa: E402
-from deploykit.errors import UsageError  # noqa: E402
-from deploykit.export import export_artifact  # noqa: E402
-from deploykit.prune import PruningPlan  # noqa: E402
-from deploykit.textgen import OrtCausalLM, greedy, perplexity  # noqa: E402
+from deploykit.runtime.loading import load_torch_model  # noqa: E402
+from deploykit.bench.runner import bench_artifact  # noqa: E402
+from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.core.errors import UsageError  # noqa: E402
+from deploykit.export.build import export_artifact  # noqa: E402
+from deploykit.prune.base import PruningPlan  # noqa: E402
+from deploykit.pipelines.textgen import OrtCausalLM, perplexity  # noqa: E402
+from deploykit.model.causal_lm import greedy
 
 FAST = TimingSettings(warmup_s=0.01, min_time_s=0.01, min_iters=3)
 
@@ -111,7 +113,7 @@ def test_perplexity_of_a_uniform_model_is_its_vocabulary_size():
 
 
 def test_perplexity_agrees_across_runtimes(tiny):
-    from deploykit.gpt2 import TorchCausalLM
+    from deploykit.model.zoo.gpt2 import TorchCausalLM
 
     model, _ = load_torch_model(tiny.directory, for_runtime=False)
     tokens = list(range(100, 160))

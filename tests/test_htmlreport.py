@@ -9,11 +9,11 @@ import subprocess
 
 import pytest
 
-from deploykit.htmlreport import html_report
-from deploykit.measure import Measurement
-from deploykit.records import BenchRecord
-from deploykit.store import ResultStore
-from deploykit.svgplot import log_ticks, nice_ticks
+from deploykit.results.htmlreport import html_report
+from deploykit.core.measure import Measurement
+from deploykit.bench.records import BenchRecord
+from deploykit.results.store import ResultStore
+from deploykit.results.svgplot import log_ticks, nice_ticks
 
 SPARSITIES = (0.0, 0.5, 0.9)
 RUNTIMES = (("torch", "cpu"), ("onnxruntime", "CPUExecutionProvider"))

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.bench import TimingSettings, artifact_subject
-from deploykit.errors import MeasurementError
-from deploykit.export import export_artifact
-from deploykit.interleave import Job, run_interleaved
-from deploykit.prune import PruningPlan
-from deploykit.runtime import CPU_PROVIDER, Target
+from deploykit.bench.runner import artifact_subject
+from deploykit.bench.settings import TimingSettings
+from deploykit.core.errors import MeasurementError
+from deploykit.export.build import export_artifact
+from deploykit.bench.interleave import Job, run_interleaved
+from deploykit.prune.base import PruningPlan
+from deploykit.core.ort import CPU_PROVIDER
+from deploykit.runtime.session import Target
 
 
 @pytest.fixture(scope="module")

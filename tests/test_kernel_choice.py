@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from deploykit import kernel_choice
-from deploykit.forms import CSRLinear, choose_kernels, to_csr_modules
-from deploykit.kernel_choice import MARGIN, ROUNDS, KernelTimings, Round, decide, decide_layer, time_interleaved
+from deploykit.convert import kernel_choice
+from deploykit.convert.csr import CSRLinear, choose_kernels, to_csr_modules
+from deploykit.convert.kernel_choice import MARGIN, ROUNDS, KernelTimings, Round, decide, decide_layer, time_interleaved
 
 
 def _sparse_linear(out_features, in_features, sparsity, seed=0):

@@ -1,6 +1,6 @@
 import pytest
 
-from deploykit.measure import Measurement, measure
+from deploykit.core.measure import Measurement, measure
 
 
 class FakeClock:
@@ -66,7 +66,7 @@ def test_warm_up_continues_until_latency_settles():
 
 
 def test_median_confidence_interval_and_sample_requirements():
-    from deploykit.measure import required_samples
+    from deploykit.core.measure import required_samples
 
     samples = tuple(1_000_000 + 1000 * (i % 50) for i in range(400))
     m = Measurement(samples, 1, 1)
@@ -81,7 +81,7 @@ def test_median_confidence_interval_and_sample_requirements():
 
 
 def test_short_calls_are_batched_until_the_harness_overhead_is_negligible():
-    from deploykit.measure import MAX_OVERHEAD_SHARE
+    from deploykit.core.measure import MAX_OVERHEAD_SHARE
 
     class Clock:  # every reading costs 100 ns; the measured call costs 1 us
         now = 0

@@ -1,13 +1,13 @@
 """Hardware profiles: shipped files, detection on this machine, matching, the CLI."""
 
 import dataclasses
+import os
 import tomllib
 
-import psutil
 import pytest
 
-from deploykit.errors import ArtifactError
-from deploykit.profiles import (
+from deploykit.core.errors import ArtifactError
+from deploykit.runtime.profiles import (
     CPU, GPU, Profile, detect_profile, known_profiles, load_profile, match_profile, profile_from_dict, to_toml,
 )
 
@@ -31,7 +31,7 @@ def test_shipped_profiles_load_and_round_trip_through_toml():
 def test_detection_describes_this_machine():
     machine = detect_profile()
     assert machine.name.startswith("detected-")
-    assert machine.cpu.threads == psutil.cpu_count()
+    assert machine.cpu.threads == os.cpu_count()  # the OS's count, not the psutil call detection makes
     assert machine.runtime.onnxruntime_providers[-1] == "CPUExecutionProvider"
     assert "AzureExecutionProvider" not in machine.runtime.onnxruntime_providers  # remote, not a device here
     assert profile_from_dict(tomllib.loads(to_toml(machine)), "detected") == machine
@@ -64,7 +64,7 @@ def test_bad_profile_files_name_the_problem(tmp_path):
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(Exception, match=message):
+        with pytest.raises(ArtifactError, match=message):
             load_profile(tmp_path / name)
     with pytest.raises(ArtifactError, match="does not exist"):
         load_profile(tmp_path / "absent.toml")
@@ -81,4 +81,4 @@ def test_cli_lists_shows_and_detects(cli, tmp_path):
     detected = cli("profile", "detect", "--save", str(path), "--json")
     assert detected.returncode == 0, detected.stderr
     saved = load_profile(path)
-    assert saved.name.startswith("detected-") and dataclasses.asdict(saved)["cpu"]["threads"] == psutil.cpu_count()
+    assert saved.name.startswith("detected-") and dataclasses.asdict(saved)["cpu"]["threads"] == os.cpu_count()

@@ -4,11 +4,14 @@ import numpy as np
 import onnx
 import pytest
 
-from deploykit.bench import Grid, TimingSettings, bench_artifact
-from deploykit.errors import UsageError
-from deploykit.export import export_artifact
-from deploykit.prune import PruningPlan
-from deploykit.quantize import conv1d_to_linear, error_statistics, gemm_to_matmul, token_agreement
+from deploykit.bench.runner import bench_artifact
+from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.core.errors import UsageError
+from deploykit.export.build import export_artifact
+from deploykit.prune.base import PruningPlan
+from deploykit.convert.quantize import conv1d_to_linear, error_statistics, gemm_to_matmul, token_agreement
+from deploykit.export.quantization import AGREEMENT_INPUTS
+from deploykit.pipelines.catalog import PIPELINES
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_quantization_refuses_what_it_cannot_do(tmp_path):
 def test_gemm_rewrite_computes_the_same(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
-    from deploykit.runtime import ort_session
+    from deploykit.core.ort import ort_session
 
     rng = np.random.default_rng(0)
     w, b = rng.standard_normal((4, 6), dtype=np.float32), rng.standard_normal(4, dtype=np.float32)
@@ -105,13 +108,23 @@ def test_conv1d_becomes_the_linear_it_computes():
 
 def test_gpt2_quantizes_for_both_runtimes_with_greedy_agreement(tmp_path):
     pytest.importorskip("optimum")
-    from deploykit.artifact import load_torch_model
+    from deploykit.runtime.loading import load_torch_model
 
     plain = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.3), "dense", tmp_path / "float")
     result = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.3), "dense", tmp_path / "int8", quantize="int8")
     q = result.manifest.quantization
+    # the recorded agreement is what the sessions give: the float model's greedy tokens against each
+    # runtime's, recomputed here on the same prompts through the pipeline's public API
+    pipeline = PIPELINES.get("text-generation")
+    prompts = [pipeline.inputs(result.directory, result.manifest, 1, seed, None)
+               for seed in range(10, 10 + AGREEMENT_INPUTS)]
+    reference = pipeline.reference(plain.directory, ())
+    expected_tokens = [reference(p)[-1] for p in prompts]
     assert set(q["greedy_token_agreement"]) == {"onnxruntime", "torch"}
-    assert all(0 <= v <= 1 for v in q["greedy_token_agreement"].values())
+    for runtime in ("onnxruntime", "torch"):
+        session = pipeline.load(runtime, result.directory, 1)
+        agreement = np.mean([token_agreement(e, session.run(p)[-1]) for e, p in zip(expected_tokens, prompts)])
+        assert q["greedy_token_agreement"][runtime] == pytest.approx(agreement, abs=1e-12), runtime
     assert set(q["metric_delta"]["torch"]) == {"perplexity"}
     for name in ("decoder.onnx", "decoder_with_past.onnx"):
         assert plain.manifest.files[name] >= 2.5 * result.manifest.files[name]
@@ -129,5 +142,5 @@ def test_static_quantization_calibrates_on_the_models_data(tmp_path):
     ops = {node.op_type for node in onnx.load(str(result.directory / "model.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantized too (QDQ)
     assert q["metrics"]["onnxruntime"]["accuracy"] > 0.9
-    with pytest.raises(UsageError, match="--quantize int8-static quantizes forward artifacts, not text-generation"):
+    with pytest.raises(UsageError, match="--quantize int8-static does not apply to text-generation artifacts \\(gpt2-tiny\\); they take: int8"):
         export_artifact("gpt2-tiny", PruningPlan(), "dense", tmp_path / "g", quantize="int8-static")

@@ -1,8 +1,9 @@
 import pytest
 
-from deploykit.errors import UnknownNameError
-from deploykit.registry import Registry
-from deploykit.spec import InputSpec, list_models
+from deploykit.core.errors import UnknownNameError
+from deploykit.core.registry import Registry
+from deploykit.model.spec import InputSpec
+from deploykit.model.catalog import list_models
 
 
 def test_unknown_name_lists_known_names():
@@ -58,7 +59,7 @@ def test_declared_names_are_listed_and_loaded_on_first_use(tmp_path, monkeypatch
     (tmp_path / "plugin_for_registry_test.py").write_text(
         "from tests_registry_target import REG\nREG.add('late', 42)\n")
     (tmp_path / "tests_registry_target.py").write_text(
-        "from deploykit.registry import Registry\nREG = Registry('widget')\nREG.declare('late', 'plugin_for_registry_test')\n")
+        "from deploykit.core.registry import Registry\nREG = Registry('widget')\nREG.declare('late', 'plugin_for_registry_test')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     from tests_registry_target import REG
 

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deploykit.errors import UsageError
-from deploykit.export import export_artifact
-from deploykit.prune import PRUNERS, PruneContext, PruningPlan, parse_prune_spec, prune_model, strip_masks
-from deploykit.spec import InputSpec, ModelSpec, get_model
+from deploykit.core.errors import UsageError
+from deploykit.export.build import export_artifact
+from deploykit.prune.base import PRUNERS, PruneContext, PruningPlan, parse_prune_spec, prune_model, strip_masks
+from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.model.catalog import get_model
 
 SALIENCY = ["snip", "grasp", "synflow"]
 
@@ -194,7 +195,7 @@ def test_stripped_saliency_masks_are_plain_zeros():
 
 
 def test_plan_file_takes_compression_layer_types_and_at_init(tmp_path):
-    from deploykit.prune import load_plan_file
+    from deploykit.prune.base import load_plan_file
 
     path = tmp_path / "plan.toml"
     path.write_text('method = "grasp"\ncompression = 2\nlayer_types = ["linear", "embedding"]\nat_init = true\n')
@@ -204,7 +205,7 @@ def test_plan_file_takes_compression_layer_types_and_at_init(tmp_path):
 
 
 def test_grasp_finite_difference_product_matches_double_backprop():
-    from deploykit.saliency import GraSP, _summed_grads
+    from deploykit.prune.saliency import GraSP, _summed_grads
 
     model = SPEC.make()
     names = ["fc1", "fc2"]

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploykit.errors import ArtifactError
-from deploykit.prune import PruningPlan, prune_model, strip_masks
-from deploykit.storage import encode_smallest, index_dtype, load_weights, save_weights
+from deploykit.core.errors import ArtifactError
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
+from deploykit.core.storage import encode_smallest, index_dtype, load_weights, save_weights
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]
 

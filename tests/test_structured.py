@@ -4,15 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from deploykit.artifact import load_torch_model
-from deploykit.channels import UnsupportedLayerError
-from deploykit.errors import UsageError
-from deploykit.export import export_artifact
-from deploykit.onnx_export import torch_outputs
-from deploykit.prune import PruningPlan, load_plan_file, parse_rule, prune_model, strip_masks
-from deploykit.shrink import replay, shrink
-from deploykit.spec import TRACE_BATCH, get_model
-from deploykit.summary import count_parameters
+from deploykit.runtime.loading import load_torch_model
+from deploykit.prune.channels import UnsupportedLayerError
+from deploykit.core.errors import UsageError
+from deploykit.export.build import export_artifact
+from deploykit.convert.onnx_export import torch_outputs
+from deploykit.prune.base import PruningPlan, load_plan_file, parse_rule, prune_model, strip_masks
+from deploykit.convert.shrink import replay, shrink
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.model.catalog import get_model
+from deploykit.model.summary import count_parameters
 
 
 def _pruned(name, plan):
@@ -171,7 +172,7 @@ def test_shrunk_artifact_reloads_with_its_shapes(tmp_path):
 
 
 def test_gpt2_heads_and_mlp_shrink_consistently_and_replay():
-    from deploykit.zoo.gpt2 import build_gpt2
+    from deploykit.model.zoo.gpt2 import build_gpt2
 
     def tiny():
         torch.manual_seed(0)

@@ -5,15 +5,17 @@ import dataclasses
 import pytest
 import torch
 
-from deploykit.bench import Grid, TimingSettings, bench_artifact
-from deploykit.devices import place
-from deploykit.errors import UsageError
-from deploykit.export import export_artifact
-from deploykit.measure import measure
-from deploykit.profiles import get_profile
-from deploykit.prune import PruningPlan
-from deploykit.runtime import RUNTIMES
-from deploykit.spec import InputSpec, ModelSpec, get_model
+from deploykit.bench.runner import bench_artifact
+from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.runtime.devices import place
+from deploykit.core.errors import UsageError
+from deploykit.export.build import export_artifact
+from deploykit.core.measure import measure
+from deploykit.runtime.profiles import get_profile
+from deploykit.prune.base import PruningPlan
+from deploykit.runtime.session import RUNTIMES
+from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.model.catalog import get_model
 
 CPU_ONLY = {"torch": ("cpu",), "onnxruntime": ("CPUExecutionProvider",)}
 WITH_CUDA = {"torch": ("cuda", "cpu"), "onnxruntime": ("CUDAExecutionProvider", "CPUExecutionProvider")}
@@ -119,7 +121,7 @@ def test_a_length_sets_every_sequence_axis():
 
 
 def _tiny_seq2seq():
-    from deploykit.zoo.text import Seq2SeqTransformer
+    from deploykit.model.zoo.text import Seq2SeqTransformer
 
     return Seq2SeqTransformer(layers=1, dim=16, heads=2, ffn=32, src_vocab=50, tgt_vocab=40)
 
@@ -161,7 +163,7 @@ def test_graph_optimisation_levels_are_swept_for_onnxruntime_only(tmp_path):
 def test_the_optimised_graph_is_saved_beside_the_original_and_computes_the_same(tmp_path):
     import numpy as np
 
-    from deploykit.runtime import ort_session
+    from deploykit.core.ort import ort_session
 
     result = export_artifact("lenet-5", PruningPlan(), "dense", tmp_path / "a", save_optimized="extended")
     assert "model.extended.onnx" in result.manifest.files

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.artifact import MANIFEST_FILE, WEIGHTS_FILE, load_torch_model
-from deploykit.cli import main
-from deploykit.errors import UntrustedCodeError
-from deploykit.export import export_artifact
-from deploykit.prune import PruningPlan
+from deploykit.model.artifact import MANIFEST_FILE, WEIGHTS_FILE
+from deploykit.runtime.loading import load_torch_model
+from deploykit.cli.app import main
+from deploykit.core.errors import UntrustedCodeError
+from deploykit.export.build import export_artifact
+from deploykit.prune.base import PruningPlan
 
 FAST = ["--warmup", "0", "--min-time", "0", "--min-iters", "3", "--threads", "1", "--runtime", "onnxruntime"]
 
@@ -214,7 +215,7 @@ def _experiment(tmp_path, config_changes, files=None):
     paths are checked before anything is built)."""
     import yaml
 
-    from deploykit.zoo.espnet_st import _config
+    from deploykit.model.zoo.espnet_st import _config
 
     root = tmp_path / "exp"
     root.mkdir()
@@ -576,7 +577,7 @@ def test_stores_that_are_not_ours(dk, copy, tmp_path, make, says):
 
 
 def test_a_version_1_store_migrates_forward(tmp_path):
-    from deploykit.store import SCHEMA, ResultStore
+    from deploykit.results.store import SCHEMA, ResultStore
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as db:
@@ -593,8 +594,8 @@ def test_a_version_1_store_migrates_forward(tmp_path):
 
 
 def test_a_failing_configuration_keeps_the_others(dk, copy, tmp_path, monkeypatch):
-    from deploykit import bench
-    from deploykit.errors import MeasurementError
+    from deploykit.bench import runner as bench
+    from deploykit.core.errors import MeasurementError
 
     real, calls = bench.run_interleaved, []
 
@@ -796,7 +797,7 @@ def test_bench_json_onto_a_directory_is_refused_before_running(dk, copy):
 
 
 def test_an_internal_fault_is_one_line_and_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
-    from deploykit import cli
+    from deploykit.cli import app as cli
 
     def boom(args):
         raise RuntimeError("something deploykit did not expect")

@@ -2,10 +2,10 @@
 
 import pytest
 
-from deploykit.export import export_artifact
-from deploykit.prune import PruningPlan
-from deploykit.spec import list_models
-from deploykit.summary import count_parameters
+from deploykit.export.build import export_artifact
+from deploykit.prune.base import PruningPlan
+from deploykit.model.catalog import list_models
+from deploykit.model.summary import count_parameters
 
 # Parameter counts the model docstrings cite (from the studies' shapes).
 PARAMETERS = {

@@ -1,0 +1,174 @@
+"""Benchmark workers measured in interleaved rounds: a round of each configuration in turn.
+
+A ratio taken in one run (csr over dense, onnxruntime over torch, one artifact over another) is
+skewed when a burst of other load falls on one configuration's timing and not the other's. So the
+configurations compared are loaded together, each in its own worker process (`deploykit.bench.worker`),
+and measured a round at a time, in an order that rotates every round; only one worker measures at a
+time, the others wait on their stdin. A burst then lands on a round of each in turn, not on one whole
+configuration. Peak memory stays each worker's own; how many live at once is bounded by the memory
+available (`max_live`), larger sets run in consecutive groups.
+
+Why not a library: this is the protocol between deploykit and its own worker (one JSON line per
+message over a pipe), a few dozen lines; a process pool would hide the one-at-a-time ordering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from deploykit.core.env import available_memory_bytes
+from deploykit.core.errors import MeasurementError
+from deploykit.runtime.session import Target
+
+#: a worker's memory, estimated from the bytes it loads: the files, their runtime copy, and the
+#: runtime itself
+_PER_BYTE, _RUNTIME_BYTES = 4, 600 * 2**20
+#: the share of available memory live workers may take together
+_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Job:
+    """One configuration to measure: what its worker loads, with which settings and inputs."""
+
+    location: Path
+    pipeline: str
+    target: Target
+    threads: int
+    batch: int
+    inputs: Path
+    #: bytes of the files it loads (for the memory bound)
+    load_bytes: int
+    label: str
+
+
+def max_live(jobs: Sequence[Job]) -> int:
+    """How many of `jobs` may be alive at once in the memory available now (at least 1)."""
+    largest = max((job.load_bytes for job in jobs), default=0) * _PER_BYTE + _RUNTIME_BYTES
+    return max(1, int(_MEMORY_SHARE * available_memory_bytes() // largest))
+
+
+class _Worker:
+    def __init__(self, job: Job, timing: dict, tmp: Path, index: int):
+        self.job = job
+        self.outputs_path = tmp / f"outputs-{index}.safetensors"
+        request_path = tmp / f"request-{index}.json"
+        request = {"artifact": str(job.location), "pipeline": job.pipeline, "target": dataclasses.asdict(job.target),
+                   "threads": job.threads, "batch_size": job.batch, "inputs": str(job.inputs),
+                   "outputs": str(self.outputs_path), **timing}
+        request_path.write_text(json.dumps(request), encoding="utf-8")
+        self.stderr_path = tmp / f"stderr-{index}.txt"
+        # Thread pools that read the environment (OpenMP, MKL) must agree with the runtime's own setting.
+        env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads)}
+        with open(self.stderr_path, "w", encoding="utf-8") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "deploykit.bench.worker", str(request_path)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                         env=env)
+        self.error: MeasurementError | None = None
+
+    def ask(self, op: str | None) -> dict | None:
+        """Send `op` (None: only listen) and read the answer; None, with `error` set, if the worker died."""
+        if self.error is not None:
+            return None
+        try:
+            if op is not None:
+                self.proc.stdin.write(json.dumps({"op": op}) + "\n")
+                self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self._failed()
+            return None
+        return json.loads(line)
+
+    def _failed(self) -> None:
+        self.proc.wait()
+        text = self.stderr_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        last = text[-1] if text else f"exit status {self.proc.returncode}"
+        self.error = MeasurementError(f"{self.job.target.runtime} worker ({self.job.target.device}) failed on "
+                                      f"{self.job.location}: {last}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def run_interleaved(jobs: Sequence[Job], timing: dict, tmp: Path,
+                    progress: Callable[[str], None] = lambda message: None,
+                    ) -> list[tuple[dict, list] | MeasurementError]:
+    """Measure `jobs` in interleaved rounds (groups of `max_live` at a time); for each job, in order,
+    (worker result, outputs of one call) or the MeasurementError it ended in. `timing` holds
+    TimingSettings' fields: the budget each job gets in total, over its `rounds` and over its
+    `processes`: each job is measured by that many workers (their samples pooled), because a process
+    lands its tensors at its own places in memory, and that moves one process's times by a few
+    percent against another's (two identical copies of a model differed by up to 1.24x here)."""
+    processes = timing["processes"]
+    per_process = {**timing, "min_time_s": timing["min_time_s"] / processes,
+                   "min_iters": math.ceil(timing["min_iters"] / processes)}
+    copies = [job for job in jobs for _ in range(processes)]
+    outcomes = _run(copies, per_process, tmp, progress)
+    return [_pooled(outcomes[i:i + processes]) for i in range(0, len(outcomes), processes)]
+
+
+def _pooled(outcomes: list[tuple[dict, list] | MeasurementError]) -> tuple[dict, list] | MeasurementError:
+    """One job's result from its processes': samples pooled, peak memory the highest, load time the median."""
+    for outcome in outcomes:
+        if isinstance(outcome, MeasurementError):
+            return outcome
+    (first, outputs), results = outcomes[0], [result for result, _ in outcomes]
+    stages = {}
+    for stage in first["stages"]:
+        parts = [result["stages"][stage] for result in results]
+        stages[stage] = {"samples_ns": [s for part in parts for s in part["samples_ns"]],
+                         "warmup_iters": sum(part["warmup_iters"] for part in parts),
+                         "calls_per_sample": max(part["calls_per_sample"] for part in parts),
+                         "overhead_ns": statistics.median(part["overhead_ns"] for part in parts),
+                         "warmup_stable": all(part["warmup_stable"] for part in parts)}
+    return ({**first, "stages": stages, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+             "baseline_rss_bytes": min(r["baseline_rss_bytes"] for r in results),
+             "load_s": statistics.median(r["load_s"] for r in results),
+             "round_times_ns": [t for r in results for t in r["round_times_ns"]], "processes": len(results)},
+            outputs)
+
+
+def _run(jobs: Sequence[Job], timing: dict, tmp: Path,
+         progress: Callable[[str], None]) -> list[tuple[dict, list] | MeasurementError]:
+    from safetensors.numpy import load_file
+
+    rounds = timing["rounds"]
+    results: list[tuple[dict, list] | MeasurementError] = []
+    live = max_live(jobs)
+    for start in range(0, len(jobs), live):
+        group = jobs[start:start + live]
+        workers = [_Worker(job, timing, tmp, start + i) for i, job in enumerate(group)]
+        try:
+            for worker in workers:  # each loads, runs once and warms up; a failure ends only its own job
+                worker.ask(None)
+            for r in range(rounds):
+                for worker in workers[r % len(workers):] + workers[:r % len(workers)]:
+                    worker.ask("round")
+                alive = sum(worker.error is None for worker in workers)
+                progress(f"    round {r + 1}/{rounds} of {alive} worker{'s' * (alive != 1)}")
+            for worker in workers:
+                result = worker.ask("done")
+                if result is None:
+                    results.append(worker.error)
+                    continue
+                worker.proc.wait()
+                outputs = load_file(str(worker.outputs_path))
+                results.append((result, [outputs[f"output_{i}"] for i in range(len(outputs))]))
+        finally:
+            for worker in workers:
+                worker.stop()
+    return results

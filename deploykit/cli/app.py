@@ -1,0 +1,802 @@
+"""`deploykit` command line: parses options and calls the library; nothing else.
+
+Heavy libraries (torch, onnxruntime) are imported inside the command functions, so `deploykit --help`
+answers at once. No traceback reaches the user: expected failures (`DeployKitError`) print one line and
+exit non-zero (2 for bad input, 1 for a failed check); anything else is deploykit's own fault and prints
+one line too, exit 1, with the traceback behind `--debug`. Nothing half-written is left behind (the
+library writes atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+import traceback
+from typing import Sequence
+
+from deploykit import __version__
+from deploykit.core.errors import DeployKitError, UsageError
+from deploykit.prune.base import PRUNERS  # torch-free at import, like everything imported here
+from deploykit.model.spec import DEFAULT_MODEL
+from deploykit.core.storage import CODECS
+from deploykit.results.store import ATTEMPTS, BUSY_TIMEOUT_S
+
+DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
+REPORT_FORMATS = ("table", "markdown", "csv", "json", "html")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _csv(kind: type = str):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def _progress(args):
+    if getattr(args, "quiet", False):
+        return lambda message: None
+    return lambda message: print(f"deploykit: {message}", file=sys.stderr, flush=True)
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scope", choices=("global", "layer"), default=None,
+                   help="prune the fraction over all layers together (global, default) or in each layer")
+    p.add_argument("--seed", type=int, default=None, help="seed for random pruning (default 0)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="imp: prune-rewind-retrain rounds, each removing the same share of what remains (default 1)")
+    p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPARSITY",
+                   help="per-module sparsity by name pattern, e.g. 'encoder.*.feed_forward*=0.5'; the first matching "
+                   "rule wins, other layers get the --prune sparsity (repeatable)")
+    p.add_argument("--plan", metavar="FILE.toml",
+                   help="pruning plan file: method, sparsity (or compression), scope, exclude, exclude_output, seed, "
+                   "rounds, layer_types, at_init and a [rules] table; command-line options override it")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="module name pattern never to prune, e.g. 'mlp.0' or 'encoder.*' (repeatable)")
+    p.add_argument("--prune-output", action="store_true",
+                   help="also prune the output layer (left dense by default, as in the pruning studies)")
+    p.add_argument("--layer-types", type=_csv(), metavar="T[,T...]",
+                   help="kinds of layer to prune: linear, conv, embedding, custom (default: every kind; snip, grasp "
+                   "and synflow: linear,conv, as the AG News study pruned)")
+    p.add_argument("--allow-layer-collapse", action="store_true",
+                   help="let the plan prune a layer to 100%% (by default that stops with the layers named: "
+                   "nothing passes through such a layer)")
+    p.add_argument("--at-init", action="store_true",
+                   help="prune the model's initial weights, then train it with the masks in force (its training "
+                   "hook): the protocol snip, grasp and synflow were designed for")
+
+
+MODEL_HELP = (f"registered model name (default {DEFAULT_MODEL}; see `deploykit models`), an entry point "
+              "(package.module:factory or path/to/file.py:factory: a function returning a ModelSpec, (model, example "
+              "inputs) or a model with --input-spec), a local Hugging Face GPT-2 directory, or an ESPnet ST "
+              "experiment directory or zip")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="FILE",
+                   help="weights to load into a zoo or entry-point model: .safetensors, or a torch checkpoint loaded "
+                   "with torch.load(weights_only=True) (a state dict, possibly under 'state_dict' or 'model')")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="let --weights be a full pickle (a pickled nn.Module or custom objects): loading it runs "
+                   "code from the file; only for files you trust")
+    p.add_argument("--input-spec", action="append", default=[], metavar="NAME:SHAPE[:DTYPE[:HIGH]]",
+                   help="describe one input of an entry point or ONNX file (repeatable), e.g. x:batch,3,32,32 or "
+                   "tokens:batch,seq:int64:30000 (token ids below 30000); the axis 'batch' follows --batch, other "
+                   "named axes follow --seq-len; dtypes: float32, float16, int64, int32")
+    p.add_argument("--input-shape", metavar="SHAPE",
+                   help="shorthand for a one-input model: its shape, e.g. batch,3,224,224 (float32)")
+
+
+def _add_trust_options(p: argparse.ArgumentParser, code: bool = True) -> None:
+    """--no-verify, and --trust-code where the command may run an artifact's PyTorch model (`code`)."""
+    if code:
+        p.add_argument("--trust-code", action="store_true",
+                       help="let torch import the code an artifact's manifest names to rebuild its model (an entry "
+                       "point): that runs code from the artifact; only for artifacts you trust. Without it, such "
+                       "artifacts run under onnxruntime only (or give the same entry point with --model)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="use artifacts without checking their files against the sizes and SHA-256 checksums in "
+                   "their manifests (a damaged or edited file then goes unnoticed)")
+
+
+def _trust_warnings(args, progress) -> tuple[str, ...]:
+    """The code consent of --trust-code, with the warnings --trust-code and --no-verify owe the user."""
+    from deploykit.model.sources import TRUST_ALL_CODE
+
+    if getattr(args, "no_verify", False):
+        progress("warning: --no-verify: artifact files are used without checking their checksums")
+    if getattr(args, "trust_code", False):
+        progress("warning: --trust-code: code named by artifacts will be imported and run")
+        return (TRUST_ALL_CODE,)
+    return ()
+
+
+def _check_output(path: str, option: str) -> None:
+    """Refuse an output path before any work: a directory, device, FIFO or socket, or a missing directory."""
+    from pathlib import Path
+
+    from deploykit.core.fsutil import check_output_file
+
+    if Path(path).is_dir():
+        raise UsageError(f"{option} {path!r} is a directory; give a file path"
+                         + (" (to print JSON and bench a DIR, write `--json - DIR` or put DIR first)"
+                            if option == "--json" else ""))
+    check_output_file(path)
+
+
+def _model_options(args):
+    from deploykit.model.sources import ModelOptions
+    from deploykit.model.spec import InputSpec
+
+    inputs = [InputSpec.parse(text) for text in args.input_spec]
+    if args.input_shape:
+        if inputs:
+            raise UsageError("give --input-shape or --input-spec, not both")
+        # unnamed: it takes the name of the model's one input
+        inputs = [InputSpec("", InputSpec.parse(f"_:{args.input_shape}").shape)]
+    return ModelOptions(weights=args.weights, trust_pickle=args.trust_pickle, inputs=tuple(inputs))
+
+
+def _plan_options(args) -> dict:
+    """PruningPlan fields from --plan FILE, overridden by the command-line options given."""
+    from deploykit.prune.base import load_plan_file, parse_rule
+
+    options = load_plan_file(args.plan) if args.plan else {}
+    if args.scope is not None:
+        options["scope"] = args.scope
+    if args.seed is not None:
+        options["seed"] = args.seed
+    if args.rounds is not None:
+        options["rounds"] = args.rounds
+    if args.rule:
+        options["rules"] = tuple(parse_rule(text) for text in args.rule)
+    options["exclude"] = tuple(options.get("exclude", ())) + tuple(args.exclude)
+    if args.prune_output:
+        options["exclude_output"] = False
+    if args.layer_types:
+        options["layer_types"] = tuple(args.layer_types)
+    if args.at_init:
+        options["at_init"] = True
+    if args.allow_layer_collapse:
+        options["allow_layer_collapse"] = True
+    return options
+
+
+def _plans(texts: list[str], options: dict) -> list:
+    """Plans for each METHOD:S[,S...] in `texts`; a plan file's method and sparsity are the default."""
+    from deploykit.prune.base import PruningPlan, parse_prune_spec
+
+    if not texts:
+        return [PruningPlan(**options)]
+    fields = {k: v for k, v in options.items() if k not in ("method", "amount", "compression")}
+    return [PruningPlan(**fields, **parsed) for text in texts for parsed in _expand_prune(text, parse_prune_spec)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="deploykit",
+        description="Prune a PyTorch model, strip the masks, convert it to a deployable form, export it "
+        "to ONNX with a parity check, and benchmark it under PyTorch and ONNX Runtime.",
+    )
+    parser.add_argument("--version", action="version", version=f"deploykit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the registered models",
+                       description="List the models deploykit can build by name.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "export", help="prune, convert and export one model to an artifact directory",
+        description="Build MODEL, prune it, strip the masks, convert it to FORM, export model.onnx, check "
+        "onnxruntime against PyTorch (max abs error <= --tolerance) and write DIR atomically with "
+        "weights.safetensors, model.onnx and manifest.json.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    _add_model_options(p)
+    p.add_argument("--prune", metavar="METHOD:SPARSITY",
+                   help="pruning method and the fraction to zero (of weights; of output channels for the *-structured "
+                   f"methods and fpgm), e.g. magnitude:0.9 or l1-structured:0.5, or cC for compression C (keep 10^-C: "
+                   f"grasp:c2 keeps 1%%) (methods: {', '.join(PRUNERS.names())}; default: no pruning)")
+    _add_plan_options(p)
+    p.add_argument("--form", default="dense",
+                   help="deployable form: dense, csr (compact file, sparse kernels) or dense-shrunk (zero channels "
+                   "removed; pair with a structured method) (default dense)")
+    p.add_argument("--compress", choices=sorted(CODECS),
+                   help="compress the weights file losslessly (each tensor only where that makes it smaller)")
+    p.add_argument("--kernel-batch", type=int, default=1, metavar="N",
+                   help="csr: batch size at which each pruned layer is timed dense and sparse to choose its "
+                   "kernel (default 1)")
+    p.add_argument("--best-effort", action="store_true",
+                   help="dense-shrunk: leave groups with unsupported layers dense (with a warning) instead of failing")
+    p.add_argument("--quantize", choices=["int8", "int8-static"],
+                   help="post-training quantization: int8 = onnxruntime dynamic quantization of the ONNX graphs (int8 "
+                   "weights) and torch dynamic quantization of Linear layers at load; int8-static = onnxruntime "
+                   "static quantization (activations too, ranges calibrated on the model's data where it has "
+                   "some, else its example inputs; one-graph models), torch as int8; the error against the float "
+                   "model and the task metric's change are recorded, not checked against --tolerance")
+    p.add_argument("--per-channel", action="store_true", help="--quantize: one scale per output channel")
+    p.add_argument("--save-optimized", choices=["disabled", "basic", "extended", "all"], metavar="LEVEL",
+                   help="also save each ONNX graph as onnxruntime optimises it at LEVEL (basic, extended, all), as "
+                   "<name>.<LEVEL>.onnx beside it; extended is portable, all adds this CPU's layouts")
+    p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed between onnxruntime and PyTorch (default 1e-4)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 1) where the export's checks prove little: an output that is zero or the same "
+                   "for every parity input (otherwise a warning)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for the export's own work (tracing, csr kernel timing, parity): the csr kernel "
+                   "choice is made for this count (default: the cores idle now)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "bench", help="benchmark pruned variants (or exported DIRs) under PyTorch and ONNX Runtime",
+        description=f"Without arguments: the default model ({DEFAULT_MODEL}) at sparsities 0, 0.5, 0.9, forms dense and "
+        "csr, runtimes torch and onnxruntime. Each configuration is exported, then timed in a fresh "
+        "process (warm-up, then iterations until --min-time and --min-iters), so peak memory is its own.",
+    )
+    p.add_argument("artifacts", nargs="*", metavar="DIR|FILE.onnx",
+                   help="exported artifact directories, or ONNX files (run as they are by onnxruntime, compared with "
+                   "onnxruntime on the CPU with graph optimisations off), to benchmark instead of --model")
+    p.add_argument("--model", help=MODEL_HELP)
+    _add_model_options(p)
+    p.add_argument("--prune", action="append", metavar="METHOD:S[,S...]",
+                   help=f"pruning method and sparsities (repeatable; default {DEFAULT_BENCH_PRUNE})")
+    _add_plan_options(p)
+    p.add_argument("--form", type=_csv(), action="extend", metavar="F[,F...]", help="forms (default dense,csr)")
+    p.add_argument("--runtime", type=_csv(), action="extend", metavar="R[,R...]", help="runtimes (default torch,onnxruntime)")
+    p.add_argument("--device", type=_csv(), action="extend", metavar="D[,D...]",
+                   help="devices: auto (the hardware profile's preferred torch device and onnxruntime providers, "
+                   "the CPU where those are not installed), cpu, gpu (skipped with a note where none is usable); "
+                   "default auto")
+    p.add_argument("--batch", type=_csv(int), action="extend", metavar="N[,N...]", help="batch sizes (default 1)")
+    p.add_argument("--graph-opt", type=_csv(), action="extend", metavar="L[,L...]",
+                   help="onnxruntime graph optimisation levels: disabled, basic, extended, all (default all, as "
+                   "onnxruntime's own default); recorded with each row")
+    p.add_argument("--seq-len", type=_csv(int), action="extend", metavar="N[,N...]",
+                   help="sequence lengths: each sets every named non-batch input axis (tokens, frames); default: "
+                   "the model's own inputs")
+    p.add_argument("--threads", type=_csv(int), action="extend", metavar="N[,N...]",
+                   help="threads per runtime; this process's own work (exports, references) runs at the smallest "
+                   "(default: the cores other work leaves idle now, recorded with every row)")
+    p.add_argument("--warmup", type=float, default=0.2, metavar="SECONDS", help="warm-up time per configuration (default 0.2)")
+    p.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS", help="minimum timed duration (default 1.0)")
+    p.add_argument("--min-iters", type=int, default=100, metavar="N", help="minimum timed calls (default 100)")
+    p.add_argument("--timing-rounds", type=int, default=5, metavar="N",
+                   help="split each configuration's timing into N rounds, interleaved with the other "
+                   "configurations of the same shape (one measuring at a time, the order rotating), so a burst "
+                   "of other load cannot skew a ratio between them (default 5)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the records as JSON to PATH, or to stdout (instead of the table) when no PATH is given")
+    p.add_argument("--store", metavar="FILE",
+                   help="results store to keep the run in (SQLite; default $DEPLOYKIT_STORE, else "
+                   "~/.local/share/deploykit/results.sqlite); see `deploykit report`")
+    p.add_argument("--no-store", action="store_true", help="do not keep this run in the results store")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="measure each configuration in N worker processes, splitting its timing budget and pooling "
+                   "the samples: a process's memory placement moves its times by a few percent, and N of them "
+                   "average that out of a ratio (default 1)")
+    p.add_argument("--store-timeout", type=float, default=BUSY_TIMEOUT_S, metavar="SECONDS",
+                   help="how long each of the store's write attempts waits for another process's lock before the "
+                   f"run goes to a JSON file beside the store instead (default {BUSY_TIMEOUT_S:g}; {ATTEMPTS} attempts)")
+    _add_trust_options(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "audit", help="pre-release size audit of an artifact (or a model) against budgets",
+        description="Per-layer storage (shape, nonzeros, sparsity, encoding, bytes read from the weights file), "
+        "totals, and a verdict against a budget file (TOML, one table per model: max_disk_mb, max_weights_mb, "
+        "max_onnx_mb, max_parameters, max_growth with baseline). Exit 0 within budget, 1 over budget, "
+        "2 on bad input. TARGET is an artifact directory, an ONNX file, or a model (as for export --model) "
+        "exported with --prune/--form first.",
+    )
+    p.add_argument("target", metavar="TARGET", help="artifact directory, ONNX file (its initializers; external data "
+                   "counts as weights), or a model as for export --model")
+    _add_model_options(p)
+    p.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
+    p.add_argument("--prune", metavar="METHOD:SPARSITY", help="for a model TARGET: pruning before export")
+    p.add_argument("--form", default="csr", help="for a model TARGET: form to export (default csr)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the audit as JSON (usable as a later baseline) to PATH, or print it instead of the "
+                   "table when no PATH is given")
+    _add_trust_options(p, code=False)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "report", help="render benchmark runs kept in the results store",
+        description="Render a run from the results store (`deploykit bench` keeps every run there) as a terminal "
+        "table, Markdown, CSV or JSON, list the runs, or compare two runs (two machines: select each by profile) "
+        "side by side with ratios.",
+    )
+    p.add_argument("--store", metavar="FILE", help="results store (default $DEPLOYKIT_STORE, else "
+                   "~/.local/share/deploykit/results.sqlite)")
+    p.add_argument("--run", default="last", metavar="RUN",
+                   help="run to render: its id, 'last' (default) or 'profile:NAME' (that profile's last run)")
+    p.add_argument("--compare", metavar="RUN", help="a second run to compare with --run, configuration by configuration")
+    p.add_argument("--list", action="store_true", help="list the runs in the store")
+    p.add_argument("--format", choices=REPORT_FORMATS, default="table",
+                   help="output format (default table); html is one self-contained page with plots (quality vs "
+                   "sparsity, size and latency; latency vs sparsity, batch and length; two runs side by side)")
+    p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE.json",
+                   help="put the runs of a JSON file into the store (bench writes one beside the store when it "
+                   "cannot write the store itself); a run already there is not added twice (repeatable)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("profile", help="hardware profiles: list, show one, or detect this machine",
+                       description="Hardware profiles describe a target machine (CPU, memory, GPU, published peak "
+                       "figures, preferred torch device and onnxruntime providers, thread policy). Shipped profiles "
+                       "live in profiles/; `detect --save` adds this machine's to the user's profile folder "
+                       "($DEPLOYKIT_PROFILES, else ~/.config/deploykit/profiles).")
+    profile_sub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_Parser, required=True)
+    q = profile_sub.add_parser("list", help="the known profiles")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_profile_list)
+    q = profile_sub.add_parser("show", help="one profile, as TOML (or JSON)")
+    q.add_argument("name", metavar="NAME", help="profile name (see `deploykit profile list`)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_profile_show)
+    q = profile_sub.add_parser("detect", help="describe this machine and name the known profile it matches",
+                               description="Describe this machine from py-cpuinfo, psutil, torch and onnxruntime, "
+                               "and say which known profile it matches (none: a new one is printed).")
+    q.add_argument("--save", nargs="?", const="", metavar="PATH",
+                   help="write the detected profile as TOML to PATH (default: the user's profile folder)")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_profile_detect)
+    _add_debug(parser)
+    return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """`--debug` on every command: the traceback of an internal fault, which is otherwise one line."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an internal error, print its traceback too")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub)
+
+
+def cmd_models(args) -> int:
+    import json
+
+    from deploykit.model.catalog import list_models
+
+    specs = list_models()
+    if args.json:
+        print(json.dumps([{"name": s.name, "description": s.description,
+                           "inputs": [i.name for i in s.inputs], "outputs": list(s.outputs)} for s in specs], indent=2))
+    else:
+        width = max(len(s.name) for s in specs)
+        for s in specs:
+            print(f"{s.name:<{width}}  {s.description}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from deploykit.export.build import export_artifact
+    from deploykit.results.report import MB, sparsity_report
+    from deploykit.model.sources import resolve_model
+
+    plans = _plans([args.prune] if args.prune else [], _plan_options(args))
+    if len(plans) != 1:
+        raise UsageError(f"export writes one artifact: give one sparsity, not {len(plans)} ({args.prune}); "
+                         "`deploykit bench --prune` sweeps several")
+    (plan,) = plans
+    progress = _progress(args)
+    threads, threads_note = _threads_for_this_process(args.threads)
+    spec = resolve_model(args.model, _model_options(args))
+    result = export_artifact(spec, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
+                             overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
+                             kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
+                             save_optimized=args.save_optimized, strict=args.strict,
+                             progress=progress)
+    m = result.manifest
+    if args.json:
+        print(m.to_json(), end="")
+        return 0
+    print(f"{m.model}: {plan.label()} ({plan.scope}), form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
+    print(sparsity_report(result.table))
+    if m.shape_changes:
+        print(f"\n{m.form}: modules changed")
+        width = max(len(name) for name in m.shape_changes)
+        for name, (before, after) in m.shape_changes.items():
+            print(f"  {name + ':':<{width + 1}} {before} -> {after}")
+    print(f"\nparameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
+    if m.sparse_flops is not None and m.sparse_flops != m.flops_before_conversion:
+        print(f"FLOPs per item with zero weights skipped: {m.sparse_flops:,} "
+              f"({100 * m.sparse_flops / m.flops_before_conversion:.2f}% of {m.flops_before_conversion:,}; "
+              "what sparse kernels could skip)")
+    if m.flops is None:
+        print("FLOPs: not counted (the model is not one forward pass)")
+    elif m.flops != m.flops_before_conversion:
+        print(f"FLOPs per item {m.flops_before_conversion:,} -> {m.flops:,} "
+              f"(theoretical speedup {m.flops_before_conversion / m.flops:.2f}x; torch's flop counter, multiply-add = 2)")
+    else:
+        print(f"FLOPs per item {m.flops:,} (dense count, torch's flop counter; zeros are still multiplied)")
+    for name, value in m.metrics.items():
+        print(f"{name} of the pruned model: {value:.4f}")
+    for name, decision in m.form_recipe.get("kernels", {}).items():
+        timed = (f"; dense {decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms (medians of "
+                 f"{len(decision['dense_rounds_ms'])} interleaved rounds)" if "dense_rounds_ms" in decision else "")
+        print(f"kernel {name}: {decision['choice']}{' (NOISY decision)' if decision.get('noisy') else ''} (sparsity "
+              f"{100 * decision['sparsity']:.2f}%{timed}; {decision.get('reason', '')}; batch "
+              f"{m.form_recipe['kernel_batch']}, {m.form_recipe.get('threads')} threads)")
+    if m.onnx_sparse_initializers:
+        print(f"sparse ONNX initializers: {', '.join(m.onnx_sparse_initializers)}")
+    relative = max(m.onnx_parity_max_rel_error.values(), default=None)
+    print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g}"
+          + (f"; relative to the output {relative:.2e}" if relative is not None else "") + ")"
+          + (", before quantization" if m.quantization else ""))
+    for runtime, error in m.quantization.get("error", {}).items():
+        delta = "".join(f", {k} {m.quantization['metrics'][runtime][k]:.4f} ({v:+.4f})"
+                        for k, v in m.quantization.get("metric_delta", {}).get(runtime, {}).items())
+        agreement = m.quantization.get("greedy_token_agreement", {}).get(runtime)
+        agreement = "" if agreement is None else f", greedy tokens {100 * agreement:.1f}% the float model's"
+        print(f"{m.quantization['scheme']} under {runtime}: max abs error {error['max_abs']:.2e}, mean "
+              f"{error['mean_abs']:.2e} vs the float model{agreement}{delta}")
+    for name, size in m.files.items():
+        print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")
+    for note in m.notes:
+        print(f"note: {note}")
+    for warning in m.warnings:
+        print(f"warning: {warning}")
+    print(f"threads: {threads}" + (f" ({threads_note})" if threads_note else ""))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from deploykit.bench.runner import FailureSink, artifact_subject, bench_model, bench_subjects, onnx_file_subject
+    from deploykit.convert.forms import DEFAULT_FORMS
+    from deploykit.bench.settings import DEFAULT_RUNTIMES, Grid, TimingSettings
+    from deploykit.core.fsutil import write_text_atomic
+    from deploykit.results.report import bench_table, failures_text, records_json
+    from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
+    from deploykit.model.sources import resolve_model
+    from deploykit.results.store import now_utc
+
+    if args.model and args.model.endswith(".onnx"):  # an ONNX file is benchmarked as it is, like a DIR
+        args.artifacts, args.model = [*args.artifacts, args.model], None
+    if args.artifacts and (args.model or args.prune or args.form or args.plan or args.rule):
+        raise UsageError("give either exported DIRs / ONNX files or --model/--prune/--plan/--rule/--form, not both")
+    if args.json not in (None, "-"):
+        _check_output(args.json, "--json")
+    model_options = _model_options(args)
+    onnx_files = [path for path in args.artifacts if path.endswith(".onnx")]
+    if args.artifacts and (model_options.weights or model_options.trust_pickle):
+        raise UsageError("--weights applies to --model; artifacts and ONNX files carry their weights")
+    if model_options.inputs and len(onnx_files) != len(args.artifacts):
+        raise UsageError("--input-spec applies to --model entry points and ONNX files; an artifact's inputs were "
+                         "fixed when it was exported")
+    timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
+                            max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds,
+                            processes=args.processes)
+    progress = _progress(args)
+    # the workers run at each count; this process's own work at the smallest
+    threads, threads_note = _threads_for_this_process(min(args.threads) if args.threads else None)
+    threads = tuple(args.threads) if args.threads else (threads,)
+    grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
+                threads=threads, devices=tuple(args.device or ("auto",)),
+                lengths=tuple(args.seq_len or (None,)),
+                graph_optimizations=tuple(args.graph_opt or (DEFAULT_GRAPH_OPTIMIZATION,)))
+    placement = grid.placement()
+    if not placement.targets:
+        raise UsageError("nothing to run: " + "; ".join(placement.notes))
+    if args.store and args.no_store:
+        raise UsageError("--store and --no-store contradict each other")
+    store = None if args.no_store else _store(args)
+    if store is not None and (busy := store.check_writable()):
+        progress(f"note: {busy}")
+    consent = _trust_warnings(args, progress)
+    for note in [*placement.notes, *([threads_note] if threads_note else [])]:
+        progress(f"note: {note}")
+    records: list = []
+    failures = FailureSink()
+    started = now_utc()
+    try:
+        if args.artifacts:  # measured together: their configurations interleave
+            subjects = [onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx")
+                        else artifact_subject(path, consent, verify=not args.no_verify) for path in args.artifacts]
+            bench_subjects(subjects, grid, timing, progress, sink=records, failures=failures)
+        else:
+            options = _plan_options(args)
+            plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)
+            spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
+            bench_model(spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress, sink=records,
+                        failures=failures)
+    except BaseException as exc:
+        # keep what was measured; the run says it is partial
+        if store is not None and (records or failures.failures):
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            _keep_run(store, records, failures.failures, started, status, timing, grid, progress)
+        raise
+    if store is not None and (records or failures.failures):
+        _keep_run(store, records, failures.failures, started, "failed" if failures.failures else "complete",
+                  timing, grid, progress)
+    if args.json == "-":
+        print(records_json(records), end="")
+    else:
+        if args.json:
+            replaced = write_text_atomic(args.json, records_json(records))
+            progress(f"wrote {args.json}" + (f" (replacing a file of {replaced:,} bytes)" if replaced is not None else ""))
+        if records:
+            print(bench_table(records))
+        for note in placement.notes:
+            print(f"note: {note}")
+    if failures.failures:
+        print(failures_text(failures.failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _threads_for_this_process(threads: int | None) -> tuple[int, str]:
+    """Set (and return) the torch threads of this process: `threads`, or the cores idle now; and a note
+    saying why when other work took cores ("" otherwise). The caller says it once its input is checked,
+    so that bad input still ends in one line."""
+    from deploykit.core.contention import check_threads, idle_cores, sample_load, use_threads
+
+    note = ""
+    if threads is not None:
+        check_threads(threads)
+    else:
+        load = sample_load()
+        threads = idle_cores(load)
+        if load.disturbed:
+            note = f"{load.describe()}: using {threads} thread{'s' * (threads > 1)}, the cores left idle"
+    use_threads(threads)
+    return threads, note
+
+
+def _store(args):
+    from deploykit.results.store import ResultStore, default_store_path
+
+    if not (args.store_timeout >= 0 and args.store_timeout < float("inf")):
+        raise UsageError(f"--store-timeout must be a finite number of seconds >= 0, got {args.store_timeout}")
+    return ResultStore(args.store or default_store_path(), busy_timeout_s=args.store_timeout)
+
+
+def _keep_run(store, records, failures, started, status, timing, grid, progress) -> None:
+    """Write the run into the store; if the store cannot take it, into a JSON file beside it."""
+    import dataclasses
+
+    from deploykit.core.errors import StoreError
+    from deploykit.runtime.profiles import current_profile
+    from deploykit.results.store import NewRun, git_revision, now_utc
+
+    first = records[0] if records else None
+    conditions = {"versions": first.versions if first else {}, "machine": first.machine if first else {},
+                  "timing": dataclasses.asdict(timing), "grid": dataclasses.asdict(grid)}
+    run = NewRun(records, started, status, " ".join(["deploykit", *sys.argv[1:]]),
+                 first.profile if first else current_profile().name, conditions, failures,
+                 git_revision=git_revision(), finished_utc=now_utc())
+    try:
+        run_id = store.save(run)
+    except (StoreError, DeployKitError) as exc:
+        path = store.spill(run)
+        progress(f"{exc}; the run ({len(records)} records, {len(failures)} failures) is in {path}: "
+                 f"`deploykit report --import {path}` puts it into a store")
+        return
+    progress(f"kept as run {run_id} ({status}) in {store.path}")
+
+
+def cmd_audit(args) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from deploykit.model.artifact import MANIFEST_FILE
+    from deploykit.results.audit import audit_artifact, audit_onnx_file, check_budget, load_budgets
+    from deploykit.core.fsutil import scratch_directory, write_text_atomic
+    from deploykit.results.report import audit_table
+    from deploykit.model.sources import resolve_model
+
+    if args.json not in (None, "-"):
+        _check_output(args.json, "--json")
+    budgets = load_budgets(args.budget) if args.budget else {}
+    target = Path(args.target)
+    model_options = _model_options(args)
+    _trust_warnings(args, _progress(args))
+    if (target / MANIFEST_FILE).is_file() or target.suffix == ".onnx":
+        if model_options != type(model_options)() or args.prune:
+            raise UsageError("--prune, --weights and --input-spec apply to a model TARGET, not to an artifact "
+                             "or ONNX file, which is audited as it is")
+        report = audit_artifact(target, verify=not args.no_verify) if target.suffix != ".onnx" else audit_onnx_file(target)
+    else:
+        from deploykit.export.build import export_artifact
+        from deploykit.prune.base import PruningPlan
+
+        spec = resolve_model(args.target, model_options)
+        plan = PruningPlan.parse(args.prune) if args.prune else PruningPlan()
+        with scratch_directory("audit") as tmp:
+            directory = Path(tmp) / "artifact"
+            export_artifact(spec, plan, args.form, directory, progress=_progress(args))
+            report = dataclasses.replace(audit_artifact(directory),
+                                         artifact=f"{args.target} exported as {args.form}, {plan.label()}")
+    if args.budget:
+        if report.model not in budgets:
+            raise UsageError(f"no budget for model {report.model!r} in {args.budget}; "
+                             f"budgeted: {', '.join(budgets) or 'none'}")
+        report = check_budget(report, budgets[report.model])
+    if args.json == "-":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        if args.json:
+            replaced = write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+            _progress(args)(f"wrote {args.json}" + (f" (replacing a file of {replaced:,} bytes)"
+                                                    if replaced is not None else ""))
+        print(audit_table(report))
+    return 0 if report.within_budget else 1
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from deploykit.core.fsutil import write_text_atomic
+    from deploykit.results.report import bench_csv, bench_table, compare_table, failures_text, records_json
+    from deploykit.results.store import ResultStore, default_store_path, read_spilled_runs
+
+    if args.out:
+        _check_output(args.out, "--out")
+    store = ResultStore(args.store or default_store_path())
+    if args.imports:
+        for path in args.imports:
+            for run in read_spilled_runs(path):
+                before = {r.id for r in store.runs()} if store.path.is_file() else set()
+                run_id = store.save(run)
+                print(f"{path}: run {run.uid} " + (f"is already in {store.path} as run {run_id}" if run_id in before
+                                                   else f"imported into {store.path} as run {run_id}"))
+        return 0
+    if args.list:
+        if args.format in ("csv", "html"):
+            raise UsageError(f"--list renders as table, markdown or json, not {args.format}")
+        runs = store.runs()
+        if args.format == "json":
+            text = json.dumps([{k: v for k, v in run.__dict__.items() if k not in ("records", "failures")}
+                               for run in runs], indent=2) + "\n"
+        else:
+            from tabulate import tabulate
+
+            text = tabulate([[r.id, r.started_utc, r.status, r.profile, r.git_revision or "", r.command] for r in runs],
+                            headers=["run", "started (UTC)", "status", "profile", "revision", "command"],
+                            tablefmt="github" if args.format == "markdown" else "simple") + "\n"
+    else:
+        run = store.run(args.run)
+        if args.format == "html":
+            from deploykit.results.htmlreport import html_report
+
+            text = html_report(run, store.run(args.compare) if args.compare else None)
+        elif args.compare:
+            other = store.run(args.compare)
+            if args.format in ("csv", "json"):
+                raise UsageError("--compare renders as table, markdown or html")
+            text = compare_table(run.records, other.records, f"run {run.id}", f"run {other.id}",
+                                 "github" if args.format == "markdown" else "simple") + "\n"
+        elif args.format == "json":
+            text = records_json(run.records)
+        elif args.format == "csv":
+            text = bench_csv(run.records)
+        else:
+            header = (f"run {run.id} ({run.status}) on {run.profile}, {run.started_utc}, "
+                      f"deploykit {run.git_revision or 'not from a git checkout'}: {run.command}")
+            fmt = "github" if args.format == "markdown" else "simple"
+            text = (("# " if fmt == "github" else "") + header + "\n\n" + bench_table(run.records, fmt) + "\n"
+                    + (f"\n{failures_text(run.failures)}\n" if run.failures else ""))
+    if args.out:
+        replaced = write_text_atomic(args.out, text)
+        print(f"deploykit: wrote {args.out}" + (f" (replacing a file of {replaced:,} bytes)" if replaced is not None
+                                                 else ""), file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_profile_list(args) -> int:
+    import json
+
+    from deploykit.runtime.profiles import known_profiles
+
+    profiles = known_profiles()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in profiles.values()], indent=2))
+        return 0
+    width = max(len(name) for name in profiles)
+    for profile in profiles.values():
+        print(f"{profile.name:<{width}}  {profile.description}")
+    return 0
+
+
+def cmd_profile_show(args) -> int:
+    import json
+
+    from deploykit.runtime.profiles import get_profile, to_toml
+
+    profile = get_profile(args.name)
+    print(json.dumps(profile.to_dict(), indent=2) if args.json else to_toml(profile), end="\n" if args.json else "")
+    return 0
+
+
+def cmd_profile_detect(args) -> int:
+    import json
+    from pathlib import Path
+
+    from deploykit.core.fsutil import write_text_atomic
+    from deploykit.runtime.profiles import detect_profile, match_profile, to_toml, user_profile_dir
+
+    machine = detect_profile()
+    known = match_profile(machine)
+    if args.save is not None:
+        path = Path(args.save) if args.save else user_profile_dir() / f"{machine.name}.toml"
+        if not args.save:  # the user's profile folder is deploykit's to create; a named path's folder is not
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, to_toml(machine))
+        _progress(args)(f"wrote {path}")
+    if args.json:
+        print(json.dumps({"detected": machine.to_dict(), "matches": known.name if known else None}, indent=2))
+        return 0
+    print(to_toml(machine), end="")
+    print(f"\n# matches known profile: {known.name}" if known else "\n# matches no known profile")
+    return 0
+
+
+def _expand_prune(text: str, parse) -> list[dict]:
+    """"magnitude:0,0.5,0.9" -> the fields of magnitude:0, magnitude:0.5 and magnitude:0.9 ("snip:c1,c2" alike)."""
+    method, _, amounts = text.partition(":")
+    return [parse(f"{method}:{amount}") for amount in amounts.split(",")] if amounts else [parse(text)]
+
+
+#: OSErrors that mean the user named a path that cannot be read as given: bad input, not a fault
+_INPUT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except DeployKitError as exc:
+        print(f"deploykit: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("deploykit: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        if exc.errno in _INPUT_ERRNOS:
+            print(f"deploykit: error: {exc.strerror}: {exc.filename!r}", file=sys.stderr)
+            return 2
+        print(f"deploykit: error: {exc.strerror or exc}" + (f": {exc.filename!r}" if exc.filename else ""),
+              file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a fault of deploykit's, in one line
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"deploykit: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in deploykit; rerun with "
+              "--debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:500] if lines else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

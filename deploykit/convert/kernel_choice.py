@@ -1,0 +1,217 @@
+"""Which pruned Linear layers run as CSR under PyTorch: a decision measured robustly, or not taken.
+
+A sparse kernel wins only for large layers at high sparsity, and by how much depends on the batch,
+the thread count and the machine. Measured on this project's 2-core machine (torch 2.10, CSR time
+over dense time; below 1 CSR is faster; `benchmarks/kernels.py` reproduces the table):
+
+| weight        | batch | 0.5  | 0.8  | 0.9  | 0.95 | 0.98 |
+| ------------- | ----- | ---- | ---- | ---- | ---- | ---- |
+| 64 x 64       | 1, 32 | 3-4x | 2-3x | 3-8x | 2-3x | 2-3x |
+| 256 x 256     | 32    | 1.7  | 1.7  | 1.2  | 1.0  | 0.93 |
+| 1024 x 1024   | 1     | 5.6  | 2.5  | 1.7  | 0.90 | 0.66 |
+| 1024 x 1024   | 32    | 2.2  | 0.75 | 0.47 | 0.21 | 0.16 |
+| 4096 x 4096   | 1     | 10.9 | 1.65 | 1.0  | 0.44 | 0.16 |
+| 4096 x 4096   | 32    | 2.9  | 0.81 | 0.45 | 0.24 | 0.10 |
+
+So the rule has two parts. **Candidates**: a layer is timed only if its shape class can win at its
+sparsity (`SHAPE_CLASSES`); small layers never are, whatever a noisy clock says. **Decision**: a
+candidate runs as CSR only when CSR takes at most 1 - `MARGIN` of dense's time in every one of
+`ROUNDS` interleaved rounds and no round was preempted (a median over `PREEMPTED` times the fastest
+call: the scheduler took the core, or a timer tick quantised the samples); otherwise it stays dense,
+and a decision noise was involved in is marked `noisy`. The raw rounds are kept.
+
+Decisions hold for one (thread count, batch): the export records its own; a PyTorch load at other
+settings decides again, on the layers' real inputs, and caches the decision per machine, threads,
+batch and weights (`cache_dir()/kernels`), unless it was noisy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from deploykit.core.env import machine_info
+from deploykit.core.measure import measure
+
+#: interleaved dense/CSR measurement rounds per candidate layer
+ROUNDS = 7
+#: CSR must take at most 1 - MARGIN of dense's time, in every round, to be chosen
+MARGIN = 0.10
+#: round medians of a kernel spreading more than this (IQR over median) mark a measurement noisy
+MAX_NOISE = 0.10
+#: a round whose median exceeds its fastest sample this many times was preempted (the scheduler
+#: took the core, or a timer tick quantised the samples)
+PREEMPTED = 2.0
+#: warm-up of each kernel before the rounds, and each round's warm-up and minimum timed duration, s
+WARMUP_S = 0.05
+ROUND_WARMUP_S = 0.002
+ROUND_MIN_TIME_S = 0.01
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """Layers with at most `max_elements` weights: the lowest sparsity at which CSR can win at batch 1
+    and at larger batches; None: never."""
+
+    max_elements: float
+    min_sparsity_batch1: float | None
+    min_sparsity_batched: float | None
+
+    def min_sparsity(self, batch: int) -> float | None:
+        return self.min_sparsity_batch1 if batch == 1 else self.min_sparsity_batched
+
+
+#: from the table above, with room below each measured crossover
+SHAPE_CLASSES = (
+    ShapeClass(2**18, None, None),  # up to 512 x 512: CSR never won by a clear margin
+    ShapeClass(math.inf, 0.9, 0.75),
+)
+
+
+def candidate_threshold(weight: torch.Tensor, batch: int) -> float | None:
+    """The sparsity above which a weight of this shape may run faster as CSR at `batch` (None: never)."""
+    for shape_class in SHAPE_CLASSES:
+        if weight.numel() <= shape_class.max_elements:
+            return shape_class.min_sparsity(batch)
+    return None
+
+
+@dataclass(frozen=True)
+class Round:
+    """One kernel's measurement in one round: its median and fastest sample, ms."""
+
+    median_ms: float
+    min_ms: float
+
+    @property
+    def preempted(self) -> bool:
+        return self.median_ms > PREEMPTED * self.min_ms
+
+
+@dataclass(frozen=True)
+class KernelTimings:
+    """Each kernel's rounds, taken in alternation."""
+
+    dense: tuple[Round, ...]
+    csr: tuple[Round, ...]
+
+    @property
+    def ratios(self) -> list[float]:
+        """CSR time over dense time, round by round."""
+        return [c.median_ms / d.median_ms for c, d in zip(self.csr, self.dense) if d.median_ms > 0]
+
+    @property
+    def noise(self) -> float:
+        """The larger kernel's spread of round medians: IQR / median."""
+        return max(_spread([r.median_ms for r in self.dense]), _spread([r.median_ms for r in self.csr]))
+
+    @property
+    def preempted(self) -> int:
+        """Rounds of either kernel whose median the scheduler inflated."""
+        return sum(r.preempted for r in (*self.dense, *self.csr))
+
+
+def _spread(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    median = statistics.median(values)
+    return (q3 - q1) / median if median > 0 else math.inf
+
+
+def decide(timings: KernelTimings) -> tuple[str, bool, str]:
+    """(choice, noisy, reason) from interleaved rounds: the rule, apart from the measuring.
+
+    CSR only when it is faster by MARGIN in every round and no round was preempted: then no burst of
+    load can have made the choice (it would have to slow every dense round and no CSR round). Any
+    other outcome keeps the layer dense, the safe choice, and says whether noise was involved."""
+    ratios = timings.ratios
+    if not ratios:
+        return "dense", True, "noisy: no usable timings; kept dense"
+    median_ratio = statistics.median(ratios)
+    clear = sum(r <= 1 - MARGIN for r in ratios)
+    preempted = timings.preempted
+    if clear == len(ratios) and not preempted:
+        return "csr", False, f"csr {median_ratio:.2f}x dense time, under {1 - MARGIN:.2f}x in all {len(ratios)} rounds"
+    if preempted:
+        return "dense", True, (f"noisy: {preempted} of {2 * len(ratios)} rounds preempted (median over "
+                               f"{PREEMPTED:g}x the fastest call); kept dense")
+    if clear:
+        return "dense", True, (f"noisy: csr under {1 - MARGIN:.2f}x dense time in {clear} of {len(ratios)} rounds "
+                               f"only (median {median_ratio:.2f}x); kept dense")
+    noisy = timings.noise > MAX_NOISE
+    return "dense", noisy, (f"csr {median_ratio:.2f}x dense time (needs <= {1 - MARGIN:.2f}x in every round)"
+                            + (f"; rounds spread {100 * timings.noise:.0f}%" if noisy else ""))
+
+
+Timer = Callable[[Callable[[], object]], Round]
+
+
+def _timed_round(call: Callable[[], object]) -> Round:
+    m = measure(call, warmup_s=ROUND_WARMUP_S, min_time_s=ROUND_MIN_TIME_S, min_iters=5)
+    return Round(m.median_ms, m.percentile_ms(0))
+
+
+def time_interleaved(dense: Callable[[], object], csr: Callable[[], object], rounds: int = ROUNDS,
+                     timer: Timer | None = None) -> KernelTimings:
+    """Alternate the two kernels `rounds` times (dense first, then CSR first, and so on), so that a
+    burst of other load falls on both rather than on one. `timer` (a call -> its `Round`) is
+    deploykit's timing loop unless given."""
+    if timer is None:
+        timer = _timed_round
+        for call in (dense, csr):
+            measure(call, warmup_s=WARMUP_S, min_time_s=0, min_iters=1)
+    dense_rounds, csr_rounds = [], []
+    for i in range(rounds):
+        order = ((dense_rounds, dense), (csr_rounds, csr)) if i % 2 == 0 else ((csr_rounds, csr), (dense_rounds, dense))
+        for out, call in order:
+            out.append(timer(call))
+    return KernelTimings(tuple(dense_rounds), tuple(csr_rounds))
+
+
+def decide_layer(dense: nn.Linear, sparse: nn.Module, x: torch.Tensor, batch: int,
+                 timer: Timer | None = None) -> dict:
+    """The decision record for one layer (what the manifest keeps): sparsity, candidate threshold,
+    choice, whether noise decided it, why, and the raw rounds where it was timed."""
+    sparsity = float((dense.weight == 0).float().mean())
+    threshold = candidate_threshold(dense.weight, batch)
+    record = {"sparsity": sparsity, "candidate_threshold": threshold}
+    if threshold is None or sparsity < threshold:
+        shape = "x".join(map(str, dense.weight.shape))
+        why = "never a candidate" if threshold is None else f"a candidate from {threshold:g} sparsity"
+        return {**record, "choice": "dense", "noisy": False,
+                "reason": f"not timed: a {shape} weight at batch {batch} is {why}"}
+    with torch.inference_mode():
+        timings = time_interleaved(lambda: dense(x), lambda: sparse(x), timer=timer)
+    choice, noisy, reason = decide(timings)
+    return {**record, "choice": choice, "noisy": noisy, "reason": reason,
+            "dense_ms": statistics.median(r.median_ms for r in timings.dense),
+            "csr_ms": statistics.median(r.median_ms for r in timings.csr),
+            "dense_rounds_ms": [r.median_ms for r in timings.dense], "csr_rounds_ms": [r.median_ms for r in timings.csr],
+            "dense_rounds_min_ms": [r.min_ms for r in timings.dense], "csr_rounds_min_ms": [r.min_ms for r in timings.csr]}
+
+
+def cache_key(layer: str, weight: torch.Tensor, threads: int, batch: int) -> str:
+    """What a decision depends on: the machine, torch, threads, batch, and the weights themselves."""
+    facts = {"machine": machine_info(), "torch": torch.__version__, "threads": threads, "batch": batch,
+             "layer": layer}
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+    digest.update(weight.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_decision(directory: Path, key: str) -> dict | None:
+    """A decision cached under `key`, if one is there and readable (a damaged entry is ignored)."""
+    try:
+        data = json.loads((directory / f"{key}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("choice") in ("csr", "dense") else None

@@ -1,0 +1,147 @@
+"""Post-training int8 quantizers of exported graphs and of PyTorch models, and how their error is measured.
+
+onnxruntime: dynamic quantization of every ONNX graph of the artifact (int8 weights stored in the
+files, activations quantized per call), per tensor or per output channel. PyTorch: dynamic
+quantization of the Linear layers (GPT-2's Conv1D layers become Linear first) when the torch runtime
+loads the artifact; torch keeps no int8 file format of its own, so the weights file stays float.
+
+Quantized outputs differ from the float model's by design, so parity is not a pass/fail check at
+1e-4: quantizing an artifact (`deploykit.export.quantization`) records, per runtime, error statistics against the float model on the
+artifact's benchmark inputs, the agreement of greedy tokens for generating pipelines, and the change
+in the model's task metric where the model spec has an evaluation (accuracy on digits for the LeNets).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from deploykit.core.registry import Registry
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    description: str
+    #: (float ONNX path, quantized ONNX path, per_channel, calibration feeds) -> None
+    onnx: Callable[[Path, Path, bool, Sequence[dict]], None]
+    #: (float PyTorch model, inplace) -> quantized model (a copy unless inplace)
+    torch: Callable[..., object]
+
+
+QUANTIZERS: Registry[Quantizer] = Registry("quantization")
+
+
+def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # onnxruntime's dynamic quantizer has integer kernels for MatMul, not for the Gemm that torch
+    # exports nn.Linear as: rewritten, every Linear layer is quantized instead of none
+    matmul = target.with_name(target.name + ".matmul")
+    onnx.save(gemm_to_matmul(onnx.load(str(source))), str(matmul))
+    try:
+        quantize_dynamic(str(matmul), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
+    finally:
+        matmul.unlink(missing_ok=True)
+
+
+def gemm_to_matmul(model):
+    """Each Gemm (alpha = beta = 1, A not transposed, B a weight) as MatMul + Add, computing the same."""
+    from onnx import helper, numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in weights or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        name = f"{node.input[1]}_matmul"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        product = node.output[0] + ("_matmul" if len(node.input) > 2 and node.input[2] else "")
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_matmul"))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+def conv1d_to_linear(model):
+    """transformers' Conv1D layers (GPT-2) as the nn.Linear they compute, in place: torch's dynamic
+    quantization knows Linear only."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        cls = type(module)
+        if f"{cls.__module__}.{cls.__qualname__}" != "transformers.pytorch_utils.Conv1D":
+            continue
+        linear = torch.nn.Linear(module.weight.shape[0], module.nf)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
+def torch_dynamic_int8(model, inplace: bool = False):
+    """Linear layers with int8 weights and activations quantized per call. A copy unless `inplace`:
+    a loader that has no use for the float model quantizes in place, or its peak memory holds both."""
+    import torch
+
+    model = model if inplace else copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
+        return torch.ao.quantization.quantize_dynamic(conv1d_to_linear(model), {torch.nn.Linear}, dtype=torch.qint8,
+                                                      inplace=True)
+
+
+def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.remaining = iter(calibration)
+
+        def get_next(self):
+            return next(self.remaining, None)
+
+    quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+QUANTIZERS.add("int8", Quantizer("dynamic int8 (weights int8, activations quantized per call)",
+                                 _onnx_dynamic_int8, torch_dynamic_int8))
+QUANTIZERS.add("int8-static", Quantizer(
+    "static int8 under onnxruntime (weights and activations int8, activation ranges calibrated; QDQ); "
+    "dynamic int8 under torch", _onnx_static_int8, torch_dynamic_int8))
+
+
+def error_statistics(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> dict[str, float]:
+    """Max and mean |actual - reference| over the float outputs, and the max relative to the reference's
+    largest magnitude."""
+    pairs = [(r, a) for r, a in zip(reference, actual) if np.asarray(r).dtype.kind == "f"]
+    diff = np.concatenate([np.abs(a.astype(np.float64) - r.astype(np.float64)).ravel() for r, a in pairs])
+    scale = max(max(float(np.abs(r).max()) for r, _ in pairs), 1e-12)
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_relative": float(diff.max()) / scale}
+
+
+def token_agreement(reference: np.ndarray, actual: np.ndarray, pad: int = -1) -> float:
+    """Share of the reference's greedy tokens the quantized model produced at the same position."""
+    reference, actual = np.asarray(reference), np.asarray(actual)
+    positions = reference != pad
+    return float((reference[positions] == actual[positions]).mean()) if positions.any() else 1.0

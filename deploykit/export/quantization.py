@@ -1,0 +1,113 @@
+"""Quantize a finished artifact's graphs in place, and measure what that costs against the float model.
+
+The quantizers themselves are the convert layer's (`deploykit.convert.quantize`); this is the step
+that needs a pipeline (inputs, reference, sessions on each runtime) around them: the error on each
+runtime against the float model on the artifact's benchmark inputs, the agreement of greedy tokens
+for pipelines that generate, and the change in the model's own metric where it has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from deploykit.convert.quantize import QUANTIZERS, error_statistics, token_agreement
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.core.ort import ort_session
+from deploykit.model.artifact import MANIFEST_FILE, ONNX_FILE, file_sizes
+from deploykit.model.sources import spec_for_artifact
+from deploykit.pipelines.base import Pipeline
+from deploykit.pipelines.catalog import PIPELINES
+from deploykit.runtime.loading import load_torch_model
+
+
+class _OrtModel:
+    """An onnxruntime session called like the PyTorch model, so a spec's evaluation can score it."""
+
+    def __init__(self, path: Path, input_names: Sequence[str]):
+        self.session, self.input_names = ort_session(path, threads=1), list(input_names)
+
+    def __call__(self, *inputs):
+        import torch
+
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        outputs = [torch.from_numpy(out) for out in self.session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def eval(self):
+        return self
+
+
+#: prompts (or utterances) the greedy-token agreement of a generating pipeline is averaged over
+AGREEMENT_INPUTS = 4
+
+
+#: batches static quantization calibrates on
+CALIBRATION_BATCHES = 16
+
+
+def _data(spec, manifest, directory, pipeline: Pipeline) -> tuple[list[dict], list[dict], str]:
+    """(calibration feeds, feeds the error is measured on, what those are).
+
+    A model with real data calibrates on some of it and is measured on batches it did not
+    calibrate on; others use random example inputs for both, and the record says so.
+    """
+    def feeds(batches):
+        return [{name: t.numpy() for name, t in zip(spec.input_names, batch)} for batch in batches]
+
+    if spec.calibration is not None and pipeline.single_graph:
+        batches = spec.calibration(CALIBRATION_BATCHES + AGREEMENT_INPUTS)
+        return (feeds(batches[:CALIBRATION_BATCHES]), feeds(batches[CALIBRATION_BATCHES:]),
+                f"the model's data: {len(batches[:CALIBRATION_BATCHES])} batches to calibrate, "
+                f"{len(batches[CALIBRATION_BATCHES:])} others to measure the error on")
+    calibration = feeds([spec.example_inputs(8, seed=100 + i) for i in range(CALIBRATION_BATCHES)]
+                        if pipeline.single_graph else [])
+    measured = [pipeline.inputs(directory, manifest, 1, seed, None) for seed in range(10, 10 + AGREEMENT_INPUTS)]
+    return calibration, measured, "random example inputs (the model has no data of its own)"
+
+
+def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool, progress,
+                      consent: Sequence[str] = ()) -> object:
+    """Quantize the ONNX graphs of the finished artifact in `directory` in place, and measure what
+    that costs on each runtime against the float model. Returns the manifest to write. `consent`:
+    the entry points the artifact may import to rebuild its PyTorch model (the one it was exported from)."""
+    quantizer = QUANTIZERS.get(scheme)
+    pipeline = PIPELINES.get(manifest.pipeline)
+    spec = spec_for_artifact(directory, manifest, consent)
+    calibration, feeds, data = _data(spec, manifest, directory, pipeline)
+    reference_of = pipeline.reference(directory, consent)
+    references = [reference_of(f) for f in feeds]  # the float model, before anything changes
+
+    progress(f"quantizing: {quantizer.description}" + (", per channel" if per_channel else ""))
+    for name in [name for name in manifest.files if name.endswith(".onnx")]:
+        quantized = directory / f".{name}.int8"
+        quantizer.onnx(directory / name, quantized, per_channel, calibration)
+        quantized.replace(directory / name)
+    record = {"scheme": scheme, "description": quantizer.description, "per_channel": per_channel, "data": data}
+    manifest = dataclasses.replace(manifest, quantization=record, files=file_sizes(directory))
+    write_text_atomic(directory / MANIFEST_FILE, manifest.to_json())  # the torch loader reads it
+
+    progress("measuring the quantized model against the float one")
+    sessions = {name: pipeline.load(name, directory, 1, consent=consent) for name in ("onnxruntime", "torch")}
+    outputs = {runtime: [s.run(f) for f in feeds] for runtime, s in sessions.items()}
+    record["error"] = {runtime: error_statistics([a for r in references for a in r], [a for o in outs for a in o])
+                       for runtime, outs in outputs.items()}
+    if pipeline.generates_tokens:  # the last output is the greedy tokens
+        record["greedy_token_agreement"] = {
+            runtime: float(np.mean([token_agreement(r[-1], o[-1]) for r, o in zip(references, outs)]))
+            for runtime, outs in outputs.items()}
+    if spec.evaluate is not None:
+        # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it
+        # where the artifact is that one call (a generating pipeline's graphs are not)
+        progress("evaluating the quantized model")
+        quantized_metrics = {"torch": spec.evaluate(load_torch_model(directory, consent=consent)[0])}
+        if pipeline.single_graph:
+            quantized_metrics["onnxruntime"] = spec.evaluate(_OrtModel(directory / ONNX_FILE, spec.input_names))
+        record["metrics"] = quantized_metrics
+        record["metric_delta"] = {runtime: {k: v - manifest.metrics[k] for k, v in values.items()
+                                            if k in manifest.metrics}
+                                  for runtime, values in quantized_metrics.items()}
+    return dataclasses.replace(manifest, quantization=record)

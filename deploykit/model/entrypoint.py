@@ -1,0 +1,230 @@
+"""Models from the user's own code: `--model package.module:factory` or `--model path/to/file.py:factory`.
+
+The factory takes no arguments and returns one of:
+
+- a `ModelSpec`: the protocol the zoo uses (build, inputs, outputs, and the optional hooks: evaluate,
+  calibration, output layers, pruning hints);
+- `(model, example_inputs)`: an `nn.Module` and a tensor or tuple of tensors for one call. The inputs
+  are described from the examples: names from `forward`'s signature, dim 0 is the batch (dynamic),
+  other dims are fixed, dtypes as given, integer inputs take values in [0, max + 1). Outputs are named
+  from one call: "output" for a tensor, "output_0", ... for a tuple, the keys of a dict;
+- an `nn.Module` alone, when `--input-spec` describes its inputs.
+
+`--input-spec` replaces whatever inputs the factory describes (to name a sequence axis, say). The
+factory is called again each time the model is built, so it should build the same model every time
+(deploykit seeds torch before calling it). An artifact records the entry point, not the code: loading
+its PyTorch model imports the entry point again (onnxruntime needs only the ONNX file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.model.spec import INPUT_DTYPES, InputSpec, ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+KIND = "entry-point"
+_TEXT = re.compile(r"^(?P<target>.+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """A factory by location: a module name or a .py file path (absolute once resolved), and its name."""
+
+    target: str
+    name: str
+
+    @property
+    def is_file(self) -> bool:
+        return self.target.endswith(".py")
+
+    @property
+    def text(self) -> str:
+        return f"{self.target}:{self.name}"
+
+    @property
+    def label(self) -> str:
+        """The model's name in records: the file's name (not its directory) or the module, and the factory."""
+        return f"{Path(self.target).name if self.is_file else self.target}:{self.name}"
+
+
+def parse_entry_point(text: str) -> EntryPoint | None:
+    """The entry point `text` names, or None when it is not `module:name` / `file.py:name`."""
+    match = _TEXT.match(text)
+    if match is None:
+        return None
+    target = match["target"]
+    if target.endswith(".py"):
+        return EntryPoint(str(Path(target).expanduser().absolute()), match["name"])
+    return EntryPoint(target, match["name"]) if _MODULE.match(target) else None
+
+
+def load_factory(entry: EntryPoint) -> Callable[[], Any]:
+    module = _import_file(Path(entry.target)) if entry.is_file else _import_module(entry.target)
+    factory = getattr(module, entry.name, None)
+    if not callable(factory):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise UsageError(f"{entry.text}: {entry.target} has no factory {entry.name!r}"
+                         f"{'; its functions and classes: ' + ', '.join(found) if found else ''}")
+    return factory
+
+
+def _import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - user code: any import failure is theirs to read
+        raise UsageError(f"cannot import {name!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _import_file(path: Path):
+    """Import a .py file by path. Its directory is put first on sys.path while it runs, as when it
+    runs as a script, so it can import modules beside it."""
+    if not path.is_file():
+        raise UsageError(f"model file {str(path)!r} does not exist")
+    # one module per file path, so two files named model.py do not replace each other
+    name = f"deploykit_user_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name while they load
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001
+        del sys.modules[name]
+        raise UsageError(f"cannot import {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> ModelSpec:
+    """The ModelSpec of the entry point `text`, with `inputs` (from --input-spec) replacing its own."""
+    entry = parse_entry_point(text)
+    if entry is None:
+        raise UsageError(f"{text!r} is not an entry point (package.module:factory or path/to/file.py:factory)")
+    factory = load_factory(entry)
+    produced = _call(factory, entry)
+    if isinstance(produced, ModelSpec):
+        spec = produced
+        if inputs:
+            inputs = _named(inputs, spec.build())
+            spec = dataclasses.replace(spec, inputs=tuple(inputs), sampler=None)
+    else:
+        model, examples = _module_and_examples(produced, entry, bool(inputs))
+        inputs = _named(inputs, model) if inputs else inputs
+        described = tuple(inputs) if inputs else describe_inputs(model, examples)
+        spec = ModelSpec(
+            name=entry.label,
+            build=lambda: _module_and_examples(_call(factory, entry), entry, True)[0],
+            inputs=described,
+            outputs=(),
+            description=(inspect.getdoc(factory) or "").split("\n")[0],
+        )
+        spec = dataclasses.replace(spec, outputs=output_names(model, spec.example_inputs(1)))
+    record = {"kind": KIND, "entry_point": entry.text,
+              "inputs": [dataclasses.asdict(i) for i in inputs] if inputs else None}
+    return dataclasses.replace(spec, bundle=lambda directory: dict(record))
+
+
+def spec_from_artifact(directory: Path, manifest) -> ModelSpec:
+    """The spec of an artifact exported from an entry point: the entry point imported again."""
+    source = manifest.source
+    inputs = [InputSpec(**{**i, "shape": tuple(i["shape"])}) for i in source.get("inputs") or []]
+    try:
+        return entry_point_spec(source["entry_point"], inputs or None)
+    except UsageError as exc:
+        raise ArtifactError(f"{str(directory)!r}: its PyTorch model comes from {source['entry_point']}, which "
+                            f"cannot be loaded here ({exc}); onnxruntime needs only the ONNX file") from None
+
+
+def _named(inputs: Sequence[InputSpec], model: "nn.Module") -> list[InputSpec]:
+    """`inputs` with an unnamed one (--input-shape) named after forward's one input."""
+    if all(spec.name for spec in inputs):
+        return list(inputs)
+    if len(inputs) != 1:
+        raise UsageError("--input-shape describes a one-input model; name each input with --input-spec")
+    return [dataclasses.replace(inputs[0], name=_forward_names(model, 1)[0])]
+
+
+def _call(factory: Callable[[], Any], entry: EntryPoint) -> Any:
+    try:
+        return factory()
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"factory {entry.text} failed: {type(exc).__name__}: {exc}") from None
+
+
+def _module_and_examples(produced: Any, entry: EntryPoint, inputs_given: bool) -> "tuple[nn.Module, tuple]":
+    import torch
+    from torch import nn
+
+    if isinstance(produced, nn.Module):
+        if not inputs_given:
+            raise UsageError(f"{entry.text} returned a model without example inputs: return (model, example_inputs) "
+                             "or describe them with --input-spec NAME:SHAPE[:DTYPE[:HIGH]]")
+        return produced, ()
+    if isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[0], nn.Module):
+        examples = produced[1]
+        examples = (examples,) if isinstance(examples, torch.Tensor) else examples
+        if isinstance(examples, (tuple, list)) and examples and all(isinstance(t, torch.Tensor) for t in examples):
+            return produced[0], tuple(examples)
+        raise UsageError(f"{entry.text}: example inputs must be a tensor or a tuple of tensors, got "
+                         f"{type(produced[1]).__name__}")
+    raise UsageError(f"{entry.text} returned {type(produced).__name__}; expected a ModelSpec, (nn.Module, example "
+                     "inputs) or an nn.Module with --input-spec")
+
+
+def describe_inputs(model: "nn.Module", examples: "Sequence[torch.Tensor]") -> tuple[InputSpec, ...]:
+    """InputSpecs for example tensors: forward's parameter names, dim 0 the batch axis."""
+    names = _forward_names(model, len(examples))
+    specs = []
+    for name, tensor in zip(names, examples):
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in INPUT_DTYPES:
+            raise UsageError(f"example input {name!r} is {dtype}; deploykit feeds {', '.join(INPUT_DTYPES)}")
+        if tensor.dim() == 0:
+            raise UsageError(f"example input {name!r} is a scalar; give a batch axis (dim 0)")
+        high = int(tensor.max()) + 1 if dtype.startswith("int") else None
+        if high is not None and int(tensor.min()) < 0:
+            raise UsageError(f"example input {name!r} has negative values; describe its range with --input-spec")
+        specs.append(InputSpec(name, ("batch", *tensor.shape[1:]), dtype, high))
+    return tuple(specs)
+
+
+def _forward_names(model: "nn.Module", count: int) -> list[str]:
+    parameters = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = parameters[:count]
+    return names + [f"input_{i}" for i in range(len(names), count)]
+
+
+def output_names(model: "nn.Module", inputs: "Sequence[torch.Tensor]") -> tuple[str, ...]:
+    """Names for the outputs of one call: "output", "output_0".., or a dict's keys."""
+    import torch
+
+    with torch.no_grad():
+        out = model.eval()(*inputs)
+    if isinstance(out, torch.Tensor):
+        return ("output",)
+    if isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values()):
+        return tuple(str(k) for k in out)
+    if isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):
+        return tuple(f"output_{i}" for i in range(len(out)))
+    raise UsageError(f"the model returns {type(out).__name__}; deploykit exports tensors, tuples of tensors or "
+                     "dicts of tensors")

@@ -1,0 +1,298 @@
+"""Model specifications: how to build a model and its example inputs, by name.
+
+A `ModelSpec` is the one protocol every model source follows (the built-in zoo in `models/`, and later a
+user's entry point): a zero-argument `build` that returns an `nn.Module`, the model's inputs described as
+`InputSpec`s (which also give ONNX its names and dynamic axes), and the names of its outputs.
+
+How to add a model to the zoo: write a builder in a module under `models/`, decorate it with
+`@register_model("name", inputs=[...], outputs=[...])`, and import that module from `models/__init__.py`.
+The builder's docstring is the model's description; cite the shape it reproduces there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from deploykit.core.env import available_memory_bytes
+from deploykit.core.registry import Registry
+from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.storage import load_weights, save_weights
+
+if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays instant
+    import torch
+    from torch import nn
+
+    from deploykit.model.hints import PruningHints
+
+#: dtype names accepted in InputSpec, mapped to torch dtype attribute names
+INPUT_DTYPES = ("float32", "float16", "int64", "int32")
+#: bytes per element of each of those
+INPUT_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
+#: batch size of the example inputs models are traced with (ONNX export, dependency graphs)
+TRACE_BATCH = 2
+#: size of named non-batch axes (sequence, frames) in example inputs when the model has no sampler
+DEFAULT_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input. `shape` holds ints for fixed sizes and strings for named dynamic axes."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    #: exclusive upper bound of sampled values for integer inputs (token ids, class ids)
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in INPUT_DTYPES:
+            raise ValueError(f"input {self.name!r}: dtype {self.dtype!r} not in {INPUT_DTYPES}")
+        if self.dtype.startswith("int") and self.high is None:
+            raise ValueError(f"integer input {self.name!r} needs `high` (exclusive upper bound)")
+
+    def concrete_shape(self, batch_size: int, length: int | None = None) -> tuple[int, ...]:
+        """The shape with the "batch" axis set to `batch_size` and every other named axis to `length`."""
+        out = []
+        for dim in self.shape:
+            if dim == "batch":
+                out.append(batch_size)
+            elif isinstance(dim, str):
+                if length is None:
+                    raise ValueError(f"input {self.name!r}: no size given for dynamic axis {dim!r}")
+                out.append(length)
+            else:
+                out.append(dim)
+        return tuple(out)
+
+    def nbytes(self, batch_size: int, length: int | None = None) -> int:
+        """Bytes of one array of this input at `batch_size` (named axes at `length`, else DEFAULT_LENGTH)."""
+        size = INPUT_ITEMSIZE[self.dtype]
+        for dim in self.concrete_shape(batch_size, length or DEFAULT_LENGTH):
+            size *= dim
+        return size
+
+    @property
+    def sequence_axes(self) -> tuple[str, ...]:
+        """Named axes other than the batch: what a sequence-length sweep sets."""
+        return tuple(dim for dim in self.shape if isinstance(dim, str) and dim != "batch")
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: dim for i, dim in enumerate(self.shape) if isinstance(dim, str)}
+
+    @classmethod
+    def parse(cls, text: str) -> "InputSpec":
+        """An input from `NAME:SHAPE[:DTYPE[:HIGH]]`, SHAPE comma-separated sizes or axis names:
+        `x:batch,3,32,32`, `tokens:batch,seq:int64:1000` (token ids in [0, 1000)). The axis named
+        "batch" follows --batch; other names follow --seq-len."""
+
+        parts = text.split(":")
+        if not 2 <= len(parts) <= 4 or not parts[0] or not parts[1]:
+            raise UsageError(f"input spec {text!r}: expected NAME:SHAPE[:DTYPE[:HIGH]], e.g. x:batch,3,32,32 or "
+                             "tokens:batch,seq:int64:1000")
+        name, shape_text, dtype, high = parts[0], parts[1], *(parts[2:] + [None, None])[:2]
+        shape = tuple(_parse_dim(text, dim.strip()) for dim in shape_text.split(","))
+        if high is not None and not high.isdigit():
+            raise UsageError(f"input spec {text!r}: HIGH must be a positive integer (the exclusive upper bound "
+                             f"of the values), got {high!r}")
+        try:
+            return cls(name, shape, dtype or "float32", int(high) if high else None)
+        except ValueError as exc:
+            raise UsageError(f"input spec {text!r}: {exc}") from None
+
+
+def _parse_dim(text: str, dim: str) -> int | str:
+    if dim.isdigit() and int(dim) > 0:
+        return int(dim)
+    if dim.isidentifier():
+        return dim
+    raise UsageError(f"input spec {text!r}: axis {dim!r} is neither a positive size nor a name")
+
+
+Sampler = Callable[[int, "torch.Generator"], "tuple[torch.Tensor, ...]"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model and feed it."""
+
+    name: str
+    build: Callable[[], "nn.Module"]
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+    description: str = ""
+    #: custom example-input sampler (batch_size, generator) -> tensors; default samples each InputSpec
+    sampler: Sampler | None = None
+    #: seed for the random initialisation, so a model name always means the same weights
+    seed: int = 0
+    #: module names never pruned by default; empty means "detect the output layer"
+    output_layers: tuple[str, ...] = field(default=())
+    #: trains a freshly built model in place on data a package ships (deterministic for a seed)
+    train: "Callable[[nn.Module], None] | None" = None
+    #: quality of a model on held-out data, e.g. {"accuracy": 0.97}
+    evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None
+    #: bump when `train` changes, so cached trained weights are not reused
+    train_version: str = "1"
+    #: real inputs for static quantization's calibration: n -> up to n input tuples (a batch each);
+    #: without it, calibration uses example inputs, which is only as good as they are
+    calibration: "Callable[[int], Sequence[tuple[torch.Tensor, ...]]] | None" = None
+    #: the forms this model supports; None means all
+    forms: tuple[str, ...] | None = None
+    #: the pipeline that exports and runs it (`deploykit.pipelines`): "forward" (one graph, one call),
+    #: "speech-translation" (an encoder/decoder pair decoded token by token), "text-generation"
+    pipeline: str = "forward"
+    #: for models that are not in the zoo: writes what rebuilding the model needs into an artifact
+    #: directory and returns the manifest's `source` record (see `deploykit.model.sources`); None for zoo
+    #: models, which are rebuilt by name
+    bundle: "Callable[[Path], dict] | None" = None
+    #: labelled batches for data-aware pruners (snip, grasp): n -> up to n (inputs tuple, targets)
+    data: "Callable[[int], Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]] | None" = None
+    #: (outputs, targets) -> scalar loss for those pruners; None: cross-entropy on the (first) output
+    loss: "Callable[[object, torch.Tensor], torch.Tensor] | None" = None
+    #: what structured pruning and dense-shrunk need to know about layers they cannot read
+    #: (`deploykit.model.hints`: custom layer handlers, layers whose width stays, attention blocks)
+    pruning_hints: "PruningHints | None" = None
+
+    def __post_init__(self) -> None:
+        # sequences given as lists (by decorators, by users) are stored as tuples: a spec is hashable data
+        for name in ("inputs", "outputs", "output_layers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.forms is not None:
+            object.__setattr__(self, "forms", tuple(self.forms))
+
+    def make(self, trained: bool = True) -> "nn.Module":
+        """Build the model with its fixed seed, in eval mode; trained (from the cache) if it trains.
+
+        `trained=False` gives the initial weights: what loading saved weights or rewinding starts from.
+        """
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = self.build()
+        if trained and self.train is not None:
+            _load_or_train(self, model)
+        return model.eval()
+
+    def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
+        """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a
+        sequence-length sweep; without it the model's sampler decides, else DEFAULT_LENGTH."""
+        import torch
+
+        check_input_memory(self.inputs, batch_size, length, self.name)
+
+        generator = torch.Generator().manual_seed(seed)
+        if length is not None:
+            self.require_sequence_axis()
+            return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
+        if self.sampler is not None:
+            return tuple(self.sampler(batch_size, generator))
+        length = DEFAULT_LENGTH if any(spec.sequence_axes for spec in self.inputs) else None
+        return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
+
+    def require_sequence_axis(self) -> None:
+        """A sequence-length sweep needs a named non-batch input axis to set."""
+        if not any(spec.sequence_axes for spec in self.inputs):
+            shapes = ", ".join(f"{s.name} {tuple(s.shape)}" for s in self.inputs)
+            raise UsageError(f"{self.name} has no sequence axis to set a length on (inputs: {shapes})")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    def dynamic_axes(self, sequence: bool = True) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes: every named input axis (only "batch" with `sequence=False`); outputs
+        share the batch axis at dim 0."""
+        axes = {spec.name: {i: dim for i, dim in spec.dynamic_axes().items() if sequence or dim == "batch"}
+                for spec in self.inputs}
+        axes = {name: named for name, named in axes.items() if named}
+        if any("batch" in spec.shape for spec in self.inputs):
+            axes.update({name: {0: "batch"} for name in self.outputs})
+        return axes
+
+
+#: inputs may take at most this share of the memory available: the model's activations, its outputs
+#: and the reference's copies need several times the inputs
+INPUT_MEMORY_SHARE = 0.25
+
+
+def check_input_memory(inputs: Sequence[InputSpec], batch_size: int, length: int | None, what: str) -> None:
+    """Refuse, before anything is allocated, a batch size or length whose inputs alone would take more
+    than INPUT_MEMORY_SHARE of the memory available now (a typo like --batch 1000000 would otherwise
+    allocate until the kernel kills the process)."""
+
+    needed = sum(spec.nbytes(batch_size, length) for spec in inputs)
+    available = available_memory_bytes()
+    if needed > INPUT_MEMORY_SHARE * available:
+        shape = f"batch {batch_size}" + (f", length {length}" if length else "")
+        raise UsageError(f"{what} at {shape} needs {needed / 2**30:.3g} GiB for its inputs alone, more than "
+                         f"{INPUT_MEMORY_SHARE:.0%} of the {available / 2**30:.3g} GiB available: use a smaller "
+                         "--batch or --seq-len")
+
+
+def cache_dir() -> Path:
+    """Where trained zoo weights are kept: $DEPLOYKIT_CACHE, else ~/.cache/deploykit."""
+    return Path(os.environ.get("DEPLOYKIT_CACHE") or Path.home() / ".cache" / "deploykit")
+
+
+def _load_or_train(spec: "ModelSpec", model: "nn.Module") -> None:
+    """Load `spec`'s trained weights from the cache, training (and caching) them on a miss.
+
+    The cache only saves time: training is seeded, so a miss reproduces the same model up to the
+    float summation order of the machine's kernels.
+    """
+    import torch
+
+
+    key = hashlib.sha256(f"{spec.name}:{spec.seed}:{spec.train_version}:{torch.__version__}".encode()).hexdigest()[:16]
+    path = cache_dir() / f"{spec.name}-{key}.safetensors"
+    if path.is_file():
+        try:
+            model.load_state_dict(load_weights(path))
+            return
+        except (ArtifactError, RuntimeError):
+            pass  # a damaged or stale cache entry is retrained over
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        spec.train(model)
+    model.eval()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(model.state_dict(), path)
+    except OSError:
+        pass  # an unwritable cache costs time on the next run, not correctness
+
+
+def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator", length: int | None = None) -> "torch.Tensor":
+    import torch
+
+    shape = spec.concrete_shape(batch_size, length)
+    dtype = getattr(torch, spec.dtype)
+    if spec.dtype.startswith("int"):
+        return torch.randint(0, spec.high, shape, generator=generator, dtype=dtype)
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+#: what `deploykit export` and `deploykit bench` run without --model (in the zoo)
+DEFAULT_MODEL = "mlp-sst2"
+
+
+def register_model(name: str, **fields: Any) -> Callable[[Callable[[], "nn.Module"]], Callable[[], "nn.Module"]]:
+    """Decorator registering a zero-argument model builder under `name`.
+
+    `fields` are `ModelSpec`'s own (one definition of what a spec holds); the builder's docstring's
+    first line is the description unless one is given.
+    """
+
+    def decorate(build: Callable[[], "nn.Module"]) -> Callable[[], "nn.Module"]:
+        doc = (build.__doc__ or "").strip()
+        description = fields.pop("description", doc.splitlines()[0] if doc else "")
+        MODELS.add(name, ModelSpec(name=name, build=build, description=description, **fields))
+        return build
+
+    return decorate

@@ -1,0 +1,228 @@
+"""Speech-translation decoding over any runtime, and the ONNX Runtime side of an exported pair.
+
+Imports neither torch nor ESPnet: an onnxruntime benchmark worker and a deployment that only has the
+exported `encoder.onnx` / `decoder.onnx` use this module alone. The PyTorch side (`deploykit.pipelines.espnet`)
+implements the same two small interfaces, so one search algorithm and one benchmark session serve
+both runtimes and their token sequences can be compared exactly:
+
+- a *translator*: `sos`, `eos`, `vocab_size`, `encode(feats) -> memory`, `stepper(memory)`;
+- a *stepper*: `start() -> state`, `step(tokens, state) -> (next-token log-probabilities, state)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from deploykit.core.confine import inside, read_json
+from deploykit.core.errors import UsageError
+from deploykit.core.ort import CPU_PROVIDER, ort_session
+from deploykit.model.artifact import ST_CONFIG_FILE
+from deploykit.runtime.session import RuntimeInfo, Target
+
+#: the benchmark's utterance: 5 s of 10 ms feature frames, decoded greedily for a fixed token count
+BENCH_FRAMES = 500
+BENCH_TOKENS = 20
+#: tokens already decoded when one decoder step is timed (the step then attends over them via its cache)
+STEP_PREFIX = 10
+#: padding of token sequences compared across runtimes (after <eos>, or after the token budget)
+NO_TOKEN = -1
+
+
+class OrtSTDecoder:
+    """The exported decoder under ONNX Runtime, with espnet_onnx's cache convention: each layer's
+    cache starts as zeros of one dummy position, and the model hands back the caches to feed next."""
+
+    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1, provider: str = CPU_PROVIDER,
+                 optimization: str | None = None):
+        # it takes turns with the encoder: its threads must not spin while the encoder runs
+        self.session = ort_session(path, threads, spinning=False, provider=provider, optimization=optimization)
+        self.layers, self.size = layers, size
+
+    def initial_cache(self) -> list[np.ndarray]:
+        return [np.zeros((1, 1, self.size), dtype=np.float32) for _ in range(self.layers)]
+
+    def step(self, tokens: np.ndarray, memory: np.ndarray, cache: list[np.ndarray]):
+        feeds = {"tgt": tokens.astype(np.int64), "memory": memory,
+                 **{f"cache_{i}": c for i, c in enumerate(cache)}}
+        logp, *cache = self.session.run(None, feeds)
+        return logp[0], cache
+
+
+class OrtStepper:
+    """Next-token log-probabilities from the exported decoder under ONNX Runtime."""
+
+    def __init__(self, decoder: OrtSTDecoder, memory: np.ndarray):
+        self.decoder, self.memory = decoder, memory
+
+    def start(self):
+        return self.decoder.initial_cache()
+
+    def step(self, tokens: list[int], state):
+        return self.decoder.step(np.array([tokens]), self.memory, state)
+
+
+class OrtSpeechTranslator:
+    """An exported encoder/decoder pair loaded once into ONNX Runtime sessions (no torch needed)."""
+
+    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER,
+                 optimization: str | None = None):
+        directory = Path(directory)
+        self.config = read_json(directory, ST_CONFIG_FILE, "speech-translation config")
+        self.sos, self.eos, self.vocab_size = self.config["sos"], self.config["eos"], self.config["vocab_size"]
+        self.encoder = ort_session(inside(directory, self.config.get("encoder"), f"{ST_CONFIG_FILE} encoder"), threads, spinning=False, provider=provider,
+                                   optimization=optimization)
+        self.decoder = OrtSTDecoder(inside(directory, self.config.get("decoder"), f"{ST_CONFIG_FILE} decoder"), self.config["decoder_layers"],
+                                    self.config["decoder_size"], threads, provider, optimization)
+
+    def encode(self, feats: np.ndarray) -> np.ndarray:
+        return self.encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
+
+    def stepper(self, memory: np.ndarray) -> OrtStepper:
+        return OrtStepper(self.decoder, memory)
+
+    def decode(self, feats: np.ndarray, max_tokens: int, beam: int = 1) -> list[int]:
+        return translate(self, feats, max_tokens, beam)
+
+
+def decode(stepper, sos: int, eos: int, max_tokens: int, beam: int = 1) -> list[int]:
+    """Greedy (beam 1) or beam search over any stepper; returns the tokens after <sos>.
+
+    One algorithm for both runtimes, so that their token sequences can be compared exactly. Beam
+    search keeps the `beam` best partial hypotheses by summed log-probability, sets aside those that
+    end with <eos>, and stops when `beam` have ended or after `max_tokens`; the best ended hypothesis
+    wins (the best unfinished one if none ended).
+    """
+    if beam < 1 or max_tokens < 1:
+        raise UsageError("beam and max_tokens must be >= 1")
+    beams = [(0.0, [sos], stepper.start())]
+    finished: list[tuple[float, list[int]]] = []
+    for _ in range(max_tokens):
+        candidates = []
+        for score, tokens, state in beams:
+            logp, new_state = stepper.step(tokens, state)
+            for token in np.argsort(-logp, kind="stable")[:beam]:
+                candidates.append((score + float(logp[token]), tokens + [int(token)], new_state))
+        candidates.sort(key=lambda c: -c[0])  # stable: ties keep their order on both runtimes
+        beams = []
+        for score, tokens, state in candidates[:beam]:
+            if tokens[-1] == eos:
+                finished.append((score, tokens))
+            else:
+                beams.append((score, tokens, state))
+        if not beams or len(finished) >= beam:
+            break
+    best = max(finished or [(score, tokens) for score, tokens, _ in beams], key=lambda c: c[0])
+    return best[1][1:]
+
+
+def translate(translator, feats, max_tokens: int, beam: int = 1) -> list[int]:
+    """Encode one utterance's features and decode it with `decode`."""
+    return decode(translator.stepper(translator.encode(feats)), translator.sos, translator.eos, max_tokens, beam)
+
+
+def decode_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, beam: int = 1, threads: int = 1) -> list[int]:
+    """Load an exported pair and decode one utterance (see `OrtSpeechTranslator` to decode many)."""
+    return OrtSpeechTranslator(directory, threads).decode(feats, max_tokens, beam)
+
+
+def state_after(stepper, prefix: Sequence[int]):
+    """The stepper's state once `prefix` has been decoded token by token (what the next step gets)."""
+    state = stepper.start()
+    for k in range(1, len(prefix) + 1):
+        _, state = stepper.step(list(prefix[:k]), state)
+    return state
+
+
+class STSession:
+    """A benchmark session over a translator: its timed stages and the outputs compared across runtimes.
+
+    Stages: `encoder` (features -> encoder output), `decoder-step` (one step after `STEP_PREFIX`
+    tokens, with their cache) and `greedy` (features -> `BENCH_TOKENS` tokens, end to end). Outputs:
+    the encoder output, that step's log-probabilities, and the greedy tokens padded with `NO_TOKEN`.
+    """
+
+    #: both translators return host arrays (onnxruntime) or run on the CPU (torch): calls are synchronous
+    synchronize = None
+
+    def __init__(self, translator, info, files: Sequence[str]):
+        self.translator, self.info, self.files = translator, info, tuple(files)
+
+    def _prefix(self) -> list[int]:
+        ordinary = self.translator.vocab_size - 3  # ids 2.. are ordinary tokens; the last is <sos/eos>
+        return [self.translator.sos] + [2 + i % ordinary for i in range(STEP_PREFIX)]
+
+    @staticmethod
+    def _features(feeds) -> np.ndarray:
+        feats = np.asarray(feeds["feats"])
+        if feats.shape[0] != 1:
+            raise UsageError(f"speech translation decodes one utterance at a time, not a batch of {feats.shape[0]}")
+        return feats
+
+    def _step_ready(self, feats: np.ndarray):
+        """(encoder output, stepper over it, token prefix, the state after all but its last token)."""
+        memory = self.translator.encode(feats)
+        stepper = self.translator.stepper(memory)
+        prefix = self._prefix()
+        return memory, stepper, prefix, state_after(stepper, prefix[:-1])
+
+    def run(self, feeds) -> list[np.ndarray]:
+        feats = self._features(feeds)
+        memory, stepper, prefix, state = self._step_ready(feats)
+        logp, _ = stepper.step(prefix, state)
+        tokens = translate(self.translator, feats, BENCH_TOKENS)
+        padded = np.full(BENCH_TOKENS, NO_TOKEN, dtype=np.int64)
+        padded[:len(tokens)] = tokens
+        return [np.asarray(memory), np.asarray(logp), padded]
+
+    def stages(self, feeds) -> dict[str, Callable[[], object]]:
+        t = self.translator
+        feats = self._features(feeds)
+        _, stepper, prefix, state = self._step_ready(feats)
+        return {
+            "encoder": lambda: t.encode(feats),
+            "decoder-step": lambda: stepper.step(prefix, state),
+            "greedy": lambda: translate(t, feats, BENCH_TOKENS),
+        }
+
+
+#: what `STSession.run` returns, in order
+ST_BENCH_OUTPUTS = ("encoder_out", "decoder_logp", "greedy_tokens")
+
+
+@dataclass(frozen=True)
+class BleuScore:
+    """Corpus BLEU, 0..100, and sacrebleu's signature of how it was computed (tokenizer, smoothing,
+    version): two scores are comparable only when their signatures are equal."""
+
+    score: float
+    signature: str
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> BleuScore:
+    """Corpus BLEU of detokenized sentences against one reference each, by sacrebleu with its
+    defaults (4-gram, 13a tokenizer, exponential smoothing): the way published speech-translation
+    BLEU is computed, so scores here can be set beside the study's."""
+    try:
+        from sacrebleu.metrics import BLEU
+    except ImportError:
+        raise UsageError("BLEU needs sacrebleu: pip install 'deploykit[espnet]'") from None
+
+    if len(hypotheses) != len(references):
+        raise UsageError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    metric = BLEU()
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return BleuScore(float(score.score), str(metric.get_signature()))
+
+
+def load_onnxruntime(directory: Path, threads: int, target: Target) -> STSession:
+    """The benchmark session of an exported ST artifact under ONNX Runtime."""
+    import onnxruntime as ort
+
+
+    translator = OrtSpeechTranslator(directory, threads, target.device, target.graph_optimization)
+    info = RuntimeInfo("onnxruntime", ort.__version__, threads, translator.encoder.get_providers()[0])
+    return STSession(translator, info, [translator.config["encoder"], translator.config["decoder"]])

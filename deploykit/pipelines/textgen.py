@@ -1,0 +1,132 @@
+"""Text generation with an exported causal language model under ONNX Runtime (no torch needed).
+
+An artifact of the "text-generation" pipeline holds two graphs exported by optimum
+(`deploykit.pipelines.gpt2`): `decoder_with_past.onnx` takes the key/value cache of the tokens so far and
+returns it extended (optimum's "text-generation-with-past" task), and `decoder.onnx` recomputes the
+whole sequence (task "text-generation"; used for perplexity). `textgen_config.json` names them.
+
+`greedy` (`deploykit.model.causal_lm`) decodes with any model that has `prefill(prompt) -> (logits, state)` and
+`step(token, state) -> (logits, state)`: `OrtCausalLM` here, `deploykit.model.zoo.gpt2.TorchCausalLM` for
+PyTorch. States are never changed in place, so one state can be stepped from again and again (the
+benchmark's decode-step stage does exactly that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from deploykit.core.confine import inside, read_json
+from deploykit.core.errors import UsageError
+from deploykit.core.ort import CPU_PROVIDER, ort_session
+from deploykit.model.causal_lm import greedy
+from deploykit.runtime.session import RuntimeInfo, Target
+
+TEXTGEN_CONFIG_FILE = "textgen_config.json"
+WITH_PAST_FILE = "decoder_with_past.onnx"
+NO_PAST_FILE = "decoder.onnx"
+#: prompt length of benchmark inputs, and new tokens of the generate stage (the GPT-2 study's setting)
+BENCH_PROMPT = 16
+BENCH_NEW_TOKENS = 64
+#: greedy tokens pad value after an end-of-sequence token
+NO_TOKEN = -1
+#: what `GenerationSession.run` returns, in order
+TEXTGEN_OUTPUTS = ("prompt_logits", "step_logits", "greedy_tokens")
+
+
+class OrtCausalLM:
+    """The exported graphs in onnxruntime sessions: the cached one at once, the full-sequence one
+    when first needed (generation never needs it, and it would double the memory figure)."""
+
+    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER,
+                 optimization: str | None = None):
+        self.directory, self.threads = Path(directory), threads
+        self.options = {"provider": provider, "optimization": optimization}
+        self.config = read_json(self.directory, TEXTGEN_CONFIG_FILE, "text-generation config")
+        self.eos = self.config.get("eos")
+        self.with_past = ort_session(inside(self.directory, self.config.get("with_past"), f"{TEXTGEN_CONFIG_FILE} with_past"), threads, **self.options)
+        self._no_past = None
+        inputs = self.with_past.get_inputs()
+        self.past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]
+        # (heads, head size) per cache input: fixed dimensions of the exported graph
+        self.empty_past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+                           for i in inputs if i.name in self.past_names}
+        self.output_names = [o.name for o in self.with_past.get_outputs()]
+
+    def _run(self, ids: np.ndarray, past: dict[str, np.ndarray], start: int):
+        length = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, start + length), dtype=np.int64),
+                 "position_ids": np.arange(start, start + length, dtype=np.int64)[None], **past}
+        outputs = dict(zip(self.output_names, self.with_past.run(None, feeds)))
+        present = {name: outputs[name.replace("past_key_values.", "present.")] for name in self.past_names}
+        return outputs["logits"][0, -1], (present, start + length)
+
+    def prefill(self, prompt: np.ndarray):
+        return self._run(prompt, self.empty_past, 0)
+
+    def step(self, token: int, state):
+        past, length = state
+        return self._run(np.array([[token]], dtype=np.int64), past, length)
+
+    @property
+    def no_past(self):
+        if self._no_past is None:
+            self._no_past = ort_session(inside(self.directory, self.config.get("no_past"), f"{TEXTGEN_CONFIG_FILE} no_past"), self.threads, **self.options)
+        return self._no_past
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        length = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "position_ids": np.arange(length, dtype=np.int64)[None].repeat(ids.shape[0], axis=0)}
+        names = {i.name for i in self.no_past.get_inputs()}
+        return self.no_past.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+
+
+class GenerationSession:
+    """A benchmark session over a causal LM: stages `prompt` (the prompt in one pass, filling the
+    cache), `decode-step` (one token after the prompt, with its cache) and `generate`
+    (`BENCH_NEW_TOKENS` greedy tokens, end to end). Outputs: the prompt's last logits, the step's
+    logits, and the greedy tokens padded with `NO_TOKEN`."""
+
+    #: both language models return host arrays or run on the CPU: calls are synchronous
+    synchronize = None
+
+    def __init__(self, lm, info: RuntimeInfo, files: Sequence[str], new_tokens: int = BENCH_NEW_TOKENS):
+        self.lm, self.info, self.files, self.new_tokens = lm, info, tuple(files), new_tokens
+
+    @staticmethod
+    def _prompt(feeds) -> np.ndarray:
+        ids = np.asarray(feeds["input_ids"], dtype=np.int64)
+        if ids.shape[0] != 1:
+            raise UsageError(f"text generation decodes one prompt at a time, not a batch of {ids.shape[0]}")
+        return ids
+
+    def run(self, feeds) -> list[np.ndarray]:
+        prompt = self._prompt(feeds)
+        logits, state = self.lm.prefill(prompt)
+        step_logits, _ = self.lm.step(int(np.argmax(logits)), state)
+        tokens = greedy(self.lm, prompt[0].tolist(), self.new_tokens, self.lm.eos)
+        padded = np.full(self.new_tokens, NO_TOKEN, dtype=np.int64)
+        padded[:len(tokens)] = tokens
+        return [np.asarray(logits), np.asarray(step_logits), padded]
+
+    def stages(self, feeds) -> dict[str, Callable[[], object]]:
+        lm, prompt = self.lm, self._prompt(feeds)
+        logits, state = lm.prefill(prompt)
+        token = int(np.argmax(logits))
+        ids = prompt[0].tolist()
+        return {
+            "prompt": lambda: lm.prefill(prompt),
+            "decode-step": lambda: lm.step(token, state),
+            "generate": lambda: greedy(lm, ids, self.new_tokens, lm.eos),
+        }
+
+
+def load_onnxruntime(directory: Path, threads: int, target: Target) -> GenerationSession:
+    import onnxruntime as ort
+
+    lm = OrtCausalLM(directory, threads, target.device, target.graph_optimization)
+    info = RuntimeInfo("onnxruntime", ort.__version__, threads, lm.with_past.get_providers()[0])
+    return GenerationSession(lm, info, [lm.config["with_past"]])

@@ -1,0 +1,129 @@
+"""Structured units inside composite modules that torch-pruning's dependency graph cannot see.
+
+GPT-2 keeps its projections in transformers' `Conv1D` (weight stored (in, out), applied with
+`addmm`), which torch-pruning does not recognise, and its attention heads are a reshape of one packed
+QKV projection. A *block handler* exposes such units (attention heads, MLP hidden channels) as a
+`SliceGroup`, like a torch-pruning group: the slices that produce each unit (to mask and to find dead
+units) and a removal. Removal goes through transformers' own `prune_heads` / `prune_conv1d_layer`,
+which also keep `num_heads` and `split_size` consistent. Blocks are matched by class path, so this
+module never imports transformers itself.
+
+How to add a handler: subclass `BlockHandler` with `unit`, `root` (the layer whose name selects the
+unit's sparsity in a plan), `slices` and `remove`, and list it in `HANDLERS` under the block's class path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from deploykit.prune.slices import Slice, SliceGroup
+
+
+class BlockHandler:
+    unit = ""
+    root = ""
+
+    def size(self, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    def slices(self, block_name: str, block: nn.Module) -> list[Slice]:
+        raise NotImplementedError
+
+    def remove(self, block: nn.Module, units: Sequence[int]) -> None:
+        raise NotImplementedError
+
+
+def _column_slices(name: str, conv1d: nn.Module, columns: Sequence[tuple[int, int]]) -> list[Slice]:
+    """Slices of a transformers Conv1D producing output columns: (column, root unit) pairs."""
+    out = []
+    for column, root in columns:
+        out.append(Slice(name, conv1d, "weight", 1, column, root))  # Conv1D weight is (in, out)
+        if conv1d.bias is not None:
+            out.append(Slice(name, conv1d, "bias", 0, column, root))
+    return out
+
+
+class GPT2Heads(BlockHandler):
+    """Attention heads of transformers' GPT2Attention: head h owns columns h*d..(h+1)*d of q, k and v."""
+
+    unit = "heads"
+    root = "c_attn"
+
+    def size(self, block):
+        return block.num_heads
+
+    def slices(self, block_name, block):
+        d, width = block.head_dim, block.split_size
+        columns = [(part * width + h * d + i, h) for h in range(block.num_heads) for part in range(3) for i in range(d)]
+        return _column_slices(f"{block_name}.c_attn", block.c_attn, columns)
+
+    def remove(self, block, units):
+        # prune_heads numbers heads as in the original model, skipping heads pruned earlier
+        original = [h for h in range(block.num_heads + len(block.pruned_heads)) if h not in block.pruned_heads]
+        block.prune_heads({original[u] for u in units})
+
+
+class GPT2MLPHidden(BlockHandler):
+    """Hidden channels of transformers' GPT2MLP: c_fc's output columns and c_proj's input rows."""
+
+    unit = "hidden"
+    root = "c_fc"
+
+    def size(self, block):
+        return block.c_fc.nf
+
+    def slices(self, block_name, block):
+        return _column_slices(f"{block_name}.c_fc", block.c_fc, [(j, j) for j in range(block.c_fc.nf)])
+
+    def remove(self, block, units):
+        from transformers.pytorch_utils import prune_conv1d_layer
+
+        drop = set(units)
+        keep = torch.tensor([j for j in range(block.c_fc.nf) if j not in drop], dtype=torch.long)
+        block.c_fc = prune_conv1d_layer(block.c_fc, keep, dim=1)
+        block.c_proj = prune_conv1d_layer(block.c_proj, keep, dim=0)
+
+
+HANDLERS: dict[str, BlockHandler] = {
+    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": GPT2Heads(),
+    "transformers.models.gpt2.modeling_gpt2.GPT2MLP": GPT2MLPHidden(),
+}
+
+
+def handler_for(module: nn.Module) -> BlockHandler | None:
+    cls = type(module)
+    return HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+class BlockGroup(SliceGroup):
+    def __init__(self, handler: BlockHandler, block_name: str, block: nn.Module, history: list):
+        super().__init__()
+        self.handler, self.block_name, self.block = handler, block_name, block
+        self.root_name = f"{block_name}.{handler.root}"
+        self.size = handler.size(block)
+        self.slices = handler.slices(block_name, block)
+        self._history = history
+
+    def prune(self, channels: Sequence[int]) -> None:
+        self.handler.remove(self.block, list(channels))
+        self._history.append([self.block_name, self.handler.unit, [int(c) for c in channels]])
+
+
+def block_groups(model: nn.Module, keep: Sequence[str], history: list) -> Iterator[BlockGroup]:
+    """One group per handled block (not inside `keep`); removals are appended to `history`."""
+    for name, module in model.named_modules():
+        handler = handler_for(module)
+        if handler is not None and not any(name == k or name.startswith(k + ".") for k in keep):
+            yield BlockGroup(handler, name, module, history)
+
+
+def replay_blocks(model: nn.Module, history: list) -> None:
+    for block_name, unit, units in history:
+        block = model.get_submodule(block_name)
+        handler = handler_for(block)
+        if handler is None or handler.unit != unit:
+            raise ValueError(f"cannot replay {unit} removal on {block_name} ({type(block).__name__})")
+        handler.remove(block, units)

@@ -1,0 +1,60 @@
+"""The unit of structured pruning as pruners and the shrinker see it: a group of units (channels, heads),
+each produced by parameter slices.
+
+Its own module because both sources of groups build on it: torch-pruning's dependency graph
+(`deploykit.prune.channels`) and the block handlers for layers torch-pruning cannot see
+(`deploykit.prune.blocks`), which `channels` also gathers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One parameter slice producing channel `root` of a group: `module.<param>[..., index, ...]` along `dim`."""
+
+    module_name: str
+    module: nn.Module
+    param: str
+    dim: int
+    index: int
+    root: int
+
+
+class SliceGroup:
+    """Units (channels, heads) of a group, each produced by parameter slices; the interface pruners
+    and the shrinker use. Subclasses fill `slices` and implement `prune`."""
+
+    root_name: str
+    size: int
+    #: torch-pruning's group, for its importance scorers; None for groups it does not model
+    group = None
+
+    def __init__(self) -> None:
+        self.slices: list[Slice] = []
+        self.unsupported: list[str] = []
+        self.blocking: list[str] = []
+
+    def dead_channels(self) -> list[int]:
+        """Root units whose every producing slice is exactly zero (their output is identically 0)."""
+        alive = set()
+        for s in self.slices:
+            if s.root not in alive and bool(getattr(s.module, s.param).select(s.dim, s.index).any()):
+                alive.add(s.root)
+        return [c for c in range(self.size) if c not in alive]
+
+    def unit_matrix(self) -> torch.Tensor:
+        """(size, features): each unit's producing values, for importance criteria."""
+        rows: dict[int, list[torch.Tensor]] = {c: [] for c in range(self.size)}
+        for s in self.slices:
+            rows[s.root].append(getattr(s.module, s.param).detach().select(s.dim, s.index).reshape(-1))
+        return torch.stack([torch.cat(rows[c]) for c in range(self.size)])
+
+    def prune(self, channels: Sequence[int]) -> None:
+        raise NotImplementedError

@@ -1,0 +1,137 @@
+"""Structured pruners: zero whole output channels (rows of Linear, filters of Conv) by coupled group.
+
+Channels are scored per torch-pruning group (L1 or L2 norm, FPGM's distance to the geometric median,
+or random), and the lowest-scoring ones are masked in *every* layer that produces them (the Linear or
+Conv rows and biases, BatchNorm scale and shift, each residual branch), so the channel's output is
+exactly zero and `dense-shrunk` can later remove it without changing the model's outputs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch_pruning as tp
+from torch.nn.utils import prune
+
+from deploykit.prune.channels import SliceGroup, UnsupportedLayerError, channel_groups, dependency_graph
+from deploykit.core.errors import UsageError
+from deploykit.model.hints import hints_of
+from deploykit.prune.base import PRUNERS, Outcome, PruneContext
+
+
+class Criterion:
+    """Channel importance: torch-pruning's scorer for its groups, `units` over each unit's weights
+    (rows of `SliceGroup.unit_matrix`) for the blocks it cannot see.
+
+    Across groups raw norms are not comparable (layers differ in scale), so global ranking divides
+    scores by their group mean, as torch-pruning's own global pruning does.
+    """
+
+    def __init__(self, local: tp.importance.Importance, normalised: tp.importance.Importance,
+                 units: Callable[[torch.Tensor], torch.Tensor]):
+        self.local, self.normalised, self.units = local, normalised, units
+
+    def __call__(self, group: SliceGroup, normalise: bool) -> torch.Tensor:
+        if group.group is not None:
+            return (self.normalised if normalise else self.local)(group.group)
+        scores = self.units(group.unit_matrix())
+        return scores / scores.mean().clamp_min(1e-12) if normalise else scores
+
+
+class StructuredPruner:
+    """Mask the lowest-importance channels of each group."""
+
+    def __init__(self, criterion: Criterion):
+        self.criterion = criterion
+
+    def apply(self, ctx: PruneContext) -> Outcome:
+        hints = hints_of(ctx.spec)
+        graph = dependency_graph(ctx.model, ctx.example_inputs, hints)
+        groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded, hints=hints)
+                  if g.root_name in ctx.targets]
+        # Channels feeding a LayerNorm or split into attention heads cannot be removed exactly, so
+        # masking them would buy nothing.
+        not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
+        groups = [g for g in groups if not g.blocking]
+        for group in groups:
+            if group.unsupported:
+                raise UnsupportedLayerError(
+                    f"structured pruning cannot mask channels of {', '.join(group.unsupported)} "
+                    f"(in the group of {group.root_name}); exclude it with --exclude (its width then stays, and "
+                    "so does its group's), or describe its type with a LayerHandler hint"
+                )
+        ungrouped = sorted(set(ctx.targets) - {g.root_name for g in groups} - set(not_removable))
+        if not groups:
+            raise UsageError(
+                "structured pruning found no removable channel group among the selected layers"
+                + (f"; no torch-pruning group for: {', '.join(ungrouped)}" if ungrouped else "")
+                + (f"; not removable (normalised across channels, or split into heads): {', '.join(not_removable)}"
+                   if not_removable else "")
+            )
+        chosen = self._choose(ctx, groups)
+        masks = defaultdict(dict)
+        for group in groups:
+            picked = set(chosen[group.root_name])
+            for s in group.slices:
+                if s.root in picked:
+                    mask = masks[s.module_name].setdefault(
+                        s.param, torch.ones_like(getattr(s.module, s.param), dtype=torch.bool))
+                    mask.select(s.dim, s.index).fill_(False)
+        for module_name, params in masks.items():
+            module = ctx.model.get_submodule(module_name)
+            for param, mask in params.items():
+                prune.custom_from_mask(module, param, mask)
+        requested = sum(len(c) for c in chosen.values())
+        masked = sum(len(set(chosen[g.root_name]) & set(g.dead_channels())) for g in groups)
+        details = {"channels_masked": {name: len(c) for name, c in chosen.items()},
+                   "skipped_normalised_groups": not_removable, "without_group": ungrouped}
+        return Outcome("channels", requested, masked, details)
+
+    def _choose(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
+        """Root channels to prune per group; every group keeps at least one channel."""
+        chosen: dict[str, list[int]] = {}
+        if ctx.plan.scope == "layer":
+            for group in groups:
+                n = min(round(ctx.targets[group.root_name] * group.size), group.size - 1)
+                scores = self.criterion(group, normalise=False)
+                chosen[group.root_name] = torch.argsort(scores)[:n].tolist()
+            return chosen
+        by_amount = defaultdict(list)
+        for group in groups:
+            by_amount[ctx.targets[group.root_name]].append(group)
+        for amount, members in by_amount.items():
+            scored = [(float(score), group.root_name, c)
+                      for group in members for c, score in enumerate(self.criterion(group, normalise=True))]
+            budget = round(amount * sum(g.size for g in members))
+            sizes = {g.root_name: g.size for g in members}
+            for group in members:
+                chosen[group.root_name] = []
+            for _, name, channel in sorted(scored):
+                if budget == 0:
+                    break
+                if len(chosen[name]) < sizes[name] - 1:
+                    chosen[name].append(channel)
+                    budget -= 1
+        return chosen
+
+
+def _magnitude(p: int) -> Criterion:
+    return Criterion(
+        tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer=None),
+        tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer="mean"),
+        lambda units: units.norm(p=p, dim=1),
+    )
+
+
+PRUNERS.add("l1-structured", StructuredPruner(_magnitude(1)))
+PRUNERS.add("l2-structured", StructuredPruner(_magnitude(2)))
+PRUNERS.add("fpgm", StructuredPruner(Criterion(
+    tp.importance.FPGMImportance(p=2, normalizer=None),
+    tp.importance.FPGMImportance(p=2, normalizer="mean"),
+    lambda units: torch.cdist(units, units).sum(dim=1),  # distance to all others: near the median = redundant
+)))
+PRUNERS.add("random-structured", StructuredPruner(Criterion(
+    tp.importance.RandomImportance(), tp.importance.RandomImportance(), lambda units: torch.rand(len(units)),
+)))

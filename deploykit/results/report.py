@@ -1,0 +1,202 @@
+"""Renderers: pure functions from records to text. Measuring code never formats.
+
+Sizes in tables are MB = 10^6 bytes, as the pruning studies quoted them (5.65 MB for the SST-2 MLP).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Sequence
+
+from tabulate import tabulate
+
+from deploykit.core.errors import UsageError
+from deploykit.core.contention import Load
+from deploykit.core.measure import REMEDIES, required_samples
+from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
+from deploykit.bench.records import BenchRecord
+from deploykit.core.sparsity import SparsityTable
+
+MB = 1e6
+
+
+def sparsity_report(table: SparsityTable) -> str:
+    """One row per parameter, then "all pruned parameters" and "overall model"."""
+    rows = [
+        [r.name, "x".join(map(str, r.shape)), r.numel, r.zeros, f"{100 * r.sparsity:.2f}%", "yes" if r.pruned else ""]
+        for r in table.rows
+    ]
+    pruned = [r for r in table.rows if r.pruned]
+    rows.append(["all pruned parameters", "", sum(r.numel for r in pruned), sum(r.zeros for r in pruned),
+                 f"{100 * table.pruned_overall:.2f}%", ""])
+    rows.append(["overall model", "", table.parameters, table.parameters - table.nonzero,
+                 f"{100 * table.overall:.2f}%", ""])
+    return tabulate(rows, headers=["parameter", "shape", "numel", "zeros", "sparsity", "pruned"],
+                    colalign=("left", "left", "right", "right", "right", "left"))
+
+
+BENCH_HEADERS = [
+    "model", "form", "sparsity", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
+    "items/s", "peak MB", "disk MB", "params", "nonzero", "parity",
+]
+
+
+#: devices that go without saying: a "device" column appears only when some row ran elsewhere
+CPU_DEVICES = ("cpu", "CPUExecutionProvider")
+
+
+def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted rows; "device", "stage" and "length" columns only where some row needs one."""
+    optional = {
+        "device": (any(r.device not in CPU_DEVICES for r in records), lambda r: r.device),
+        "stage": (any(r.stage != "forward" for r in records), lambda r: r.stage),
+        "length": (any(r.sequence_length for r in records), lambda r: str(r.sequence_length or "")),
+        "graph opt": (any(r.graph_optimization not in ("", DEFAULT_GRAPH_OPTIMIZATION) for r in records),
+                      lambda r: r.graph_optimization),
+    }
+    shown = [(name, cell) for name, (wanted, cell) in optional.items() if wanted]
+    rows = []
+    for r in records:
+        m = r.measurement
+        rows.append([
+            r.model, r.form_label, f"{r.sparsity:g}", r.runtime, *(cell(r) for _, cell in shown), str(r.batch_size),
+            str(r.threads), f"{m.percentile_ms(50):.4f}", _tail(m, 90), _tail(m, 99),
+            f"{m.throughput_items_per_s:,.0f}", f"{r.peak_rss_bytes / MB:.1f}", f"{r.disk_bytes / MB:.3f}",
+            f"{r.parameters:,}", f"{r.nonzero_parameters:,}",
+            f"{r.parity_max_abs_error:.1e}" + (" WRONG" if r.wrong else ""),
+        ])
+    return BENCH_HEADERS[:4] + [name for name, _ in shown] + BENCH_HEADERS[4:], rows
+
+
+def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str:
+    """The rows as a text table (or Markdown, with tablefmt="github"), then notes on how far to trust them."""
+    headers, rows = bench_rows(records)
+    left = ("model", "form", "runtime", "device", "stage")
+    table = tabulate(rows, headers=headers, disable_numparse=True, tablefmt=tablefmt,
+                     colalign=tuple("left" if h in left else "right" for h in headers))
+    notes = []
+    thin = {q for r in records for q in (90, 99) if not r.measurement.enough_samples_for(q)}
+    if thin:
+        notes.append("note: " + ", ".join(f"p{q} needs >= {required_samples(q)} samples" for q in sorted(thin))
+                     + "; '-' marks rows with fewer (raise --min-iters or --min-time)")
+    overhead = sorted(r.measurement.overhead_ns for r in records)
+    if overhead:
+        fastest = min(r.measurement.median_ms for r in records)
+        notes.append(f"note: harness overhead {overhead[len(overhead) // 2] / 1e3:.2f} us per sample (median over "
+                     f"rows), {100 * overhead[len(overhead) // 2] / 1e6 / fastest:.2f}% of the fastest p50")
+    notes += _problem_notes(records)
+    busy = [r for r in records if _disturbed(r)]
+    if busy:
+        worst = max(max(r.load.get(w, {}).get("others_busy_cores", 0.0) for w in ("before", "during")) for r in busy)
+        notes.append(f"warning: {len(busy)} of {len(records)} rows were measured while other work ran (up to "
+                     f"{worst:.2f} cores busy with it): their times may be inflated; compare ratios taken in one run")
+    wrong = [r for r in records if r.wrong]
+    if wrong:
+        notes.append(f"warning: {len(wrong)} of {len(records)} rows are marked WRONG: their outputs differ from the "
+                     "reference beyond the parity tolerance, so their speed is not the model's")
+    if any(r.form == "csr" and r.runtime == "onnxruntime" for r in records):
+        notes.append("note: onnxruntime densifies sparse initializers when it loads a model: its csr rows run "
+                     "dense kernels (the file is smaller, the time is dense time)")
+    separator = "\n" if tablefmt == "simple" else "\n\n"  # Markdown needs paragraphs
+    return table + "".join(separator + n for n in notes)
+
+
+def bench_csv(records: Sequence[BenchRecord]) -> str:
+    """One line per record with unformatted numbers (ms, bytes), for spreadsheets."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch",
+                     "sequence_length", "graph_optimization", "threads",
+                     "p50_ms", "p50_ci95_low_ms", "p50_ci95_high_ms", "p90_ms", "p99_ms", "iqr_ms", "samples",
+                     "items_per_s", "peak_rss_bytes", "disk_bytes", "parameters", "nonzero_parameters", "parity"])
+    for r in records:
+        m = r.measurement
+        low, high = m.median_ci_ms()
+        writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form_label, r.runtime, r.stage, r.device, r.batch_size,
+                         r.sequence_length or "", r.graph_optimization, r.threads, m.median_ms, low, high,
+                         m.percentile_ms(90) if m.enough_samples_for(90) else "",
+                         m.percentile_ms(99) if m.enough_samples_for(99) else "", m.iqr_ms, len(m.samples_ns),
+                         m.throughput_items_per_s, r.peak_rss_bytes, r.disk_bytes, r.parameters,
+                         r.nonzero_parameters, r.parity_max_abs_error])
+    return out.getvalue()
+
+
+def configuration_key(r: BenchRecord) -> tuple:
+    """What makes two records the same configuration (in two runs, or on two machines)."""
+    return (r.model, r.prune, r.form, r.quantization, r.runtime, r.device, r.graph_optimization, r.stage, r.batch_size,
+            r.sequence_length, r.threads)
+
+
+def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], base_label: str, other_label: str,
+                  tablefmt: str = "simple") -> str:
+    """Configurations measured in both runs, side by side: p50 of each and other / base.
+
+    Ratios across runs (or machines) compare conditions as well as code: on a noisy machine only
+    ratios taken within one run are firm, which the footer says.
+    """
+    theirs = {configuration_key(r): r for r in other}
+    rows = []
+    for r in base:
+        match = theirs.get(configuration_key(r))
+        if match is None:
+            continue
+        a, b = r.measurement.median_ms, match.measurement.median_ms
+        rows.append([r.model, r.prune, r.form_label, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length or "",
+                     r.threads, f"{a:.4f}", f"{b:.4f}", f"{b / a:.2f}x", f"{match.disk_bytes / MB:.3f}"])
+    if not rows:
+        raise UsageError(f"{base_label} and {other_label} share no configuration (model, plan, form, runtime, "
+                         "device, stage, batch, length, threads)")
+    table = tabulate(rows, tablefmt=tablefmt, disable_numparse=True, headers=[
+        "model", "prune", "form", "runtime", "device", "stage", "batch", "length", "threads", f"p50 ms {base_label}",
+        f"p50 ms {other_label}", "ratio", f"disk MB {other_label}"])
+    unmatched = len(base) + len(other) - 2 * len(rows)
+    return table + (f"\n{unmatched} configurations measured in only one of the two" if unmatched else "")
+
+
+def _problem_notes(records: Sequence[BenchRecord]) -> list[str]:
+    """One warning per kind of problem, naming the rows it affects, with the remedy once."""
+    notes = []
+    for kind, remedy in REMEDIES.items():
+        hit = [r for r in records if kind in r.measurement.problems()]
+        if hit:
+            rows = "; ".join(f"{r.form_label} {r.sparsity:g} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} "
+                             f"batch {r.batch_size}: {r.measurement.problems()[kind]}" for r in hit)
+            notes.append(f"warning: {len(hit)} of {len(records)} rows {remedy}. Rows: {rows}")
+    return notes
+
+
+def _disturbed(record: BenchRecord) -> bool:
+    return any(Load(**record.load[when]).disturbed for when in ("before", "during") if when in record.load)
+
+
+def _tail(m, q: float) -> str:
+    return f"{m.percentile_ms(q):.4f}" if m.enough_samples_for(q) else "-"
+
+
+def audit_table(report) -> str:
+    """Per-layer storage, totals and budget checks of an `AuditReport`."""
+    rows = [[r.parameter, "x".join(map(str, r.shape)), r.numel, r.nonzero, f"{100 * r.sparsity:.2f}%", r.storage,
+             r.stored_bytes] for r in report.rows]
+    rows.append(["total", "", report.parameters, report.nonzero_parameters, "", "", sum(r.stored_bytes for r in report.rows)])
+    text = tabulate(rows, headers=["parameter", "shape", "numel", "nnz", "sparsity", "storage", "bytes"],
+                    colalign=("left", "left", "right", "right", "right", "left", "right"))
+    text += (f"\n\n{report.model} at {report.artifact}: weights {report.weights_bytes / MB:.3f} MB, "
+             f"ONNX {report.onnx_bytes / MB:.3f} MB, disk {report.disk_bytes / MB:.3f} MB")
+    if report.checks:
+        text += "\n\n" + tabulate(
+            [[c.name, f"{c.actual:,.4g}", f"{c.limit:,.4g}", "ok" if c.ok else "OVER"] for c in report.checks],
+            headers=["budget", "actual", "limit", ""], disable_numparse=True)
+        text += "\n\nverdict: " + ("within budget" if report.within_budget else "OVER BUDGET")
+    return text
+
+
+def records_json(records: Iterable[BenchRecord]) -> str:
+    return json.dumps([r.to_dict() for r in records], indent=2) + "\n"
+
+
+def failures_text(failures) -> str:
+    """One line per configuration that failed, for the terminal or a report."""
+    return "\n".join(f"failed: {f.label}: {f.error}" for f in failures)

@@ -1,8 +1,0 @@
-"""The built-in model zoo, imported as `deploykit.zoo`.
-
-Each module registers its models with `deploykit.spec.register_model`; importing this package fills
-the registry. Weights are random (seeded) unless a model can be trained quickly on data a package
-ships (the LeNets, on scikit-learn's digits).
-"""
-
-from . import espnet_st, gpt2, lenet, mlp, resnet, text, vae  # noqa: F401

@@ -1,5 +1,0 @@
-"""Hardware profiles shipped with deploykit, one TOML file per target machine (see README.md here).
-
-This folder is imported as `deploykit.hardware` only so that its files ship with the package;
-`deploykit.profiles` reads them.
-"""
