@@ -95,12 +95,17 @@ def test_tampered_weights_and_unknown_targets_exit_2(cli, artifact, tmp_path):
     assert result.returncode == 2 and f"weights.safetensors is {len(data) // 2:,} bytes, the manifest recorded" in result.stderr
     result = cli("audit", str(broken), "--no-verify")  # unchecked, the weights file's own validation still refuses it
     assert result.returncode == 2 and "cannot read weights file" in result.stderr
-    result = cli("audit", "no-such-thing")
+    result = cli("audit", "no-such-thing")  # a positional TARGET is an artifact or an ONNX file
+    assert result.returncode == 2 and ("'no-such-thing' is neither an artifact directory (no manifest.json) nor an "
+                                       "ONNX file; audit a model with --model no-such-thing") in result.stderr
+    result = cli("audit", "--model", "no-such-thing")
     assert result.returncode == 2 and "unknown model 'no-such-thing'; known: " in result.stderr
+    result = cli("audit", str(artifact), "--model", "mlp-sst2")
+    assert result.returncode == 2 and "audit takes one artifact directory or ONNX file, or one --model" in result.stderr
 
 
 def test_audit_a_model_by_name(cli):
-    result = cli("audit", "mlp-sst2", "--prune", "magnitude:0.5", "--form", "csr", "-q", "--json")
+    result = cli("audit", "--model", "mlp-sst2", "--prune", "magnitude:0.5", "--form", "csr", "-q", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["artifact"] == "mlp-sst2 exported as csr, magnitude:0.5" and data["parameters"] == 1_412_354

@@ -374,7 +374,7 @@ def test_audit_takes_an_entry_point_with_weights(cli, user_file, tmp_path):
     from safetensors.torch import save_file
 
     save_file(_user_net(user_file).state_dict(), tmp_path / "w.safetensors")
-    r = cli("audit", f"{user_file}:build", "--weights", str(tmp_path / "w.safetensors"), "--prune", "magnitude:0.5",
+    r = cli("audit", "--model", f"{user_file}:build", "--weights", str(tmp_path / "w.safetensors"), "--prune", "magnitude:0.5",
             "--json", "-q")
     assert r.returncode == 0, r.stderr
     audit = json.loads(r.stdout)

@@ -13,16 +13,17 @@ import argparse
 import errno
 import sys
 import traceback
-from typing import Sequence
+from typing import Callable, Sequence
 
 from deploykit import __version__
+from deploykit.bench.settings import DEFAULT_RUNTIMES
+from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
+from deploykit.cli import options
+from deploykit.cli.options import DEFAULT_BENCH_PRUNE
+from deploykit.convert.forms import DEFAULT_FORMS
 from deploykit.core.errors import DeployKitError, UsageError
-from deploykit.prune.base import PRUNERS  # torch-free at import, like everything imported here
 from deploykit.model.spec import DEFAULT_MODEL
-from deploykit.core.storage import CODECS
-from deploykit.results.store import ATTEMPTS, BUSY_TIMEOUT_S
 
-DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "html")
 
 
@@ -31,80 +32,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _csv(kind: type = str):
-    def parse(text: str) -> list:
-        try:
-            return [kind(item.strip()) for item in text.split(",") if item.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
-
-    return parse
-
-
 def _progress(args):
     if getattr(args, "quiet", False):
         return lambda message: None
     return lambda message: print(f"deploykit: {message}", file=sys.stderr, flush=True)
-
-
-def _add_plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scope", choices=("global", "layer"), default=None,
-                   help="prune the fraction over all layers together (global, default) or in each layer")
-    p.add_argument("--seed", type=int, default=None, help="seed for random pruning (default 0)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="imp: prune-rewind-retrain rounds, each removing the same share of what remains (default 1)")
-    p.add_argument("--rule", action="append", default=[], metavar="PATTERN=SPARSITY",
-                   help="per-module sparsity by name pattern, e.g. 'encoder.*.feed_forward*=0.5'; the first matching "
-                   "rule wins, other layers get the --prune sparsity (repeatable)")
-    p.add_argument("--plan", metavar="FILE.toml",
-                   help="pruning plan file: method, sparsity (or compression), scope, exclude, exclude_output, seed, "
-                   "rounds, layer_types, at_init and a [rules] table; command-line options override it")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="module name pattern never to prune, e.g. 'mlp.0' or 'encoder.*' (repeatable)")
-    p.add_argument("--prune-output", action="store_true",
-                   help="also prune the output layer (left dense by default, as in the pruning studies)")
-    p.add_argument("--layer-types", type=_csv(), metavar="T[,T...]",
-                   help="kinds of layer to prune: linear, conv, embedding, custom (default: every kind; snip, grasp "
-                   "and synflow: linear,conv, as the AG News study pruned)")
-    p.add_argument("--allow-layer-collapse", action="store_true",
-                   help="let the plan prune a layer to 100%% (by default that stops with the layers named: "
-                   "nothing passes through such a layer)")
-    p.add_argument("--at-init", action="store_true",
-                   help="prune the model's initial weights, then train it with the masks in force (its training "
-                   "hook): the protocol snip, grasp and synflow were designed for")
-
-
-MODEL_HELP = (f"registered model name (default {DEFAULT_MODEL}; see `deploykit models`), an entry point "
-              "(package.module:factory or path/to/file.py:factory: a function returning a ModelSpec, (model, example "
-              "inputs) or a model with --input-spec), a local Hugging Face GPT-2 directory, or an ESPnet ST "
-              "experiment directory or zip")
-
-
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", metavar="FILE",
-                   help="weights to load into a zoo or entry-point model: .safetensors, or a torch checkpoint loaded "
-                   "with torch.load(weights_only=True) (a state dict, possibly under 'state_dict' or 'model')")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="let --weights be a full pickle (a pickled nn.Module or custom objects): loading it runs "
-                   "code from the file; only for files you trust")
-    p.add_argument("--input-spec", action="append", default=[], metavar="NAME:SHAPE[:DTYPE[:HIGH]]",
-                   help="describe one input of an entry point or ONNX file (repeatable), e.g. x:batch,3,32,32 or "
-                   "tokens:batch,seq:int64:30000 (token ids below 30000); the axis 'batch' follows --batch, other "
-                   "named axes follow --seq-len; dtypes: float32, float16, int64, int32")
-    p.add_argument("--input-shape", metavar="SHAPE",
-                   help="shorthand for a one-input model: its shape, e.g. batch,3,224,224 (float32)")
-
-
-def _add_trust_options(p: argparse.ArgumentParser, code: bool = True) -> None:
-    """--no-verify, and --trust-code where the command may run an artifact's PyTorch model (`code`)."""
-    if code:
-        p.add_argument("--trust-code", action="store_true",
-                       help="let torch import the code an artifact's manifest names to rebuild its model (an entry "
-                       "point): that runs code from the artifact; only for artifacts you trust. Without it, such "
-                       "artifacts run under onnxruntime only (or give the same entry point with --model)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="use artifacts without checking their files against the sizes and SHA-256 checksums in "
-                   "their manifests (a damaged or edited file then goes unnoticed)")
 
 
 def _trust_warnings(args, progress) -> tuple[str, ...]:
@@ -130,6 +61,28 @@ def _check_output(path: str, option: str) -> None:
                          + (" (to print JSON and bench a DIR, write `--json - DIR` or put DIR first)"
                             if option == "--json" else ""))
     check_output_file(path)
+
+
+def _check_json(args) -> None:
+    """Refuse a bad --json PATH before any work."""
+    if getattr(args, "json", None) not in (None, "-"):
+        _check_output(args.json, "--json")
+
+
+def _emit(args, text: str, human: Callable[[], None]) -> None:
+    """The one meaning of --json: without PATH, `text` (JSON) instead of the human output; with PATH,
+    `text` written there atomically and the human output printed as usual."""
+    from deploykit.core.fsutil import write_text_atomic
+
+    text = text if text.endswith("\n") else text + "\n"
+    if args.json == "-":
+        print(text, end="")
+        return
+    if args.json:
+        replaced = write_text_atomic(args.json, text)
+        _progress(args)(f"wrote {args.json}" + (f" (replacing a file of {replaced:,} bytes)" if replaced is not None
+                                                 else ""))
+    human()
 
 
 def _model_options(args):
@@ -191,108 +144,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered models",
                        description="List the models deploykit can build by name.")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    options.add_json(p, "the models")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
         "export", help="prune, convert and export one model to an artifact directory",
-        description="Build MODEL, prune it, strip the masks, convert it to FORM, export model.onnx, check "
+        description="Build MODEL, prune it, strip the masks, convert it to FORM, export its ONNX graph(s), check "
         "onnxruntime against PyTorch (max abs error <= --tolerance) and write DIR atomically with "
-        "weights.safetensors, model.onnx and manifest.json.",
+        "weights.safetensors, the graph(s) and manifest.json.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    _add_model_options(p)
-    p.add_argument("--prune", metavar="METHOD:SPARSITY",
-                   help="pruning method and the fraction to zero (of weights; of output channels for the *-structured "
-                   f"methods and fpgm), e.g. magnitude:0.9 or l1-structured:0.5, or cC for compression C (keep 10^-C: "
-                   f"grasp:c2 keeps 1%%) (methods: {', '.join(PRUNERS.names())}; default: no pruning)")
-    _add_plan_options(p)
-    p.add_argument("--form", default="dense",
-                   help="deployable form: dense, csr (compact file, sparse kernels) or dense-shrunk (zero channels "
-                   "removed; pair with a structured method) (default dense)")
-    p.add_argument("--compress", choices=sorted(CODECS),
-                   help="compress the weights file losslessly (each tensor only where that makes it smaller)")
-    p.add_argument("--kernel-batch", type=int, default=1, metavar="N",
-                   help="csr: batch size at which each pruned layer is timed dense and sparse to choose its "
-                   "kernel (default 1)")
-    p.add_argument("--best-effort", action="store_true",
-                   help="dense-shrunk: leave groups with unsupported layers dense (with a warning) instead of failing")
-    p.add_argument("--quantize", choices=["int8", "int8-static"],
-                   help="post-training quantization: int8 = onnxruntime dynamic quantization of the ONNX graphs (int8 "
-                   "weights) and torch dynamic quantization of Linear layers at load; int8-static = onnxruntime "
-                   "static quantization (activations too, ranges calibrated on the model's data where it has "
-                   "some, else its example inputs; one-graph models), torch as int8; the error against the float "
-                   "model and the task metric's change are recorded, not checked against --tolerance")
-    p.add_argument("--per-channel", action="store_true", help="--quantize: one scale per output channel")
-    p.add_argument("--save-optimized", choices=["disabled", "basic", "extended", "all"], metavar="LEVEL",
-                   help="also save each ONNX graph as onnxruntime optimises it at LEVEL (basic, extended, all), as "
-                   "<name>.<LEVEL>.onnx beside it; extended is portable, all adds this CPU's layouts")
-    p.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed between onnxruntime and PyTorch (default 1e-4)")
-    p.add_argument("--strict", action="store_true",
-                   help="fail (exit 1) where the export's checks prove little: an output that is zero or the same "
-                   "for every parity input (otherwise a warning)")
-    p.add_argument("--threads", type=int, metavar="N",
+    options.add_model(p, default=DEFAULT_MODEL, artifacts=None, sizes=False)
+    options.add_plan(p, sweep=False)
+    options.add_conversion(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="DIR", help="artifact directory to create")
+    g.add_argument("--overwrite", action="store_true", help="replace DIR if it is a deploykit artifact")
+    options.add_json(g, "the manifest")
+    g.add_argument("--threads", type=int, metavar="N",
                    help="threads for the export's own work (tracing, csr kernel timing, parity): the csr kernel "
                    "choice is made for this count (default: the cores idle now)")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    options.add_quiet(g)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "bench", help="benchmark pruned variants (or exported DIRs) under PyTorch and ONNX Runtime",
-        description=f"Without arguments: the default model ({DEFAULT_MODEL}) at sparsities 0, 0.5, 0.9, forms dense and "
-        "csr, runtimes torch and onnxruntime. Each configuration is exported, then timed in a fresh "
-        "process (warm-up, then iterations until --min-time and --min-iters), so peak memory is its own.",
+        description=f"Without arguments: the default model ({DEFAULT_MODEL}) at sparsities 0, 0.5, 0.9, forms "
+        f"{', '.join(DEFAULT_FORMS)}, runtimes {', '.join(DEFAULT_RUNTIMES)}. Each configuration is exported, then "
+        "timed in a fresh process (warm-up, then iterations until --min-time and --min-iters), so peak memory is "
+        "its own.",
     )
-    p.add_argument("artifacts", nargs="*", metavar="DIR|FILE.onnx",
-                   help="exported artifact directories, or ONNX files (run as they are by onnxruntime, compared with "
-                   "onnxruntime on the CPU with graph optimisations off), to benchmark instead of --model")
-    p.add_argument("--model", help=MODEL_HELP)
-    _add_model_options(p)
-    p.add_argument("--prune", action="append", metavar="METHOD:S[,S...]",
-                   help=f"pruning method and sparsities (repeatable; default {DEFAULT_BENCH_PRUNE})")
-    _add_plan_options(p)
-    p.add_argument("--form", type=_csv(), action="extend", metavar="F[,F...]", help="forms (default dense,csr)")
-    p.add_argument("--runtime", type=_csv(), action="extend", metavar="R[,R...]", help="runtimes (default torch,onnxruntime)")
-    p.add_argument("--device", type=_csv(), action="extend", metavar="D[,D...]",
-                   help="devices: auto (the hardware profile's preferred torch device and onnxruntime providers, "
-                   "the CPU where those are not installed), cpu, gpu (skipped with a note where none is usable); "
-                   "default auto")
-    p.add_argument("--batch", type=_csv(int), action="extend", metavar="N[,N...]", help="batch sizes (default 1)")
-    p.add_argument("--graph-opt", type=_csv(), action="extend", metavar="L[,L...]",
-                   help="onnxruntime graph optimisation levels: disabled, basic, extended, all (default all, as "
-                   "onnxruntime's own default); recorded with each row")
-    p.add_argument("--seq-len", type=_csv(int), action="extend", metavar="N[,N...]",
-                   help="sequence lengths: each sets every named non-batch input axis (tokens, frames); default: "
-                   "the model's own inputs")
-    p.add_argument("--threads", type=_csv(int), action="extend", metavar="N[,N...]",
-                   help="threads per runtime; this process's own work (exports, references) runs at the smallest "
-                   "(default: the cores other work leaves idle now, recorded with every row)")
-    p.add_argument("--warmup", type=float, default=0.2, metavar="SECONDS", help="warm-up time per configuration (default 0.2)")
-    p.add_argument("--min-time", type=float, default=1.0, metavar="SECONDS", help="minimum timed duration (default 1.0)")
-    p.add_argument("--min-iters", type=int, default=100, metavar="N", help="minimum timed calls (default 100)")
-    p.add_argument("--timing-rounds", type=int, default=5, metavar="N",
-                   help="split each configuration's timing into N rounds, interleaved with the other "
-                   "configurations of the same shape (one measuring at a time, the order rotating), so a burst "
-                   "of other load cannot skew a ratio between them (default 5)")
-    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                   help="write the records as JSON to PATH, or to stdout (instead of the table) when no PATH is given")
-    p.add_argument("--store", metavar="FILE",
-                   help="results store to keep the run in (SQLite; default $DEPLOYKIT_STORE, else "
-                   "~/.local/share/deploykit/results.sqlite); see `deploykit report`")
-    p.add_argument("--no-store", action="store_true", help="do not keep this run in the results store")
-    p.add_argument("--processes", type=int, default=1, metavar="N",
-                   help="measure each configuration in N worker processes, splitting its timing budget and pooling "
-                   "the samples: a process's memory placement moves its times by a few percent, and N of them "
-                   "average that out of a ratio (default 1)")
-    p.add_argument("--store-timeout", type=float, default=BUSY_TIMEOUT_S, metavar="SECONDS",
-                   help="how long each of the store's write attempts waits for another process's lock before the "
-                   f"run goes to a JSON file beside the store instead (default {BUSY_TIMEOUT_S:g}; {ATTEMPTS} attempts)")
-    _add_trust_options(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    options.add_model(p, default=None, sizes=True, artifacts=(
+        "exported artifact directories, or ONNX files (run as they are by onnxruntime, compared with onnxruntime "
+        "on the CPU with graph optimisations off), to benchmark instead of --model"))
+    options.add_plan(p, sweep=True)
+    options.add_grid(p)
+    g = p.add_argument_group("output")
+    options.add_json(g, "the records")
+    options.add_store(g, timeout=True)
+    options.add_quiet(g)
+    options.add_trust(p, code=True)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -300,34 +190,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer storage (shape, nonzeros, sparsity, encoding, bytes read from the weights file), "
         "totals, and a verdict against a budget file (TOML, one table per model: max_disk_mb, max_weights_mb, "
         "max_onnx_mb, max_parameters, max_growth with baseline). Exit 0 within budget, 1 over budget, "
-        "2 on bad input. TARGET is an artifact directory, an ONNX file, or a model (as for export --model) "
-        "exported with --prune/--form first.",
+        "2 on bad input. Audit an artifact directory or ONNX file as it is, or a --model exported (pruned "
+        "and converted as for export) into a scratch directory first.",
     )
-    p.add_argument("target", metavar="TARGET", help="artifact directory, ONNX file (its initializers; external data "
-                   "counts as weights), or a model as for export --model")
-    _add_model_options(p)
-    p.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
-    p.add_argument("--prune", metavar="METHOD:SPARSITY", help="for a model TARGET: pruning before export")
-    p.add_argument("--form", default="csr", help="for a model TARGET: form to export (default csr)")
-    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                   help="write the audit as JSON (usable as a later baseline) to PATH, or print it instead of the "
-                   "table when no PATH is given")
-    _add_trust_options(p, code=False)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    options.add_model(p, default=None, sizes=False, artifacts=(
+        "an artifact directory, or an ONNX file (its initializers; external data counts as weights)"))
+    options.add_plan(p, sweep=False)
+    g = p.add_argument_group("conversion", "for --model: the form it is exported to")
+    options.add_form(g, sweep=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
+    options.add_json(g, "the audit (usable as a later baseline)")
+    options.add_quiet(g)
+    options.add_trust(p, code=False)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(
         "report", help="render benchmark runs kept in the results store",
         description="Render a run from the results store (`deploykit bench` keeps every run there) as a terminal "
-        "table, Markdown, CSV or JSON, list the runs, or compare two runs (two machines: select each by profile) "
-        "side by side with ratios.",
+        "table, Markdown, CSV, JSON or HTML, list the runs, or compare two runs (two machines: select each by "
+        "profile) side by side with ratios.",
     )
-    p.add_argument("--store", metavar="FILE", help="results store (default $DEPLOYKIT_STORE, else "
-                   "~/.local/share/deploykit/results.sqlite)")
+    options.add_store(p, timeout=False)
     p.add_argument("--run", default="last", metavar="RUN",
                    help="run to render: its id, 'last' (default) or 'profile:NAME' (that profile's last run)")
-    p.add_argument("--compare", metavar="RUN", help="a second run to compare with --run, configuration by configuration")
-    p.add_argument("--list", action="store_true", help="list the runs in the store")
+    p.add_argument("--compare", metavar="RUN",
+                   help="a second run to compare with --run, configuration by configuration (table, markdown or html)")
+    p.add_argument("--list", action="store_true", help="list the runs in the store (table, markdown or json)")
     p.add_argument("--format", choices=REPORT_FORMATS, default="table",
                    help="output format (default table); html is one self-contained page with plots (quality vs "
                    "sparsity, size and latency; latency vs sparsity, batch and length; two runs side by side)")
@@ -339,23 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="hardware profiles: list, show one, or detect this machine",
                        description="Hardware profiles describe a target machine (CPU, memory, GPU, published peak "
-                       "figures, preferred torch device and onnxruntime providers, thread policy). Shipped profiles "
-                       "live in profiles/; `detect --save` adds this machine's to the user's profile folder "
-                       "($DEPLOYKIT_PROFILES, else ~/.config/deploykit/profiles).")
+                       "figures, preferred torch device and onnxruntime providers, thread policy). Built-in profiles "
+                       "ship inside deploykit (deploykit/runtime/hardware); `detect --save` adds this machine's to the "
+                       "user's profile folder ($DEPLOYKIT_PROFILES, else ~/.config/deploykit/profiles).")
     profile_sub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_Parser, required=True)
     q = profile_sub.add_parser("list", help="the known profiles")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    options.add_json(q, "the profiles")
     q.set_defaults(func=cmd_profile_list)
     q = profile_sub.add_parser("show", help="one profile, as TOML (or JSON)")
     q.add_argument("name", metavar="NAME", help="profile name (see `deploykit profile list`)")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    options.add_json(q, "the profile")
     q.set_defaults(func=cmd_profile_show)
     q = profile_sub.add_parser("detect", help="describe this machine and name the known profile it matches",
                                description="Describe this machine from py-cpuinfo, psutil, torch and onnxruntime, "
                                "and say which known profile it matches (none: a new one is printed).")
     q.add_argument("--save", nargs="?", const="", metavar="PATH",
                    help="write the detected profile as TOML to PATH (default: the user's profile folder)")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    options.add_json(q, "the detected profile and its match")
+    options.add_quiet(q)
     q.set_defaults(func=cmd_profile_detect)
     _add_debug(parser)
     return parser
@@ -376,20 +266,22 @@ def cmd_models(args) -> int:
 
     from deploykit.model.catalog import list_models
 
+    _check_json(args)
     specs = list_models()
-    if args.json:
-        print(json.dumps([{"name": s.name, "description": s.description,
-                           "inputs": [i.name for i in s.inputs], "outputs": list(s.outputs)} for s in specs], indent=2))
-    else:
+
+    def table() -> None:
         width = max(len(s.name) for s in specs)
         for s in specs:
             print(f"{s.name:<{width}}  {s.description}")
+
+    _emit(args, json.dumps([{"name": s.name, "description": s.description, "pipeline": s.pipeline,
+                             "inputs": [i.name for i in s.inputs], "outputs": list(s.outputs)} for s in specs],
+                           indent=2), table)
     return 0
 
 
 def cmd_export(args) -> int:
     from deploykit.export.build import export_artifact
-    from deploykit.results.report import MB, sparsity_report
     from deploykit.model.sources import resolve_model
 
     plans = _plans([args.prune] if args.prune else [], _plan_options(args))
@@ -397,6 +289,7 @@ def cmd_export(args) -> int:
         raise UsageError(f"export writes one artifact: give one sparsity, not {len(plans)} ({args.prune}); "
                          "`deploykit bench --prune` sweeps several")
     (plan,) = plans
+    _check_json(args)
     progress = _progress(args)
     threads, threads_note = _threads_for_this_process(args.threads)
     spec = resolve_model(args.model, _model_options(args))
@@ -405,10 +298,15 @@ def cmd_export(args) -> int:
                              kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
                              save_optimized=args.save_optimized, strict=args.strict,
                              progress=progress)
+    _emit(args, result.manifest.to_json(), lambda: _print_export(result, plan, threads, threads_note))
+    return 0
+
+
+def _print_export(result, plan, threads: int, threads_note: str) -> None:
+    """export's human output: what was pruned and converted, the checks, the files."""
+    from deploykit.results.report import MB, sparsity_report
+
     m = result.manifest
-    if args.json:
-        print(m.to_json(), end="")
-        return 0
     print(f"{m.model}: {plan.label()} ({plan.scope}), form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
     print(sparsity_report(result.table))
     if m.shape_changes:
@@ -456,25 +354,20 @@ def cmd_export(args) -> int:
     for warning in m.warnings:
         print(f"warning: {warning}")
     print(f"threads: {threads}" + (f" ({threads_note})" if threads_note else ""))
-    return 0
 
 
 def cmd_bench(args) -> int:
     from deploykit.bench.runner import FailureSink, artifact_subject, bench_model, bench_subjects, onnx_file_subject
-    from deploykit.convert.forms import DEFAULT_FORMS
-    from deploykit.bench.settings import DEFAULT_RUNTIMES, Grid, TimingSettings
-    from deploykit.core.fsutil import write_text_atomic
-    from deploykit.results.report import bench_table, failures_text, records_json
-    from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
+    from deploykit.bench.settings import Grid, TimingSettings
     from deploykit.model.sources import resolve_model
+    from deploykit.results.report import bench_table, failures_text, records_json
     from deploykit.results.store import now_utc
 
     if args.model and args.model.endswith(".onnx"):  # an ONNX file is benchmarked as it is, like a DIR
         args.artifacts, args.model = [*args.artifacts, args.model], None
     if args.artifacts and (args.model or args.prune or args.form or args.plan or args.rule):
         raise UsageError("give either exported DIRs / ONNX files or --model/--prune/--plan/--rule/--form, not both")
-    if args.json not in (None, "-"):
-        _check_output(args.json, "--json")
+    _check_json(args)
     model_options = _model_options(args)
     onnx_files = [path for path in args.artifacts if path.endswith(".onnx")]
     if args.artifacts and (model_options.weights or model_options.trust_pickle):
@@ -527,16 +420,14 @@ def cmd_bench(args) -> int:
     if store is not None and (records or failures.failures):
         _keep_run(store, records, failures.failures, started, "failed" if failures.failures else "complete",
                   timing, grid, progress)
-    if args.json == "-":
-        print(records_json(records), end="")
-    else:
-        if args.json:
-            replaced = write_text_atomic(args.json, records_json(records))
-            progress(f"wrote {args.json}" + (f" (replacing a file of {replaced:,} bytes)" if replaced is not None else ""))
+
+    def table() -> None:
         if records:
             print(bench_table(records))
         for note in placement.notes:
             print(f"note: {note}")
+
+    _emit(args, records_json(records), table)
     if failures.failures:
         print(failures_text(failures.failures), file=sys.stderr)
         return 1
@@ -598,47 +489,49 @@ def cmd_audit(args) -> int:
     import json
     from pathlib import Path
 
+    from deploykit.core.fsutil import scratch_directory
     from deploykit.model.artifact import MANIFEST_FILE
-    from deploykit.results.audit import audit_artifact, audit_onnx_file, check_budget, load_budgets
-    from deploykit.core.fsutil import scratch_directory, write_text_atomic
-    from deploykit.results.report import audit_table
     from deploykit.model.sources import resolve_model
+    from deploykit.results.audit import audit_artifact, audit_onnx_file, check_budget, load_budgets
+    from deploykit.results.report import audit_table
 
-    if args.json not in (None, "-"):
-        _check_output(args.json, "--json")
+    if len(args.artifacts) + bool(args.model) != 1:
+        raise UsageError("audit takes one artifact directory or ONNX file, or one --model")
+    _check_json(args)
     budgets = load_budgets(args.budget) if args.budget else {}
-    target = Path(args.target)
     model_options = _model_options(args)
     _trust_warnings(args, _progress(args))
-    if (target / MANIFEST_FILE).is_file() or target.suffix == ".onnx":
-        if model_options != type(model_options)() or args.prune:
-            raise UsageError("--prune, --weights and --input-spec apply to a model TARGET, not to an artifact "
-                             "or ONNX file, which is audited as it is")
-        report = audit_artifact(target, verify=not args.no_verify) if target.suffix != ".onnx" else audit_onnx_file(target)
+    if args.artifacts:
+        target = Path(args.artifacts[0])
+        if model_options != type(model_options)() or args.prune or args.plan or args.rule:
+            raise UsageError("--prune, --plan, --rule, --weights and --input-spec apply to --model, not to an "
+                             "artifact or ONNX file, which is audited as it is")
+        if target.suffix == ".onnx":
+            report = audit_onnx_file(target)
+        elif (target / MANIFEST_FILE).is_file():
+            report = audit_artifact(target, verify=not args.no_verify)
+        else:
+            raise UsageError(f"{str(target)!r} is neither an artifact directory (no {MANIFEST_FILE}) nor an ONNX "
+                             f"file; audit a model with --model {str(target)}")
     else:
         from deploykit.export.build import export_artifact
-        from deploykit.prune.base import PruningPlan
 
-        spec = resolve_model(args.target, model_options)
-        plan = PruningPlan.parse(args.prune) if args.prune else PruningPlan()
+        plans = _plans([args.prune] if args.prune else [], _plan_options(args))
+        if len(plans) != 1:
+            raise UsageError(f"audit exports one artifact: give one sparsity, not {len(plans)} ({args.prune})")
+        (plan,) = plans
+        spec = resolve_model(args.model, model_options)
         with scratch_directory("audit") as tmp:
             directory = Path(tmp) / "artifact"
             export_artifact(spec, plan, args.form, directory, progress=_progress(args))
             report = dataclasses.replace(audit_artifact(directory),
-                                         artifact=f"{args.target} exported as {args.form}, {plan.label()}")
+                                         artifact=f"{args.model} exported as {args.form}, {plan.label()}")
     if args.budget:
         if report.model not in budgets:
             raise UsageError(f"no budget for model {report.model!r} in {args.budget}; "
                              f"budgeted: {', '.join(budgets) or 'none'}")
         report = check_budget(report, budgets[report.model])
-    if args.json == "-":
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        if args.json:
-            replaced = write_text_atomic(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
-            _progress(args)(f"wrote {args.json}" + (f" (replacing a file of {replaced:,} bytes)"
-                                                    if replaced is not None else ""))
-        print(audit_table(report))
+    _emit(args, json.dumps(report.to_dict(), indent=2), lambda: print(audit_table(report)))
     return 0 if report.within_budget else 1
 
 
@@ -709,13 +602,15 @@ def cmd_profile_list(args) -> int:
 
     from deploykit.runtime.profiles import known_profiles
 
+    _check_json(args)
     profiles = known_profiles()
-    if args.json:
-        print(json.dumps([p.to_dict() for p in profiles.values()], indent=2))
-        return 0
-    width = max(len(name) for name in profiles)
-    for profile in profiles.values():
-        print(f"{profile.name:<{width}}  {profile.description}")
+
+    def table() -> None:
+        width = max(len(name) for name in profiles)
+        for profile in profiles.values():
+            print(f"{profile.name:<{width}}  {profile.description}")
+
+    _emit(args, json.dumps([p.to_dict() for p in profiles.values()], indent=2), table)
     return 0
 
 
@@ -724,8 +619,9 @@ def cmd_profile_show(args) -> int:
 
     from deploykit.runtime.profiles import get_profile, to_toml
 
+    _check_json(args)
     profile = get_profile(args.name)
-    print(json.dumps(profile.to_dict(), indent=2) if args.json else to_toml(profile), end="\n" if args.json else "")
+    _emit(args, json.dumps(profile.to_dict(), indent=2), lambda: print(to_toml(profile), end=""))
     return 0
 
 
@@ -736,6 +632,9 @@ def cmd_profile_detect(args) -> int:
     from deploykit.core.fsutil import write_text_atomic
     from deploykit.runtime.profiles import detect_profile, match_profile, to_toml, user_profile_dir
 
+    _check_json(args)
+    if args.save:
+        _check_output(args.save, "--save")
     machine = detect_profile()
     known = match_profile(machine)
     if args.save is not None:
@@ -744,11 +643,12 @@ def cmd_profile_detect(args) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, to_toml(machine))
         _progress(args)(f"wrote {path}")
-    if args.json:
-        print(json.dumps({"detected": machine.to_dict(), "matches": known.name if known else None}, indent=2))
-        return 0
-    print(to_toml(machine), end="")
-    print(f"\n# matches known profile: {known.name}" if known else "\n# matches no known profile")
+
+    def human() -> None:
+        print(to_toml(machine), end="")
+        print(f"\n# matches known profile: {known.name}" if known else "\n# matches no known profile")
+
+    _emit(args, json.dumps({"detected": machine.to_dict(), "matches": known.name if known else None}, indent=2), human)
     return 0
 
 

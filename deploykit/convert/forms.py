@@ -111,3 +111,5 @@ for _form in (
 DEFAULT_FORM = "dense"
 #: what `deploykit bench` sweeps without --form
 DEFAULT_FORMS = ("dense", "csr")
+#: the batch csr times each layer's kernels at, unless asked otherwise
+DEFAULT_KERNEL_BATCH = 1

@@ -17,7 +17,7 @@ from deploykit.model.artifact import (MANIFEST_FILE, WEIGHTS_FILE, Manifest, fil
                        with_file_records)
 from deploykit.core.env import library_versions
 from deploykit.core.errors import QualityError, UsageError
-from deploykit.convert.forms import FORMS, Converted
+from deploykit.convert.forms import DEFAULT_KERNEL_BATCH, FORMS, Converted
 from deploykit.core.fsutil import atomic_directory, check_writable_destination, write_text_atomic
 from deploykit.convert.onnx_export import check_parity, max_abs_errors, save_optimized as save_optimized_graph, torch_outputs, trivial_outputs
 from deploykit.convert.onnx_settings import DEFAULT_OPSET, FORM_TOLERANCE, ONNX_TOLERANCE, SUPPORTED_OPSETS
@@ -61,7 +61,7 @@ def export_artifact(
     overwrite: bool = False,
     best_effort: bool = False,
     compression: str | None = None,
-    kernel_batch: int = 1,
+    kernel_batch: int = DEFAULT_KERNEL_BATCH,
     quantize: str | None = None,
     per_channel: bool = False,
     save_optimized: str | None = None,
