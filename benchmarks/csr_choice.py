@@ -29,9 +29,9 @@ from deploykit.convert.forms import FORMS
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.hooks import run_forward
 from deploykit.core.measure import measure
-from deploykit.prune.base import PruningPlan, prune_model, strip_masks
-from deploykit.model.spec import TRACE_BATCH
 from deploykit.model.catalog import get_model
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 
 MODELS = ("mlp-sst2", "linear-stack-4096", "textclf-agnews", "seq2seq-transformer", "gpt2-tiny", "espnet-st-small")
 SPARSITIES = (0.5, 0.9, 0.98)

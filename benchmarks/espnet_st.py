@@ -24,10 +24,10 @@ from tabulate import tabulate
 from deploykit.bench.runner import bench_artifact
 from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.core.env import available_cores
-from deploykit.export.build import export_artifact
 from deploykit.core.fsutil import write_text_atomic
-from deploykit.prune.base import PruningPlan, load_plan_file, parse_rule
+from deploykit.export.build import export_artifact
 from deploykit.model.zoo.espnet_st import PRESETS
+from deploykit.prune.base import PruningPlan, load_plan_file, parse_rule
 
 STAGES = ("encoder", "decoder-step", "greedy")
 SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv_module.*=0.5",

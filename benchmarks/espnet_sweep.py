@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from deploykit.model.espnet import token_list
-from deploykit.pipelines.st_decode import OrtSpeechTranslator, bleu
-from deploykit.export.build import export_artifact
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.measure import measure
-from deploykit.prune.base import PruningPlan
+from deploykit.export.build import export_artifact
 from deploykit.model.catalog import get_model
+from deploykit.model.espnet import token_list
 from deploykit.model.zoo.espnet_st import MODULE_GROUPS
+from deploykit.pipelines.st_decode import OrtSpeechTranslator, bleu
+from deploykit.prune.base import PruningPlan
 
 SPARSITIES = (0.33, 0.5, 0.7, 0.9)
 

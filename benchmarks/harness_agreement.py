@@ -31,12 +31,12 @@ import torch
 from tabulate import tabulate
 from torch.utils.benchmark import Timer
 
-from deploykit.runtime.loading import load_torch_model
-from deploykit.export.build import export_artifact
 from deploykit.core.fsutil import write_text_atomic
-from deploykit.prune.base import PruningPlan
 from deploykit.core.ort import ort_session
+from deploykit.export.build import export_artifact
 from deploykit.model.catalog import get_model
+from deploykit.prune.base import PruningPlan
+from deploykit.runtime.loading import load_torch_model
 
 MODELS = ("mlp-sst2", "vae", "resnet18")
 

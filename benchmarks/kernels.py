@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from deploykit.core.env import available_cores
 from deploykit.convert.csr import choose_kernels, csr_candidates, swap_to_csr, to_csr_modules
+from deploykit.convert.onnx_export import export_onnx, sparsify_initializers
+from deploykit.core.env import available_cores
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.measure import measure
-from deploykit.convert.onnx_export import export_onnx, sparsify_initializers
-from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 from deploykit.core.ort import ort_session
-from deploykit.model.spec import TRACE_BATCH
 from deploykit.model.catalog import get_model
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 
 MODELS = ("mlp-sst2", "linear-stack-4096")
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)

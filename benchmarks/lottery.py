@@ -19,9 +19,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 from deploykit.core.fsutil import write_text_atomic
-from deploykit.prune.base import PruningPlan, prune_model, strip_masks
-from deploykit.model.spec import TRACE_BATCH
 from deploykit.model.catalog import get_model
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 

@@ -28,8 +28,8 @@ from tabulate import tabulate
 from deploykit.bench.runner import bench_artifact
 from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.core.env import available_cores
-from deploykit.export.build import export_artifact
 from deploykit.core.fsutil import write_text_atomic
+from deploykit.export.build import export_artifact
 from deploykit.prune.base import PruningPlan
 
 MB = 1e6

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from deploykit.export.build import export_artifact
 from deploykit.core.fsutil import write_text_atomic
-from deploykit.prune.base import PruningPlan
+from deploykit.export.build import export_artifact
 from deploykit.model.catalog import get_model
+from deploykit.prune.base import PruningPlan
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
 #: (model, selection label, PruningPlan options)

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from deploykit.core.fsutil import write_text_atomic
-from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 from deploykit.core.sparsity import sparsity_table
-from deploykit.model.catalog import get_model
 from deploykit.core.storage import save_weights
+from deploykit.model.catalog import get_model
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 
 SPARSITIES = (0.0, 0.33, 0.55, 0.70, 0.80, 0.90, 0.98)
 MB = 1e6

@@ -20,8 +20,8 @@ from tabulate import tabulate
 
 from deploykit.bench.runner import bench_artifact
 from deploykit.bench.settings import Grid, TimingSettings
-from deploykit.export.build import export_artifact
 from deploykit.core.fsutil import write_text_atomic
+from deploykit.export.build import export_artifact
 from deploykit.prune.base import PruningPlan
 
 MODELS = {"mlp-sst2": (1,), "vae": (1,), "resnet18": (1, 8)}

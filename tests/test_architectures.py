@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deploykit.runtime.loading import load_torch_model
-from deploykit.prune.channels import UnsupportedLayerError
 from deploykit.core.errors import UsageError
 from deploykit.export.build import export_artifact
 from deploykit.model.hints import LayerHandler, PruningHints
-from deploykit.prune.base import PruningPlan
 from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.prune.base import PruningPlan
+from deploykit.prune.channels import UnsupportedLayerError
+from deploykit.runtime.loading import load_torch_model
 
 
 class DepthwiseSeparable(nn.Module):

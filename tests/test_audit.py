@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from deploykit.results.audit import audit_artifact, load_budgets
 from deploykit.core.errors import UsageError
 from deploykit.export.build import export_artifact
 from deploykit.prune.base import PruningPlan
+from deploykit.results.audit import audit_artifact, load_budgets
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import onnx
 import pytest
 import torch
 
+from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.model.checkpoints import load_checkpoint
 from deploykit.model.entrypoint import entry_point_spec, parse_entry_point
-from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.model.sources import ModelOptions, resolve_model
 from deploykit.model.spec import InputSpec
 
@@ -380,3 +380,16 @@ def test_audit_takes_an_entry_point_with_weights(cli, user_file, tmp_path):
     audit = json.loads(r.stdout)
     assert audit["model"] == "usermodel.py:build" and audit["parameters"] == 1732
     assert audit["nonzero_parameters"] == 1732 - round(0.5 * (16 * 32 + 32 * 32))  # head excluded
+
+
+def test_the_example_entry_point_and_plan_in_models_export_as_documented(cli, tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = cli("export", "--model", str(root / "models/examples/small_cnn.py") + ":build",
+            "--plan", str(root / "models/examples/plan.toml"), "--out", str(tmp_path / "a"), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    assert manifest["excluded_modules"] == ["0", "8"] and manifest["pruned_parameters"] == ["3.weight"]
+    (row,) = [row for row in manifest["sparsity"] if row["name"] == "3.weight"]
+    assert row["numel"] - row["nonzero"] == round(0.7 * 32 * 16 * 3 * 3)  # the plan's rule, not its default 0.5

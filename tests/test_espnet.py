@@ -11,13 +11,13 @@ import yaml
 pytest.importorskip("espnet2", reason="needs the espnet extra")
 
 from deploykit.core.errors import ArtifactError  # noqa: E402
-from deploykit.model.espnet import load_st_experiment  # noqa: E402
-from deploykit.pipelines.espnet import decode_torch, export_st  # noqa: E402
-from deploykit.model.espnet import build_st_model, encode_features
-from deploykit.prune.base import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
 from deploykit.core.errors import UsageError  # noqa: E402
-from deploykit.pipelines.st_decode import bleu, decode_onnx  # noqa: E402
+from deploykit.model.espnet import load_st_experiment  # noqa: E402
+from deploykit.model.espnet import build_st_model, encode_features
 from deploykit.model.zoo.espnet_st import MODULE_GROUPS, PRESETS  # noqa: E402
+from deploykit.pipelines.espnet import decode_torch, export_st  # noqa: E402
+from deploykit.pipelines.st_decode import bleu, decode_onnx  # noqa: E402
+from deploykit.prune.base import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
 
 CONFIG = yaml.safe_load((PRESETS / "st_small.yaml").read_text())
 
@@ -192,10 +192,10 @@ SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv
 
 
 def test_dense_shrunk_removes_feed_forward_and_conv_module_channels(tmp_path):
-    from deploykit.model.artifact import read_manifest
-    from deploykit.runtime.loading import load_torch_model
     from deploykit.export.build import export_artifact
+    from deploykit.model.artifact import read_manifest
     from deploykit.prune.base import parse_rule
+    from deploykit.runtime.loading import load_torch_model
 
     plan = PruningPlan("l1-structured", 0.5, rules=tuple(parse_rule(r) for r in SHRINK_RULES))
     result = export_artifact("espnet-st-small", plan, "dense-shrunk", tmp_path / "st")

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from deploykit.model.artifact import read_manifest
-from deploykit.runtime.loading import load_torch_model
-from deploykit.core.errors import ArtifactError, ExportError, OutputPathError, ParityError
-from deploykit.export.build import export_artifact
 from deploykit.convert.kernel_choice import KernelTimings, Round, decide
 from deploykit.convert.onnx_export import torch_outputs
-from deploykit.prune.base import PruningPlan
+from deploykit.core.errors import ArtifactError, ExportError, OutputPathError, ParityError
 from deploykit.core.ort import ort_session
+from deploykit.export.build import export_artifact
+from deploykit.model.artifact import read_manifest
 from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.prune.base import PruningPlan
+from deploykit.runtime.loading import load_torch_model
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,15 @@ import torch
 
 pytest.importorskip("optimum")
 
-from deploykit.runtime.loading import load_torch_model  # noqa: E402
 from deploykit.bench.runner import bench_artifact  # noqa: E402
 from deploykit.bench.settings import Grid, TimingSettings  # noqa: E402
 from deploykit.core.errors import UsageError  # noqa: E402
 from deploykit.export.build import export_artifact  # noqa: E402
-from deploykit.prune.base import PruningPlan  # noqa: E402
 from deploykit.model.causal_lm import perplexity  # noqa: E402
-from deploykit.pipelines.textgen import OrtCausalLM  # noqa: E402
 from deploykit.model.causal_lm import greedy
+from deploykit.pipelines.textgen import OrtCausalLM  # noqa: E402
+from deploykit.prune.base import PruningPlan  # noqa: E402
+from deploykit.runtime.loading import load_torch_model  # noqa: E402
 
 FAST = TimingSettings(warmup_s=0.01, min_time_s=0.01, min_iters=3)
 

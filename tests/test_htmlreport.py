@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from deploykit.results.htmlreport import html_report
-from deploykit.core.measure import Measurement
 from deploykit.bench.records import BenchRecord
+from deploykit.core.measure import Measurement
+from deploykit.results.htmlreport import html_report
 from deploykit.results.store import ResultStore
 from deploykit.results.svgplot import log_ticks, nice_ticks
 

@@ -1,11 +1,11 @@
 import pytest
 
 from deploykit.core.errors import UsageError
-from deploykit.prune.imp import expected_pruned, round_fraction
-from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 from deploykit.core.sparsity import sparsity_table
-from deploykit.model.spec import TRACE_BATCH
 from deploykit.model.catalog import get_model
+from deploykit.model.spec import TRACE_BATCH
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
+from deploykit.prune.imp import expected_pruned, round_fraction
 
 
 def test_round_fractions_compound_to_the_target():

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from deploykit.bench.interleave import Job, run_interleaved
 from deploykit.bench.runner import artifact_subject
 from deploykit.bench.settings import TimingSettings
 from deploykit.core.errors import MeasurementError
-from deploykit.export.build import export_artifact
-from deploykit.bench.interleave import Job, run_interleaved
-from deploykit.prune.base import PruningPlan
 from deploykit.core.ort import CPU_PROVIDER
+from deploykit.export.build import export_artifact
+from deploykit.prune.base import PruningPlan
 from deploykit.runtime.session import Target
 
 

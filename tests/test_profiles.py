@@ -8,7 +8,15 @@ import pytest
 
 from deploykit.core.errors import ArtifactError
 from deploykit.runtime.profiles import (
-    CPU, GPU, Profile, detect_profile, known_profiles, load_profile, match_profile, profile_from_dict, to_toml,
+    CPU,
+    GPU,
+    Profile,
+    detect_profile,
+    known_profiles,
+    load_profile,
+    match_profile,
+    profile_from_dict,
+    to_toml,
 )
 
 SHIPPED = {"apple-m1-pro", "intel-i7-11800h", "epyc-7302p-rtx-2060-super", "nvidia-t4-cloud"}

@@ -3,8 +3,16 @@ import torch
 from torch import nn
 
 from deploykit.core.errors import UnknownNameError, UsageError
-from deploykit.prune.base import PRUNERS, Outcome, PruningPlan, detect_output_layers, parse_prune_spec, prune_model, strip_masks
 from deploykit.core.sparsity import sparsity_table
+from deploykit.prune.base import (
+    PRUNERS,
+    Outcome,
+    PruningPlan,
+    detect_output_layers,
+    parse_prune_spec,
+    prune_model,
+    strip_masks,
+)
 
 
 def _weights(model):

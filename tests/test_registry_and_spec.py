@@ -2,8 +2,8 @@ import pytest
 
 from deploykit.core.errors import UnknownNameError
 from deploykit.core.registry import Registry
-from deploykit.model.spec import InputSpec
 from deploykit.model.catalog import list_models
+from deploykit.model.spec import InputSpec
 
 
 def test_unknown_name_lists_known_names():

@@ -9,9 +9,9 @@ from torch.nn import functional as F
 
 from deploykit.core.errors import UsageError
 from deploykit.export.build import export_artifact
-from deploykit.prune.base import PRUNERS, PruneContext, PruningPlan, parse_prune_spec, prune_model, strip_masks
-from deploykit.model.spec import InputSpec, ModelSpec
 from deploykit.model.catalog import get_model
+from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.prune.base import PRUNERS, PruneContext, PruningPlan, parse_prune_spec, prune_model, strip_masks
 
 SALIENCY = ["snip", "grasp", "synflow"]
 

@@ -3,12 +3,11 @@ import struct
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from deploykit.core.errors import ArtifactError
-from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 from deploykit.core.storage import encode_smallest, index_dtype, load_weights, save_weights
+from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64]
 

@@ -11,11 +11,11 @@ import threading
 
 import pytest
 
-from deploykit.core.measure import Measurement
 from deploykit.bench.records import BenchRecord
+from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.measure import Measurement
 from deploykit.results.report import bench_csv, bench_table, compare_table
 from deploykit.results.store import ResultStore
-from deploykit.core.errors import ArtifactError, UsageError
 
 
 def _record(runtime="torch", p50_us=100, form="dense", profile="test-profile"):

@@ -7,15 +7,15 @@ import torch
 
 from deploykit.bench.runner import bench_artifact
 from deploykit.bench.settings import Grid, TimingSettings
-from deploykit.runtime.devices import place
 from deploykit.core.errors import UsageError
-from deploykit.export.build import export_artifact
 from deploykit.core.measure import measure
-from deploykit.runtime.profiles import get_profile
-from deploykit.prune.base import PruningPlan
-from deploykit.runtime.session import RUNTIMES
-from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.export.build import export_artifact
 from deploykit.model.catalog import get_model
+from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.prune.base import PruningPlan
+from deploykit.runtime.devices import place
+from deploykit.runtime.profiles import get_profile
+from deploykit.runtime.session import RUNTIMES
 
 CPU_ONLY = {"torch": ("cpu",), "onnxruntime": ("CPUExecutionProvider",)}
 WITH_CUDA = {"torch": ("cuda", "cpu"), "onnxruntime": ("CUDAExecutionProvider", "CPUExecutionProvider")}

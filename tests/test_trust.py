@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.model.artifact import MANIFEST_FILE, WEIGHTS_FILE
-from deploykit.runtime.loading import load_torch_model
 from deploykit.cli.app import main
 from deploykit.core.errors import UntrustedCodeError
 from deploykit.export.build import export_artifact
+from deploykit.model.artifact import MANIFEST_FILE, WEIGHTS_FILE
 from deploykit.prune.base import PruningPlan
+from deploykit.runtime.loading import load_torch_model
 
 FAST = ["--warmup", "0", "--min-time", "0", "--min-iters", "3", "--threads", "1", "--runtime", "onnxruntime"]
 

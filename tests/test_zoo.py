@@ -3,9 +3,9 @@
 import pytest
 
 from deploykit.export.build import export_artifact
-from deploykit.prune.base import PruningPlan
 from deploykit.model.catalog import list_models
 from deploykit.model.summary import count_parameters
+from deploykit.prune.base import PruningPlan
 
 # Parameter counts the model docstrings cite (from the studies' shapes).
 PARAMETERS = {

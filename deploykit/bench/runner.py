@@ -18,26 +18,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from deploykit.model.artifact import ONNX_FILE, Manifest, count_weights, read_manifest, verify_artifact
+from deploykit.bench.interleave import Job, run_interleaved
+from deploykit.bench.records import BenchRecord, FailedConfiguration
+from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.convert.forms import FORMS
+from deploykit.convert.onnx_export import check_parity, max_abs_errors
 from deploykit.core.confine import inside
+from deploykit.core.contention import LoadProbe, sample_load
 from deploykit.core.env import library_versions, machine_info
 from deploykit.core.errors import ArtifactError, DeployKitError, MeasurementError, ParityError, UsageError
 from deploykit.core.fsutil import scratch_directory
-from deploykit.bench.interleave import Job, run_interleaved
-from deploykit.core.contention import LoadProbe, sample_load
-from deploykit.convert.forms import FORMS
 from deploykit.core.measure import Measurement
-from deploykit.convert.onnx_export import check_parity, max_abs_errors
-from deploykit.runtime.profiles import current_profile
-from deploykit.prune.base import PruningPlan
-from deploykit.bench.records import BenchRecord, FailedConfiguration
-from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.core.ort import CPU_PROVIDER, ort_session
-from deploykit.pipelines.catalog import PIPELINES
+from deploykit.export.build import export_artifact
+from deploykit.model.artifact import ONNX_FILE, Manifest, count_weights, read_manifest, verify_artifact
+from deploykit.model.onnxfile import PIPELINE, initializers, input_specs, is_parameter, open_onnx_file
 from deploykit.model.sources import code_refusal, consent_of, inputs_for_artifact, resolve_model
 from deploykit.model.spec import InputSpec, ModelSpec
-from deploykit.export.build import export_artifact
-from deploykit.model.onnxfile import initializers, input_specs, is_parameter, open_onnx_file, PIPELINE
+from deploykit.pipelines.catalog import PIPELINES
+from deploykit.prune.base import PruningPlan
+from deploykit.runtime.profiles import current_profile
 
 Progress = Callable[[str], None]
 

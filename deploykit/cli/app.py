@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 from deploykit import __version__
 from deploykit.bench.settings import DEFAULT_RUNTIMES
-from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.cli import options
 from deploykit.cli.options import DEFAULT_BENCH_PRUNE
 from deploykit.convert.forms import DEFAULT_FORMS
 from deploykit.core.errors import DeployKitError, UsageError
+from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.model.spec import DEFAULT_MODEL
 
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -363,8 +363,6 @@ def cmd_bench(args) -> int:
     from deploykit.results.report import bench_table, failures_text, records_json
     from deploykit.results.store import now_utc
 
-    if args.model and args.model.endswith(".onnx"):  # an ONNX file is benchmarked as it is, like a DIR
-        args.artifacts, args.model = [*args.artifacts, args.model], None
     if args.artifacts and (args.model or args.prune or args.form or args.plan or args.rule):
         raise UsageError("give either exported DIRs / ONNX files or --model/--prune/--plan/--rule/--form, not both")
     _check_json(args)
@@ -465,8 +463,8 @@ def _keep_run(store, records, failures, started, status, timing, grid, progress)
     import dataclasses
 
     from deploykit.core.errors import StoreError
-    from deploykit.runtime.profiles import current_profile
     from deploykit.results.store import NewRun, git_revision, now_utc
+    from deploykit.runtime.profiles import current_profile
 
     first = records[0] if records else None
     conditions = {"versions": first.versions if first else {}, "machine": first.machine if first else {},

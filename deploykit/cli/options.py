@@ -24,9 +24,9 @@ from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS
 from deploykit.core.storage import CODECS
 from deploykit.model.spec import DEFAULT_LENGTH, INPUT_DTYPES, TRACE_BATCH
 from deploykit.prune.base import PRUNERS, PruningPlan
+from deploykit.results.store import ATTEMPTS, BUSY_TIMEOUT_S
 from deploykit.runtime.devices import DEVICE_CHOICES
 from deploykit.runtime.session import RUNTIMES
-from deploykit.results.store import ATTEMPTS, BUSY_TIMEOUT_S
 
 #: what `deploykit bench` sweeps without --prune
 DEFAULT_BENCH_PRUNE = "magnitude:0,0.5,0.9"

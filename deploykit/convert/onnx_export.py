@@ -11,12 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploykit.core.errors import ExportError, ParityError
 from deploykit.convert.onnx_settings import DEFAULT_OPSET
-from deploykit.model.artifact import ONNX_FILE
+from deploykit.core.errors import ExportError, ParityError
 from deploykit.core.hooks import run_forward
 from deploykit.core.ort import ort_session
-
+from deploykit.model.artifact import ONNX_FILE
 
 
 def export_onnx(

@@ -18,10 +18,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from deploykit.prune.channels import UnsupportedLayerError, channel_groups, dependency_graph
-from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.core.hooks import run_forward
+from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.prune.blocks import replay_blocks
+from deploykit.prune.channels import UnsupportedLayerError, channel_groups, dependency_graph
 
 
 @dataclass(frozen=True)

@@ -13,25 +13,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from deploykit.model.artifact import (MANIFEST_FILE, WEIGHTS_FILE, Manifest, file_sizes, owned_artifact, read_manifest, 
-                       with_file_records)
+from deploykit.convert.forms import DEFAULT_KERNEL_BATCH, FORMS, Converted
+from deploykit.convert.onnx_export import (
+    check_parity,
+    max_abs_errors,
+    save_optimized as save_optimized_graph,
+    torch_outputs,
+    trivial_outputs,
+)
+from deploykit.convert.onnx_settings import DEFAULT_OPSET, FORM_TOLERANCE, ONNX_TOLERANCE, SUPPORTED_OPSETS
+from deploykit.convert.quantize import QUANTIZERS
 from deploykit.core.env import library_versions
 from deploykit.core.errors import QualityError, UsageError
-from deploykit.convert.forms import DEFAULT_KERNEL_BATCH, FORMS, Converted
 from deploykit.core.fsutil import atomic_directory, check_writable_destination, write_text_atomic
-from deploykit.convert.onnx_export import check_parity, max_abs_errors, save_optimized as save_optimized_graph, torch_outputs, trivial_outputs
-from deploykit.convert.onnx_settings import DEFAULT_OPSET, FORM_TOLERANCE, ONNX_TOLERANCE, SUPPORTED_OPSETS
-from deploykit.prune.base import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
 from deploykit.core.ort import GRAPH_OPTIMIZATIONS
-from deploykit.convert.quantize import QUANTIZERS
+from deploykit.core.sparsity import SparsityTable, sparsity_table
+from deploykit.core.storage import CODECS, save_weights
 from deploykit.export.quantization import quantize_artifact
+from deploykit.model.artifact import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    Manifest,
+    file_sizes,
+    owned_artifact,
+    read_manifest,
+    with_file_records,
+)
+from deploykit.model.sources import consent_of, resolve_model
+from deploykit.model.spec import MODELS, TRACE_BATCH, ModelSpec
+from deploykit.model.summary import count_flops, count_parameters, count_sparse_flops, module_shapes, shape_changes
 from deploykit.pipelines.base import ExportRequest
 from deploykit.pipelines.catalog import PIPELINES
-from deploykit.core.sparsity import SparsityTable, sparsity_table
-from deploykit.model.sources import consent_of, resolve_model
-from deploykit.model.spec import MODELS, ModelSpec, TRACE_BATCH
-from deploykit.core.storage import CODECS, save_weights
-from deploykit.model.summary import count_flops, count_parameters, count_sparse_flops, module_shapes, shape_changes
+from deploykit.prune.base import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
 
 Progress = Callable[[str], None]
 

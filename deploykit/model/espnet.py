@@ -30,6 +30,7 @@ from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.fsutil import read_text
 from deploykit.core.hooks import TRACE_FORWARDS
 
+
 @contextlib.contextmanager
 def quiet_espnet():
     """ESPnet's imports try to download NLTK data and log deprecation notes: keep that out of the CLI."""

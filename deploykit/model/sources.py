@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from deploykit.core.errors import ArtifactError, UntrustedCodeError, UsageError
-from deploykit.model.spec import MODELS, InputSpec, ModelSpec
-from deploykit.model.catalog import get_model, list_models
 from deploykit.core.fsutil import file_digest
+from deploykit.model.catalog import get_model, list_models
 from deploykit.model.checkpoints import apply_checkpoint, load_checkpoint
-from deploykit.model.entrypoint import entry_point_spec, parse_entry_point
-from deploykit.model.entrypoint import spec_from_artifact as entrypoint_spec_from_artifact
-from deploykit.model.zoo import espnet_st as zoo_espnet
-from deploykit.model.zoo import gpt2 as zoo_gpt2
+from deploykit.model.entrypoint import (
+    entry_point_spec,
+    parse_entry_point,
+    spec_from_artifact as entrypoint_spec_from_artifact,
+)
+from deploykit.model.spec import MODELS, InputSpec, ModelSpec
+from deploykit.model.zoo import espnet_st as zoo_espnet, gpt2 as zoo_gpt2
 
 if TYPE_CHECKING:
     from deploykit.model.artifact import Manifest

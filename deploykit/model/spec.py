@@ -1,11 +1,13 @@
 """Model specifications: how to build a model and its example inputs, by name.
 
-A `ModelSpec` is the one protocol every model source follows (the built-in zoo in `models/`, and later a
-user's entry point): a zero-argument `build` that returns an `nn.Module`, the model's inputs described as
+A `ModelSpec` is the one protocol every model source follows (the built-in zoo in `deploykit/model/zoo/`,
+a user's entry point, a Hugging Face or ESPnet directory): a zero-argument `build` that returns an `nn.Module`, the model's inputs described as
 `InputSpec`s (which also give ONNX its names and dynamic axes), and the names of its outputs.
 
-How to add a model to the zoo: write a builder in a module under `models/`, decorate it with
-`@register_model("name", inputs=[...], outputs=[...])`, and import that module from `models/__init__.py`.
+How to add a model to the zoo: write a builder in a module under `deploykit/model/zoo/`, decorate it with
+`@register_model("name", inputs=[...], outputs=[...])` (any `ModelSpec` field may be given), and import
+that module from `deploykit/model/zoo/__init__.py`. A model that is not one forward pass names its
+`pipeline` (`deploykit.pipelines`).
 The builder's docstring is the model's description; cite the shape it reproduces there.
 """
 
@@ -18,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from deploykit.core.env import available_memory_bytes
-from deploykit.core.registry import Registry
 from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.registry import Registry
 from deploykit.core.storage import load_weights, save_weights
 
 if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays instant

@@ -22,10 +22,10 @@ from deploykit.convert.onnx_export import check_parity, export_onnx, max_abs_err
 from deploykit.convert.onnx_settings import DEFAULT_OPSET, ONNX_TOLERANCE
 from deploykit.core.errors import UsageError
 from deploykit.core.ort import ort_session
+from deploykit.model.artifact import ST_CONFIG_FILE, WEIGHTS_FILE
 from deploykit.model.espnet import encode_features, quiet_espnet, sos_eos
 from deploykit.pipelines.st_decode import OrtSTDecoder, OrtStepper, STSession, state_after, translate
 from deploykit.runtime.loading import load_torch_model
-from deploykit.model.artifact import ST_CONFIG_FILE, WEIGHTS_FILE
 from deploykit.runtime.session import RuntimeInfo, Target
 
 ENCODER_FILE = "encoder.onnx"

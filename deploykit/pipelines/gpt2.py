@@ -1,6 +1,6 @@
 """GPT-2 through optimum: export with and without the key/value cache, and PyTorch generation.
 
-Models are the zoo's `CausalLM` wrappers (`models/gpt2.py`) around a transformers
+Models are the zoo's `CausalLM` wrappers (`deploykit/model/zoo/gpt2.py`) around a transformers
 `GPT2LMHeadModel`, possibly pruned: magnitude masks stripped, or MLP blocks and attention heads
 shrunk by dense-shrunk (heads: the same number in every layer, which optimum's cache inputs need).
 optimum's exporter traces the Hugging Face model itself, with its own dummy inputs, into
@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from deploykit.convert.onnx_export import max_abs_errors, sparsify_initializers
 from deploykit.core.errors import ExportError, ParityError, UsageError
 from deploykit.core.fsutil import scratch_directory
-from deploykit.convert.onnx_export import max_abs_errors, sparsify_initializers
-from deploykit.runtime.session import RuntimeInfo, Target
+from deploykit.model.artifact import WEIGHTS_FILE
+from deploykit.model.causal_lm import greedy
+from deploykit.model.zoo.gpt2 import TorchCausalLM, hf_model
 from deploykit.pipelines.textgen import (
     NO_PAST_FILE,
     TEXTGEN_CONFIG_FILE,
@@ -34,10 +36,8 @@ from deploykit.pipelines.textgen import (
     GenerationSession,
     OrtCausalLM,
 )
-from deploykit.model.causal_lm import greedy
-from deploykit.model.zoo.gpt2 import TorchCausalLM, hf_model
-from deploykit.model.artifact import WEIGHTS_FILE
 from deploykit.runtime.loading import load_torch_model
+from deploykit.runtime.session import RuntimeInfo, Target
 
 #: greedy tokens compared at export (every one must match)
 CHECK_TOKENS = 16

@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from deploykit.core.errors import DeployKitError
-from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.core.hooks import class_path, run_forward
+from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.prune.blocks import block_groups
 from deploykit.prune.slices import Slice, SliceGroup
 

@@ -15,10 +15,10 @@ import torch
 import torch_pruning as tp
 from torch.nn.utils import prune
 
-from deploykit.prune.channels import SliceGroup, UnsupportedLayerError, channel_groups, dependency_graph
 from deploykit.core.errors import UsageError
 from deploykit.model.hints import hints_of
 from deploykit.prune.base import PRUNERS, Outcome, PruneContext
+from deploykit.prune.channels import SliceGroup, UnsupportedLayerError, channel_groups, dependency_graph
 
 
 class Criterion:

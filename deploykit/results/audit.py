@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploykit.model.artifact import WEIGHTS_FILE, read_manifest, verify_artifact
 from deploykit.core.confine import inside
 from deploykit.core.errors import UsageError
-from deploykit.core.tomlfile import line_of, read_toml
 from deploykit.core.storage import SEPARATOR, load_weights
+from deploykit.core.tomlfile import line_of, read_toml
+from deploykit.model.artifact import WEIGHTS_FILE, read_manifest, verify_artifact
 from deploykit.model.onnxfile import initializers, is_parameter, open_onnx_file
 
 MB = 1e6

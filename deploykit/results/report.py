@@ -10,11 +10,11 @@ from typing import Iterable, Sequence
 
 from tabulate import tabulate
 
-from deploykit.core.errors import UsageError
+from deploykit.bench.records import BenchRecord
 from deploykit.core.contention import Load
+from deploykit.core.errors import UsageError
 from deploykit.core.measure import REMEDIES, required_samples
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
-from deploykit.bench.records import BenchRecord
 from deploykit.core.sparsity import SparsityTable
 
 MB = 1e6

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from deploykit.bench.records import BenchRecord, FailedConfiguration
 from deploykit.core.errors import ArtifactError, StoreError, UsageError
 from deploykit.core.fsutil import check_output_file, read_text, write_text_atomic
-from deploykit.bench.records import BenchRecord, FailedConfiguration
 
 SCHEMA_VERSION = 2
 SCHEMA = """

@@ -6,7 +6,6 @@ read; torch and onnxruntime are imported when asked, so that importing this modu
 
 from __future__ import annotations
 
-
 LOCAL_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
                    "CoreMLExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider")
 

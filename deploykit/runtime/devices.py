@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from deploykit.core.errors import UsageError
+from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS
 from deploykit.runtime.profiles import Profile
 from deploykit.runtime.session import RUNTIMES, Target
-from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS
 
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
 

@@ -1,6 +1,7 @@
 """Hardware profiles: what a machine is, what it can run, and how many threads to give it.
 
-A profile is one TOML file (`profiles/*.toml` ships the targets of the pruning studies) read into
+A profile is one TOML file (`deploykit/runtime/hardware/*.toml` ships the targets of the pruning studies;
+users keep their own in `$DEPLOYKIT_PROFILES`) read into
 plain dataclasses; `detect_profile` describes the machine deploykit runs on from py-cpuinfo, psutil,
 torch and onnxruntime, and `match_profile` names the known profile it is, if any. Every benchmark
 record carries the name of the profile it was measured on.
@@ -22,11 +23,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from deploykit.core.env import available_cores
 from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.fsutil import read_text
 from deploykit.core.registry import Registry
 from deploykit.runtime.accelerators import onnxruntime_providers
-from deploykit.core.env import available_cores
-from deploykit.core.fsutil import read_text
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from deploykit.model.spec import InputSpec, register_model
-
 from deploykit.model.zoo.digits import accuracy_on_digits, calibration_batches, labelled_batches, train_on_digits
 
 IMAGE = InputSpec("image", ("batch", 1, 28, 28))
