@@ -38,16 +38,19 @@ def _progress(args):
     return lambda message: print(f"deploykit: {message}", file=sys.stderr, flush=True)
 
 
-def _trust_warnings(args, progress) -> tuple[str, ...]:
-    """The code consent of --trust-code, with the warnings --trust-code and --no-verify owe the user."""
+def _consent(args) -> tuple[str, ...]:
+    """The code consent of --trust-code: every entry point an artifact names may be imported."""
     from deploykit.model.sources import TRUST_ALL_CODE
 
+    return (TRUST_ALL_CODE,) if getattr(args, "trust_code", False) else ()
+
+
+def _trust_warnings(args, progress) -> None:
+    """The warnings --trust-code and --no-verify owe the user."""
     if getattr(args, "no_verify", False):
         progress("warning: --no-verify: artifact files are used without checking their checksums")
     if getattr(args, "trust_code", False):
         progress("warning: --trust-code: code named by artifacts will be imported and run")
-        return (TRUST_ALL_CODE,)
-    return ()
 
 
 def _check_output(path: str, option: str) -> None:
@@ -390,23 +393,26 @@ def cmd_bench(args) -> int:
     if args.store and args.no_store:
         raise UsageError("--store and --no-store contradict each other")
     store = None if args.no_store else _store(args)
+    consent = _consent(args)
+    # every input is checked before anything is said, so that bad input stays one line
+    if args.artifacts:  # measured together: their configurations interleave
+        subjects = [onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx")
+                    else artifact_subject(path, consent, verify=not args.no_verify) for path in args.artifacts]
+    else:
+        plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))
+        spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
+    _trust_warnings(args, progress)
     if store is not None and (busy := store.check_writable()):
         progress(f"note: {busy}")
-    consent = _trust_warnings(args, progress)
     for note in [*placement.notes, *([threads_note] if threads_note else [])]:
         progress(f"note: {note}")
     records: list = []
     failures = FailureSink()
     started = now_utc()
     try:
-        if args.artifacts:  # measured together: their configurations interleave
-            subjects = [onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx")
-                        else artifact_subject(path, consent, verify=not args.no_verify) for path in args.artifacts]
+        if args.artifacts:
             bench_subjects(subjects, grid, timing, progress, sink=records, failures=failures)
         else:
-            options = _plan_options(args)
-            plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), options)
-            spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
             bench_model(spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress, sink=records,
                         failures=failures)
     except BaseException as exc:
@@ -498,7 +504,6 @@ def cmd_audit(args) -> int:
     _check_json(args)
     budgets = load_budgets(args.budget) if args.budget else {}
     model_options = _model_options(args)
-    _trust_warnings(args, _progress(args))
     if args.artifacts:
         target = Path(args.artifacts[0])
         if model_options != type(model_options)() or args.prune or args.plan or args.rule:
@@ -529,6 +534,7 @@ def cmd_audit(args) -> int:
             raise UsageError(f"no budget for model {report.model!r} in {args.budget}; "
                              f"budgeted: {', '.join(budgets) or 'none'}")
         report = check_budget(report, budgets[report.model])
+    _trust_warnings(args, _progress(args))  # after the input is checked: bad input stays one line
     _emit(args, json.dumps(report.to_dict(), indent=2), lambda: print(audit_table(report)))
     return 0 if report.within_budget else 1
 
