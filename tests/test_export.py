@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from deploykit.convert.kernel_choice import KernelTimings, Round, decide
-from deploykit.convert.onnx_export import torch_outputs
+from deploykit.convert.onnx_export import check_parity, max_abs_errors, torch_outputs
 from deploykit.core.errors import ArtifactError, ExportError, OutputPathError, ParityError
 from deploykit.core.ort import ort_session
 from deploykit.export.build import export_artifact
@@ -258,3 +258,20 @@ def test_a_plan_that_empties_a_layer_stops_naming_it_unless_allowed(tmp_path):
     assert "layers pruned to 100% (allowed by the plan): mlp.0" in m.notes
     rows = {row["name"]: row for row in m.sparsity}
     assert rows["mlp.0.weight"]["nonzero"] == 0 and rows["mlp.2.weight"]["nonzero"] > 0  # per layer, for review
+
+
+def test_parity_check_fails_on_the_worst_output_and_on_nan():
+    check_parity("ok", {"a": 1e-5, "b": 0.0}, 1e-4)  # within tolerance: nothing raised
+    with pytest.raises(ParityError, match="'b'"):
+        check_parity("x", {"a": 0.0, "b": 1.0}, 1e-4)  # the worst output is the one named
+    with pytest.raises(ParityError):
+        check_parity("x", {"a": float("nan")}, 1e-4)  # NaN compares false with everything: not a pass
+
+
+def test_max_abs_errors_counts_both_directions_and_refuses_other_shapes_and_counts():
+    reference = [np.array([1.0, -2.0], dtype=np.float32), np.zeros((2, 3), dtype=np.float32)]
+    below = [np.array([0.5, -2.0], dtype=np.float32), np.zeros((2, 3), dtype=np.float32)]
+    assert max_abs_errors(reference, below, ["y", "z"]) == {"y": 0.5, "z": 0.0}  # actual below reference
+    transposed = [reference[0], np.zeros((3, 2), dtype=np.float32)]  # same size, another shape
+    assert max_abs_errors(reference, transposed, ["y", "z"]) == {"y": 0.0, "z": float("inf")}
+    assert max_abs_errors(reference, reference[:1], ["y", "z"]) == {"y": float("inf"), "z": float("inf")}

@@ -224,3 +224,12 @@ def test_compression_shrinks_redundant_tensors_and_rejects_tampering(tmp_path):
         load_weights(tmp_path / "z")
     with pytest.raises(ValueError, match="unknown compression 'zip'"):
         save_weights(state, tmp_path / "q", "compact", compression="zip")
+
+
+def test_csr_column_indices_reach_the_last_column_at_a_dtype_boundary(tmp_path):
+    # 257 columns: index 256 needs uint16; one too narrow a dtype would wrap it to column 0
+    weight = torch.zeros(1000, 257)
+    weight[0, 256], weight[1, 255], weight[999, 0] = 1.5, -2.0, 3.0
+    (encoded,) = save_weights({"w": weight}, tmp_path / "w.safetensors", "compact")
+    assert encoded.kind == "csr" and encoded.parts["col"].dtype == torch.uint16
+    assert torch.equal(load_weights(tmp_path / "w.safetensors")["w"], weight)
