@@ -15,6 +15,7 @@ from deploykit.convert.onnx_settings import DEFAULT_OPSET
 from deploykit.core.errors import ExportError, ParityError
 from deploykit.core.hooks import run_forward
 from deploykit.core.ort import ort_session
+from deploykit.core.outputs import flat_forward, flat_tensors
 from deploykit.model.artifact import ONNX_FILE
 
 
@@ -39,17 +40,18 @@ def export_onnx(
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         try:
-            torch.onnx.export(
-                model,
-                tuple(example_inputs),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
-                do_constant_folding=True,
-            )
+            with flat_forward(model):  # ModelOutputs, dicts, nested tuples: the flat tuple spec.outputs names
+                torch.onnx.export(
+                    model,
+                    tuple(example_inputs),
+                    str(path),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=list(input_names),
+                    output_names=list(output_names),
+                    dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+                    do_constant_folding=True,
+                )
         except Exception as exc:  # the exporter raises many types; the user needs the first line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"ONNX export failed ({type(exc).__name__}): {first}") from exc
@@ -106,8 +108,7 @@ def save_optimized(path: str | Path, level: str) -> Path:
 def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
     with torch.inference_mode():
         outputs = run_forward(model, inputs)
-    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-    return [out.detach().cpu().numpy() for out in outputs]
+    return [out.detach().cpu().numpy() for out in flat_tensors(outputs)]
 
 
 def max_abs_errors(

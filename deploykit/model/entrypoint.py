@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.outputs import flatten_outputs
 from deploykit.model.spec import INPUT_DTYPES, InputSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -215,16 +216,9 @@ def _forward_names(model: "nn.Module", count: int) -> list[str]:
 
 
 def output_names(model: "nn.Module", inputs: "Sequence[torch.Tensor]") -> tuple[str, ...]:
-    """Names for the outputs of one call: "output", "output_0".., or a dict's keys."""
+    """Names for the outputs of one call (`deploykit.core.outputs`): "output", "output_0".., a dict's or
+    ModelOutput's keys, paths into nested ones."""
     import torch
 
     with torch.no_grad():
-        out = model.eval()(*inputs)
-    if isinstance(out, torch.Tensor):
-        return ("output",)
-    if isinstance(out, dict) and all(isinstance(v, torch.Tensor) for v in out.values()):
-        return tuple(str(k) for k in out)
-    if isinstance(out, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in out):
-        return tuple(f"output_{i}" for i in range(len(out)))
-    raise UsageError(f"the model returns {type(out).__name__}; deploykit exports tensors, tuples of tensors or "
-                     "dicts of tensors")
+        return tuple(name for name, _ in flatten_outputs(model.eval()(*inputs)))

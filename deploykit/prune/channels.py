@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from deploykit.core.errors import DeployKitError
 from deploykit.core.hooks import class_path, run_forward
+from deploykit.core.outputs import flat_tensors
 from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.prune.blocks import block_groups
 from deploykit.prune.slices import Slice, SliceGroup
@@ -76,7 +77,7 @@ def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor],
     # torch-pruning traces through autograd, so gradients must be on even for an inference model.
     with torch.enable_grad(), _split_glu():
         graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=tuple(example_inputs), forward_fn=lambda m, inputs: run_forward(m, inputs),
+            model, example_inputs=tuple(example_inputs), forward_fn=lambda m, inputs: tuple(flat_tensors(run_forward(m, inputs))),
             customized_pruners=hints.customized_pruners() or None, verbose=False)
     _detach_kept_activations(model)
     return graph

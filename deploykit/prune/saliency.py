@@ -34,6 +34,7 @@ from torch.nn.utils import prune
 
 from deploykit.core.errors import UsageError
 from deploykit.core.hooks import run_forward
+from deploykit.core.outputs import flat_tensors
 from deploykit.prune.base import PRUNERS, Outcome, PruneContext
 
 #: labelled batches SNIP and GraSP draw from the data hook
@@ -114,7 +115,7 @@ def _loss(ctx: PruneContext) -> Callable[[object, torch.Tensor], torch.Tensor]:
 
 def classification_loss(outputs, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits (the first output, classes on the last axis) against class ids."""
-    logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    logits = flat_tensors(outputs)[0]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -152,7 +153,7 @@ class GraSP(SaliencyPruner):
 
         def tempered_loss(model, inputs, targets):
             outputs = run_forward(model, inputs)
-            logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+            logits = flat_tensors(outputs)[0]
             return loss(logits / GRASP_TEMPERATURE, targets)
 
         with torch.enable_grad():
@@ -222,8 +223,7 @@ class SynFlow:
             weights = [probe.get_submodule(name).weight for name in originals]
             with torch.enable_grad():
                 outputs = run_forward(probe, ones)
-                flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-                total = sum(o.sum() for o in flat if torch.is_tensor(o) and o.is_floating_point())
+                total = sum(o.sum() for o in flat_tensors(outputs) if o.is_floating_point())
                 grads = torch.autograd.grad(total, weights)
             scores = {}
             for (name, w), g in zip(originals.items(), grads):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deploykit.core.outputs import flat_tensors
 from deploykit.model.artifact import WEIGHTS_FILE
 from deploykit.runtime.loading import load_torch_model
 from deploykit.runtime.session import FORWARD_STAGE, RuntimeInfo, Target
@@ -35,8 +36,7 @@ class TorchSession:
     def run(self, feeds):
         with self.torch.inference_mode():
             outputs = self.model(*self._tensors(feeds))
-        outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        return [out.cpu().numpy() for out in outputs]
+        return [out.detach().cpu().numpy() for out in flat_tensors(outputs)]
 
     def stages(self, feeds):
         tensors = self._tensors(feeds)
