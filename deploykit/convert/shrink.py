@@ -84,8 +84,9 @@ def _check_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], group)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedLayerError(
             f"removing channels of the group of {group.root_name} broke the forward pass ({type(exc).__name__}: "
-            f"{first}): a weight of that group is used outside its module (tied, or applied functionally); "
-            f"exclude {group.root_name} with --exclude") from None
+            f"{first}): a weight of that group is used outside its module (tied, or applied functionally), "
+            "or the module around it reshapes it (into attention heads: name that module in the model's "
+            f"pruning hints, `attention`); exclude {group.root_name} with --exclude") from None
 
 
 def replay(

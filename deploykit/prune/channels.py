@@ -41,6 +41,20 @@ BLOCKING_TYPES = (nn.LayerNorm, nn.GroupNorm)
 #: attention modules that reshape their projections into heads of a size kept as an attribute (ESPnet's
 #: `d_k`): one channel of a projection cannot go alone, only whole heads could (not supported yet)
 HEAD_SPLIT_CLASSES = ("espnet.nets.pytorch_backend.transformer.attention.MultiHeadedAttention",)
+#: attributes by which attention modules of other libraries say how many heads they split into
+#: (Hugging Face: BERT/RoBERTa/ViT `num_attention_heads`, BART/Llama `num_heads`, DistilBERT/T5
+#: `n_heads`, GPT-2 blocks handled by `deploykit.prune.blocks`; torch: `nn.MultiheadAttention.num_heads`)
+HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+
+
+def splits_into_heads(module: nn.Module) -> bool:
+    """Whether `module` reshapes its child projections into attention heads: a known class, or a module
+    that says its head count (more than one head) and has Linear children. Its projections' channels
+    cannot go one by one, only whole heads could."""
+    if any(class_path(c) in HEAD_SPLIT_CLASSES for c in type(module).__mro__):
+        return True
+    heads = next((getattr(module, a) for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(module, a, None), int)), 1)
+    return heads > 1 and any(isinstance(child, nn.Linear) for child in module.children())
 
 
 class UnsupportedLayerError(DeployKitError):
@@ -189,7 +203,7 @@ def channel_groups(
     names = {module: name for name, module in model.named_modules()}
     ignored = [model.get_submodule(name) for name in keep]
     heads = frozenset(child for name, m in model.named_modules()
-                      if any(class_path(c) in HEAD_SPLIT_CLASSES for c in type(m).__mro__) or hints.is_attention(name)
+                      if splits_into_heads(m) or hints.is_attention(name)
                       for child in m.children())
     groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=(*ROOT_TYPES, *hints.layers))
     while True:
