@@ -393,3 +393,30 @@ def test_the_example_entry_point_and_plan_in_models_export_as_documented(cli, tm
     assert manifest["excluded_modules"] == ["0", "8"] and manifest["pruned_parameters"] == ["3.weight"]
     (row,) = [row for row in manifest["sparsity"] if row["name"] == "3.weight"]
     assert row["numel"] - row["nonzero"] == round(0.7 * 32 * 16 * 3 * 3)  # the plan's rule, not its default 0.5
+
+
+def test_export_says_which_weights_it_left_dense_beside_the_sparsity_reached(cli, tmp_path):
+    (tmp_path / "mha.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+                self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+            def forward(self, x):
+                h = self.embed(x)
+                return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+        def build():
+            return Net().eval(), (torch.randn(2, 5, 16),)
+    '''))
+    r = cli("export", "--model", f"{tmp_path / 'mha.py'}:build", "--prune", "magnitude:0.9", "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert "asked magnitude:0.9: pruned weights 89.97% zero, the whole model 30.82%" in r.stdout
+    assert ("3,072 parameters in 1 weight (attn.in_proj_weight): a parameter of MultiheadAttention that is not a "
+            "Linear, Conv, embedding or Conv1D weight") in r.stdout
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert set(manifest["unpruned_weights"]) == {"attn.in_proj_weight", "head.weight"}

@@ -136,3 +136,30 @@ def test_a_pruner_that_prunes_nothing_is_caught(mlp, mlp_spec, monkeypatch):
     monkeypatch.setitem(PRUNERS._entries, "noop", DoesNothing())
     with pytest.raises(RuntimeError, match="masked 0 weights where 705536 were requested"):
         prune_model(mlp, PruningPlan("noop", 0.5), mlp_spec.example_inputs(2))
+
+
+def test_weights_the_plan_leaves_dense_are_listed_with_why():
+    from deploykit.prune.base import unpruned_weights
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.proj = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            h = self.proj(self.embed(ids))
+            return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    inputs = (torch.randint(0, 10, (2, 4)),)
+    net = Net().eval()
+    result = prune_model(net, PruningPlan("magnitude", 0.5, layer_types=("linear",)), inputs)
+    found = unpruned_weights(net, result)
+    assert set(result.pruned_parameters) == {"proj.weight", "attn.out_proj.weight"}
+    assert set(found) == {"embed.weight", "attn.in_proj_weight", "head.weight"}  # biases are not weights
+    assert "the plan prunes linear layers" in found["embed.weight"]
+    assert "MultiheadAttention that is not a Linear" in found["attn.in_proj_weight"]
+    assert found["head.weight"].startswith("excluded")
+    assert unpruned_weights(net, prune_model(Net().eval(), PruningPlan(), inputs)) == {}  # nothing asked

@@ -312,6 +312,7 @@ def _print_export(result, plan, threads: int, threads_note: str) -> None:
     m = result.manifest
     print(f"{m.model}: {plan.label()} ({plan.scope}), form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
     print(sparsity_report(result.table))
+    _print_unpruned(m, plan, result.table)
     if m.shape_changes:
         print(f"\n{m.form}: modules changed")
         width = max(len(name) for name in m.shape_changes)
@@ -357,6 +358,22 @@ def _print_export(result, plan, threads: int, threads_note: str) -> None:
     for warning in m.warnings:
         print(f"warning: {warning}")
     print(f"threads: {threads}" + (f" ({threads_note})" if threads_note else ""))
+
+
+def _print_unpruned(m, plan, table) -> None:
+    """The sparsity asked for beside the sparsity reached, and the weights left dense, grouped by why."""
+    if not m.unpruned_weights:
+        return
+    print(f"\nasked {plan.label()}: pruned weights {100 * table.pruned_overall:.2f}% zero, the whole model "
+          f"{100 * table.overall:.2f}%; weights left dense:")
+    numel = {row["name"]: row["numel"] for row in m.sparsity}
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in m.unpruned_weights.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        print(f"  {sum(numel.get(n, 0) for n in names):,} parameters in {len(names)} weight"
+              f"{'s' * (len(names) > 1)} ({shown}): {reason}")
 
 
 def cmd_bench(args) -> int:

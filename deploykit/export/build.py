@@ -39,12 +39,20 @@ from deploykit.model.artifact import (
     read_manifest,
     with_file_records,
 )
+from deploykit.model.hints import hints_of
 from deploykit.model.sources import consent_of, resolve_model
 from deploykit.model.spec import MODELS, TRACE_BATCH, ModelSpec
 from deploykit.model.summary import count_flops, count_parameters, count_sparse_flops, module_shapes, shape_changes
 from deploykit.pipelines.base import ExportRequest
 from deploykit.pipelines.catalog import PIPELINES
-from deploykit.prune.base import PruneResult, PruningPlan, detect_output_layers, prune_model, strip_masks
+from deploykit.prune.base import (
+    PruneResult,
+    PruningPlan,
+    detect_output_layers,
+    prune_model,
+    strip_masks,
+    unpruned_weights,
+)
 
 Progress = Callable[[str], None]
 
@@ -136,6 +144,7 @@ def export_artifact(
         progress("training the pruned model (masks in force)")
         _train_with_masks(spec, net)
     table = sparsity_table(net, result.pruned_parameters)
+    unpruned = unpruned_weights(net, result, hints_of(spec))
     strip_masks(net)
     metrics = spec.evaluate(net) if spec.evaluate else {}
 
@@ -209,6 +218,7 @@ def export_artifact(
             pipeline=spec.pipeline,
             source=source,
             notes=notes,
+            unpruned_weights=unpruned,
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if quantize is not None:  # measured against the float artifact, which is complete at this point

@@ -112,6 +112,8 @@ class Manifest:
     notes: list[str] = field(default_factory=list)
     #: file name -> SHA-256 (hex) of its contents, for every file in `files`; checked before use
     checksums: dict[str, str] = field(default_factory=dict)
+    #: weight (a float parameter of 2+ dimensions) the plan left dense -> why (`prune.base.unpruned_weights`)
+    unpruned_weights: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -125,7 +127,7 @@ class Manifest:
 OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization", "sparse_flops",
                    "remaining_flops_fraction", "checksums", "nonzero_parameters_before_conversion",
                    "overall_sparsity_before_conversion", "pruned_sparsity_before_conversion",
-                   "sparse_flops_before_conversion", "onnx_parity_max_rel_error", "warnings")
+                   "sparse_flops_before_conversion", "onnx_parity_max_rel_error", "warnings", "unpruned_weights")
 #: keys of a manifest's source record that are provenance (never read as files) or code (`sources`)
 _SOURCE_NOT_FILES = ("kind", "from", "entry_point")
 

@@ -305,6 +305,35 @@ def prunable_modules(model: "nn.Module", hints: "PruningHints | None" = None) ->
             if isinstance(m, kinds) or f"{type(m).__module__}.{type(m).__qualname__}" in PRUNABLE_CLASS_PATHS]
 
 
+def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHints | None" = None) -> dict[str, str]:
+    """Every weight (a float parameter of two or more dimensions) the plan left alone, with why: so that
+    a sparsity short of the one asked for is explained where it is shown (an attention's packed
+    `in_proj_weight`, a custom layer's parameter, an excluded or filtered layer). Empty for a plan
+    that prunes nothing."""
+    plan = result.plan
+    if plan.amount == 0 and plan.compression is None and not any(s for _, s in plan.rules):
+        return {}
+    prunable = dict(prunable_modules(model, hints))
+    excluded, pruned = set(result.excluded_modules), set(result.pruned_parameters)
+    found = {}
+    for module_name, module in model.named_modules():
+        for raw, parameter in module.named_parameters(recurse=False):
+            local = raw.removesuffix("_orig")  # a masked model keeps its weight as weight_orig
+            name = f"{module_name}.{local}" if module_name else local
+            if name in pruned or parameter.dim() < 2 or not parameter.is_floating_point():
+                continue
+            if module_name in excluded:
+                found[name] = "excluded: the output layer, --exclude, or a weight tied to another"
+            elif module_name not in prunable or local != "weight":
+                found[name] = (f"a parameter of {type(module).__name__} that is not a Linear, Conv, embedding or "
+                               "Conv1D weight: the pruners do not reach it")
+            elif plan.layer_types and layer_type(module, hints) not in plan.layer_types:
+                found[name] = f"a {layer_type(module, hints)} layer; the plan prunes {', '.join(plan.layer_types)} layers"
+            else:
+                found[name] = "the plan gives it sparsity 0 (a rule)" if plan.rules else "left dense by the pruner"
+    return found
+
+
 def tied_modules(model: "nn.Module") -> list[str]:
     """Prunable modules whose weight is shared with another module (GPT-2's embedding and LM head).
 
