@@ -167,6 +167,21 @@ class CustomLinearNet(nn.Module):
 
 IMAGE = (InputSpec("x", ("batch", 3, 8, 8)),)
 TOKENS = (InputSpec("tokens", ("batch", "seq"), "int64", 50),)
+class EmbeddingIntoLSTM(nn.Module):
+    """An embedding straight into an LSTM whose last step feeds the classifier (torch-pruning scores
+    none of the LSTM's group: deploykit scores its producing slices)."""
+
+    def __init__(self, d, vocab=50):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.rnn = nn.LSTM(d, 2 * d, batch_first=True)
+        self.fc = nn.Linear(2 * d, 4)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.emb(tokens))
+        return self.fc(out[:, -1])
+
+
 VECTOR = (InputSpec("x", ("batch", 16)),)
 SEQUENCE = (InputSpec("x", ("batch", "seq", 8)),)
 
@@ -197,6 +212,7 @@ WORKS = [
     ("concat-skip", ConcatSkip, IMAGE, ["c1", "c2", "c3", "head"]),
     ("shared-embedding", SharedEmbedding, TOKENS, ["emb", "left", "right", "out"]),
     ("lstm", lambda d: Recurrent(d, nn.LSTM), TOKENS, ["proj", "rnn", "fc", "out"]),
+    ("embedding-into-lstm", EmbeddingIntoLSTM, TOKENS, ["emb", "rnn"]),
     ("custom-scale", WithScale, VECTOR, ["fc1", "fc2"]),
 ]
 

@@ -20,6 +20,7 @@ search is reported with the layers it has no real handler for (`unknown_layers`)
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Iterator, Sequence
 
 import torch
@@ -89,10 +90,21 @@ def producer_slices(module: nn.Module, hints: PruningHints = NO_HINTS) -> list[t
 def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor],
                      hints: PruningHints = NO_HINTS) -> tp.DependencyGraph:
     # torch-pruning traces through autograd, so gradients must be on even for an inference model.
-    with torch.enable_grad(), _split_glu():
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=tuple(example_inputs), forward_fn=lambda m, inputs: tuple(flat_tensors(run_forward(m, inputs))),
-            customized_pruners=hints.customized_pruners() or None, verbose=False)
+    try:
+        with torch.enable_grad(), _split_glu():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=tuple(example_inputs),
+                forward_fn=lambda m, inputs: tuple(flat_tensors(run_forward(m, inputs))),
+                customized_pruners=hints.customized_pruners() or None, verbose=False)
+    except (ArithmeticError, IndexError, KeyError, RecursionError, RuntimeError, TypeError, ValueError) as exc:
+        # torch-pruning fails deep inside on graphs it cannot follow (a channel shuffle's reshape:
+        # ZeroDivisionError); the user needs the reason and what still works, not its traceback
+        where = traceback.extract_tb(exc.__traceback__)[-1].name
+        raise UnsupportedLayerError(
+            f"torch-pruning cannot build this model's dependency graph ({type(exc).__name__} in {where}: "
+            f"{(str(exc).splitlines() or [''])[0][:160]}), so its channels cannot be grouped: structured pruning "
+            "and dense-shrunk do not apply to it; unstructured methods (magnitude, random) with --form dense or "
+            "csr do") from None
     _detach_kept_activations(model)
     return graph
 

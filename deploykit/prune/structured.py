@@ -35,7 +35,16 @@ class Criterion:
 
     def __call__(self, group: SliceGroup, normalise: bool) -> torch.Tensor:
         if group.group is not None:
-            return (self.normalised if normalise else self.local)(group.group)
+            scores = (self.normalised if normalise else self.local)(group.group)
+            if scores is not None:
+                return scores
+            # torch-pruning scores no parameter of this group (its layers have no handler it scores
+            # with, an LSTM say): the group's own producing slices are scored instead
+        if not group.slices or {s.root for s in group.slices} != set(range(group.size)):
+            raise UnsupportedLayerError(
+                f"cannot score the channels of the group of {group.root_name}: no weight produces them that "
+                f"deploykit or torch-pruning can read; exclude {group.root_name} with --exclude, or describe its "
+                "layer with a LayerHandler hint")
         scores = self.units(group.unit_matrix())
         return scores / scores.mean().clamp_min(1e-12) if normalise else scores
 
