@@ -420,3 +420,18 @@ def test_export_says_which_weights_it_left_dense_beside_the_sparsity_reached(cli
             "Linear, Conv, embedding or Conv1D weight") in r.stdout
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert set(manifest["unpruned_weights"]) == {"attn.in_proj_weight", "head.weight"}
+
+
+def test_an_operator_onnx_cannot_export_is_one_line_not_torchs_graph_dump(cli, tmp_path):
+    (tmp_path / "pool.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        def build():  # 62 is no multiple of 5: torch.onnx cannot export this adaptive pooling
+            net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(5), nn.Flatten(), nn.Linear(100, 2))
+            return net.eval(), (torch.randn(2, 3, 64, 64),)
+    '''))
+    r = cli("export", "--model", f"{tmp_path / 'pool.py'}:build", "--out", str(tmp_path / "a"), "-q")
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "ONNX export failed" in r.stderr, r.stderr[:500]
+    assert not (tmp_path / "a").exists()

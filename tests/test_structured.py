@@ -220,3 +220,20 @@ def test_concatenated_branches_shrink_with_the_right_consumer_channels():
     result = shrink(model, inputs, keep=["head"])
     assert (model.a.out_channels, model.b.out_channels, model.head.in_channels) == (4, 4, 8)
     assert (torch_outputs(result.model, inputs)[0] - before).__abs__().max() <= 1e-5
+
+
+def test_round_to_keeps_every_shrunk_width_a_multiple_and_prunes_no_more_than_asked(tmp_path):
+    from torch import nn
+
+    from deploykit.prune.structured import aligned
+
+    assert aligned(list(range(10)), 16, 8) == list(range(8))  # 6 kept -> 8 kept: two fewer removed
+    assert aligned([3, 1], 16, 8) == [] and aligned([3, 1], 16, 1) == [3, 1]
+    result = export_artifact("resnet18", PruningPlan("l1-structured", 0.3, scope="layer", round_to=8), "dense-shrunk",
+                             tmp_path / "a")
+    model, _ = load_torch_model(tmp_path / "a")
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths) and result.manifest.shape_changes
+    plain = export_artifact("resnet18", PruningPlan("l1-structured", 0.3, scope="layer"), "dense-shrunk", tmp_path / "b")
+    assert result.manifest.parameters >= plain.manifest.parameters  # rounding removes fewer, never more
+    assert result.manifest.plan["round_to"] == 8

@@ -112,6 +112,8 @@ def _plan_options(args) -> dict:
         options["seed"] = args.seed
     if args.rounds is not None:
         options["rounds"] = args.rounds
+    if args.round_to is not None:
+        options["round_to"] = args.round_to
     if args.rule:
         options["rules"] = tuple(parse_rule(text) for text in args.rule)
     options["exclude"] = tuple(options.get("exclude", ())) + tuple(args.exclude)

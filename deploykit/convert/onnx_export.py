@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -40,7 +44,10 @@ def export_onnx(
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         try:
-            with flat_forward(model):  # ModelOutputs, dicts, nested tuples: the flat tuple spec.outputs names
+            # flat outputs: ModelOutputs, dicts and nested tuples become the flat tuple spec.outputs names;
+            # native output quiet: torch 2.10's exporter always enables its C++ log and dumps the whole IR
+            # graph to stdout when an operator fails to export (setup_onnx_logging tests a function for truth)
+            with flat_forward(model), _native_output_discarded():
                 torch.onnx.export(
                     model,
                     tuple(example_inputs),
@@ -56,6 +63,24 @@ def export_onnx(
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"ONNX export failed ({type(exc).__name__}): {first}") from exc
     onnx.checker.check_model(str(path))
+
+
+@contextlib.contextmanager
+def _native_output_discarded():
+    """Send what native code writes to file descriptors 1 and 2 to a scratch file while the block runs
+    (Python's own warnings are filtered by the caller; its errors are raised, not printed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as sink:
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 #: bytes per nonzero of an ONNX sparse initializer: the value and an int64 index (ONNX allows no narrower)

@@ -13,7 +13,9 @@ in the model's task metric where the model spec has an evaluation (accuracy on d
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,19 @@ class Quantizer:
 QUANTIZERS: Registry[Quantizer] = Registry("quantization")
 
 
+@contextlib.contextmanager
+def _root_log_quiet():
+    """onnxruntime's quantizers log advice ("consider pre-processing") on the root logger, which
+    Python prints to a user's terminal when nothing configured logging: keep it to errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -45,7 +60,8 @@ def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibratio
     matmul = target.with_name(target.name + ".matmul")
     onnx.save(gemm_to_matmul(onnx.load(str(source))), str(matmul))
     try:
-        quantize_dynamic(str(matmul), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
+        with _root_log_quiet():
+            quantize_dynamic(str(matmul), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
     finally:
         matmul.unlink(missing_ok=True)
 
@@ -120,8 +136,9 @@ def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration
         def get_next(self):
             return next(self.remaining, None)
 
-    quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    with _root_log_quiet():
+        quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
 
 
 QUANTIZERS.add("int8", Quantizer("dynamic int8 (weights int8, activations quantized per call)",

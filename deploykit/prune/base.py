@@ -80,6 +80,9 @@ class PruningPlan:
     #: let the plan prune a layer to 100% (nothing then passes through it); refused by default, since
     #: a global threshold silently emptying a small-magnitude layer is a broken model, not a sparse one
     allow_layer_collapse: bool = False
+    #: structured methods: the channels (or heads) each group keeps are a multiple of this (pruning
+    #: rounds down to fewer removals), so that kernels see aligned widths; torch-pruning's `round_to`
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         # Manifests hand these back as JSON lists; keep the dataclass hashable and comparable.
@@ -98,6 +101,8 @@ class PruningPlan:
             raise UsageError(f"unknown layer type {unknown[0]!r}; known: {', '.join(LAYER_TYPES)}")
         for amount in (self.amount, *(a for _, a in self.rules)):
             _check_sparsity(amount)
+        if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or not 1 <= self.round_to <= 1024:
+            raise UsageError(f"round_to must be an integer in [1, 1024], got {self.round_to!r}")
         if self.scope not in SCOPES:
             raise UsageError(f"unknown pruning scope {self.scope!r}; known: {', '.join(SCOPES)}")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
@@ -173,7 +178,7 @@ def parse_rule(text: str) -> tuple[str, float]:
 PLAN_KEYS = {"method": "string", "sparsity": "number", "compression": "number", "scope": "string",
              "rules": "table of numbers", "exclude": "list of strings", "exclude_output": "boolean",
              "seed": "integer", "rounds": "integer", "layer_types": "list of strings", "at_init": "boolean",
-             "allow_layer_collapse": "boolean"}
+             "allow_layer_collapse": "boolean", "round_to": "integer"}
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:

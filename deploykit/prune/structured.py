@@ -99,7 +99,13 @@ class StructuredPruner:
         return Outcome("channels", requested, masked, details)
 
     def _choose(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
-        """Root channels to prune per group; every group keeps at least one channel."""
+        """Root channels to prune per group, lowest scores first; every group keeps at least one
+        channel, and with `round_to` a multiple of it."""
+        chosen = self._lowest(ctx, groups)
+        sizes = {g.root_name: g.size for g in groups}
+        return {name: aligned(channels, sizes[name], ctx.plan.round_to) for name, channels in chosen.items()}
+
+    def _lowest(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
         chosen: dict[str, list[int]] = {}
         if ctx.plan.scope == "layer":
             for group in groups:
@@ -124,6 +130,16 @@ class StructuredPruner:
                     chosen[name].append(channel)
                     budget -= 1
         return chosen
+
+
+def aligned(chosen: list[int], size: int, multiple: int) -> list[int]:
+    """The first of `chosen` (lowest scores first) that leave a multiple of `multiple` of the `size`
+    units: rounding the kept count up, so alignment never prunes more than asked. A group smaller
+    than `multiple` keeps all its units."""
+    if multiple <= 1:
+        return chosen
+    keep = -(-(size - len(chosen)) // multiple) * multiple  # ceil to a multiple
+    return chosen[:max(size - keep, 0)] if keep <= size else []
 
 
 def _magnitude(p: int) -> Criterion:
