@@ -1,5 +1,7 @@
 """int8 post-training quantization: files shrink, both runtimes load and run it, and its cost is recorded."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -144,3 +146,35 @@ def test_static_quantization_calibrates_on_the_models_data(tmp_path):
     assert q["metrics"]["onnxruntime"]["accuracy"] > 0.9
     with pytest.raises(UsageError, match="--quantize int8-static does not apply to text-generation artifacts \\(gpt2-tiny\\); they take: int8"):
         export_artifact("gpt2-tiny", PruningPlan(), "dense", tmp_path / "g", quantize="int8-static")
+
+
+def test_torch_int8_leaves_linear_layers_whose_weight_a_parent_reads(cli, tmp_path):
+    # torchvision's shifted-window attention calls F.linear(x, self.qkv.weight, ...): a quantized qkv
+    # would hand it a method instead of a tensor
+    import textwrap
+
+    (tmp_path / "functional.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+        from torch.nn import functional as F
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.qkv, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+            def forward(self, x):
+                return self.out(torch.relu(F.linear(x, self.qkv.weight, self.qkv.bias)))
+
+        def build():
+            return Net().eval(), (torch.randn(2, 8),)
+    '''))
+    r = cli("export", "--model", f"{tmp_path / 'functional.py'}:build", "--quantize", "int8",
+            "--out", str(tmp_path / "a"), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    from deploykit.runtime.loading import load_torch_model
+
+    model, _ = load_torch_model(tmp_path / "a", consent=("*",))
+    quantized = {name for name, m in model.named_modules() if "quantized.dynamic" in type(m).__module__}
+    assert quantized == {"out"}  # only the layer that is called
+    assert json.loads(r.stdout)["quantization"]["error"]["torch"]["max_abs"] < 0.1  # and the model runs

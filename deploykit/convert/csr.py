@@ -15,7 +15,7 @@ from torch import nn
 
 from deploykit.convert import kernel_choice
 from deploykit.core.fsutil import write_text_atomic
-from deploykit.core.hooks import observe_forward
+from deploykit.core.hooks import called_modules, observe_forward
 from deploykit.model.spec import cache_dir
 
 
@@ -54,7 +54,7 @@ def csr_candidates(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[str
     pass over `inputs` qualify. Parents with a fused inference path (`FUSED_PARENTS`) call their
     Linears only when hooks are attached, so their children never qualify.
     """
-    called = _called_modules(model, inputs, nn.Linear)
+    called = called_modules(model, inputs, nn.Linear)
     fused = {f"{parent}.{child}" if parent else child
              for parent, module in model.named_modules() if isinstance(module, FUSED_PARENTS)
              for child, _ in module.named_modules() if child}
@@ -126,10 +126,3 @@ def measured_csr(stripped: nn.Module, spec, inputs: Sequence[torch.Tensor], opti
 #: modules whose inference fast path reads their children's weights directly (torch's fused
 #: transformer encoder kernel), bypassing the children's forward
 FUSED_PARENTS = (nn.TransformerEncoderLayer,)
-
-
-def _called_modules(model: nn.Module, inputs: Sequence[torch.Tensor], kind: type) -> set[str]:
-    called: set[str] = set()
-    observe_forward(model, inputs, {m: lambda _a, _o, name=name: called.add(name)
-                                    for name, m in model.named_modules() if isinstance(m, kind)})
-    return called

@@ -31,7 +31,7 @@ class Quantizer:
     description: str
     #: (float ONNX path, quantized ONNX path, per_channel, calibration feeds) -> None
     onnx: Callable[[Path, Path, bool, Sequence[dict]], None]
-    #: (float PyTorch model, inplace) -> quantized model (a copy unless inplace)
+    #: (float PyTorch model, example inputs, inplace) -> quantized model (a copy unless inplace)
     torch: Callable[..., object]
 
 
@@ -114,16 +114,21 @@ def conv1d_to_linear(model):
     return model
 
 
-def torch_dynamic_int8(model, inplace: bool = False):
-    """Linear layers with int8 weights and activations quantized per call. A copy unless `inplace`:
-    a loader that has no use for the float model quantizes in place, or its peak memory holds both."""
+def torch_dynamic_int8(model, inputs, inplace: bool = False):
+    """Linear layers with int8 weights and activations quantized per call: those a pass over `inputs`
+    calls (a layer whose weight its parent reads itself would break as a quantized module). A copy
+    unless `inplace`: a loader that has no use for the float model quantizes in place, or its peak
+    memory holds both."""
     import torch
 
-    model = model if inplace else copy.deepcopy(model)
+    from deploykit.core.hooks import called_modules  # torch side: the quantizer registry is read by the CLI
+
+    model = conv1d_to_linear(model if inplace else copy.deepcopy(model))
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+    layers = {name: qconfig for name in called_modules(model, inputs, torch.nn.Linear)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
-        return torch.ao.quantization.quantize_dynamic(conv1d_to_linear(model), {torch.nn.Linear}, dtype=torch.qint8,
-                                                      inplace=True)
+        return torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
 
 
 def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:

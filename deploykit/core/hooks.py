@@ -41,6 +41,16 @@ def run_forward(model: nn.Module, inputs: Sequence[torch.Tensor]):
     return forward(model, inputs) if forward is not None else model(*inputs)
 
 
+def called_modules(model: nn.Module, inputs: Sequence[torch.Tensor], kind: type) -> set[str]:
+    """Names of the `kind` modules whose forward runs in one pass over `inputs`: a layer whose weight a
+    parent reads itself (torchvision's shifted-window attention, nn.MultiheadAttention's out_proj) is
+    not called, and must not be swapped for a module without that weight."""
+    called: set[str] = set()
+    observe_forward(model, inputs, {m: lambda _a, _o, name=name: called.add(name)
+                                    for name, m in model.named_modules() if isinstance(m, kind)})
+    return called
+
+
 def observe_forward(model: nn.Module, inputs: Sequence[torch.Tensor], observers: Mapping[nn.Module, Observer],
                     inference: bool = True) -> None:
     """Run the model once (`run_forward`) with `observers[module](args, output)` called after each module's forward.

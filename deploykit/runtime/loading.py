@@ -46,7 +46,8 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: M
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
     if for_runtime:
-        model, _ = form.for_torch(model, spec.example_inputs(batch) if batch else inputs, manifest.form_recipe)
+        runtime_inputs = spec.example_inputs(batch) if batch else inputs
+        model, _ = form.for_torch(model, runtime_inputs, manifest.form_recipe)
         if manifest.quantization:
-            model = QUANTIZERS.get(manifest.quantization["scheme"]).torch(model, inplace=True)
+            model = QUANTIZERS.get(manifest.quantization["scheme"]).torch(model, runtime_inputs, inplace=True)
     return model.eval(), manifest
