@@ -237,3 +237,26 @@ def test_round_to_keeps_every_shrunk_width_a_multiple_and_prunes_no_more_than_as
     plain = export_artifact("resnet18", PruningPlan("l1-structured", 0.3, scope="layer"), "dense-shrunk", tmp_path / "b")
     assert result.manifest.parameters >= plain.manifest.parameters  # rounding removes fewer, never more
     assert result.manifest.plan["round_to"] == 8
+
+
+def test_a_dependency_graph_past_its_time_limit_stops_in_one_line(tmp_path, monkeypatch):
+    import time
+
+    import torch_pruning as tp
+
+    from deploykit.core.deadline import TimeLimitError
+
+    original = tp.DependencyGraph.build_dependency
+
+    def slow(self, *args, **kwargs):  # as torch-pruning is on swin_t: minutes in its graph
+        time.sleep(5)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", slow)
+    start = time.monotonic()
+    with pytest.raises(TimeLimitError, match=r"dependency graph .* took longer than 0.5 s") as stopped:
+        export_artifact("vae", PruningPlan("l1-structured", 0.5, graph_timeout_s=0.5), "dense-shrunk", tmp_path / "a")
+    assert time.monotonic() - start < 4 and "--graph-timeout" in str(stopped.value)
+    assert len(str(stopped.value).splitlines()) == 1 and not (tmp_path / "a").exists()
+    with pytest.raises(UsageError, match="graph timeout must be a number of seconds"):
+        PruningPlan("l1-structured", 0.5, graph_timeout_s=0)

@@ -114,6 +114,8 @@ def _plan_options(args) -> dict:
         options["rounds"] = args.rounds
     if args.round_to is not None:
         options["round_to"] = args.round_to
+    if args.graph_timeout is not None:
+        options["graph_timeout_s"] = args.graph_timeout
     if args.rule:
         options["rules"] = tuple(parse_rule(text) for text in args.rule)
     options["exclude"] = tuple(options.get("exclude", ())) + tuple(args.exclude)

@@ -125,6 +125,10 @@ def add_plan(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     g.add_argument("--round-to", type=int, default=None, metavar="N",
                    help="structured methods: keep a multiple of N channels (or heads) in each group, pruning fewer "
                    f"rather than more, so kernels see aligned widths (default {default_of(PruningPlan, 'round_to')})")
+    g.add_argument("--graph-timeout", type=float, default=None, metavar="SECONDS",
+                   help="structured methods and dense-shrunk: how long torch-pruning's dependency graph and group "
+                   "search may take before the export stops, saying so (default "
+                   f"{default_of(PruningPlan, 'graph_timeout_s'):g})")
     g.add_argument("--at-init", action="store_true",
                    help="prune the model's initial weights, then train it with the masks in force (its training "
                    "hook): the protocol snip, grasp and synflow were designed for")

@@ -85,7 +85,7 @@ def _shrink(stripped: "nn.Module", spec, inputs: "Sequence[torch.Tensor]", optio
     from deploykit.model.hints import hints_of  # torch side
 
     result = shrink(stripped, inputs, keep=options.get("keep", ()), best_effort=options.get("best_effort", False),
-                    hints=hints_of(spec))
+                    hints=hints_of(spec), graph_timeout_s=options.get("graph_timeout_s"))
     return Converted(result.model, {"history": result.history, "blocks": result.block_history},
                      {"channels_removed": result.removed, "left_dense": result.skipped})
 

@@ -18,10 +18,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from deploykit.core.errors import DeployKitError
 from deploykit.core.hooks import run_forward
 from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.prune.blocks import replay_blocks
-from deploykit.prune.channels import UnsupportedLayerError, channel_groups, dependency_graph
+from deploykit.prune.channels import UnsupportedLayerError, channel_groups, dependency_graph, grouping_deadline
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ShrinkResult:
 
 def shrink(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], keep: Sequence[str], best_effort: bool = False,
-    hints: PruningHints = NO_HINTS,
+    hints: PruningHints = NO_HINTS, graph_timeout_s: float | None = None,
 ) -> ShrinkResult:
     """Remove dead channels of `model` in place; `keep` names layers whose output width must not change.
 
@@ -48,30 +49,31 @@ def shrink(
     removal after which the model no longer runs (a weight also used outside its module, as in a
     tied output projection `h @ embedding.weight.T`, which the dependency graph cannot see).
     """
-    graph = dependency_graph(model, example_inputs, hints)
     removed: dict[str, int] = {}
     skipped: list[str] = []
     blocks: list[list] = []
-    for group in channel_groups(graph, model, keep=keep, block_history=blocks, hints=hints):
-        if group.blocking:  # normalised across channels or split into heads: removal would change the outputs
-            continue
-        dead = group.dead_channels()
-        if not dead:
-            continue
-        if group.unsupported:
-            message = (f"cannot shrink the group of {group.root_name}: it contains "
-                       f"{', '.join(group.unsupported)}, whose channel parameters deploykit cannot read")
-            if not best_effort:
-                raise UnsupportedLayerError(message + " (use best effort to leave it dense)")
-            warnings.warn(message + "; left dense", stacklevel=2)
-            skipped.append(message)
-            continue
-        if len(dead) == group.size:
-            dead = dead[1:]  # a layer cannot have zero channels: keep one (it outputs zeros)
-        if dead:
-            group.prune(dead)
-            _check_runs(model, example_inputs, group)
-            removed[group.root_name] = len(dead)
+    with grouping_deadline(graph_timeout_s):  # the group search runs lazily, between the removals
+        graph = dependency_graph(model, example_inputs, hints)
+        for group in channel_groups(graph, model, keep=keep, block_history=blocks, hints=hints):
+            if group.blocking:  # normalised across channels or split into heads: removal would change the outputs
+                continue
+            dead = group.dead_channels()
+            if not dead:
+                continue
+            if group.unsupported:
+                message = (f"cannot shrink the group of {group.root_name}: it contains "
+                           f"{', '.join(group.unsupported)}, whose channel parameters deploykit cannot read")
+                if not best_effort:
+                    raise UnsupportedLayerError(message + " (use best effort to leave it dense)")
+                warnings.warn(message + "; left dense", stacklevel=2)
+                skipped.append(message)
+                continue
+            if len(dead) == group.size:
+                dead = dead[1:]  # a layer cannot have zero channels: keep one (it outputs zeros)
+            if dead:
+                group.prune(dead)
+                _check_runs(model, example_inputs, group)
+                removed[group.root_name] = len(dead)
     history = [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
     return ShrinkResult(model, history, blocks, removed, skipped)
 
@@ -80,6 +82,8 @@ def _check_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor], group)
     try:
         with torch.no_grad():
             run_forward(model, example_inputs)
+    except DeployKitError:
+        raise  # the time limit: not a broken model
     except Exception as exc:  # noqa: BLE001 - any failure means this removal broke the model
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedLayerError(

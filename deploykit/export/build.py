@@ -149,7 +149,7 @@ def export_artifact(
     metrics = spec.evaluate(net) if spec.evaluate else {}
 
     options = {"keep": list(spec.output_layers) or detect_output_layers(net, trace_inputs),
-               "best_effort": best_effort, "kernel_batch": kernel_batch}
+               "best_effort": best_effort, "kernel_batch": kernel_batch, "graph_timeout_s": plan.graph_timeout_s}
     step = _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, pipeline.one_pass, progress)
     warnings = [f"{problem}: parity on it proves nothing" for problem in trivial_outputs(step.reference, spec.outputs)]
     for warning in warnings:

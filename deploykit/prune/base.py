@@ -83,6 +83,9 @@ class PruningPlan:
     #: structured methods: the channels (or heads) each group keeps are a multiple of this (pruning
     #: rounds down to fewer removals), so that kernels see aligned widths; torch-pruning's `round_to`
     round_to: int = 1
+    #: structured methods and dense-shrunk: seconds torch-pruning's dependency graph and group search
+    #: may take before the export stops saying so (some graphs take many minutes)
+    graph_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         # Manifests hand these back as JSON lists; keep the dataclass hashable and comparable.
@@ -103,6 +106,8 @@ class PruningPlan:
             _check_sparsity(amount)
         if not isinstance(self.round_to, int) or isinstance(self.round_to, bool) or not 1 <= self.round_to <= 1024:
             raise UsageError(f"round_to must be an integer in [1, 1024], got {self.round_to!r}")
+        if not isinstance(self.graph_timeout_s, (int, float)) or not 0 < self.graph_timeout_s <= 86_400:
+            raise UsageError(f"graph timeout must be a number of seconds in (0, 86400], got {self.graph_timeout_s!r}")
         if self.scope not in SCOPES:
             raise UsageError(f"unknown pruning scope {self.scope!r}; known: {', '.join(SCOPES)}")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or not 1 <= self.rounds <= MAX_ROUNDS:
@@ -178,7 +183,7 @@ def parse_rule(text: str) -> tuple[str, float]:
 PLAN_KEYS = {"method": "string", "sparsity": "number", "compression": "number", "scope": "string",
              "rules": "table of numbers", "exclude": "list of strings", "exclude_output": "boolean",
              "seed": "integer", "rounds": "integer", "layer_types": "list of strings", "at_init": "boolean",
-             "allow_layer_collapse": "boolean", "round_to": "integer"}
+             "allow_layer_collapse": "boolean", "round_to": "integer", "graph_timeout_s": "number"}
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:

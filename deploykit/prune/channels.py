@@ -28,6 +28,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 
+from deploykit.core.deadline import deadline
 from deploykit.core.errors import DeployKitError
 from deploykit.core.hooks import class_path, run_forward
 from deploykit.core.outputs import flat_tensors
@@ -85,6 +86,17 @@ def producer_slices(module: nn.Module, hints: PruningHints = NO_HINTS) -> list[t
         if isinstance(module, kind):
             return [(name, dim) for name, dim in slices(module) if getattr(module, name, None) is not None]
     return None
+
+
+#: what a time limit on grouping says: its remedies
+GRAPH_TIMEOUT_HINT = ("raise --graph-timeout, --exclude the blocks it loops on, or use an unstructured method "
+                      "(magnitude, random) with --form dense or csr")
+
+
+def grouping_deadline(seconds: float | None):
+    """The time limit on building a model's dependency graph and walking its groups."""
+    return deadline(seconds, f"torch-pruning's dependency graph of this model (limit --graph-timeout; "
+                             f"{GRAPH_TIMEOUT_HINT})")
 
 
 def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor],
@@ -223,6 +235,8 @@ def channel_groups(
             group = next(groups)
         except StopIteration:
             break
+        except DeployKitError:
+            raise  # a time limit, say: it says itself what happened
         except Exception as exc:  # noqa: BLE001 - torch-pruning fails deep inside on layers it misreads
             unknown = unknown_layers(graph, model, hints)
             raise UnsupportedLayerError(

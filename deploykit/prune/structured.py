@@ -18,7 +18,13 @@ from torch.nn.utils import prune
 from deploykit.core.errors import UsageError
 from deploykit.model.hints import hints_of
 from deploykit.prune.base import PRUNERS, Outcome, PruneContext
-from deploykit.prune.channels import SliceGroup, UnsupportedLayerError, channel_groups, dependency_graph
+from deploykit.prune.channels import (
+    SliceGroup,
+    UnsupportedLayerError,
+    channel_groups,
+    dependency_graph,
+    grouping_deadline,
+)
 
 
 class Criterion:
@@ -57,9 +63,10 @@ class StructuredPruner:
 
     def apply(self, ctx: PruneContext) -> Outcome:
         hints = hints_of(ctx.spec)
-        graph = dependency_graph(ctx.model, ctx.example_inputs, hints)
-        groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded, hints=hints)
-                  if g.root_name in ctx.targets]
+        with grouping_deadline(ctx.plan.graph_timeout_s):
+            graph = dependency_graph(ctx.model, ctx.example_inputs, hints)
+            groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded, hints=hints)
+                      if g.root_name in ctx.targets]
         # Channels feeding a LayerNorm or split into attention heads cannot be removed exactly, so
         # masking them would buy nothing.
         not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
