@@ -10,15 +10,14 @@ MagnitudePruner at 0.3 on the same model (classifier ignored) and a forward pass
     python benchmarks/coverage.py --only resnet18,vit_b_16,bert
     python benchmarks/coverage.py --limit 12          # the first 12 torchvision models and the HF ones
 
-Writes benchmarks/results/coverage.json. Each export is bounded by --timeout seconds (SIGALRM).
+Writes benchmarks/results/coverage.json. Each export is bounded by --timeout seconds
+(`deploykit.core.deadline`): one past it is a refusal saying so.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from deploykit.core.deadline import deadline
 from deploykit.core.errors import DeployKitError
 from deploykit.export.build import export_artifact
 from deploykit.model.sources import resolve_model
@@ -41,24 +41,6 @@ CONFIGS = {
 }
 #: torchvision models whose builders need their input size given (others run at 64x64)
 SIZES = {"inception_v3": 299, "googlenet": 224}
-
-
-class Timeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    def alarm(_signum, _frame):
-        raise Timeout(f"over {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def torchvision_builders() -> dict:
@@ -140,7 +122,7 @@ def torch_pruning_outcome(build, examples, timeout: float) -> str:
     model = build()
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
     try:
-        with time_limit(timeout), torch.enable_grad():
+        with deadline(timeout, "torch-pruning"), torch.enable_grad():
             pruner = tp.pruner.MagnitudePruner(model, examples, importance=tp.importance.MagnitudeImportance(p=1),
                                                pruning_ratio=0.3, ignored_layers=last)
             pruner.step()
@@ -155,7 +137,7 @@ def run_config(spec: ModelSpec, config: str, directory: Path, timeout: float) ->
     plan, form, quantize = CONFIGS[config]
     start = time.perf_counter()
     try:
-        with time_limit(timeout):
+        with deadline(timeout, "the export"):
             m = export_artifact(spec, plan, form, directory, quantize=quantize, overwrite=True).manifest
         outcome = "ok"
         figures = {"parameters": [m.parameters_before_conversion, m.parameters],

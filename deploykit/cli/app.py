@@ -38,19 +38,16 @@ def _progress(args):
     return lambda message: print(f"deploykit: {message}", file=sys.stderr, flush=True)
 
 
-def _consent(args) -> tuple[str, ...]:
-    """The code consent of --trust-code: every entry point an artifact names may be imported."""
+def _trust_warnings(args, progress) -> tuple[str, ...]:
+    """The code consent of --trust-code, with the warnings --trust-code and --no-verify owe the user."""
     from deploykit.model.sources import TRUST_ALL_CODE
 
-    return (TRUST_ALL_CODE,) if getattr(args, "trust_code", False) else ()
-
-
-def _trust_warnings(args, progress) -> None:
-    """The warnings --trust-code and --no-verify owe the user."""
     if getattr(args, "no_verify", False):
         progress("warning: --no-verify: artifact files are used without checking their checksums")
     if getattr(args, "trust_code", False):
         progress("warning: --trust-code: code named by artifacts will be imported and run")
+        return (TRUST_ALL_CODE,)
+    return ()
 
 
 def _check_output(path: str, option: str) -> None:
@@ -414,15 +411,14 @@ def cmd_bench(args) -> int:
     if args.store and args.no_store:
         raise UsageError("--store and --no-store contradict each other")
     store = None if args.no_store else _store(args)
-    consent = _consent(args)
-    # every input is checked before anything is said, so that bad input stays one line
+    consent = _trust_warnings(args, progress)  # before any code an artifact names can run
+    # every other input is checked before anything else is said, so that bad input stays one line
     if args.artifacts:  # measured together: their configurations interleave
         subjects = [onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx")
                     else artifact_subject(path, consent, verify=not args.no_verify) for path in args.artifacts]
     else:
         plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))
         spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
-    _trust_warnings(args, progress)
     if store is not None and (busy := store.check_writable()):
         progress(f"note: {busy}")
     for note in [*placement.notes, *([threads_note] if threads_note else [])]:

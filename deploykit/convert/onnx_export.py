@@ -19,7 +19,7 @@ from deploykit.convert.onnx_settings import DEFAULT_OPSET
 from deploykit.core.errors import ExportError, ParityError
 from deploykit.core.hooks import run_forward
 from deploykit.core.ort import ort_session
-from deploykit.core.outputs import flat_forward, flat_tensors
+from deploykit.core.outputs import flat_arrays, flat_forward
 from deploykit.model.artifact import ONNX_FILE
 
 
@@ -133,7 +133,7 @@ def save_optimized(path: str | Path, level: str) -> Path:
 def torch_outputs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
     with torch.inference_mode():
         outputs = run_forward(model, inputs)
-    return [out.detach().cpu().numpy() for out in flat_tensors(outputs)]
+    return flat_arrays(outputs)
 
 
 def max_abs_errors(

@@ -37,6 +37,11 @@ def flat_tensors(output: Any) -> list[torch.Tensor]:
     return [tensor for _, tensor in flatten_outputs(output)]
 
 
+def flat_arrays(output: Any) -> list:
+    """The flat tensors as numpy arrays on the host: what parity checks and sessions compare."""
+    return [tensor.detach().cpu().numpy() for tensor in flat_tensors(output)]
+
+
 def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:
     if isinstance(value, Mapping):  # dict, ModelOutput
         return ((str(key), item) for key, item in value.items())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from deploykit.core.errors import ArtifactError, UntrustedCodeError, UsageError
 from deploykit.core.fsutil import file_digest
-from deploykit.model.catalog import get_model, list_models
+from deploykit.model.catalog import get_model  # the zoo, registered into MODELS on import
 from deploykit.model.checkpoints import apply_checkpoint, load_checkpoint
 from deploykit.model.entrypoint import (
     entry_point_spec,
@@ -80,7 +80,6 @@ def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpe
     if text.endswith(".onnx"):
         raise UsageError(f"{text!r} is an ONNX file: `deploykit bench` and `deploykit audit` take it as it is; "
                          "pruning and export need the PyTorch model")
-    list_models()
     from_code = text not in MODELS and parse_entry_point(text) is not None and not Path(text).exists()
     if options.inputs and not from_code:
         raise UsageError(f"--input-spec describes the inputs of an entry point (module:factory, file.py:factory) "

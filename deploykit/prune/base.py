@@ -321,7 +321,7 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
     `in_proj_weight`, a custom layer's parameter, an excluded or filtered layer). Empty for a plan
     that prunes nothing."""
     plan = result.plan
-    if plan.amount == 0 and plan.compression is None and not any(s for _, s in plan.rules):
+    if plan.is_empty():
         return {}
     prunable = dict(prunable_modules(model, hints))
     excluded, pruned = set(result.excluded_modules), set(result.pruned_parameters)
