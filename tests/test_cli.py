@@ -189,5 +189,5 @@ def test_unknown_model_lists_every_registered_model(cli, tmp_path):
     names = ", ".join(sorted(spec.name for spec in list_models()))
     assert result.stderr.strip() == (f"deploykit: error: unknown model 'nope'; known: {names}; or an entry point "
                                      "(package.module:factory, path/to/file.py:factory); or the path of "
-                                     "a local Hugging Face GPT-2 directory (config.json + weights) or an ESPnet ST "
+                                     "a local Hugging Face model directory (config.json + weights) or an ESPnet ST "
                                      "experiment directory or zip (config.yaml + model .pth)")

@@ -86,14 +86,6 @@ def test_local_model_directory_exports_and_benches(tmp_path, cli):
     assert all(r.parity_max_abs_error <= 1e-4 for r in records)  # greedy token ids included: any difference fails
 
 
-def test_non_gpt2_directories_are_refused(tmp_path, cli):
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    result = cli("export", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "a"))
-    assert result.returncode == 2
-    assert "model_type 'bert' is not supported; deploykit reads GPT-2 directories" in result.stderr
-
-
 def test_bench_refuses_batches_of_prompts(tiny):
     with pytest.raises(UsageError, match="text generation decodes one prompt at a time; use batch 1"):
         bench_artifact(tiny.directory, Grid(runtimes=("onnxruntime",), batches=(2,)), FAST)
@@ -114,7 +106,7 @@ def test_perplexity_of_a_uniform_model_is_its_vocabulary_size():
 
 
 def test_perplexity_agrees_across_runtimes(tiny):
-    from deploykit.model.zoo.gpt2 import TorchCausalLM
+    from deploykit.model.hf import TorchCausalLM
 
     model, _ = load_torch_model(tiny.directory, for_runtime=False)
     tokens = list(range(100, 160))

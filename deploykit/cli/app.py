@@ -95,7 +95,7 @@ def _model_options(args):
             raise UsageError("give --input-shape or --input-spec, not both")
         # unnamed: it takes the name of the model's one input
         inputs = [InputSpec("", InputSpec.parse(f"_:{args.input_shape}").shape)]
-    return ModelOptions(weights=args.weights, trust_pickle=args.trust_pickle, inputs=tuple(inputs))
+    return ModelOptions(weights=args.weights, trust_pickle=args.trust_pickle, inputs=tuple(inputs), task=args.task)
 
 
 def _plan_options(args) -> dict:
@@ -391,6 +391,9 @@ def cmd_bench(args) -> int:
     onnx_files = [path for path in args.artifacts if path.endswith(".onnx")]
     if args.artifacts and (model_options.weights or model_options.trust_pickle):
         raise UsageError("--weights applies to --model; artifacts and ONNX files carry their weights")
+    if args.artifacts and model_options.task:
+        raise UsageError("--task applies to a --model Hugging Face directory; an artifact's task was fixed when it "
+                         "was exported")
     if model_options.inputs and len(onnx_files) != len(args.artifacts):
         raise UsageError("--input-spec applies to --model entry points and ONNX files; an artifact's inputs were "
                          "fixed when it was exported")
@@ -524,7 +527,7 @@ def cmd_audit(args) -> int:
     if args.artifacts:
         target = Path(args.artifacts[0])
         if model_options != type(model_options)() or args.prune or args.plan or args.rule:
-            raise UsageError("--prune, --plan, --rule, --weights and --input-spec apply to --model, not to an "
+            raise UsageError("--prune, --plan, --rule, --weights, --input-spec and --task apply to --model, not to an "
                              "artifact or ONNX file, which is audited as it is")
         if target.suffix == ".onnx":
             report = audit_onnx_file(target)

@@ -1,7 +1,7 @@
 """The command line's one grammar: each option is defined once here and means the same in every
 subcommand that has it, with its default and choices read from the library.
 
-- a model to build is always `--model MODEL` (with `--weights`, `--input-spec`, `--input-shape`);
+- a model to build is always `--model MODEL` (with `--weights`, `--input-spec`, `--input-shape`, `--task`);
   artifacts and ONNX files to use as they are are always positional `DIR|FILE.onnx`;
 - a pruning plan is always `--prune` plus the same plan options (`--plan`, `--rule`, `--scope`, ...);
 - `--form` names forms from `deploykit.convert.forms.FORMS`;
@@ -72,8 +72,12 @@ def add_model(p: argparse.ArgumentParser, *, default: str | None, artifacts: str
     g.add_argument("--model", default=default, metavar="MODEL",
                    help=f"registered model name ({'default ' + default + '; ' if default else ''}see `deploykit "
                    "models`), an entry point (package.module:factory or path/to/file.py:factory: a function returning "
-                   "a ModelSpec, (model, example inputs) or a model with --input-spec), a local Hugging Face GPT-2 "
-                   "directory, or an ESPnet ST experiment directory or zip")
+                   "a ModelSpec, (model, example inputs) or a model with --input-spec), a local Hugging Face model "
+                   "directory (config.json + weights, read offline), or an ESPnet ST experiment directory or zip")
+    g.add_argument("--task", metavar="TASK",
+                   help="the task a Hugging Face directory is loaded and exported for, as optimum names it (e.g. "
+                   "feature-extraction, text-classification, image-classification, text-generation, "
+                   "text2text-generation); default: the task of the class in its config's architectures")
     g.add_argument("--weights", metavar="FILE",
                    help="weights to load into a zoo or entry-point model: .safetensors, or a torch checkpoint loaded "
                    "with torch.load(weights_only=True) (a state dict, possibly under 'state_dict' or 'model')")

@@ -2,14 +2,15 @@
 
 `resolve_model` turns what the user typed after `--model` into a `ModelSpec`: a registered name, an
 entry point (`package.module:factory`, `path/to/file.py:factory`; see `deploykit.model.entrypoint`), or a
-path one of the `PATH_SOURCES` recognises (today: a local Hugging Face GPT-2 directory, an ESPnet
+path one of the `PATH_SOURCES` recognises (today: a local Hugging Face model directory, an ESPnet
 experiment directory or zip). `ModelOptions` adds what the user gave beside it: a weights file for a
-zoo or entry-point model (loaded safely: `deploykit.model.checkpoints`) and input specs. A spec
+zoo or entry-point model (loaded safely: `deploykit.model.checkpoints`), input specs, and the task of a
+Hugging Face directory. A spec
 that is not from the zoo carries a `bundle` hook that writes what rebuilding it needs into the
 artifact, and the manifest's `source` record names the loader that reads it back
 (`spec_for_artifact`), so an artifact never depends on the path it was exported from.
 
-How to add a source: write `accepts(path) -> bool` and `spec(path) -> ModelSpec` (whose `bundle`
+How to add a source: write `accepts(path) -> bool` and `spec(path, task) -> ModelSpec` (whose `bundle`
 returns {"kind": KIND, ...}) and `from_artifact(directory, manifest) -> ModelSpec`, then add a
 `PathSource` to `PATH_SOURCES` and KIND to `ARTIFACT_SOURCES`.
 """
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from deploykit.core.errors import ArtifactError, UntrustedCodeError, UsageError
 from deploykit.core.fsutil import file_digest
+from deploykit.model import hf
 from deploykit.model.catalog import get_model  # the zoo, registered into MODELS on import
 from deploykit.model.checkpoints import apply_checkpoint, load_checkpoint
 from deploykit.model.entrypoint import (
@@ -31,7 +33,7 @@ from deploykit.model.entrypoint import (
     spec_from_artifact as entrypoint_spec_from_artifact,
 )
 from deploykit.model.spec import MODELS, InputSpec, ModelSpec
-from deploykit.model.zoo import espnet_st as zoo_espnet, gpt2 as zoo_gpt2
+from deploykit.model.zoo import espnet_st as zoo_espnet
 
 if TYPE_CHECKING:
     from deploykit.model.artifact import Manifest
@@ -44,18 +46,25 @@ class PathSource:
     kind: str
     description: str
     accepts: Callable[[Path], bool]
-    spec: Callable[[Path], ModelSpec]
+    #: (path, task or None) -> spec
+    spec: Callable[[Path, "str | None"], ModelSpec]
+    #: whether the model can be read for a task the user names (--task)
+    takes_task: bool = False
+
+
+def _espnet_spec(path: Path, task: str | None) -> ModelSpec:
+    return zoo_espnet.experiment_spec(path)
 
 
 PATH_SOURCES = (
-    PathSource("hf-directory", "a local Hugging Face GPT-2 directory (config.json + weights)",
-               zoo_gpt2.is_hf_directory, zoo_gpt2.hf_directory_spec),
+    PathSource("hf-directory", "a local Hugging Face model directory (config.json + weights)",
+               hf.is_hf_directory, hf.hf_directory_spec, takes_task=True),
     PathSource("espnet-experiment", "an ESPnet ST experiment directory or zip (config.yaml + model .pth)",
-               zoo_espnet.is_experiment, zoo_espnet.experiment_spec),
+               zoo_espnet.is_experiment, _espnet_spec),
 )
 #: manifest source kind -> the function rebuilding the spec from (artifact directory, manifest)
 ARTIFACT_SOURCES: dict[str, Callable[[Path, "Manifest"], ModelSpec]] = {
-    "hf-directory": zoo_gpt2.hf_spec_from_artifact,
+    "hf-directory": hf.hf_spec_from_artifact,
     "espnet-experiment": zoo_espnet.spec_from_artifact,
     "entry-point": entrypoint_spec_from_artifact,
 }
@@ -71,6 +80,8 @@ class ModelOptions:
     trust_pickle: bool = False
     #: inputs replacing the model's own description (entry points; ONNX files)
     inputs: tuple[InputSpec, ...] = ()
+    #: the task a Hugging Face directory is loaded and exported for (default: its architectures')
+    task: str | None = None
 
 
 def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpec:
@@ -86,12 +97,14 @@ def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpe
                          f"or an ONNX file; {text!r} declares its own")
     if options.trust_pickle and not options.weights:
         raise UsageError("--trust-pickle applies to a --weights file")
+    if options.task is not None and (from_code or text in MODELS):
+        raise UsageError(f"--task applies to a Hugging Face model directory; {text!r} is not one")
     if from_code:
         spec = entry_point_spec(text, options.inputs or None)
     elif text in MODELS:
         spec = get_model(text)
     else:
-        spec = _path_spec(text)
+        spec = _path_spec(text, options.task)
         if options.weights:
             raise UsageError(f"--weights loads into a zoo or entry-point model; {text!r} carries its own weights")
     return with_weights(spec, options.weights, options.trust_pickle) if options.weights else spec
@@ -115,12 +128,14 @@ def with_weights(spec: ModelSpec, path: str, trust_pickle: bool = False) -> Mode
                                bundle=bundle_with_weights)
 
 
-def _path_spec(text: str) -> ModelSpec:
+def _path_spec(text: str, task: str | None) -> ModelSpec:
     path = Path(text)
     if path.exists():
         for source in PATH_SOURCES:
             if source.accepts(path):
-                return source.spec(path)
+                if task is not None and not source.takes_task:
+                    raise UsageError(f"--task applies to a Hugging Face model directory; {text!r} is {source.description}")
+                return source.spec(path, task)
         kinds = "; ".join(s.description for s in PATH_SOURCES)
         raise UsageError(f"{text!r} is not a model deploykit can read (it reads {kinds})")
     raise UsageError(f"unknown model {text!r}; known: {', '.join(MODELS.names())}; or an entry point "

@@ -5,7 +5,14 @@ Importing this module imports each pipeline module (cheap: their torch side load
 
 from __future__ import annotations
 
-from deploykit.pipelines import forward, onnx_file, speech_translation, text_generation  # noqa: F401 - registration
+from deploykit.pipelines import (  # noqa: F401 - registration
+    forward,
+    onnx_file,
+    optimum_forward,
+    speech_translation,
+    text2text_generation,
+    text_generation,
+)
 from deploykit.pipelines.base import PIPELINES, Pipeline
 
 __all__ = ["PIPELINES", "Pipeline"]

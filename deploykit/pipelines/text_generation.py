@@ -1,6 +1,6 @@
 """The `text-generation` pipeline: a causal language model with and without its key/value cache.
 
-Exported through optimum by `deploykit.pipelines.gpt2` (both graphs checked against PyTorch,
+Exported through optimum by `deploykit.pipelines.hf_generation` (both graphs checked against PyTorch,
 greedy tokens exactly), run by `deploykit.pipelines.textgen` under onnxruntime and by the PyTorch
 model under torch; a benchmark feeds one random prompt and times prefill, one cached step and
 greedy generation.
@@ -11,39 +11,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
-from deploykit.core.confine import read_json
-from deploykit.core.errors import UsageError
-from deploykit.model.artifact import Manifest
 from deploykit.pipelines import textgen
 from deploykit.pipelines.base import PIPELINES, Exported, ExportRequest, Pipeline
 from deploykit.runtime.session import Session, Target
 
 
 def export(request: ExportRequest) -> Exported:
-    from deploykit.pipelines.gpt2 import export_gpt2  # torch and optimum side
+    from deploykit.pipelines.hf_generation import export_generator  # torch and optimum side
 
-    result = export_gpt2(request.model, request.directory, request.opset, request.tolerance, request.sparse)
+    result = export_generator(request.model, request.directory, request.opset, request.tolerance, request.sparse)
     return Exported(result.errors, sparse_initializers=result.sparse_initializers)
 
 
-def inputs(directory: Path, manifest: Manifest, batch: int, seed: int, length: int | None) -> dict:
-    if batch != 1:
-        raise UsageError(f"{manifest.model}: text generation decodes one prompt at a time; use batch 1")
-    vocab = read_json(directory, textgen.TEXTGEN_CONFIG_FILE, "text-generation config")["vocab_size"]
-    prompt = length or textgen.BENCH_PROMPT
-    return {"input_ids": np.random.default_rng(seed).integers(0, vocab, (1, prompt), dtype=np.int64)}
-
-
 def reference(directory: Path, consent: Sequence[str]) -> Callable[[dict], list]:
-    from deploykit.pipelines.gpt2 import reference_session  # torch side
+    from deploykit.pipelines.hf_generation import reference_session  # torch side
 
     return reference_session(directory, consent).run
 
 
 def load_torch(directory: Path, threads: int, target: Target) -> Session:
-    from deploykit.pipelines.gpt2 import load_torch_session  # torch side
+    from deploykit.pipelines.hf_generation import load_torch_session  # torch side
 
     return load_torch_session(directory, threads, target)
 
@@ -51,6 +38,7 @@ def load_torch(directory: Path, threads: int, target: Target) -> Session:
 TEXT_GENERATION = PIPELINES.add("text-generation", Pipeline(
     "text-generation", "a causal language model, with and without its key/value cache",
     loaders={"torch": load_torch, "onnxruntime": textgen.load_onnxruntime},
-    export=export, inputs=inputs, reference=reference, outputs=lambda manifest: textgen.TEXTGEN_OUTPUTS,
+    export=export, inputs=textgen.prompt_inputs(textgen.TEXTGEN_CONFIG_FILE, "text generation"), reference=reference,
+    outputs=lambda manifest: textgen.TEXTGEN_OUTPUTS,
     quantizers=("int8",), one_pass=True, single_graph=False, generates_tokens=True,
 ))

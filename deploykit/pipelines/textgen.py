@@ -1,12 +1,12 @@
 """Text generation with an exported causal language model under ONNX Runtime (no torch needed).
 
 An artifact of the "text-generation" pipeline holds two graphs exported by optimum
-(`deploykit.pipelines.gpt2`): `decoder_with_past.onnx` takes the key/value cache of the tokens so far and
+(`deploykit.pipelines.hf_generation`): `decoder_with_past.onnx` takes the key/value cache of the tokens so far and
 returns it extended (optimum's "text-generation-with-past" task), and `decoder.onnx` recomputes the
 whole sequence (task "text-generation"; used for perplexity). `textgen_config.json` names them.
 
 `greedy` (`deploykit.model.causal_lm`) decodes with any model that has `prefill(prompt) -> (logits, state)` and
-`step(token, state) -> (logits, state)`: `OrtCausalLM` here, `deploykit.model.zoo.gpt2.TorchCausalLM` for
+`step(token, state) -> (logits, state)`: `OrtCausalLM` here, `deploykit.model.hf.TorchCausalLM` for
 PyTorch. States are never changed in place, so one state can be stepped from again and again (the
 benchmark's decode-step stage does exactly that).
 """
@@ -54,11 +54,14 @@ class OrtCausalLM:
         self.empty_past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
                            for i in inputs if i.name in self.past_names}
         self.output_names = [o.name for o in self.with_past.get_outputs()]
+        # position ids where the architecture's graph takes them (GPT-2, Llama; not every family)
+        self.takes_positions = any(i.name == "position_ids" for i in inputs)
 
     def _run(self, ids: np.ndarray, past: dict[str, np.ndarray], start: int):
         length = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, start + length), dtype=np.int64),
-                 "position_ids": np.arange(start, start + length, dtype=np.int64)[None], **past}
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, start + length), dtype=np.int64), **past}
+        if self.takes_positions:
+            feeds["position_ids"] = np.arange(start, start + length, dtype=np.int64)[None]
         outputs = dict(zip(self.output_names, self.with_past.run(None, feeds)))
         present = {name: outputs[name.replace("past_key_values.", "present.")] for name in self.past_names}
         return outputs["logits"][0, -1], (present, start + length)
@@ -82,6 +85,22 @@ class OrtCausalLM:
                  "position_ids": np.arange(length, dtype=np.int64)[None].repeat(ids.shape[0], axis=0)}
         names = {i.name for i in self.no_past.get_inputs()}
         return self.no_past.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def prompt_inputs(config_file: str, what: str):
+    """A benchmark's inputs for a generating pipeline (`what`) whose config (`config_file`, with
+    "vocab_size") the artifact carries: one random prompt of BENCH_PROMPT tokens, or `length`."""
+
+    def inputs(directory: Path, manifest, batch: int, seed: int, length: int | None) -> dict:
+        if batch != 1:
+            raise UsageError(f"{manifest.model}: {what} decodes one prompt at a time; use batch 1")
+        vocab = read_json(directory, config_file, f"{what} config").get("vocab_size")
+        if not isinstance(vocab, int) or vocab < 1:
+            raise UsageError(f"{manifest.model}: {config_file} has no valid vocab_size")
+        prompt = length or BENCH_PROMPT
+        return {"input_ids": np.random.default_rng(seed).integers(0, vocab, (1, prompt), dtype=np.int64)}
+
+    return inputs
 
 
 class GenerationSession:

@@ -47,16 +47,21 @@ HEAD_SPLIT_CLASSES = ("espnet.nets.pytorch_backend.transformer.attention.MultiHe
 #: (Hugging Face: BERT/RoBERTa/ViT `num_attention_heads`, BART/Llama `num_heads`, DistilBERT/T5
 #: `n_heads`, GPT-2 blocks handled by `deploykit.prune.blocks`; torch: `nn.MultiheadAttention.num_heads`)
 HEAD_COUNT_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+#: attributes by which attention modules say the size of a head instead (Llama, Mistral, Qwen and other
+#: grouped-query attention modules of transformers keep only `head_dim`; the count is in their config)
+HEAD_SIZE_ATTRIBUTES = ("head_dim", "attention_head_size", "key_value_proj_dim", "d_k")
 
 
 def splits_into_heads(module: nn.Module) -> bool:
     """Whether `module` reshapes its child projections into attention heads: a known class, or a module
-    that says its head count (more than one head) and has Linear children. Its projections' channels
-    cannot go one by one, only whole heads could."""
+    with Linear children that says its head count (more than one head) or its head size. Its
+    projections' channels cannot go one by one, only whole heads could."""
     if any(class_path(c) in HEAD_SPLIT_CLASSES for c in type(module).__mro__):
         return True
+    if not any(isinstance(child, nn.Linear) for child in module.children()):
+        return False
     heads = next((getattr(module, a) for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(module, a, None), int)), 1)
-    return heads > 1 and any(isinstance(child, nn.Linear) for child in module.children())
+    return heads > 1 or any(isinstance(getattr(module, a, None), int) for a in HEAD_SIZE_ATTRIBUTES)
 
 
 class UnsupportedLayerError(DeployKitError):
@@ -229,7 +234,10 @@ def channel_groups(
     heads = frozenset(child for name, m in model.named_modules()
                       if splits_into_heads(m) or hints.is_attention(name)
                       for child in m.children())
-    groups = graph.get_all_groups(ignored_layers=ignored, root_module_types=(*ROOT_TYPES, *hints.layers))
+    # the projections into heads keep their width (their groups would block below): not rooting groups
+    # at them also spares torch-pruning the head reshapes it can loop on (grouped-query attention's
+    # repeated key/value heads)
+    groups = graph.get_all_groups(ignored_layers=[*ignored, *heads], root_module_types=(*ROOT_TYPES, *hints.layers))
     while True:
         try:
             group = next(groups)

@@ -1,0 +1,381 @@
+"""A local Hugging Face model directory as a model source: config.json and weights, read offline.
+
+What the directory is comes from optimum's task table (`TasksManager`), not from a list of our own:
+the config's `architectures` (the class it was saved from) names the task, restricted to the tasks
+optimum can export for that `model_type` (BART's `BartForConditionalGeneration` is listed under both
+fill-mask and text2text-generation; only the second exports), or the user names it (`--task`).
+The task gives the model class (optimum's `AutoModel*` for it) and the pipeline:
+
+- `text-generation` (decoder-only: GPT-2, Llama, ...) -> "text-generation", two graphs with and
+  without the key/value cache;
+- `text2text-generation` (encoder-decoder: T5, BART, ...) -> "text2text-generation", an encoder and
+  a decoder with and without its cache;
+- one-graph tasks (feature-extraction, text/token classification, image classification, ...) ->
+  "optimum-forward": one graph, exported by optimum's `OnnxConfig` for the architecture, fed the
+  dummy inputs that config generates (the inputs optimum validates its exports with).
+
+Nothing here runs code the directory names: configs whose model type transformers does not know
+(custom code, `auto_map`) are refused, and weights load with `local_files_only`. Models load with
+eager attention and no cache, which tracing (torch-pruning, parity) needs; the exporters switch the
+cache on where a graph has one. Each model is wrapped so that PyTorch calls it with positional
+tensors in the graph's input order and gets the graph's outputs back (`HFModel`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from deploykit.core.confine import read_json
+from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.fsutil import write_text_atomic
+from deploykit.model.causal_lm import perplexity
+from deploykit.model.spec import DEFAULT_LENGTH, InputSpec, ModelSpec
+
+#: the config an artifact exported from a local directory carries, to rebuild the model's shape
+HF_CONFIG_FILE = "hf_config.json"
+CAUSAL_TASK, SEQ2SEQ_TASK = "text-generation", "text2text-generation"
+#: tasks whose optimum export is one graph called once (the "optimum-forward" pipeline)
+ONE_GRAPH_TASKS = ("feature-extraction", "fill-mask", "text-classification", "token-classification",
+                   "question-answering", "multiple-choice", "image-classification", "masked-im",
+                   "semantic-segmentation", "audio-classification")
+#: task -> pipeline (`deploykit.pipelines`)
+TASK_PIPELINES = {CAUSAL_TASK: "text-generation", SEQ2SEQ_TASK: "text2text-generation",
+                  **{task: "optimum-forward" for task in ONE_GRAPH_TASKS}}
+#: integer inputs whose values are token ids (the vocabulary bounds them); others are masks and
+#: segment ids (0/1)
+TOKEN_INPUTS = ("input_ids", "decoder_input_ids")
+
+
+def _need_hf():
+    try:
+        import optimum.exporters.onnx.model_configs  # noqa: F401  (importing it registers optimum's ONNX configs)
+        from optimum.exporters.tasks import TasksManager
+    except ImportError:
+        raise UsageError("Hugging Face models need transformers and optimum: pip install 'deploykit[hf]'") from None
+    return TasksManager
+
+
+def is_hf_directory(path) -> bool:
+    """A directory with a Hugging Face config.json (whether deploykit can run it is checked when read)."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def config_from_dict(values: dict, where: str):
+    """A transformers config from its JSON values, by its `model_type` (never code the config names)."""
+    _need_hf()
+    from transformers import AutoConfig
+
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise UsageError(f"{where}: config.json has no model_type")
+    if values.get("auto_map"):
+        raise UsageError(f"{where}: its config names custom code (auto_map), which deploykit does not run; "
+                         "export it from an entry point (--model file.py:factory) instead")
+    try:
+        config = AutoConfig.for_model(values["model_type"], **{k: v for k, v in values.items() if k != "model_type"})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{where}: transformers cannot read model_type {values['model_type']!r} "
+                         f"({str(exc).splitlines()[0][:160]})") from None
+    config.use_cache, config._attn_implementation = False, "eager"  # tracing needs both
+    return config
+
+
+def read_config(path: Path):
+    try:
+        values = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read config.json ({exc})") from None
+    return config_from_dict(values, str(path))
+
+
+def exportable_tasks(model_type: str) -> list[str]:
+    """The tasks optimum exports `model_type` for (without the "-with-past" variants)."""
+    TasksManager = _need_hf()
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
+    except KeyError:
+        return []
+    return [task for task in tasks if not task.endswith("-with-past")]
+
+
+def infer_task(config, requested: str | None = None, where: str = "") -> str:
+    """The task to load and export `config`'s model for: `requested`, else the one its `architectures`
+    name. Refused in one line where optimum cannot export it or deploykit has no pipeline for it."""
+    TasksManager = _need_hf()
+    exportable = [task for task in exportable_tasks(config.model_type) if task in TASK_PIPELINES]
+    if not exportable:
+        raise UsageError(f"{where}: optimum has no ONNX export for model_type {config.model_type!r} in a task "
+                         f"deploykit runs ({', '.join(TASK_PIPELINES)})")
+    if requested is not None:
+        task = TasksManager.map_from_synonym(requested)
+        if task not in exportable:
+            raise UsageError(f"{where}: --task {requested} is not one deploykit can export for {config.model_type!r}; "
+                             f"choose from {', '.join(exportable)}")
+    else:
+        # optimum keeps this table private; its public inference needs the Hub for local directories
+        mappings = getattr(TasksManager, "_TRANSFORMERS_TASKS_TO_MODEL_MAPPINGS", {})
+        found = [task for arch in (config.architectures or []) for task, mapping in mappings.items()
+                 if task in exportable and arch in mapping.values()]
+        if not found:
+            raise UsageError(f"{where}: cannot tell the task from architectures {config.architectures}; give --task "
+                             f"({', '.join(exportable)})")
+        task = found[0]
+    if config.is_encoder_decoder and task != SEQ2SEQ_TASK:
+        raise UsageError(f"{where}: an encoder-decoder model runs as {SEQ2SEQ_TASK} in deploykit, not {task}")
+    return task
+
+
+def onnx_config(config, task: str, **kwargs):
+    """optimum's ONNX export config of the architecture, for `task`."""
+    TasksManager = _need_hf()
+    constructor = TasksManager.get_exporter_config_constructor(
+        "onnx", model_type=config.model_type, task=task, library_name="transformers")
+    return constructor(config, **kwargs)
+
+
+# -- the PyTorch side: wrappers called with positional tensors --------------------------------------
+
+
+class HFModel(nn.Module):
+    """A transformers model called with positional tensors (`input_names` order), returning the
+    tensors `output_names` name: what tracing, parity and the forward pipeline's torch session need.
+    `task` is what optimum exports it for."""
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str], output_names: Sequence[str], task: str):
+        super().__init__()
+        self.model, self.input_names, self.output_names = model, tuple(input_names), tuple(output_names)
+        self.task = task
+
+    def forward(self, *inputs: torch.Tensor):
+        out = self.model(**dict(zip(self.input_names, inputs)), **self.call_options)
+        return out[self.output_names[0]] if len(self.output_names) == 1 else tuple(out[n] for n in self.output_names)
+
+    #: keyword arguments of every call
+    call_options: dict = {}
+
+
+class CausalLM(HFModel):
+    """input_ids (batch, seq) -> next-token logits (batch, seq, vocab), without the cache."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, ("input_ids",), ("logits",), CAUSAL_TASK)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # transformers builds its causal mask with vmap, which torch.onnx cannot trace ("unordered_map::at");
+        # a ready 4-D additive mask is used as given, and is plain tril/where arithmetic in the graph.
+        length = input_ids.shape[1]
+        allowed = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        blocked = torch.tensor(torch.finfo(torch.float32).min, device=input_ids.device)
+        mask = torch.where(allowed, torch.tensor(0.0, device=input_ids.device), blocked)[None, None]
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
+class Seq2SeqLM(HFModel):
+    """(input_ids, decoder_input_ids) -> the decoder's logits, without the cache."""
+
+    call_options = {"use_cache": False}
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, ("input_ids", "decoder_input_ids"), ("logits",), SEQ2SEQ_TASK)
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside deploykit's wrapper (the model itself when it is not wrapped)."""
+    return model.model if isinstance(model, HFModel) else model
+
+
+def _state(cache) -> tuple:
+    """A transformers cache as nested tuples of tensors, which can be stepped from more than once
+    (transformers extends a cache object in place)."""
+    return tuple(tuple(t for t in layer) for layer in cache.to_legacy_cache())
+
+
+class TorchCausalLM:
+    """Greedy decoding with a PyTorch causal LM and its key/value cache (the `deploykit.model.causal_lm`
+    interface); the cache is rebuilt from tuples for each call (`_state`)."""
+
+    def __init__(self, model: nn.Module, eos: int | None = None):
+        self.model = hf_model(model).eval()
+        self.eos = eos if eos is not None else self.model.config.eos_token_id
+
+    def _run(self, ids: torch.Tensor, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache.from_legacy_cache(past) if past is not None else DynamicCache()
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.logits[0, -1].numpy(), _state(out.past_key_values)
+
+    def prefill(self, prompt: np.ndarray):
+        return self._run(torch.from_numpy(np.asarray(prompt, dtype=np.int64)), None)
+
+    def step(self, token: int, state):
+        return self._run(torch.tensor([[token]], dtype=torch.long), state)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+
+class TorchSeq2SeqLM:
+    """Greedy decoding with a PyTorch encoder-decoder: `prefill` encodes the source and runs the
+    decoder's first step from its start token; `step` extends the decoder's cache."""
+
+    def __init__(self, model: nn.Module):
+        self.model = hf_model(model).eval()
+        config = self.model.config
+        self.eos, self.start = config.eos_token_id, config.decoder_start_token_id
+
+    def _decode(self, token: int, past, **inputs):
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        cache = EncoderDecoderCache.from_legacy_cache(past) if past else EncoderDecoderCache(DynamicCache(), DynamicCache())
+        with torch.inference_mode():
+            return self.model(**inputs, past_key_values=cache, use_cache=True,
+                              decoder_input_ids=torch.tensor([[token]], dtype=torch.long))
+
+    def prefill(self, prompt: np.ndarray):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        ids = torch.from_numpy(np.asarray(prompt, dtype=np.int64))
+        mask = torch.ones_like(ids)
+        out = self._decode(self.start, None, input_ids=ids, attention_mask=mask)
+        encoded = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
+        return out.logits[0, -1].numpy(), (encoded, mask, _state(out.past_key_values))
+
+    def step(self, token: int, state):
+        encoded, mask, past = state
+        out = self._decode(token, past, encoder_outputs=encoded, attention_mask=mask)
+        return out.logits[0, -1].numpy(), (encoded, mask, _state(out.past_key_values))
+
+
+# -- specs --------------------------------------------------------------------------------------------
+
+
+#: tokens of the sequence a causal LM's perplexity is measured on
+EVAL_TOKENS = 128
+
+
+def causal_perplexity(model: nn.Module) -> dict[str, float]:
+    """Perplexity on a fixed token sequence drawn from the model's own vocabulary: about the
+    vocabulary size for random weights, and the path a trained model and a real text would take."""
+    vocab = hf_model(model).config.vocab_size
+    tokens = torch.randint(0, vocab, (EVAL_TOKENS,), generator=torch.Generator().manual_seed(7)).tolist()
+    return {"perplexity": perplexity(TorchCausalLM(model), tokens)}
+
+
+def causal_lm_fields(vocab: int) -> dict:
+    """The spec fields of a causal LM wrapped in `CausalLM`: prompts of DEFAULT_LENGTH tokens."""
+
+    def prompt(batch: int, generator: torch.Generator) -> tuple[torch.Tensor]:
+        return (torch.randint(0, vocab, (batch, DEFAULT_LENGTH), generator=generator),)
+
+    return dict(inputs=[InputSpec("input_ids", ("batch", "sequence"), "int64", high=vocab)], outputs=["logits"],
+                sampler=prompt, evaluate=causal_perplexity, pipeline="text-generation")
+
+
+def _dummy_sampler(config, task: str, names: Sequence[str]):
+    """Example inputs made by optimum's dummy input generators for the architecture (what its export
+    validation feeds), seeded from the generator deploykit passes, so a seed means the same inputs."""
+
+    def sample(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        # optimum draws from torch's generator and Python's (the padding of its masks): both seeded, both restored
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                dummy = onnx_config(config, task).generate_dummy_inputs(
+                    framework="pt", batch_size=batch, sequence_length=DEFAULT_LENGTH)
+        finally:
+            random.setstate(state)
+        return tuple(dummy[name] for name in names)
+
+    return sample
+
+
+def _int_bound(config, name: str) -> int:
+    if name in TOKEN_INPUTS:
+        return int(config.vocab_size)
+    return int(getattr(config, "type_vocab_size", 2) or 2) if name == "token_type_ids" else 2
+
+
+def _input_specs(config, task: str) -> tuple[InputSpec, ...]:
+    """The graph's inputs as optimum's config declares them: the batch axis and sequence axes named,
+    other axes (channels, image size, choices) at the size its dummy inputs have."""
+    declared = onnx_config(config, task).inputs
+    dummy = onnx_config(config, task).generate_dummy_inputs(framework="pt", batch_size=2, sequence_length=DEFAULT_LENGTH)
+    specs = []
+    for name, axes in declared.items():
+        tensor = dummy[name]
+        shape = tuple("batch" if axes.get(i) == "batch_size" else
+                      "sequence" if "sequence" in str(axes.get(i, "")) else int(size)
+                      for i, size in enumerate(tensor.shape))
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        specs.append(InputSpec(name, shape, dtype, _int_bound(config, name) if dtype.startswith("int") else None))
+    return tuple(specs)
+
+
+def _spec(name: str, config, task: str, description: str, build, bundle=None) -> ModelSpec:
+    """The spec of a transformers model of `config` for `task`, with `build` loading its weights."""
+    fields: dict = dict(pipeline=TASK_PIPELINES[task])
+    if task == CAUSAL_TASK:
+        fields = causal_lm_fields(config.vocab_size)
+        wrap = CausalLM
+    elif task == SEQ2SEQ_TASK:
+        inputs = tuple(InputSpec(n, ("batch", "sequence"), "int64", high=config.vocab_size) for n in TOKEN_INPUTS)
+        fields.update(inputs=inputs, outputs=("logits",))
+        wrap = Seq2SeqLM
+    else:
+        inputs = _input_specs(config, task)
+        outputs = tuple(onnx_config(config, task).outputs)
+        fields.update(inputs=inputs, outputs=outputs, sampler=_dummy_sampler(config, task, [i.name for i in inputs]))
+
+        def wrap(model, names=tuple(i.name for i in inputs)):
+            return HFModel(model, names, outputs, task)
+
+    return ModelSpec(name=name, build=lambda: wrap(build()), description=description, bundle=bundle, **fields)
+
+
+def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
+    """A spec for a local Hugging Face directory (config.json + weights), read without the network."""
+    path = Path(path)
+    config = read_config(path)
+    task = infer_task(config, task, str(path))
+    model_class = _need_hf().get_model_class_for_task(task, framework="pt", library="transformers")
+
+    def build() -> nn.Module:
+        try:
+            return model_class.from_pretrained(str(path), config=config, local_files_only=True,
+                                               attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: cannot load the weights: {str(exc).splitlines()[0]}") from None
+
+    def bundle(directory) -> dict:
+        write_text_atomic(Path(directory) / HF_CONFIG_FILE, config.to_json_string())
+        return {"kind": "hf-directory", "config": HF_CONFIG_FILE, "task": task, "from": str(path)}
+
+    return _spec(path.name, config, task, f"Hugging Face {config.model_type} directory {path} ({task})", build, bundle)
+
+
+def hf_spec_from_artifact(directory, manifest) -> ModelSpec:
+    """The spec of an artifact exported from a local directory: its shape from the config it carries
+    (the weights come from the artifact). Artifacts written before the task was recorded are GPT-2s."""
+    values = read_json(Path(directory), manifest.source.get("config"), "manifest source.config")
+    try:
+        config = config_from_dict(values, f"{str(directory)!r} {HF_CONFIG_FILE}")
+    except UsageError as exc:
+        raise ArtifactError(str(exc)) from None
+    task = manifest.source.get("task", CAUSAL_TASK)
+    if task not in TASK_PIPELINES:
+        raise ArtifactError(f"{str(directory)!r}: unknown Hugging Face task {task!r} in its manifest")
+    model_class = _need_hf().get_model_class_for_task(task, framework="pt", library="transformers")
+    return _spec(manifest.model, config, task, f"exported from {manifest.source.get('from')}",
+                 lambda: model_class.from_config(config, attn_implementation="eager"))

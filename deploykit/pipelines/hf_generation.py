@@ -1,0 +1,142 @@
+"""Generating Hugging Face models through optimum: export with and without the key/value cache, and
+PyTorch generation (the torch side of the "text-generation" and "text2text-generation" pipelines).
+
+Models are `deploykit.model.hf.CausalLM` wrappers around a transformers causal LM (the zoo's GPT-2s,
+any local directory whose task is text-generation: GPT-2, Llama, ...), possibly pruned: magnitude
+masks stripped, or MLP blocks and GPT-2's attention heads shrunk by dense-shrunk (heads: the same
+number in every layer, which optimum's cache inputs need). optimum traces the transformers model
+with its architecture's `OnnxConfig` into `decoder_with_past.onnx` ("text-generation-with-past") and
+`decoder.onnx` ("text-generation"). The export is accepted only when onnxruntime reproduces PyTorch:
+logits of the prompt, of a cached step and of the full sequence within tolerance, and exactly the
+same greedy tokens.
+
+Encoder-decoders (`deploykit.model.hf.Seq2SeqLM`: T5, BART, ...) go the same way with optimum's
+"text2text-generation-with-past" task: `encoder.onnx`, `decoder.onnx` (first step) and
+`decoder_with_past.onnx` (`deploykit.pipelines.seq2seq_decode`), checked by the logits of the first
+and of a cached step and by greedy tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from deploykit.core.errors import UsageError
+from deploykit.model.artifact import WEIGHTS_FILE
+from deploykit.model.hf import Seq2SeqLM, TorchCausalLM, TorchSeq2SeqLM, hf_model
+from deploykit.pipelines.optimum_export import check_generation, optimum_export, sparse_files
+from deploykit.pipelines.seq2seq_decode import GRAPH_KEYS, T2T_CONFIG_FILE, OrtSeq2SeqLM
+from deploykit.pipelines.textgen import (
+    NO_PAST_FILE,
+    TEXTGEN_CONFIG_FILE,
+    WITH_PAST_FILE,
+    GenerationSession,
+    OrtCausalLM,
+)
+from deploykit.runtime.loading import load_torch_model
+from deploykit.runtime.session import RuntimeInfo, Target
+
+
+@dataclass(frozen=True)
+class ExportedGenerator:
+    #: output -> max |onnxruntime - torch|
+    errors: dict[str, float]
+    sparse_initializers: dict[str, int]
+
+
+def _head_counts(hf: nn.Module) -> set[int]:
+    return {m.num_heads for m in hf.modules() if isinstance(getattr(m, "num_heads", None), int)}
+
+
+def export_causal_lm(model: nn.Module, directory: Path, opset: int, tolerance: float, sparse: bool) -> ExportedGenerator:
+    """Both graphs into `directory` with textgen_config.json, checked against PyTorch."""
+    hf = hf_model(model)
+    heads = _head_counts(hf)
+    if len(heads) > 1:
+        raise UsageError(
+            "a causal LM with a different number of attention heads per layer cannot go through optimum's exporter: "
+            f"it builds every layer's key/value cache input alike (these layers have {sorted(heads)} heads); "
+            "prune heads with --scope layer (the same number per layer), or keep them (--rule '*.attn.c_attn=0')")
+    directory = Path(directory)
+    custom = _pruned_heads_config if hf.config.model_type == "gpt2" and heads and heads != {hf.config.n_head} else None
+    for task, name in (("text-generation-with-past", WITH_PAST_FILE), ("text-generation", NO_PAST_FILE)):
+        optimum_export(model, task, opset, directory, {"model.onnx": name},
+                       {"model": custom(hf, task)} if custom else None)
+    config = {"with_past": WITH_PAST_FILE, "no_past": NO_PAST_FILE, "eos": hf.config.eos_token_id,
+              "vocab_size": hf.config.vocab_size, "layers": hf.config.num_hidden_layers, "exporter": "optimum"}
+    (directory / TEXTGEN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    sparse_initializers = sparse_files(directory, (WITH_PAST_FILE, NO_PAST_FILE)) if sparse else {}
+    errors = check_generation(TorchCausalLM(model), OrtCausalLM(directory), hf.config.vocab_size, tolerance)
+    return ExportedGenerator(errors, sparse_initializers)
+
+
+def export_seq2seq(model: nn.Module, directory: Path, opset: int, tolerance: float, sparse: bool) -> ExportedGenerator:
+    """The encoder and both decoder graphs into `directory` with text2text_config.json, checked against PyTorch."""
+    hf = hf_model(model)
+    directory = Path(directory)
+    made = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
+            "decoder_with_past": "decoder_with_past_model.onnx"}
+    optimum_export(model, "text2text-generation-with-past", opset, directory,
+                   {made[key]: name for key, name in GRAPH_KEYS.items()})
+    config = {**GRAPH_KEYS, "eos": hf.config.eos_token_id, "decoder_start": hf.config.decoder_start_token_id,
+              "vocab_size": hf.config.vocab_size, "exporter": "optimum"}
+    (directory / T2T_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    sparse_initializers = sparse_files(directory, GRAPH_KEYS.values()) if sparse else {}
+    errors = check_generation(TorchSeq2SeqLM(model), OrtSeq2SeqLM(directory), hf.config.vocab_size, tolerance)
+    return ExportedGenerator(errors, sparse_initializers)
+
+
+def _pruned_heads_config(hf: nn.Module, task: str):
+    """optimum's GPT-2 export config, with its dummy key/value cache shaped for the heads left.
+
+    optimum sizes the cache as (heads, hidden / heads) from the model config; after uniform head
+    pruning each layer has fewer heads of the same size, which the config cannot say (n_head also
+    sets the head size). A copy of the config carries the cache's real shape instead.
+    """
+    from optimum.exporters.onnx.model_configs import GPT2OnnxConfig
+    from optimum.utils import NormalizedTextConfig
+
+    attn = hf.transformer.h[0].attn
+    config = copy.deepcopy(hf.config)
+    config.deploykit_cache_heads, config.deploykit_cache_width = attn.num_heads, attn.num_heads * attn.head_dim
+
+    class PrunedHeadsGPT2OnnxConfig(GPT2OnnxConfig):
+        NORMALIZED_CONFIG_CLASS = NormalizedTextConfig.with_args(
+            num_layers="n_layer", num_attention_heads="deploykit_cache_heads", hidden_size="deploykit_cache_width")
+
+    past = task.endswith("-with-past")
+    return PrunedHeadsGPT2OnnxConfig(config, task="text-generation", use_past=past, use_past_in_inputs=past)
+
+
+def export_generator(model: nn.Module, directory: Path, opset: int, tolerance: float, sparse: bool) -> ExportedGenerator:
+    """The graphs of a causal LM or of an encoder-decoder, whichever `model` wraps."""
+    export = export_seq2seq if isinstance(model, Seq2SeqLM) else export_causal_lm
+    return export(model, directory, opset, tolerance, sparse)
+
+
+def torch_lm(model: nn.Module):
+    """The generating interface of a wrapped model (`deploykit.model.causal_lm.greedy`)."""
+    return TorchSeq2SeqLM(model) if isinstance(model, Seq2SeqLM) else TorchCausalLM(model)
+
+
+def load_torch_session(directory: str | Path, threads: int, target: Target) -> GenerationSession:
+    """The benchmark session of an exported generating artifact under PyTorch."""
+
+    if target.device != "cpu":
+        raise UsageError(f"text generation under torch runs on the CPU only, not {target.device}")
+    torch.set_num_threads(threads)
+    model, _ = load_torch_model(directory, consent=target.code_consent, batch=target.batch)
+    return GenerationSession(torch_lm(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
+
+
+def reference_session(directory: str | Path, consent: Sequence[str] = ()) -> GenerationSession:
+    """What every runtime's session must reproduce: the stripped PyTorch model's."""
+
+    model, _ = load_torch_model(directory, for_runtime=False, consent=consent)
+    return GenerationSession(torch_lm(model), RuntimeInfo("torch", torch.__version__, torch.get_num_threads(), "cpu"), [])

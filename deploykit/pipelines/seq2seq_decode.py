@@ -1,0 +1,74 @@
+"""Greedy decoding with an exported encoder-decoder (T5, BART, ...) under ONNX Runtime (no torch needed).
+
+An artifact of the "text2text-generation" pipeline holds optimum's three graphs
+(`deploykit.pipelines.hf_generation`): `encoder.onnx` (source ids -> hidden states), `decoder.onnx`
+(the first step: start token and the encoder's states -> logits, the self- and cross-attention
+caches) and `decoder_with_past.onnx` (one token and the caches -> logits and the extended
+self-attention cache; the cross-attention cache is the first step's, reused).
+`text2text_config.json` names them. `OrtSeq2SeqLM` has the `prefill`/`step` interface of
+`deploykit.model.causal_lm.greedy`, so the text-generation pipeline's `GenerationSession` runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from deploykit.core.confine import inside, read_json
+from deploykit.core.ort import CPU_PROVIDER, ort_session
+from deploykit.pipelines.textgen import GenerationSession
+from deploykit.runtime.session import RuntimeInfo, Target
+
+T2T_CONFIG_FILE = "text2text_config.json"
+ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE = "encoder.onnx", "decoder.onnx", "decoder_with_past.onnx"
+#: config key -> file, in the order the graphs run
+GRAPH_KEYS = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "decoder_with_past": DECODER_WITH_PAST_FILE}
+
+
+def _outputs(session, feeds: dict) -> dict[str, np.ndarray]:
+    taken = {i.name for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in taken})))
+
+
+class OrtSeq2SeqLM:
+    """The three graphs in onnxruntime sessions; states are (caches, source mask), never changed in place."""
+
+    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER,
+                 optimization: str | None = None):
+        self.directory = Path(directory)
+        self.config = read_json(self.directory, T2T_CONFIG_FILE, "text2text-generation config")
+        self.eos, self.start = self.config.get("eos"), int(self.config.get("decoder_start") or 0)
+        self.sessions = {key: ort_session(inside(self.directory, self.config.get(key), f"{T2T_CONFIG_FILE} {key}"),
+                                          threads, provider=provider, optimization=optimization)
+                         for key in GRAPH_KEYS}
+        self.past_names = [i.name for i in self.sessions["decoder_with_past"].get_inputs()
+                           if i.name.startswith("past_key_values.")]
+
+    def _caches(self, outputs: dict, previous: dict) -> dict[str, np.ndarray]:
+        # a present.* output replaces its past_key_values.* input; those not output stay (cross-attention)
+        return {name: outputs.get(name.replace("past_key_values.", "present."), previous.get(name))
+                for name in self.past_names}
+
+    def prefill(self, prompt: np.ndarray):
+        ids = np.asarray(prompt, dtype=np.int64)
+        mask = np.ones_like(ids)
+        hidden = _outputs(self.sessions["encoder"], {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+        out = _outputs(self.sessions["decoder"], {"input_ids": np.array([[self.start]], dtype=np.int64),
+                                                  "encoder_hidden_states": hidden, "encoder_attention_mask": mask})
+        return out["logits"][0, -1], (self._caches(out, {}), mask)
+
+    def step(self, token: int, state):
+        past, mask = state
+        out = _outputs(self.sessions["decoder_with_past"],
+                       {"input_ids": np.array([[token]], dtype=np.int64), "encoder_attention_mask": mask, **past})
+        return out["logits"][0, -1], (self._caches(out, past), mask)
+
+
+def load_onnxruntime(directory: Path, threads: int, target: Target) -> GenerationSession:
+    import onnxruntime as ort
+
+    lm = OrtSeq2SeqLM(directory, threads, target.device, target.graph_optimization)
+    info = RuntimeInfo("onnxruntime", ort.__version__, threads, lm.sessions["encoder"].get_providers()[0])
+    return GenerationSession(lm, info, [lm.config[key] for key in GRAPH_KEYS])

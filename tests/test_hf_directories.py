@@ -1,0 +1,144 @@
+"""Local Hugging Face model directories (tiny configs, random weights, `save_pretrained` into a temporary
+directory, nothing downloaded) as a model source: the task from the config's architectures, the model
+from optimum's AutoModel class for it, the graphs from optimum's exporter, and each family exported
+dense, csr, int8 and dense-shrunk with parity; then benchmarked from the artifact alone."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("optimum")
+
+from deploykit.bench.runner import bench_artifact  # noqa: E402
+from deploykit.bench.settings import Grid, TimingSettings  # noqa: E402
+from deploykit.core.errors import UsageError  # noqa: E402
+from deploykit.export.build import export_artifact  # noqa: E402
+from deploykit.model.sources import ModelOptions, resolve_model  # noqa: E402
+from deploykit.prune.base import PruningPlan  # noqa: E402
+
+FAST = TimingSettings(warmup_s=0.01, min_time_s=0.01, min_iters=3)
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def _families():
+    import transformers as T
+
+    bart = T.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    return {
+        "bert": T.BertForSequenceClassification(T.BertConfig(vocab_size=100, num_labels=3, **SMALL)),
+        "distilbert": T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4,
+                                                           hidden_dim=64)),
+        "vit": T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=5, **SMALL)),
+        "t5": T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                      num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)),
+        "bart": T.BartForConditionalGeneration(bart),
+        # grouped-query attention: 4 query heads share 2 key/value heads
+        "llama": T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64,
+                                                  **SMALL)),
+    }
+
+
+#: family -> (task, pipeline, graphs)
+EXPECTED = {
+    "bert": ("text-classification", "optimum-forward", {"model.onnx"}),
+    "distilbert": ("feature-extraction", "optimum-forward", {"model.onnx"}),
+    "vit": ("image-classification", "optimum-forward", {"model.onnx"}),
+    "t5": ("text2text-generation", "text2text-generation", {"encoder.onnx", "decoder.onnx", "decoder_with_past.onnx"}),
+    "bart": ("text2text-generation", "text2text-generation", {"encoder.onnx", "decoder.onnx", "decoder_with_past.onnx"}),
+    "llama": ("text-generation", "text-generation", {"decoder.onnx", "decoder_with_past.onnx"}),
+}
+
+
+@pytest.fixture(scope="module")
+def directories(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    for name, model in _families().items():
+        model.save_pretrained(root / name)
+    return root
+
+
+#: form -> export arguments (csr per layer: T5 initialises its query projections far smaller than the rest,
+#: so one global magnitude threshold would empty them)
+FORMS = {
+    "dense": dict(plan=PruningPlan("magnitude", 0.5), form="dense"),
+    "csr": dict(plan=PruningPlan("magnitude", 0.9, scope="layer"), form="csr"),
+    "int8": dict(plan=PruningPlan("magnitude", 0.0), form="dense", quantize="int8"),
+    "dense-shrunk": dict(plan=PruningPlan("l1-structured", 0.3), form="dense-shrunk"),
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_every_family_exports_through_optimum_in_every_form(directories, tmp_path, family, form):
+    task, pipeline, graphs = EXPECTED[family]
+    options = dict(FORMS[form])
+    result = export_artifact(str(directories / family), options.pop("plan"), options.pop("form"), tmp_path / "a",
+                             **options)
+    m = result.manifest
+    assert (m.pipeline, m.source["kind"], m.source["task"]) == (pipeline, "hf-directory", task)
+    assert graphs <= {name for name in m.files if name.endswith(".onnx")}
+    assert m.onnx_parity_error <= 1e-4  # the export raises beyond tolerance; the record says what was measured
+    if form == "csr":
+        assert m.nonzero_parameters < 0.5 * m.parameters and m.onnx_sparse_initializers
+    if form == "dense-shrunk":  # feed-forward channels go, heads stay whole
+        assert m.parameters < m.parameters_before_conversion
+    if form == "int8":
+        assert set(m.quantization["error"]) == {"onnxruntime", "torch"}
+        if pipeline != "optimum-forward":
+            assert set(m.quantization["greedy_token_agreement"]) == {"onnxruntime", "torch"}
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
+def test_artifacts_bench_on_both_runtimes_from_the_artifact_alone(directories, tmp_path, family):
+    export_artifact(str(directories / family), PruningPlan("magnitude", 0.5), "dense", tmp_path / "a")
+    records = bench_artifact(tmp_path / "a", Grid(runtimes=("torch", "onnxruntime")), FAST)
+    assert {r.runtime for r in records} == {"torch", "onnxruntime"}
+    assert all(r.parity_max_abs_error <= 1e-4 for r in records)
+
+
+def test_inputs_are_optimums_dummy_inputs_seeded_by_deploykit(directories):
+    spec = resolve_model(str(directories / "bert"))
+    assert spec.input_names == ["input_ids", "attention_mask", "token_type_ids"] and spec.outputs == ("logits",)
+    first, again, other = (spec.example_inputs(3, seed=s) for s in (1, 1, 2))
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first, again))
+    assert not np.array_equal(first[0].numpy(), other[0].numpy())
+    assert [tuple(t.shape) for t in first] == [(3, 16)] * 3 and int(first[0].max()) < 100
+    vit = resolve_model(str(directories / "vit"))
+    assert vit.inputs[0].shape == ("batch", 3, 32, 32)  # the image size from the config, not a named axis
+
+
+def test_the_task_can_be_named(directories, tmp_path):
+    spec = resolve_model(str(directories / "bert"), ModelOptions(task="feature-extraction"))
+    assert spec.outputs == ("last_hidden_state",) and spec.pipeline == "optimum-forward"
+    with pytest.raises(UsageError, match="--task text2text-generation is not one deploykit can export for 'bert'; "
+                                         "choose from feature-extraction"):
+        resolve_model(str(directories / "bert"), ModelOptions(task="text2text-generation"))
+    with pytest.raises(UsageError, match="an encoder-decoder model runs as text2text-generation"):
+        resolve_model(str(directories / "t5"), ModelOptions(task="feature-extraction"))
+    with pytest.raises(UsageError, match="--task applies to a Hugging Face model directory; 'mlp-sst2' is not one"):
+        resolve_model("mlp-sst2", ModelOptions(task="text-generation"))
+
+
+def _config_dir(tmp_path, values):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(values))
+    return str(tmp_path / "m")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"model_type": "bert"}, "cannot tell the task from architectures None; give --task"),
+    ({"model_type": "no-such-model"}, "transformers cannot read model_type 'no-such-model'"),
+    ({"model_type": "bert", "auto_map": {"AutoModel": "evil.Model"}}, "names custom code (auto_map), which deploykit "
+                                                                      "does not run"),
+    ({"architectures": ["BertModel"]}, "config.json has no model_type"),
+])
+def test_directories_deploykit_cannot_read_are_refused_in_one_line(tmp_path, cli, values, message):
+    result = cli("export", "--model", _config_dir(tmp_path, values), "--out", str(tmp_path / "a"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert not (tmp_path / "a").exists()
