@@ -322,5 +322,5 @@ def test_attention_hint_marks_projections_not_removable(tmp_path):
     with pytest.raises(UnsupportedLayerError, match=r"group of block\.v broke the forward pass"):
         _export(_spec("heads", Net, SEQUENCE), tmp_path)
     hinted = _spec("heads", Net, SEQUENCE, pruning_hints=PruningHints(attention=("block",)))
-    with pytest.raises(UsageError, match=r"no removable channel group.*split into heads\): block\.v"):
+    with pytest.raises(UsageError, match=r"no removable channel group.*heads\): block\.q, block\.k, block\.v"):
         _export(hinted, tmp_path, plan)

@@ -170,7 +170,9 @@ def test_kernel_choice_follows_measurement_far_from_the_crossover():
         model[1].weight[torch.rand(2048, 2048) < 0.05] = 0  # 5% sparse: CSR only adds overhead
     decisions = choose_kernels(model, (torch.randn(1, 2048),))
     assert set(decisions) == {"0", "1"}  # the dense output layer has no zeros: not a candidate
-    assert decisions["0"]["choice"] == "csr" and decisions["1"]["choice"] == "dense"
+    # real timing: on a preempted machine the decision falls back to dense, and says the rounds were noisy
+    assert decisions["0"]["choice"] == "csr" or decisions["0"]["noisy"], decisions["0"]["reason"]
+    assert decisions["1"]["choice"] == "dense"
     assert decisions["0"]["sparsity"] == pytest.approx(0.999, abs=2e-3)
 
 

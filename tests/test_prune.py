@@ -157,9 +157,61 @@ def test_weights_the_plan_leaves_dense_are_listed_with_why():
     net = Net().eval()
     result = prune_model(net, PruningPlan("magnitude", 0.5, layer_types=("linear",)), inputs)
     found = unpruned_weights(net, result)
-    assert set(result.pruned_parameters) == {"proj.weight", "attn.out_proj.weight"}
-    assert set(found) == {"embed.weight", "attn.in_proj_weight", "head.weight"}  # biases are not weights
+    # the packed projection MultiheadAttention reads itself is a linear weight too
+    assert set(result.pruned_parameters) == {"proj.weight", "attn.out_proj.weight", "attn.in_proj_weight"}
+    assert set(found) == {"embed.weight", "head.weight"}  # biases are not weights
     assert "the plan prunes linear layers" in found["embed.weight"]
-    assert "MultiheadAttention that is not a Linear" in found["attn.in_proj_weight"]
     assert found["head.weight"].startswith("excluded")
     assert unpruned_weights(net, prune_model(Net().eval(), PruningPlan(), inputs)) == {}  # nothing asked
+    from deploykit.prune.base import PruneResult
+
+    structured = PruneResult(PruningPlan("l1-structured", 0.5), ("proj.weight",), ("head",))  # as a channel pruner ends
+    found = unpruned_weights(Net().eval(), structured)
+    assert found["attn.in_proj_weight"] == ("a weight MultiheadAttention reads itself: l1-structured prunes layers' "
+                                            "weights; magnitude and random prune it entry by entry")
+
+
+class _Reads(nn.Module):
+    """A custom layer that reads its own weight, beside a positional table that is not a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.positions = nn.Parameter(torch.randn(1, 4, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x + self.positions, self.weight)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_unstructured_pruning_reaches_weights_outside_linear_and_conv_modules(scope):
+    from deploykit.prune.base import strip_masks, unpruned_weights
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.custom = _Reads()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.custom(x)
+            h = self.attn(h, h, h, need_weights=False)[0]
+            return self.head(self.lstm(h)[0][:, -1])
+
+    torch.manual_seed(0)
+    net, inputs = Net().eval(), (torch.randn(2, 4, 8),)
+    result = prune_model(net, PruningPlan("magnitude", 0.75, scope=scope), inputs)
+    reached = {"custom.weight", "attn.in_proj_weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"}
+    assert reached <= set(result.pruned_parameters)
+    assert set(unpruned_weights(net, result)) == {"custom.positions", "head.weight"}
+    masked = net(*inputs)
+    strip_masks(net)
+    torch.testing.assert_close(net(*inputs), masked)  # the zeros are in the weights the layers read
+    params = dict(net.named_parameters())
+    zeros = sum(int((params[name] == 0).sum()) for name in result.pruned_parameters)
+    total = sum(params[name].numel() for name in result.pruned_parameters)
+    if scope == "layer":
+        assert all(int((params[n] == 0).sum()) == round(0.75 * params[n].numel()) for n in reached)
+    assert zeros == round(0.75 * total) if scope == "global" else zeros >= 0.75 * total - len(result.pruned_parameters)

@@ -217,9 +217,18 @@ class PruneContext:
     excluded: tuple[str, ...]
     example_inputs: "Sequence[torch.Tensor]"
     spec: "ModelSpec | None" = None
+    #: weights outside the prunable modules (`reached_weights`: "module.parameter" -> sparsity), for
+    #: pruners that reach any parameter (`Pruner.reaches_parameters`)
+    extra: dict[str, float] = field(default_factory=dict)
 
     def modules(self) -> "list[tuple[str, nn.Module, float]]":
         return [(name, self.model.get_submodule(name), amount) for name, amount in self.targets.items()]
+
+    def weights(self) -> "list[tuple[nn.Module, str, float]]":
+        """(module, parameter name, sparsity) of every weight to prune: the targets' `weight`, then the extras."""
+        extra = [(self.model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], amount)
+                 for name, amount in self.extra.items()]
+        return [(module, "weight", amount) for _, module, amount in self.modules()] + extra
 
 
 @dataclass(frozen=True)
@@ -241,7 +250,11 @@ PRUNERS: Registry[Pruner] = Registry("pruning method")
 
 
 class UnstructuredPruner:
-    """Zero individual weights of each target's `weight`: the smallest (L1) or random ones."""
+    """Zero individual weights of each target's `weight` and of the extra weights (packed attention
+    projections, RNN and custom layers' weights): the smallest (L1) or random ones."""
+
+    #: zeroing single entries is exact for any weight a layer multiplies by, whoever reads it
+    reaches_parameters = True
 
     def __init__(self, method: str):
         self.method = method  # the torch.nn.utils.prune method name: "l1_unstructured" / "random_unstructured"
@@ -252,17 +265,17 @@ class UnstructuredPruner:
         method_class = {"l1_unstructured": prune.L1Unstructured, "random_unstructured": prune.RandomUnstructured}[self.method]
         requested = 0
         by_amount: dict[float, list] = {}
-        for _, module, amount in ctx.modules():
-            by_amount.setdefault(amount, []).append(module)
-        for amount, modules in by_amount.items():
+        for module, name, amount in ctx.weights():
+            by_amount.setdefault(amount, []).append((module, name))
+        for amount, weights in by_amount.items():
             if ctx.plan.scope == "global":  # one threshold across the layers sharing this sparsity
-                prune.global_unstructured([(m, "weight") for m in modules], pruning_method=method_class, amount=amount)
-                requested += round(amount * sum(m.weight.numel() for m in modules))
+                prune.global_unstructured(weights, pruning_method=method_class, amount=amount)
+                requested += round(amount * sum(getattr(m, n).numel() for m, n in weights))
             else:
-                for module in modules:
-                    getattr(prune, self.method)(module, "weight", amount=amount)
-                    requested += round(amount * module.weight.numel())
-        masked = sum(_masked_count(module, "weight") for _, module, _ in ctx.modules())
+                for module, name in weights:
+                    getattr(prune, self.method)(module, name, amount=amount)
+                    requested += round(amount * getattr(module, name).numel())
+        masked = sum(_masked_count(module, name) for module, name, _ in ctx.weights())
         return Outcome("weights", requested, masked)
 
 
@@ -315,6 +328,35 @@ def prunable_modules(model: "nn.Module", hints: "PruningHints | None" = None) ->
             if isinstance(m, kinds) or f"{type(m).__module__}.{type(m).__qualname__}" in PRUNABLE_CLASS_PATHS]
 
 
+def is_weight(name: str, parameter) -> bool:
+    """A parameter a layer multiplies its input by: float, two or more dimensions, named as a weight
+    (`weight`, `in_proj_weight`, `weight_ih_l0`); not positions, tokens or scales (ViT's
+    `position_embeddings`, `cls_token`), whose zeros would change what they encode."""
+    return parameter.is_floating_point() and parameter.dim() >= 2 and "weight" in name
+
+
+def reached_weights(model: "nn.Module", hints: "PruningHints | None" = None) -> "dict[str, str]":
+    """Weights outside the prunable modules that unstructured pruning reaches, "module.parameter" ->
+    layer type: packed projections a layer reads itself (`nn.MultiheadAttention.in_proj_weight`) and
+    recurrent weights count as linear, any other module's weight as custom. A weight shared with
+    another parameter (tied) is left out: pruning one side would untie it."""
+    from torch import nn
+
+    prunable = {name for name, _ in prunable_modules(model, hints)}
+    owners: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    found = {}
+    for module_name, module in model.named_modules():
+        if module_name in prunable:
+            continue
+        kind = "linear" if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) else "custom"
+        for local, parameter in module.named_parameters(recurse=False):
+            if is_weight(local, parameter) and owners[id(parameter)] == 1:
+                found[f"{module_name}.{local}" if module_name else local] = kind
+    return found
+
+
 def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHints | None" = None) -> dict[str, str]:
     """Every weight (a float parameter of two or more dimensions) the plan left alone, with why: so that
     a sparsity short of the one asked for is explained where it is shown (an attention's packed
@@ -324,6 +366,8 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
     if plan.is_empty():
         return {}
     prunable = dict(prunable_modules(model, hints))
+    extra = reached_weights(model, hints)
+    reaches = getattr(PRUNERS.get(plan.method), "reaches_parameters", False)
     excluded, pruned = set(result.excluded_modules), set(result.pruned_parameters)
     found = {}
     for module_name, module in model.named_modules():
@@ -332,13 +376,18 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
             name = f"{module_name}.{local}" if module_name else local
             if name in pruned or parameter.dim() < 2 or not parameter.is_floating_point():
                 continue
+            kind = (layer_type(module, hints) if module_name in prunable and local == "weight"
+                    else extra.get(name))
             if module_name in excluded:
                 found[name] = "excluded: the output layer, --exclude, or a weight tied to another"
-            elif module_name not in prunable or local != "weight":
-                found[name] = (f"a parameter of {type(module).__name__} that is not a Linear, Conv, embedding or "
-                               "Conv1D weight: the pruners do not reach it")
-            elif plan.layer_types and layer_type(module, hints) not in plan.layer_types:
-                found[name] = f"a {layer_type(module, hints)} layer; the plan prunes {', '.join(plan.layer_types)} layers"
+            elif kind is None:
+                found[name] = (f"a parameter of {type(module).__name__} that is not a layer's weight (positions, "
+                               "tokens, a weight shared with another): the pruners leave it")
+            elif (module_name not in prunable or local != "weight") and not reaches:
+                found[name] = (f"a weight {type(module).__name__} reads itself: {plan.method} prunes layers' weights; "
+                               "magnitude and random prune it entry by entry")
+            elif plan.layer_types and kind not in plan.layer_types:
+                found[name] = f"a {kind} layer; the plan prunes {', '.join(plan.layer_types)} layers"
             else:
                 found[name] = "the plan gives it sparsity 0 (a rule)" if plan.rules else "left dense by the pruner"
     return found
@@ -410,24 +459,31 @@ def prune_model(
     excluded = excluded_modules(model, plan, example_inputs, output_layers, hints)
     targets = {name: plan.amount_for(name) for name in candidates if name not in excluded}
     targets = {name: amount for name, amount in targets.items() if amount > 0}
+    extra = {}
+    if getattr(pruner, "reaches_parameters", False):
+        extra = {name: plan.amount_for(module) for name, kind in reached_weights(model, hints).items()
+                 if kind in kinds and (module := name.rpartition(".")[0]) not in excluded}
+        extra = {name: amount for name, amount in extra.items() if amount > 0}
     if plan.is_empty():
         return PruneResult(plan, (), tuple(excluded))
-    if not targets:
+    if not targets and not extra:
         raise UsageError(f"nothing to prune: the plan selects none of the {len(prunable)} prunable layers "
                          f"({plan.method} prunes {', '.join(kinds)} layers, the output layer "
                          f"{'excluded' if plan.exclude_output else 'included'}; see --layer-types and --prune-output)")
 
-    ctx = PruneContext(model, plan, targets, tuple(excluded), tuple(example_inputs), spec)
+    ctx = PruneContext(model, plan, targets, tuple(excluded), tuple(example_inputs), spec, extra)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(pruning_seed(plan.seed))
         outcome = pruner.apply(ctx)
     if outcome.unit == "weights":  # recount from the masks: a pruner's own report is not evidence
-        outcome = dataclasses.replace(outcome, masked=sum(_masked_count(m, "weight") for _, m, _ in ctx.modules()))
+        outcome = dataclasses.replace(outcome, masked=sum(_masked_count(m, name) for m, name, _ in ctx.weights()))
     if outcome.masked != outcome.requested:
         raise RuntimeError(
             f"{plan.method} pruning masked {outcome.masked} {outcome.unit} where {outcome.requested} were requested"
         )
-    collapsed = [name for name, module, _ in ctx.modules() if _fully_masked(module)]
+    collapsed = [name for name, module, _ in ctx.modules() if _fully_masked(module, "weight")]
+    collapsed += [name for name in extra if _fully_masked(model.get_submodule(name.rpartition(".")[0]),
+                                                          name.rpartition(".")[2])]
     if collapsed and not plan.allow_layer_collapse:
         raise UsageError(f"{plan.label()} ({plan.scope}) prunes {len(collapsed)} layer{'s' * (len(collapsed) > 1)} to "
                          f"100%, so nothing passes through {'them' if len(collapsed) > 1 else 'it'}: "
@@ -437,8 +493,8 @@ def prune_model(
     return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome, tuple(collapsed))
 
 
-def _fully_masked(module: "nn.Module") -> bool:
-    mask = getattr(module, "weight_mask", None)
+def _fully_masked(module: "nn.Module", name: str) -> bool:
+    mask = getattr(module, f"{name}_mask", None)
     return mask is not None and mask.numel() > 0 and not bool(mask.any())
 
 

@@ -219,6 +219,14 @@ def _is_grouped_conv(module) -> bool:
     return not (module.groups == module.in_channels == module.out_channels)
 
 
+def head_projections(model: nn.Module, hints: PruningHints = NO_HINTS) -> frozenset[nn.Module]:
+    """The children of attention modules (`splits_into_heads`, or named by an attention hint): their
+    output channels go only as whole heads."""
+    return frozenset(child for name, m in model.named_modules()
+                     if splits_into_heads(m) or hints.is_attention(name)
+                     for child in m.children())
+
+
 def channel_groups(
     graph: tp.DependencyGraph, model: nn.Module, keep: Sequence[str] = (), block_history: list | None = None,
     hints: PruningHints = NO_HINTS,
@@ -231,9 +239,7 @@ def channel_groups(
     """
     names = {module: name for name, module in model.named_modules()}
     ignored = [model.get_submodule(name) for name in keep]
-    heads = frozenset(child for name, m in model.named_modules()
-                      if splits_into_heads(m) or hints.is_attention(name)
-                      for child in m.children())
+    heads = head_projections(model, hints)
     # the projections into heads keep their width (their groups would block below): not rooting groups
     # at them also spares torch-pruning the head reshapes it can loop on (grouped-query attention's
     # repeated key/value heads)

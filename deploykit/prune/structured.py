@@ -22,6 +22,7 @@ from deploykit.prune.channels import (
     SliceGroup,
     UnsupportedLayerError,
     channel_groups,
+    head_projections,
     dependency_graph,
     grouping_deadline,
 )
@@ -70,6 +71,9 @@ class StructuredPruner:
         # Channels feeding a LayerNorm or split into attention heads cannot be removed exactly, so
         # masking them would buy nothing.
         not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
+        projections = head_projections(ctx.model, hints)  # not group roots: whole heads only
+        not_removable.update({name: ["split into heads"] for name, module in ctx.model.named_modules()
+                              if name in ctx.targets and module in projections})
         groups = [g for g in groups if not g.blocking]
         for group in groups:
             if group.unsupported:
