@@ -243,9 +243,18 @@ FAILS = [
      r"removing channels of the group of emb broke the forward pass .*exclude emb"),
     ("gru", lambda d: Recurrent(d, nn.GRU), TOKENS, UnsupportedLayerError,
      r"torch-pruning could not follow the channels .*layers it cannot read: rnn \(GRU\)"),
-    ("attention", Attention, SEQUENCE, UnsupportedLayerError,
-     r"cannot mask channels of attn \(MultiheadAttention\) \(in the group of (ff2|inp)\); exclude it"),
 ]
+
+
+def test_multihead_attention_keeps_its_width_and_the_feed_forward_shrinks(tmp_path):
+    # nn.MultiheadAttention's projections are all embed_dim wide: its group (the residual stream) stays,
+    # named with the reason, and the rest of the model is pruned
+    result = _export(_spec("attention", lambda: Attention(16), SEQUENCE), tmp_path)
+    changes = result.manifest.shape_changes
+    assert "ff1" in changes and not any(name.startswith("attn") for name in changes)
+    skipped = result.prune_result.outcome.details["skipped_normalised_groups"]
+    assert any("attn (nn.MultiheadAttention: its width is the embed_dim its heads split" in reason
+               for reasons in skipped.values() for reason in reasons)
 
 
 @pytest.mark.parametrize("size", [8, 16])
@@ -322,5 +331,7 @@ def test_attention_hint_marks_projections_not_removable(tmp_path):
     with pytest.raises(UnsupportedLayerError, match=r"group of block\.v broke the forward pass"):
         _export(_spec("heads", Net, SEQUENCE), tmp_path)
     hinted = _spec("heads", Net, SEQUENCE, pruning_hints=PruningHints(attention=("block",)))
-    with pytest.raises(UsageError, match=r"no removable channel group.*heads\): block\.q, block\.k, block\.v"):
+    projection = r" \(a projection of an attention module\)"
+    with pytest.raises(UsageError, match=rf"no removable channel group.*not removable: block\.q{projection}, "
+                                         rf"block\.k{projection}, block\.v{projection}"):
         _export(hinted, tmp_path, plan)

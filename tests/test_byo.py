@@ -119,7 +119,7 @@ def test_module_entry_point_returning_a_model_spec(user_file, monkeypatch):
     monkeypatch.syspath_prepend(str(user_file.parent))
     spec = resolve_model("usermodel:spec")
     assert spec.name == "user-mlp" and spec.outputs == ("logits",)
-    assert spec.bundle(None) == {"kind": "entry-point", "entry_point": "usermodel:spec", "inputs": None}
+    assert spec.bundle(None, None) == {"kind": "entry-point", "entry_point": "usermodel:spec", "inputs": None}
 
 
 def test_bare_model_needs_an_input_spec(cli, user_file, tmp_path):
@@ -204,7 +204,7 @@ def test_weights_from_safetensors_and_state_dict_checkpoints(user_file, tmp_path
     for path in ("w.safetensors", "ckpt.pt"):
         spec = resolve_model(f"{user_file}:build", ModelOptions(weights=str(tmp_path / path)))
         assert torch.equal(spec.make()(x), trained(x)), path
-        bundle = spec.bundle(tmp_path)
+        bundle = spec.bundle(tmp_path, None)
         assert bundle["kind"] == "entry-point" and bundle["weights"]["file"] == path
 
 
@@ -214,7 +214,8 @@ def test_weights_for_a_zoo_model_record_their_file(tmp_path):
     torch.save(model.state_dict(), tmp_path / "lenet.pth")
     loaded = resolve_model("lenet-300-100", ModelOptions(weights=str(tmp_path / "lenet.pth")))
     assert loaded.train is None  # weights given: no training
-    assert loaded.bundle(tmp_path)["kind"] == "zoo" and len(loaded.bundle(tmp_path)["weights"]["sha256"]) == 64
+    source = loaded.bundle(tmp_path, None)
+    assert source["kind"] == "zoo" and len(source["weights"]["sha256"]) == 64
 
 
 def test_pickle_with_a_payload_is_refused_without_trust(user_file, tmp_path):

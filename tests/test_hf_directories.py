@@ -142,3 +142,32 @@ def test_directories_deploykit_cannot_read_are_refused_in_one_line(tmp_path, cli
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_heads_are_pruned_as_units_by_their_rows_and_the_config_says_so(tmp_path):
+    """One head per layer made weak (its query/key/value rows scaled down): per-layer L1 at 0.25 removes
+    exactly it, through the model's own prune_heads; the artifact's config builds the shipped shapes."""
+    import torch
+    import transformers as T
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(vocab_size=100, num_labels=3, **SMALL))
+    weak = {0: 2, 1: 1}  # layer -> head
+    with torch.no_grad():
+        for layer, head in weak.items():
+            attention = model.bert.encoder.layer[layer].attention.self
+            for projection in (attention.query, attention.key, attention.value):
+                projection.weight[head * 8:(head + 1) * 8] *= 0.01
+    model.save_pretrained(tmp_path / "bert")
+    # the feed-forward and the pooler stay (rules 0), so that only heads go
+    plan = PruningPlan("l1-structured", 0.25, scope="layer",
+                       rules=(("*.intermediate.dense", 0.0), ("*.pooler.dense", 0.0)))
+    result = export_artifact(str(tmp_path / "bert"), plan, "dense-shrunk", tmp_path / "a")
+    assert result.manifest.onnx_parity_error <= 1e-4
+    config = json.loads((tmp_path / "a" / "hf_config.json").read_text())
+    assert {int(k): v for k, v in config["pruned_heads"].items()} == {layer: [head] for layer, head in weak.items()}
+    rebuilt = T.BertForSequenceClassification(T.BertConfig.from_dict(config))  # transformers alone, no deploykit
+    shipped = {k.removeprefix("model."): v for k, v in load_file(tmp_path / "a" / "weights.safetensors").items()}
+    rebuilt.load_state_dict(shipped, strict=True)
+    assert rebuilt.bert.encoder.layer[0].attention.self.query.out_features == 3 * 8

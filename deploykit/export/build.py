@@ -169,7 +169,7 @@ def export_artifact(
                                                  opset, tolerance, form_entry.sparse_onnx, progress))
         notes.extend(exported.notes)
         inputs = exported.inputs if exported.inputs is not None else [dataclasses.asdict(i) for i in spec.inputs]
-        source = spec.bundle(tmp) if spec.bundle is not None else _registered_source(spec)
+        source = spec.bundle(tmp, saved) if spec.bundle is not None else _registered_source(spec)
 
         progress("writing weights")
         encoded = save_weights(saved.state_dict(), tmp / WEIGHTS_FILE, form_entry.encoding, compression)

@@ -141,7 +141,7 @@ def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> Mo
         spec = dataclasses.replace(spec, outputs=output_names(model, spec.example_inputs(1)))
     record = {"kind": KIND, "entry_point": entry.text,
               "inputs": [dataclasses.asdict(i) for i in inputs] if inputs else None}
-    return dataclasses.replace(spec, bundle=lambda directory: dict(record))
+    return dataclasses.replace(spec, bundle=lambda directory, model: dict(record))
 
 
 def spec_from_artifact(directory: Path, manifest) -> ModelSpec:

@@ -23,6 +23,7 @@ tensors in the graph's input order and gets the graph's outputs back (`HFModel`)
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -344,6 +345,20 @@ def _spec(name: str, config, task: str, description: str, build, bundle=None) ->
     return ModelSpec(name=name, build=lambda: wrap(build()), description=description, bundle=bundle, **fields)
 
 
+def pruned_heads(model: nn.Module) -> dict[int, list[int]]:
+    """The heads pruned in `model`'s attention modules, in transformers' config convention (layer index
+    -> heads as numbered in the original model), for modules whose path names one layer index (BERT's
+    `encoder.layer.3.attention`, GPT-2's `transformer.h.3.attn`). What the config cannot say (two
+    indices in a path) is still in the artifact's pruning history, which loading replays."""
+    found: dict[int, list[int]] = {}
+    for name, module in model.named_modules():
+        heads = getattr(module, "pruned_heads", None)
+        indices = [int(part) for part in name.split(".") if part.isdigit()]
+        if isinstance(heads, set) and heads and len(indices) == 1:
+            found[indices[0]] = sorted(int(h) for h in heads)
+    return found
+
+
 def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
     """A spec for a local Hugging Face directory (config.json + weights), read without the network."""
     path = Path(path)
@@ -358,8 +373,10 @@ def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
         except (OSError, ValueError) as exc:
             raise UsageError(f"{path}: cannot load the weights: {str(exc).splitlines()[0]}") from None
 
-    def bundle(directory) -> dict:
-        write_text_atomic(Path(directory) / HF_CONFIG_FILE, config.to_json_string())
+    def bundle(directory, shipped: nn.Module) -> dict:
+        written = copy.deepcopy(config)
+        written.pruned_heads = {**written.pruned_heads, **pruned_heads(shipped)}
+        write_text_atomic(Path(directory) / HF_CONFIG_FILE, written.to_json_string())
         return {"kind": "hf-directory", "config": HF_CONFIG_FILE, "task": task, "from": str(path)}
 
     return _spec(path.name, config, task, f"Hugging Face {config.model_type} directory {path} ({task})", build, bundle)
@@ -373,6 +390,9 @@ def hf_spec_from_artifact(directory, manifest) -> ModelSpec:
         config = config_from_dict(values, f"{str(directory)!r} {HF_CONFIG_FILE}")
     except UsageError as exc:
         raise ArtifactError(str(exc)) from None
+    # the config says which heads were pruned; loading replays the artifact's pruning history, which
+    # removes them, so the model is built whole first (transformers would otherwise prune them twice)
+    config.pruned_heads = {}
     task = manifest.source.get("task", CAUSAL_TASK)
     if task not in TASK_PIPELINES:
         raise ArtifactError(f"{str(directory)!r}: unknown Hugging Face task {task!r} in its manifest")

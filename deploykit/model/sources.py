@@ -121,8 +121,8 @@ def with_weights(spec: ModelSpec, path: str, trust_pickle: bool = False) -> Mode
     provenance = {"file": Path(path).name, "sha256": file_digest(path)}
     bundle = spec.bundle
 
-    def bundle_with_weights(directory: Path) -> dict:
-        return {**(bundle(directory) if bundle else {"kind": "zoo"}), "weights": provenance}
+    def bundle_with_weights(directory: Path, model) -> dict:
+        return {**(bundle(directory, model) if bundle else {"kind": "zoo"}), "weights": provenance}
 
     return dataclasses.replace(spec, build=lambda: apply_checkpoint(spec.build(), state, path), train=None,
                                bundle=bundle_with_weights)

@@ -146,10 +146,10 @@ class ModelSpec:
     #: the pipeline that exports and runs it (`deploykit.pipelines`): "forward" (one graph, one call),
     #: "speech-translation" (an encoder/decoder pair decoded token by token), "text-generation"
     pipeline: str = "forward"
-    #: for models that are not in the zoo: writes what rebuilding the model needs into an artifact
-    #: directory and returns the manifest's `source` record (see `deploykit.model.sources`); None for zoo
-    #: models, which are rebuilt by name
-    bundle: "Callable[[Path], dict] | None" = None
+    #: for models that are not in the zoo: (artifact directory, the model as shipped) -> writes what
+    #: rebuilding the model needs into the directory and returns the manifest's `source` record (see
+    #: `deploykit.model.sources`); None for zoo models, which are rebuilt by name
+    bundle: "Callable[[Path, nn.Module], dict] | None" = None
     #: labelled batches for data-aware pruners (snip, grasp): n -> up to n (inputs tuple, targets)
     data: "Callable[[int], Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor]]] | None" = None
     #: (outputs, targets) -> scalar loss for those pruners; None: cross-entropy on the (first) output

@@ -2,7 +2,8 @@
 
 GPT-2 keeps its projections in transformers' `Conv1D` (weight stored (in, out), applied with
 `addmm`), which torch-pruning does not recognise, and its attention heads are a reshape of one packed
-QKV projection. A *block handler* exposes such units (attention heads, MLP hidden channels) as a
+QKV projection. The attention modules of BERT-like encoders and ViT reshape their projections into
+heads, which torch-pruning's channel groups cannot follow either. A *block handler* exposes such units (attention heads, MLP hidden channels) as a
 `SliceGroup`, like a torch-pruning group: the slices that produce each unit (to mask and to find dead
 units) and a removal. Removal goes through transformers' own `prune_heads` / `prune_conv1d_layer`,
 which also keep `num_heads` and `split_size` consistent. Blocks are matched by class path, so this
@@ -87,6 +88,77 @@ class GPT2MLPHidden(BlockHandler):
         block.c_proj = prune_conv1d_layer(block.c_proj, keep, dim=0)
 
 
+#: names of the query, key and value projections inside transformers' attention modules
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
+#: attributes saying the head count, and the head size, on the attention module or its child
+HEAD_COUNT = ("num_attention_heads", "n_heads", "num_heads")
+HEAD_SIZE = ("attention_head_size", "head_dim", "dim_per_head")
+
+
+def _heads_layout(block: nn.Module) -> tuple[nn.Module, str, tuple[str, str, str]] | None:
+    """(the module holding the head count, its path in `block`, q/k/v names) of an attention module
+    of transformers that prunes its own heads, or None where its layout is not one of these."""
+    for path, holder in [("", block), *block.named_children()]:
+        count = next((a for a in HEAD_COUNT if isinstance(getattr(holder, a, None), int)), None)
+        size = next((a for a in HEAD_SIZE if isinstance(getattr(holder, a, None), int)), None)
+        names = next((n for n in QKV_NAMES if all(isinstance(getattr(holder, x, None), nn.Linear) for x in n)), None)
+        if count and size and names:
+            return holder, path, names
+    return None
+
+
+class TransformersHeads(BlockHandler):
+    """Attention heads of transformers' modules that prune their own heads (`prune_heads(heads)` and a
+    `pruned_heads` set: BERT, RoBERTa, ELECTRA, ViT, DeiT, DistilBERT, ... found by that interface, not
+    by class): head h owns rows h*d..(h+1)*d of the query, key and value projections. Removal is the
+    module's own `prune_heads`, which also shrinks the output projection's input and its head count.
+    T5's attention is left whole: its `prune_heads` keeps the relative-position bias at the old head
+    count, and the layers share that bias."""
+
+    unit = "heads"
+    root = ""  # set per block: the query projection's path
+
+    @staticmethod
+    def applies(block: nn.Module) -> bool:
+        return (callable(getattr(block, "prune_heads", None)) and isinstance(getattr(block, "pruned_heads", None), set)
+                and getattr(block, "relative_attention_bias", None) is None and _heads_layout(block) is not None)
+
+    @staticmethod
+    def _holder(block):
+        holder, path, names = _heads_layout(block)
+        count = next(a for a in HEAD_COUNT if isinstance(getattr(holder, a, None), int))
+        size = next(a for a in HEAD_SIZE if isinstance(getattr(holder, a, None), int))
+        return holder, path, names, getattr(holder, count), getattr(holder, size)
+
+    def root_of(self, block) -> str:
+        _, path, names, _, _ = self._holder(block)
+        return f"{path}.{names[0]}" if path else names[0]
+
+    def size(self, block):
+        return self._holder(block)[3]
+
+    def slices(self, block_name, block):
+        holder, path, names, heads, d = self._holder(block)
+        out = []
+        for name in names:
+            linear = getattr(holder, name)
+            full = f"{block_name}.{path}.{name}" if path else f"{block_name}.{name}"
+            for h in range(heads):
+                for row in range(h * d, (h + 1) * d):
+                    out.append(Slice(full, linear, "weight", 0, row, h))
+                    if linear.bias is not None:
+                        out.append(Slice(full, linear, "bias", 0, row, h))
+        return out
+
+    def remove(self, block, units):
+        # prune_heads numbers heads as in the original model, skipping heads pruned earlier
+        heads = self._holder(block)[3]
+        original = [h for h in range(heads + len(block.pruned_heads)) if h not in block.pruned_heads]
+        block.prune_heads({original[u] for u in units})
+
+
+TRANSFORMERS_HEADS = TransformersHeads()
+
 HANDLERS: dict[str, BlockHandler] = {
     "transformers.models.gpt2.modeling_gpt2.GPT2Attention": GPT2Heads(),
     "transformers.models.gpt2.modeling_gpt2.GPT2MLP": GPT2MLPHidden(),
@@ -94,15 +166,20 @@ HANDLERS: dict[str, BlockHandler] = {
 
 
 def handler_for(module: nn.Module) -> BlockHandler | None:
+    """The handler of a block: by class path, else by the interface (`TransformersHeads.applies`)."""
     cls = type(module)
-    return HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
+    handler = HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if handler is None and cls.__module__.startswith("transformers.") and TransformersHeads.applies(module):
+        return TRANSFORMERS_HEADS
+    return handler
 
 
 class BlockGroup(SliceGroup):
     def __init__(self, handler: BlockHandler, block_name: str, block: nn.Module, history: list):
         super().__init__()
         self.handler, self.block_name, self.block = handler, block_name, block
-        self.root_name = f"{block_name}.{handler.root}"
+        root = handler.root_of(block) if hasattr(handler, "root_of") else handler.root
+        self.root_name = f"{block_name}.{root}"
         self.size = handler.size(block)
         self.slices = handler.slices(block_name, block)
         self._history = history

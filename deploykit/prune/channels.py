@@ -188,6 +188,13 @@ class ChannelGroup(SliceGroup):
             if module in head_projections:
                 self.blocking.append(f"{names.get(module, '?')} (projection into attention heads)")
                 continue
+            if isinstance(module, nn.MultiheadAttention):
+                # its projections are all embed_dim wide, split into heads inside: neither channels nor
+                # heads can go (torch's module has no narrower inner width); the unstructured methods
+                # still reach its in_proj_weight
+                self.blocking.append(f"{names.get(module, '?')} (nn.MultiheadAttention: its width is the embed_dim "
+                                     "its heads split; neither its channels nor its heads can be removed)")
+                continue
             if _is_grouped_conv(module):
                 self.blocking.append(f"{names.get(module, '?')} (convolution in {module.groups} groups: its channels "
                                      "go only in equal shares of every group)")

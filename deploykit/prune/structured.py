@@ -72,7 +72,7 @@ class StructuredPruner:
         # masking them would buy nothing.
         not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
         projections = head_projections(ctx.model, hints)  # not group roots: whole heads only
-        not_removable.update({name: ["split into heads"] for name, module in ctx.model.named_modules()
+        not_removable.update({name: ["a projection of an attention module"] for name, module in ctx.model.named_modules()
                               if name in ctx.targets and module in projections})
         groups = [g for g in groups if not g.blocking]
         for group in groups:
@@ -87,7 +87,7 @@ class StructuredPruner:
             raise UsageError(
                 "structured pruning found no removable channel group among the selected layers"
                 + (f"; no torch-pruning group for: {', '.join(ungrouped)}" if ungrouped else "")
-                + (f"; not removable (normalised across channels, or split into heads): {', '.join(not_removable)}"
+                + ("; not removable: " + ", ".join(f"{name} ({reasons[0]})" for name, reasons in not_removable.items())
                    if not_removable else "")
             )
         chosen = self._choose(ctx, groups)

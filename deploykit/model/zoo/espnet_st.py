@@ -93,7 +93,7 @@ def experiment_spec(path: Path) -> ModelSpec:
         model, config = load_st_experiment(path, tmp)
     return _spec(path.stem if path.suffix == ".zip" else path.name, lambda: copy.deepcopy(model),
                  feats_dim(model, config), f"ESPnet ST experiment {path}",
-                 bundle=lambda directory: _bundle(model, config, directory, path))
+                 bundle=lambda directory, _shipped: _bundle(model, config, directory, path))
 
 
 def _bundle(model: nn.Module, config: dict, directory: Path, path: Path) -> dict:
