@@ -1,5 +1,8 @@
-"""Coverage of the models people bring: torchvision's classification zoo and tiny Hugging Face
-encoders (random weights, small inputs), each through three exports, beside torch-pruning's own outcome.
+"""Coverage of the models people bring: torchvision's classification zoo, tiny Hugging Face encoders
+returned by entry points, and tiny Hugging Face model directories (`hf-dir-*`: BERT, DistilBERT, ViT,
+T5, BART, Llama, saved with `save_pretrained` and read as a user's directory, exported through
+optimum), random weights and small inputs, each through three exports, beside torch-pruning's own
+outcome.
 
 Configurations: l1-structured 0.3 + dense-shrunk; magnitude 0.9 per layer + csr; dynamic int8. Each
 ends as "ok" (exported, parity checked), "refused: ..." (a DeployKitError: one line naming what and
@@ -10,7 +13,7 @@ MagnitudePruner at 0.3 on the same model (classifier ignored) and a forward pass
     python benchmarks/coverage.py --only resnet18,vit_b_16,bert
     python benchmarks/coverage.py --limit 12          # the first 12 torchvision models and the HF ones
 
-Writes benchmarks/results/coverage.json. Each export is bounded by --timeout seconds
+Writes benchmarks/results/coverage.json (rows of models run again replace theirs; others stay). Each export is bounded by --timeout seconds
 (`deploykit.core.deadline`): one past it is a refusal saying so.
 """
 
@@ -92,6 +95,34 @@ def huggingface_builders() -> dict:
     }
 
 
+def save_hf_directories(root: Path) -> dict[str, Path]:
+    """Tiny Hugging Face model directories, as a user would have them (config.json + safetensors)."""
+    import transformers as T
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    models = {
+        "hf-dir-bert": lambda: T.BertForSequenceClassification(T.BertConfig(vocab_size=100, num_labels=3, **small)),
+        "hf-dir-distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2,
+                                                                          n_heads=4, hidden_dim=64)),
+        "hf-dir-vit": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=5,
+                                                                      **small)),
+        "hf-dir-t5": lambda: T.T5ForConditionalGeneration(T.T5Config(
+            vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+            decoder_start_token_id=0)),
+        "hf-dir-bart": lambda: T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+        "hf-dir-llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, num_key_value_heads=2,
+                                                                 max_position_embeddings=64, **small)),
+    }
+    paths = {}
+    for name, build in models.items():
+        torch.manual_seed(0)
+        build().save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
 def spec_of(name: str) -> ModelSpec:
     """The model as a user brings it: an entry point (this file's factory of that name), so that every
     export step, int8's measurement on the rebuilt model included, takes the user's path."""
@@ -153,6 +184,19 @@ def _short(n) -> str:
     return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
+def _write(path: Path, rows: list[dict]) -> None:
+    """Rows into `path`, replacing the rows of the same models a previous run wrote and keeping the rest
+    (a run with --only does not erase a full run's table)."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = []
+    ran = {r["model"] for r in rows}
+    kept = [r for r in previous if isinstance(r, dict) and r.get("model") not in ran]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kept + rows, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated model names")
@@ -166,19 +210,24 @@ def main() -> int:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     rows = []
     with tempfile.TemporaryDirectory(prefix="deploykit-coverage-") as tmp:
-        for name, (build, examples) in chosen.items():
+        directories = save_hf_directories(Path(tmp))
+        chosen.update({name: None for name in directories if not args.only or name in args.only.split(",")})
+        for name, built in chosen.items():
             print(name, file=sys.stderr, flush=True)
             try:
-                spec = spec_of(name)
+                if built is None:  # a directory: read as a user's, the model is deploykit's wrapper of it
+                    spec = resolve_model(str(directories[name]))
+                    built = (spec.make, spec.example_inputs(2))
+                else:
+                    spec = spec_of(name)
             except Exception as exc:  # noqa: BLE001
                 rows.append({"model": name, "error": f"cannot build: {type(exc).__name__}: {exc}"})
                 continue
-            row = {"model": name, "torch_pruning": torch_pruning_outcome(build, examples, args.timeout)}
+            row = {"model": name, "torch_pruning": torch_pruning_outcome(*built, args.timeout)}
             for config in CONFIGS:
                 row[config] = run_config(spec, config, Path(tmp) / f"{name}-{config}", args.timeout)
             rows.append(row)
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")  # kept as it grows
+            _write(Path(args.json), rows)  # kept as it grows
     table = []
     for r in rows:
         if "error" in r:
