@@ -171,3 +171,15 @@ def test_heads_are_pruned_as_units_by_their_rows_and_the_config_says_so(tmp_path
     shipped = {k.removeprefix("model."): v for k, v in load_file(tmp_path / "a" / "weights.safetensors").items()}
     rebuilt.load_state_dict(shipped, strict=True)
     assert rebuilt.bert.encoder.layer[0].attention.self.query.out_features == 3 * 8
+
+
+@pytest.mark.parametrize("amount, heads_left", [(0.25, 4), (0.5, 2)])
+def test_round_to_counts_a_head_as_its_width(directories, tmp_path, amount, heads_left):
+    """Heads of 8 channels with --round-to 16: they go in pairs (3 heads = 24 channels is not aligned, so
+    the layer keeps 4); feed-forward widths are multiples of 16."""
+    plan = PruningPlan("l1-structured", amount, scope="layer", round_to=16)
+    changes = export_artifact(str(directories / "bert"), plan, "dense-shrunk", tmp_path / "a").manifest.shape_changes
+    width = {name: int(after.rpartition("-> ")[2].rstrip(")")) for name, (_, after) in changes.items()}
+    queries = [w for name, w in width.items() if name.endswith(".query")]
+    assert queries == ([] if heads_left == 4 else [heads_left * 8] * 2)
+    assert all(w % 16 == 0 for name, w in width.items() if name.endswith("intermediate.dense"))

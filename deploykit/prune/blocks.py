@@ -36,6 +36,10 @@ class BlockHandler:
     def remove(self, block: nn.Module, units: Sequence[int]) -> None:
         raise NotImplementedError
 
+    def unit_width(self, block: nn.Module) -> int:
+        """Channels one unit spans (a head: its size)."""
+        return 1
+
 
 def _column_slices(name: str, conv1d: nn.Module, columns: Sequence[tuple[int, int]]) -> list[Slice]:
     """Slices of a transformers Conv1D producing output columns: (column, root unit) pairs."""
@@ -55,6 +59,9 @@ class GPT2Heads(BlockHandler):
 
     def size(self, block):
         return block.num_heads
+
+    def unit_width(self, block):
+        return block.head_dim
 
     def slices(self, block_name, block):
         d, width = block.head_dim, block.split_size
@@ -137,6 +144,9 @@ class TransformersHeads(BlockHandler):
     def size(self, block):
         return self._holder(block)[3]
 
+    def unit_width(self, block):
+        return self._holder(block)[4]
+
     def slices(self, block_name, block):
         holder, path, names, heads, d = self._holder(block)
         out = []
@@ -181,6 +191,7 @@ class BlockGroup(SliceGroup):
         root = handler.root_of(block) if hasattr(handler, "root_of") else handler.root
         self.root_name = f"{block_name}.{root}"
         self.size = handler.size(block)
+        self.unit_width = handler.unit_width(block)
         self.slices = handler.slices(block_name, block)
         self._history = history
 

@@ -35,6 +35,9 @@ class SliceGroup:
     size: int
     #: torch-pruning's group, for its importance scorers; None for groups it does not model
     group = None
+    #: channels one unit spans in the layers it feeds (1 for a channel, the head size for a head): what
+    #: channel alignment (`round_to`) counts
+    unit_width = 1
 
     def __init__(self) -> None:
         self.slices: list[Slice] = []

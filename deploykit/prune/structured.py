@@ -8,6 +8,7 @@ exactly zero and `dense-shrunk` can later remove it without changing the model's
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable
 
@@ -111,10 +112,12 @@ class StructuredPruner:
 
     def _choose(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
         """Root channels to prune per group, lowest scores first; every group keeps at least one
-        channel, and with `round_to` a multiple of it."""
+        channel, and with `round_to` a multiple of it (of channels: heads count their width)."""
         chosen = self._lowest(ctx, groups)
+        # units a multiple of round_to channels wide: a head of 64 channels is aligned to 8 already
+        multiples = {g.root_name: ctx.plan.round_to // math.gcd(ctx.plan.round_to, g.unit_width) for g in groups}
         sizes = {g.root_name: g.size for g in groups}
-        return {name: aligned(channels, sizes[name], ctx.plan.round_to) for name, channels in chosen.items()}
+        return {name: aligned(channels, sizes[name], multiples[name]) for name, channels in chosen.items()}
 
     def _lowest(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
         chosen: dict[str, list[int]] = {}
