@@ -183,3 +183,19 @@ def test_round_to_counts_a_head_as_its_width(directories, tmp_path, amount, head
     queries = [w for name, w in width.items() if name.endswith(".query")]
     assert queries == ([] if heads_left == 4 else [heads_left * 8] * 2)
     assert all(w % 16 == 0 for name, w in width.items() if name.endswith("intermediate.dense"))
+
+
+def test_a_directory_with_heads_pruned_before_rebuilds_from_its_artifact(tmp_path):
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(vocab_size=100, num_labels=3, **SMALL))
+    model.prune_heads({0: [3]})  # saved in its config.json as {"0": [3]}
+    model.save_pretrained(tmp_path / "bert")
+    plan = PruningPlan("l1-structured", 0.5, scope="layer")
+    export_artifact(str(tmp_path / "bert"), plan, "dense-shrunk", tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "hf_config.json").read_text())
+    assert 3 in config["pruned_heads"]["0"] and len(config["pruned_heads"]["0"]) == 3  # 1 before, 2 of 3 left now
+    records = bench_artifact(tmp_path / "a", Grid(runtimes=("torch",)), FAST)  # rebuilt: before, then replayed
+    assert all(r.parity_max_abs_error <= 1e-4 for r in records)

@@ -80,10 +80,14 @@ def config_from_dict(values: dict, where: str):
                          "export it from an entry point (--model file.py:factory) instead")
     try:
         config = AutoConfig.for_model(values["model_type"], **{k: v for k, v in values.items() if k != "model_type"})
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # what a malformed config raises
         raise UsageError(f"{where}: transformers cannot read model_type {values['model_type']!r} "
                          f"({str(exc).splitlines()[0][:160]})") from None
     config.use_cache, config._attn_implementation = False, "eager"  # tracing needs both
+    try:  # JSON keys are strings; transformers' own from_dict makes these layer indices ints
+        config.pruned_heads = {int(k): [int(h) for h in v] for k, v in dict(config.pruned_heads or {}).items()}
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: config.json's pruned_heads is malformed") from None
     return config
 
 
@@ -132,12 +136,12 @@ def infer_task(config, requested: str | None = None, where: str = "") -> str:
     return task
 
 
-def onnx_config(config, task: str, **kwargs):
+def onnx_config(config, task: str):
     """optimum's ONNX export config of the architecture, for `task`."""
     TasksManager = _need_hf()
     constructor = TasksManager.get_exporter_config_constructor(
         "onnx", model_type=config.model_type, task=task, library_name="transformers")
-    return constructor(config, **kwargs)
+    return constructor(config)
 
 
 # -- the PyTorch side: wrappers called with positional tensors --------------------------------------
@@ -370,16 +374,29 @@ def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
         try:
             return model_class.from_pretrained(str(path), config=config, local_files_only=True,
                                                attn_implementation="eager")
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{path}: cannot load the weights: {str(exc).splitlines()[0]}") from None
+        except (OSError, ValueError, RuntimeError) as exc:  # missing, unreadable, or not this config's shapes
+            raise UsageError(f"{path}: cannot load the weights: {(str(exc).splitlines() or [''])[0][:200]}") from None
 
     def bundle(directory, shipped: nn.Module) -> dict:
         written = copy.deepcopy(config)
         written.pruned_heads = {**written.pruned_heads, **pruned_heads(shipped)}
         write_text_atomic(Path(directory) / HF_CONFIG_FILE, written.to_json_string())
-        return {"kind": "hf-directory", "config": HF_CONFIG_FILE, "task": task, "from": str(path)}
+        # heads the directory's own config had pruned: rebuilding starts from them, then replays deploykit's
+        return {"kind": "hf-directory", "config": HF_CONFIG_FILE, "task": task, "from": str(path),
+                "pruned_heads_before": {str(k): sorted(v) for k, v in config.pruned_heads.items()}}
 
     return _spec(path.name, config, task, f"Hugging Face {config.model_type} directory {path} ({task})", build, bundle)
+
+
+def _heads_record(record, directory) -> dict[int, list[int]]:
+    """{layer: heads} from a manifest's JSON record, checked (it is read from a file)."""
+    try:
+        heads = {int(layer): [int(h) for h in values] for layer, values in dict(record).items()}
+    except (TypeError, ValueError):
+        raise ArtifactError(f"{str(directory)!r}: the manifest's pruned_heads_before is malformed") from None
+    if any(layer < 0 or any(h < 0 for h in values) for layer, values in heads.items()):
+        raise ArtifactError(f"{str(directory)!r}: the manifest's pruned_heads_before has negative indices")
+    return heads
 
 
 def hf_spec_from_artifact(directory, manifest) -> ModelSpec:
@@ -391,8 +408,8 @@ def hf_spec_from_artifact(directory, manifest) -> ModelSpec:
     except UsageError as exc:
         raise ArtifactError(str(exc)) from None
     # the config says which heads were pruned; loading replays the artifact's pruning history, which
-    # removes them, so the model is built whole first (transformers would otherwise prune them twice)
-    config.pruned_heads = {}
+    # removes deploykit's, so the model is built with only those the source directory had pruned
+    config.pruned_heads = _heads_record(manifest.source.get("pruned_heads_before", {}), directory)
     task = manifest.source.get("task", CAUSAL_TASK)
     if task not in TASK_PIPELINES:
         raise ArtifactError(f"{str(directory)!r}: unknown Hugging Face task {task!r} in its manifest")
