@@ -23,12 +23,7 @@ from typing import Mapping
 import numpy as np
 from torch import nn
 
-from deploykit.convert.onnx_export import (
-    check_parity,
-    max_abs_errors,
-    relative_errors,
-    sparsify_initializers,
-)
+from deploykit.convert.onnx_export import check_parity, max_abs_errors, relative_errors, sparsify_initializers
 from deploykit.core.errors import ExportError, ParityError
 from deploykit.core.fsutil import scratch_directory
 from deploykit.core.ort import ort_session

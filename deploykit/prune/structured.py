@@ -23,9 +23,9 @@ from deploykit.prune.channels import (
     SliceGroup,
     UnsupportedLayerError,
     channel_groups,
-    head_projections,
     dependency_graph,
     grouping_deadline,
+    head_projections,
 )
 
 
