@@ -199,3 +199,17 @@ def test_a_directory_with_heads_pruned_before_rebuilds_from_its_artifact(tmp_pat
     assert 3 in config["pruned_heads"]["0"] and len(config["pruned_heads"]["0"]) == 3  # 1 before, 2 of 3 left now
     records = bench_artifact(tmp_path / "a", Grid(runtimes=("torch",)), FAST)  # rebuilt: before, then replayed
     assert all(r.parity_max_abs_error <= 1e-4 for r in records)
+
+
+def test_bart_encoder_heads_go_and_its_decoder_heads_stay(directories, tmp_path):
+    """BART's attention infers its head count from the projection width: encoder heads are sliced out
+    (its decoder's heads size optimum's cache inputs, alike in every layer: they stay)."""
+    plan = PruningPlan("l1-structured", 0.5, scope="layer")
+    result = export_artifact(str(directories / "bart"), plan, "dense-shrunk", tmp_path / "a")
+    changes = result.manifest.shape_changes
+    assert {name for name in changes if ".self_attn." in name} == {
+        f"model.model.encoder.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj",
+                                                                                  "out_proj")}
+    assert changes["model.model.encoder.layers.0.self_attn.q_proj"][1] == "Linear(32 -> 16)"  # 2 of 4 heads of 8
+    records = bench_artifact(tmp_path / "a", Grid(runtimes=("torch", "onnxruntime")), FAST)
+    assert all(r.parity_max_abs_error <= 1e-4 for r in records)  # greedy tokens included

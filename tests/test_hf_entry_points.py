@@ -65,11 +65,12 @@ def test_hugging_face_encoders_shrink_their_feed_forward_and_keep_heads(cli, fam
     for layer in range(2):
         before, after = changed[FFN[family].format(layer)]
         assert before.endswith("-> 64)") and not after.endswith("-> 64)"), (before, after)
-    for name, (_, after) in changed.items():  # BERT, DistilBERT, ViT heads go whole (their own prune_heads)
-        if name.rpartition(".")[2] in ("query", "key", "value", "q_lin", "k_lin", "v_lin"):
+    projections = ("query", "key", "value", "q_lin", "k_lin", "v_lin", "q_proj", "k_proj", "v_proj")
+    for name, (_, after) in changed.items():  # BERT, DistilBERT, ViT, BART encoder heads go whole
+        if name.rpartition(".")[2] in projections:
             assert int(after.rpartition("-> ")[2].rstrip(")")) % 8 == 0, (name, after)
-    # T5's heads share one relative-position bias and BART's have no prune_heads: they stay whole
-    assert not any(part in name for name in changed for part in (".SelfAttention.", "k_proj", "q_proj", "v_proj"))
+    # T5's heads share one relative-position bias: they stay whole
+    assert not any(".SelfAttention." in name for name in changed)
     assert m["parameters"] < m["parameters_before_conversion"]
 
 

@@ -169,6 +169,61 @@ class TransformersHeads(BlockHandler):
 
 TRANSFORMERS_HEADS = TransformersHeads()
 
+
+class ReshapedHeads(BlockHandler):
+    """Heads of transformers' encoder attention modules that infer their head count from the
+    projection width (`view(batch, length, -1, head_dim)`: BART's, mBART's, Marian's, Whisper's
+    encoders): head h owns rows h*d..(h+1)*d of q_proj, k_proj and v_proj and the same columns of the
+    output projection, so slicing those removes it. Only encoders (`is_decoder` False): a decoder's
+    heads size the key/value cache inputs, which optimum builds from the config for every layer alike.
+    The config's head count cannot say a per-layer number; the artifact's pruning history does."""
+
+    unit = "heads"
+    root = "q_proj"
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+    @classmethod
+    def applies(cls, block: nn.Module) -> bool:
+        linear = all(isinstance(getattr(block, n, None), nn.Linear) for n in cls.PROJECTIONS)
+        has_output = any(isinstance(getattr(block, n, None), nn.Linear) for n in ("out_proj", "o_proj"))
+        return (linear and has_output and isinstance(getattr(block, "head_dim", None), int)
+                and getattr(block, "is_decoder", None) is False and not hasattr(block, "prune_heads")
+                and getattr(block, "num_key_value_groups", 1) == 1)
+
+    def size(self, block):
+        return block.q_proj.out_features // block.head_dim
+
+    def unit_width(self, block):
+        return block.head_dim
+
+    def slices(self, block_name, block):
+        d = block.head_dim
+        out = []
+        for name in self.PROJECTIONS:
+            linear = getattr(block, name)
+            for h in range(self.size(block)):
+                for row in range(h * d, (h + 1) * d):
+                    out.append(Slice(f"{block_name}.{name}", linear, "weight", 0, row, h))
+                    if linear.bias is not None:
+                        out.append(Slice(f"{block_name}.{name}", linear, "bias", 0, row, h))
+        return out
+
+    def remove(self, block, units):
+        from transformers.pytorch_utils import prune_linear_layer
+
+        d, drop = block.head_dim, set(units)
+        keep = torch.tensor([h * d + i for h in range(self.size(block)) if h not in drop for i in range(d)],
+                            dtype=torch.long)
+        for name in self.PROJECTIONS:
+            setattr(block, name, prune_linear_layer(getattr(block, name), keep, dim=0))
+        output = next(n for n in ("out_proj", "o_proj") if isinstance(getattr(block, n, None), nn.Linear))
+        setattr(block, output, prune_linear_layer(getattr(block, output), keep, dim=1))
+        if isinstance(getattr(block, "num_heads", None), int):
+            block.num_heads = self.size(block)
+
+
+RESHAPED_HEADS = ReshapedHeads()
+
 HANDLERS: dict[str, BlockHandler] = {
     "transformers.models.gpt2.modeling_gpt2.GPT2Attention": GPT2Heads(),
     "transformers.models.gpt2.modeling_gpt2.GPT2MLP": GPT2MLPHidden(),
@@ -179,8 +234,11 @@ def handler_for(module: nn.Module) -> BlockHandler | None:
     """The handler of a block: by class path, else by the interface (`TransformersHeads.applies`)."""
     cls = type(module)
     handler = HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
-    if handler is None and cls.__module__.startswith("transformers.") and TransformersHeads.applies(module):
-        return TRANSFORMERS_HEADS
+    if handler is None and cls.__module__.startswith("transformers."):
+        if TransformersHeads.applies(module):
+            return TRANSFORMERS_HEADS
+        if ReshapedHeads.applies(module):
+            return RESHAPED_HEADS
     return handler
 
 
