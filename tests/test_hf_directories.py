@@ -213,3 +213,31 @@ def test_bart_encoder_heads_go_and_its_decoder_heads_stay(directories, tmp_path)
     assert changes["model.model.encoder.layers.0.self_attn.q_proj"][1] == "Linear(32 -> 16)"  # 2 of 4 heads of 8
     records = bench_artifact(tmp_path / "a", Grid(runtimes=("torch", "onnxruntime")), FAST)
     assert all(r.parity_max_abs_error <= 1e-4 for r in records)  # greedy tokens included
+
+
+def _others():
+    import transformers as T
+
+    return {
+        # positions from the attention mask, and only 48 of them: prompt + 64 benchmark tokens do not fit
+        "opt": T.OPTForCausalLM(T.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=48)),
+        # no decoder_start_token_id in its config (mBART leaves it to generation settings)
+        "mbart": T.MBartForConditionalGeneration(T.MBartConfig(
+            vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)),
+        # its class is one of a tuple in optimum's task table
+        "deit": T.DeiTForImageClassification(T.DeiTConfig(image_size=32, patch_size=8, num_labels=4, **SMALL)),
+    }
+
+
+@pytest.mark.parametrize("family", ["opt", "mbart", "deit"])
+def test_more_architectures_export_and_quantize(tmp_path, family):
+    import torch
+
+    torch.manual_seed(0)
+    _others()[family].save_pretrained(tmp_path / family)
+    result = export_artifact(str(tmp_path / family), PruningPlan(), "dense", tmp_path / "a", quantize="int8")
+    assert result.manifest.onnx_parity_error <= 1e-4
+    records = bench_artifact(tmp_path / "a", Grid(runtimes=("onnxruntime",)), FAST)
+    assert records and all(r.parity_max_abs_error is not None for r in records)

@@ -13,9 +13,27 @@ from typing import Sequence
 
 import numpy as np
 
+from deploykit.core.errors import UsageError
+
+
+def room(lm, prompt_length: int) -> int | None:
+    """How many tokens `lm` can decode after a prompt of `prompt_length`: its `max_positions` (None: no
+    limit known) less the prompt where the prompt takes positions (a causal LM's; not an encoder's)."""
+    limit = getattr(lm, "max_positions", None)
+    if limit is None:
+        return None
+    left = limit - (prompt_length if getattr(lm, "prompt_takes_positions", True) else 0)
+    if left < 1:
+        raise UsageError(f"a prompt of {prompt_length} tokens leaves no room in the model's {limit} positions: "
+                         "use a shorter --seq-len")
+    return left
+
 
 def greedy(lm, prompt: Sequence[int], new_tokens: int, eos: int | None = None) -> list[int]:
-    """Up to `new_tokens` argmax tokens after `prompt` (stopping after `eos`), with the model's cache."""
+    """Up to `new_tokens` argmax tokens after `prompt` (stopping after `eos`, and where the model's
+    positions end), with the model's cache."""
+    left = room(lm, len(prompt))
+    new_tokens = new_tokens if left is None else min(new_tokens, left)
     logits, state = lm.prefill(np.asarray([prompt], dtype=np.int64))
     tokens: list[int] = []
     for i in range(new_tokens):

@@ -125,8 +125,10 @@ def infer_task(config, requested: str | None = None, where: str = "") -> str:
     else:
         # optimum keeps this table private; its public inference needs the Hub for local directories
         mappings = getattr(TasksManager, "_TRANSFORMERS_TASKS_TO_MODEL_MAPPINGS", {})
+        # a mapping's value is a class name or a tuple of them (DeiT's image classifiers)
         found = [task for arch in (config.architectures or []) for task, mapping in mappings.items()
-                 if task in exportable and arch in mapping.values()]
+                 if task in exportable and any(arch == v or (isinstance(v, tuple) and arch in v)
+                                               for v in mapping.values())]
         if not found:
             raise UsageError(f"{where}: cannot tell the task from architectures {config.architectures}; give --task "
                              f"({', '.join(exportable)})")
@@ -172,13 +174,9 @@ class CausalLM(HFModel):
         super().__init__(model, ("input_ids",), ("logits",), CAUSAL_TASK)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # transformers builds its causal mask with vmap, which torch.onnx cannot trace ("unordered_map::at");
-        # a ready 4-D additive mask is used as given, and is plain tril/where arithmetic in the graph.
-        length = input_ids.shape[1]
-        allowed = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-        blocked = torch.tensor(torch.finfo(torch.float32).min, device=input_ids.device)
-        mask = torch.where(allowed, torch.tensor(0.0, device=input_ids.device), blocked)[None, None]
-        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        # no mask: the model's own causal one (a 4-D one given here would be read as padding by models
+        # that derive positions from the mask, OPT's); optimum's exporter, not a trace of this, makes the graphs
+        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 class Seq2SeqLM(HFModel):
@@ -208,6 +206,7 @@ class TorchCausalLM:
     def __init__(self, model: nn.Module, eos: int | None = None):
         self.model = hf_model(model).eval()
         self.eos = eos if eos is not None else self.model.config.eos_token_id
+        self.max_positions = max_positions(self.model.config)
 
     def _run(self, ids: torch.Tensor, past):
         from transformers import DynamicCache
@@ -228,14 +227,24 @@ class TorchCausalLM:
             return self.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
 
 
+def decoder_start(config) -> int:
+    """The token an encoder-decoder's decoding starts from: the config's `decoder_start_token_id`, else
+    (mBART leaves it to its generation settings) its `bos_token_id`, else 0."""
+    for value in (config.decoder_start_token_id, config.bos_token_id):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 class TorchSeq2SeqLM:
     """Greedy decoding with a PyTorch encoder-decoder: `prefill` encodes the source and runs the
     decoder's first step from its start token; `step` extends the decoder's cache."""
 
     def __init__(self, model: nn.Module):
         self.model = hf_model(model).eval()
-        config = self.model.config
-        self.eos, self.start = config.eos_token_id, config.decoder_start_token_id
+        self.eos, self.start = self.model.config.eos_token_id, decoder_start(self.model.config)
+        # the decoder's positions limit what it generates; the source is the encoder's
+        self.max_positions, self.prompt_takes_positions = max_positions(self.model.config), False
 
     def _decode(self, token: int, past, **inputs):
         from transformers import DynamicCache, EncoderDecoderCache
@@ -267,11 +276,18 @@ class TorchSeq2SeqLM:
 EVAL_TOKENS = 128
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: relative positions, no limit)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return positions if isinstance(positions, int) and positions > 1 else None
+
+
 def causal_perplexity(model: nn.Module) -> dict[str, float]:
     """Perplexity on a fixed token sequence drawn from the model's own vocabulary: about the
     vocabulary size for random weights, and the path a trained model and a real text would take."""
-    vocab = hf_model(model).config.vocab_size
-    tokens = torch.randint(0, vocab, (EVAL_TOKENS,), generator=torch.Generator().manual_seed(7)).tolist()
+    config = hf_model(model).config
+    length = min(EVAL_TOKENS, max_positions(config) or EVAL_TOKENS)  # a small config may have fewer positions
+    tokens = torch.randint(0, config.vocab_size, (length,), generator=torch.Generator().manual_seed(7)).tolist()
     return {"perplexity": perplexity(TorchCausalLM(model), tokens)}
 
 

@@ -29,7 +29,14 @@ from torch import nn
 
 from deploykit.core.errors import UsageError
 from deploykit.model.artifact import WEIGHTS_FILE
-from deploykit.model.hf import Seq2SeqLM, TorchCausalLM, TorchSeq2SeqLM, hf_model
+from deploykit.model.hf import (
+    Seq2SeqLM,
+    TorchCausalLM,
+    TorchSeq2SeqLM,
+    decoder_start,
+    hf_model,
+    max_positions,
+)
 from deploykit.pipelines.optimum_export import check_generation, optimum_export, sparse_files
 from deploykit.pipelines.seq2seq_decode import GRAPH_KEYS, T2T_CONFIG_FILE, OrtSeq2SeqLM
 from deploykit.pipelines.textgen import (
@@ -69,7 +76,8 @@ def export_causal_lm(model: nn.Module, directory: Path, opset: int, tolerance: f
         optimum_export(model, task, opset, directory, {"model.onnx": name},
                        {"model": custom(hf, task)} if custom else None)
     config = {"with_past": WITH_PAST_FILE, "no_past": NO_PAST_FILE, "eos": hf.config.eos_token_id,
-              "vocab_size": hf.config.vocab_size, "layers": hf.config.num_hidden_layers, "exporter": "optimum"}
+              "vocab_size": hf.config.vocab_size, "layers": hf.config.num_hidden_layers, "exporter": "optimum",
+              "max_positions": max_positions(hf.config)}
     (directory / TEXTGEN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     sparse_initializers = sparse_files(directory, (WITH_PAST_FILE, NO_PAST_FILE)) if sparse else {}
     errors = check_generation(TorchCausalLM(model), OrtCausalLM(directory), hf.config.vocab_size, tolerance)
@@ -84,8 +92,8 @@ def export_seq2seq(model: nn.Module, directory: Path, opset: int, tolerance: flo
             "decoder_with_past": "decoder_with_past_model.onnx"}
     optimum_export(model, "text2text-generation-with-past", opset, directory,
                    {made[key]: name for key, name in GRAPH_KEYS.items()})
-    config = {**GRAPH_KEYS, "eos": hf.config.eos_token_id, "decoder_start": hf.config.decoder_start_token_id,
-              "vocab_size": hf.config.vocab_size, "exporter": "optimum"}
+    config = {**GRAPH_KEYS, "eos": hf.config.eos_token_id, "decoder_start": decoder_start(hf.config),
+              "vocab_size": hf.config.vocab_size, "exporter": "optimum", "max_positions": max_positions(hf.config)}
     (directory / T2T_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     sparse_initializers = sparse_files(directory, GRAPH_KEYS.values()) if sparse else {}
     errors = check_generation(TorchSeq2SeqLM(model), OrtSeq2SeqLM(directory), hf.config.vocab_size, tolerance)

@@ -17,7 +17,7 @@ import numpy as np
 
 from deploykit.core.confine import inside, read_json
 from deploykit.core.ort import CPU_PROVIDER, ort_session
-from deploykit.pipelines.textgen import GenerationSession
+from deploykit.pipelines.textgen import GenerationSession, recorded_positions
 from deploykit.runtime.session import RuntimeInfo, Target
 
 T2T_CONFIG_FILE = "text2text_config.json"
@@ -40,6 +40,7 @@ class OrtSeq2SeqLM:
         self.directory = Path(directory)
         self.config = read_json(self.directory, T2T_CONFIG_FILE, "text2text-generation config")
         self.eos, self.start = self.config.get("eos"), int(self.config.get("decoder_start") or 0)
+        self.max_positions, self.prompt_takes_positions = recorded_positions(self.config), False
         self.sessions = {key: ort_session(inside(self.directory, self.config.get(key), f"{T2T_CONFIG_FILE} {key}"),
                                           threads, provider=provider, optimization=optimization)
                          for key in GRAPH_KEYS}

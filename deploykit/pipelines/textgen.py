@@ -21,7 +21,7 @@ import numpy as np
 from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import UsageError
 from deploykit.core.ort import CPU_PROVIDER, ort_session
-from deploykit.model.causal_lm import greedy
+from deploykit.model.causal_lm import greedy, room
 from deploykit.runtime.session import RuntimeInfo, Target
 
 TEXTGEN_CONFIG_FILE = "textgen_config.json"
@@ -36,6 +36,12 @@ NO_TOKEN = -1
 TEXTGEN_OUTPUTS = ("prompt_logits", "step_logits", "greedy_tokens")
 
 
+def recorded_positions(config: dict) -> int | None:
+    """The model's position limit a generation config records (None: none recorded, or relative)."""
+    value = config.get("max_positions")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
+
+
 class OrtCausalLM:
     """The exported graphs in onnxruntime sessions: the cached one at once, the full-sequence one
     when first needed (generation never needs it, and it would double the memory figure)."""
@@ -46,6 +52,7 @@ class OrtCausalLM:
         self.options = {"provider": provider, "optimization": optimization}
         self.config = read_json(self.directory, TEXTGEN_CONFIG_FILE, "text-generation config")
         self.eos = self.config.get("eos")
+        self.max_positions = recorded_positions(self.config)
         self.with_past = ort_session(inside(self.directory, self.config.get("with_past"), f"{TEXTGEN_CONFIG_FILE} with_past"), threads, **self.options)
         self._no_past = None
         inputs = self.with_past.get_inputs()
@@ -115,11 +122,11 @@ class GenerationSession:
     def __init__(self, lm, info: RuntimeInfo, files: Sequence[str], new_tokens: int = BENCH_NEW_TOKENS):
         self.lm, self.info, self.files, self.new_tokens = lm, info, tuple(files), new_tokens
 
-    @staticmethod
-    def _prompt(feeds) -> np.ndarray:
+    def _prompt(self, feeds) -> np.ndarray:
         ids = np.asarray(feeds["input_ids"], dtype=np.int64)
         if ids.shape[0] != 1:
             raise UsageError(f"text generation decodes one prompt at a time, not a batch of {ids.shape[0]}")
+        room(self.lm, ids.shape[1])  # a prompt longer than the model's positions: one line, not an IndexError
         return ids
 
     def run(self, feeds) -> list[np.ndarray]:
