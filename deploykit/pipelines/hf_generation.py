@@ -29,14 +29,7 @@ from torch import nn
 
 from deploykit.core.errors import UsageError
 from deploykit.model.artifact import WEIGHTS_FILE
-from deploykit.model.hf import (
-    Seq2SeqLM,
-    TorchCausalLM,
-    TorchSeq2SeqLM,
-    decoder_start,
-    hf_model,
-    max_positions,
-)
+from deploykit.model.hf import Seq2SeqLM, TorchCausalLM, TorchSeq2SeqLM, decoder_start, hf_model, max_positions
 from deploykit.pipelines.optimum_export import check_generation, optimum_export, sparse_files
 from deploykit.pipelines.seq2seq_decode import GRAPH_KEYS, T2T_CONFIG_FILE, OrtSeq2SeqLM
 from deploykit.pipelines.textgen import (
