@@ -2,15 +2,18 @@
 
 GPT-2 keeps its projections in transformers' `Conv1D` (weight stored (in, out), applied with
 `addmm`), which torch-pruning does not recognise, and its attention heads are a reshape of one packed
-QKV projection. The attention modules of BERT-like encoders and ViT reshape their projections into
-heads, which torch-pruning's channel groups cannot follow either. A *block handler* exposes such units (attention heads, MLP hidden channels) as a
-`SliceGroup`, like a torch-pruning group: the slices that produce each unit (to mask and to find dead
-units) and a removal. Removal goes through transformers' own `prune_heads` / `prune_conv1d_layer`,
-which also keep `num_heads` and `split_size` consistent. Blocks are matched by class path, so this
-module never imports transformers itself.
+QKV projection. The attention modules of BERT-like encoders, ViT and BART's encoder reshape their
+projections into heads, which torch-pruning's channel groups cannot follow either. A *block handler*
+exposes such units (attention heads, MLP hidden channels) as a `SliceGroup`, like a torch-pruning
+group: the slices that produce each unit (to mask and to find dead units) and a removal. Removal goes
+through transformers' own `prune_heads` / `prune_conv1d_layer` / `prune_linear_layer`, which also
+keep head counts and `split_size` consistent. Blocks are matched by class path or by the interface
+they offer (`prune_heads`; a head count inferred from the projection width), so this module never
+imports transformers itself until it removes something.
 
 How to add a handler: subclass `BlockHandler` with `unit`, `root` (the layer whose name selects the
-unit's sparsity in a plan), `slices` and `remove`, and list it in `HANDLERS` under the block's class path.
+unit's sparsity in a plan; `root_of` where it depends on the block), `slices` and `remove`, and list it
+in `HANDLERS` under the block's class path (or test its interface in `handler_for`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class BlockHandler:
     def unit_width(self, block: nn.Module) -> int:
         """Channels one unit spans (a head: its size)."""
         return 1
+
+    def root_of(self, block: nn.Module) -> str:
+        """The path, in the block, of the layer whose name selects the unit's sparsity in a plan."""
+        return self.root
 
 
 def _column_slices(name: str, conv1d: nn.Module, columns: Sequence[tuple[int, int]]) -> list[Slice]:
@@ -123,7 +130,6 @@ class TransformersHeads(BlockHandler):
     count, and the layers share that bias."""
 
     unit = "heads"
-    root = ""  # set per block: the query projection's path
 
     @staticmethod
     def applies(block: nn.Module) -> bool:
@@ -231,7 +237,8 @@ HANDLERS: dict[str, BlockHandler] = {
 
 
 def handler_for(module: nn.Module) -> BlockHandler | None:
-    """The handler of a block: by class path, else by the interface (`TransformersHeads.applies`)."""
+    """The handler of a block: by class path, else by the interface (`TransformersHeads.applies`,
+    `ReshapedHeads.applies`)."""
     cls = type(module)
     handler = HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
     if handler is None and cls.__module__.startswith("transformers."):
@@ -246,8 +253,7 @@ class BlockGroup(SliceGroup):
     def __init__(self, handler: BlockHandler, block_name: str, block: nn.Module, history: list):
         super().__init__()
         self.handler, self.block_name, self.block = handler, block_name, block
-        root = handler.root_of(block) if hasattr(handler, "root_of") else handler.root
-        self.root_name = f"{block_name}.{root}"
+        self.root_name = f"{block_name}.{handler.root_of(block)}"
         self.size = handler.size(block)
         self.unit_width = handler.unit_width(block)
         self.slices = handler.slices(block_name, block)
