@@ -301,9 +301,10 @@ def causal_lm_fields(vocab: int) -> dict:
                 sampler=prompt, evaluate=causal_perplexity, pipeline="text-generation")
 
 
-def _dummy_sampler(config, task: str, names: Sequence[str]):
-    """Example inputs made by optimum's dummy input generators for the architecture (what its export
-    validation feeds), seeded from the generator deploykit passes, so a seed means the same inputs."""
+def _dummy_sampler(onnx, names: Sequence[str]):
+    """Example inputs made by the dummy input generators of `onnx` (optimum's config of the
+    architecture: what its export validation feeds), seeded from the generator deploykit passes, so a
+    seed means the same inputs."""
 
     def sample(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -313,8 +314,7 @@ def _dummy_sampler(config, task: str, names: Sequence[str]):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 random.seed(seed)
-                dummy = onnx_config(config, task).generate_dummy_inputs(
-                    framework="pt", batch_size=batch, sequence_length=DEFAULT_LENGTH)
+                dummy = onnx.generate_dummy_inputs(framework="pt", batch_size=batch, sequence_length=DEFAULT_LENGTH)
         finally:
             random.setstate(state)
         return tuple(dummy[name] for name in names)
@@ -328,13 +328,12 @@ def _int_bound(config, name: str) -> int:
     return int(getattr(config, "type_vocab_size", 2) or 2) if name == "token_type_ids" else 2
 
 
-def _input_specs(config, task: str) -> tuple[InputSpec, ...]:
-    """The graph's inputs as optimum's config declares them: the batch axis and sequence axes named,
-    other axes (channels, image size, choices) at the size its dummy inputs have."""
-    declared = onnx_config(config, task).inputs
-    dummy = onnx_config(config, task).generate_dummy_inputs(framework="pt", batch_size=2, sequence_length=DEFAULT_LENGTH)
+def _input_specs(config, onnx) -> tuple[InputSpec, ...]:
+    """The graph's inputs as optimum's config `onnx` declares them: the batch axis and sequence axes
+    named, other axes (channels, image size, choices) at the size its dummy inputs have."""
+    dummy = onnx.generate_dummy_inputs(framework="pt", batch_size=2, sequence_length=DEFAULT_LENGTH)
     specs = []
-    for name, axes in declared.items():
+    for name, axes in onnx.inputs.items():
         tensor = dummy[name]
         shape = tuple("batch" if axes.get(i) == "batch_size" else
                       "sequence" if "sequence" in str(axes.get(i, "")) else int(size)
@@ -355,9 +354,10 @@ def _spec(name: str, config, task: str, description: str, build, bundle=None) ->
         fields.update(inputs=inputs, outputs=("logits",))
         wrap = Seq2SeqLM
     else:
-        inputs = _input_specs(config, task)
-        outputs = tuple(onnx_config(config, task).outputs)
-        fields.update(inputs=inputs, outputs=outputs, sampler=_dummy_sampler(config, task, [i.name for i in inputs]))
+        onnx = onnx_config(config, task)
+        inputs = _input_specs(config, onnx)
+        outputs = tuple(onnx.outputs)
+        fields.update(inputs=inputs, outputs=outputs, sampler=_dummy_sampler(onnx, [i.name for i in inputs]))
 
         def wrap(model, names=tuple(i.name for i in inputs)):
             return HFModel(model, names, outputs, task)

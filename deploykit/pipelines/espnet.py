@@ -20,12 +20,11 @@ from torch import nn
 
 from deploykit.convert.onnx_export import check_parity, export_onnx, max_abs_errors, sparsify_initializers
 from deploykit.convert.onnx_settings import DEFAULT_OPSET, ONNX_TOLERANCE
-from deploykit.core.errors import UsageError
 from deploykit.core.ort import ort_session
 from deploykit.model.artifact import ST_CONFIG_FILE, WEIGHTS_FILE
 from deploykit.model.espnet import encode_features, quiet_espnet, sos_eos
 from deploykit.pipelines.st_decode import OrtSTDecoder, OrtStepper, STSession, state_after, translate
-from deploykit.runtime.loading import load_torch_model
+from deploykit.runtime.loading import load_cpu_session_model, load_torch_model
 from deploykit.runtime.session import RuntimeInfo, Target
 
 ENCODER_FILE = "encoder.onnx"
@@ -230,11 +229,9 @@ def decode_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int, beam: i
 
 
 def load_torch_session(directory: str | Path, threads: int, target: Target) -> STSession:
-    """The benchmark session of an exported ST artifact under PyTorch (its form's execution module)."""
-    if target.device != "cpu":  # TorchTranslator builds its token and mask tensors on the CPU
-        raise UsageError(f"speech translation under torch runs on the CPU only, not {target.device}")
-    torch.set_num_threads(threads)
-    model, _ = load_torch_model(directory, consent=target.code_consent, batch=target.batch)
+    """The benchmark session of an exported ST artifact under PyTorch (its form's execution module);
+    CPU only: TorchTranslator builds its token and mask tensors there."""
+    model = load_cpu_session_model(directory, threads, target, "speech translation")
     return STSession(TorchTranslator(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 

@@ -39,7 +39,7 @@ from deploykit.pipelines.textgen import (
     GenerationSession,
     OrtCausalLM,
 )
-from deploykit.runtime.loading import load_torch_model
+from deploykit.runtime.loading import load_cpu_session_model, load_torch_model
 from deploykit.runtime.session import RuntimeInfo, Target
 
 
@@ -127,12 +127,9 @@ def torch_lm(model: nn.Module):
 
 
 def load_torch_session(directory: str | Path, threads: int, target: Target) -> GenerationSession:
-    """The benchmark session of an exported generating artifact under PyTorch."""
-
-    if target.device != "cpu":
-        raise UsageError(f"text generation under torch runs on the CPU only, not {target.device}")
-    torch.set_num_threads(threads)
-    model, _ = load_torch_model(directory, consent=target.code_consent, batch=target.batch)
+    """The benchmark session of an exported generating artifact under PyTorch (CPU only: the decoding
+    loop builds its token tensors there)."""
+    model = load_cpu_session_model(directory, threads, target, "text generation")
     return GenerationSession(torch_lm(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 

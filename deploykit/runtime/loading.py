@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from deploykit.convert.forms import FORMS
 from deploykit.convert.quantize import QUANTIZERS
-from deploykit.core.errors import ArtifactError
+from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.storage import load_weights
 from deploykit.model.artifact import WEIGHTS_FILE, Manifest, read_manifest
 from deploykit.model.sources import spec_for_artifact
@@ -20,6 +20,8 @@ from deploykit.model.spec import TRACE_BATCH, ModelSpec
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from deploykit.runtime.session import Target
 
 
 def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: ModelSpec | None = None,
@@ -51,3 +53,16 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: M
         if manifest.quantization:
             model = QUANTIZERS.get(manifest.quantization["scheme"]).torch(model, runtime_inputs, inplace=True)
     return model.eval(), manifest
+
+
+def load_cpu_session_model(directory: str | Path, threads: int, target: "Target", what: str) -> "nn.Module":
+    """The artifact's PyTorch model for a benchmark session of a pipeline whose decoding loop builds its
+    tensors on the CPU (`what`: "speech translation", "text generation"): refused in one line for
+    another device, run on `threads` intra-op threads."""
+    import torch
+
+    if target.device != "cpu":
+        raise UsageError(f"{what} under torch runs on the CPU only, not {target.device}")
+    torch.set_num_threads(threads)
+    model, _ = load_torch_model(directory, consent=target.code_consent, batch=target.batch)
+    return model
