@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from deploykit.core.confine import inside, read_json
+from deploykit.core.errors import ArtifactError
 from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.pipelines.textgen import GenerationSession, recorded_positions
 from deploykit.runtime.session import RuntimeInfo, Target
@@ -39,7 +40,9 @@ class OrtSeq2SeqLM:
                  optimization: str | None = None):
         self.directory = Path(directory)
         self.config = read_json(self.directory, T2T_CONFIG_FILE, "text2text-generation config")
-        self.eos, self.start = self.config.get("eos"), int(self.config.get("decoder_start") or 0)
+        self.eos, self.start = self.config.get("eos"), self.config.get("decoder_start")
+        if not isinstance(self.start, int) or isinstance(self.start, bool) or self.start < 0:  # read from a file
+            raise ArtifactError(f"{str(self.directory)!r}: {T2T_CONFIG_FILE} has no valid decoder_start")
         self.max_positions, self.prompt_takes_positions = recorded_positions(self.config), False
         self.sessions = {key: ort_session(inside(self.directory, self.config.get(key), f"{T2T_CONFIG_FILE} {key}"),
                                           threads, provider=provider, optimization=optimization)
