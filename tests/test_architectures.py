@@ -246,15 +246,18 @@ FAILS = [
 ]
 
 
-def test_multihead_attention_keeps_its_width_and_the_feed_forward_shrinks(tmp_path):
-    # nn.MultiheadAttention's projections are all embed_dim wide: its group (the residual stream) stays,
-    # named with the reason, and the rest of the model is pruned
-    result = _export(_spec("attention", lambda: Attention(16), SEQUENCE), tmp_path)
+def test_multihead_attention_loses_whole_heads_and_keeps_its_width(tmp_path):
+    # nn.MultiheadAttention's embed_dim (the residual stream) stays, named with the reason; its heads go
+    # as units (2 of 4 at 0.5), and the feed-forward shrinks
+    spec = _spec("attention", lambda: Attention(16), SEQUENCE)
+    result = _export(spec, tmp_path)
     changes = result.manifest.shape_changes
-    assert "ff1" in changes and not any(name.startswith("attn") for name in changes)
+    assert changes["attn"] == ["MultiheadAttention(16, heads=4)", "MultiheadAttention(16, heads=2 of 4)"]
+    assert changes["attn.out_proj"] == ["Linear(16 -> 16)", "Linear(8 -> 16)"] and "ff1" in changes
     skipped = result.prune_result.outcome.details["skipped_normalised_groups"]
-    assert any("attn (nn.MultiheadAttention: its width is the embed_dim its heads split" in reason
+    assert any("attn (nn.MultiheadAttention: its embed_dim is split into its heads; only whole heads can go)" in reason
                for reasons in skipped.values() for reason in reasons)
+    _assert_shrunk_and_exact(result, ["attn", "ff1"], spec)
 
 
 @pytest.mark.parametrize("size", [8, 16])
@@ -331,7 +334,7 @@ def test_attention_hint_marks_projections_not_removable(tmp_path):
     with pytest.raises(UnsupportedLayerError, match=r"group of block\.v broke the forward pass"):
         _export(_spec("heads", Net, SEQUENCE), tmp_path)
     hinted = _spec("heads", Net, SEQUENCE, pruning_hints=PruningHints(attention=("block",)))
-    projection = r" \(a projection of an attention module\)"
+    projection = r" \(a projection of an attention module whose heads stay: deploykit has no handler [^)]*\)"
     with pytest.raises(UsageError, match=rf"no removable channel group.*not removable: block\.q{projection}, "
                                          rf"block\.k{projection}, block\.v{projection}"):
         _export(hinted, tmp_path, plan)

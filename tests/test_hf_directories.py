@@ -241,3 +241,53 @@ def test_more_architectures_export_and_quantize(tmp_path, family):
     assert result.manifest.onnx_parity_error <= 1e-4
     records = bench_artifact(tmp_path / "a", Grid(runtimes=("onnxruntime",)), FAST)
     assert records and all(r.parity_max_abs_error is not None for r in records)
+
+
+def test_grouped_query_heads_go_alike_in_every_layer_and_the_config_says_how_many(tmp_path):
+    """Llama's key/value heads (each with the query heads that share it) go as units, the same number in
+    every layer although the plan asks more of one layer: the cache inputs of every layer are sized by
+    the config's counts, which the artifact's config then carries; transformers alone rebuilds it."""
+    import torch
+    import transformers as T
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=100, num_key_value_heads=4, max_position_embeddings=64, hidden_size=64,
+                           num_hidden_layers=2, num_attention_heads=8, intermediate_size=64)
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    plan = PruningPlan("l1-structured", 0.25, scope="layer",
+                       rules=(("*.layers.1.self_attn.q_proj", 0.5), ("*.mlp.*", 0.0)))
+    result = export_artifact(str(tmp_path / "llama"), plan, "dense-shrunk", tmp_path / "a")
+    assert result.manifest.onnx_parity_error <= 1e-4
+    changes = result.manifest.shape_changes
+    for layer in range(2):  # 1 of 4 key/value heads, with its 2 query heads of 8, in both layers
+        attention = f"model.model.layers.{layer}.self_attn"
+        assert changes[f"{attention}.k_proj"] == ["Linear(64 -> 32)", "Linear(64 -> 24)"]
+        assert changes[f"{attention}.q_proj"] == ["Linear(64 -> 64)", "Linear(64 -> 48)"]
+    written = json.loads((tmp_path / "a" / "hf_config.json").read_text())
+    assert (written["num_attention_heads"], written["num_key_value_heads"], written["head_dim"]) == (6, 3, 8)
+    rebuilt = T.LlamaForCausalLM(T.LlamaConfig.from_dict(written))
+    shipped = {k.removeprefix("model."): v for k, v in load_file(tmp_path / "a" / "weights.safetensors").items()}
+    rebuilt.load_state_dict(shipped, strict=False)  # the tied/rotary buffers aside, every shape fits
+    records = bench_artifact(tmp_path / "a", Grid(runtimes=("torch", "onnxruntime")), FAST)
+    assert all(r.parity_max_abs_error <= 1e-4 for r in records)  # cached decode steps and greedy tokens
+
+
+def test_grouped_query_heads_stay_everywhere_when_one_layer_keeps_its_own(tmp_path):
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64,
+                                     **SMALL)).save_pretrained(tmp_path / "llama")
+    plan = PruningPlan("l1-structured", 0.5, scope="layer", exclude=("*.layers.0.self_attn",))
+    changes = export_artifact(str(tmp_path / "llama"), plan, "dense-shrunk", tmp_path / "a").manifest.shape_changes
+    assert not any(".self_attn." in name for name in changes) and any(".mlp." in name for name in changes)
+
+
+def test_t5_heads_stay_and_the_reason_is_named(directories, tmp_path):
+    plan = PruningPlan("l1-structured", 0.5, rules=(("*.SelfAttention.q", 0.5), ("*", 0.0)))
+    with pytest.raises(UsageError, match=r"not removable: .*SelfAttention\.q \(a projection of an attention module "
+                                         r"whose heads stay: the relative-position bias"):
+        export_artifact(str(directories / "t5"), plan, "dense-shrunk", tmp_path / "a")
+    assert not (tmp_path / "a").exists()

@@ -23,6 +23,7 @@ from deploykit.core.hooks import run_forward
 from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.prune.blocks import replay_blocks
 from deploykit.prune.channels import UnsupportedLayerError, channel_groups, dependency_graph, grouping_deadline
+from deploykit.prune.slices import evened
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,14 @@ def shrink(
     removed: dict[str, int] = {}
     skipped: list[str] = []
     blocks: list[list] = []
+    even: list = []  # groups that must lose as many units as the others of their key: removed last, together
     with grouping_deadline(graph_timeout_s):  # the group search runs lazily, between the removals
         graph = dependency_graph(model, example_inputs, hints)
         for group in channel_groups(graph, model, keep=keep, block_history=blocks, hints=hints):
             if group.blocking:  # normalised across channels or split into heads: removal would change the outputs
+                continue
+            if group.even is not None:
+                even.append(group)
                 continue
             dead = group.dead_channels()
             if not dead:
@@ -74,6 +79,15 @@ def shrink(
                 group.prune(dead)
                 _check_runs(model, example_inputs, group)
                 removed[group.root_name] = len(dead)
+        # any dead units may go, so the fewest any group of a key has is what each of them loses
+        going = evened({group.root_name: group.dead_channels()[:group.size - 1] for group in even}, even)
+        for group in even:
+            units = going[group.root_name]
+            if units:
+                group.prune(units)
+                removed[group.root_name] = len(units)
+        if even:
+            _check_runs(model, example_inputs, even[-1])
     history = [[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()]
     return ShrinkResult(model, history, blocks, removed, skipped)
 

@@ -379,6 +379,15 @@ def pruned_heads(model: nn.Module) -> dict[int, list[int]]:
     return found
 
 
+#: config values that size every layer's attention alike, which pruning the same number of heads in
+#: every layer changes (`deploykit.prune.blocks.GroupedQueryHeads`)
+HEAD_COUNTS = ("num_attention_heads", "num_key_value_heads")
+
+
+def head_counts(config) -> dict[str, int]:
+    return {name: getattr(config, name) for name in HEAD_COUNTS if isinstance(getattr(config, name, None), int)}
+
+
 def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
     """A spec for a local Hugging Face directory (config.json + weights), read without the network."""
     path = Path(path)
@@ -396,10 +405,15 @@ def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
     def bundle(directory, shipped: nn.Module) -> dict:
         written = copy.deepcopy(config)
         written.pruned_heads = {**written.pruned_heads, **pruned_heads(shipped)}
+        counts = head_counts(hf_model(shipped).config)
+        for name, value in counts.items():  # heads pruned alike in every layer: the config's counts say so
+            setattr(written, name, value)
         write_text_atomic(Path(directory) / HF_CONFIG_FILE, written.to_json_string())
-        # heads the directory's own config had pruned: rebuilding starts from them, then replays deploykit's
+        # the heads the directory's own config had: rebuilding starts from them, then replays deploykit's
+        # pruning history
         return {"kind": "hf-directory", "config": HF_CONFIG_FILE, "task": task, "from": str(path),
-                "pruned_heads_before": {str(k): sorted(v) for k, v in config.pruned_heads.items()}}
+                "pruned_heads_before": {str(k): sorted(v) for k, v in config.pruned_heads.items()},
+                "head_counts_before": head_counts(config)}
 
     return _spec(path.name, config, task, f"Hugging Face {config.model_type} directory {path} ({task})", build, bundle)
 
@@ -415,6 +429,14 @@ def _heads_record(record, directory) -> dict[int, list[int]]:
     return heads
 
 
+def _counts_record(record, directory) -> dict[str, int]:
+    """The head counts a manifest says the source had, checked (it is read from a file)."""
+    if not isinstance(record, dict) or any(k not in HEAD_COUNTS or type(v) is not int or v <= 0
+                                           for k, v in record.items()):
+        raise ArtifactError(f"{str(directory)!r}: the manifest's head_counts_before is malformed")
+    return record
+
+
 def hf_spec_from_artifact(directory, manifest) -> ModelSpec:
     """The spec of an artifact exported from a local directory: its shape from the config it carries
     (the weights come from the artifact). Artifacts written before the task was recorded are GPT-2s."""
@@ -426,6 +448,8 @@ def hf_spec_from_artifact(directory, manifest) -> ModelSpec:
     # the config says which heads were pruned; loading replays the artifact's pruning history, which
     # removes deploykit's, so the model is built with only those the source directory had pruned
     config.pruned_heads = _heads_record(manifest.source.get("pruned_heads_before", {}), directory)
+    for name, value in _counts_record(manifest.source.get("head_counts_before", {}), directory).items():
+        setattr(config, name, value)  # the same for heads pruned in every layer, which set the config's counts
     task = manifest.source.get("task", CAUSAL_TASK)
     if task not in TASK_PIPELINES:
         raise ArtifactError(f"{str(directory)!r}: unknown Hugging Face task {task!r} in its manifest")

@@ -31,14 +31,21 @@ _SHAPES: dict[type, Callable[[nn.Module], str]] = {
 #: the same for layer types outside torch, by class path (transformers is not imported here)
 _SHAPES_BY_PATH: dict[str, Callable[[nn.Module], str]] = {
     "transformers.pytorch_utils.Conv1D": lambda m: f"Conv1D({m.weight.shape[0]} -> {m.nf})",
+    # what an nn.MultiheadAttention becomes when heads go (deploykit.prune.mha, a layer above this one)
+    "deploykit.prune.mha.HeadPrunedAttention":
+        lambda m: f"MultiheadAttention({m.embed_dim}, heads={m.num_heads} of {m.total_heads})",
 }
+
+
+def _path(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def describe(module: nn.Module) -> str:
     for kind, fmt in _SHAPES.items():
         if isinstance(module, kind):
             return fmt(module)
-    by_path = _SHAPES_BY_PATH.get(f"{type(module).__module__}.{type(module).__qualname__}")
+    by_path = _SHAPES_BY_PATH.get(_path(module))
     if by_path is not None:
         return by_path(module)
     shapes = ", ".join(f"{n}={list(p.shape)}" for n, p in module.named_parameters(recurse=False))
@@ -52,7 +59,7 @@ def module_shapes(model: nn.Module) -> dict[str, str]:
         if not name:
             continue
         owns = any(True for _ in module.parameters(recurse=False))
-        if owns or isinstance(module, tuple(_SHAPES)):
+        if owns or isinstance(module, tuple(_SHAPES)) or _path(module) in _SHAPES_BY_PATH:
             out[name] = describe(module)
     return out
 

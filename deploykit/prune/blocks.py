@@ -11,24 +11,35 @@ keep head counts and `split_size` consistent. Blocks are matched by class path o
 they offer (`prune_heads`; a head count inferred from the projection width), so this module never
 imports transformers itself until it removes something.
 
+torch's `nn.MultiheadAttention` cannot narrow, so its handler *replaces* it (`deploykit.prune.mha`).
+Decoders whose head counts size the key/value cache from the config (grouped-query attention) keep
+the same number of heads in every layer (`even_key`: the pruner and the shrinker cut all groups of a
+key to the fewest), and their handler sets the config's counts. Attention modules whose heads stay
+say why (`heads_stay_because`).
+
 How to add a handler: subclass `BlockHandler` with `unit`, `root` (the layer whose name selects the
-unit's sparsity in a plan; `root_of` where it depends on the block), `slices` and `remove`, and list it
-in `HANDLERS` under the block's class path (or test its interface in `handler_for`).
+unit's sparsity in a plan; `root_of` where it depends on the block), `slices` and `remove` (and
+`replaces`, `even_key` where they apply), and list it in `HANDLERS` under the block's class path (or
+test its interface in `handler_for`).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from deploykit.prune.mha import HeadPrunedAttention
 from deploykit.prune.slices import Slice, SliceGroup
 
 
 class BlockHandler:
     unit = ""
     root = ""
+    #: whether `remove` returns a new module to put in the block's place (the block cannot narrow itself)
+    replaces = False
 
     def size(self, block: nn.Module) -> int:
         raise NotImplementedError
@@ -36,7 +47,9 @@ class BlockHandler:
     def slices(self, block_name: str, block: nn.Module) -> list[Slice]:
         raise NotImplementedError
 
-    def remove(self, block: nn.Module, units: Sequence[int]) -> None:
+    def remove(self, block: nn.Module, units: Sequence[int]) -> nn.Module | None:
+        """Remove `units` from `block`: in place (None), or, for a handler that `replaces`, as the new
+        module to put in its place."""
         raise NotImplementedError
 
     def unit_width(self, block: nn.Module) -> int:
@@ -46,6 +59,11 @@ class BlockHandler:
     def root_of(self, block: nn.Module) -> str:
         """The path, in the block, of the layer whose name selects the unit's sparsity in a plan."""
         return self.root
+
+    def even_key(self, block: nn.Module) -> object:
+        """Blocks with the same key must keep the same number of units (one config value sizes them
+        all, as a decoder's key/value cache); None where each block may keep its own."""
+        return None
 
 
 def _column_slices(name: str, conv1d: nn.Module, columns: Sequence[tuple[int, int]]) -> list[Slice]:
@@ -230,52 +248,224 @@ class ReshapedHeads(BlockHandler):
 
 RESHAPED_HEADS = ReshapedHeads()
 
+
+def _row_slices(name: str, module: nn.Module, param: str, offset: int, heads: int, d: int) -> list[Slice]:
+    """Slices of rows offset + h*d .. offset + (h+1)*d of `module.<param>`, head h the unit."""
+    return [Slice(name, module, param, 0, offset + h * d + i, h) for h in range(heads) for i in range(d)]
+
+
+class MultiheadAttentionHeads(BlockHandler):
+    """Heads of torch's `nn.MultiheadAttention` (torchvision's ViT, users' models): head h owns rows
+    h*d..(h+1)*d of the query, key and value parts of its packed `in_proj_weight` (or of
+    `q/k/v_proj_weight` where keys and values are of other widths) and of `in_proj_bias`. torch's
+    module cannot narrow, so removal returns a `HeadPrunedAttention` holding the kept heads; the
+    output projection's name stays `out_proj`, which is the root a plan names."""
+
+    unit = "heads"
+    root = "out_proj"
+    replaces = True
+
+    @staticmethod
+    def applies(block: nn.Module) -> bool:
+        return isinstance(block, nn.MultiheadAttention) and HeadPrunedAttention.supports(block) is None
+
+    def size(self, block):
+        return block.num_heads
+
+    def unit_width(self, block):
+        return block.head_dim
+
+    def slices(self, block_name, block):
+        h, d, e = block.num_heads, block.head_dim, block.embed_dim
+        if block._qkv_same_embed_dim:
+            out = [s for part in range(3) for s in _row_slices(block_name, block, "in_proj_weight", part * e, h, d)]
+        else:
+            out = [s for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+                   for s in _row_slices(block_name, block, p, 0, h, d)]
+        if block.in_proj_bias is not None:
+            out += [s for part in range(3) for s in _row_slices(block_name, block, "in_proj_bias", part * e, h, d)]
+        return out
+
+    def remove(self, block, units):
+        drop = set(units)
+        return HeadPrunedAttention.from_mha(block, [h for h in range(block.num_heads) if h not in drop])
+
+
+class PrunedAttentionHeads(BlockHandler):
+    """The remaining heads of a `HeadPrunedAttention` (pruned again: iterative pruning, a second shrink)."""
+
+    unit = "heads"
+    root = "out_proj"
+
+    def size(self, block):
+        return block.num_heads
+
+    def unit_width(self, block):
+        return block.head_dim
+
+    def slices(self, block_name, block):
+        out = []
+        for name in ("q_proj", "k_proj", "v_proj"):
+            linear = getattr(block, name)
+            for param in ("weight", "bias") if linear.bias is not None else ("weight",):
+                out += _row_slices(f"{block_name}.{name}", linear, param, 0, block.num_heads, block.head_dim)
+        return out
+
+    def remove(self, block, units):
+        block.remove(units)
+
+
+MULTIHEAD_ATTENTION_HEADS = MultiheadAttentionHeads()
+
+
+class GroupedQueryHeads(BlockHandler):
+    """Key/value heads of transformers' decoder attention that keeps its head size in the config
+    (`head_dim`: Llama, Mistral, Qwen2 and the other grouped-query attention modules): key/value head g
+    owns rows g*d..(g+1)*d of k_proj and v_proj and the rows of its `num_key_value_groups` query heads
+    in q_proj (and their columns in o_proj), so one unit is a whole group of query heads with the
+    key/value head they share. The modules read their widths from the projections, but the key/value
+    cache every layer is given is sized by the config's head counts: so all layers keep the same number
+    of heads (`even_key`), and the config is set to the counts left, which is what the artifact's
+    config and the exported graphs' cache inputs then say."""
+
+    unit = "heads"
+    root = "q_proj"
+    PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    @classmethod
+    def applies(cls, block: nn.Module) -> bool:
+        config = getattr(block, "config", None)
+        counts = [getattr(config, a, None) for a in ("num_attention_heads", "num_key_value_heads", "head_dim")]
+        return (all(isinstance(getattr(block, n, None), nn.Linear) for n in cls.PROJECTIONS)
+                and all(isinstance(c, int) and c > 0 for c in counts)
+                and block.head_dim == config.head_dim and isinstance(getattr(block, "num_key_value_groups", None), int)
+                and getattr(block, "is_causal", False) is True)
+
+    def size(self, block):
+        return block.k_proj.out_features // block.head_dim
+
+    def unit_width(self, block):
+        return block.head_dim * block.num_key_value_groups  # the o_proj columns one unit feeds
+
+    def even_key(self, block):
+        return ("num_key_value_heads", id(block.config))
+
+    def _rows(self, block, units) -> tuple[list[int], list[int]]:
+        """(query rows, key/value rows) of key/value heads `units`."""
+        d, n = block.head_dim, block.num_key_value_groups
+        return ([(g * n + r) * d + i for g in units for r in range(n) for i in range(d)],
+                [g * d + i for g in units for i in range(d)])
+
+    def slices(self, block_name, block):
+        out = []
+        for g in range(self.size(block)):
+            query, key_value = self._rows(block, [g])
+            for name, rows in (("q_proj", query), ("k_proj", key_value), ("v_proj", key_value)):
+                linear = getattr(block, name)
+                for row in rows:
+                    out.append(Slice(f"{block_name}.{name}", linear, "weight", 0, row, g))
+                    if linear.bias is not None:
+                        out.append(Slice(f"{block_name}.{name}", linear, "bias", 0, row, g))
+        return out
+
+    def remove(self, block, units):
+        from transformers.pytorch_utils import prune_linear_layer
+
+        drop = set(units)
+        left = [g for g in range(self.size(block)) if g not in drop]
+        query, key_value = (torch.tensor(rows, dtype=torch.long) for rows in self._rows(block, left))
+        block.q_proj = prune_linear_layer(block.q_proj, query, dim=0)
+        block.k_proj = prune_linear_layer(block.k_proj, key_value, dim=0)
+        block.v_proj = prune_linear_layer(block.v_proj, key_value, dim=0)
+        block.o_proj = prune_linear_layer(block.o_proj, query, dim=1)
+        block.config.num_key_value_heads = len(left)
+        block.config.num_attention_heads = len(left) * block.num_key_value_groups
+
+
+GROUPED_QUERY_HEADS = GroupedQueryHeads()
+
 HANDLERS: dict[str, BlockHandler] = {
     "transformers.models.gpt2.modeling_gpt2.GPT2Attention": GPT2Heads(),
     "transformers.models.gpt2.modeling_gpt2.GPT2MLP": GPT2MLPHidden(),
+    "deploykit.prune.mha.HeadPrunedAttention": PrunedAttentionHeads(),
 }
 
 
 def handler_for(module: nn.Module) -> BlockHandler | None:
-    """The handler of a block: by class path, else by the interface (`TransformersHeads.applies`,
-    `ReshapedHeads.applies`)."""
+    """The handler of a block: by class path, else by the interface (`MultiheadAttentionHeads`,
+    `TransformersHeads`, `ReshapedHeads`, `GroupedQueryHeads`: their `applies`)."""
     cls = type(module)
     handler = HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
+    if handler is None and MultiheadAttentionHeads.applies(module):
+        return MULTIHEAD_ATTENTION_HEADS
     if handler is None and cls.__module__.startswith("transformers."):
         if TransformersHeads.applies(module):
             return TRANSFORMERS_HEADS
         if ReshapedHeads.applies(module):
             return RESHAPED_HEADS
+        if GroupedQueryHeads.applies(module):
+            return GROUPED_QUERY_HEADS
     return handler
 
 
+def heads_stay_because(module: nn.Module) -> str:
+    """Why the heads of an attention module without a handler (or kept whole by it) cannot go."""
+    if isinstance(module, nn.MultiheadAttention):
+        return HeadPrunedAttention.supports(module) or "its heads go as units of the module, not by projection"
+    if hasattr(module, "has_relative_attention_bias"):
+        return ("the relative-position bias of a stack's first layer, T5's, is added to every layer's heads, "
+                "so they could only go alike in all layers of encoder and decoder")
+    if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
+        return ("a decoder's heads size its key/value cache, which the exported graphs take in the shape the "
+                "config gives for every layer, and this config derives the head size from the head count")
+    return "deploykit has no handler that takes this attention module's heads apart"
+
+
 class BlockGroup(SliceGroup):
-    def __init__(self, handler: BlockHandler, block_name: str, block: nn.Module, history: list):
+    def __init__(self, model: nn.Module, handler: BlockHandler, block_name: str, block: nn.Module, history: list):
         super().__init__()
-        self.handler, self.block_name, self.block = handler, block_name, block
+        self.model, self.handler, self.block_name, self.block = model, handler, block_name, block
         self.root_name = f"{block_name}.{handler.root_of(block)}"
         self.size = handler.size(block)
         self.unit_width = handler.unit_width(block)
         self.slices = handler.slices(block_name, block)
+        self.even = handler.even_key(block)
         self._history = history
 
     def prune(self, channels: Sequence[int]) -> None:
-        self.handler.remove(self.block, list(channels))
+        self.block = _remove(self.model, self.handler, self.block_name, self.block, list(channels))
         self._history.append([self.block_name, self.handler.unit, [int(c) for c in channels]])
 
 
+def _remove(model: nn.Module, handler: BlockHandler, block_name: str, block: nn.Module,
+            units: list[int]) -> nn.Module:
+    """Remove `units` of `block`; the block now in its place (a new one where the handler replaces)."""
+    new = handler.remove(block, units)
+    if new is None:
+        return block
+    parent, _, leaf = block_name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+    return new
+
+
 def block_groups(model: nn.Module, keep: Sequence[str], history: list) -> Iterator[BlockGroup]:
-    """One group per handled block (not inside `keep`); removals are appended to `history`."""
-    for name, module in model.named_modules():
-        handler = handler_for(module)
-        if handler is not None and not any(name == k or name.startswith(k + ".") for k in keep):
-            yield BlockGroup(handler, name, module, history)
+    """One group per handled block (not inside `keep`; not the model itself where the handler would
+    replace it); removals are appended to `history`. Groups that must stay even (`BlockHandler.even_key`)
+    say how many blocks share their key, kept ones included (`SliceGroup.even_members`)."""
+    handled = [(name, module, handler) for name, module in model.named_modules()
+               if (handler := handler_for(module)) is not None and not (handler.replaces and not name)]
+    members = Counter(key for _, module, handler in handled if (key := handler.even_key(module)) is not None)
+    for name, module, handler in handled:
+        if not any(name == k or name.startswith(k + ".") for k in keep):
+            group = BlockGroup(model, handler, name, module, history)
+            group.even_members = members[group.even] if group.even is not None else 1
+            yield group
 
 
 def replay_blocks(model: nn.Module, history: list) -> None:
     for block_name, unit, units in history:
         block = model.get_submodule(block_name)
         handler = handler_for(block)
-        if handler is None or handler.unit != unit:
+        if handler is None or handler.unit != unit or (handler.replaces and not block_name):
             raise ValueError(f"cannot replay {unit} removal on {block_name} ({type(block).__name__})")
-        handler.remove(block, units)
+        _remove(model, handler, block_name, block, units)

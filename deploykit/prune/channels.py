@@ -172,7 +172,7 @@ def _detach_kept_activations(model: nn.Module) -> None:
 class ChannelGroup(SliceGroup):
     """A torch-pruning group seen as channels: which slices produce each root channel."""
 
-    def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str], head_projections=frozenset(),
+    def __init__(self, graph: tp.DependencyGraph, group, names: dict[nn.Module, str], head_projections=(),
                  hints: PruningHints = NO_HINTS):
         super().__init__()
         self.group = group
@@ -189,11 +189,10 @@ class ChannelGroup(SliceGroup):
                 self.blocking.append(f"{names.get(module, '?')} (projection into attention heads)")
                 continue
             if isinstance(module, nn.MultiheadAttention):
-                # its projections are all embed_dim wide, split into heads inside: neither channels nor
-                # heads can go (torch's module has no narrower inner width); the unstructured methods
-                # still reach its in_proj_weight
-                self.blocking.append(f"{names.get(module, '?')} (nn.MultiheadAttention: its width is the embed_dim "
-                                     "its heads split; neither its channels nor its heads can be removed)")
+                # its input and output are embed_dim wide, which its heads split: channels cannot go one
+                # by one there; its heads go as units (`deploykit.prune.blocks.MultiheadAttentionHeads`)
+                self.blocking.append(f"{names.get(module, '?')} (nn.MultiheadAttention: its embed_dim is split into "
+                                     "its heads; only whole heads can go)")
                 continue
             if _is_grouped_conv(module):
                 self.blocking.append(f"{names.get(module, '?')} (convolution in {module.groups} groups: its channels "
@@ -226,12 +225,11 @@ def _is_grouped_conv(module) -> bool:
     return not (module.groups == module.in_channels == module.out_channels)
 
 
-def head_projections(model: nn.Module, hints: PruningHints = NO_HINTS) -> frozenset[nn.Module]:
-    """The children of attention modules (`splits_into_heads`, or named by an attention hint): their
-    output channels go only as whole heads."""
-    return frozenset(child for name, m in model.named_modules()
-                     if splits_into_heads(m) or hints.is_attention(name)
-                     for child in m.children())
+def head_projections(model: nn.Module, hints: PruningHints = NO_HINTS) -> dict[nn.Module, nn.Module]:
+    """The children of attention modules (`splits_into_heads`, or named by an attention hint), each to
+    its attention module: their output channels go only as whole heads."""
+    return {child: m for name, m in model.named_modules() if splits_into_heads(m) or hints.is_attention(name)
+            for child in m.children()}
 
 
 def channel_groups(

@@ -38,6 +38,11 @@ class SliceGroup:
     #: channels one unit spans in the layers it feeds (1 for a channel, the head size for a head): what
     #: channel alignment (`round_to`) counts
     unit_width = 1
+    #: groups with the same key keep the same number of units (one config value sizes them all: a
+    #: decoder's cache heads); None where each group keeps its own count
+    even: object = None
+    #: how many groups share `even` in the model, those kept whole included
+    even_members = 1
 
     def __init__(self) -> None:
         self.slices: list[Slice] = []
@@ -61,3 +66,20 @@ class SliceGroup:
 
     def prune(self, channels: Sequence[int]) -> None:
         raise NotImplementedError
+
+
+def evened(chosen: dict[str, Sequence[int]], groups: Sequence[SliceGroup]) -> dict[str, list[int]]:
+    """`chosen` (root name -> units, first the ones to go first) cut so that groups sharing an `even`
+    key lose the same number of units: the fewest any of them loses, none where one of them is not
+    among `groups` (kept whole: excluded, or given sparsity 0)."""
+    out = {name: list(units) for name, units in chosen.items()}
+    by_key: dict[object, list[SliceGroup]] = {}
+    for group in groups:
+        if group.even is not None:
+            by_key.setdefault(group.even, []).append(group)
+    for members in by_key.values():
+        complete = len(members) == members[0].even_members
+        count = min(len(out.get(g.root_name, ())) for g in members) if complete else 0
+        for group in members:
+            out[group.root_name] = out.get(group.root_name, [])[:count]
+    return out

@@ -19,6 +19,7 @@ from torch.nn.utils import prune
 from deploykit.core.errors import UsageError
 from deploykit.model.hints import hints_of
 from deploykit.prune.base import PRUNERS, Outcome, PruneContext
+from deploykit.prune.blocks import heads_stay_because
 from deploykit.prune.channels import (
     SliceGroup,
     UnsupportedLayerError,
@@ -27,6 +28,7 @@ from deploykit.prune.channels import (
     grouping_deadline,
     head_projections,
 )
+from deploykit.prune.slices import evened
 
 
 class Criterion:
@@ -73,9 +75,12 @@ class StructuredPruner:
         # masking them would buy nothing.
         not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
         projections = head_projections(ctx.model, hints)  # not group roots: whole heads only
-        not_removable.update({name: ["a projection of an attention module"] for name, module in ctx.model.named_modules()
-                              if name in ctx.targets and module in projections})
         groups = [g for g in groups if not g.blocking]
+        roots = {g.root_name for g in groups}  # a head block's root is one of its projections
+        not_removable.update({name: [f"a projection of an attention module whose heads stay: "
+                                     f"{heads_stay_because(projections[module])}"]
+                              for name, module in ctx.model.named_modules()
+                              if name in ctx.targets and module in projections and name not in roots})
         for group in groups:
             if group.unsupported:
                 raise UnsupportedLayerError(
@@ -112,8 +117,9 @@ class StructuredPruner:
 
     def _choose(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
         """Root channels to prune per group, lowest scores first; every group keeps at least one
-        channel, and with `round_to` a multiple of it (of channels: heads count their width)."""
-        chosen = self._lowest(ctx, groups)
+        channel, and with `round_to` a multiple of it (of channels: heads count their width); groups
+        that must stay even lose the same number."""
+        chosen = evened(self._lowest(ctx, groups), groups)
         # units a multiple of round_to channels wide: a head of 64 channels is aligned to 8 already
         multiples = {g.root_name: ctx.plan.round_to // math.gcd(ctx.plan.round_to, g.unit_width) for g in groups}
         sizes = {g.root_name: g.size for g in groups}
