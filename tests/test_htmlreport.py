@@ -95,7 +95,7 @@ def test_comparison_of_two_profiles_pairs_configurations(tmp_path):
     store, _ = _run(tmp_path, _records(profile="apple-m1-pro"), "apple-m1-pro")
     store.save_run(_records(profile="intel-i7-11800h", scale=2.0), started_utc="2026-11-23T01:00:00+00:00",
                    status="complete", command="deploykit bench", profile="intel-i7-11800h", conditions={})
-    page = html_report(store.run("profile:apple-m1-pro"), store.run("profile:intel-i7-11800h"))
+    page = html_report(store.run("profile:apple-m1-pro"), [store.run("profile:intel-i7-11800h")])
     svg = _svgs(page)["dk-compare"]
     assert svg.count('class="dk-point dk-bar"') == 2 * len(_records())
     assert "run 1 (apple-m1-pro)" in svg and "run 2 (intel-i7-11800h)" in svg
@@ -190,7 +190,7 @@ def test_report_renders_in_headless_chromium_with_every_point_inside_its_plot(tm
     store, _ = _run(tmp_path, _records(profile="apple-m1-pro"), "apple-m1-pro")
     store.save_run(_records(profile="intel-i7-11800h", scale=2.0), started_utc="2026-11-23T01:00:00+00:00",
                    status="complete", command="deploykit bench", profile="intel-i7-11800h", conditions={})
-    page = html_report(store.run("1"), store.run("2"))
+    page = html_report(store.run("1"), [store.run("2")])
     expected = {name: _points(svg) for name, svg in _svgs(page).items()}
     path = tmp_path / "report.html"
     path.write_text(page.replace("</body>", LAYOUT_CHECK + "</body>"), encoding="utf-8")

@@ -93,12 +93,14 @@ def test_renderings_agree_with_the_records():
 def test_comparison_divides_matching_configurations():
     base = [_record("torch", 100), _record("onnxruntime", 80)]
     other = [_record("torch", 50), _record("onnxruntime", 80, form="csr")]
-    text = compare_table(base, other, "run 1", "run 2")
+    third = [_record("torch", 200)]
+    text = compare_table(base, [("run 2", other), ("run 3", third)], "run 1")
     torch_row = next(line for line in text.splitlines() if " torch " in line)
-    assert "0.50x" in torch_row
-    assert "2 configurations measured in only one of the two" in text
+    assert "0.50x" in torch_row and "2.00x" in torch_row  # a column per other run
+    assert "1 configurations of run 1 measured in none of the others" in text
+    assert "1 configurations of run 2 not measured in run 1" in text
     with pytest.raises(UsageError, match="share no configuration"):
-        compare_table(base[1:], other[1:], "a", "b")
+        compare_table(base[1:], [("b", other[1:])], "a")
 
 
 def test_bench_keeps_runs_and_report_renders_them(cli, tmp_path):
@@ -111,7 +113,7 @@ def test_bench_keeps_runs_and_report_renders_them(cli, tmp_path):
     runs = json.loads(listed.stdout)
     assert [r["status"] for r in runs] == ["complete", "complete"] and runs[1]["command"].startswith("deploykit bench")
     compared = cli("report", "--store", str(store), "--run", "1", "--compare", "2")
-    assert compared.returncode == 0 and "1 configurations measured in only one" in compared.stdout
+    assert compared.returncode == 0 and "1 configurations of run 2 (" in compared.stdout
     out = tmp_path / "report.md"
     assert cli("report", "--store", str(store), "--format", "markdown", "--out", str(out)).returncode == 0
     assert out.read_text().startswith("# run 2 (complete)")
@@ -119,6 +121,36 @@ def test_bench_keeps_runs_and_report_renders_them(cli, tmp_path):
     assert len(records) == 2 and all(len(r["measurement"]["samples_ns"]) >= 5 for r in records)
     both = cli("bench", "--store", str(store), "--no-store")
     assert both.returncode == 2 and "contradict" in both.stderr
+
+
+def test_stores_from_other_machines_merge_once_and_compare_side_by_side(cli, tmp_path):
+    here, m1, i7 = (ResultStore(tmp_path / f"{name}.sqlite") for name in ("here", "m1", "i7"))
+    _save(here, [_record("torch", 100, profile="here")], profile="here")
+    _save(m1, [_record("torch", 50, profile="apple-m1-pro")], profile="apple-m1-pro")
+    _save(i7, [_record("torch", 200, profile="intel-i7-11800h")], profile="intel-i7-11800h")
+    with sqlite3.connect(i7.path) as db:  # a store written before runs had unique ids
+        db.execute("UPDATE runs SET uid = NULL")
+    for _ in range(2):  # the second import adds nothing
+        for other in (m1, i7):
+            result = cli("report", "--store", str(here.path), "--import", str(other.path))
+            assert result.returncode == 0, result.stderr
+    assert "is already in" in result.stdout
+    runs = here.runs()
+    assert [r.profile for r in runs] == ["here", "apple-m1-pro", "intel-i7-11800h"]
+    assert runs[1].uid == m1.runs()[0].uid  # traceable: the same unique id, and where it came from
+    assert runs[1].conditions["imported_from"] == {"store": str(m1.path.resolve()), "run": 1}
+    assert runs[2].uid.startswith("sha256:")
+    compared = cli("report", "--store", str(here.path), "--run", "profile:here", "--compare", "profile:apple-m1-pro",
+                   "--compare", "profile:intel-i7-11800h")
+    assert compared.returncode == 0, compared.stderr
+    row = next(line for line in compared.stdout.splitlines() if " torch " in line)
+    assert "0.50x" in row and "2.00x" in row
+    assert "run 2 (apple-m1-pro) / run 1 (here)" in compared.stdout
+    itself = cli("report", "--store", str(here.path), "--import", str(here.path))
+    assert itself.returncode == 2 and "it is the results store itself" in itself.stderr
+    (tmp_path / "damaged.sqlite").write_bytes(m1.path.read_bytes()[:4096] + b"\0" * 4096)
+    damaged = cli("report", "--store", str(here.path), "--import", str(tmp_path / "damaged.sqlite"))
+    assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1 and len(here.runs()) == 3
 
 
 def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):

@@ -218,16 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_store(p, timeout=False)
     p.add_argument("--run", default="last", metavar="RUN",
                    help="run to render: its id, 'last' (default) or 'profile:NAME' (that profile's last run)")
-    p.add_argument("--compare", metavar="RUN",
-                   help="a second run to compare with --run, configuration by configuration (table, markdown or html)")
+    p.add_argument("--compare", metavar="RUN", action="append", default=[],
+                   help="another run to compare with --run, configuration by configuration: its id or profile:NAME "
+                   "(repeatable: a column per machine, with ratios; table, markdown or html)")
     p.add_argument("--list", action="store_true", help="list the runs in the store (table, markdown or json)")
     p.add_argument("--format", choices=REPORT_FORMATS, default="table",
                    help="output format (default table); html is one self-contained page with plots (quality vs "
                    "sparsity, size and latency; latency vs sparsity, batch and length; two runs side by side)")
     p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE.json",
-                   help="put the runs of a JSON file into the store (bench writes one beside the store when it "
-                   "cannot write the store itself); a run already there is not added twice (repeatable)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
+                   help="put the runs of another results store (SQLite, from another machine) or of a JSON file "
+                   "(bench writes one beside the store when it cannot write the store itself) into the store; a run "
+                   "already there is not added twice, and an imported one says where it came from (repeatable)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("profile", help="hardware profiles: list, show one, or detect this machine",
@@ -559,19 +561,30 @@ def cmd_audit(args) -> int:
     return 0 if report.within_budget else 1
 
 
+def _run_label(run) -> str:
+    return f"run {run.id} ({run.profile})"
+
+
 def cmd_report(args) -> int:
     import json
 
     from deploykit.core.fsutil import write_text_atomic
     from deploykit.results.report import bench_csv, bench_table, compare_table, failures_text, records_json
-    from deploykit.results.store import ResultStore, default_store_path, read_spilled_runs
+    from deploykit.results.store import (
+        ResultStore,
+        default_store_path,
+        is_store_file,
+        read_spilled_runs,
+        read_store_runs,
+    )
 
     if args.out:
         _check_output(args.out, "--out")
     store = ResultStore(args.store or default_store_path())
     if args.imports:
         for path in args.imports:
-            for run in read_spilled_runs(path):
+            runs = read_store_runs(path, store.path) if is_store_file(path) else read_spilled_runs(path)
+            for run in runs:
                 before = {r.id for r in store.runs()} if store.path.is_file() else set()
                 run_id = store.save(run)
                 print(f"{path}: run {run.uid} " + (f"is already in {store.path} as run {run_id}" if run_id in before
@@ -595,12 +608,12 @@ def cmd_report(args) -> int:
         if args.format == "html":
             from deploykit.results.htmlreport import html_report
 
-            text = html_report(run, store.run(args.compare) if args.compare else None)
+            text = html_report(run, [store.run(selector) for selector in args.compare])
         elif args.compare:
-            other = store.run(args.compare)
             if args.format in ("csv", "json"):
                 raise UsageError("--compare renders as table, markdown or html")
-            text = compare_table(run.records, other.records, f"run {run.id}", f"run {other.id}",
+            others = [store.run(selector) for selector in args.compare]
+            text = compare_table(run.records, [(_run_label(o), o.records) for o in others], _run_label(run),
                                  "github" if args.format == "markdown" else "simple") + "\n"
         elif args.format == "json":
             text = records_json(run.records)

@@ -51,11 +51,12 @@ td { text-align: right; font-variant-numeric: tabular-nums; } th { background: #
 """
 
 
-def html_report(run, other=None) -> str:
-    """The page for a stored `run` (deploykit.results.store.Run); with `other`, a comparison of the two."""
+def html_report(run, others=()) -> str:
+    """The page for a stored `run` (deploykit.results.store.Run); with `others` (other machines' runs,
+    say), a comparison with each."""
     records = list(run.records)
     figures = _quality_figures(records) + _latency_figures(records)
-    if other is not None:
+    for other in others:
         figures += _comparison_figures(run, other)
     parts = [
         "<!DOCTYPE html>",

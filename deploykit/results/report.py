@@ -130,30 +130,41 @@ def configuration_key(r: BenchRecord) -> tuple:
             r.sequence_length, r.threads)
 
 
-def compare_table(base: Sequence[BenchRecord], other: Sequence[BenchRecord], base_label: str, other_label: str,
+def compare_table(base: Sequence[BenchRecord], others: Sequence[tuple[str, Sequence[BenchRecord]]], base_label: str,
                   tablefmt: str = "simple") -> str:
-    """Configurations measured in both runs, side by side: p50 of each and other / base.
+    """Configurations of the base run measured in at least one other run (another machine: a column
+    per profile), side by side: p50 of each and each other / base.
 
     Ratios across runs (or machines) compare conditions as well as code: on a noisy machine only
     ratios taken within one run are firm, which the footer says.
     """
-    theirs = {configuration_key(r): r for r in other}
+    theirs = [{configuration_key(r): r for r in records} for _, records in others]
     rows = []
     for r in base:
-        match = theirs.get(configuration_key(r))
-        if match is None:
+        matches = [mine.get(configuration_key(r)) for mine in theirs]
+        if not any(matches):
             continue
-        a, b = r.measurement.median_ms, match.measurement.median_ms
+        a = r.measurement.median_ms
         rows.append([r.model, r.prune, r.form_label, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length or "",
-                     r.threads, f"{a:.4f}", f"{b:.4f}", f"{b / a:.2f}x", f"{match.disk_bytes / MB:.3f}"])
+                     r.threads, f"{a:.4f}"]
+                    + [cell for m in matches for cell in ((f"{m.measurement.median_ms:.4f}",
+                                                           f"{m.measurement.median_ms / a:.2f}x") if m else ("", ""))])
+    labels = [label for label, _ in others]
     if not rows:
-        raise UsageError(f"{base_label} and {other_label} share no configuration (model, plan, form, runtime, "
+        raise UsageError(f"{base_label} and {', '.join(labels)} share no configuration (model, plan, form, runtime, "
                          "device, stage, batch, length, threads)")
     table = tabulate(rows, tablefmt=tablefmt, disable_numparse=True, headers=[
         "model", "prune", "form", "runtime", "device", "stage", "batch", "length", "threads", f"p50 ms {base_label}",
-        f"p50 ms {other_label}", "ratio", f"disk MB {other_label}"])
-    unmatched = len(base) + len(other) - 2 * len(rows)
-    return table + (f"\n{unmatched} configurations measured in only one of the two" if unmatched else "")
+        *[h for label in labels for h in (f"p50 ms {label}", f"{label} / {base_label}")]])
+    notes = [f"{len(base) - len(rows)} configurations of {base_label} measured in none of the others"
+             if len(base) > len(rows) else ""]
+    for (label, records), mine in zip(others, theirs):
+        missing = len(set(mine) - {configuration_key(r) for r in base})
+        if missing:
+            notes.append(f"{missing} configurations of {label} not measured in {base_label}")
+    notes.append("ratios across runs compare machines and conditions as well as code; only ratios within one run "
+                 "are firm")
+    return table + "".join(f"\n{n}" for n in notes if n)
 
 
 def _problem_notes(records: Sequence[BenchRecord]) -> list[str]:

@@ -12,13 +12,16 @@ outright is simply absent. WAL journaling lets a report read while another bench
 Nothing measured is lost to the store itself: a busy store is waited for (SQLite's busy timeout,
 then retries); one that stays locked, or cannot be written, gets the run as a JSON file beside it
 (`spill`), which `deploykit report --import FILE` puts back (a run's unique id makes importing it
-twice a no-op). A store is checked (`PRAGMA quick_check`) when opened, and a damaged one is
+twice a no-op). Another store's runs come in the same way (`read_store_runs`: `report --import
+OTHER.sqlite`), so runs measured on other machines sit beside this one's, each keeping its unique id
+and saying where it was imported from. A store is checked (`PRAGMA quick_check`) when opened, and a damaged one is
 refused in one line and never written into. Older schema versions are migrated forward.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import sqlite3
@@ -88,6 +91,8 @@ BUSY_TIMEOUT_S = 15.0
 ATTEMPTS = 4
 #: what a file of runs that could not be stored says it is
 SPILL_FORMAT = "deploykit.runs"
+#: the first bytes of every SQLite database file
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def default_store_path() -> Path:
@@ -360,3 +365,38 @@ def read_spilled_runs(path: str | Path) -> list[NewRun]:
         return [NewRun.from_dict(run) for run in data["runs"]]
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UsageError(f"cannot import {str(path)!r}: {type(exc).__name__}: {exc}") from None
+
+
+def is_store_file(path: str | Path) -> bool:
+    """Whether `path` is an SQLite file (a results store to import), by its header."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def _content_uid(run: Run) -> str:
+    """A unique id for a run stored before runs had one: the digest of what it holds, so that
+    importing the same run twice still adds it once."""
+    body = json.dumps([run.started_utc, run.finished_utc, run.command, run.profile, run.conditions,
+                       [r.to_dict() for r in run.records]], sort_keys=True)
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def read_store_runs(path: str | Path, into: str | Path) -> list[NewRun]:
+    """Every run of the results store at `path`, as runs to save into the store at `into`: the same
+    records and failures, its unique id kept, and `conditions["imported_from"]` naming the store and
+    the run's id there (the first import's, for a run that travelled through several stores). The
+    store is checked as any other (damaged ones are refused)."""
+    if Path(path).resolve() == Path(into).resolve():
+        raise UsageError(f"cannot import {str(path)!r}: it is the results store itself")
+    other = ResultStore(path)
+    out = []
+    for summary in other.runs():
+        run = other.run(str(summary.id))
+        origin = {"store": str(Path(path).resolve()), "run": run.id}
+        out.append(NewRun(run.records, run.started_utc, run.status, run.command, run.profile,
+                          {"imported_from": origin, **run.conditions}, run.failures, git_revision=run.git_revision,
+                          finished_utc=run.finished_utc, uid=run.uid or _content_uid(run)))
+    return out
