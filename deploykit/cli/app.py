@@ -182,12 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
         "on the CPU with graph optimisations off), to benchmark instead of --model"))
     options.add_plan(p, sweep=True)
     options.add_grid(p)
+    g = p.add_argument_group("fleet", "run the same configurations on the machines of a Ray cluster (deploykit[fleet]; "
+                             "`deploykit worker start` joins a machine)")
+    g.add_argument("--cluster", metavar="ADDRESS", help="the cluster's head (host:port, as `ray start` printed it)")
+    g.add_argument("--profiles", type=options.csv_of(what="profile"), metavar="A,B,...",
+                   help="the hardware profiles to run on (each needs a machine that advertises it)")
     g = p.add_argument_group("output")
     options.add_json(g, "the records")
     options.add_store(g, timeout=True)
     options.add_quiet(g)
     options.add_trust(p, code=True)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("worker", help="join this machine to a benchmarking fleet (a Ray cluster), or list the fleet",
+                       description="A fleet is a Ray cluster whose machines advertise their deploykit hardware "
+                       "profile; `deploykit bench --cluster ADDRESS --profiles a,b` runs on them. Needs "
+                       "deploykit[fleet].")
+    worker_sub = p.add_subparsers(dest="worker_command", metavar="ACTION", parser_class=_Parser, required=True)
+    q = worker_sub.add_parser("start", help="`ray start` for this machine, advertising its profile (and GPUs)")
+    q.add_argument("--address", metavar="HEAD", help="the head to join (host:port); without it, start the head here")
+    q.add_argument("--profile", metavar="NAME", help="the profile to advertise (default: the known profile this "
+                   "machine matches, as `deploykit profile detect` says)")
+    q.add_argument("--num-cpus", type=int, metavar="N", help="cores to offer (default: Ray's count)")
+    q.set_defaults(func=cmd_worker_start)
+    q = worker_sub.add_parser("list", help="the fleet's machines: profile, cores, memory, GPUs and software")
+    q.add_argument("--address", metavar="HEAD", required=True, help="the cluster's head (host:port)")
+    options.add_json(q, "the machines")
+    q.set_defaults(func=cmd_worker_list)
 
     p = sub.add_parser(
         "audit", help="pre-release size audit of an artifact (or a model) against budgets",
@@ -403,6 +424,8 @@ def cmd_bench(args) -> int:
                             max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds,
                             processes=args.processes)
     progress = _progress(args)
+    if args.cluster or args.profiles:
+        return _bench_fleet(args, model_options, timing, progress)
     # the workers run at each count; this process's own work at the smallest
     threads, threads_note = _threads_for_this_process(min(args.threads) if args.threads else None)
     threads = tuple(args.threads) if args.threads else (threads,)
@@ -460,6 +483,92 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_fleet(args, model_options, timing, progress) -> int:
+    """`bench --cluster`: the configurations of a local bench on every named profile's machines; a
+    run per profile in the store (the driver writes them), failures kept as rows."""
+    import uuid
+
+    from deploykit.bench.settings import Grid
+    from deploykit.fleet.cluster import connect
+    from deploykit.fleet.fanout import check_profiles, run_fleet
+    from deploykit.model.sources import resolve_model
+    from deploykit.results.report import bench_table, failures_text, records_json
+    from deploykit.results.store import now_utc
+
+    if not (args.cluster and args.profiles):
+        raise UsageError("--cluster and --profiles go together: the cluster to run on and the profiles to run")
+    if args.artifacts:
+        raise UsageError("--cluster benchmarks --model/--prune/--form configurations, exported here once; give "
+                         "those instead of artifact directories")
+    if args.store and args.no_store:
+        raise UsageError("--store and --no-store contradict each other")
+    # the machines' own threads: explicit, never this machine's idle cores
+    grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
+                threads=tuple(args.threads or (1,)), devices=tuple(args.device or ("auto",)),
+                lengths=tuple(args.seq_len or (None,)),
+                graph_optimizations=tuple(args.graph_opt or (DEFAULT_GRAPH_OPTIMIZATION,)))
+    store = None if args.no_store else _store(args)
+    _trust_warnings(args, progress)
+    plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))
+    spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
+    ray = connect(args.cluster)
+    check_profiles(ray, args.profiles)  # before anything is exported
+    started, fleet_run = now_utc(), str(uuid.uuid4())
+
+    def keep(profile, tally, status) -> None:
+        if store is not None and (tally.records or tally.failures):
+            _keep_run(store, tally.records, tally.failures, started, status, timing, grid, progress, profile=profile,
+                      extra={"fleet": {"cluster": args.cluster, "run": fleet_run, "profiles": list(args.profiles)}})
+
+    tallies = run_fleet(ray, args.profiles, spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress,
+                        keep)
+    records = [r for t in tallies.values() for r in t.records]
+    failures = [f for t in tallies.values() for f in t.failures]
+    _emit(args, records_json(records), lambda: print(bench_table(records)) if records else None)
+    if failures:
+        print(failures_text(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_worker_start(args) -> int:
+    from deploykit.fleet.cluster import start_worker
+    from deploykit.runtime.profiles import current_profile, known_profiles
+
+    if args.profile is not None and args.profile not in known_profiles():
+        raise UsageError(f"unknown profile {args.profile!r}; known: {', '.join(sorted(known_profiles()))} "
+                         "(`deploykit profile detect --save` adds this machine's)")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UsageError("--num-cpus must be >= 1")
+    profile = args.profile or current_profile().name
+    print(f"deploykit: this machine joins as profile {profile}", file=sys.stderr)
+    return start_worker(args.address, profile, args.num_cpus)
+
+
+def cmd_worker_list(args) -> int:
+    import dataclasses
+    import json
+
+    from deploykit.fleet.cluster import connect, machines, version_warnings
+
+    _check_json(args)
+    found = machines(connect(args.address))
+
+    def table() -> None:
+        from tabulate import tabulate
+
+        print(tabulate([[", ".join(m.profiles) or "-", m.address, f"{m.cores:g}", f"{m.memory_bytes / 2**30:.1f}",
+                         f"{m.gpus:g}", *(m.versions.get(n, "?") for n in ("deploykit", "torch", "onnxruntime"))]
+                        for m in found],
+                       headers=["profile", "address", "cores", "memory GiB", "GPUs", "deploykit", "torch",
+                                "onnxruntime"]))
+
+    _emit(args, json.dumps([dataclasses.asdict(m) for m in found], indent=2) + "\n", table)
+    for line in version_warnings(found):
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
+
+
 def _threads_for_this_process(threads: int | None) -> tuple[int, str]:
     """Set (and return) the torch threads of this process: `threads`, or the cores idle now; and a note
     saying why when other work took cores ("" otherwise). The caller says it once its input is checked,
@@ -486,8 +595,10 @@ def _store(args):
     return ResultStore(args.store or default_store_path(), busy_timeout_s=args.store_timeout)
 
 
-def _keep_run(store, records, failures, started, status, timing, grid, progress) -> None:
-    """Write the run into the store; if the store cannot take it, into a JSON file beside it."""
+def _keep_run(store, records, failures, started, status, timing, grid, progress, profile=None, extra=None) -> None:
+    """Write the run into the store; if the store cannot take it, into a JSON file beside it. `profile`
+    names the machine it ran on (default: its first record's, else this machine's); `extra` adds to its
+    conditions."""
     import dataclasses
 
     from deploykit.core.errors import StoreError
@@ -496,9 +607,9 @@ def _keep_run(store, records, failures, started, status, timing, grid, progress)
 
     first = records[0] if records else None
     conditions = {"versions": first.versions if first else {}, "machine": first.machine if first else {},
-                  "timing": dataclasses.asdict(timing), "grid": dataclasses.asdict(grid)}
+                  "timing": dataclasses.asdict(timing), "grid": dataclasses.asdict(grid), **(extra or {})}
     run = NewRun(records, started, status, " ".join(["deploykit", *sys.argv[1:]]),
-                 first.profile if first else current_profile().name, conditions, failures,
+                 profile or (first.profile if first else current_profile().name), conditions, failures,
                  git_revision=git_revision(), finished_utc=now_utc())
     try:
         run_id = store.save(run)

@@ -1,0 +1,172 @@
+"""The fleet on one machine: a local Ray cluster whose nodes advertise different profiles
+(`ray.cluster_utils.Cluster`), a small fan-out through the CLI, a machine killed mid-run, and the
+store checked: every configuration accounted for, none twice."""
+
+import json
+import re
+import sys
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from deploykit.bench.settings import Grid, TimingSettings  # noqa: E402
+from deploykit.core.errors import UsageError  # noqa: E402
+from deploykit.fleet.cluster import INSTALL_HINT, machines, need_ray, profile_resource, version_warnings  # noqa: E402
+from deploykit.fleet.fanout import pack_artifact, run_fleet, unpack_artifact  # noqa: E402
+from deploykit.model.sources import resolve_model  # noqa: E402
+from deploykit.prune.base import PruningPlan  # noqa: E402
+from deploykit.results.store import ResultStore  # noqa: E402
+
+FAST = ("--min-time", "0", "--min-iters", "5", "--warmup", "0", "--timing-rounds", "1")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head of profile alpha and two machines of profile beta."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {profile_resource("alpha"): 1}})
+    betas = [c.add_node(num_cpus=1, resources={profile_resource("beta"): 1}) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, betas
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+
+
+def test_a_fan_out_runs_every_configuration_on_every_profile_and_keeps_a_run_per_profile(cluster, cli, tmp_path):
+    c, _ = cluster
+    store = tmp_path / "fleet.sqlite"
+    result = cli("bench", "--cluster", c.address, "--profiles", "alpha,beta", "--prune", "magnitude:0,0.5",
+                 "--form", "dense", "--runtime", "onnxruntime,torch", *FAST, "--store", str(store))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\[8/8\] (alpha|beta) on node \w+: ", result.stderr)
+    assert "alpha: 4 done, 0 running, 0 queued" in result.stderr
+    runs = ResultStore(store).runs()
+    assert sorted(r.profile for r in runs) == ["alpha", "beta"]
+    assert len({r.conditions["fleet"]["run"] for r in runs}) == 1
+    for summary in runs:
+        run = ResultStore(store).run(str(summary.id))
+        keys = [(r.sparsity, r.runtime) for r in run.records]
+        assert sorted(keys) == sorted((s, rt) for s in (0.0, 0.5) for rt in ("onnxruntime", "torch"))
+        assert all(r.profile == summary.profile and r.machine["logical_cores"] for r in run.records)
+        assert all(r.parity_max_abs_error is not None for r in run.records)
+    compared = cli("report", "--store", str(store), "--run", "profile:alpha", "--compare", "profile:beta")
+    assert compared.returncode == 0 and "/ run" in compared.stdout
+
+
+def test_a_profile_no_machine_advertises_is_refused_before_anything_runs(cluster, cli, tmp_path):
+    c, _ = cluster
+    result = cli("bench", "--cluster", c.address, "--profiles", "alpha,gamma", *FAST, "--store", str(tmp_path / "s"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "no machine of profile gamma" in result.stderr and "alpha (1)" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_worker_list_shows_profiles_and_versions(cluster, cli):
+    c, _ = cluster
+    result = cli("worker", "list", "--address", c.address, "--json", "-")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert sorted(p for m in found for p in m["profiles"]) == ["alpha", "beta", "beta"]
+    assert all(m["versions"]["deploykit"] and m["cores"] == 1 for m in found)
+    assert "warning" not in result.stderr  # the same software everywhere
+
+
+def test_version_warnings_name_the_node_and_the_library():
+    from deploykit.fleet.cluster import Machine
+
+    node = Machine("abcdef0123456789", "10.0.0.2", ("t4",), 4, 2**34, 1, {"deploykit": "0.1.0", "torch": "2.9.0",
+                                                                            "onnxruntime": "1.32.0"})
+    lines = version_warnings([node], {"deploykit": "0.1.0", "torch": "2.10.0", "onnxruntime": "1.32.0"})
+    assert lines == ["node abcdef012345 (10.0.0.2, t4) runs torch 2.9.0 (driver 2.10.0): its figures compare "
+                     "software as well as hardware"]
+
+
+def test_a_machine_killed_mid_run_leaves_a_failed_row_and_the_rest_runs_on_its_twin(cluster, tmp_path):
+    """Both beta machines busy; when one lands a configuration, the other is killed mid-configuration:
+    that configuration is a failed row naming the dead worker, the queued ones run on the survivor, and
+    every configuration is accounted for once."""
+    c, betas = cluster
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        killed: list[str] = []
+
+        def progress(message: str) -> None:
+            landed = re.search(r"\] beta on node (\w+):", message)
+            if landed and not killed:
+                victim = next(n for n in betas if not n.node_id.startswith(landed.group(1)))
+                killed.append(victim.node_id)
+                c.remove_node(victim)
+
+        done = {}
+        plans = [PruningPlan("magnitude", s) for s in (0.0, 0.3, 0.6, 0.9)]
+        timing = TimingSettings(warmup_s=0.0, min_time_s=1.0, min_iters=5, rounds=1)
+        tallies = run_fleet(ray, ["beta"], resolve_model("lenet-300-100"), plans, ["dense"],
+                            Grid(runtimes=("onnxruntime",)), timing, progress,
+                            lambda profile, tally, status: done.setdefault(profile, status))
+    finally:
+        ray.shutdown()
+    beta = tallies["beta"]
+    assert killed and beta.done == 4 and beta.pending == 0
+    measured = {r.prune for r in beta.records}
+    failed = {f.prune: f.error for f in beta.failures}
+    assert len(measured) + len(failed) == 4 and not measured & set(failed)  # each once
+    assert any("died" in error for error in failed.values()), failed
+    assert done == {"beta": "failed"}
+
+
+def test_ctrl_c_keeps_what_landed_and_accounts_for_the_rest(cluster):
+    c, _ = cluster
+    ray.init(address=c.address, log_to_driver=False)
+    kept = {}
+    try:
+        def progress(message: str) -> None:
+            if message.startswith("[1/"):
+                raise KeyboardInterrupt
+
+        plans = [PruningPlan("magnitude", s) for s in (0.0, 0.5, 0.9)]
+        with pytest.raises(KeyboardInterrupt):
+            run_fleet(ray, ["alpha"], resolve_model("lenet-300-100"), plans, ["dense"], Grid(runtimes=("onnxruntime",)),
+                      TimingSettings(warmup_s=0.0, min_time_s=0.0, min_iters=5, rounds=1), progress,
+                      lambda profile, tally, status: kept.setdefault(profile, (tally, status)))
+    finally:
+        ray.shutdown()
+    tally, status = kept["alpha"]
+    assert status == "interrupted" and len(tally.records) == 1
+    assert [f.error for f in tally.failures] == ["not run: the bench was interrupted"] * 2
+
+
+def test_artifacts_travel_checked():
+    import tempfile
+    from pathlib import Path
+
+    from deploykit.core.errors import IntegrityError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "a"
+        source.mkdir()
+        (source / "manifest.json").write_text("{}")
+        blob, digest = pack_artifact(source)
+        assert (unpack_artifact(blob, digest, Path(tmp) / "ok" if (Path(tmp) / "ok").mkdir() is None else None)
+                / "manifest.json").read_text() == "{}"
+        (Path(tmp) / "bad").mkdir()
+        with pytest.raises(IntegrityError, match="arrived damaged"):
+            unpack_artifact(blob[:-1] + b"x", digest, Path(tmp) / "bad")
+
+
+def test_without_ray_the_fleet_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(UsageError, match=re.escape(INSTALL_HINT)):
+        need_ray()
+
+
+def test_machines_lists_the_live_nodes(cluster):
+    c, _ = cluster
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        found = machines(ray)
+    finally:
+        ray.shutdown()
+    assert "alpha" in {p for m in found for p in m.profiles}
