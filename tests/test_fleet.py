@@ -39,7 +39,7 @@ def test_a_fan_out_runs_every_configuration_on_every_profile_and_keeps_a_run_per
     c, _ = cluster
     store = tmp_path / "fleet.sqlite"
     result = cli("bench", "--cluster", c.address, "--profiles", "alpha,beta", "--prune", "magnitude:0,0.5",
-                 "--form", "dense", "--runtime", "onnxruntime,torch", *FAST, "--store", str(store))
+                 "--form", "dense", "--runtime", "onnxruntime,torch", *FAST, "--store", str(store), "--fresh-ray-workers")
     assert result.returncode == 0, result.stderr
     assert re.search(r"\[8/8\] (alpha|beta) on node \w+: ", result.stderr)
     assert "alpha: 4 done, 0 running, 0 queued" in result.stderr
@@ -149,11 +149,27 @@ def test_artifacts_travel_checked():
         source.mkdir()
         (source / "manifest.json").write_text("{}")
         blob, digest = pack_artifact(source)
-        assert (unpack_artifact(blob, digest, Path(tmp) / "ok" if (Path(tmp) / "ok").mkdir() is None else None)
-                / "manifest.json").read_text() == "{}"
-        (Path(tmp) / "bad").mkdir()
+        for name in ("ok", "bad"):
+            (Path(tmp) / name).mkdir()
+        assert (unpack_artifact(blob, digest, Path(tmp) / "ok") / "manifest.json").read_text() == "{}"
         with pytest.raises(IntegrityError, match="arrived damaged"):
             unpack_artifact(blob[:-1] + b"x", digest, Path(tmp) / "bad")
+        import hashlib
+        import io
+        import tarfile
+
+        from deploykit.core.errors import ArtifactError
+
+        hostile = io.BytesIO()  # a member that climbs out of the folder it is unpacked in
+        with tarfile.open(fileobj=hostile, mode="w") as tar:
+            member = tarfile.TarInfo("../escaped")
+            member.size = 2
+            tar.addfile(member, io.BytesIO(b"hi"))
+        (Path(tmp) / "hostile").mkdir()
+        blob = hostile.getvalue()
+        with pytest.raises(ArtifactError, match="cannot unpack"):
+            unpack_artifact(blob, hashlib.sha256(blob).hexdigest(), Path(tmp) / "hostile")
+        assert not (Path(tmp) / "hostile" / "escaped").exists()
 
 
 def test_without_ray_the_fleet_says_how_to_install_it(monkeypatch):
@@ -170,3 +186,23 @@ def test_machines_lists_the_live_nodes(cluster):
     finally:
         ray.shutdown()
     assert "alpha" in {p for m in found for p in m.profiles}
+
+
+def test_worker_start_is_ray_start_with_the_profile_as_a_resource():
+    from deploykit.fleet.cluster import start_command
+
+    assert start_command("10.0.0.1:6379", "nvidia-t4", cores=4, gpus=1) == [
+        "ray", "start", "--address", "10.0.0.1:6379", "--resources", '{"deploykit-profile:nvidia-t4": 1}',
+        "--num-cpus", "4", "--num-gpus", "1"]
+    assert start_command(None, "apple-m1-pro")[:3] == ["ray", "start", "--head"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("worker", "start", "--profile", "no-such-machine"), "unknown profile 'no-such-machine'"),
+    (("bench", "--cluster", "127.0.0.1:1"), "--cluster and --profiles go together"),
+    (("bench", "--profiles", "alpha"), "--cluster and --profiles go together"),
+    (("bench", "--fresh-ray-workers"), "--fresh-ray-workers applies to --cluster"),
+])
+def test_fleet_commands_refuse_bad_input_in_one_line(cli, argv, message):
+    result = cli(*argv)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr

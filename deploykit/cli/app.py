@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster", metavar="ADDRESS", help="the cluster's head (host:port, as `ray start` printed it)")
     g.add_argument("--profiles", type=options.csv_of(what="profile"), metavar="A,B,...",
                    help="the hardware profiles to run on (each needs a machine that advertises it)")
+    g.add_argument("--fresh-ray-workers", action="store_true",
+                   help="a fresh Ray worker process for every configuration (it imports torch again each time; "
+                   "the measuring is in a fresh process of its own either way)")
     g = p.add_argument_group("output")
     options.add_json(g, "the records")
     options.add_store(g, timeout=True)
@@ -424,7 +427,7 @@ def cmd_bench(args) -> int:
                             max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds,
                             processes=args.processes)
     progress = _progress(args)
-    if args.cluster or args.profiles:
+    if args.cluster or args.profiles or args.fresh_ray_workers:
         return _bench_fleet(args, model_options, timing, progress)
     # the workers run at each count; this process's own work at the smallest
     threads, threads_note = _threads_for_this_process(min(args.threads) if args.threads else None)
@@ -495,6 +498,8 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
     from deploykit.results.report import bench_table, failures_text, records_json
     from deploykit.results.store import now_utc
 
+    if args.fresh_ray_workers and not args.cluster:
+        raise UsageError("--fresh-ray-workers applies to --cluster")
     if not (args.cluster and args.profiles):
         raise UsageError("--cluster and --profiles go together: the cluster to run on and the profiles to run")
     if args.artifacts:
@@ -513,6 +518,8 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
     spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
     ray = connect(args.cluster)
     check_profiles(ray, args.profiles)  # before anything is exported
+    if store is not None and (busy := store.check_writable()):
+        progress(f"note: {busy}")
     started, fleet_run = now_utc(), str(uuid.uuid4())
 
     def keep(profile, tally, status) -> None:
@@ -521,7 +528,7 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
                       extra={"fleet": {"cluster": args.cluster, "run": fleet_run, "profiles": list(args.profiles)}})
 
     tallies = run_fleet(ray, args.profiles, spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress,
-                        keep)
+                        keep, max_calls=1 if args.fresh_ray_workers else 0)
     records = [r for t in tallies.values() for r in t.records]
     failures = [f for t in tallies.values() for f in t.failures]
     _emit(args, records_json(records), lambda: print(bench_table(records)) if records else None)

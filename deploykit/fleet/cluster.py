@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from deploykit.core.env import library_versions, machine_info
-from deploykit.core.errors import DeployKitError, UsageError
+from deploykit.core.errors import UsageError
 
 #: the custom resource by which a node says its profile (one unit: one configuration at a time)
 PROFILE_RESOURCE = "deploykit-profile:"
@@ -157,9 +157,3 @@ def connect(address: str):
         raise UsageError(f"cannot reach the Ray cluster at {address!r}: {(str(exc).splitlines() or [''])[0][:200]}") \
             from None
     return ray
-
-
-class FleetError(DeployKitError):
-    """The cluster went away or refused the work mid-run (not the user's input)."""
-
-    exit_code = 1

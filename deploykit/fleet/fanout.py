@@ -4,8 +4,12 @@ The driver exports each (model, plan, form) artifact once and puts it, packed, i
 (no shared file system); a machine unpacks it into a scratch folder after checking its SHA-256. Each
 configuration (artifact x runtime x batch x threads x length) is one Ray task that needs one unit of its
 profile's resource (every machine has one: one configuration at a time per machine, so measurements
-never compete) and runs in a fresh worker process (`max_calls=1`: peak memory is per configuration).
-Inside, it is the local bench (`bench_artifact`) with that one grid point.
+never compete). Inside, it is the local bench (`bench_artifact`) with that one grid point, which
+measures in a fresh process of its own, so peak memory is per configuration whichever Ray worker runs
+the task. The Ray worker process (which unpacks, builds the reference outputs and starts the measuring
+process, as the local bench's own process does) is reused by default: a fresh one per configuration
+(`max_calls=1`, `bench --fresh-ray-workers`) imports deploykit and torch again each time, which cost
+3.1 s per configuration against 0.24 s reused on a 2-core machine (`benchmarks/fleet_overhead.py`).
 
 Results come back as each task ends; the driver alone writes them, a run per profile as soon as that
 profile's last configuration has landed (`on_profile_done`), each record saying the profile and the
@@ -186,16 +190,19 @@ def configurations(shipped: Sequence[Shipped], profiles: Sequence[str], grid: Gr
 def run_fleet(
     ray, profiles: Sequence[str], spec: ModelSpec, plans: Sequence[PruningPlan], forms: Sequence[str], grid: Grid,
     timing: TimingSettings, progress: Progress, on_profile_done: Callable[[str, ProfileTally, str], None],
+    max_calls: int = 0,
 ) -> dict[str, ProfileTally]:
     """Run every configuration on every profile; `on_profile_done(profile, tally, status)` is called
-    once per profile as its last configuration lands (or for all left, "interrupted", on Ctrl-C)."""
+    once per profile as its last configuration lands (or for all left, "interrupted", on Ctrl-C).
+    `max_calls`: configurations a Ray worker process runs before it is replaced (1: a fresh one for
+    each; 0: reused; either way the measuring itself is in a fresh process of its own)."""
     nodes = check_profiles(ray, profiles)
     export_failures: list[FailedConfiguration] = []
     shipped = ship(ray, spec, plans, forms, progress, export_failures)
     tallies = {p: ProfileTally(nodes[p]) for p in profiles}
     for p in profiles:
         tallies[p].failures += [dataclasses.replace(f, profile=p) for f in export_failures]
-    task = ray.remote(max_calls=1, max_retries=0)(measure)
+    task = ray.remote(max_calls=max_calls, max_retries=0)(measure)
     pending: dict = {}  # ObjectRef -> (configuration, submitted at)
     for c in configurations(shipped, profiles, grid):
         ref = task.options(resources={profile_resource(c.profile): 1}, name=f"deploykit-bench {c.profile}").remote(

@@ -76,17 +76,22 @@ def _column_slices(name: str, conv1d: nn.Module, columns: Sequence[tuple[int, in
     return out
 
 
-class GPT2Heads(BlockHandler):
-    """Attention heads of transformers' GPT2Attention: head h owns columns h*d..(h+1)*d of q, k and v."""
+class AttributeHeads(BlockHandler):
+    """Heads of a module that says its head count and size as `num_heads` and `head_dim`."""
 
     unit = "heads"
-    root = "c_attn"
 
     def size(self, block):
         return block.num_heads
 
     def unit_width(self, block):
         return block.head_dim
+
+
+class GPT2Heads(AttributeHeads):
+    """Attention heads of transformers' GPT2Attention: head h owns columns h*d..(h+1)*d of q, k and v."""
+
+    root = "c_attn"
 
     def slices(self, block_name, block):
         d, width = block.head_dim, block.split_size
@@ -254,26 +259,19 @@ def _row_slices(name: str, module: nn.Module, param: str, offset: int, heads: in
     return [Slice(name, module, param, 0, offset + h * d + i, h) for h in range(heads) for i in range(d)]
 
 
-class MultiheadAttentionHeads(BlockHandler):
+class MultiheadAttentionHeads(AttributeHeads):
     """Heads of torch's `nn.MultiheadAttention` (torchvision's ViT, users' models): head h owns rows
     h*d..(h+1)*d of the query, key and value parts of its packed `in_proj_weight` (or of
     `q/k/v_proj_weight` where keys and values are of other widths) and of `in_proj_bias`. torch's
     module cannot narrow, so removal returns a `HeadPrunedAttention` holding the kept heads; the
     output projection's name stays `out_proj`, which is the root a plan names."""
 
-    unit = "heads"
     root = "out_proj"
     replaces = True
 
     @staticmethod
     def applies(block: nn.Module) -> bool:
         return isinstance(block, nn.MultiheadAttention) and HeadPrunedAttention.supports(block) is None
-
-    def size(self, block):
-        return block.num_heads
-
-    def unit_width(self, block):
-        return block.head_dim
 
     def slices(self, block_name, block):
         h, d, e = block.num_heads, block.head_dim, block.embed_dim
@@ -291,17 +289,10 @@ class MultiheadAttentionHeads(BlockHandler):
         return HeadPrunedAttention.from_mha(block, [h for h in range(block.num_heads) if h not in drop])
 
 
-class PrunedAttentionHeads(BlockHandler):
+class PrunedAttentionHeads(AttributeHeads):
     """The remaining heads of a `HeadPrunedAttention` (pruned again: iterative pruning, a second shrink)."""
 
-    unit = "heads"
     root = "out_proj"
-
-    def size(self, block):
-        return block.num_heads
-
-    def unit_width(self, block):
-        return block.head_dim
 
     def slices(self, block_name, block):
         out = []
