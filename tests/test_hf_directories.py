@@ -285,9 +285,26 @@ def test_grouped_query_heads_stay_everywhere_when_one_layer_keeps_its_own(tmp_pa
     assert not any(".self_attn." in name for name in changes) and any(".mlp." in name for name in changes)
 
 
-def test_t5_heads_stay_and_the_reason_is_named(directories, tmp_path):
-    plan = PruningPlan("l1-structured", 0.5, rules=(("*.SelfAttention.q", 0.5), ("*", 0.0)))
+def test_t5_encoder_heads_go_through_its_own_prune_heads_and_its_decoder_heads_stay(directories, tmp_path):
+    """T5's encoder layers prune their own heads (the shared relative-position bias keeps the original
+    count; each layer picks its heads' columns): per layer, unevenly is fine, and the artifact rebuilds
+    them. Its decoder's heads size the cache: asked for those alone, the refusal says so."""
+    plan = PruningPlan("l1-structured", 0.5, scope="layer",
+                       rules=(("*.encoder.block.1.layer.0.SelfAttention.q", 0.25),
+                              ("*.encoder.block.*.SelfAttention.q", 0.5), ("*", 0.0)))
+    result = export_artifact(str(directories / "t5"), plan, "dense-shrunk", tmp_path / "a")
+    changes = result.manifest.shape_changes
+    assert changes["model.encoder.block.0.layer.0.SelfAttention.q"] == ["Linear(32 -> 32)", "Linear(32 -> 16)"]
+    assert changes["model.encoder.block.1.layer.0.SelfAttention.q"] == ["Linear(32 -> 32)", "Linear(32 -> 24)"]
+    assert not any(".decoder." in name for name in changes)
+    # transformers cannot prune T5's heads as it builds the model (`_prune_heads` is missing where it looks), so
+    # a config saying pruned_heads would no longer load: it says none, and the artifact's history rebuilds them
+    config = json.loads((tmp_path / "a" / "hf_config.json").read_text())
+    assert not config.get("pruned_heads")
+    records = bench_artifact(tmp_path / "a", Grid(runtimes=("torch", "onnxruntime")), FAST)
+    assert all(r.parity_max_abs_error <= 1e-4 for r in records)
+    decoder_only = PruningPlan("l1-structured", 0.5, rules=(("*.decoder.*.SelfAttention.q", 0.5), ("*", 0.0)))
     with pytest.raises(UsageError, match=r"not removable: .*SelfAttention\.q \(a projection of an attention module "
-                                         r"whose heads stay: the relative-position bias"):
-        export_artifact(str(directories / "t5"), plan, "dense-shrunk", tmp_path / "a")
-    assert not (tmp_path / "a").exists()
+                                         r"whose heads stay: a decoder's heads size its key/value cache"):
+        export_artifact(str(directories / "t5"), decoder_only, "dense-shrunk", tmp_path / "b")
+    assert not (tmp_path / "b").exists()

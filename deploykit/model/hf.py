@@ -367,16 +367,21 @@ def _spec(name: str, config, task: str, description: str, build, bundle=None) ->
 
 def pruned_heads(model: nn.Module) -> dict[int, list[int]]:
     """The heads pruned in `model`'s attention modules, in transformers' config convention (layer index
-    -> heads as numbered in the original model), for modules whose path names one layer index (BERT's
-    `encoder.layer.3.attention`, GPT-2's `transformer.h.3.attn`). What the config cannot say (two
-    indices in a path) is still in the artifact's pruning history, which loading replays."""
+    -> heads as numbered in the original model): the layer is the first index in the module's path
+    (BERT's `encoder.layer.3.attention`, GPT-2's `transformer.h.3.attn`, T5's
+    `encoder.block.3.layer.0.SelfAttention`). Where two modules with pruned heads share that index, the
+    config cannot say which is which and says neither; the artifact's pruning history, which loading
+    replays, still does."""
     found: dict[int, list[int]] = {}
+    shared: set[int] = set()
     for name, module in model.named_modules():
         heads = getattr(module, "pruned_heads", None)
         indices = [int(part) for part in name.split(".") if part.isdigit()]
-        if isinstance(heads, set) and heads and len(indices) == 1:
+        if isinstance(heads, set) and heads and indices:
+            if indices[0] in found:
+                shared.add(indices[0])
             found[indices[0]] = sorted(int(h) for h in heads)
-    return found
+    return {layer: heads for layer, heads in found.items() if layer not in shared}
 
 
 #: config values that size every layer's attention alike, which pruning the same number of heads in
@@ -404,7 +409,10 @@ def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
 
     def bundle(directory, shipped: nn.Module) -> dict:
         written = copy.deepcopy(config)
-        written.pruned_heads = {**written.pruned_heads, **pruned_heads(shipped)}
+        if callable(getattr(hf_model(shipped).base_model, "_prune_heads", None)):
+            # a config whose model cannot prune heads as it is built (T5ForConditionalGeneration's) would no
+            # longer load in transformers: there the artifact's pruning history alone says which went
+            written.pruned_heads = {**written.pruned_heads, **pruned_heads(shipped)}
         counts = head_counts(hf_model(shipped).config)
         for name, value in counts.items():  # heads pruned alike in every layer: the config's counts say so
             setattr(written, name, value)

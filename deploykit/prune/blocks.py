@@ -129,7 +129,7 @@ class GPT2MLPHidden(BlockHandler):
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
 #: attributes saying the head count, and the head size, on the attention module or its child
 HEAD_COUNT = ("num_attention_heads", "n_heads", "num_heads")
-HEAD_SIZE = ("attention_head_size", "head_dim", "dim_per_head")
+HEAD_SIZE = ("attention_head_size", "head_dim", "dim_per_head", "key_value_proj_dim")
 
 
 def _heads_layout(block: nn.Module) -> tuple[nn.Module, str, tuple[str, str, str]] | None:
@@ -146,18 +146,19 @@ def _heads_layout(block: nn.Module) -> tuple[nn.Module, str, tuple[str, str, str
 
 class TransformersHeads(BlockHandler):
     """Attention heads of transformers' modules that prune their own heads (`prune_heads(heads)` and a
-    `pruned_heads` set: BERT, RoBERTa, ELECTRA, ViT, DeiT, DistilBERT, ... found by that interface, not
-    by class): head h owns rows h*d..(h+1)*d of the query, key and value projections. Removal is the
-    module's own `prune_heads`, which also shrinks the output projection's input and its head count.
-    T5's attention is left whole: its `prune_heads` keeps the relative-position bias at the old head
-    count, and the layers share that bias."""
+    `pruned_heads` set: BERT, RoBERTa, ELECTRA, ViT, DeiT, DistilBERT, T5's encoder, ... found by that
+    interface, not by class): head h owns rows h*d..(h+1)*d of the query, key and value projections.
+    Removal is the module's own `prune_heads`, which also shrinks the output projection's input and its
+    head count. T5's keeps the shared relative-position bias at the original head count on purpose:
+    each layer picks its remaining heads' columns by its `pruned_heads`. Not in a decoder
+    (`is_decoder`): its heads size the key/value cache, built alike for every layer."""
 
     unit = "heads"
 
     @staticmethod
     def applies(block: nn.Module) -> bool:
         return (callable(getattr(block, "prune_heads", None)) and isinstance(getattr(block, "pruned_heads", None), set)
-                and getattr(block, "relative_attention_bias", None) is None and _heads_layout(block) is not None)
+                and not getattr(block, "is_decoder", False) and _heads_layout(block) is not None)
 
     @staticmethod
     def _holder(block):
@@ -403,12 +404,10 @@ def heads_stay_because(module: nn.Module) -> str:
     """Why the heads of an attention module without a handler (or kept whole by it) cannot go."""
     if isinstance(module, nn.MultiheadAttention):
         return HeadPrunedAttention.supports(module) or "its heads go as units of the module, not by projection"
-    if hasattr(module, "has_relative_attention_bias"):
-        return ("the relative-position bias of a stack's first layer, T5's, is added to every layer's heads, "
-                "so they could only go alike in all layers of encoder and decoder")
     if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
         return ("a decoder's heads size its key/value cache, which the exported graphs take in the shape the "
-                "config gives for every layer, and this config derives the head size from the head count")
+                "config's one head count gives every layer; deploykit prunes them only where the config also says "
+                "the head size, the same number in every layer (grouped-query decoders)")
     return "deploykit has no handler that takes this attention module's heads apart"
 
 
