@@ -8,8 +8,9 @@ never compete). Inside, it is the local bench (`bench_artifact`) with that one g
 measures in a fresh process of its own, so peak memory is per configuration whichever Ray worker runs
 the task. The Ray worker process (which unpacks, builds the reference outputs and starts the measuring
 process, as the local bench's own process does) is reused by default: a fresh one per configuration
-(`max_calls=1`, `bench --fresh-ray-workers`) imports deploykit and torch again each time, which cost
-3.1 s per configuration against 0.24 s reused on a 2-core machine (`benchmarks/fleet_overhead.py`).
+(`max_calls=1`, `bench --fresh-ray-workers`) imports deploykit and torch again each time: the gap
+between two configurations on a machine was 3.3 s that way against 0.008 s reused, on a 2-core
+machine (`benchmarks/fleet_overhead.py`).
 
 Results come back as each task ends; the driver alone writes them, a run per profile as soon as that
 profile's last configuration has landed (`on_profile_done`), each record saying the profile and the
@@ -114,6 +115,7 @@ def measure(blob: bytes, digest: str, grid: Grid, timing: TimingSettings, consen
     Returns (records, failures, where: the node and its timings of unpacking and measuring)."""
     import ray
 
+    began = time.time()  # wall clock: comparable across the machine's tasks (the driver orders them by it)
     started = time.perf_counter()
     failures = FailureSink()
     with scratch_directory("fleet") as tmp:
@@ -126,7 +128,7 @@ def measure(blob: bytes, digest: str, grid: Grid, timing: TimingSettings, consen
             records = []
             failures.failures.append(FailedConfiguration("", "", "", stage="measure", error=str(exc)))
     where = {"node": ray.get_runtime_context().get_node_id(), "unpack_s": unpacked - started,
-             "task_s": time.perf_counter() - started}
+             "task_s": time.perf_counter() - started, "began": began, "ended": time.time()}
     return ([dataclasses.replace(r, profile=profile) for r in records],
             [dataclasses.replace(f, profile=profile) for f in failures.failures], where)
 
@@ -143,6 +145,9 @@ class ProfileTally:
     #: seconds per landed task: as measured inside it, and from submission to landing
     task_s: list[float] = dataclasses.field(default_factory=list)
     wall_s: list[float] = dataclasses.field(default_factory=list)
+    #: (node, began, ended) of each landed task, by the machine's wall clock: the gaps between one
+    #: machine's tasks are what the fleet costs per configuration
+    spans: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
 
     def line(self, profile: str) -> str:
         running = min(self.pending, self.nodes)
@@ -213,15 +218,18 @@ def run_fleet(
     progress(f"{total} configurations on {len(profiles)} profiles ({', '.join(t.line(p) for p, t in tallies.items())})")
     finished: set[str] = set()
 
-    def land(c: Configuration, records, failures, seconds: float | None, submitted: float, node: str = "") -> None:
+    def land(c: Configuration, records, failures, seconds: float | None, submitted: float, where=None) -> None:
         tally = tallies[c.profile]
         tally.pending -= 1
         tally.done += 1
         tally.records += records
         tally.failures += [f if f.model else c.failed(f.error) for f in failures]
+        node = where["node"] if where else ""
         if seconds is not None:
             tally.task_s.append(seconds)
             tally.wall_s.append(time.perf_counter() - submitted)
+        if where:
+            tally.spans.append((node, where["began"], where["ended"]))
         landed = sum(t.done for t in tallies.values())
         what = f"{len(records)} rows" + (f", failed: {failures[0].error}" if failures else "")
         on = f" on node {node[:12]}" if node else ""
@@ -241,7 +249,7 @@ def run_fleet(
                 c, submitted = pending.pop(ref)
                 try:
                     records, failures, where = ray.get(ref)
-                    land(c, records, failures, where["task_s"], submitted, where["node"])
+                    land(c, records, failures, where["task_s"], submitted, where)
                 except ray.exceptions.RayTaskError as exc:  # deploykit itself failed inside the task
                     land(c, [], [c.failed(_first_line(exc.cause if exc.cause is not None else exc))], None, submitted)
                 except ray.exceptions.RayError as exc:  # the worker or its machine died mid-configuration
