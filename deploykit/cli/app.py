@@ -199,8 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="join this machine to a benchmarking fleet (a Ray cluster), or list the fleet",
                        description="A fleet is a Ray cluster whose machines advertise their deploykit hardware "
-                       "profile; `deploykit bench --cluster ADDRESS --profiles a,b` runs on them. Needs "
-                       "deploykit[fleet].")
+                       "profile; `deploykit bench` runs on them with its fleet options. Needs deploykit[fleet].")
     worker_sub = p.add_subparsers(dest="worker_command", metavar="ACTION", parser_class=_Parser, required=True)
     q = worker_sub.add_parser("start", help="`ray start` for this machine, advertising its profile (and GPUs)")
     q.add_argument("--address", metavar="HEAD", help="the head to join (host:port); without it, start the head here")
