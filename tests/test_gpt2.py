@@ -39,6 +39,43 @@ def test_export_writes_both_graphs_and_checks_them(tiny):
     assert m.metrics["perplexity"] > 1
 
 
+def _external_bytes(directory, names):
+    """Bytes the graphs' initializers refer to in external data, and the data files they name."""
+    import onnx
+
+    referenced, files = 0, set()
+    for name in names:
+        for tensor in onnx.load(str(directory / name), load_external_data=False).graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                entries = {e.key: e.value for e in tensor.external_data}
+                referenced += int(entries["length"])
+                files.add(entries["location"])
+    return referenced, files
+
+
+def _largest_inline_bytes(directory, names):
+    import onnx
+    from onnx import numpy_helper
+
+    return max(numpy_helper.to_array(t).nbytes for name in names
+               for t in onnx.load(str(directory / name), load_external_data=False).graph.initializer
+               if t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_both_decoder_graphs_share_one_copy_of_the_weights(tmp_path, quantize):
+    """optimum writes every weight into both graphs; the artifact keeps one copy they both point into."""
+    result = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.5), "dense", tmp_path / "a", quantize=quantize)
+    m = result.manifest
+    graphs = ("decoder.onnx", "decoder_with_past.onnx")
+    referenced, files = _external_bytes(result.directory, graphs)
+    assert files == {"graphs.weights"} and m.files["graphs.weights"] < 0.55 * referenced  # each weight once
+    assert _largest_inline_bytes(result.directory, graphs) < 1024  # every larger tensor is in the shared file
+    assert m.onnx_parity_error <= 1e-4
+    records = bench_artifact(result.directory, Grid(runtimes=("onnxruntime",)), FAST)
+    assert records and all(r.disk_bytes >= m.files["graphs.weights"] for r in records)
+
+
 def test_onnxruntime_greedy_tokens_are_transformers_generate_tokens(tiny):
     model, _ = load_torch_model(tiny.directory, for_runtime=False)
     hf = model.model

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from deploykit.convert.quantize import QUANTIZERS, error_statistics, token_agreement
+from deploykit.convert.shared_weights import SHARED_WEIGHTS_FILE, share_weights
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.ort import ort_session
 from deploykit.model.artifact import MANIFEST_FILE, ONNX_FILE, file_sizes
@@ -82,10 +83,13 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
     references = [reference_of(f) for f in feeds]  # the float model, before anything changes
 
     progress(f"quantizing: {quantizer.description}" + (", per channel" if per_channel else ""))
-    for name in [name for name in manifest.files if name.endswith(".onnx")]:
+    graphs = [name for name in manifest.files if name.endswith(".onnx")]
+    for name in graphs:
         quantized = directory / f".{name}.int8"
         quantizer.onnx(directory / name, quantized, per_channel, calibration)
         quantized.replace(directory / name)
+    if SHARED_WEIGHTS_FILE in manifest.files:  # the quantized graphs hold their weights inline: share them again
+        share_weights(directory, graphs)
     record = {"scheme": scheme, "description": quantizer.description, "per_channel": per_channel, "data": data}
     manifest = dataclasses.replace(manifest, quantization=record, files=file_sizes(directory))
     write_text_atomic(directory / MANIFEST_FILE, manifest.to_json())  # the torch loader reads it

@@ -6,7 +6,8 @@ any local directory whose task is text-generation: GPT-2, Llama, ...), possibly 
 masks stripped, or MLP blocks and GPT-2's attention heads shrunk by dense-shrunk (heads: the same
 number in every layer, which optimum's cache inputs need). optimum traces the transformers model
 with its architecture's `OnnxConfig` into `decoder_with_past.onnx` ("text-generation-with-past") and
-`decoder.onnx` ("text-generation"). The export is accepted only when onnxruntime reproduces PyTorch:
+`decoder.onnx` ("text-generation"), both pointing into one file of the weights they share
+(`deploykit.convert.shared_weights`). The export is accepted only when onnxruntime reproduces PyTorch:
 logits of the prompt, of a cached step and of the full sequence within tolerance, and exactly the
 same greedy tokens.
 
@@ -27,6 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from deploykit.convert.shared_weights import share_weights
 from deploykit.core.errors import UsageError
 from deploykit.model.artifact import WEIGHTS_FILE
 from deploykit.model.hf import Seq2SeqLM, TorchCausalLM, TorchSeq2SeqLM, decoder_start, hf_model, max_positions
@@ -73,6 +75,7 @@ def export_causal_lm(model: nn.Module, directory: Path, opset: int, tolerance: f
               "max_positions": max_positions(hf.config)}
     (directory / TEXTGEN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     sparse_initializers = sparse_files(directory, (WITH_PAST_FILE, NO_PAST_FILE)) if sparse else {}
+    share_weights(directory, (WITH_PAST_FILE, NO_PAST_FILE))  # optimum wrote every weight into both
     errors = check_generation(TorchCausalLM(model), OrtCausalLM(directory), hf.config.vocab_size, tolerance)
     return ExportedGenerator(errors, sparse_initializers)
 
@@ -89,6 +92,7 @@ def export_seq2seq(model: nn.Module, directory: Path, opset: int, tolerance: flo
               "vocab_size": hf.config.vocab_size, "exporter": "optimum", "max_positions": max_positions(hf.config)}
     (directory / T2T_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     sparse_initializers = sparse_files(directory, GRAPH_KEYS.values()) if sparse else {}
+    share_weights(directory, GRAPH_KEYS.values())  # both decoders hold the same weights (T5: the encoder's embedding too)
     errors = check_generation(TorchSeq2SeqLM(model), OrtSeq2SeqLM(directory), hf.config.vocab_size, tolerance)
     return ExportedGenerator(errors, sparse_initializers)
 

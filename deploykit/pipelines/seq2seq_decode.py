@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deploykit.convert.shared_weights import with_shared_weights
 from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import ArtifactError
 from deploykit.core.ort import CPU_PROVIDER, ort_session
@@ -75,4 +76,4 @@ def load_onnxruntime(directory: Path, threads: int, target: Target) -> Generatio
 
     lm = OrtSeq2SeqLM(directory, threads, target.device, target.graph_optimization)
     info = RuntimeInfo("onnxruntime", ort.__version__, threads, lm.sessions["encoder"].get_providers()[0])
-    return GenerationSession(lm, info, [lm.config[key] for key in GRAPH_KEYS])
+    return GenerationSession(lm, info, with_shared_weights(directory, [lm.config[key] for key in GRAPH_KEYS]))

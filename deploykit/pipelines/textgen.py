@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from deploykit.convert.shared_weights import with_shared_weights
 from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import UsageError
 from deploykit.core.ort import CPU_PROVIDER, ort_session
@@ -155,4 +156,4 @@ def load_onnxruntime(directory: Path, threads: int, target: Target) -> Generatio
 
     lm = OrtCausalLM(directory, threads, target.device, target.graph_optimization)
     info = RuntimeInfo("onnxruntime", ort.__version__, threads, lm.with_past.get_providers()[0])
-    return GenerationSession(lm, info, [lm.config["with_past"]])
+    return GenerationSession(lm, info, with_shared_weights(directory, [lm.config["with_past"], lm.config["no_past"]]))
