@@ -122,3 +122,19 @@ def test_torchvision_vit_loses_heads_exactly_and_loads_back(tmp_path):
     model, _ = load_torch_model(result.directory, spec=spec)
     assert isinstance(model.encoder.layers[0].self_attention, HeadPrunedAttention)
     assert sum(p.numel() for p in model.parameters()) == m.parameters
+
+
+def test_a_transformer_encoder_layer_runs_its_standard_path_around_the_pruned_heads():
+    """torch's TransformerEncoderLayer reads its attention's packed projections to choose a fused fast
+    path; around the pruned module it takes its standard path, which computes the same."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=32, batch_first=True).eval()
+    _zero_heads(layer.self_attn, [0, 3])
+    x = torch.randn(B, L, E)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.self_attn = handler_for(layer.self_attn).remove(layer.self_attn, [0, 3])
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        padding = torch.zeros(B, L, dtype=torch.bool)
+        padding[:, -1] = True
+        assert layer(x, src_key_padding_mask=padding).shape == (B, L, E)

@@ -198,7 +198,8 @@ def add_conversion(p: argparse.ArgumentParser) -> None:
                    help=f"max abs error allowed between onnxruntime and PyTorch (default {ONNX_TOLERANCE:g})")
     g.add_argument("--strict", action="store_true",
                    help="fail (exit 1) where the export's checks prove little: an output that is zero or the same "
-                   "for every parity input (otherwise a warning)")
+                   "for every parity input; and where --quantize made the model slower than float under onnxruntime "
+                   "or worse beyond tolerance (otherwise warnings)")
     g.add_argument("--save-optimized", choices=GRAPH_OPTIMIZATIONS, metavar="LEVEL",
                    help="also save each ONNX graph as onnxruntime rewrites it at LEVEL, as <name>.<LEVEL>.onnx beside "
                    f"it ({names(GRAPH_OPTIMIZATIONS)}: disabled is the graph as onnxruntime loads it, unrewritten; "

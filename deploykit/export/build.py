@@ -223,7 +223,7 @@ def export_artifact(
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if quantize is not None:  # measured against the float artifact, which is complete at this point
             # the source record was made this run from the user's own spec: its entry point may run
-            manifest = quantize_artifact(tmp, manifest, quantize, per_channel, progress, consent_of(source))
+            manifest = quantize_artifact(tmp, manifest, quantize, per_channel, progress, consent_of(source), strict)
             write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if save_optimized is not None:  # of the graphs as shipped (quantized, if they are)
             progress(f"saving onnxruntime's {save_optimized}-optimised graphs")

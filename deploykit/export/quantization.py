@@ -9,14 +9,18 @@ for pipelines that generate, and the change in the model's own metric where it h
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from deploykit.convert.kernel_choice import Round, time_interleaved
 from deploykit.convert.quantize import QUANTIZERS, error_statistics, token_agreement
 from deploykit.convert.shared_weights import SHARED_WEIGHTS_FILE, share_weights
-from deploykit.core.fsutil import write_text_atomic
+from deploykit.core.errors import QualityError
+from deploykit.core.fsutil import scratch_directory, write_text_atomic
+from deploykit.core.measure import measure
 from deploykit.core.ort import ort_session
 from deploykit.model.artifact import MANIFEST_FILE, ONNX_FILE, file_sizes
 from deploykit.model.sources import spec_for_artifact
@@ -70,11 +74,86 @@ def _data(spec, manifest, directory, pipeline: Pipeline) -> tuple[list[dict], li
     return calibration, measured, "random example inputs (the model has no data of its own)"
 
 
+#: what a quantized model may lose before the export says so: metric -> (direction, allowed change):
+#: higher-is-better metrics by absolute points, perplexity by its relative rise
+METRIC_TOLERANCES = {"accuracy": (1, 0.01), "bleu": (1, 1.0), "perplexity": (-1, 0.05)}
+#: greedy tokens the quantized model must agree on with the float one (a generating pipeline)
+MIN_TOKEN_AGREEMENT = 0.95
+#: int8 must take at least 1 + SLOWER (or at most 1 - FASTER) of float's time in every round to be called so
+SLOWER = FASTER = 0.10
+#: interleaved float/int8 rounds under onnxruntime, each at least this long and this many calls
+SPEED_ROUNDS, ROUND_MIN_TIME_S, ROUND_MIN_CALLS = 5, 0.05, 3
+
+
+def _timed_call(call) -> Round:
+    m = measure(call, warmup_s=0.0, min_time_s=ROUND_MIN_TIME_S, min_iters=ROUND_MIN_CALLS)
+    return Round(m.median_ms, m.percentile_ms(0))
+
+
+def speed_verdict(float_rounds: Sequence[Round], int8_rounds: Sequence[Round]) -> dict:
+    """Whether int8 is faster or slower than float, from interleaved rounds: only a difference seen in
+    every round, with no round preempted, counts (a burst of other load cannot make it); anything else
+    is "no clear difference", and says when noise was why."""
+    ratios = [q.median_ms / f.median_ms for f, q in zip(float_rounds, int8_rounds) if f.median_ms > 0]
+    preempted = sum(r.preempted for r in (*float_rounds, *int8_rounds))
+    median = sorted(ratios)[len(ratios) // 2] if ratios else None
+    if ratios and not preempted and all(r >= 1 + SLOWER for r in ratios):
+        verdict = "slower"
+    elif ratios and not preempted and all(r <= 1 - FASTER for r in ratios):
+        verdict = "faster"
+    else:
+        verdict = "no clear difference"
+    return {"verdict": verdict, "int8_over_float": median, "rounds": len(ratios), "preempted_rounds": preempted,
+            "float_rounds_ms": [r.median_ms for r in float_rounds], "int8_rounds_ms": [r.median_ms for r in int8_rounds]}
+
+
+def quality_warnings(record: dict, float_metrics: dict[str, float]) -> list[str]:
+    """One line per way the quantized model is worse beyond tolerance, or slower, than the float one."""
+    out = []
+    speed = record.get("speed")
+    if speed and speed["verdict"] == "slower":
+        out.append(f"int8 is slower than float under onnxruntime: {speed['int8_over_float']:.2f}x its time in all "
+                   f"{speed['rounds']} interleaved rounds")
+    for runtime, agreement in record.get("greedy_token_agreement", {}).items():
+        if agreement < MIN_TOKEN_AGREEMENT:
+            out.append(f"int8 under {runtime} agrees with float on {100 * agreement:.0f}% of greedy tokens "
+                       f"(below {100 * MIN_TOKEN_AGREEMENT:.0f}%)")
+    for runtime, values in record.get("metrics", {}).items():
+        for name, value in values.items():
+            if name not in METRIC_TOLERANCES or name not in float_metrics:
+                continue
+            direction, allowed = METRIC_TOLERANCES[name]
+            before = float_metrics[name]
+            lost = (before - value) if direction > 0 else (value - before) / before if before else 0.0
+            if lost > allowed:
+                out.append(f"int8 under {runtime}: {name} {value:.4g} against float's {before:.4g}, beyond the "
+                           f"{allowed:g}{'' if direction > 0 else ' relative'} it may lose")
+    return out
+
+
 def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool, progress,
-                      consent: Sequence[str] = ()) -> object:
+                      consent: Sequence[str] = (), strict: bool = False) -> object:
     """Quantize the ONNX graphs of the finished artifact in `directory` in place, and measure what
-    that costs on each runtime against the float model. Returns the manifest to write. `consent`:
-    the entry points the artifact may import to rebuild its PyTorch model (the one it was exported from)."""
+    that costs on each runtime against the float model: output error, greedy-token agreement, the
+    model's metric, and onnxruntime's speed against the float graphs (interleaved). A quantized model
+    that is slower or worse beyond tolerance says so (manifest warnings, a line each); with `strict`
+    that is an error. Returns the manifest to write. `consent`: the entry points the artifact may
+    import to rebuild its PyTorch model (the one it was exported from)."""
+    with scratch_directory("float") as float_copy:
+        for name in manifest.files:  # the float artifact, for the speed comparison
+            shutil.copy2(directory / name, float_copy / name)
+        shutil.copy2(directory / MANIFEST_FILE, float_copy / MANIFEST_FILE)
+        manifest = _quantize(directory, manifest, scheme, per_channel, progress, consent, float_copy)
+    warnings = quality_warnings(manifest.quantization, manifest.metrics)
+    for warning in warnings:
+        progress(f"warning: {warning}")
+    if warnings and strict:
+        raise QualityError(f"{manifest.model}: {warnings[0]} (--strict)")
+    return dataclasses.replace(manifest, warnings=[*manifest.warnings, *warnings])
+
+
+def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progress, consent: Sequence[str],
+              float_copy: Path):
     quantizer = QUANTIZERS.get(scheme)
     pipeline = PIPELINES.get(manifest.pipeline)
     spec = spec_for_artifact(directory, manifest, consent)
@@ -103,6 +182,12 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
         record["greedy_token_agreement"] = {
             runtime: float(np.mean([token_agreement(r[-1], o[-1]) for r, o in zip(references, outs)]))
             for runtime, outs in outputs.items()}
+    progress("timing int8 against float under onnxruntime (interleaved rounds)")
+    float_session = pipeline.load("onnxruntime", float_copy, 1, consent=consent)
+    quantized_session = sessions["onnxruntime"]
+    timings = time_interleaved(lambda: float_session.run(feeds[0]), lambda: quantized_session.run(feeds[0]),
+                               rounds=SPEED_ROUNDS, timer=_timed_call)
+    record["speed"] = speed_verdict(timings.dense, timings.csr)
     if spec.evaluate is not None:
         # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it
         # where the artifact is that one call (a generating pipeline's graphs are not)

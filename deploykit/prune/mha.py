@@ -37,6 +37,15 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 class HeadPrunedAttention(nn.Module):
     """The kept heads of an `nn.MultiheadAttention` (see the module docstring)."""
 
+    # What modules around an nn.MultiheadAttention read of it (torch's TransformerEncoderLayer decides
+    # on its fused fast path by them): there are no packed projections here, which sends them down
+    # their standard path, the one that calls this module.
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
+    bias_k = bias_v = None
+    add_zero_attn = False
+
     def __init__(self, embed_dim: int, kdim: int, vdim: int, head_dim: int, heads: Sequence[int], total_heads: int,
                  bias: bool, dropout: float, batch_first: bool):
         super().__init__()
