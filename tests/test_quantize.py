@@ -10,8 +10,8 @@ from deploykit.bench.runner import bench_artifact
 from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.convert.quantize import conv1d_to_linear, error_statistics, gemm_to_matmul, token_agreement
 from deploykit.core.errors import UsageError
-from deploykit.export.build import export_artifact
 from deploykit.export import quantization
+from deploykit.export.build import export_artifact
 from deploykit.export.quantization import AGREEMENT_INPUTS
 from deploykit.pipelines.catalog import PIPELINES
 from deploykit.prune.base import PruningPlan
