@@ -44,7 +44,7 @@ from deploykit.model.spec import ModelSpec
 from deploykit.prune.base import PruningPlan
 
 Progress = Callable[[str], None]
-#: how often the driver looks for profiles whose machines are all gone while it waits
+#: how often the driver looks for profiles whose machines are all gone
 POLL_S = 2.0
 
 
@@ -243,6 +243,7 @@ def run_fleet(
         for p in [p for p, t in tallies.items() if t.pending == 0]:  # nothing to run (every export failed)
             finished.add(p)
             on_profile_done(p, tallies[p], "failed" if tallies[p].failures else "complete")
+        checked = time.perf_counter()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             for ref in ready:
@@ -255,8 +256,9 @@ def run_fleet(
                 except ray.exceptions.RayError as exc:  # the worker or its machine died mid-configuration
                     land(c, [], [c.failed(f"the machine's worker died mid-configuration ({type(exc).__name__}: "
                                           f"{_first_line(exc)})")], None, submitted)
-            if not ready:
+            if time.perf_counter() - checked >= POLL_S:  # also while other profiles keep landing results
                 _give_up_on_lost_profiles(ray, pending, tallies, land)
+                checked = time.perf_counter()
     except KeyboardInterrupt:
         for ref, (c, submitted) in list(pending.items()):
             ray.cancel(ref, force=True)
