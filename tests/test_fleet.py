@@ -206,3 +206,28 @@ def test_worker_start_is_ray_start_with_the_profile_as_a_resource():
 def test_fleet_commands_refuse_bad_input_in_one_line(cli, argv, message):
     result = cli(*argv)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_a_profile_whose_machines_all_die_is_accounted_for_while_another_runs_on(cluster):
+    """Every beta machine killed when alpha lands its first result: beta's running configuration is a
+    failed row, its queued ones "not run" (found while alpha keeps landing), alpha finishes."""
+    c, _ = cluster
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        def progress(message: str) -> None:
+            if re.search(r"\] alpha on node", message):
+                for node in list(c.worker_nodes):  # the head is alpha; every other node is a beta
+                    c.remove_node(node)
+
+        plans = [PruningPlan("magnitude", s) for s in (0.0, 0.3, 0.6, 0.9)]
+        tallies = run_fleet(ray, ["alpha", "beta"], resolve_model("lenet-300-100"), plans, ["dense"],
+                            Grid(runtimes=("onnxruntime",)), TimingSettings(warmup_s=0.0, min_time_s=0.5, min_iters=5,
+                                                                           rounds=1),
+                            progress, lambda *_: None)
+    finally:
+        ray.shutdown()
+    alpha, beta = tallies["alpha"], tallies["beta"]
+    assert len(alpha.records) == 4 and not alpha.failures
+    accounted = [r.prune for r in beta.records] + [f.prune for f in beta.failures]
+    assert sorted(accounted) == sorted(p.label() for p in plans)  # each once
+    assert any(f.error.startswith("not run: no machine of profile beta") or "died" in f.error for f in beta.failures)
