@@ -92,6 +92,16 @@ def test_removing_zeroed_heads_leaves_the_output_unchanged(mask):
     _zero = pruned.v_proj.weight.detach().clone()
     assert again.remove(pruned, []) is None and torch.equal(pruned.v_proj.weight, _zero)
     torch.testing.assert_close(pruned(x, x, x, need_weights=False)[0], x_ref)
+    with torch.no_grad():  # its second head (original 3) zeroed, as the pruners' masks leave it, then removed
+        for projection in (pruned.q_proj, pruned.k_proj, pruned.v_proj):
+            projection.weight[4:] = 0
+            projection.bias[4:] = 0
+        masked = pruned(x, memory, memory, need_weights=False, **kwargs)[0]
+        again.remove(pruned, [1])
+        assert (pruned.num_heads, pruned.q_proj.out_features, pruned.out_proj.in_features) == (1, 4, 4)
+        assert pruned.heads.tolist() == [0]
+        torch.testing.assert_close(pruned(x, memory, memory, need_weights=False, **kwargs)[0], masked,
+                                   atol=1e-6, rtol=1e-5)
 
 
 def test_modules_whose_heads_cannot_be_taken_apart_keep_them():

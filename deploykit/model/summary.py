@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from deploykit.core.hooks import run_forward
+from deploykit.core.hooks import class_path, run_forward
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> str:
@@ -37,15 +37,11 @@ _SHAPES_BY_PATH: dict[str, Callable[[nn.Module], str]] = {
 }
 
 
-def _path(module: nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
 def describe(module: nn.Module) -> str:
     for kind, fmt in _SHAPES.items():
         if isinstance(module, kind):
             return fmt(module)
-    by_path = _SHAPES_BY_PATH.get(_path(module))
+    by_path = _SHAPES_BY_PATH.get(class_path(type(module)))
     if by_path is not None:
         return by_path(module)
     shapes = ", ".join(f"{n}={list(p.shape)}" for n, p in module.named_parameters(recurse=False))
@@ -59,7 +55,7 @@ def module_shapes(model: nn.Module) -> dict[str, str]:
         if not name:
             continue
         owns = any(True for _ in module.parameters(recurse=False))
-        if owns or isinstance(module, tuple(_SHAPES)) or _path(module) in _SHAPES_BY_PATH:
+        if owns or isinstance(module, tuple(_SHAPES)) or class_path(type(module)) in _SHAPES_BY_PATH:
             out[name] = describe(module)
     return out
 

@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from deploykit.core.hooks import class_path
 from deploykit.prune.mha import HeadPrunedAttention
 from deploykit.prune.slices import Slice, SliceGroup
 
@@ -132,6 +133,17 @@ HEAD_COUNT = ("num_attention_heads", "n_heads", "num_heads")
 HEAD_SIZE = ("attention_head_size", "head_dim", "dim_per_head", "key_value_proj_dim")
 
 
+def _row_slices(name: str, module: nn.Module, param: str, offset: int, heads: int, d: int) -> list[Slice]:
+    """Slices of rows offset + h*d .. offset + (h+1)*d of `module.<param>`, head h the unit."""
+    return [Slice(name, module, param, 0, offset + h * d + i, h) for h in range(heads) for i in range(d)]
+
+
+def _projection_slices(name: str, linear: nn.Linear, heads: int, d: int) -> list[Slice]:
+    """Slices of a Linear projection into `heads` units of `d` rows each: its weight's rows and its bias's."""
+    return [s for param in ("weight", "bias") if getattr(linear, param) is not None
+            for s in _row_slices(name, linear, param, 0, heads, d)]
+
+
 def _heads_layout(block: nn.Module) -> tuple[nn.Module, str, tuple[str, str, str]] | None:
     """(the module holding the head count, its path in `block`, q/k/v names) of an attention module
     of transformers that prunes its own heads, or None where its layout is not one of these."""
@@ -179,16 +191,8 @@ class TransformersHeads(BlockHandler):
 
     def slices(self, block_name, block):
         holder, path, names, heads, d = self._holder(block)
-        out = []
-        for name in names:
-            linear = getattr(holder, name)
-            full = f"{block_name}.{path}.{name}" if path else f"{block_name}.{name}"
-            for h in range(heads):
-                for row in range(h * d, (h + 1) * d):
-                    out.append(Slice(full, linear, "weight", 0, row, h))
-                    if linear.bias is not None:
-                        out.append(Slice(full, linear, "bias", 0, row, h))
-        return out
+        prefix = f"{block_name}.{path}" if path else block_name
+        return [s for name in names for s in _projection_slices(f"{prefix}.{name}", getattr(holder, name), heads, d)]
 
     def remove(self, block, units):
         # prune_heads numbers heads as in the original model, skipping heads pruned earlier
@@ -227,16 +231,9 @@ class ReshapedHeads(BlockHandler):
         return block.head_dim
 
     def slices(self, block_name, block):
-        d = block.head_dim
-        out = []
-        for name in self.PROJECTIONS:
-            linear = getattr(block, name)
-            for h in range(self.size(block)):
-                for row in range(h * d, (h + 1) * d):
-                    out.append(Slice(f"{block_name}.{name}", linear, "weight", 0, row, h))
-                    if linear.bias is not None:
-                        out.append(Slice(f"{block_name}.{name}", linear, "bias", 0, row, h))
-        return out
+        return [s for name in self.PROJECTIONS
+                for s in _projection_slices(f"{block_name}.{name}", getattr(block, name), self.size(block),
+                                            block.head_dim)]
 
     def remove(self, block, units):
         from transformers.pytorch_utils import prune_linear_layer
@@ -253,11 +250,6 @@ class ReshapedHeads(BlockHandler):
 
 
 RESHAPED_HEADS = ReshapedHeads()
-
-
-def _row_slices(name: str, module: nn.Module, param: str, offset: int, heads: int, d: int) -> list[Slice]:
-    """Slices of rows offset + h*d .. offset + (h+1)*d of `module.<param>`, head h the unit."""
-    return [Slice(name, module, param, 0, offset + h * d + i, h) for h in range(heads) for i in range(d)]
 
 
 class MultiheadAttentionHeads(AttributeHeads):
@@ -296,12 +288,9 @@ class PrunedAttentionHeads(AttributeHeads):
     root = "out_proj"
 
     def slices(self, block_name, block):
-        out = []
-        for name in ("q_proj", "k_proj", "v_proj"):
-            linear = getattr(block, name)
-            for param in ("weight", "bias") if linear.bias is not None else ("weight",):
-                out += _row_slices(f"{block_name}.{name}", linear, param, 0, block.num_heads, block.head_dim)
-        return out
+        return [s for name in ("q_proj", "k_proj", "v_proj")
+                for s in _projection_slices(f"{block_name}.{name}", getattr(block, name), block.num_heads,
+                                            block.head_dim)]
 
     def remove(self, block, units):
         block.remove(units)
@@ -349,16 +338,11 @@ class GroupedQueryHeads(BlockHandler):
                 [g * d + i for g in units for i in range(d)])
 
     def slices(self, block_name, block):
-        out = []
-        for g in range(self.size(block)):
-            query, key_value = self._rows(block, [g])
-            for name, rows in (("q_proj", query), ("k_proj", key_value), ("v_proj", key_value)):
-                linear = getattr(block, name)
-                for row in rows:
-                    out.append(Slice(f"{block_name}.{name}", linear, "weight", 0, row, g))
-                    if linear.bias is not None:
-                        out.append(Slice(f"{block_name}.{name}", linear, "bias", 0, row, g))
-        return out
+        # a unit's query rows are contiguous: its num_key_value_groups query heads side by side
+        kv, d = self.size(block), block.head_dim
+        widths = {"q_proj": d * block.num_key_value_groups, "k_proj": d, "v_proj": d}
+        return [s for name, width in widths.items()
+                for s in _projection_slices(f"{block_name}.{name}", getattr(block, name), kv, width)]
 
     def remove(self, block, units):
         from transformers.pytorch_utils import prune_linear_layer
@@ -387,7 +371,7 @@ def handler_for(module: nn.Module) -> BlockHandler | None:
     """The handler of a block: by class path, else by the interface (`MultiheadAttentionHeads`,
     `TransformersHeads`, `ReshapedHeads`, `GroupedQueryHeads`: their `applies`)."""
     cls = type(module)
-    handler = HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
+    handler = HANDLERS.get(class_path(cls))
     if handler is None and MultiheadAttentionHeads.applies(module):
         return MULTIHEAD_ATTENTION_HEADS
     if handler is None and cls.__module__.startswith("transformers."):

@@ -34,6 +34,21 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
+def _narrowed(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A copy of `linear` keeping output rows (`dim` 0) or input columns (`dim` 1) `index`. (transformers'
+    `prune_linear_layer` does this, but transformers is not a dependency of torch models.)"""
+    weight = linear.weight.detach().index_select(dim, index)
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if bias is not None and dim == 0:
+        bias = bias[index]
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).to(weight)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new
+
+
 class HeadPrunedAttention(nn.Module):
     """The kept heads of an `nn.MultiheadAttention` (see the module docstring)."""
 
@@ -95,20 +110,8 @@ class HeadPrunedAttention(nn.Module):
         drop = set(units)
         kept = [u for u in range(self.num_heads) if u not in drop]
         rows = torch.tensor([u * self.head_dim + i for u in kept for i in range(self.head_dim)], dtype=torch.long)
-        with torch.no_grad():
-            for name in ("q_proj", "k_proj", "v_proj"):
-                old = getattr(self, name)
-                new = nn.Linear(old.in_features, len(rows), bias=old.bias is not None).to(old.weight)
-                new.weight.copy_(old.weight[rows])
-                if old.bias is not None:
-                    new.bias.copy_(old.bias[rows])
-                setattr(self, name, new)
-            old = self.out_proj
-            new = nn.Linear(len(rows), old.out_features, bias=old.bias is not None).to(old.weight)
-            new.weight.copy_(old.weight[:, rows])
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
-            self.out_proj = new
+        self.q_proj, self.k_proj, self.v_proj = (_narrowed(p, rows, 0) for p in (self.q_proj, self.k_proj, self.v_proj))
+        self.out_proj = _narrowed(self.out_proj, rows, 1)
         self.heads = self.heads[kept]
         self.num_heads = len(kept)
 
