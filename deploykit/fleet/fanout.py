@@ -112,23 +112,21 @@ class Configuration:
 def measure(blob: bytes, digest: str, grid: Grid, timing: TimingSettings, consent: Sequence[str],
             profile: str) -> tuple[list[BenchRecord], list[FailedConfiguration], dict]:
     """The body of one task, on the machine: unpack, bench the one grid point, name the profile.
-    Returns (records, failures, where: the node and its timings of unpacking and measuring)."""
+    Returns (records, failures, where: the node, the task's own seconds and its span by wall clock)."""
     import ray
 
     began = time.time()  # wall clock: comparable across the machine's tasks (the driver orders them by it)
     started = time.perf_counter()
     failures = FailureSink()
     with scratch_directory("fleet") as tmp:
-        unpacked = time.perf_counter()
         try:
             directory = unpack_artifact(blob, digest, tmp)
-            unpacked = time.perf_counter()
             records = bench_artifact(directory, grid, timing, consent=consent, failures=failures)
         except DeployKitError as exc:
             records = []
             failures.failures.append(FailedConfiguration("", "", "", stage="measure", error=str(exc)))
-    where = {"node": ray.get_runtime_context().get_node_id(), "unpack_s": unpacked - started,
-             "task_s": time.perf_counter() - started, "began": began, "ended": time.time()}
+    where = {"node": ray.get_runtime_context().get_node_id(), "task_s": time.perf_counter() - started,
+             "began": began, "ended": time.time()}
     return ([dataclasses.replace(r, profile=profile) for r in records],
             [dataclasses.replace(f, profile=profile) for f in failures.failures], where)
 
@@ -142,9 +140,8 @@ class ProfileTally:
     done: int = 0
     records: list[BenchRecord] = dataclasses.field(default_factory=list)
     failures: list[FailedConfiguration] = dataclasses.field(default_factory=list)
-    #: seconds per landed task: as measured inside it, and from submission to landing
+    #: seconds per landed task, as measured inside it
     task_s: list[float] = dataclasses.field(default_factory=list)
-    wall_s: list[float] = dataclasses.field(default_factory=list)
     #: (node, began, ended) of each landed task, by the machine's wall clock: the gaps between one
     #: machine's tasks are what the fleet costs per configuration
     spans: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
@@ -208,27 +205,25 @@ def run_fleet(
     for p in profiles:
         tallies[p].failures += [dataclasses.replace(f, profile=p) for f in export_failures]
     task = ray.remote(max_calls=max_calls, max_retries=0)(measure)
-    pending: dict = {}  # ObjectRef -> (configuration, submitted at)
+    pending: dict = {}  # ObjectRef -> its configuration
     for c in configurations(shipped, profiles, grid):
         ref = task.options(resources={profile_resource(c.profile): 1}, name=f"deploykit-bench {c.profile}").remote(
             c.shipped.ref, c.shipped.digest, c.grid(grid), timing, c.shipped.consent, c.profile)
-        pending[ref] = (c, time.perf_counter())
+        pending[ref] = c
         tallies[c.profile].pending += 1
     total = len(pending)
     progress(f"{total} configurations on {len(profiles)} profiles ({', '.join(t.line(p) for p, t in tallies.items())})")
     finished: set[str] = set()
 
-    def land(c: Configuration, records, failures, seconds: float | None, submitted: float, where=None) -> None:
+    def land(c: Configuration, records, failures, where=None) -> None:
         tally = tallies[c.profile]
         tally.pending -= 1
         tally.done += 1
         tally.records += records
         tally.failures += [f if f.model else c.failed(f.error) for f in failures]
         node = where["node"] if where else ""
-        if seconds is not None:
-            tally.task_s.append(seconds)
-            tally.wall_s.append(time.perf_counter() - submitted)
         if where:
+            tally.task_s.append(where["task_s"])
             tally.spans.append((node, where["began"], where["ended"]))
         landed = sum(t.done for t in tallies.values())
         what = f"{len(records)} rows" + (f", failed: {failures[0].error}" if failures else "")
@@ -247,20 +242,20 @@ def run_fleet(
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             for ref in ready:
-                c, submitted = pending.pop(ref)
+                c = pending.pop(ref)
                 try:
                     records, failures, where = ray.get(ref)
-                    land(c, records, failures, where["task_s"], submitted, where)
+                    land(c, records, failures, where)
                 except ray.exceptions.RayTaskError as exc:  # deploykit itself failed inside the task
-                    land(c, [], [c.failed(_first_line(exc.cause if exc.cause is not None else exc))], None, submitted)
+                    land(c, [], [c.failed(_first_line(exc.cause if exc.cause is not None else exc))])
                 except ray.exceptions.RayError as exc:  # the worker or its machine died mid-configuration
                     land(c, [], [c.failed(f"the machine's worker died mid-configuration ({type(exc).__name__}: "
-                                          f"{_first_line(exc)})")], None, submitted)
+                                          f"{_first_line(exc)})")])
             if time.perf_counter() - checked >= POLL_S:  # also while other profiles keep landing results
                 _give_up_on_lost_profiles(ray, pending, tallies, land)
                 checked = time.perf_counter()
     except KeyboardInterrupt:
-        for ref, (c, submitted) in list(pending.items()):
+        for ref, c in list(pending.items()):
             ray.cancel(ref, force=True)
             pending.pop(ref)
             tally = tallies[c.profile]
@@ -280,12 +275,11 @@ def _give_up_on_lost_profiles(ray, pending: dict, tallies: dict[str, ProfileTall
     alive = profiles_available(ray)
     for p, tally in tallies.items():
         tally.nodes = alive.get(p, 0)
-    for ref, (c, submitted) in list(pending.items()):
+    for ref, c in list(pending.items()):
         if alive.get(c.profile, 0) == 0:
             ray.cancel(ref, force=True)
             pending.pop(ref)
-            land(c, [], [c.failed(f"not run: no machine of profile {c.profile} is left in the cluster")], None,
-                 submitted)
+            land(c, [], [c.failed(f"not run: no machine of profile {c.profile} is left in the cluster")])
 
 
 def _first_line(exc: BaseException) -> str:
