@@ -29,17 +29,15 @@ MIN_EXTERNAL_BYTES = 1024
 ALIGNMENT = 4096
 
 
-def share_weights(directory: str | Path, names: Sequence[str]) -> dict[str, int]:
+def share_weights(directory: str | Path, names: Sequence[str]) -> None:
     """Put the large initializers of the graphs `names` (files in `directory`) into one shared
-    external-data file, each distinct tensor once; returns {"stored": bytes in the file, "referenced":
-    bytes the graphs refer to} (their ratio is what sharing saved)."""
+    external-data file, each distinct tensor once, and point the graphs at it."""
     import onnx
     from onnx import numpy_helper
 
     directory = Path(directory)
     models = {name: onnx.load(str(directory / name)) for name in names}  # external data loaded, if any
     offsets: dict[str, tuple[int, int]] = {}  # content digest -> (offset, length)
-    referenced = 0
     with atomic_path(directory / SHARED_WEIGHTS_FILE) as tmp, open(tmp, "wb") as data:
         for model in models.values():
             for tensor in model.graph.initializer:
@@ -54,13 +52,11 @@ def share_weights(directory: str | Path, names: Sequence[str]) -> dict[str, int]
                     offsets[digest] = (offset, len(raw))
                 offset, length = offsets[digest]
                 _point_at(tensor, SHARED_WEIGHTS_FILE, offset, length)
-                referenced += length
         data.flush()
         os.fsync(data.fileno())
     for name, model in models.items():
         with atomic_path(directory / name) as tmp:
             onnx.save(model, str(tmp))
-    return {"stored": sum(length for _, length in offsets.values()), "referenced": referenced}
 
 
 def with_shared_weights(directory: str | Path, names: Sequence[str]) -> list[str]:

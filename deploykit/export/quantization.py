@@ -22,7 +22,7 @@ from deploykit.core.errors import QualityError
 from deploykit.core.fsutil import scratch_directory, write_text_atomic
 from deploykit.core.measure import measure
 from deploykit.core.ort import ort_session
-from deploykit.model.artifact import MANIFEST_FILE, ONNX_FILE, file_sizes
+from deploykit.model.artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, file_sizes
 from deploykit.model.sources import spec_for_artifact
 from deploykit.pipelines.base import Pipeline
 from deploykit.pipelines.catalog import PIPELINES
@@ -124,7 +124,10 @@ def quality_warnings(record: dict, float_metrics: dict[str, float]) -> list[str]
                 continue
             direction, allowed = METRIC_TOLERANCES[name]
             before = float_metrics[name]
-            lost = (before - value) if direction > 0 else (value - before) / before if before else 0.0
+            if direction > 0:  # accuracy, BLEU: points lost
+                lost = before - value
+            else:  # perplexity: its relative rise
+                lost = (value - before) / before if before else 0.0
             if lost > allowed:
                 out.append(f"int8 under {runtime}: {name} {value:.4g} against float's {before:.4g}, beyond the "
                            f"{allowed:g}{'' if direction > 0 else ' relative'} it may lose")
@@ -140,10 +143,15 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
     that is an error. Returns the manifest to write. `consent`: the entry points the artifact may
     import to rebuild its PyTorch model (the one it was exported from)."""
     with scratch_directory("float") as float_copy:
-        for name in manifest.files:  # the float artifact, for the speed comparison
-            shutil.copy2(directory / name, float_copy / name)
-        shutil.copy2(directory / MANIFEST_FILE, float_copy / MANIFEST_FILE)
+        # the float artifact as onnxruntime reads it, for the speed comparison: not torch's weights file
+        for name in [*manifest.files, MANIFEST_FILE]:
+            if name != WEIGHTS_FILE:
+                shutil.copy2(directory / name, float_copy / name)
         manifest = _quantize(directory, manifest, scheme, per_channel, progress, consent, float_copy)
+    speed = manifest.quantization["speed"]
+    if speed["verdict"] == "no clear difference" and speed["preempted_rounds"]:
+        progress(f"note: int8 against float under onnxruntime: no verdict, {speed['preempted_rounds']} of "
+                 f"{2 * speed['rounds']} timing rounds preempted (a busy machine)")
     warnings = quality_warnings(manifest.quantization, manifest.metrics)
     for warning in warnings:
         progress(f"warning: {warning}")
@@ -187,7 +195,7 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
     quantized_session = sessions["onnxruntime"]
     timings = time_interleaved(lambda: float_session.run(feeds[0]), lambda: quantized_session.run(feeds[0]),
                                rounds=SPEED_ROUNDS, timer=_timed_call)
-    record["speed"] = speed_verdict(timings.dense, timings.csr)
+    record["speed"] = speed_verdict(timings.dense, timings.csr)  # the first call's rounds, and the second's
     if spec.evaluate is not None:
         # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it
         # where the artifact is that one call (a generating pipeline's graphs are not)
