@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -151,6 +152,9 @@ def test_stores_from_other_machines_merge_once_and_compare_side_by_side(cli, tmp
     (tmp_path / "damaged.sqlite").write_bytes(m1.path.read_bytes()[:4096] + b"\0" * 4096)
     damaged = cli("report", "--store", str(here.path), "--import", str(tmp_path / "damaged.sqlite"))
     assert damaged.returncode == 2 and damaged.stderr.count("\n") == 1 and len(here.runs()) == 3
+    os.mkfifo(tmp_path / "fifo")  # neither a store nor a runs file; reading it would never end
+    fifo = cli("report", "--store", str(here.path), "--import", str(tmp_path / "fifo"))
+    assert fifo.returncode == 2 and "is not a regular file" in fifo.stderr and len(here.runs()) == 3
 
 
 def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):

@@ -196,6 +196,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def read_text(path: str | os.PathLike, what: str, error: type[DeployKitError]) -> str:
     """A UTF-8 text file's contents, or `error` saying in one line why "`what` PATH" cannot be read."""
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO or a device would block or never end
+        raise error(f"{what} {str(path)!r} is not a regular file")
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -342,6 +342,10 @@ class ResultStore:
             if selector not in by_id:
                 raise UsageError(f"no run {selector!r} in the store; runs: {', '.join(by_id)} (or 'last', 'profile:NAME')")
             chosen = by_id[selector]
+        return self.with_records(chosen)
+
+    def with_records(self, chosen: Run) -> Run:
+        """`chosen` (one of `runs()`) with its records and failures."""
         with closing(self._connect(create=False)) as db:
             rows = db.execute("SELECT record FROM records WHERE run_id = ? ORDER BY id", (chosen.id,)).fetchall()
             failed = (db.execute("SELECT record FROM failures WHERE run_id = ? ORDER BY id", (chosen.id,)).fetchall()
@@ -368,7 +372,10 @@ def read_spilled_runs(path: str | Path) -> list[NewRun]:
 
 
 def is_store_file(path: str | Path) -> bool:
-    """Whether `path` is an SQLite file (a results store to import), by its header."""
+    """Whether `path` is an SQLite file (a results store to import), by its header (a regular file:
+    reading a FIFO would block)."""
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
@@ -394,7 +401,7 @@ def read_store_runs(path: str | Path, into: str | Path) -> list[NewRun]:
     other = ResultStore(path)
     out = []
     for summary in other.runs():
-        run = other.run(str(summary.id))
+        run = other.with_records(summary)
         origin = {"store": str(Path(path).resolve()), "run": run.id}
         out.append(NewRun(run.records, run.started_utc, run.status, run.command, run.profile,
                           {"imported_from": origin, **run.conditions}, run.failures, git_revision=run.git_revision,
