@@ -8,6 +8,12 @@ each in a fresh process per runtime, with parity (greedy tokens included) checke
 never emit <eos> early, so every decode produces exactly 20 tokens and the ratios compare runtimes.
 Medians and ratios come from one run on this machine.
 
+A trained model (`espnet-st-small-trained`) is fed utterances of its own task, decodes until <eos>,
+and adds int8 variants (dynamic int8 with its operator types chosen by timing, and every operator
+type) and its BLEU per runtime (the model's evaluation: greedy decoding of held-out 5 s utterances,
+under torch on the rebuilt model and under onnxruntime on the exported graphs), beside the peak
+resident memory of each runtime's benchmark process.
+
 Run: bash .ci/env python benchmarks/espnet_st.py [--model espnet-st] [--json PATH]
 """
 
@@ -26,8 +32,11 @@ from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.core.env import available_cores
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.export.build import export_artifact
+from deploykit.model.catalog import get_model
 from deploykit.model.zoo.espnet_st import PRESETS
+from deploykit.pipelines.st_decode import OrtScoringTranslator
 from deploykit.prune.base import PruningPlan, load_plan_file, parse_rule
+from deploykit.runtime.loading import load_torch_model
 
 STAGES = ("encoder", "decoder-step", "greedy")
 SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv_module.*=0.5",
@@ -46,6 +55,14 @@ def main() -> int:
         "ff+conv 0.5 (dense-shrunk)": (PruningPlan("l1-structured", 0.5, scope="layer",
                                                    rules=tuple(parse_rule(r) for r in SHRINK_RULES)), "dense-shrunk"),
     }
+    options = {label: {} for label in variants}
+    spec = get_model(args.model)
+    if spec.evaluate is not None:  # a trained model: int8 is judged by its BLEU
+        variants.update({"int8 (measured operators)": (PruningPlan(), "dense"), "int8 (all operators)": (PruningPlan(), "dense"),
+                         "ff+conv 0.5 + int8": variants["ff+conv 0.5 (dense-shrunk)"]})
+        options.update({"int8 (measured operators)": {"quantize": "int8"},
+                        "int8 (all operators)": {"quantize": "int8", "quantize_operators": "all"},
+                        "ff+conv 0.5 + int8": {"quantize": "int8"}})
     grid = Grid(runtimes=("torch", "onnxruntime"), threads=(available_cores(),))
     timing = TimingSettings(warmup_s=0.2, min_time_s=args.min_time, min_iters=5)
     progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -54,10 +71,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, (plan, form)) in enumerate(variants.items()):
             progress(f"{label}: export")
-            manifest = export_artifact(args.model, plan, form, Path(tmp) / f"v{i}").manifest
-            for record in bench_artifact(Path(tmp) / f"v{i}", grid, timing, progress):
+            directory = Path(tmp) / f"v{i}"
+            manifest = export_artifact(args.model, plan, form, directory, **options[label]).manifest
+            for record in bench_artifact(directory, grid, timing, progress):
                 median[label, record.runtime, record.stage] = record.measurement.median_ms
+                median[label, record.runtime, "peak_mb"] = max(median.get((label, record.runtime, "peak_mb"), 0),
+                                                               (record.peak_rss_bytes or 0) / 1e6)
                 rows.append({"variant": label, **record.to_dict()})
+            if spec.evaluate is not None:
+                progress(f"{label}: BLEU per runtime")
+                median[label, "torch", "bleu"] = spec.evaluate(load_torch_model(directory)[0])["bleu"]
+                median[label, "onnxruntime", "bleu"] = spec.evaluate(OrtScoringTranslator(directory))["bleu"]
+                rows.append({"variant": label, "bleu": {rt: median[label, rt, "bleu"] for rt in ("torch", "onnxruntime")},
+                             "quantization": manifest.quantization})
             onnx_mb = (manifest.files["encoder.onnx"] + manifest.files["decoder.onnx"]) / 1e6
             median[label, "onnx_mb", ""] = onnx_mb
             median[label, "nonzero", ""] = manifest.nonzero_parameters
@@ -70,11 +96,15 @@ def main() -> int:
         for stage in STAGES:
             cells += [f"{median[label, 'torch', stage]:.2f}", f"{median[label, 'onnxruntime', stage]:.2f}"]
         cells += [f"{median[label, 'torch', 'greedy'] / median[label, 'onnxruntime', 'greedy']:.2f}x",
-                  f"{base / median[label, 'onnxruntime', 'greedy']:.2f}x"]
+                  f"{base / median[label, 'onnxruntime', 'greedy']:.2f}x",
+                  f"{median[label, 'torch', 'peak_mb']:.0f}", f"{median[label, 'onnxruntime', 'peak_mb']:.0f}"]
+        if spec.evaluate is not None:
+            cells += [f"{median[label, 'torch', 'bleu']:.1f}", f"{median[label, 'onnxruntime', 'bleu']:.1f}"]
         table.append(cells)
     print(tabulate(table, disable_numparse=True, headers=[
         "variant", "params", "nonzero", "onnx MB", "torch enc ms", "ort enc ms", "torch step ms", "ort step ms",
-        "torch greedy ms", "ort greedy ms", "ort vs torch", "ort vs original torch"]))
+        "torch greedy ms", "ort greedy ms", "ort vs torch", "ort vs original torch", "torch peak MB", "ort peak MB",
+        *(["torch BLEU", "ort BLEU"] if spec.evaluate is not None else [])]))
     print("study: onnxruntime 1.44x PyTorch on the original model, 2.17x pruned onnxruntime vs original PyTorch")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.json, json.dumps(rows, indent=2) + "\n")

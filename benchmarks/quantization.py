@@ -12,6 +12,10 @@ digits: file size, latency at batch 1 and accuracy per runtime.
 Everything is exported and measured as `deploykit export --quantize` and `deploykit bench DIR` do
 it; medians and ratios come from one run on this machine.
 
+The trained GPT-2s (`gpt2-tiny-trained`, `gpt2-mini-trained`) take the GPT-2 table with perplexity on
+held-out text per runtime, weight-only int8 and int4 (onnxruntime's MatMulNBits) beside dynamic int8,
+and greedy agreement over prompts of held-out text.
+
 Run: bash .ci/env python benchmarks/quantization.py [--models gpt2-small,lenet-300-100] [--json PATH]
 """
 
@@ -36,9 +40,12 @@ MB = 1e6
 ROWS = PruningPlan("l2-structured", 0.5, scope="layer")
 #: model -> variant -> (plan, form, export options)
 VARIANTS = {
-    "gpt2-small": {
+    "gpt2": {
         "float": (PruningPlan(), "dense", {}),
         "int8": (PruningPlan(), "dense", {"quantize": "int8"}),
+        "int8 per channel": (PruningPlan(), "dense", {"quantize": "int8", "per_channel": True}),
+        "int8 weight-only": (PruningPlan(), "dense", {"quantize": "int8-weight"}),
+        "int4 weight-only": (PruningPlan(), "dense", {"quantize": "int4-weight"}),
         "rows 0.5": (ROWS, "dense-shrunk", {}),
         "rows 0.5 + int8": (ROWS, "dense-shrunk", {"quantize": "int8"}),
     },
@@ -51,21 +58,29 @@ VARIANTS = {
 }
 
 
+def _perplexity(manifest, runtime: str) -> str:
+    q = manifest.quantization
+    value = q["metrics"].get(runtime, {}).get("perplexity") if q.get("metrics") else manifest.metrics.get("perplexity")
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _gpt2_row(label, manifest, records):
     by = {(r.runtime, r.stage): r for r in records}
     q = manifest.quantization
     agreement = q.get("greedy_token_agreement", {}).get("onnxruntime")
-    return [label, f"{manifest.files['decoder_with_past.onnx'] / MB:.1f}",
+    graphs = sum(size for name, size in manifest.files.items() if name.endswith((".onnx", ".weights")))
+    return [label, f"{graphs / MB:.2f}",
             f"{by['onnxruntime', 'decode-step'].peak_rss_bytes / MB:.0f}", f"{by['torch', 'decode-step'].peak_rss_bytes / MB:.0f}",
             f"{by['onnxruntime', 'decode-step'].measurement.median_ms:.2f}",
             f"{by['torch', 'decode-step'].measurement.median_ms:.2f}",
             f"{by['onnxruntime', 'generate'].measurement.median_ms:.0f}",
             f"{by['torch', 'generate'].measurement.median_ms:.0f}",
-            "-" if agreement is None else f"{100 * agreement:.1f}%"]
+            "-" if agreement is None else f"{100 * agreement:.1f}%",
+            _perplexity(manifest, "onnxruntime"), _perplexity(manifest, "torch")]
 
 
-GPT2_HEADERS = ["variant", "onnx MB", "ort peak MB", "torch peak MB", "ort step ms", "torch step ms",
-                "ort 64 tokens ms", "torch 64 tokens ms", "ort greedy = float"]
+GPT2_HEADERS = ["variant", "graphs MB", "ort peak MB", "torch peak MB", "ort step ms", "torch step ms",
+                "ort 64 tokens ms", "torch 64 tokens ms", "ort greedy = float", "ort ppl", "torch ppl"]
 
 
 def _lenet_row(label, manifest, records):
@@ -80,7 +95,12 @@ def _lenet_row(label, manifest, records):
 
 LENET_HEADERS = ["variant", "onnx MB", "ort p50 ms", "torch p50 ms", "ort accuracy", "torch accuracy",
                  "ort max abs error"]
-TABLES = {"gpt2-small": (_gpt2_row, GPT2_HEADERS), "lenet-300-100": (_lenet_row, LENET_HEADERS)}
+TABLES = {"gpt2": (_gpt2_row, GPT2_HEADERS), "lenet-300-100": (_lenet_row, LENET_HEADERS)}
+
+
+def family(model: str) -> str:
+    """The variant table a model takes: every GPT-2 (gpt2-small, the trained gpt2-tiny/-mini) the GPT-2 one."""
+    return "gpt2" if model.startswith("gpt2") else model
 
 
 def main() -> int:
@@ -94,10 +114,10 @@ def main() -> int:
     progress = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     results = []
     for model in args.models.split(","):
-        row_of, headers = TABLES[model]
+        row_of, headers = TABLES[family(model)]
         table = []
         with tempfile.TemporaryDirectory() as tmp:
-            for i, (label, (plan, form, options)) in enumerate(VARIANTS[model].items()):
+            for i, (label, (plan, form, options)) in enumerate(VARIANTS[family(model)].items()):
                 progress(f"{model} {label}: export")
                 result = export_artifact(model, plan, form, Path(tmp) / f"v{i}", progress=progress, **options)
                 records = bench_artifact(result.directory, grid, timing, progress)

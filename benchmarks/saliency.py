@@ -12,8 +12,12 @@ the table shows what remains: weights, FLOPs with pruned multiply-adds skipped (
   Linear layer is the output layer, so "as the study pruned" (linear layers, output included) touches
   256 of 6.1 M weights; a second block also prunes the embedding, where the bytes are. SNIP and GraSP
   score on the model's generated batches (token ids and labels from its own vocabulary and classes).
+- textclf-agnews-small-trained (vocabulary 8000, trained on generated four-topic text): the study's
+  protocol with an accuracy to judge it by: prune at initialisation (embedding and linear layers,
+  output included), train with the masks in force, accuracy on the held-out split.
 
-Run: bash .ci/env python benchmarks/saliency.py [--json PATH] [--compressions 0.1,0.5,1,2]
+Run: bash .ci/env python benchmarks/saliency.py [--json PATH] [--compressions 0.1,0.5,1,2] [--models M,...]
+     [--methods random,grasp,...]
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ SETUPS = (
     ("textclf-agnews", "linear (as the study), output included", {"exclude_output": False, "layer_types": ("linear",)}),
     ("textclf-agnews", "linear + embedding, output included",
      {"exclude_output": False, "layer_types": ("linear", "embedding")}),
+    ("textclf-agnews-small-trained", "linear + embedding, at init + train, output included",
+     {"at_init": True, "exclude_output": False, "layer_types": ("linear", "embedding")}),
 )
 
 
@@ -59,16 +65,20 @@ def measure(model: str, method: str, compression: float | None, options: dict, d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compressions", default="0.1,0.5,1,2")
+    parser.add_argument("--models", help="only the setups of these models (comma-separated)")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--json", default="benchmarks/results/saliency.json")
     args = parser.parse_args()
     compressions = [float(c) for c in args.compressions.split(",")]
+    methods = args.methods.split(",")
+    setups = [s for s in SETUPS if not args.models or s[0] in args.models.split(",")]
 
     results = []
     with tempfile.TemporaryDirectory(prefix="deploykit-saliency-") as tmp:
-        for i, (model, selection, options) in enumerate(SETUPS):
+        for i, (model, selection, options) in enumerate(setups):
             spec = get_model(model)
             base = {k: v for k, v in options.items() if k != "at_init"}
-            runs = [("dense", None)] + [(method, c) for c in compressions for method in METHODS]
+            runs = [("dense", None)] + [(method, c) for c in compressions for method in methods]
             for j, (method, c) in enumerate(runs):
                 print(f"{model} [{selection}] {method} c={c}", file=sys.stderr, flush=True)
                 row = measure(spec.name, method, c, options if c else base, Path(tmp) / f"{i}-{j}")

@@ -12,11 +12,12 @@ pytest.importorskip("espnet2", reason="needs the espnet extra")
 
 from deploykit.core.errors import ArtifactError  # noqa: E402
 from deploykit.core.errors import UsageError  # noqa: E402
+from deploykit.core.quality import bleu  # noqa: E402
 from deploykit.model.espnet import load_st_experiment  # noqa: E402
 from deploykit.model.espnet import build_st_model, encode_features
 from deploykit.model.zoo.espnet_st import MODULE_GROUPS, PRESETS  # noqa: E402
 from deploykit.pipelines.espnet import decode_torch, export_st  # noqa: E402
-from deploykit.pipelines.st_decode import bleu, decode_onnx  # noqa: E402
+from deploykit.pipelines.st_decode import decode_onnx  # noqa: E402
 from deploykit.prune.base import PruningPlan, load_plan_file, prunable_modules, prune_model, strip_masks  # noqa: E402
 
 CONFIG = yaml.safe_load((PRESETS / "st_small.yaml").read_text())

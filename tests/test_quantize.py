@@ -22,8 +22,9 @@ def lenets(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("q")
     plan = PruningPlan("magnitude", 0.5)
     return (export_artifact("lenet-300-100", plan, "dense", tmp / "float"),
-            export_artifact("lenet-300-100", plan, "dense", tmp / "int8", quantize="int8"),
-            export_artifact("lenet-300-100", plan, "dense", tmp / "int8-channel", quantize="int8", per_channel=True))
+            export_artifact("lenet-300-100", plan, "dense", tmp / "int8", quantize="int8", quantize_operators="all"),
+            export_artifact("lenet-300-100", plan, "dense", tmp / "int8-channel", quantize="int8", per_channel=True,
+                            quantize_operators="all"))
 
 
 def test_int8_onnx_is_at_least_3x_smaller_and_every_linear_layer_is_quantized(lenets):
@@ -114,7 +115,8 @@ def test_gpt2_quantizes_for_both_runtimes_with_greedy_agreement(tmp_path):
     from deploykit.runtime.loading import load_torch_model
 
     plain = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.3), "dense", tmp_path / "float")
-    result = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.3), "dense", tmp_path / "int8", quantize="int8")
+    result = export_artifact("gpt2-tiny", PruningPlan("magnitude", 0.3), "dense", tmp_path / "int8", quantize="int8",
+                             quantize_operators="all")
     q = result.manifest.quantization
     # the recorded agreement is what the sessions give: the float model's greedy tokens against each
     # runtime's, recomputed here on the same prompts through the pipeline's public API
@@ -128,7 +130,8 @@ def test_gpt2_quantizes_for_both_runtimes_with_greedy_agreement(tmp_path):
         session = pipeline.load(runtime, result.directory, 1)
         agreement = np.mean([token_agreement(e, session.run(p)[-1]) for e, p in zip(expected_tokens, prompts)])
         assert q["greedy_token_agreement"][runtime] == pytest.approx(agreement, abs=1e-12), runtime
-    assert set(q["metric_delta"]["torch"]) == {"perplexity"}
+    # perplexity on both runtimes: onnxruntime's full-sequence graph stands in for the model's forward
+    assert set(q["metric_delta"]["torch"]) == set(q["metric_delta"]["onnxruntime"]) == {"perplexity"}
     # the weights both graphs share: one copy, int8
     assert plain.manifest.files["graphs.weights"] >= 3 * result.manifest.files["graphs.weights"]
     model, _ = load_torch_model(result.directory)
@@ -233,3 +236,44 @@ def test_strict_refuses_an_int8_model_worse_beyond_tolerance(monkeypatch, tmp_pa
     assert not (tmp_path / "a").exists()
     kept = export_artifact("lenet-300-100", plan, "dense", tmp_path / "b", quantize="int8")  # a warning only
     assert any(w.startswith("int8 under torch: accuracy") for w in kept.manifest.warnings)
+
+
+def _fake_timings(int8_over_float: float, preempted: bool = False):
+    from deploykit.convert.kernel_choice import KernelTimings, Round
+
+    def time_interleaved(first, second, rounds, timer):
+        first(), second()  # the sessions run: a graph that cannot would fail here
+        # a preempted round: its median far above its fastest sample
+        return KernelTimings(tuple(Round(1.0, 0.1 if preempted else 1.0) for _ in range(rounds)),
+                             tuple(Round(int8_over_float, int8_over_float) for _ in range(rounds)))
+
+    return time_interleaved
+
+
+@pytest.mark.parametrize("ratio, preempted, kept, reason", [
+    (2.0, False, False, "slower than float in every round"),
+    (0.5, False, True, "faster than float"),
+    (0.5, True, False, "timing rounds preempted by other load: kept float, the safe choice")])
+def test_measured_operators_keep_float_what_int8_makes_slower(monkeypatch, tmp_path, ratio, preempted, kept, reason):
+    monkeypatch.setattr(quantization, "time_interleaved", _fake_timings(ratio, preempted))
+    result = export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "a", quantize="int8")
+    chosen = result.manifest.quantization["operators"]
+    assert list(chosen) == ["MatMul"]  # the only operator type of the graph dynamic int8 has kernels for
+    assert chosen["MatMul"]["quantized"] is kept and chosen["MatMul"]["reason"] == reason
+    ops = [node.op_type for node in onnx.load(str(result.directory / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == (3 if kept else 0)
+
+
+def test_weight_only_quantization_packs_matmul_weights_in_blocks(tmp_path):
+    pytest.importorskip("onnx_ir")
+    plain = export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "float")
+    result = export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "w4", quantize="int4-weight")
+    ops = [node.op_type for node in onnx.load(str(result.directory / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 3 and "MatMul" not in ops and "Gemm" not in ops
+    assert plain.manifest.files["model.onnx"] >= 5 * result.manifest.files["model.onnx"]
+    q = result.manifest.quantization
+    assert q["metrics"]["onnxruntime"]["accuracy"] > plain.manifest.metrics["accuracy"] - 0.05
+    with pytest.raises(UsageError, match="--per-channel does not apply to --quantize int8-weight: its blocks"):
+        export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "w8", quantize="int8-weight",
+                        per_channel=True)
+    assert not (tmp_path / "w8").exists()

@@ -325,6 +325,7 @@ def cmd_export(args) -> int:
     result = export_artifact(spec, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
                              overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
                              kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
+                             quantize_operators=args.quantize_operators,
                              save_optimized=args.save_optimized, strict=args.strict,
                              progress=progress)
     _emit(args, result.manifest.to_json(), lambda: _print_export(result, plan, threads, threads_note))
@@ -356,8 +357,13 @@ def _print_export(result, plan, threads: int, threads_note: str) -> None:
               f"(theoretical speedup {m.flops_before_conversion / m.flops:.2f}x; torch's flop counter, multiply-add = 2)")
     else:
         print(f"FLOPs per item {m.flops:,} (dense count, torch's flop counter; zeros are still multiplied)")
+    before = m.training.get("result", {})
     for name, value in m.metrics.items():
-        print(f"{name} of the pruned model: {value:.4f}")
+        trained = f" (trained model before pruning: {before[name]:.4f})" if name in before else ""
+        print(f"{name} of the pruned model: {value:.4f}{trained}")
+    if m.training.get("recipe"):
+        recipe = m.training["recipe"]
+        print(f"trained: {recipe['steps']} steps of {recipe['batch']} on {recipe['data']}")
     for name, decision in m.form_recipe.get("kernels", {}).items():
         timed = (f"; dense {decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms (medians of "
                  f"{len(decision['dense_rounds_ms'])} interleaved rounds)" if "dense_rounds_ms" in decision else "")

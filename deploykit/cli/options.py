@@ -19,7 +19,7 @@ import dataclasses
 from deploykit.bench.settings import DEFAULT_RUNTIMES, TimingSettings
 from deploykit.convert.forms import DEFAULT_FORM, DEFAULT_FORMS, DEFAULT_KERNEL_BATCH, FORMS
 from deploykit.convert.onnx_settings import DEFAULT_OPSET, ONNX_TOLERANCE, SUPPORTED_OPSETS
-from deploykit.convert.quantize import QUANTIZERS
+from deploykit.convert.quantize import OPERATOR_CHOICES, QUANTIZERS
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS
 from deploykit.core.storage import CODECS
 from deploykit.model.spec import DEFAULT_LENGTH, INPUT_DTYPES, TRACE_BATCH
@@ -191,6 +191,9 @@ def add_conversion(p: argparse.ArgumentParser) -> None:
                    "quantization: one-graph models). The error against the float model and the task metric's "
                    "change are recorded, not checked against --tolerance")
     g.add_argument("--per-channel", action="store_true", help="--quantize: one scale per output channel")
+    g.add_argument("--quantize-operators", choices=OPERATOR_CHOICES, default="measured",
+                   help="--quantize int8: time each operator type's int8 graphs against float under onnxruntime "
+                   "and keep float those that are slower here (measured, the default), or quantize every one (all)")
     g = p.add_argument_group("ONNX", "the exported graph and the checks it must pass")
     g.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")

@@ -33,9 +33,16 @@ class Quantizer:
     onnx: Callable[[Path, Path, bool, Sequence[dict]], None]
     #: (float PyTorch model, example inputs, inplace) -> quantized model (a copy unless inplace)
     torch: Callable[..., object]
+    #: why --per-channel does not apply (None: it does)
+    no_per_channel: str | None = None
+    #: operator types whose quantization can be chosen one by one (the onnx callable then takes
+    #: `op_types`); empty: the scheme quantizes what it quantizes
+    op_types: tuple[str, ...] = ()
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantization")
+#: how the operator types a scheme can choose are picked: each timed against float ("measured"), or every one
+OPERATOR_CHOICES = ("measured", "all")
 
 
 @contextlib.contextmanager
@@ -51,7 +58,8 @@ def _root_log_quiet():
         root.setLevel(level)
 
 
-def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
+def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
+                       op_types: Sequence[str] | None = None) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -61,7 +69,8 @@ def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibratio
     onnx.save(gemm_to_matmul(onnx.load(str(source))), str(matmul))
     try:
         with _root_log_quiet():
-            quantize_dynamic(str(matmul), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
+            quantize_dynamic(str(matmul), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             op_types_to_quantize=list(op_types) if op_types else None)
     finally:
         matmul.unlink(missing_ok=True)
 
@@ -146,11 +155,46 @@ def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
 
 
+#: weights per block of a weight-only quantized MatMul (one scale per block of a column): smaller blocks
+#: follow the weights more closely at 2 bytes a block (onnxruntime's kernels take 16..256, powers of two)
+WEIGHT_BLOCK = 32
+
+
+def _onnx_weight_only(bits: int):
+    """onnxruntime's weight-only quantizer (MatMulNBits: `bits`-bit weights in blocks of WEIGHT_BLOCK,
+    symmetric; activations stay float, products in int8 where the CPU has the kernel, accuracy level 4).
+    Needs onnx-ir, which onnxruntime's quantizer imports."""
+
+    def quantize(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        model = gemm_to_matmul(onnx.load(str(source)))
+        with _root_log_quiet():
+            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
+                                             accuracy_level=4)
+            quantizer.process()
+        onnx.save(quantizer.model.model, str(target))
+
+    return quantize
+
+
+#: operator types the quantizers rewrite before quantizing (`gemm_to_matmul`) -> what they become
+REWRITTEN_OPS = {"Gemm": "MatMul"}
+#: operator types onnxruntime's dynamic quantizer has integer kernels for, which the graphs of
+#: deploykit's pipelines hold (ConvInteger and small MatMulInteger can be slower than float: each is timed)
+DYNAMIC_OP_TYPES = ("MatMul", "Conv", "Gather")
+
 QUANTIZERS.add("int8", Quantizer("dynamic int8 (weights int8, activations quantized per call)",
-                                 _onnx_dynamic_int8, torch_dynamic_int8))
+                                 _onnx_dynamic_int8, torch_dynamic_int8, op_types=DYNAMIC_OP_TYPES))
 QUANTIZERS.add("int8-static", Quantizer(
     "static int8 under onnxruntime (weights and activations int8, activation ranges calibrated; QDQ); "
     "dynamic int8 under torch", _onnx_static_int8, torch_dynamic_int8))
+for _bits in (4, 8):
+    QUANTIZERS.add(f"int{_bits}-weight", Quantizer(
+        f"weight-only int{_bits} under onnxruntime (MatMulNBits: weights in blocks of {WEIGHT_BLOCK}, activations "
+        "float); dynamic int8 under torch", _onnx_weight_only(_bits), torch_dynamic_int8,
+        no_per_channel=f"its blocks of {WEIGHT_BLOCK} weights are finer than channels already"))
 
 
 def error_statistics(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> dict[str, float]:

@@ -22,7 +22,7 @@ from deploykit.convert.onnx_export import (
     trivial_outputs,
 )
 from deploykit.convert.onnx_settings import DEFAULT_OPSET, FORM_TOLERANCE, ONNX_TOLERANCE, SUPPORTED_OPSETS
-from deploykit.convert.quantize import QUANTIZERS
+from deploykit.convert.quantize import OPERATOR_CHOICES, QUANTIZERS
 from deploykit.core.env import library_versions
 from deploykit.core.errors import QualityError, UsageError
 from deploykit.core.fsutil import atomic_directory, check_writable_destination, write_text_atomic
@@ -85,6 +85,7 @@ def export_artifact(
     kernel_batch: int = DEFAULT_KERNEL_BATCH,
     quantize: str | None = None,
     per_channel: bool = False,
+    quantize_operators: str = "measured",
     save_optimized: str | None = None,
     strict: bool = False,
     progress: Progress = lambda message: None,
@@ -115,7 +116,11 @@ def export_artifact(
         raise UsageError(f"kernel batch must be >= 1, got {kernel_batch}")
     pipeline = PIPELINES.get(spec.pipeline)
     if quantize is not None:
-        QUANTIZERS.get(quantize)  # an unknown name lists the known ones
+        quantizer = QUANTIZERS.get(quantize)  # an unknown name lists the known ones
+        if quantize_operators not in OPERATOR_CHOICES:
+            raise UsageError(f"quantize operators must be one of {', '.join(OPERATOR_CHOICES)}, not {quantize_operators!r}")
+        if per_channel and quantizer.no_per_channel:
+            raise UsageError(f"--per-channel does not apply to --quantize {quantize}: {quantizer.no_per_channel}")
         if quantize not in pipeline.quantizers:
             raise UsageError(f"--quantize {quantize} does not apply to {spec.pipeline} artifacts ({spec.name}); "
                              f"they take: {', '.join(pipeline.quantizers) or 'none'}")
@@ -135,6 +140,7 @@ def export_artifact(
     else:
         progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
     net = spec.make(trained=not plan.at_init)
+    training = spec.training_record(net if not plan.at_init else spec.make())
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
 
@@ -219,11 +225,13 @@ def export_artifact(
             source=source,
             notes=notes,
             unpruned_weights=unpruned,
+            training=training,
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if quantize is not None:  # measured against the float artifact, which is complete at this point
             # the source record was made this run from the user's own spec: its entry point may run
-            manifest = quantize_artifact(tmp, manifest, quantize, per_channel, progress, consent_of(source), strict)
+            manifest = quantize_artifact(tmp, manifest, quantize, per_channel, progress, consent_of(source), strict,
+                                         quantize_operators)
             write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if save_optimized is not None:  # of the graphs as shipped (quantized, if they are)
             progress(f"saving onnxruntime's {save_optimized}-optimised graphs")

@@ -9,6 +9,7 @@ for pipelines that generate, and the change in the model's own metric where it h
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -16,35 +17,16 @@ from typing import Sequence
 import numpy as np
 
 from deploykit.convert.kernel_choice import Round, time_interleaved
-from deploykit.convert.quantize import QUANTIZERS, error_statistics, token_agreement
+from deploykit.convert.quantize import QUANTIZERS, REWRITTEN_OPS, error_statistics, token_agreement
 from deploykit.convert.shared_weights import SHARED_WEIGHTS_FILE, share_weights
 from deploykit.core.errors import QualityError
 from deploykit.core.fsutil import scratch_directory, write_text_atomic
 from deploykit.core.measure import measure
-from deploykit.core.ort import ort_session
-from deploykit.model.artifact import MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE, file_sizes
+from deploykit.model.artifact import MANIFEST_FILE, WEIGHTS_FILE, file_sizes
 from deploykit.model.sources import spec_for_artifact
 from deploykit.pipelines.base import Pipeline
 from deploykit.pipelines.catalog import PIPELINES
 from deploykit.runtime.loading import load_torch_model
-
-
-class _OrtModel:
-    """An onnxruntime session called like the PyTorch model, so a spec's evaluation can score it."""
-
-    def __init__(self, path: Path, input_names: Sequence[str]):
-        self.session, self.input_names = ort_session(path, threads=1), list(input_names)
-
-    def __call__(self, *inputs):
-        import torch
-
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
-        outputs = [torch.from_numpy(out) for out in self.session.run(None, feeds)]
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
-
-    def eval(self):
-        return self
-
 
 #: prompts (or utterances) the greedy-token agreement of a generating pipeline is averaged over
 AGREEMENT_INPUTS = 4
@@ -110,13 +92,14 @@ def speed_verdict(float_rounds: Sequence[Round], int8_rounds: Sequence[Round]) -
 def quality_warnings(record: dict, float_metrics: dict[str, float]) -> list[str]:
     """One line per way the quantized model is worse beyond tolerance, or slower, than the float one."""
     out = []
+    scheme = record.get("scheme", "int8")
     speed = record.get("speed")
     if speed and speed["verdict"] == "slower":
-        out.append(f"int8 is slower than float under onnxruntime: {speed['int8_over_float']:.2f}x its time in all "
+        out.append(f"{scheme} is slower than float under onnxruntime: {speed['int8_over_float']:.2f}x its time in all "
                    f"{speed['rounds']} interleaved rounds")
     for runtime, agreement in record.get("greedy_token_agreement", {}).items():
         if agreement < MIN_TOKEN_AGREEMENT:
-            out.append(f"int8 under {runtime} agrees with float on {100 * agreement:.0f}% of greedy tokens "
+            out.append(f"{scheme} under {runtime} agrees with float on {100 * agreement:.0f}% of greedy tokens "
                        f"(below {100 * MIN_TOKEN_AGREEMENT:.0f}%)")
     for runtime, values in record.get("metrics", {}).items():
         for name, value in values.items():
@@ -129,25 +112,27 @@ def quality_warnings(record: dict, float_metrics: dict[str, float]) -> list[str]
             else:  # perplexity: its relative rise
                 lost = (value - before) / before if before else 0.0
             if lost > allowed:
-                out.append(f"int8 under {runtime}: {name} {value:.4g} against float's {before:.4g}, beyond the "
+                out.append(f"{scheme} under {runtime}: {name} {value:.4g} against float's {before:.4g}, beyond the "
                            f"{allowed:g}{'' if direction > 0 else ' relative'} it may lose")
     return out
 
 
 def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool, progress,
-                      consent: Sequence[str] = (), strict: bool = False) -> object:
+                      consent: Sequence[str] = (), strict: bool = False, operators: str = "measured") -> object:
     """Quantize the ONNX graphs of the finished artifact in `directory` in place, and measure what
     that costs on each runtime against the float model: output error, greedy-token agreement, the
     model's metric, and onnxruntime's speed against the float graphs (interleaved). A quantized model
     that is slower or worse beyond tolerance says so (manifest warnings, a line each); with `strict`
     that is an error. Returns the manifest to write. `consent`: the entry points the artifact may
-    import to rebuild its PyTorch model (the one it was exported from)."""
+    import to rebuild its PyTorch model (the one it was exported from). `operators` ("measured"): for a
+    scheme that can choose, quantize only the operator types whose int8 graphs are not slower here
+    (`_choose_operators`); "all": every one."""
     with scratch_directory("float") as float_copy:
         # the float artifact as onnxruntime reads it, for the speed comparison: not torch's weights file
         for name in [*manifest.files, MANIFEST_FILE]:
             if name != WEIGHTS_FILE:
                 shutil.copy2(directory / name, float_copy / name)
-        manifest = _quantize(directory, manifest, scheme, per_channel, progress, consent, float_copy)
+        manifest = _quantize(directory, manifest, scheme, per_channel, progress, consent, float_copy, operators)
     speed = manifest.quantization["speed"]
     if speed["verdict"] == "no clear difference" and speed["preempted_rounds"]:
         progress(f"note: int8 against float under onnxruntime: no verdict, {speed['preempted_rounds']} of "
@@ -160,8 +145,60 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
     return dataclasses.replace(manifest, warnings=[*manifest.warnings, *warnings])
 
 
+def _quantize_graphs(directory: Path, graphs: Sequence[str], quantizer, per_channel: bool, calibration,
+                     op_types: Sequence[str] | None) -> None:
+    """Quantize `graphs` of `directory` in place (only `op_types` where given), their shared weights
+    file written again where the artifact has one."""
+    for name in graphs:
+        quantized = directory / f".{name}.int8"
+        if op_types is None:
+            quantizer.onnx(directory / name, quantized, per_channel, calibration)
+        else:
+            quantizer.onnx(directory / name, quantized, per_channel, calibration, op_types=op_types)
+        quantized.replace(directory / name)
+    if (directory / SHARED_WEIGHTS_FILE).exists():  # the quantized graphs hold their weights inline: share them again
+        share_weights(directory, graphs)
+
+
+def _op_types_in(directory: Path, graphs: Sequence[str], candidates: Sequence[str]) -> list[str]:
+    import onnx
+
+    present = {REWRITTEN_OPS.get(node.op_type, node.op_type) for name in graphs
+               for node in onnx.load(str(directory / name), load_external_data=False).graph.node}
+    return [op for op in candidates if op in present]
+
+
+def _choose_operators(float_copy: Path, graphs: Sequence[str], quantizer, per_channel: bool, calibration, pipeline,
+                      feed: dict, consent: Sequence[str], progress) -> dict[str, dict]:
+    """Which operator types to quantize, measured like csr's kernels: each type alone is quantized in a
+    scratch copy of the float graphs and timed against them under onnxruntime in interleaved rounds.
+    A type is kept unless its int8 graphs are slower in every round; rounds preempted by other load
+    decide nothing, and the type stays float (the choice that cannot make the model slower), saying so."""
+    float_session = pipeline.load("onnxruntime", float_copy, 1, consent=consent)
+    chosen = {}
+    for op in _op_types_in(float_copy, graphs, quantizer.op_types):
+        progress(f"timing int8 {op} against float under onnxruntime (interleaved rounds)")
+        with scratch_directory(f"int8-{op}") as trial:
+            for name in os.listdir(float_copy):
+                shutil.copy2(float_copy / name, trial / name)
+            _quantize_graphs(trial, graphs, quantizer, per_channel, calibration, [op])
+            session = pipeline.load("onnxruntime", trial, 1, consent=consent)
+            timings = time_interleaved(lambda: float_session.run(feed), lambda: session.run(feed),
+                                       rounds=SPEED_ROUNDS, timer=_timed_call)
+        verdict = speed_verdict(timings.dense, timings.csr)
+        noisy = verdict["verdict"] == "no clear difference" and verdict["preempted_rounds"] > 0
+        keep = verdict["verdict"] != "slower" and not noisy
+        reason = ("slower than float in every round" if verdict["verdict"] == "slower"
+                  else "timing rounds preempted by other load: kept float, the safe choice" if noisy
+                  else f"{verdict['verdict']} than float" if verdict["verdict"] == "faster" else "no clear difference")
+        chosen[op] = {"quantized": keep, "reason": reason, **verdict}
+        progress(f"int8 {op}: {'quantized' if keep else 'stays float'} ({reason}; {verdict['int8_over_float']:.2f}x "
+                 "float's time)")
+    return chosen
+
+
 def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progress, consent: Sequence[str],
-              float_copy: Path):
+              float_copy: Path, operators: str):
     quantizer = QUANTIZERS.get(scheme)
     pipeline = PIPELINES.get(manifest.pipeline)
     spec = spec_for_artifact(directory, manifest, consent)
@@ -169,15 +206,18 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
     reference_of = pipeline.reference(directory, consent)
     references = [reference_of(f) for f in feeds]  # the float model, before anything changes
 
-    progress(f"quantizing: {quantizer.description}" + (", per channel" if per_channel else ""))
     graphs = [name for name in manifest.files if name.endswith(".onnx")]
-    for name in graphs:
-        quantized = directory / f".{name}.int8"
-        quantizer.onnx(directory / name, quantized, per_channel, calibration)
-        quantized.replace(directory / name)
-    if SHARED_WEIGHTS_FILE in manifest.files:  # the quantized graphs hold their weights inline: share them again
-        share_weights(directory, graphs)
     record = {"scheme": scheme, "description": quantizer.description, "per_channel": per_channel, "data": data}
+    op_types = None
+    if operators == "measured" and quantizer.op_types:
+        chosen = _choose_operators(float_copy, graphs, quantizer, per_channel, calibration, pipeline, feeds[0],
+                                   consent, progress)
+        record["operators"] = chosen
+        op_types = [op for op, choice in chosen.items() if choice["quantized"]]
+    progress(f"quantizing: {quantizer.description}" + (", per channel" if per_channel else "")
+             + ("" if op_types is None else f"; operators: {', '.join(op_types) or 'none (the graphs stay float)'}"))
+    if op_types != []:
+        _quantize_graphs(directory, graphs, quantizer, per_channel, calibration, op_types)
     manifest = dataclasses.replace(manifest, quantization=record, files=file_sizes(directory))
     write_text_atomic(directory / MANIFEST_FILE, manifest.to_json())  # the torch loader reads it
 
@@ -198,11 +238,11 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
     record["speed"] = speed_verdict(timings.dense, timings.csr)  # the first call's rounds, and the second's
     if spec.evaluate is not None:
         # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it
-        # where the artifact is that one call (a generating pipeline's graphs are not)
+        # where the pipeline can call its graphs that way (a decoding evaluation cannot)
         progress("evaluating the quantized model")
         quantized_metrics = {"torch": spec.evaluate(load_torch_model(directory, consent=consent)[0])}
-        if pipeline.single_graph:
-            quantized_metrics["onnxruntime"] = spec.evaluate(_OrtModel(directory / ONNX_FILE, spec.input_names))
+        if pipeline.scoring_model is not None:
+            quantized_metrics["onnxruntime"] = spec.evaluate(pipeline.scoring_model(directory, spec.input_names))
         record["metrics"] = quantized_metrics
         record["metric_delta"] = {runtime: {k: v - manifest.metrics[k] for k, v in values.items()
                                             if k in manifest.metrics}

@@ -114,6 +114,9 @@ class Manifest:
     checksums: dict[str, str] = field(default_factory=dict)
     #: weight (a float parameter of 2+ dimensions) the plan left dense -> why (`prune.base.unpruned_weights`)
     unpruned_weights: dict[str, str] = field(default_factory=dict)
+    #: for a model the zoo trains: its recipe (`deploykit.model.training.Recipe`) and the trained model's
+    #: quality before pruning ("result"), beside which `metrics` (after pruning) is read
+    training: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"

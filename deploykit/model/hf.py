@@ -207,6 +207,7 @@ class TorchCausalLM:
         self.model = hf_model(model).eval()
         self.eos = eos if eos is not None else self.model.config.eos_token_id
         self.max_positions = max_positions(self.model.config)
+        self.vocab_size = self.model.config.vocab_size
 
     def _run(self, ids: torch.Tensor, past):
         from transformers import DynamicCache
@@ -282,13 +283,14 @@ def max_positions(config) -> int | None:
     return positions if isinstance(positions, int) and positions > 1 else None
 
 
-def causal_perplexity(model: nn.Module) -> dict[str, float]:
+def causal_perplexity(model) -> dict[str, float]:
     """Perplexity on a fixed token sequence drawn from the model's own vocabulary: about the
-    vocabulary size for random weights, and the path a trained model and a real text would take."""
-    config = hf_model(model).config
-    length = min(EVAL_TOKENS, max_positions(config) or EVAL_TOKENS)  # a small config may have fewer positions
-    tokens = torch.randint(0, config.vocab_size, (length,), generator=torch.Generator().manual_seed(7)).tolist()
-    return {"perplexity": perplexity(TorchCausalLM(model), tokens)}
+    vocabulary size for random weights, and the path a trained model and a real text would take.
+    `model`: the PyTorch model, or a stand-in that brings its own `causal_lm` (onnxruntime's graphs)."""
+    lm = getattr(model, "causal_lm", None) or TorchCausalLM(model)
+    length = min(EVAL_TOKENS, lm.max_positions or EVAL_TOKENS)  # a small config may have fewer positions
+    tokens = torch.randint(0, lm.vocab_size, (length,), generator=torch.Generator().manual_seed(7)).tolist()
+    return {"perplexity": perplexity(lm, tokens)}
 
 
 def causal_lm_fields(vocab: int) -> dict:

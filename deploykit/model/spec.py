@@ -14,13 +14,17 @@ The builder's docstring is the model's description; cite the shape it reproduces
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from deploykit.core.env import available_memory_bytes
 from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.registry import Registry
 from deploykit.core.storage import load_weights, save_weights
 
@@ -29,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays i
     from torch import nn
 
     from deploykit.model.hints import PruningHints
+    from deploykit.model.training import Recipe
 
 #: dtype names accepted in InputSpec, mapped to torch dtype attribute names
 INPUT_DTYPES = ("float32", "float16", "int64", "int32")
@@ -128,6 +133,10 @@ class ModelSpec:
     description: str = ""
     #: custom example-input sampler (batch_size, generator) -> tensors; default samples each InputSpec
     sampler: Sampler | None = None
+    #: the sampler at a given length of the named axes (batch_size, generator, length) -> tensors, for
+    #: models whose inputs are their task's data (a trained model fed noise measures nothing real);
+    #: without it a length sweep samples each InputSpec
+    length_sampler: "Callable[[int, torch.Generator, int], tuple[torch.Tensor, ...]] | None" = None
     #: seed for the random initialisation, so a model name always means the same weights
     seed: int = 0
     #: module names never pruned by default; empty means "detect the output layer"
@@ -138,6 +147,9 @@ class ModelSpec:
     evaluate: "Callable[[nn.Module], dict[str, float]] | None" = None
     #: bump when `train` changes, so cached trained weights are not reused
     train_version: str = "1"
+    #: how `train` trains (`deploykit.model.training.Recipe`): recorded in every export's manifest, and
+    #: part of the cache key
+    recipe: "Recipe | None" = None
     #: real inputs for static quantization's calibration: n -> up to n input tuples (a batch each);
     #: without it, calibration uses example inputs, which is only as good as they are
     calibration: "Callable[[int], Sequence[tuple[torch.Tensor, ...]]] | None" = None
@@ -179,6 +191,14 @@ class ModelSpec:
             _load_or_train(self, model)
         return model.eval()
 
+    def training_record(self, trained: "nn.Module") -> dict[str, Any]:
+        """What the manifest says of a trained model's training: the recipe, and the trained model's
+        quality before anything was pruned (kept beside the cached weights; `trained` is scored when
+        that record is missing). Empty for models that do not train."""
+        if self.train is None:
+            return {}
+        return _read_training_record(self, _cache_path(self).with_suffix(".json")) or _training_record(self, trained)
+
     def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
         """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a
         sequence-length sweep; without it the model's sampler decides, else DEFAULT_LENGTH."""
@@ -189,6 +209,8 @@ class ModelSpec:
         generator = torch.Generator().manual_seed(seed)
         if length is not None:
             self.require_sequence_axis()
+            if self.length_sampler is not None:
+                return tuple(self.length_sampler(batch_size, generator, length))
             return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
         if self.sampler is not None:
             return tuple(self.sampler(batch_size, generator))
@@ -249,23 +271,62 @@ def _load_or_train(spec: "ModelSpec", model: "nn.Module") -> None:
     import torch
 
 
-    key = hashlib.sha256(f"{spec.name}:{spec.seed}:{spec.train_version}:{torch.__version__}".encode()).hexdigest()[:16]
-    path = cache_dir() / f"{spec.name}-{key}.safetensors"
+    path = _cache_path(spec)
     if path.is_file():
         try:
             model.load_state_dict(load_weights(path))
             return
         except (ArtifactError, RuntimeError):
             pass  # a damaged or stale cache entry is retrained over
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         spec.train(model)
     model.eval()
+    record = _training_record(spec, model, time.perf_counter() - started)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model.state_dict(), path)
+        write_text_atomic(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     except OSError:
         pass  # an unwritable cache costs time on the next run, not correctness
+
+
+def _cache_path(spec: "ModelSpec") -> Path:
+    """The cached weights of `spec`'s trained model: keyed by everything they depend on (the recipe, the
+    training version, torch and Python releases: kernels and shipped data differ between them)."""
+    import torch
+
+    recipe = json.dumps(spec.recipe.record(), sort_keys=True) if spec.recipe is not None else ""
+    python = ".".join(map(str, sys.version_info[:3]))
+    text = f"{spec.name}:{spec.seed}:{spec.train_version}:{torch.__version__}:{python}:{recipe}"
+    return cache_dir() / f"{spec.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _training_record(spec: "ModelSpec", model: "nn.Module | None", seconds: float | None = None,
+                     result: dict[str, float] | None = None) -> dict[str, Any]:
+    """The recipe, the trained model's quality (`result`, else `model` scored), and the training time."""
+    if result is None:
+        result = spec.evaluate(model) if spec.evaluate is not None else {}
+    record: dict[str, Any] = {"recipe": spec.recipe.record() if spec.recipe is not None else None, "result": result}
+    if seconds is not None:
+        record["train_seconds"] = round(float(seconds), 1)
+    return record
+
+
+def _read_training_record(spec: "ModelSpec", path: Path) -> dict[str, Any] | None:
+    """The record cached beside trained weights, rebuilt from the spec's recipe and the cached figures,
+    or None when it is missing or not what we wrote (a damaged cache entry is scored again, not believed)."""
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    result = cached.get("result") if isinstance(cached, dict) else None
+    if not isinstance(result, dict) or not all(isinstance(k, str) and type(v) in (int, float)
+                                               for k, v in result.items()):
+        return None
+    seconds = cached.get("train_seconds")
+    return _training_record(spec, None, seconds if type(seconds) in (int, float) else None, result)
 
 
 def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator", length: int | None = None) -> "torch.Tensor":

@@ -99,6 +99,9 @@ class Pipeline:
     single_graph: bool = True
     #: the last output of a session run is greedy tokens: quantization reports their agreement
     generates_tokens: bool = False
+    #: (artifact directory, input names) -> its onnxruntime graphs called like the PyTorch model, so that
+    #: a spec's evaluation can score them (None: the evaluation needs more than one call, e.g. decoding)
+    scoring_model: "Callable[[Path, Sequence[str]], Any] | None" = None
 
     def load(self, runtime: str, directory: Path, threads: int, target=None, consent: Sequence[str] = ()) -> Session:
         """A `runtime` session of the artifact in `directory` (on the CPU with default settings and
@@ -111,3 +114,17 @@ class Pipeline:
 
 
 PIPELINES: Registry[Pipeline] = Registry("pipeline")
+
+
+def task_inputs(manifest: Manifest, seed: int, length: int) -> "tuple | None":
+    """One item of a trained zoo model's own task at `length` (an utterance, a held-out prompt) as
+    numpy arrays, or None for other models: a benchmark of a trained model fed noise times a run that
+    means nothing (a translation that never ends, a prompt no text starts with)."""
+    if manifest.source.get("kind") != "zoo":
+        return None
+    from deploykit.model.catalog import get_model  # torch side: the zoo's modules import torch
+
+    spec = get_model(manifest.model)
+    if spec.length_sampler is None:
+        return None
+    return tuple(t.numpy() for t in spec.example_inputs(1, seed, length))

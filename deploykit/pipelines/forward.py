@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deploykit.core.errors import UsageError
+from deploykit.core.ort import ort_session
 from deploykit.model.artifact import ONNX_FILE, Manifest
 from deploykit.pipelines.base import PIPELINES, Exported, ExportRequest, Pipeline
 from deploykit.runtime.session import OrtSession, Session, Target
@@ -55,6 +56,24 @@ def load_torch(directory: Path, threads: int, target: Target) -> Session:
     return TorchSession(directory, threads, target)
 
 
+class OrtModel:
+    """`model.onnx` in an onnxruntime session called like the PyTorch model (tensors in, tensors out),
+    so that a spec's evaluation can score it."""
+
+    def __init__(self, directory: Path, input_names: Sequence[str]):
+        self.session, self.input_names = ort_session(Path(directory) / ONNX_FILE, threads=1), list(input_names)
+
+    def __call__(self, *inputs):
+        import torch  # torch side: the evaluation hands tensors
+
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, inputs)}
+        outputs = [torch.from_numpy(out) for out in self.session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def eval(self):
+        return self
+
+
 def load_onnxruntime(directory: Path, threads: int, target: Target) -> Session:
     return OrtSession(Path(directory) / ONNX_FILE, threads, target.device, target.graph_optimization)
 
@@ -63,5 +82,5 @@ FORWARD = PIPELINES.add("forward", Pipeline(
     "forward", "one graph, one call per batch",
     loaders={"torch": load_torch, "onnxruntime": load_onnxruntime},
     export=export, inputs=inputs, reference=reference, outputs=lambda manifest: manifest.outputs,
-    quantizers=("int8", "int8-static"),
+    quantizers=("int8", "int8-static", "int4-weight", "int8-weight"), scoring_model=OrtModel,
 ))

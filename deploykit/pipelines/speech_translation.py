@@ -2,8 +2,8 @@
 
 Exported by `deploykit.pipelines.espnet` (espnet_onnx's wrappers; parity checked on both graphs),
 decoded by `deploykit.pipelines.st_decode` under onnxruntime and by ESPnet's own decoder under
-PyTorch; a benchmark feeds one utterance of random features and times encode, one decoder step and
-greedy decoding.
+PyTorch; a benchmark feeds one utterance (of the model's own task for a trained zoo model, else random
+features) and times encode, one decoder step and greedy decoding.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from deploykit.core.confine import read_json
 from deploykit.core.errors import UsageError
 from deploykit.model.artifact import ST_CONFIG_FILE, Manifest
 from deploykit.pipelines import st_decode
-from deploykit.pipelines.base import PIPELINES, Exported, ExportRequest, Pipeline
+from deploykit.pipelines.base import PIPELINES, Exported, ExportRequest, Pipeline, task_inputs
 from deploykit.runtime.session import Session, Target
 
 
@@ -37,6 +37,9 @@ def inputs(directory: Path, manifest: Manifest, batch: int, seed: int, length: i
         raise UsageError(f"{manifest.model}: speech translation decodes one utterance at a time; use batch 1")
     width = read_json(directory, ST_CONFIG_FILE, "speech-translation config")["feats_dim"]
     frames = length or st_decode.BENCH_FRAMES
+    task = task_inputs(manifest, seed, frames)
+    if task is not None:  # a trained model: an utterance of its task, which it can translate
+        return {"feats": task[0]}
     return {"feats": np.random.default_rng(seed).standard_normal((1, frames, width), dtype=np.float32)}
 
 
@@ -56,5 +59,6 @@ SPEECH_TRANSLATION = PIPELINES.add("speech-translation", Pipeline(
     "speech-translation", "an encoder/decoder pair, decoded token by token",
     loaders={"torch": load_torch, "onnxruntime": st_decode.load_onnxruntime},
     export=export, inputs=inputs, reference=reference, outputs=lambda manifest: st_decode.ST_BENCH_OUTPUTS,
-    quantizers=("int8",), one_pass=False, single_graph=False, generates_tokens=True,
+    quantizers=("int8", "int4-weight", "int8-weight"), one_pass=False, single_graph=False, generates_tokens=True,
+    scoring_model=st_decode.OrtScoringTranslator,
 ))

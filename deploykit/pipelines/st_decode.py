@@ -11,7 +11,6 @@ both runtimes and their token sequences can be compared exactly:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -86,6 +85,22 @@ class OrtSpeechTranslator:
 
     def decode(self, feats: np.ndarray, max_tokens: int, beam: int = 1) -> list[int]:
         return translate(self, feats, max_tokens, beam)
+
+
+class OrtScoringTranslator:
+    """The exported pair as a speech-translation evaluation calls a model (`greedy_tokens(feats,
+    max_tokens)`: one utterance's greedy tokens, <eos> dropped), so a trained model's BLEU can be
+    measured under onnxruntime too."""
+
+    def __init__(self, directory: Path, input_names: Sequence[str] = ()):
+        self.translator = OrtSpeechTranslator(directory)
+
+    def greedy_tokens(self, feats, max_tokens: int) -> list[int]:
+        tokens = self.translator.decode(np.asarray(feats), max_tokens)
+        return tokens[:-1] if tokens and tokens[-1] == self.translator.eos else tokens
+
+    def eval(self):
+        return self
 
 
 def decode(stepper, sos: int, eos: int, max_tokens: int, beam: int = 1) -> list[int]:
@@ -191,31 +206,6 @@ class STSession:
 
 #: what `STSession.run` returns, in order
 ST_BENCH_OUTPUTS = ("encoder_out", "decoder_logp", "greedy_tokens")
-
-
-@dataclass(frozen=True)
-class BleuScore:
-    """Corpus BLEU, 0..100, and sacrebleu's signature of how it was computed (tokenizer, smoothing,
-    version): two scores are comparable only when their signatures are equal."""
-
-    score: float
-    signature: str
-
-
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> BleuScore:
-    """Corpus BLEU of detokenized sentences against one reference each, by sacrebleu with its
-    defaults (4-gram, 13a tokenizer, exponential smoothing): the way published speech-translation
-    BLEU is computed, so scores here can be set beside the study's."""
-    try:
-        from sacrebleu.metrics import BLEU
-    except ImportError:
-        raise UsageError("BLEU needs sacrebleu: pip install 'deploykit[espnet]'") from None
-
-    if len(hypotheses) != len(references):
-        raise UsageError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    metric = BLEU()
-    score = metric.corpus_score(list(hypotheses), [list(references)])
-    return BleuScore(float(score.score), str(metric.get_signature()))
 
 
 def load_onnxruntime(directory: Path, threads: int, target: Target) -> STSession:

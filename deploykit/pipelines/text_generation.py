@@ -40,5 +40,6 @@ TEXT_GENERATION = PIPELINES.add("text-generation", Pipeline(
     loaders={"torch": load_torch, "onnxruntime": textgen.load_onnxruntime},
     export=export, inputs=textgen.prompt_inputs(textgen.TEXTGEN_CONFIG_FILE, "text generation"), reference=reference,
     outputs=lambda manifest: textgen.TEXTGEN_OUTPUTS,
-    quantizers=("int8",), one_pass=True, single_graph=False, generates_tokens=True,
+    quantizers=("int8", "int4-weight", "int8-weight"), one_pass=True, single_graph=False, generates_tokens=True,
+    scoring_model=textgen.OrtLogits,
 ))

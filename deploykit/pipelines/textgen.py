@@ -23,6 +23,7 @@ from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import UsageError
 from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.model.causal_lm import greedy, room
+from deploykit.pipelines.base import task_inputs
 from deploykit.runtime.session import RuntimeInfo, Target
 
 TEXTGEN_CONFIG_FILE = "textgen_config.json"
@@ -54,6 +55,7 @@ class OrtCausalLM:
         self.config = read_json(self.directory, TEXTGEN_CONFIG_FILE, "text-generation config")
         self.eos = self.config.get("eos")
         self.max_positions = recorded_positions(self.config)
+        self.vocab_size = self.config.get("vocab_size")
         self.with_past = ort_session(inside(self.directory, self.config.get("with_past"), f"{TEXTGEN_CONFIG_FILE} with_past"), threads, **self.options)
         self._no_past = None
         inputs = self.with_past.get_inputs()
@@ -95,9 +97,27 @@ class OrtCausalLM:
         return self.no_past.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
 
 
+class OrtLogits:
+    """The full-sequence graph called like the PyTorch model (input ids -> logits tensor), so that a
+    language model's evaluation (perplexity over held-out text) can score it; `causal_lm` is the
+    `deploykit.model.causal_lm` interface for evaluations that use it."""
+
+    def __init__(self, directory: Path, input_names: Sequence[str] = ()):
+        self.causal_lm = OrtCausalLM(directory)
+
+    def __call__(self, input_ids):
+        import torch  # torch side: the evaluation hands tensors
+
+        return torch.from_numpy(self.causal_lm.logits(input_ids.detach().cpu().numpy()))
+
+    def eval(self):
+        return self
+
+
 def prompt_inputs(config_file: str, what: str):
     """A benchmark's inputs for a generating pipeline (`what`) whose config (`config_file`, with
-    "vocab_size") the artifact carries: one random prompt of BENCH_PROMPT tokens, or `length`."""
+    "vocab_size") the artifact carries: one prompt of BENCH_PROMPT tokens, or `length`: held-out text for
+    a trained zoo model, else random token ids."""
 
     def inputs(directory: Path, manifest, batch: int, seed: int, length: int | None) -> dict:
         if batch != 1:
@@ -106,6 +126,9 @@ def prompt_inputs(config_file: str, what: str):
         if not isinstance(vocab, int) or vocab < 1:
             raise UsageError(f"{manifest.model}: {config_file} has no valid vocab_size")
         prompt = length or BENCH_PROMPT
+        task = task_inputs(manifest, seed, prompt)
+        if task is not None:
+            return {"input_ids": task[0]}
         return {"input_ids": np.random.default_rng(seed).integers(0, vocab, (1, prompt), dtype=np.int64)}
 
     return inputs

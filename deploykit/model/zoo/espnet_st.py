@@ -10,6 +10,8 @@ name pattern (`MODULE_GROUPS`); the study's best plan is `espnet/best_plan.toml`
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,10 @@ from deploykit.core.confine import check_named_paths, inside, read_json
 from deploykit.core.errors import ArtifactError
 from deploykit.core.fsutil import read_text, scratch_directory, write_text_atomic
 from deploykit.model.artifact import ST_CONFIG_FILE
-from deploykit.model.espnet import build_st_model, feats_dim, load_st_experiment
+from deploykit.model.espnet import build_st_model, encode_features, feats_dim, load_st_experiment, sos_eos
 from deploykit.model.spec import InputSpec, ModelSpec, register_model
+from deploykit.model.training import Recipe, fit
+from deploykit.model.zoo.synthetic import SpeechRendering, TranslationTask, bleu_of_ids
 
 PRESETS = Path(__file__).parent / "espnet"
 FEATS = 80
@@ -131,3 +135,118 @@ def spec_from_artifact(directory: Path, manifest) -> ModelSpec:
     st_config = read_json(directory, ST_CONFIG_FILE, "speech-translation config")
     return _spec(manifest.model, lambda: build_st_model(config), st_config["feats_dim"],
                  f"ESPnet ST experiment {manifest.source.get('from', '')}")
+
+
+# -- trained on a generated speech-translation task ----------------------------------------------------
+
+#: ESPnet's token layout: 0 blank, 1 unk, the words, the last id sos/eos
+FIRST_TOKEN = 2
+#: source words per training utterance (about 0.3 to 5.5 s of 10 ms frames at 16 frames a word)
+TRAIN_WORDS = (2, 34)
+#: held-out utterances of 5 s that BLEU is measured on
+EVAL_UTTERANCES, EVAL_FRAMES = 16, 500
+
+
+@dataclass(frozen=True)
+class SpeechTranslationTask:
+    """A `TranslationTask` whose sources are rendered as features, in an ESPnet vocabulary of `vocab`."""
+
+    translation: TranslationTask
+    speech: SpeechRendering
+
+    @classmethod
+    def for_vocabulary(cls, vocab: int, source_words: int, reorder: int = 1) -> "SpeechTranslationTask":
+        words = vocab - FIRST_TOKEN - 1  # blank, unk and sos/eos are not words
+        return cls(TranslationTask(source_words, words, reorder=reorder),
+                   SpeechRendering(source_words, FEATS, min_frames=12, max_frames=20))
+
+    def describe(self) -> str:
+        return f"{self.translation.describe()}; {self.speech.describe()}"
+
+    def utterance(self, words: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (frames, FEATS), reference token ids)."""
+        source = self.translation.sentence(words, g)
+        return self.speech.render(source, g), self.translation.translate(source) + FIRST_TOKEN
+
+    def batch(self, count: int, g: torch.Generator):
+        """ESPnet's training inputs: padded features and lengths, padded token ids (-1) and lengths."""
+        pairs = [self.utterance(int(torch.randint(TRAIN_WORDS[0], TRAIN_WORDS[1] + 1, (1,), generator=g)), g)
+                 for _ in range(count)]
+        feats = nn.utils.rnn.pad_sequence([f for f, _ in pairs], batch_first=True)
+        text = nn.utils.rnn.pad_sequence([t for _, t in pairs], batch_first=True, padding_value=-1)
+        return (feats, torch.tensor([len(f) for f, _ in pairs]), text, torch.tensor([len(t) for _, t in pairs]))
+
+    def train(self, model: nn.Module, *, recipe: Recipe, after_step=None) -> None:
+        fit(model, recipe, lambda g: self.batch(recipe.batch, g), lambda m, b: m(*b)[0], after_step)
+
+    def bleu(self, model: nn.Module) -> dict[str, float]:
+        """BLEU of greedy decoding on EVAL_UTTERANCES held-out utterances of EVAL_FRAMES frames."""
+        g = torch.Generator().manual_seed(3)
+        hypotheses, references = [], []
+        for _ in range(EVAL_UTTERANCES):
+            feats, reference = self.utterance(self.speech.words_for(EVAL_FRAMES), g)
+            hypotheses.append(greedy_tokens(model, feats.unsqueeze(0), len(reference) + 10))
+            references.append(reference.tolist())
+        return {"bleu": bleu_of_ids(hypotheses, references)}
+
+    def features(self, batch: int, g: torch.Generator, frames: int = 200) -> tuple[torch.Tensor]:
+        """One utterance of about `frames` frames (a batch of copies: the pipeline decodes one at a time)."""
+        feats, _ = self.utterance(self.speech.words_for(frames), g)
+        return (feats.unsqueeze(0).expand(batch, -1, -1).contiguous(),)
+
+
+def greedy_tokens(model: nn.Module, feats: torch.Tensor, max_tokens: int) -> list[int]:
+    """Greedy decoding of one utterance with ESPnet's decoder and its cache; eos not included. A model
+    that decodes itself (an onnxruntime stand-in, `greedy_tokens(feats, max_tokens)`) is asked to."""
+    if hasattr(model, "greedy_tokens"):
+        return model.greedy_tokens(feats, max_tokens)
+    from espnet.nets.pytorch_backend.transformer.mask import subsequent_mask
+
+    eos = sos_eos(model)
+    with torch.no_grad():
+        memory = encode_features(model, feats)
+        ys, cache = [eos], None
+        for _ in range(max_tokens):
+            tokens = torch.tensor([ys])
+            logp, cache = model.decoder.forward_one_step(tokens, subsequent_mask(len(ys)).unsqueeze(0), memory,
+                                                         cache=cache)
+            token = int(logp[0].argmax())
+            if token == eos:
+                break
+            ys.append(token)
+    return ys[1:]
+
+
+def _trained_st_fields(task: SpeechTranslationTask, recipe: Recipe) -> dict[str, Any]:
+    fields = _st_fields(FEATS)
+    fields.update(sampler=task.features, train=partial(task.train, recipe=recipe), evaluate=task.bleu, recipe=recipe,
+                  length_sampler=lambda batch, g, frames: task.features(batch, g, frames))
+    return fields
+
+
+def _build_for_training(preset: str) -> nn.Module:
+    """The preset with its decoder's token embedding drawn at d^-1/2: ESPnet scales embeddings by sqrt(d)
+    before adding positions, and torch's N(0, 1) initialisation would drown them (what ESPnet recipes'
+    `init:` option avoids); the decoder then cannot learn to align in minutes."""
+    model = _build(preset)
+    embedding = model.decoder.embed[0]
+    nn.init.normal_(embedding.weight, 0.0, embedding.embedding_dim ** -0.5)
+    return model
+
+
+ST_SMALL_TASK = SpeechTranslationTask.for_vocabulary(64, source_words=48)
+ST_TASK = SpeechTranslationTask.for_vocabulary(1000, source_words=300)
+
+
+@register_model("espnet-st-small-trained", **_trained_st_fields(
+    ST_SMALL_TASK, Recipe(data=ST_SMALL_TASK.describe(), steps=1500, batch=8, lr=2e-3, warmup=80)))
+def espnet_st_small_trained() -> nn.Module:
+    """espnet-st-small trained on a generated speech-translation task (source words as feature frames; about 5 minutes)."""
+    return _build_for_training("st_small")
+
+
+@register_model("espnet-st-trained", **_trained_st_fields(
+    ST_TASK, Recipe(data=ST_TASK.describe(), steps=400, batch=8, lr=1e-3, warmup=60)))
+def espnet_st_trained() -> nn.Module:
+    """espnet-st trained on a generated speech-translation task (source words as feature frames; about 12 minutes)."""
+    return _build_for_training("st_large")

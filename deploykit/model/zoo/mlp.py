@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from deploykit.model.spec import InputSpec, register_model
+from deploykit.model.training import Recipe
+from deploykit.model.zoo.synthetic import TopicClassification, TopicText
 
 SST2_VOCAB = 5000
 SST2_HIDDEN = 256
@@ -51,3 +53,18 @@ def mlp_sst2() -> nn.Module:
 def linear_stack_4096() -> nn.Module:
     """Linear stack for sparse-kernel crossover benchmarks: 4096 -> 4096 -> 4096 -> 10, ReLU, 33,603,594 parameters."""
     return nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+
+
+SST2_TASK = TopicClassification(TopicText(vocab=SST2_VOCAB, classes=2, length=SST2_WORDS_PER_SENTENCE),
+                                train_size=20_000, test_size=2_000, encoding="bag")
+
+
+@register_model(
+    "mlp-sst2-trained",
+    inputs=[InputSpec("bow", ("batch", SST2_VOCAB))],
+    outputs=["logits"],
+    **SST2_TASK.spec_fields(Recipe(data=SST2_TASK.describe(), steps=1500, batch=64, lr=1e-3, warmup=50)),
+)
+def mlp_sst2_trained() -> nn.Module:
+    """mlp-sst2 (5000 -> 256 -> 256 -> 256 -> 2) trained on generated two-class bag-of-words text (about 20 s)."""
+    return mlp_sst2()

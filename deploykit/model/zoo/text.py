@@ -1,13 +1,26 @@
-"""Text models of the AG News / Multi30k study (random weights: neither dataset ships in a package)."""
+"""Text models of the AG News / Multi30k study: random weights at the study's sizes (neither dataset
+ships in a package), and small presets trained on generated tasks (`deploykit.model.zoo.synthetic`)."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deploykit.model.spec import InputSpec, register_model
+from deploykit.model.training import Recipe, fit
+from deploykit.model.zoo.synthetic import (
+    BOS,
+    EOS,
+    FIRST_WORD,
+    TopicClassification,
+    TopicText,
+    TranslationTask,
+    bleu_of_ids,
+)
 
 AGNEWS_VOCAB = 95811
 AGNEWS_TOKENS = 48  # tokens per example input (a news title plus description is ~40 words)
@@ -70,11 +83,14 @@ class Seq2SeqTransformer(nn.Module):
     """
 
     def __init__(self, layers: int = 3, dim: int = 512, heads: int = 8, ffn: int = 512,
-                 src_vocab: int = SRC_VOCAB, tgt_vocab: int = TGT_VOCAB):
+                 src_vocab: int = SRC_VOCAB, tgt_vocab: int = TGT_VOCAB, embedding_std: float | None = None):
         super().__init__()
         self.dim = dim
         self.src_embedding = nn.Embedding(src_vocab, dim)
         self.tgt_embedding = nn.Embedding(tgt_vocab, dim)
+        if embedding_std is not None:
+            for embedding in (self.src_embedding, self.tgt_embedding):
+                nn.init.normal_(embedding.weight, 0.0, embedding_std)
         self.position = PositionalEncoding(dim)
         self.transformer = nn.Transformer(dim, heads, layers, layers, ffn, dropout=0.1, batch_first=True)
         self.generator = nn.Linear(dim, tgt_vocab)
@@ -100,3 +116,111 @@ class Seq2SeqTransformer(nn.Module):
 def seq2seq_transformer() -> nn.Module:
     """Multi30k de->en Transformer (AG News / Multi30k study): 3+3 layers, d_model 512, FFN 512, vocab 19214 -> 10837."""
     return Seq2SeqTransformer()
+
+
+#: the AG News classifier's small-vocabulary preset, trained on generated four-topic text
+AGNEWS_SMALL_VOCAB = 8000
+AGNEWS_TASK = TopicClassification(TopicText(vocab=AGNEWS_SMALL_VOCAB, classes=AGNEWS_CLASSES, length=AGNEWS_TOKENS,
+                                            cue_rate=0.06), train_size=20_000, test_size=2_000)
+
+
+@register_model("textclf-agnews-small-trained",
+                inputs=[InputSpec("tokens", ("batch", AGNEWS_TOKENS), "int64", high=AGNEWS_SMALL_VOCAB)],
+                outputs=["logits"],
+                **AGNEWS_TASK.spec_fields(Recipe(data=AGNEWS_TASK.describe(), steps=2000, batch=64, lr=1e-2,
+                                                 warmup=50)))
+def textclf_agnews_small_trained() -> nn.Module:
+    """AG News classifier, small-vocabulary preset: EmbeddingBag(8000, 64, mean) + Linear(64 -> 4), 512,260 parameters; trained on generated four-topic text."""
+    return TextClassifier(vocab=AGNEWS_SMALL_VOCAB)
+
+
+# -- the Multi30k Transformer's small preset, trained on a generated translation task -------------------
+
+TRANSLATION = TranslationTask(src_words=400, tgt_words=320)
+#: source lengths of training batches (one length a batch: the model takes no padding mask)
+TRAIN_LENGTHS = (4, 20)
+#: held-out sentences BLEU is measured on, and their lengths
+EVAL_SENTENCES, EVAL_LENGTHS = 192, (6, 18)
+
+
+def _pair_batch(count: int, length: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source ids (count, length), reference target ids (count, length)), vocabulary offsets applied."""
+    words = torch.stack([TRANSLATION.sentence(length, g) for _ in range(count)])
+    return words + FIRST_WORD, torch.stack([TRANSLATION.translate(w) for w in words]) + FIRST_WORD
+
+
+def _teacher_forcing_loss(model: nn.Module, batch) -> torch.Tensor:
+    src, tgt = batch
+    count = len(src)
+    inputs = torch.cat([torch.full((count, 1), BOS), tgt], dim=1)
+    targets = torch.cat([tgt, torch.full((count, 1), EOS)], dim=1)
+    logits = model(src, inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _train_translation(model: nn.Module, *, recipe: Recipe, after_step=None) -> None:
+    def batch(g: torch.Generator):
+        length = int(torch.randint(TRAIN_LENGTHS[0], TRAIN_LENGTHS[1] + 1, (1,), generator=g))
+        return _pair_batch(recipe.batch, length, g)
+
+    fit(model, recipe, batch, _teacher_forcing_loss, after_step)
+
+
+def greedy_translations(model: nn.Module, src: torch.Tensor, max_new: int) -> list[list[int]]:
+    """Greedy target ids (EOS and what follows dropped) for a batch of equal-length sources."""
+    ys = torch.full((len(src), 1), BOS)
+    done = torch.zeros(len(src), dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(max_new):
+            token = model(src, ys)[:, -1].argmax(-1)
+            ys = torch.cat([ys, token.unsqueeze(1)], dim=1)
+            done |= token == EOS
+            if bool(done.all()):
+                break
+    out = []
+    for row in ys[:, 1:].tolist():
+        out.append(row[:row.index(EOS)] if EOS in row else row)
+    return out
+
+
+def _translation_bleu(model: nn.Module) -> dict[str, float]:
+    g = torch.Generator().manual_seed(2)
+    hypotheses, references = [], []
+    lengths = range(EVAL_LENGTHS[0], EVAL_LENGTHS[1] + 1)
+    per_length = EVAL_SENTENCES // len(lengths)
+    for length in lengths:
+        src, tgt = _pair_batch(per_length, length, g)
+        hypotheses += greedy_translations(model, src, length + 4)
+        references += tgt.tolist()
+    return {"bleu": bleu_of_ids(hypotheses, references)}
+
+
+def _translation_sample(batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source sentence of SRC_TOKENS words and the first TGT_TOKENS tokens of its translation after BOS."""
+    src, tgt = _pair_batch(batch, SRC_TOKENS, g)
+    return src, torch.cat([torch.full((batch, 1), BOS), tgt], dim=1)[:, :TGT_TOKENS]
+
+
+SMALL_SRC_VOCAB, SMALL_TGT_VOCAB = FIRST_WORD + TRANSLATION.src_words, FIRST_WORD + TRANSLATION.tgt_words
+TRANSLATION_RECIPE = Recipe(data=f"{TRANSLATION.describe()}; source lengths {TRAIN_LENGTHS[0]}-{TRAIN_LENGTHS[1]}",
+                            steps=2000, batch=32, lr=1e-3, warmup=100)
+
+
+@register_model(
+    "seq2seq-transformer-small-trained",
+    inputs=[InputSpec("src", ("batch", "src_len"), "int64", high=SMALL_SRC_VOCAB),
+            InputSpec("tgt", ("batch", "tgt_len"), "int64", high=SMALL_TGT_VOCAB)],
+    outputs=["logits"],
+    sampler=_translation_sample,
+    output_layers=["generator"],
+    train=partial(_train_translation, recipe=TRANSLATION_RECIPE),
+    evaluate=_translation_bleu,
+    recipe=TRANSLATION_RECIPE,
+)
+def seq2seq_transformer_small_trained() -> nn.Module:
+    """Multi30k Transformer, small preset: 2+2 layers, d_model 128, FFN 256, vocab 403 -> 323; trained on a generated translation task."""
+    # embeddings drawn at d_model^-1/2 (Vaswani et al., fairseq): scaled by sqrt(d_model) they are unit-sized
+    # beside the positional encoding; torch's N(0, 1) would drown the positions and alignment would not be learnt
+    # in minutes
+    return Seq2SeqTransformer(layers=2, dim=128, heads=4, ffn=256, src_vocab=SMALL_SRC_VOCAB, tgt_vocab=SMALL_TGT_VOCAB,
+                              embedding_std=128 ** -0.5)
