@@ -1,7 +1,8 @@
 """ESPnet speech translation: torch vs onnxruntime, original vs pruned, measured by `deploykit bench`.
 
 Variants: the original model, the study's best plan (magnitude, per module group) as csr, and
-structured L1 pruning of the feed-forward and convolution-module channels (0.5) as dense-shrunk.
+structured L1 pruning of the feed-forward and convolution-module channels (0.5) as dense-shrunk, with
+and without half of every attention module's heads.
 Each is exported and measured exactly as `deploykit bench DIR` does it: for 5 s of features (500
 frames), the encoder, one decoder step after 10 tokens, and greedy decoding of 20 tokens end to end,
 each in a fresh process per runtime, with parity (greedy tokens included) checked. Random weights
@@ -41,6 +42,9 @@ from deploykit.runtime.loading import load_torch_model
 STAGES = ("encoder", "decoder-step", "greedy")
 SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv_module.*=0.5",
                 "decoder.decoders.*.feed_forward.*=0.5", "*=0")
+#: the same, and half of every attention module's heads (encoder self-attention, decoder self- and cross-)
+HEAD_RULES = ("encoder.encoders.*.self_attn.*=0.5", "decoder.decoders.*.self_attn.*=0.5",
+              "decoder.decoders.*.src_attn.*=0.5")
 
 
 def main() -> int:
@@ -54,6 +58,8 @@ def main() -> int:
         "best plan (csr)": (PruningPlan(**load_plan_file(PRESETS / "best_plan.toml")), "csr"),
         "ff+conv 0.5 (dense-shrunk)": (PruningPlan("l1-structured", 0.5, scope="layer",
                                                    rules=tuple(parse_rule(r) for r in SHRINK_RULES)), "dense-shrunk"),
+        "ff+conv+heads 0.5 (dense-shrunk)": (PruningPlan("l1-structured", 0.5, scope="layer", rules=tuple(
+            parse_rule(r) for r in HEAD_RULES + SHRINK_RULES)), "dense-shrunk"),
     }
     options = {label: {} for label in variants}
     spec = get_model(args.model)

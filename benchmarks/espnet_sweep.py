@@ -58,7 +58,7 @@ def main() -> int:
     if args.features:
         utterances = np.load(args.features)
     elif spec.length_sampler is not None:  # a trained model: utterances of its own task
-        utterances = np.stack([spec.example_inputs(1, seed=i, length=500)[0][0].numpy() for i in range(3)])
+        utterances = [spec.example_inputs(1, seed=i, length=500)[0][0].numpy() for i in range(3)]
     else:
         utterances = torch.randn(3, 500, 80, generator=torch.Generator().manual_seed(0)).numpy()
     references = Path(args.references).read_text().splitlines() if args.references else None

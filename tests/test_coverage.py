@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_coverage_subset_exports_or_refuses_and_never_crashes(tmp_path):
     out = tmp_path / "coverage.json"
     out.write_text(json.dumps([{"model": "from-an-earlier-run"}]))  # rows of other models are kept
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "coverage.py"), "--only",
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model_coverage.py"), "--only",
                           "resnet18,shufflenet_v2_x0_5,hf-dir-t5", "--timeout", "120", "--json", str(out)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

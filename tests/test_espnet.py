@@ -216,16 +216,26 @@ def test_dense_shrunk_removes_feed_forward_and_conv_module_channels(tmp_path):
     assert read_manifest(tmp_path / "st").shape_changes
 
 
-def test_structured_pruning_of_attention_alone_says_why_nothing_is_removable():
-    from deploykit.core.errors import UsageError
+def test_dense_shrunk_removes_attention_heads_in_encoder_and_decoder(tmp_path):
+    from deploykit.export.build import export_artifact
     from deploykit.prune.base import parse_rule
+    from deploykit.runtime.loading import load_torch_model
 
-    torch.manual_seed(0)
-    model = build_st_model(CONFIG)
-    plan = PruningPlan("l1-structured", 0.5, rules=(parse_rule("encoder.encoders.*.self_attn.*=0.5"), parse_rule("*=0")))
-    inputs = (torch.randn(2, 200, 80),)
-    with pytest.raises(UsageError, match="not removable: .*a projection of an attention module"):
-        prune_model(model, plan, inputs, output_layers=["decoder.output_layer"])
+    rules = ("encoder.encoders.*.self_attn.*=0.5", "decoder.decoders.*.self_attn.*=0.5",
+             "decoder.decoders.*.src_attn.*=0.5", "*=0")
+    plan = PruningPlan("l1-structured", 0.5, scope="layer", rules=tuple(parse_rule(r) for r in rules))
+    result = export_artifact("espnet-st-small", plan, "dense-shrunk", tmp_path / "st")
+    m = result.manifest
+    assert max(m.onnx_parity_max_abs_error.values()) <= 1e-4 and max(m.form_parity_max_abs_error.values()) <= 1e-5
+    model, _ = load_torch_model(tmp_path / "st", for_runtime=False)  # the removal replays from the artifact
+    attentions = [b.self_attn for b in model.encoder.encoders] + [
+        a for b in model.decoder.decoders for a in (b.self_attn, b.src_attn)]
+    for attention in attentions:
+        assert attention.h == 2 and attention.d_k == 16  # 4 heads of 16, half of them gone
+        assert attention.linear_q.out_features == attention.linear_v.out_features == attention.linear_out.in_features == 32
+    for block in model.encoder.encoders:  # rel-pos attention: its position projection and biases go per head too
+        assert block.self_attn.linear_pos.out_features == 32 and tuple(block.self_attn.pos_bias_u.shape) == (2, 16)
+    assert sum(p.numel() for p in model.parameters()) == m.parameters < m.parameters_before_conversion
 
 
 def _pack_raw_audio_experiment(tmp_path):

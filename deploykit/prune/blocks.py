@@ -252,6 +252,52 @@ class ReshapedHeads(BlockHandler):
 RESHAPED_HEADS = ReshapedHeads()
 
 
+def _narrow_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    """A copy of `linear` keeping the output rows (dim 0) or input columns (dim 1) `keep`."""
+    weight = linear.weight.index_select(dim, keep)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.index_select(0, keep) if dim == 0 else linear.bias)
+    return new.to(linear.weight.dtype).train(linear.training)
+
+
+class ESPnetHeads(BlockHandler):
+    """Heads of ESPnet's MultiHeadedAttention and its relative-position variants (Conformer encoders,
+    Transformer decoders): head h owns rows h*d_k..(h+1)*d_k of linear_q, linear_k, linear_v and
+    linear_pos, row h of pos_bias_u and pos_bias_v, and those columns of linear_out; `h` is the count
+    every call reads. ESPnet's decoder caches each layer's output (the model width), not per-head keys
+    and values, so a decoder's heads go like an encoder's."""
+
+    unit = "heads"
+    root = "linear_q"
+    PROJECTIONS = ("linear_q", "linear_k", "linear_v", "linear_pos")
+
+    def size(self, block):
+        return block.h
+
+    def unit_width(self, block):
+        return block.d_k
+
+    def slices(self, block_name, block):
+        return [s for name in self.PROJECTIONS if isinstance(getattr(block, name, None), nn.Linear)
+                for s in _projection_slices(f"{block_name}.{name}", getattr(block, name), block.h, block.d_k)]
+
+    def remove(self, block, units):
+        d, drop = block.d_k, set(units)
+        heads = torch.tensor([h for h in range(block.h) if h not in drop], dtype=torch.long)
+        keep = torch.tensor([h * d + i for h in heads.tolist() for i in range(d)], dtype=torch.long)
+        for name in self.PROJECTIONS:
+            if isinstance(getattr(block, name, None), nn.Linear):
+                setattr(block, name, _narrow_linear(getattr(block, name), keep, dim=0))
+        block.linear_out = _narrow_linear(block.linear_out, keep, dim=1)
+        for name in ("pos_bias_u", "pos_bias_v"):
+            if isinstance(getattr(block, name, None), nn.Parameter):
+                setattr(block, name, nn.Parameter(getattr(block, name).detach().index_select(0, heads).clone()))
+        block.h = len(heads)
+
+
 class MultiheadAttentionHeads(AttributeHeads):
     """Heads of torch's `nn.MultiheadAttention` (torchvision's ViT, users' models): head h owns rows
     h*d..(h+1)*d of the query, key and value parts of its packed `in_proj_weight` (or of
@@ -364,6 +410,8 @@ HANDLERS: dict[str, BlockHandler] = {
     "transformers.models.gpt2.modeling_gpt2.GPT2Attention": GPT2Heads(),
     "transformers.models.gpt2.modeling_gpt2.GPT2MLP": GPT2MLPHidden(),
     "deploykit.prune.mha.HeadPrunedAttention": PrunedAttentionHeads(),
+    **{f"espnet.nets.pytorch_backend.transformer.attention.{name}": ESPnetHeads()
+       for name in ("MultiHeadedAttention", "RelPositionMultiHeadedAttention", "LegacyRelPositionMultiHeadedAttention")},
 }
 
 

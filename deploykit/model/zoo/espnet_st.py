@@ -235,7 +235,6 @@ def _build_for_training(preset: str) -> nn.Module:
 
 
 ST_SMALL_TASK = SpeechTranslationTask.for_vocabulary(64, source_words=48)
-ST_TASK = SpeechTranslationTask.for_vocabulary(1000, source_words=300)
 
 
 @register_model("espnet-st-small-trained", **_trained_st_fields(
@@ -244,9 +243,3 @@ def espnet_st_small_trained() -> nn.Module:
     """espnet-st-small trained on a generated speech-translation task (source words as feature frames; about 5 minutes)."""
     return _build_for_training("st_small")
 
-
-@register_model("espnet-st-trained", **_trained_st_fields(
-    ST_TASK, Recipe(data=ST_TASK.describe(), steps=400, batch=8, lr=1e-3, warmup=60)))
-def espnet_st_trained() -> nn.Module:
-    """espnet-st trained on a generated speech-translation task (source words as feature frames; about 12 minutes)."""
-    return _build_for_training("st_large")

@@ -9,9 +9,9 @@ ends as "ok" (exported, parity checked), "refused: ..." (a DeployKitError: one l
 why) or "CRASH: ..." (any other exception: a bug to fix). torch-pruning 1.6.1's column runs its
 MagnitudePruner at 0.3 on the same model (classifier ignored) and a forward pass after it.
 
-    python benchmarks/coverage.py                     # every model (long: about 80 torchvision builders)
-    python benchmarks/coverage.py --only resnet18,vit_b_16,bert
-    python benchmarks/coverage.py --limit 12          # the first 12 torchvision models and the HF ones
+    python benchmarks/model_coverage.py                     # every model (long: about 80 torchvision builders)
+    python benchmarks/model_coverage.py --only resnet18,vit_b_16,bert
+    python benchmarks/model_coverage.py --limit 12          # the first 12 torchvision models and the HF ones
 
 Writes benchmarks/results/coverage.json (rows of models run again replace theirs; others stay). Each export is bounded by --timeout seconds
 (`deploykit.core.deadline`): one past it is a refusal saying so.
