@@ -277,3 +277,15 @@ def test_weight_only_quantization_packs_matmul_weights_in_blocks(tmp_path):
         export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "w8", quantize="int8-weight",
                         per_channel=True)
     assert not (tmp_path / "w8").exists()
+
+
+def test_cli_quantizes_every_operator_type_when_asked_and_refuses_unknown_choices(cli, tmp_path):
+    r = cli("export", "--model", "lenet-300-100", "--quantize", "int8", "--quantize-operators", "all",
+            "--out", str(tmp_path / "a"), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "operators" not in json.loads(r.stdout)["quantization"]  # nothing was chosen: every type quantized
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "a" / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == 3
+    r = cli("export", "--model", "lenet-300-100", "--quantize", "int8", "--quantize-operators", "some",
+            "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "--quantize-operators" in r.stderr and not (tmp_path / "b").exists()
