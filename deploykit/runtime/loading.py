@@ -47,6 +47,9 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: M
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
+    # the loaded copy goes before the runtime module is made: quantizing with it alive would hold the float
+    # weights twice beside the int8 ones, and the int8 model's peak memory would exceed the float model's
+    del state
     if for_runtime:
         runtime_inputs = spec.example_inputs(batch) if batch else inputs
         model, _ = form.for_torch(model, runtime_inputs, manifest.form_recipe)
