@@ -132,8 +132,12 @@ def test_gpt2_quantizes_for_both_runtimes_with_greedy_agreement(tmp_path):
         assert q["greedy_token_agreement"][runtime] == pytest.approx(agreement, abs=1e-12), runtime
     # perplexity on both runtimes: onnxruntime's full-sequence graph stands in for the model's forward
     assert set(q["metric_delta"]["torch"]) == set(q["metric_delta"]["onnxruntime"]) == {"perplexity"}
-    # the weights both graphs share: one copy, int8
-    assert plain.manifest.files["graphs.weights"] >= 3 * result.manifest.files["graphs.weights"]
+    # the weights both graphs share: one copy, int8 but for the output projection, which stays float
+    assert q["float_layers"] == ["model.lm_head"]
+    graph = onnx.load(str(result.directory / "decoder_with_past.onnx"), load_external_data=False).graph
+    assert [n.name for n in graph.node if n.op_type == "MatMul" and "lm_head" in n.name] == ["/lm_head/MatMul"]
+    assert not any("lm_head" in n.name for n in graph.node if n.op_type == "MatMulInteger")
+    assert plain.manifest.files["graphs.weights"] >= 1.5 * result.manifest.files["graphs.weights"]
     model, _ = load_torch_model(result.directory)
     kinds = {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()}
     assert "torch.ao.nn.quantized.dynamic.modules.linear.Linear" in kinds
@@ -253,7 +257,8 @@ def _fake_timings(int8_over_float: float, preempted: bool = False):
 @pytest.mark.parametrize("ratio, preempted, kept, reason", [
     (2.0, False, False, "slower than float in every round"),
     (0.5, False, True, "faster than float"),
-    (0.5, True, False, "timing rounds preempted by other load: kept float, the safe choice")])
+    (0.5, True, False, "timing rounds preempted by other load: kept float, the safe choice"),
+    (1.0, False, True, "no clear difference in speed; smaller")])
 def test_measured_operators_keep_float_what_int8_makes_slower(monkeypatch, tmp_path, ratio, preempted, kept, reason):
     monkeypatch.setattr(quantization, "time_interleaved", _fake_timings(ratio, preempted))
     result = export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "a", quantize="int8")
@@ -289,3 +294,29 @@ def test_cli_quantizes_every_operator_type_when_asked_and_refuses_unknown_choice
     r = cli("export", "--model", "lenet-300-100", "--quantize", "int8", "--quantize-operators", "some",
             "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "--quantize-operators" in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_nodes_of_layers_match_a_module_by_its_longest_tail_in_the_graph():
+    from onnx import helper
+
+    from deploykit.convert.quantize import nodes_of_layers
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"], name=n) for n in (
+        "/transformer/h.0/mlp/c_fc/Gemm_matmul", "/lm_head/MatMul", "/decoder/output_layer/MatMul",
+        "/decoder/output_layer/Add")], "g", [], [])
+    assert nodes_of_layers(graph, ["model.lm_head"]) == ["/lm_head/MatMul"]  # the wrapper's prefix is not in it
+    assert nodes_of_layers(graph, ["decoder.output_layer"]) == ["/decoder/output_layer/MatMul",
+                                                                "/decoder/output_layer/Add"]
+    assert nodes_of_layers(graph, ["fc"]) == [] and nodes_of_layers(graph, []) == []
+
+
+def test_an_operator_type_that_only_pays_in_size_must_keep_the_greedy_tokens(monkeypatch, tmp_path):
+    pytest.importorskip("optimum")
+    monkeypatch.setattr(quantization, "time_interleaved", _fake_timings(1.0))  # no clear difference in speed
+    monkeypatch.setattr(quantization, "MIN_TOKEN_AGREEMENT", 1.01)  # more than any agreement: the rule is tested
+    result = export_artifact("gpt2-tiny", PruningPlan(), "dense", tmp_path / "g", quantize="int8")
+    chosen = result.manifest.quantization["operators"]
+    assert set(chosen) == {"MatMul", "Gather"} and not any(c["quantized"] for c in chosen.values())
+    assert all(c["reason"].startswith("no clear difference in speed, and ") and 0 <= c["greedy_token_agreement"] <= 1
+               for c in chosen.values())
+    assert result.manifest.quantization["greedy_token_agreement"]["onnxruntime"] == 1.0  # the graphs stayed float

@@ -59,20 +59,39 @@ def _root_log_quiet():
 
 
 def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
-                       op_types: Sequence[str] | None = None) -> None:
+                       op_types: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # onnxruntime's dynamic quantizer has integer kernels for MatMul, not for the Gemm that torch
     # exports nn.Linear as: rewritten, every Linear layer is quantized instead of none
     matmul = target.with_name(target.name + ".matmul")
-    onnx.save(gemm_to_matmul(onnx.load(str(source))), str(matmul))
+    model = gemm_to_matmul(onnx.load(str(source)))
+    onnx.save(model, str(matmul))
     try:
         with _root_log_quiet():
             quantize_dynamic(str(matmul), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             op_types_to_quantize=list(op_types) if op_types else None)
+                             op_types_to_quantize=list(op_types) if op_types else None,
+                             nodes_to_exclude=nodes_of_layers(model.graph, float_layers))
     finally:
         matmul.unlink(missing_ok=True)
+
+
+def nodes_of_layers(graph, layers: Sequence[str]) -> list[str]:
+    """Names of the nodes of `graph` that compute the modules `layers` (dotted paths): torch and optimum
+    name a module's nodes "/path/to/module/Op". A path is matched by its longest tail the graph has (a
+    wrapper's prefix, as deploykit's `model.` around a transformers model, is not in the graph)."""
+    names = [node.name for node in graph.node]
+    out: list[str] = []
+    for layer in layers:
+        parts = layer.split(".")
+        for start in range(len(parts)):
+            segment = "/" + "/".join(parts[start:]) + "/"
+            matched = [name for name in names if segment in name]
+            if matched:
+                out += matched
+                break
+    return out
 
 
 def gemm_to_matmul(model):
@@ -140,7 +159,9 @@ def torch_dynamic_int8(model, inputs, inplace: bool = False):
         return torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
 
 
-def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
+def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
+                      float_layers: Sequence[str] = ()) -> None:
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Feeds(CalibrationDataReader):
@@ -152,7 +173,9 @@ def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration
 
     with _root_log_quiet():
         quantize_static(str(source), str(target), Feeds(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=nodes_of_layers(onnx.load(str(source), load_external_data=False).graph,
+                                                         float_layers))
 
 
 #: weights per block of a weight-only quantized MatMul (one scale per block of a column): smaller blocks
@@ -165,14 +188,15 @@ def _onnx_weight_only(bits: int):
     symmetric; activations stay float, products in int8 where the CPU has the kernel, accuracy level 4).
     Needs onnx-ir, which onnxruntime's quantizer imports."""
 
-    def quantize(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict]) -> None:
+    def quantize(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
+                 float_layers: Sequence[str] = ()) -> None:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         model = gemm_to_matmul(onnx.load(str(source)))
         with _root_log_quiet():
             quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
-                                             accuracy_level=4)
+                                             accuracy_level=4, nodes_to_exclude=nodes_of_layers(model.graph, float_layers))
             quantizer.process()
         onnx.save(quantizer.model.model, str(target))
 

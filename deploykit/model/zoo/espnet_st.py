@@ -219,8 +219,8 @@ def greedy_tokens(model: nn.Module, feats: torch.Tensor, max_tokens: int) -> lis
 
 def _trained_st_fields(task: SpeechTranslationTask, recipe: Recipe) -> dict[str, Any]:
     fields = _st_fields(FEATS)
-    fields.update(sampler=task.features, train=partial(task.train, recipe=recipe), evaluate=task.bleu, recipe=recipe,
-                  length_sampler=lambda batch, g, frames: task.features(batch, g, frames))
+    fields.update(sampler=task.features, length_sampler=task.features, train=partial(task.train, recipe=recipe),
+                  evaluate=task.bleu, recipe=recipe)
     return fields
 
 

@@ -88,8 +88,9 @@ class TranslationTask:
         return torch.randint(0, self.tgt_words, (self.src_words,), generator=g)
 
     def describe(self) -> str:
+        order = f"every {self.reorder} words reversed" if self.reorder > 1 else "in source order"
         return (f"generated translation: {self.src_words} source words to {self.tgt_words} target words by a "
-                f"fixed dictionary, every {self.reorder} words reversed (seed {self.seed})")
+                f"fixed dictionary, {order} (seed {self.seed})")
 
     def sentence(self, length: int, g: torch.Generator) -> torch.Tensor:
         """`length` source word indices (0-based, Zipf-distributed)."""
