@@ -64,7 +64,8 @@ def main() -> int:
     options = {label: {} for label in variants}
     spec = get_model(args.model)
     if spec.evaluate is not None:  # a trained model: int8 is judged by its BLEU
-        variants.update({"int8 (measured operators)": (PruningPlan(), "dense"), "int8 (all operators)": (PruningPlan(), "dense"),
+        variants.update({"int8 (measured operators)": (PruningPlan(), "dense"),
+                         "int8 (all operators)": (PruningPlan(), "dense"),
                          "ff+conv 0.5 + int8": variants["ff+conv 0.5 (dense-shrunk)"]})
         options.update({"int8 (measured operators)": {"quantize": "int8"},
                         "int8 (all operators)": {"quantize": "int8", "quantize_operators": "all"},

@@ -196,7 +196,8 @@ def _onnx_weight_only(bits: int):
         model = gemm_to_matmul(onnx.load(str(source)))
         with _root_log_quiet():
             quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
-                                             accuracy_level=4, nodes_to_exclude=nodes_of_layers(model.graph, float_layers))
+                                             accuracy_level=4,
+                                             nodes_to_exclude=nodes_of_layers(model.graph, float_layers))
             quantizer.process()
         onnx.save(quantizer.model.model, str(target))
 
