@@ -23,6 +23,16 @@ PARAMETERS = {
     "espnet-st": 16_622_312,
     "espnet-st-small": 361_024,
 }
+# Trained variants: their counts are tested here; exporting them trains them (minutes each), so their
+# export runs with the slow tests (`pytest -m slow`).
+TRAINED = {
+    "gpt2-tiny-trained": 180_480,
+    "gpt2-mini-trained": 4_273_664,
+    "mlp-sst2-trained": 1_412_354,
+    "textclf-agnews-small-trained": 512_260,
+    "seq2seq-transformer-small-trained": 797_635,
+    "espnet-st-small-trained": 361_024,
+}
 # (pruning, form) per model. EmbeddingBag has no torch-pruning handler, so the AG News model has no
 # channel group to shrink; the ESPnet encoder/decoder pair is exported by its own exporter, without
 # dense-shrunk.
@@ -30,23 +40,25 @@ CONFIGURATIONS = {name: ("l1-structured:0.5", "dense-shrunk") for name in PARAME
     "textclf-agnews": ("magnitude:0.5", "dense-shrunk"),
     "espnet-st": ("magnitude:0.5", "csr"),
     "espnet-st-small": ("magnitude:0.5", "csr"),
+    "textclf-agnews-small-trained": ("magnitude:0.5", "dense-shrunk"),
+    "espnet-st-small-trained": ("magnitude:0.5", "csr"),
 }
 
 
 def test_the_zoo_is_complete():
-    assert {spec.name for spec in list_models()} == set(PARAMETERS)
+    assert {spec.name for spec in list_models()} == set(PARAMETERS) | set(TRAINED)
 
 
-@pytest.mark.parametrize("name", sorted(PARAMETERS))
+@pytest.mark.parametrize("name", sorted(PARAMETERS | TRAINED))
 def test_model_has_its_cited_parameter_count(name):
     spec = next(s for s in list_models() if s.name == name)
-    assert count_parameters(spec.make(trained=False))[0] == PARAMETERS[name]
+    assert count_parameters(spec.make(trained=False))[0] == (PARAMETERS | TRAINED)[name]
     assert spec.description
 
 
-@pytest.mark.parametrize("name", sorted(PARAMETERS))
+@pytest.mark.parametrize("name", sorted(PARAMETERS) + [pytest.param(n, marks=pytest.mark.slow) for n in sorted(TRAINED)])
 def test_model_prunes_converts_exports_and_passes_parity(tmp_path, name):
-    prune, form = CONFIGURATIONS[name]
+    prune, form = CONFIGURATIONS.get(name, ("l1-structured:0.5", "dense-shrunk"))
     plan = PruningPlan.parse(prune, scope="layer")
     manifest = export_artifact(name, plan, form, tmp_path / name).manifest
     assert manifest.onnx_parity_error <= 1e-4
