@@ -853,9 +853,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+#: an error line is cut here (a message quoting hostile input stays one screen); long enough for the
+#: unknown-model error, which names every registered model
+ERROR_LINE_CHARS = 1000
+
+
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return lines[0][:500] if lines else type(exc).__name__
+    return lines[0][:ERROR_LINE_CHARS] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":
