@@ -140,7 +140,7 @@ def export_artifact(
     else:
         progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
     net = spec.make(trained=not plan.at_init)
-    training = spec.training_record(net if not plan.at_init else spec.make())
+    training = spec.training_record(None if plan.at_init else net)
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
 

@@ -191,13 +191,15 @@ class ModelSpec:
             _load_or_train(self, model)
         return model.eval()
 
-    def training_record(self, trained: "nn.Module") -> dict[str, Any]:
+    def training_record(self, trained: "nn.Module | None") -> dict[str, Any]:
         """What the manifest says of a trained model's training: the recipe, and the trained model's
         quality before anything was pruned (kept beside the cached weights; `trained` is scored when
-        that record is missing). Empty for models that do not train."""
+        that record is missing, and without it, pruning at initialisation, the result stays empty
+        rather than a model being trained only to be scored). Empty for models that do not train."""
         if self.train is None:
             return {}
-        return _read_training_record(self, _cache_path(self).with_suffix(".json")) or _training_record(self, trained)
+        cached = _read_training_record(self, _cache_path(self).with_suffix(".json"))
+        return cached or _training_record(self, trained, result=None if trained is not None else {})
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
         """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a

@@ -20,6 +20,14 @@ from deploykit.core.errors import UsageError
 from deploykit.model.hf import CausalLM, causal_lm_fields
 from deploykit.model.spec import register_model
 from deploykit.model.training import Recipe, fit
+from deploykit.model.zoo.corpus import (
+    CORPUS,
+    held_out_prompts,
+    language_model_quality,
+    next_token_loss,
+    token_ids,
+    windows,
+)
 
 VOCAB = 50257
 
@@ -59,8 +67,6 @@ TRAINED_CONTEXT = 128
 
 
 def _trained_fields(vocab: int, recipe: Recipe) -> dict:
-    from deploykit.model.zoo.corpus import held_out_prompts
-
     return dict(_fields(vocab), sampler=held_out_prompts(vocab), length_sampler=held_out_prompts(vocab, length=True),
                 recipe=recipe,
                 train=partial(_train_language_model, vocab=vocab, recipe=recipe),
@@ -68,21 +74,15 @@ def _trained_fields(vocab: int, recipe: Recipe) -> dict:
 
 
 def _train_language_model(model: nn.Module, *, vocab: int, recipe: Recipe, after_step=None) -> None:
-    from deploykit.model.zoo.corpus import next_token_loss, token_ids, windows
-
     train = token_ids(vocab)[0]
     fit(model, recipe, lambda g: windows(train, recipe.batch, TRAINED_CONTEXT, g), next_token_loss, after_step)
 
 
 def _quality(model: nn.Module, *, vocab: int) -> dict[str, float]:
-    from deploykit.model.zoo.corpus import language_model_quality
-
     return language_model_quality(model, vocab, TRAINED_CONTEXT)
 
 
 def _recipe(steps: int, batch: int, lr: float) -> Recipe:
-    from deploykit.model.zoo.corpus import CORPUS
-
     return Recipe(data=f"{CORPUS}; windows of {TRAINED_CONTEXT} tokens", steps=steps, batch=batch, lr=lr,
                   warmup=steps // 20, weight_decay=0.01)
 

@@ -18,9 +18,13 @@ examples and references, and is seeded: a task's parameters always mean the same
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
+import torch.nn.functional as F
+
+from deploykit.core.quality import bleu
+from deploykit.model.training import fit
 
 
 def _zipf(count: int, exponent: float = 1.0) -> torch.Tensor:
@@ -134,8 +138,6 @@ class SpeechRendering:
 
 def bleu_of_ids(hypotheses: list[list[int]], references: list[list[int]]) -> float:
     """Corpus BLEU (sacrebleu, its defaults) of token-id sequences written as words."""
-    from deploykit.core.quality import bleu
-
     def words(ids):
         return " ".join(f"w{i}" for i in ids)
 
@@ -168,10 +170,6 @@ class TopicClassification:
         return self.text.sample(self.train_size, seed=0), self.text.sample(self.test_size, seed=1)
 
     def train(self, model, *, recipe, after_step=None) -> None:
-        import torch.nn.functional as F
-
-        from deploykit.model.training import fit
-
         ids, labels = self.splits[0]
 
         def batch(g: torch.Generator):
@@ -200,7 +198,5 @@ class TopicClassification:
 
     def spec_fields(self, recipe) -> dict:
         """The trained spec's hooks (and the recipe they follow)."""
-        from functools import partial
-
         return dict(train=partial(self.train, recipe=recipe), evaluate=self.accuracy, data=self.labelled_batches,
                     calibration=self.calibration, sampler=self.sample, recipe=recipe)
