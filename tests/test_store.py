@@ -163,7 +163,10 @@ def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploykit", "bench", "--prune", f"magnitude:{sparsities}", "--form", "dense",
          "--runtime", "onnxruntime", "--min-time", "1", "--min-iters", "5", "--store", str(store)],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        # as from a terminal: a test run started as a background job inherits SIGINT ignored, and a Python
+        # started with it ignored never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(240, proc.kill)  # a bench that hangs fails the test instead of the suite
     watchdog.start()
     try:
