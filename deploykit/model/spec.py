@@ -199,7 +199,7 @@ class ModelSpec:
         if self.train is None:
             return {}
         cached = _read_training_record(self, _cache_path(self).with_suffix(".json"))
-        return cached or _training_record(self, trained, result=None if trained is not None else {})
+        return cached or _training_record(self, _quality(self, trained) if trained is not None else {})
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
         """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a
@@ -285,7 +285,7 @@ def _load_or_train(spec: "ModelSpec", model: "nn.Module") -> None:
         torch.manual_seed(spec.seed)
         spec.train(model)
     model.eval()
-    record = _training_record(spec, model, time.perf_counter() - started)
+    record = _training_record(spec, _quality(spec, model), time.perf_counter() - started)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_weights(model.state_dict(), path)
@@ -305,11 +305,12 @@ def _cache_path(spec: "ModelSpec") -> Path:
     return cache_dir() / f"{spec.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.safetensors"
 
 
-def _training_record(spec: "ModelSpec", model: "nn.Module | None", seconds: float | None = None,
-                     result: dict[str, float] | None = None) -> dict[str, Any]:
-    """The recipe, the trained model's quality (`result`, else `model` scored), and the training time."""
-    if result is None:
-        result = spec.evaluate(model) if spec.evaluate is not None else {}
+def _quality(spec: "ModelSpec", model: "nn.Module") -> dict[str, float]:
+    return spec.evaluate(model) if spec.evaluate is not None else {}
+
+
+def _training_record(spec: "ModelSpec", result: dict[str, float], seconds: float | None = None) -> dict[str, Any]:
+    """The recipe, the trained model's quality, and the training time."""
     record: dict[str, Any] = {"recipe": spec.recipe.record() if spec.recipe is not None else None, "result": result}
     if seconds is not None:
         record["train_seconds"] = round(float(seconds), 1)
@@ -328,7 +329,7 @@ def _read_training_record(spec: "ModelSpec", path: Path) -> dict[str, Any] | Non
                                                for k, v in result.items()):
         return None
     seconds = cached.get("train_seconds")
-    return _training_record(spec, None, seconds if type(seconds) in (int, float) else None, result)
+    return _training_record(spec, result, seconds if type(seconds) in (int, float) else None)
 
 
 def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator", length: int | None = None) -> "torch.Tensor":
