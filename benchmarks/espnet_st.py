@@ -4,9 +4,10 @@ Variants: the original model, the study's best plan (magnitude, per module group
 structured L1 pruning of the feed-forward and convolution-module channels (0.5) as dense-shrunk, with
 and without half of every attention module's heads.
 Each is exported and measured exactly as `deploykit bench DIR` does it: for 5 s of features (500
-frames), the encoder, one decoder step after 10 tokens, and greedy decoding of 20 tokens end to end,
-each in a fresh process per runtime, with parity (greedy tokens included) checked. Random weights
-never emit <eos> early, so every decode produces exactly 20 tokens and the ratios compare runtimes.
+frames), the encoder, one decoder step after 10 tokens, and greedy decoding end to end (to <eos>, at
+most one token per encoder frame, ESPnet's default limit), each in a fresh process per runtime, with
+parity (greedy tokens included) checked. Random weights never emit <eos>, so they decode to the limit
+(125 tokens for 500 frames) and the ratios compare runtimes.
 Medians and ratios come from one run on this machine.
 
 A trained model (`espnet-st-small-trained`) is fed utterances of its own task, decodes until <eos>,

@@ -59,6 +59,20 @@ def test_onnxruntime_decoding_gives_pytorchs_tokens(model, exported, frames, bea
     assert decode_onnx(directory, feats.numpy(), max_tokens=15, beam=beam) == tokens
 
 
+def test_the_benchmarks_greedy_decoding_runs_to_espnets_length_limit(model, exported):
+    """An untrained model never says <eos>: the benchmark decodes it to ESPnet's default limit, one token
+    per encoder frame, and pads to that limit, the same under both runtimes."""
+    from deploykit.pipelines.espnet import TorchTranslator
+    from deploykit.pipelines.st_decode import NO_TOKEN, STSession, translate
+
+    directory, _ = exported
+    feats = torch.randn(1, 300, 80, generator=torch.Generator().manual_seed(1)).numpy()
+    memory, _, tokens = STSession(TorchTranslator(model), None, []).run({"feats": feats})
+    assert len(tokens) == memory.shape[1] == 74  # 300 frames, subsampled 4x by two 3x3 convolutions
+    decoded = translate(TorchTranslator(model), feats, len(tokens))
+    assert list(tokens[:len(decoded)]) == decoded and all(t == NO_TOKEN for t in tokens[len(decoded):])
+
+
 def test_beam_search_scores_at_least_as_well_as_greedy(model):
     from deploykit.pipelines.espnet import TorchStepper
     from deploykit.pipelines.st_decode import decode
@@ -315,3 +329,52 @@ def test_experiment_missing_its_statistics_file_is_refused(tmp_path):
                 dst.writestr(info, src.read(info))
     with pytest.raises(ArtifactError, match="statistics file 'exp/st_stats_raw/train/feats_stats.npz'.*no file"):
         load_st_experiment(stripped, tmp_path / "w")
+
+
+def _op_count(path, op_type):
+    import onnx
+
+    return sum(node.op_type == op_type for node in onnx.load(str(path)).graph.node)
+
+
+def test_the_encoder_fused_by_onnxruntimes_optimiser_holds_parity_at_every_length(model, exported):
+    """The relative-position export lets the conformer fusion turn each self-attention into one
+    Attention node and keep PyTorch's output at 1, 3, 5 and 10 s; the artifact keeps whichever graph
+    the interleaved timing chose, and says which."""
+    from deploykit.pipelines.encoder_fusion import PARITY_FRAMES
+
+    directory, result = exported
+    fusion = result.fusion
+    assert fusion.fused["Attention"] == len(model.encoder.encoders)
+    assert sorted(fusion.errors) == sorted(PARITY_FRAMES) and max(fusion.errors.values()) <= 1e-4
+    assert fusion.choice in ("fused", "plain")
+    fused_in_file = _op_count(directory / "encoder.onnx", "Attention")
+    assert fused_in_file == (len(model.encoder.encoders) if fusion.choice == "fused" else 0)
+    config = json.loads((directory / "st_config.json").read_text())
+    assert config["encoder_fusion"]["choice"] == fusion.choice
+    assert ("kept" if fusion.choice == "fused" else "not kept") in fusion.note()
+
+
+def test_the_fused_encoder_is_refused_when_it_breaks_parity(model, tmp_path):
+    """A fused graph off at any checked length never replaces the plain one (here the reference is
+    made wrong, as a fusion that broke some length would look)."""
+    import hashlib
+
+    import numpy as np
+
+    from deploykit.pipelines.encoder_fusion import fuse_encoder
+    from deploykit.pipelines.espnet import ENCODER_FILE, _encode_numpy
+
+    export_st(model, tmp_path, CONFIG["input_size"], fuse=False)
+    path = tmp_path / ENCODER_FILE
+    before, files = hashlib.sha256(path.read_bytes()).hexdigest(), sorted(os.listdir(tmp_path))
+
+    def off_at_long_inputs(feats):
+        out = _encode_numpy(model, feats)
+        return out + 1.0 if feats.shape[1] >= 500 else out
+
+    fusion = fuse_encoder(path, off_at_long_inputs, CONFIG["input_size"], 1e-4)
+    assert fusion.choice == "plain" and "at 500 frames" in fusion.reason and sorted(fusion.errors) == [100, 300, 500]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(os.listdir(tmp_path)) == files
+    assert np.isfinite(fusion.errors[500])

@@ -127,29 +127,32 @@ def _spread(values: Sequence[float]) -> float:
     return (q3 - q1) / median if median > 0 else math.inf
 
 
-def decide(timings: KernelTimings) -> tuple[str, bool, str]:
-    """(choice, noisy, reason) from interleaved rounds: the rule, apart from the measuring.
+def decide(timings: KernelTimings, candidate: str = "csr", baseline: str = "dense") -> tuple[str, bool, str]:
+    """(choice, noisy, reason) from interleaved rounds (`timings.csr` the candidate's, `timings.dense`
+    the baseline's): the rule, apart from the measuring.
 
-    CSR only when it is faster by MARGIN in every round and no round was preempted: then no burst of
-    load can have made the choice (it would have to slow every dense round and no CSR round). Any
-    other outcome keeps the layer dense, the safe choice, and says whether noise was involved."""
+    The candidate only when it is faster by MARGIN in every round and no round was preempted: then no
+    burst of load can have made the choice (it would have to slow every baseline round and no candidate
+    round). Any other outcome keeps the baseline, the safe choice, and says whether noise was involved."""
     ratios = timings.ratios
+    kept = f"kept {baseline}"
     if not ratios:
-        return "dense", True, "noisy: no usable timings; kept dense"
+        return baseline, True, f"noisy: no usable timings; {kept}"
     median_ratio = statistics.median(ratios)
     clear = sum(r <= 1 - MARGIN for r in ratios)
     preempted = timings.preempted
     if clear == len(ratios) and not preempted:
-        return "csr", False, f"csr {median_ratio:.2f}x dense time, under {1 - MARGIN:.2f}x in all {len(ratios)} rounds"
+        return candidate, False, (f"{candidate} {median_ratio:.2f}x {baseline} time, under {1 - MARGIN:.2f}x in all "
+                                  f"{len(ratios)} rounds")
     if preempted:
-        return "dense", True, (f"noisy: {preempted} of {2 * len(ratios)} rounds preempted (median over "
-                               f"{PREEMPTED:g}x the fastest call); kept dense")
+        return baseline, True, (f"noisy: {preempted} of {2 * len(ratios)} rounds preempted (median over "
+                                f"{PREEMPTED:g}x the fastest call); {kept}")
     if clear:
-        return "dense", True, (f"noisy: csr under {1 - MARGIN:.2f}x dense time in {clear} of {len(ratios)} rounds "
-                               f"only (median {median_ratio:.2f}x); kept dense")
+        return baseline, True, (f"noisy: {candidate} under {1 - MARGIN:.2f}x {baseline} time in {clear} of "
+                                f"{len(ratios)} rounds only (median {median_ratio:.2f}x); {kept}")
     noisy = timings.noise > MAX_NOISE
-    return "dense", noisy, (f"csr {median_ratio:.2f}x dense time (needs <= {1 - MARGIN:.2f}x in every round)"
-                            + (f"; rounds spread {100 * timings.noise:.0f}%" if noisy else ""))
+    return baseline, noisy, (f"{candidate} {median_ratio:.2f}x {baseline} time (needs <= {1 - MARGIN:.2f}x in every "
+                             "round)" + (f"; rounds spread {100 * timings.noise:.0f}%" if noisy else ""))
 
 
 Timer = Callable[[Callable[[], object]], Round]

@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ from deploykit.convert.onnx_settings import DEFAULT_OPSET, ONNX_TOLERANCE
 from deploykit.core.ort import ort_session
 from deploykit.model.artifact import ST_CONFIG_FILE, WEIGHTS_FILE
 from deploykit.model.espnet import encode_features, quiet_espnet, sos_eos
+from deploykit.pipelines.encoder_fusion import EncoderFusion, fuse_encoder
 from deploykit.pipelines.st_decode import OrtSTDecoder, OrtStepper, STSession, state_after, translate
 from deploykit.runtime.loading import load_cpu_session_model, load_torch_model
 from deploykit.runtime.session import RuntimeInfo, Target
@@ -32,16 +35,20 @@ DECODER_FILE = "decoder.onnx"
 #: the longest feature / token sequence the exported positional tables cover
 MAX_SEQ_LEN = 2048
 
-#: espnet class -> espnet_onnx export wrapper, in the order espnet_onnx applies them (subclasses first):
+#: espnet class -> export wrapper, in the order espnet_onnx applies them (subclasses first):
 #: ESPnet's positional encodings grow a cache in Python, which tracing would freeze at one length;
-#: the wrappers precompute a table of MAX_SEQ_LEN positions instead.
+#: espnet_onnx's wrappers precompute a table of MAX_SEQ_LEN positions instead. The relative-position
+#: encoding and attention are ours (`deploykit.pipelines.espnet_relpos`): espnet_onnx's table slice
+#: defeats onnxruntime's transformer optimiser.
 CONVERT_MAP = {
     "espnet.nets.pytorch_backend.transformer.embedding.LegacyRelPositionalEncoding":
         "espnet_onnx.export.asr.models.layers.embed.OnnxLegacyRelPositionalEncoding",
     "espnet.nets.pytorch_backend.transformer.embedding.ScaledPositionalEncoding":
         "espnet_onnx.export.asr.models.layers.embed.OnnxScaledPositionalEncoding",
     "espnet.nets.pytorch_backend.transformer.embedding.RelPositionalEncoding":
-        "espnet_onnx.export.asr.models.layers.embed.OnnxRelPositionalEncoding",
+        "deploykit.pipelines.espnet_relpos.ExportRelPositionalEncoding",
+    "espnet.nets.pytorch_backend.transformer.attention.RelPositionMultiHeadedAttention":
+        "deploykit.pipelines.espnet_relpos.ExportRelPositionAttention",
     "espnet.nets.pytorch_backend.transformer.embedding.PositionalEncoding":
         "espnet_onnx.export.asr.models.layers.embed.OnnxPositionalEncoding",
 }
@@ -96,6 +103,8 @@ class STExport:
     decoder_max_abs_error: float
     #: "file:initializer" -> nonzeros, for initializers stored sparse (with `sparse=True`)
     sparse_initializers: dict[str, int]
+    #: the transformer optimiser's outcome on the encoder (None: not tried)
+    fusion: EncoderFusion | None = None
 
 
 def export_st(
@@ -107,13 +116,16 @@ def export_st(
     tolerance: float = ONNX_TOLERANCE,
     frames: int = 200,
     sparse: bool = False,
+    fuse: bool = True,
 ) -> STExport:
     """Write encoder.onnx, decoder.onnx and st_config.json into `directory` and check both models.
 
     `frames` of random features (the 10 ms frames of 2 s of audio, by default) trace the encoder;
     parity is checked on a different length to prove the time axis is dynamic. With `sparse`,
     initializers are stored sparse where smaller, before the check, so the files checked are the
-    files shipped.
+    files shipped. With `fuse`, onnxruntime's transformer optimiser is tried on the encoder, which
+    is replaced only where the fused graph holds parity at every length and is faster
+    (`deploykit.pipelines.encoder_fusion`).
     """
     directory = Path(directory)
     generator = torch.Generator().manual_seed(0)
@@ -125,6 +137,7 @@ def export_st(
     export_onnx(encoder, (feats,), directory / ENCODER_FILE, input_names=["feats"],
                 output_names=["encoder_out", "encoder_out_lens"],
                 dynamic_axes={"feats": {1: "frames"}, "encoder_out": {1: "encoder_frames"}}, opset=opset)
+    fusion = fuse_encoder(directory / ENCODER_FILE, partial(_encode_numpy, model), feats_dim, tolerance) if fuse else None
     with torch.no_grad():
         memory = encoder(feats)[0]
     tgt = torch.tensor([[sos_eos(model), 3, 5]])
@@ -162,9 +175,15 @@ def export_st(
         "decoder_size": size, "sos": sos_eos(model), "eos": sos_eos(model), "vocab_size": model.vocab_size,
         "max_seq_len": MAX_SEQ_LEN, "opset": opset, "normalization_in_encoder": model.normalize is not None,
         "frontend": _frontend_description(model),
+        "encoder_fusion": fusion.record() if fusion is not None else None,
     }
     (directory / ST_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return STExport(config, encoder_error["encoder_out"], decoder_error["logp"], sparse_initializers)
+    return STExport(config, encoder_error["encoder_out"], decoder_error["logp"], sparse_initializers, fusion)
+
+
+def _encode_numpy(model: nn.Module, feats: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return encode_features(model, torch.from_numpy(feats)).numpy()
 
 
 def _frontend_description(model: nn.Module) -> dict[str, Any] | None:

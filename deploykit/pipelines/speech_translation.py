@@ -29,7 +29,8 @@ def export(request: ExportRequest) -> Exported:
     result = export_st(request.model, request.directory, feats, opset=request.opset, tolerance=request.tolerance,
                        sparse=request.sparse)
     return Exported({"encoder_out": result.encoder_max_abs_error, "decoder_logp": result.decoder_max_abs_error},
-                    sparse_initializers=result.sparse_initializers)
+                    sparse_initializers=result.sparse_initializers,
+                    notes=(result.fusion.note(),) if result.fusion is not None else ())
 
 
 def inputs(directory: Path, manifest: Manifest, batch: int, seed: int, length: int | None) -> dict:

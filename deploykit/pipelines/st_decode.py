@@ -22,9 +22,8 @@ from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.model.artifact import ST_CONFIG_FILE
 from deploykit.runtime.session import RuntimeInfo, Target
 
-#: the benchmark's utterance: 5 s of 10 ms feature frames, decoded greedily for a fixed token count
+#: the benchmark's utterance: 5 s of 10 ms feature frames, decoded greedily to <eos>
 BENCH_FRAMES = 500
-BENCH_TOKENS = 20
 #: tokens already decoded when one decoder step is timed (the step then attends over them via its cache)
 STEP_PREFIX = 10
 #: padding of token sequences compared across runtimes (after <eos>, or after the token budget)
@@ -156,8 +155,10 @@ class STSession:
     """A benchmark session over a translator: its timed stages and the outputs compared across runtimes.
 
     Stages: `encoder` (features -> encoder output), `decoder-step` (one step after `STEP_PREFIX`
-    tokens, with their cache) and `greedy` (features -> `BENCH_TOKENS` tokens, end to end). Outputs:
-    the encoder output, that step's log-probabilities, and the greedy tokens padded with `NO_TOKEN`.
+    tokens, with their cache) and `greedy` (features -> tokens, end to end: to <eos>, or to ESPnet's
+    default length limit, one token per encoder frame (`maxlenratio` 0), which a model that never
+    says <eos>, an untrained one, decodes to). Outputs: the encoder output, that step's
+    log-probabilities, and the greedy tokens padded with `NO_TOKEN` to the limit.
     """
 
     #: both translators return host arrays (onnxruntime) or run on the CPU (torch): calls are synchronous
@@ -188,20 +189,27 @@ class STSession:
         feats = self._features(feeds)
         memory, stepper, prefix, state = self._step_ready(feats)
         logp, _ = stepper.step(prefix, state)
-        tokens = translate(self.translator, feats, BENCH_TOKENS)
-        padded = np.full(BENCH_TOKENS, NO_TOKEN, dtype=np.int64)
+        limit = max_tokens(memory)
+        tokens = translate(self.translator, feats, limit)
+        padded = np.full(limit, NO_TOKEN, dtype=np.int64)
         padded[:len(tokens)] = tokens
         return [np.asarray(memory), np.asarray(logp), padded]
 
     def stages(self, feeds) -> dict[str, Callable[[], object]]:
         t = self.translator
         feats = self._features(feeds)
-        _, stepper, prefix, state = self._step_ready(feats)
+        memory, stepper, prefix, state = self._step_ready(feats)
+        limit = max_tokens(memory)
         return {
             "encoder": lambda: t.encode(feats),
             "decoder-step": lambda: stepper.step(prefix, state),
-            "greedy": lambda: translate(t, feats, BENCH_TOKENS),
+            "greedy": lambda: translate(t, feats, limit),
         }
+
+
+def max_tokens(memory) -> int:
+    """ESPnet's default decoding length limit for an utterance: one token per encoder frame."""
+    return max(1, int(np.asarray(memory).shape[1]))
 
 
 #: what `STSession.run` returns, in order
