@@ -8,7 +8,9 @@ frames), the encoder, one decoder step after 10 tokens, and greedy decoding end 
 most one token per encoder frame, ESPnet's default limit), each in a fresh process per runtime, with
 parity (greedy tokens included) checked. Random weights never emit <eos>, so they decode to the limit
 (125 tokens for 500 frames) and the ratios compare runtimes.
-Medians and ratios come from one run on this machine.
+Each export also tries onnxruntime's transformer optimiser on the encoder
+(`deploykit.pipelines.encoder_fusion`): the table says which graph the export kept and the fused
+graph's time over the plain one's. Medians and ratios come from one run on this machine.
 
 A trained model (`espnet-st-small-trained`) is fed utterances of its own task, decodes until <eos>,
 and adds int8 variants (dynamic int8 with its operator types chosen by timing, and every operator
@@ -92,6 +94,9 @@ def main() -> int:
                 median[label, "onnxruntime", "bleu"] = spec.evaluate(OrtScoringTranslator(directory))["bleu"]
                 rows.append({"variant": label, "bleu": {rt: median[label, rt, "bleu"] for rt in ("torch", "onnxruntime")},
                              "quantization": manifest.quantization})
+            fusion = json.loads((directory / "st_config.json").read_text(encoding="utf-8"))["encoder_fusion"]
+            median[label, "fusion", ""] = f"{fusion['choice']} ({fusion['fused_over_plain']:.2f}x)" \
+                if fusion and fusion.get("fused_over_plain") else (fusion or {}).get("choice", "-")
             onnx_mb = (manifest.files["encoder.onnx"] + manifest.files["decoder.onnx"]) / 1e6
             median[label, "onnx_mb", ""] = onnx_mb
             median[label, "nonzero", ""] = manifest.nonzero_parameters
@@ -100,7 +105,7 @@ def main() -> int:
     table = []
     for label in variants:
         cells = [label, f"{median[label, 'parameters', '']:,}", f"{median[label, 'nonzero', '']:,}",
-                 f"{median[label, 'onnx_mb', '']:.2f}"]
+                 f"{median[label, 'onnx_mb', '']:.2f}", median[label, "fusion", ""]]
         for stage in STAGES:
             cells += [f"{median[label, 'torch', stage]:.2f}", f"{median[label, 'onnxruntime', stage]:.2f}"]
         cells += [f"{median[label, 'torch', 'greedy'] / median[label, 'onnxruntime', 'greedy']:.2f}x",
@@ -110,7 +115,7 @@ def main() -> int:
             cells += [f"{median[label, 'torch', 'bleu']:.1f}", f"{median[label, 'onnxruntime', 'bleu']:.1f}"]
         table.append(cells)
     print(tabulate(table, disable_numparse=True, headers=[
-        "variant", "params", "nonzero", "onnx MB", "torch enc ms", "ort enc ms", "torch step ms", "ort step ms",
+        "variant", "params", "nonzero", "onnx MB", "encoder graph (fused/plain time)", "torch enc ms", "ort enc ms", "torch step ms", "ort step ms",
         "torch greedy ms", "ort greedy ms", "ort vs torch", "ort vs original torch", "torch peak MB", "ort peak MB",
         *(["torch BLEU", "ort BLEU"] if spec.evaluate is not None else [])]))
     print("study: onnxruntime 1.44x PyTorch on the original model, 2.17x pruned onnxruntime vs original PyTorch")
