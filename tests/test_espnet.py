@@ -60,8 +60,8 @@ def test_onnxruntime_decoding_gives_pytorchs_tokens(model, exported, frames, bea
 
 
 def test_the_benchmarks_greedy_decoding_runs_to_espnets_length_limit(model, exported):
-    """An untrained model never says <eos>: the benchmark decodes it to ESPnet's default limit, one token
-    per encoder frame, and pads to that limit, the same under both runtimes."""
+    """The benchmark's greedy output is the decoded tokens padded to ESPnet's default limit, one token
+    per encoder frame: the length an untrained model, which never says <eos>, decodes to."""
     from deploykit.pipelines.espnet import TorchTranslator
     from deploykit.pipelines.st_decode import NO_TOKEN, STSession, translate
 
