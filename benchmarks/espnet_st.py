@@ -33,9 +33,11 @@ from tabulate import tabulate
 
 from deploykit.bench.runner import bench_artifact
 from deploykit.bench.settings import Grid, TimingSettings
+from deploykit.core.confine import read_json
 from deploykit.core.env import available_cores
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.export.build import export_artifact
+from deploykit.model.artifact import ST_CONFIG_FILE
 from deploykit.model.catalog import get_model
 from deploykit.model.zoo.espnet_st import PRESETS
 from deploykit.pipelines.st_decode import OrtScoringTranslator
@@ -48,6 +50,14 @@ SHRINK_RULES = ("encoder.encoders.*.feed_forward*=0.5", "encoder.encoders.*.conv
 #: the same, and half of every attention module's heads (encoder self-attention, decoder self- and cross-)
 HEAD_RULES = ("encoder.encoders.*.self_attn.*=0.5", "decoder.decoders.*.self_attn.*=0.5",
               "decoder.decoders.*.src_attn.*=0.5")
+
+
+def _fusion_cell(fusion: dict | None) -> str:
+    """Which encoder graph the export kept, and the fused graph's time over the plain one's."""
+    if not fusion:
+        return "-"
+    ratio = fusion.get("fused_over_plain")
+    return fusion["choice"] + (f" ({ratio:.2f}x)" if ratio else "")
 
 
 def main() -> int:
@@ -94,9 +104,8 @@ def main() -> int:
                 median[label, "onnxruntime", "bleu"] = spec.evaluate(OrtScoringTranslator(directory))["bleu"]
                 rows.append({"variant": label, "bleu": {rt: median[label, rt, "bleu"] for rt in ("torch", "onnxruntime")},
                              "quantization": manifest.quantization})
-            fusion = json.loads((directory / "st_config.json").read_text(encoding="utf-8"))["encoder_fusion"]
-            median[label, "fusion", ""] = f"{fusion['choice']} ({fusion['fused_over_plain']:.2f}x)" \
-                if fusion and fusion.get("fused_over_plain") else (fusion or {}).get("choice", "-")
+            median[label, "fusion", ""] = _fusion_cell(
+                read_json(directory, ST_CONFIG_FILE, "speech-translation config")["encoder_fusion"])
             onnx_mb = (manifest.files["encoder.onnx"] + manifest.files["decoder.onnx"]) / 1e6
             median[label, "onnx_mb", ""] = onnx_mb
             median[label, "nonzero", ""] = manifest.nonzero_parameters

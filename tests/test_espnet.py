@@ -378,3 +378,27 @@ def test_the_fused_encoder_is_refused_when_it_breaks_parity(model, tmp_path):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(os.listdir(tmp_path)) == files
     assert np.isfinite(fusion.errors[500])
+
+
+def test_an_optimiser_that_fails_leaves_the_plain_encoder(model, tmp_path, monkeypatch):
+    """The optimiser is a trial: raising on a graph it misreads keeps the plain encoder, says why, and
+    writes nothing."""
+    import hashlib
+
+    import onnxruntime.transformers.optimizer as optimizer
+
+    from deploykit.pipelines.encoder_fusion import fuse_encoder
+    from deploykit.pipelines.espnet import ENCODER_FILE, _encode_numpy
+
+    export_st(model, tmp_path, CONFIG["input_size"], fuse=False)
+    path = tmp_path / ENCODER_FILE
+    before, files = hashlib.sha256(path.read_bytes()).hexdigest(), sorted(os.listdir(tmp_path))
+
+    def misreads(*args, **kwargs):
+        raise AssertionError("unexpected node pattern\nmore detail")
+
+    monkeypatch.setattr(optimizer, "optimize_model", misreads)
+    fusion = fuse_encoder(path, lambda feats: _encode_numpy(model, feats), CONFIG["input_size"], 1e-4)
+    assert (fusion.choice, fusion.fused, fusion.errors) == ("plain", {}, {})
+    assert fusion.reason == "the optimiser fails on this encoder (unexpected node pattern)"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before and sorted(os.listdir(tmp_path)) == files

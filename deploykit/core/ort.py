@@ -72,12 +72,3 @@ def _graph_level(name: str):
         raise UsageError(f"unknown graph optimisation {name!r}; choose from {', '.join(GRAPH_OPTIMIZATIONS)}")
     return levels[name]
 
-
-def ort_error_types() -> tuple[type[Exception], ...]:
-    """onnxruntime's own exception classes (they derive from Exception alone): what a session raises
-    on a graph it cannot load or run."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel",
-             "NotImplemented", "RuntimeException", "EPFail", "ModelLoaded", "EngineError")
-    return tuple(getattr(state, name) for name in names if isinstance(getattr(state, name, None), type))
