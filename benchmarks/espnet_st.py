@@ -13,8 +13,8 @@ Each export also tries onnxruntime's transformer optimiser on the encoder
 graph's time over the plain one's. Medians and ratios come from one run on this machine.
 
 A trained model (`espnet-st-small-trained`) is fed utterances of its own task, decodes until <eos>,
-and adds int8 variants (dynamic int8 with its operator types chosen by timing, and every operator
-type) and its BLEU per runtime (the model's evaluation: greedy decoding of held-out 5 s utterances,
+and adds int8 variants (dynamic int8 with its nodes chosen by timing each on its input, and every
+node) and its BLEU per runtime (the model's evaluation: greedy decoding of held-out 5 s utterances,
 under torch on the rebuilt model and under onnxruntime on the exported graphs), beside the peak
 resident memory of each runtime's benchmark process.
 
@@ -77,11 +77,11 @@ def main() -> int:
     options = {label: {} for label in variants}
     spec = get_model(args.model)
     if spec.evaluate is not None:  # a trained model: int8 is judged by its BLEU
-        variants.update({"int8 (measured operators)": (PruningPlan(), "dense"),
-                         "int8 (all operators)": (PruningPlan(), "dense"),
+        variants.update({"int8 (measured nodes)": (PruningPlan(), "dense"),
+                         "int8 (all nodes)": (PruningPlan(), "dense"),
                          "ff+conv 0.5 + int8": variants["ff+conv 0.5 (dense-shrunk)"]})
-        options.update({"int8 (measured operators)": {"quantize": "int8"},
-                        "int8 (all operators)": {"quantize": "int8", "quantize_operators": "all"},
+        options.update({"int8 (measured nodes)": {"quantize": "int8"},
+                        "int8 (all nodes)": {"quantize": "int8", "quantize_operators": "all"},
                         "ff+conv 0.5 + int8": {"quantize": "int8"}})
     grid = Grid(runtimes=("torch", "onnxruntime"), threads=(available_cores(),))
     timing = TimingSettings(warmup_s=0.2, min_time_s=args.min_time, min_iters=5)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from deploykit.core.errors import UsageError
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.export.build import export_artifact
 from deploykit.model.catalog import get_model
@@ -62,6 +63,15 @@ def measure(model: str, method: str, compression: float | None, options: dict, d
     }
 
 
+def _table_row(r: dict) -> list[str]:
+    head = [r["model"], r["selection"], r["method"], "-" if r["compression"] is None else f"{r['compression']:g}"]
+    if "refused" in r:
+        return head + ["refused: " + r["refused"].split(";")[0], "", "", "", ""]
+    return head + [f"{100 * r['remaining_prunable']:.2f}", f"{100 * r['remaining_parameters']:.2f}",
+                   f"{100 * r['remaining_flops']:.2f}", f"{r['disk_bytes'] / 1e6:.3f}",
+                   "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compressions", default="0.1,0.5,1,2")
@@ -81,13 +91,13 @@ def main() -> int:
             runs = [("dense", None)] + [(method, c) for c in compressions for method in methods]
             for j, (method, c) in enumerate(runs):
                 print(f"{model} [{selection}] {method} c={c}", file=sys.stderr, flush=True)
-                row = measure(spec.name, method, c, options if c else base, Path(tmp) / f"{i}-{j}")
+                try:
+                    row = measure(spec.name, method, c, options if c else base, Path(tmp) / f"{i}-{j}")
+                except UsageError as exc:  # a plan the exporter refuses (a layer pruned away): a row that says so
+                    row = {"model": model, "method": method, "compression": c, "refused": str(exc)}
                 results.append({**row, "selection": selection})
 
-    table = [[r["model"], r["selection"], r["method"], "-" if r["compression"] is None else f"{r['compression']:g}",
-              f"{100 * r['remaining_prunable']:.2f}", f"{100 * r['remaining_parameters']:.2f}",
-              f"{100 * r['remaining_flops']:.2f}", f"{r['disk_bytes'] / 1e6:.3f}",
-              "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"] for r in results]
+    table = [_table_row(r) for r in results]
     print(tabulate(table, headers=["model", "layers", "method", "c", "prunable kept %", "all params kept %",
                                    "FLOPs kept %", "disk MB", "accuracy"], disable_numparse=True))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from deploykit.bench.runner import bench_artifact
 from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.convert.quantize import conv1d_to_linear, error_statistics, gemm_to_matmul, token_agreement
 from deploykit.core.errors import UsageError
-from deploykit.export import quantization
+from deploykit.export import operator_choice, quantization
 from deploykit.export.build import export_artifact
 from deploykit.export.quantization import AGREEMENT_INPUTS
 from deploykit.pipelines.catalog import PIPELINES
@@ -196,7 +196,7 @@ def _rounds(*medians):
 
 def test_speed_verdict_needs_every_round_and_no_preemption():
     from deploykit.convert.kernel_choice import Round
-    from deploykit.export.quantization import speed_verdict
+    from deploykit.export.operator_choice import speed_verdict
 
     float_rounds = _rounds(10, 10, 10, 10, 10)
     assert speed_verdict(float_rounds, _rounds(25, 24, 26, 25, 25))["verdict"] == "slower"
@@ -259,14 +259,38 @@ def _fake_timings(int8_over_float: float, preempted: bool = False):
     (0.5, False, True, "faster than float"),
     (0.5, True, False, "timing rounds preempted by other load: kept float, the safe choice"),
     (1.0, False, True, "no clear difference in speed; smaller")])
-def test_measured_operators_keep_float_what_int8_makes_slower(monkeypatch, tmp_path, ratio, preempted, kept, reason):
-    monkeypatch.setattr(quantization, "time_interleaved", _fake_timings(ratio, preempted))
+def test_measured_nodes_keep_float_what_int8_makes_slower(monkeypatch, tmp_path, ratio, preempted, kept, reason):
+    monkeypatch.setattr(operator_choice, "time_interleaved", _fake_timings(ratio, preempted))
     result = export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "a", quantize="int8")
     chosen = result.manifest.quantization["operators"]
-    assert list(chosen) == ["MatMul"]  # the only operator type of the graph dynamic int8 has kernels for
-    assert chosen["MatMul"]["quantized"] is kept and chosen["MatMul"]["reason"] == reason
+    # one decision per weight shape, each on the input the layer really gets (a batch of 64 digits)
+    assert list(chosen) == ["model.onnx MatMul 64x784 @ 784x300", "model.onnx MatMul 64x300 @ 300x100",
+                            "model.onnx MatMul 64x100 @ 100x10"]
+    assert all(c["quantized"] is kept and c["reason"] == reason and len(c["nodes"]) == 1 for c in chosen.values())
     ops = [node.op_type for node in onnx.load(str(result.directory / "model.onnx")).graph.node]
     assert ops.count("MatMulInteger") == (3 if kept else 0)
+
+
+def test_each_node_is_chosen_on_its_own_timing(monkeypatch, tmp_path):
+    from deploykit.export.operator_choice import speed_verdict
+
+    real = operator_choice.time_unit
+
+    def time_unit(source, unit, activation, quantize):
+        real(source, unit, activation, quantize)  # the one-node graphs are built and quantized for real
+        first = activation.shape[-1] == 784  # int8 slower only on the first layer's input
+        return speed_verdict(_rounds(10, 10, 10, 10, 10), _rounds(*[20 if first else 5] * 5))
+
+    monkeypatch.setattr(operator_choice, "time_unit", time_unit)
+    result = export_artifact("lenet-300-100", PruningPlan(), "dense", tmp_path / "a", quantize="int8")
+    chosen = result.manifest.quantization["operators"]
+    assert [c["quantized"] for c in chosen.values()] == [False, True, True]
+    graph = onnx.load(str(result.directory / "model.onnx")).graph
+    integer = [node for node in graph.node if node.op_type == "MatMulInteger"]
+    assert len(integer) == 2 and [n.op_type for n in graph.node].count("MatMul") == 1
+    weights = {init.name: tuple(init.dims) for init in graph.initializer}
+    float_matmul = next(node for node in graph.node if node.op_type == "MatMul")
+    assert weights[float_matmul.input[1]] == (784, 300)  # the layer int8 made slower stays float
 
 
 def test_weight_only_quantization_packs_matmul_weights_in_blocks(tmp_path):
@@ -310,13 +334,17 @@ def test_nodes_of_layers_match_a_module_by_its_longest_tail_in_the_graph():
     assert nodes_of_layers(graph, ["fc"]) == [] and nodes_of_layers(graph, []) == []
 
 
-def test_an_operator_type_that_only_pays_in_size_must_keep_the_greedy_tokens(monkeypatch, tmp_path):
+def test_nodes_that_only_pay_in_size_must_keep_the_greedy_tokens(monkeypatch, tmp_path):
     pytest.importorskip("optimum")
-    monkeypatch.setattr(quantization, "time_interleaved", _fake_timings(1.0))  # no clear difference in speed
+    monkeypatch.setattr(operator_choice, "time_interleaved", _fake_timings(1.0))  # no clear difference in speed
     monkeypatch.setattr(quantization, "MIN_TOKEN_AGREEMENT", 1.01)  # more than any agreement: the rule is tested
     result = export_artifact("gpt2-tiny", PruningPlan(), "dense", tmp_path / "g", quantize="int8")
     chosen = result.manifest.quantization["operators"]
-    assert set(chosen) == {"MatMul", "Gather"} and not any(c["quantized"] for c in chosen.values())
-    assert all(c["reason"].startswith("no clear difference in speed, and ") and 0 <= c["greedy_token_agreement"] <= 1
+    assert {c["op"] for c in chosen.values()} == {"MatMul", "Gather"} and not any(c["quantized"] for c in chosen.values())
+    assert all(c["reason"].startswith("no clear difference in speed, and with it ") and 0 <= c["greedy_token_agreement"] <= 1
                for c in chosen.values())
+    # timed where generation runs them: the cached graph's last step, one token (the full-sequence graph is
+    # not run by greedy decoding, and its nodes are not chosen)
+    assert {c["graph"] for c in chosen.values()} == {"decoder_with_past.onnx"}
+    assert any(key.startswith("decoder_with_past.onnx MatMul 1x64 @ 64x") for key in chosen)  # one row
     assert result.manifest.quantization["greedy_token_agreement"]["onnxruntime"] == 1.0  # the graphs stayed float

@@ -35,13 +35,13 @@ class Quantizer:
     torch: Callable[..., object]
     #: why --per-channel does not apply (None: it does)
     no_per_channel: str | None = None
-    #: operator types whose quantization can be chosen one by one (the onnx callable then takes
-    #: `op_types`); empty: the scheme quantizes what it quantizes
+    #: operator types whose nodes can be chosen one by one (the onnx callable then takes `nodes`, the
+    #: names of the nodes to quantize); empty: the scheme quantizes what it quantizes
     op_types: tuple[str, ...] = ()
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantization")
-#: how the operator types a scheme can choose are picked: each timed against float ("measured"), or every one
+#: how the nodes a scheme can choose are picked: each timed against float ("measured"), or every one
 OPERATOR_CHOICES = ("measured", "all")
 
 
@@ -59,7 +59,11 @@ def _root_log_quiet():
 
 
 def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
-                       op_types: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
+                       nodes: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
+    """Dynamic int8 of the graph at `source` into `target`: every node it has integer kernels for, or only
+    `nodes` (names in the graph as rewritten by `gemm_to_matmul`), never the nodes of `float_layers`."""
+    if nodes is not None and not nodes:
+        raise ValueError("no nodes to quantize: leave the graph as it is instead")  # onnxruntime reads [] as all
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -71,7 +75,7 @@ def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibratio
     try:
         with _root_log_quiet():
             quantize_dynamic(str(matmul), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             op_types_to_quantize=list(op_types) if op_types else None,
+                             nodes_to_quantize=None if nodes is None else list(nodes),
                              nodes_to_exclude=nodes_of_layers(model.graph, float_layers))
     finally:
         matmul.unlink(missing_ok=True)
@@ -204,8 +208,6 @@ def _onnx_weight_only(bits: int):
     return quantize
 
 
-#: operator types the quantizers rewrite before quantizing (`gemm_to_matmul`) -> what they become
-REWRITTEN_OPS = {"Gemm": "MatMul"}
 #: operator types onnxruntime's dynamic quantizer has integer kernels for, which the graphs of
 #: deploykit's pipelines hold (ConvInteger and small MatMulInteger can be slower than float: each is timed)
 DYNAMIC_OP_TYPES = ("MatMul", "Conv", "Gather")

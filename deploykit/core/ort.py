@@ -8,6 +8,8 @@ onnxruntime itself is imported on use: importing this module must stay cheap.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from pathlib import Path
 
 from deploykit.core.errors import ArtifactError, MeasurementError, UsageError
@@ -18,6 +20,8 @@ DEFAULT_GRAPH_OPTIMIZATION = "all"
 
 
 CPU_PROVIDER = "CPUExecutionProvider"
+#: while `recording_feeds` is active: resolved graph path -> the feeds of its session's last run
+_RECORDING: ContextVar[dict | None] = ContextVar("deploykit_ort_recording", default=None)
 
 
 def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, provider: str = CPU_PROVIDER,
@@ -58,7 +62,35 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
     if session.get_providers()[0] != provider:
         raise MeasurementError(f"onnxruntime could not start {provider} for {Path(onnx_path).name} "
                                f"(it offered {', '.join(session.get_providers())})")
-    return session
+    calls = _RECORDING.get()
+    return session if calls is None else _RecordingSession(session, Path(onnx_path).resolve(), calls)
+
+
+@contextlib.contextmanager
+def recording_feeds():
+    """Within it, every session `ort_session` makes keeps the feeds of its last run, in the dictionary
+    yielded (resolved graph path -> feeds): what a pipeline fed each of its graphs, for measuring a
+    graph's nodes on their real inputs. Only the last run's, so a decoding loop holds one step's cache."""
+    calls: dict[Path, dict] = {}
+    token = _RECORDING.set(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDING.reset(token)
+
+
+class _RecordingSession:
+    """An onnxruntime session that records its feeds (see `recording_feeds`), otherwise itself."""
+
+    def __init__(self, session, path: Path, calls: dict):
+        self._session, self._path, self._calls = session, path, calls
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        self._calls[self._path] = dict(feeds)
+        return self._session.run(output_names, feeds, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
 
 
 def _graph_level(name: str):

@@ -16,12 +16,12 @@ from typing import Sequence
 
 import numpy as np
 
-from deploykit.convert.kernel_choice import Round, time_interleaved
-from deploykit.convert.quantize import QUANTIZERS, REWRITTEN_OPS, error_statistics, token_agreement
+from deploykit.convert.kernel_choice import time_interleaved
+from deploykit.convert.quantize import QUANTIZERS, error_statistics, token_agreement
 from deploykit.convert.shared_weights import SHARED_WEIGHTS_FILE, share_weights
 from deploykit.core.errors import QualityError
 from deploykit.core.fsutil import scratch_directory, write_text_atomic
-from deploykit.core.measure import measure
+from deploykit.export.operator_choice import SPEED_ROUNDS, choose_units, chosen_nodes, speed_verdict, timed_call
 from deploykit.model.artifact import MANIFEST_FILE, WEIGHTS_FILE, file_sizes
 from deploykit.model.sources import spec_for_artifact
 from deploykit.pipelines.base import Pipeline
@@ -61,34 +61,6 @@ def _data(spec, manifest, directory, pipeline: Pipeline) -> tuple[list[dict], li
 METRIC_TOLERANCES = {"accuracy": (1, 0.01), "bleu": (1, 1.0), "perplexity": (-1, 0.05)}
 #: greedy tokens the quantized model must agree on with the float one (a generating pipeline)
 MIN_TOKEN_AGREEMENT = 0.95
-#: int8 must take at least 1 + SLOWER (or at most 1 - FASTER) of float's time in every round to be called so
-SLOWER = FASTER = 0.10
-#: interleaved float/int8 rounds under onnxruntime, each at least this long and this many calls
-SPEED_ROUNDS, ROUND_MIN_TIME_S, ROUND_MIN_CALLS = 5, 0.05, 3
-
-
-def _timed_call(call) -> Round:
-    m = measure(call, warmup_s=0.0, min_time_s=ROUND_MIN_TIME_S, min_iters=ROUND_MIN_CALLS)
-    return Round(m.median_ms, m.percentile_ms(0))
-
-
-def speed_verdict(float_rounds: Sequence[Round], int8_rounds: Sequence[Round]) -> dict:
-    """Whether int8 is faster or slower than float, from interleaved rounds: only a difference seen in
-    every round, with no round preempted, counts (a burst of other load cannot make it); anything else
-    is "no clear difference", and says when noise was why."""
-    ratios = [q.median_ms / f.median_ms for f, q in zip(float_rounds, int8_rounds) if f.median_ms > 0]
-    preempted = sum(r.preempted for r in (*float_rounds, *int8_rounds))
-    median = sorted(ratios)[len(ratios) // 2] if ratios else None
-    if ratios and not preempted and all(r >= 1 + SLOWER for r in ratios):
-        verdict = "slower"
-    elif ratios and not preempted and all(r <= 1 - FASTER for r in ratios):
-        verdict = "faster"
-    else:
-        verdict = "no clear difference"
-    return {"verdict": verdict, "int8_over_float": median, "rounds": len(ratios), "preempted_rounds": preempted,
-            "float_rounds_ms": [r.median_ms for r in float_rounds], "int8_rounds_ms": [r.median_ms for r in int8_rounds]}
-
-
 def quality_warnings(record: dict, float_metrics: dict[str, float]) -> list[str]:
     """One line per way the quantized model is worse beyond tolerance, or slower, than the float one."""
     out = []
@@ -125,8 +97,8 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
     that is slower or worse beyond tolerance says so (manifest warnings, a line each); with `strict`
     that is an error. Returns the manifest to write. `consent`: the entry points the artifact may
     import to rebuild its PyTorch model (the one it was exported from). `operators` ("measured"): for a
-    scheme that can choose, quantize only the operator types whose int8 graphs are not slower here
-    (`_choose_operators`); "all": every one."""
+    scheme that can choose, quantize only the nodes whose int8 form is not slower here, each timed on
+    its own input (`_choose_nodes`); "all": every one."""
     with scratch_directory("float") as float_copy:
         # the float artifact as onnxruntime reads it, for the speed comparison: not torch's weights file
         for name in [*manifest.files, MANIFEST_FILE]:
@@ -146,64 +118,56 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
 
 
 def _quantize_graphs(directory: Path, graphs: Sequence[str], quantizer, per_channel: bool, calibration,
-                     op_types: Sequence[str] | None, float_layers: Sequence[str]) -> None:
-    """Quantize `graphs` of `directory` in place (only `op_types` where given; `float_layers` not), their
-    shared weights file written again where the artifact has one."""
+                     nodes: dict[str, list[str]] | None, float_layers: Sequence[str]) -> None:
+    """Quantize `graphs` of `directory` in place (where `nodes` is given, only its nodes per graph, and a
+    graph without any stays as it is; `float_layers` never), their shared weights file written again
+    where the artifact has one."""
     for name in graphs:
+        if nodes is not None and not nodes.get(name):
+            continue
         quantized = directory / f".{name}.int8"
-        options = {"float_layers": float_layers} if op_types is None else {"float_layers": float_layers,
-                                                                            "op_types": op_types}
+        options = {"float_layers": float_layers} if nodes is None else {"float_layers": float_layers,
+                                                                         "nodes": nodes[name]}
         quantizer.onnx(directory / name, quantized, per_channel, calibration, **options)
         quantized.replace(directory / name)
     if (directory / SHARED_WEIGHTS_FILE).exists():  # the quantized graphs hold their weights inline: share them again
         share_weights(directory, graphs)
 
 
-def _op_types_in(directory: Path, graphs: Sequence[str], candidates: Sequence[str]) -> list[str]:
-    import onnx
+def _choose_nodes(float_copy: Path, graphs: Sequence[str], quantizer, per_channel: bool, calibration, pipeline,
+                  feeds: Sequence[dict], references: Sequence[list], consent: Sequence[str], progress,
+                  float_layers: Sequence[str]) -> dict[str, dict]:
+    """Which weight-bearing nodes to quantize, each timed on its own input (`operator_choice`). Nodes
+    that are not faster pay only in size, so where the model generates tokens, those must also keep
+    the float model's greedy tokens (MIN_TOKEN_AGREEMENT on `feeds`, against `references`) together
+    with the faster ones, or they stay float and say why."""
+    def run_float() -> None:
+        pipeline.load("onnxruntime", float_copy, 1, consent=consent).run(feeds[0])
 
-    present = {REWRITTEN_OPS.get(node.op_type, node.op_type) for name in graphs
-               for node in onnx.load(str(directory / name), load_external_data=False).graph.node}
-    return [op for op in candidates if op in present]
+    def quantize(source: Path, target: Path) -> None:
+        quantizer.onnx(source, target, per_channel, calibration)
 
-
-def _choose_operators(float_copy: Path, graphs: Sequence[str], quantizer, per_channel: bool, calibration, pipeline,
-                      feeds: Sequence[dict], references: Sequence[list], consent: Sequence[str], progress,
-                      float_layers: Sequence[str]) -> dict[str, dict]:
-    """Which operator types to quantize, measured like csr's kernels: each type alone is quantized in a
-    scratch copy of the float graphs and timed against them under onnxruntime in interleaved rounds.
-    A type slower in every round stays float; rounds preempted by other load decide nothing, and the
-    type stays float (the choice that cannot make the model slower), saying so. A type that is not
-    faster pays only in size, so where the model generates tokens it must also keep the float model's
-    greedy tokens (MIN_TOKEN_AGREEMENT on `feeds`, against `references`) to be quantized."""
-    float_session = pipeline.load("onnxruntime", float_copy, 1, consent=consent)
-    chosen = {}
-    for op in _op_types_in(float_copy, graphs, quantizer.op_types):
-        progress(f"timing int8 {op} against float under onnxruntime (interleaved rounds)")
-        with scratch_directory(f"int8-{op}") as trial:
+    chosen = choose_units(float_copy, graphs, run_float, quantizer.op_types, float_layers, quantize, progress)
+    size_only = [key for key, c in chosen.items() if c["quantized"] and c["verdict"] != "faster"]
+    if size_only and pipeline.generates_tokens:
+        with scratch_directory("int8-trial") as trial:
             for name in os.listdir(float_copy):
                 shutil.copy2(float_copy / name, trial / name)
-            _quantize_graphs(trial, graphs, quantizer, per_channel, calibration, [op], float_layers)
+            _quantize_graphs(trial, graphs, quantizer, per_channel, calibration, chosen_nodes(chosen), float_layers)
             session = pipeline.load("onnxruntime", trial, 1, consent=consent)
-            timings = time_interleaved(lambda: float_session.run(feeds[0]), lambda: session.run(feeds[0]),
-                                       rounds=SPEED_ROUNDS, timer=_timed_call)
-            agreement = (float(np.mean([token_agreement(r[-1], session.run(f)[-1]) for f, r in zip(feeds, references)]))
-                         if pipeline.generates_tokens else None)
-        verdict = speed_verdict(timings.dense, timings.csr)
-        if verdict["verdict"] == "slower":
-            keep, reason = False, "slower than float in every round"
-        elif verdict["verdict"] == "faster":
-            keep, reason = True, "faster than float"
-        elif verdict["preempted_rounds"]:
-            keep, reason = False, "timing rounds preempted by other load: kept float, the safe choice"
-        elif agreement is not None and agreement < MIN_TOKEN_AGREEMENT:
-            keep, reason = False, (f"no clear difference in speed, and {100 * agreement:.0f}% of greedy tokens "
-                                   "kept: only size would pay, at the model's answers")
-        else:
-            keep, reason = True, "no clear difference in speed; smaller"
-        chosen[op] = {"quantized": keep, "reason": reason, "greedy_token_agreement": agreement, **verdict}
-        progress(f"int8 {op}: {'quantized' if keep else 'stays float'} ({reason}; {verdict['int8_over_float']:.2f}x "
-                 "float's time)")
+            agreement = float(np.mean([token_agreement(r[-1], session.run(f)[-1]) for f, r in zip(feeds, references)]))
+        progress(f"int8 of the chosen nodes keeps {100 * agreement:.0f}% of the float model's greedy tokens")
+        if agreement < MIN_TOKEN_AGREEMENT:
+            for key in size_only:
+                chosen[key].update(quantized=False, reason=(
+                    f"no clear difference in speed, and with it {100 * agreement:.0f}% of greedy tokens kept: "
+                    "only size would pay, at the model's answers"))
+        for key in size_only:
+            chosen[key]["greedy_token_agreement"] = agreement
+    for key, c in chosen.items():
+        progress(f"int8 {key} ({len(c['nodes'])} node{'s' * (len(c['nodes']) != 1)}): "
+                 f"{'quantized' if c['quantized'] else 'stays float'} ({c['reason']}; "
+                 f"{c['int8_over_float']:.2f}x float's time)")
     return chosen
 
 
@@ -223,16 +187,17 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
     float_layers = list(spec.output_layers)
     record = {"scheme": scheme, "description": quantizer.description, "per_channel": per_channel, "data": data,
               "float_layers": float_layers}
-    op_types = None
+    nodes = None
     if operators == "measured" and quantizer.op_types:
-        chosen = _choose_operators(float_copy, graphs, quantizer, per_channel, calibration, pipeline, feeds,
-                                   references, consent, progress, float_layers)
+        chosen = _choose_nodes(float_copy, graphs, quantizer, per_channel, calibration, pipeline, feeds,
+                               references, consent, progress, float_layers)
         record["operators"] = chosen
-        op_types = [op for op, choice in chosen.items() if choice["quantized"]]
+        nodes = chosen_nodes(chosen)
+    count = None if nodes is None else sum(map(len, nodes.values()))
     progress(f"quantizing: {quantizer.description}" + (", per channel" if per_channel else "")
-             + ("" if op_types is None else f"; operators: {', '.join(op_types) or 'none (the graphs stay float)'}"))
-    if op_types != []:
-        _quantize_graphs(directory, graphs, quantizer, per_channel, calibration, op_types, float_layers)
+             + ("" if count is None else f"; {count} node{'s' * (count != 1)}" if count else
+                "; no node (the graphs stay float)"))
+    _quantize_graphs(directory, graphs, quantizer, per_channel, calibration, nodes, float_layers)
     manifest = dataclasses.replace(manifest, quantization=record, files=file_sizes(directory))
     write_text_atomic(directory / MANIFEST_FILE, manifest.to_json())  # the torch loader reads it
 
@@ -249,7 +214,7 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
     float_session = pipeline.load("onnxruntime", float_copy, 1, consent=consent)
     quantized_session = sessions["onnxruntime"]
     timings = time_interleaved(lambda: float_session.run(feeds[0]), lambda: quantized_session.run(feeds[0]),
-                               rounds=SPEED_ROUNDS, timer=_timed_call)
+                               rounds=SPEED_ROUNDS, timer=timed_call)
     record["speed"] = speed_verdict(timings.dense, timings.csr)  # the first call's rounds, and the second's
     if spec.evaluate is not None:
         # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it

@@ -190,9 +190,10 @@ class SpeechTranslationTask:
         return {"bleu": bleu_of_ids(hypotheses, references)}
 
     def features(self, batch: int, g: torch.Generator, frames: int = 200) -> tuple[torch.Tensor]:
-        """One utterance of about `frames` frames (a batch of copies: the pipeline decodes one at a time)."""
-        feats, _ = self.utterance(self.speech.words_for(frames), g)
-        return (feats.unsqueeze(0).expand(batch, -1, -1).contiguous(),)
+        """`batch` utterances of exactly `frames` frames, each a sentence rendered long enough and cut
+        there: a batch's rows differ (a parity check on copies of one utterance would prove nothing)."""
+        words = -(-frames // self.speech.min_frames)
+        return (torch.stack([self.utterance(words, g)[0][:frames] for _ in range(batch)]),)
 
 
 def greedy_tokens(model: nn.Module, feats: torch.Tensor, max_tokens: int) -> list[int]:

@@ -1,0 +1,226 @@
+"""Which weight-bearing operators of an artifact's graphs dynamic int8 quantizes: each timed on its own
+input, as csr's kernel choice times each layer.
+
+Dynamic int8 pays unevenly. A MatMul with a large weight and many input rows runs faster on integer
+kernels; a small one, a decoder step's single row, or a ConvInteger can be slower than float, because
+quantizing the activation on every call costs more than the integer product saves. Timing one
+operator type at a time (every MatMul at once) cannot tell those apart, and timing the whole pipeline
+hides an encoder's loss inside the decoding loop's time. So every node that carries a weight (the
+nodes onnxruntime's dynamic quantizer would rewrite) is timed alone: its real input, captured from a
+float run of the artifact's own pipeline on its benchmark input, fed to a one-node graph, float
+against that graph as the quantizer rewrites it, in interleaved rounds on one thread. Nodes with the
+same signature (graph, operator, input and weight shapes, attributes) share one measurement, and the
+manifest keeps one decision per signature with the nodes it covers.
+
+Our own code: onnxruntime's quantizer takes the list of nodes to quantize but does not measure, and
+its tools time whole models only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from deploykit.convert.kernel_choice import Round, time_interleaved
+from deploykit.convert.quantize import gemm_to_matmul, nodes_of_layers
+from deploykit.core.fsutil import scratch_directory
+from deploykit.core.measure import measure
+from deploykit.core.ort import ort_session, recording_feeds
+
+#: int8 must take at least 1 + SLOWER (or at most 1 - FASTER) of float's time in every round to be called so
+SLOWER = FASTER = 0.10
+#: interleaved float/int8 rounds, each at least ROUND_MIN_TIME_S and ROUND_MIN_CALLS calls
+SPEED_ROUNDS, ROUND_MIN_TIME_S, ROUND_MIN_CALLS = 5, 0.05, 3
+#: which input of a weight-bearing node is the weight, and which the activation it is called on
+WEIGHT_INPUT = {"MatMul": 1, "Conv": 1, "Gather": 0}
+ACTIVATION_INPUT = {"MatMul": 0, "Conv": 0, "Gather": 1}
+
+
+def timed_call(call) -> Round:
+    m = measure(call, warmup_s=0.0, min_time_s=ROUND_MIN_TIME_S, min_iters=ROUND_MIN_CALLS)
+    return Round(m.median_ms, m.percentile_ms(0))
+
+
+def speed_verdict(float_rounds: Sequence[Round], int8_rounds: Sequence[Round]) -> dict:
+    """Whether int8 is faster or slower than float, from interleaved rounds: only a difference seen in
+    every round, with no round preempted, counts (a burst of other load cannot make it); anything else
+    is "no clear difference", and says when noise was why."""
+    ratios = [q.median_ms / f.median_ms for f, q in zip(float_rounds, int8_rounds) if f.median_ms > 0]
+    preempted = sum(r.preempted for r in (*float_rounds, *int8_rounds))
+    median = sorted(ratios)[len(ratios) // 2] if ratios else None
+    if ratios and not preempted and all(r >= 1 + SLOWER for r in ratios):
+        verdict = "slower"
+    elif ratios and not preempted and all(r <= 1 - FASTER for r in ratios):
+        verdict = "faster"
+    else:
+        verdict = "no clear difference"
+    return {"verdict": verdict, "int8_over_float": median, "rounds": len(ratios), "preempted_rounds": preempted,
+            "float_rounds_ms": [r.median_ms for r in float_rounds], "int8_rounds_ms": [r.median_ms for r in int8_rounds]}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One weight-bearing node of a graph (as the quantizer sees it: Gemm already rewritten as MatMul)."""
+
+    graph: str
+    node: str
+    op_type: str
+    #: the node's activation input and its weight's name
+    activation: str
+    weight: str
+
+
+def units_of(model, graph: str, op_types: Sequence[str], excluded: Sequence[str]) -> list[Unit]:
+    """The nodes of `model` (a graph file named `graph`) of `op_types` whose weight is an initializer
+    and whose other inputs are initializers too, apart from the activation: what the dynamic quantizer
+    rewrites. Nodes named in `excluded` are left out. A MatMul of two activations (attention scores)
+    carries no weight: quantizing it saves no bytes, so it is not a unit and stays float."""
+    weights = {init.name for init in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in op_types or node.name in excluded or node.op_type not in WEIGHT_INPUT:
+            continue
+        weight, activation = node.input[WEIGHT_INPUT[node.op_type]], node.input[ACTIVATION_INPUT[node.op_type]]
+        others = [name for name in node.input if name and name not in (weight, activation)]
+        if weight in weights and activation not in weights and all(name in weights for name in others):
+            out.append(Unit(graph, node.name, node.op_type, activation, weight))
+    return out
+
+
+def _with_outputs(model, names: Sequence[str]):
+    """A copy of `model` that also outputs the values `names` (intermediate activations)."""
+    from onnx import helper
+
+    copy = type(model)()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in existing:
+            copy.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return copy
+
+
+def capture_activations(path: Path, model, feeds: dict, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The values `names` take in `model` (the graph at `path`, rewritten) when fed `feeds`: run with
+    onnxruntime's optimisations off, so that every intermediate keeps its name."""
+    import onnx
+
+    with scratch_directory("activations") as tmp:
+        probe = tmp / path.name
+        onnx.save(_with_outputs(model, names), str(probe))
+        session = ort_session(probe, threads=1, optimization="disabled", probe=True)
+        wanted = list(dict.fromkeys(names))
+        graph_inputs = {i.name for i in session.get_inputs()}
+        values = session.run(wanted, {k: v for k, v in feeds.items() if k in graph_inputs})
+    return dict(zip(wanted, values))
+
+
+def _one_node_model(source, unit: Unit, activation: np.ndarray):
+    """`unit`'s node alone, its weights as initializers, its activation the graph's input."""
+    from onnx import TensorProto, helper
+
+    node = next(n for n in source.graph.node if n.name == unit.node)
+    initializers = {init.name: init for init in source.graph.initializer}
+    graph = helper.make_graph(
+        [node], "unit", [helper.make_tensor_value_info(unit.activation, helper.np_dtype_to_tensor_dtype(activation.dtype),
+                                                       activation.shape)],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        initializer=[initializers[name] for name in node.input if name in initializers])
+    model = helper.make_model(graph, opset_imports=source.opset_import)
+    model.ir_version = source.ir_version
+    return model
+
+
+def signature(unit: Unit, model, activation: np.ndarray) -> str:
+    """What a node's speed under int8 depends on: its graph, operator, input and weight shapes and
+    attributes (nodes sharing it share one measurement)."""
+    from onnx import helper
+
+    node = next(n for n in model.graph.node if n.name == unit.node)
+    weight = next(init for init in model.graph.initializer if init.name == unit.weight)
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    text = (f"{unit.graph} {unit.op_type} {'x'.join(map(str, activation.shape)) or 'scalar'} @ "
+            f"{'x'.join(map(str, weight.dims))}")
+    if attributes:
+        digest = hashlib.sha256(repr(sorted(attributes.items())).encode()).hexdigest()[:8]
+        text += f" [{digest}]"
+    return text
+
+
+def time_unit(source, unit: Unit, activation: np.ndarray, quantize: Callable[[Path, Path], None]) -> dict | None:
+    """float against int8 for one node on its input, interleaved (`quantize(float path, int8 path)`
+    rewrites a graph); None when the quantizer leaves the node as it is (it has no int8 form)."""
+    import onnx
+
+    with scratch_directory("unit") as tmp:
+        plain, quantized = tmp / "float.onnx", tmp / "int8.onnx"
+        onnx.save(_one_node_model(source, unit, activation), str(plain))
+        quantize(plain, quantized)
+        if [n.op_type for n in onnx.load(str(quantized)).graph.node] == [unit.op_type]:
+            return None
+        feeds = {unit.activation: activation}
+        sessions = [ort_session(path, threads=1) for path in (plain, quantized)]
+        timings = time_interleaved(lambda: sessions[0].run(None, feeds), lambda: sessions[1].run(None, feeds),
+                                   rounds=SPEED_ROUNDS, timer=timed_call)
+    return speed_verdict(timings.dense, timings.csr)
+
+
+def decision(verdict: dict) -> tuple[bool, str]:
+    """(quantize, why) for one signature's verdict: float where int8 is slower in every round, or where
+    preempted rounds leave it unknown (the choice that cannot make the model slower); int8 otherwise."""
+    if verdict["verdict"] == "slower":
+        return False, "slower than float in every round"
+    if verdict["verdict"] == "faster":
+        return True, "faster than float"
+    if verdict["preempted_rounds"]:
+        return False, "timing rounds preempted by other load: kept float, the safe choice"
+    return True, "no clear difference in speed; smaller"
+
+
+def choose_units(directory: Path, graphs: Sequence[str], run_pipeline: Callable[[], object], op_types: Sequence[str],
+                 float_layers: Sequence[str], quantize: Callable[[Path, Path], None], progress) -> dict[str, dict]:
+    """Signature -> decision record (graph, operator, nodes, quantize or not and why, the rounds) for the
+    weight-bearing nodes of `graphs` in `directory` (a float copy of the artifact). `run_pipeline()`
+    loads the artifact's pipeline from that copy and runs it on its benchmark input (loaded inside, its
+    sessions record their feeds): each graph's last call is the input its nodes are timed on (a
+    decoder's last step: the cache at its longest)."""
+    import onnx
+
+    with recording_feeds() as calls:
+        run_pipeline()
+    chosen: dict[str, dict] = {}
+    for graph in graphs:
+        path = directory / graph
+        feeds = calls.get(path.resolve())
+        if feeds is None:
+            continue  # the pipeline did not run it on this input (GPT-2's full-sequence graph)
+        model = gemm_to_matmul(onnx.load(str(path)))
+        units = units_of(model, graph, op_types, nodes_of_layers(model.graph, float_layers))
+        if not units:
+            continue
+        activations = capture_activations(path, model, feeds, [u.activation for u in units])
+        for unit in units:
+            key = signature(unit, model, activations[unit.activation])
+            if key not in chosen:
+                progress(f"timing int8 against float: {key}")
+                verdict = time_unit(model, unit, activations[unit.activation], quantize)
+                if verdict is None:
+                    continue
+                keep, reason = decision(verdict)
+                chosen[key] = {"graph": graph, "op": unit.op_type, "nodes": [], "quantized": keep, "reason": reason,
+                               **verdict}
+            chosen[key]["nodes"].append(unit.node)
+    return chosen
+
+
+def chosen_nodes(chosen: dict[str, dict]) -> dict[str, list[str]]:
+    """Graph -> names of the nodes to quantize."""
+    out: dict[str, list[str]] = {}
+    for record in chosen.values():
+        if record["quantized"]:
+            out.setdefault(record["graph"], []).extend(record["nodes"])
+    return out

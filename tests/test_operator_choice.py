@@ -1,0 +1,76 @@
+"""int8's node-by-node choice: which nodes are units, the inputs they are timed on, and what shares a timing."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from deploykit.core.ort import ort_session, recording_feeds
+from deploykit.export import operator_choice
+from deploykit.export.operator_choice import capture_activations, signature, units_of
+
+
+def _graph(tmp_path):
+    """x (1, T, 8) -> two 8x8 projections of the same shape, their product (attention-like), an 8x4 one."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("wq", (8, 8)), ("wk", (8, 8)), ("wo", (8, 4)))]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+             helper.make_node("MatMul", ["scores", "q"], ["mixed"], name="mix"),
+             helper.make_node("MatMul", ["mixed", "wo"], ["y"], name="out_proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    return model, path
+
+
+def test_units_are_the_nodes_with_a_weight(tmp_path):
+    model, _ = _graph(tmp_path)
+    units = units_of(model, "g.onnx", ("MatMul",), excluded=())
+    # the product of two activations carries no weight: quantizing it would save no bytes
+    assert [u.node for u in units] == ["q_proj", "k_proj", "out_proj"]
+    assert [u.node for u in units_of(model, "g.onnx", ("MatMul",), excluded=["out_proj"])] == ["q_proj", "k_proj"]
+    assert units_of(model, "g.onnx", ("Conv",), excluded=()) == []
+
+
+def test_sessions_record_the_feeds_of_their_last_run_only_while_asked(tmp_path):
+    _, path = _graph(tmp_path)
+    first, last = (np.full((1, n, 8), n, dtype=np.float32) for n in (3, 5))
+    with recording_feeds() as calls:
+        session = ort_session(path, threads=1)
+        session.run(None, {"x": first})
+        session.run(None, {"x": last})
+        assert [i.name for i in session.get_inputs()] == ["x"]  # otherwise the session itself
+    assert list(calls) == [path.resolve()] and calls[path.resolve()]["x"] is last
+    assert not hasattr(ort_session(path, threads=1), "_calls")  # outside, a plain session
+
+
+def test_nodes_are_timed_on_their_real_input_and_equal_signatures_share_one_timing(tmp_path):
+    model, path = _graph(tmp_path)
+    units = units_of(model, "g.onnx", ("MatMul",), excluded=())
+    x = np.random.default_rng(1).standard_normal((1, 5, 8)).astype(np.float32)
+    activations = capture_activations(path, model, {"x": x}, [u.activation for u in units])
+    assert np.array_equal(activations["x"], x) and activations["mixed"].shape == (1, 5, 8)
+    keys = [signature(u, model, activations[u.activation]) for u in units]
+    assert keys == ["g.onnx MatMul 1x5x8 @ 8x8", "g.onnx MatMul 1x5x8 @ 8x8", "g.onnx MatMul 1x5x8 @ 8x4"]
+
+
+def test_a_node_timed_alone_runs_float_and_int8_and_says_when_int8_has_no_form(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deploykit.convert.quantize import QUANTIZERS
+
+    model, path = _graph(tmp_path)
+    unit = units_of(model, "g.onnx", ("MatMul",), excluded=())[0]
+    x = np.ones((1, 64, 8), dtype=np.float32)
+    int8 = QUANTIZERS.get("int8")
+    verdict = operator_choice.time_unit(model, unit, x, lambda a, b: int8.onnx(a, b, False, []))
+    assert verdict["rounds"] == operator_choice.SPEED_ROUNDS and verdict["verdict"] in (
+        "faster", "slower", "no clear difference")
+    unchanged = operator_choice.time_unit(model, unit, x, lambda a, b: b.write_bytes(a.read_bytes()))
+    assert unchanged is None
