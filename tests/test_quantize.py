@@ -334,17 +334,40 @@ def test_nodes_of_layers_match_a_module_by_its_longest_tail_in_the_graph():
     assert nodes_of_layers(graph, ["fc"]) == [] and nodes_of_layers(graph, []) == []
 
 
-def test_nodes_that_only_pay_in_size_must_keep_the_greedy_tokens(monkeypatch, tmp_path):
+@pytest.mark.parametrize("ratio, why", [(1.0, "no clear difference in speed, and with it "),
+                                        (0.5, "faster (0.50x float's time), but with it ")])
+def test_quantized_nodes_must_keep_the_greedy_tokens(monkeypatch, tmp_path, ratio, why):
     pytest.importorskip("optimum")
-    monkeypatch.setattr(operator_choice, "time_interleaved", _fake_timings(1.0))  # no clear difference in speed
+    monkeypatch.setattr(operator_choice, "time_interleaved", _fake_timings(ratio))
     monkeypatch.setattr(quantization, "MIN_TOKEN_AGREEMENT", 1.01)  # more than any agreement: the rule is tested
     result = export_artifact("gpt2-tiny", PruningPlan(), "dense", tmp_path / "g", quantize="int8")
     chosen = result.manifest.quantization["operators"]
     assert {c["op"] for c in chosen.values()} == {"MatMul", "Gather"} and not any(c["quantized"] for c in chosen.values())
-    assert all(c["reason"].startswith("no clear difference in speed, and with it ") and 0 <= c["greedy_token_agreement"] <= 1
-               for c in chosen.values())
+    assert all(c["reason"].startswith(why) and 0 <= c["greedy_token_agreement"] <= 1 for c in chosen.values())
     # timed where generation runs them: the cached graph's last step, one token (the full-sequence graph is
     # not run by greedy decoding, and its nodes are not chosen)
     assert {c["graph"] for c in chosen.values()} == {"decoder_with_past.onnx"}
     assert any(key.startswith("decoder_with_past.onnx MatMul 1x64 @ 64x") for key in chosen)  # one row
     assert result.manifest.quantization["greedy_token_agreement"]["onnxruntime"] == 1.0  # the graphs stayed float
+
+
+def test_nodes_go_back_to_float_until_the_greedy_tokens_hold():
+    from deploykit.export.quantization import _keep_greedy_tokens
+
+    def record(verdict, ratio):
+        return {"graph": "g.onnx", "nodes": [f"n{ratio}"], "quantized": True, "verdict": verdict,
+                "int8_over_float": ratio, "reason": "-"}
+
+    chosen = {"a": record("faster", 0.5), "b": record("no clear difference", 1.0), "c": record("faster", 0.8),
+              "d": record("faster", 0.6)}
+    asked = []
+
+    def agreement_of(nodes):
+        asked.append(sorted(nodes["g.onnx"]))
+        return 0.96 if len(asked) == 3 else 0.5  # holds once b (size only) and c (the least faster) are back
+
+    _keep_greedy_tokens(chosen, agreement_of, progress=lambda _: None)
+    assert asked == [["n0.5", "n0.6", "n0.8", "n1.0"], ["n0.5", "n0.6", "n0.8"], ["n0.5", "n0.6"]]
+    assert [key for key, c in chosen.items() if c["quantized"]] == ["a", "d"]
+    assert chosen["c"]["reason"] == "faster (0.80x float's time), but with it 50% of greedy tokens kept (below 95%)"
+    assert chosen["b"]["greedy_token_agreement"] == 0.5

@@ -137,38 +137,51 @@ def _quantize_graphs(directory: Path, graphs: Sequence[str], quantizer, per_chan
 def _choose_nodes(float_copy: Path, graphs: Sequence[str], quantizer, per_channel: bool, calibration, pipeline,
                   feeds: Sequence[dict], references: Sequence[list], consent: Sequence[str], progress,
                   float_layers: Sequence[str]) -> dict[str, dict]:
-    """Which weight-bearing nodes to quantize, each timed on its own input (`operator_choice`). Nodes
-    that are not faster pay only in size, so where the model generates tokens, those must also keep
-    the float model's greedy tokens (MIN_TOKEN_AGREEMENT on `feeds`, against `references`) together
-    with the faster ones, or they stay float and say why."""
+    """Which weight-bearing nodes to quantize, each timed on its own input (`operator_choice`); where
+    the model generates tokens, only as many as keep its greedy tokens (`_keep_greedy_tokens`)."""
     def run_float() -> None:
         pipeline.load("onnxruntime", float_copy, 1, consent=consent).run(feeds[0])
 
     def quantize(source: Path, target: Path) -> None:
         quantizer.onnx(source, target, per_channel, calibration)
 
-    chosen = choose_units(float_copy, graphs, run_float, quantizer.op_types, float_layers, quantize, progress)
-    size_only = [key for key, c in chosen.items() if c["quantized"] and c["verdict"] != "faster"]
-    if size_only and pipeline.generates_tokens:
+    def agreement_of(nodes: dict[str, list[str]]) -> float:
         with scratch_directory("int8-trial") as trial:
             for name in os.listdir(float_copy):
                 shutil.copy2(float_copy / name, trial / name)
-            _quantize_graphs(trial, graphs, quantizer, per_channel, calibration, chosen_nodes(chosen), float_layers)
+            _quantize_graphs(trial, graphs, quantizer, per_channel, calibration, nodes, float_layers)
             session = pipeline.load("onnxruntime", trial, 1, consent=consent)
-            agreement = float(np.mean([token_agreement(r[-1], session.run(f)[-1]) for f, r in zip(feeds, references)]))
-        progress(f"int8 of the chosen nodes keeps {100 * agreement:.0f}% of the float model's greedy tokens")
-        if agreement < MIN_TOKEN_AGREEMENT:
-            for key in size_only:
-                chosen[key].update(quantized=False, reason=(
-                    f"no clear difference in speed, and with it {100 * agreement:.0f}% of greedy tokens kept: "
-                    "only size would pay, at the model's answers"))
-        for key in size_only:
-            chosen[key]["greedy_token_agreement"] = agreement
+            return float(np.mean([token_agreement(r[-1], session.run(f)[-1]) for f, r in zip(feeds, references)]))
+
+    chosen = choose_units(float_copy, graphs, run_float, quantizer.op_types, float_layers, quantize, progress)
+    if pipeline.generates_tokens:
+        _keep_greedy_tokens(chosen, agreement_of, progress)
     for key, c in chosen.items():
         progress(f"int8 {key} ({len(c['nodes'])} node{'s' * (len(c['nodes']) != 1)}): "
                  f"{'quantized' if c['quantized'] else 'stays float'} ({c['reason']}; "
                  f"{c['int8_over_float']:.2f}x float's time)")
     return chosen
+
+
+def _keep_greedy_tokens(chosen: dict[str, dict], agreement_of, progress) -> None:
+    """Take signatures back to float until the quantized model keeps MIN_TOKEN_AGREEMENT of the float
+    model's greedy tokens (`agreement_of(graph -> nodes)`): first those that pay only in size, all
+    together, then the faster ones one at a time, the least faster first. Speed is not worth the
+    model's answers; each signature taken back says so, with the agreement it was measured at."""
+    size_only = [key for key, c in chosen.items() if c["quantized"] and c["verdict"] != "faster"]
+    faster = sorted((key for key, c in chosen.items() if c["quantized"] and c["verdict"] == "faster"),
+                    key=lambda key: -chosen[key]["int8_over_float"])
+    for dropping in ([size_only] if size_only else []) + [[key] for key in faster]:
+        agreement = agreement_of(chosen_nodes(chosen))
+        progress(f"int8 of the chosen nodes keeps {100 * agreement:.0f}% of the float model's greedy tokens")
+        if agreement >= MIN_TOKEN_AGREEMENT:
+            return
+        for key in dropping:
+            kept = f"with it {100 * agreement:.0f}% of greedy tokens kept"
+            chosen[key].update(quantized=False, greedy_token_agreement=agreement, reason=(
+                f"faster ({chosen[key]['int8_over_float']:.2f}x float's time), but {kept} (below "
+                f"{100 * MIN_TOKEN_AGREEMENT:.0f}%)" if key in faster else
+                f"no clear difference in speed, and {kept}: only size would pay, at the model's answers"))
 
 
 def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progress, consent: Sequence[str],
