@@ -44,10 +44,70 @@ def test_small_preset_shape(model):
 
 def test_export_writes_the_pair_and_checks_parity(exported):
     directory, result = exported
-    assert sorted(p.name for p in directory.iterdir()) == ["decoder.onnx", "encoder.onnx", "st_config.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["decoder.onnx", "decoder_memory.onnx", "encoder.onnx",
+                                                           "st_config.json"]
     assert result.encoder_max_abs_error <= 1e-4 and result.decoder_max_abs_error <= 1e-4
     config = json.loads((directory / "st_config.json").read_text())
     assert config["decoder_layers"] == 2 and config["sos"] == config["eos"] == 63
+    assert config["decoder_cache"] == "keys-values" and config["decoder_memory"] == "decoder_memory.onnx"
+
+
+def test_the_decoder_step_takes_one_token_and_cached_keys_and_values(exported):
+    import onnx
+
+    directory, _ = exported
+    step = onnx.load(str(directory / "decoder.onnx"))
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in step.graph.input}
+    assert inputs["token"] == [1, 1] and inputs["position"] == [1]
+    # 4 heads of 16 per layer; the self-attention cache grows, the encoder's keys are as long as its output
+    assert inputs["self_key_0"] == [1, 4, "cached", 16] and inputs["memory_value_1"] == [1, 4, "encoder_frames", 16]
+    assert "memory" not in inputs  # the encoder output is projected once per utterance, in decoder_memory.onnx
+    projected = onnx.load(str(directory / "decoder_memory.onnx"))
+    assert [o.name for o in projected.graph.output] == ["memory_key_0", "memory_value_0", "memory_key_1",
+                                                         "memory_value_1"]
+
+
+def test_a_decoder_the_cached_form_cannot_express_keeps_espnet_onnxs_and_says_why(model, tmp_path, monkeypatch):
+    from deploykit.pipelines import espnet
+
+    monkeypatch.setattr(espnet, "unsupported", lambda decoder: "layer 0 concatenates attention outputs")
+    result = export_st(model, tmp_path, CONFIG["input_size"], fuse=False)
+    assert result.config["decoder_cache"] == "layer-outputs" and "decoder_memory" not in result.config
+    assert result.config["decoder_cache_reason"] == "layer 0 concatenates attention outputs"
+    feats = torch.randn(1, 150, 80, generator=torch.Generator().manual_seed(2))
+    assert decode_onnx(tmp_path, feats.numpy(), max_tokens=10) == decode_torch(model, feats, max_tokens=10)
+
+
+def test_unsupported_names_what_the_cached_decoder_cannot_express(model):
+    import copy
+
+    from deploykit.pipelines.espnet_decoder import unsupported
+
+    assert unsupported(model.decoder) is None
+    decoder = copy.deepcopy(model.decoder)
+    decoder.decoders[1].concat_after = True
+    assert unsupported(decoder) == "layer 1 concatenates attention outputs or attends to a second memory"
+    decoder = copy.deepcopy(model.decoder)
+    decoder.embed[1].reverse = True
+    assert unsupported(decoder) == "its token embedding is not an Embedding followed by ESPnet's PositionalEncoding"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decoder_cache": "ring-buffer"}, "unknown decoder_cache 'ring-buffer'"),
+    ({"decoder_memory": "../../outside.onnx"}, "decoder_memory"),
+    ({"decoder_memory": None}, "decoder_memory")])
+def test_a_damaged_st_config_is_refused_in_one_line(exported, tmp_path, change, message):
+    import shutil
+
+    from deploykit.pipelines.st_decode import OrtSpeechTranslator
+
+    directory, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    config = json.loads((copy / "st_config.json").read_text())
+    (copy / "st_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ArtifactError, match=message):
+        OrtSpeechTranslator(copy)
 
 
 @pytest.mark.parametrize("frames, beam", [(150, 1), (413, 1), (150, 4), (413, 3)])
@@ -191,12 +251,13 @@ def test_cli_exports_the_pair_with_the_preset(cli, tmp_path):
                  "--form", "csr", "--out", str(out), "--json", "-q")
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
-    assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", "st_config.json", "weights.safetensors"}
+    assert set(manifest["files"]) == {"encoder.onnx", "decoder.onnx", "decoder_memory.onnx", "st_config.json",
+                                      "weights.safetensors"}
     assert set(manifest["onnx_parity_max_abs_error"]) == {"encoder_out", "decoder_logp"}
     assert max(manifest["onnx_parity_max_abs_error"].values()) <= 1e-4 and manifest["flops"] is None
     # csr stores the 0.9-pruned subsampling convolutions sparse, in the files the parity check ran on
     sparse = manifest["onnx_sparse_initializers"]
-    assert sparse and {key.split(":")[0] for key in sparse} <= {"encoder.onnx", "decoder.onnx"}
+    assert sparse and {key.split(":")[0] for key in sparse} <= {"encoder.onnx", "decoder.onnx", "decoder_memory.onnx"}
     assert any(key.startswith("encoder.onnx:encoder.model.embed.conv") for key in sparse)
 
 
@@ -314,7 +375,8 @@ def test_cli_exports_and_benches_a_real_experiment_zip(cli, tmp_path):
         (runtime, stage) for runtime in ("torch", "onnxruntime") for stage in ("encoder", "decoder-step", "greedy")}
     for r in records:
         assert r["parity_max_abs_error"] <= 1e-4  # greedy tokens included: one differing token would be >= 1
-        expected = ["weights.safetensors"] if r["runtime"] == "torch" else ["encoder.onnx", "decoder.onnx"]
+        expected = (["weights.safetensors"] if r["runtime"] == "torch"
+                    else ["encoder.onnx", "decoder.onnx", "decoder_memory.onnx"])
         assert r["disk_bytes"] == sum(manifest["files"][name] for name in expected)
     batch = cli("bench", str(out), "--batch", "2", "-q")
     assert batch.returncode == 2 and "one utterance at a time; use batch 1" in batch.stderr

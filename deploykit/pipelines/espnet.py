@@ -1,10 +1,12 @@
 """ESPnet speech translation under PyTorch: export encoder and decoder, and decode with the PyTorch model.
 
-Needs the `espnet` extra. The model itself is built by `deploykit.model.espnet`. Export goes through espnet_onnx's wrapper modules, with our own conversion map (the PyPI wheel does
-not ship `convert_map.yml`) and torch's TorchScript exporter (`dynamo=False`; espnet_onnx pins
-opset 12 otherwise): the encoder maps features (1, time, 80) to `encoder_out`, the decoder maps the
-token prefix, the encoder output and per-layer caches to the next token's log-probabilities and new
-caches. Every export checks ONNX Runtime against PyTorch on both.
+Needs the `espnet` extra. The model itself is built by `deploykit.model.espnet`. The encoder is exported
+through espnet_onnx's wrapper modules, with our own conversion map (the PyPI wheel does not ship
+`convert_map.yml`) and torch's TorchScript exporter (`dynamo=False`; espnet_onnx pins opset 12
+otherwise): it maps features (1, time, 80) to `encoder_out`. The decoder caches attention keys and
+values (`deploykit.pipelines.espnet_decoder`: the encoder output projected once, then one token per
+step), or, where its structure does not allow that, is espnet_onnx's decoder (the token prefix, the
+encoder output and per-layer output caches). Every export checks ONNX Runtime against PyTorch on both.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from deploykit.core.ort import ort_session
 from deploykit.model.artifact import ST_CONFIG_FILE, WEIGHTS_FILE
 from deploykit.model.espnet import encode_features, quiet_espnet, sos_eos
 from deploykit.pipelines.encoder_fusion import EncoderFusion, fuse_encoder
-from deploykit.pipelines.st_decode import OrtSTDecoder, OrtStepper, STSession, state_after, translate
+from deploykit.pipelines.espnet_decoder import CachedStep, MemoryKeysValues, unsupported
+from deploykit.pipelines.st_decode import STSession, decoder_files, ort_decoder, state_after, translate
 from deploykit.runtime.loading import load_cpu_session_model, load_torch_model
 from deploykit.runtime.session import RuntimeInfo, Target
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+DECODER_MEMORY_FILE = "decoder_memory.onnx"
 #: the longest feature / token sequence the exported positional tables cover
 MAX_SEQ_LEN = 2048
 
@@ -87,6 +91,36 @@ class _NormalizedEncoder(nn.Module):
         return self.encoder(feats)
 
 
+def _export_decoder(model: nn.Module, directory: Path, memory: torch.Tensor, opset: int) -> dict[str, Any]:
+    """Write the decoder's graphs into `directory` and return their st_config entries: keys and values
+    cached (`deploykit.pipelines.espnet_decoder`) where the decoder's structure allows, else espnet_onnx's
+    decoder, whose cache holds layer outputs, with the reason."""
+    reason = unsupported(model.decoder)
+    if reason is None:
+        decoder = copy.deepcopy(model.decoder).eval()
+        project, step = MemoryKeysValues(decoder).eval(), CachedStep(decoder).eval()
+        projected = project.output_names()
+        export_onnx(project, (memory,), directory / DECODER_MEMORY_FILE, input_names=["memory"],
+                    output_names=projected, dynamic_axes={"memory": {1: "encoder_frames"},
+                                                          **{name: {2: "encoder_frames"} for name in projected}},
+                    opset=opset)
+        with torch.no_grad():
+            keys_values = project(memory)
+        export_onnx(step, step.example_inputs(keys_values), directory / DECODER_FILE, input_names=step.input_names(),
+                    output_names=step.output_names(), dynamic_axes=step.dynamic_axes(), opset=opset)
+        return {"decoder": DECODER_FILE, "decoder_cache": "keys-values", "decoder_memory": DECODER_MEMORY_FILE}
+    layers, size = len(model.decoder.decoders), model.decoder.decoders[0].size
+    tgt = torch.tensor([[sos_eos(model), 3, 5]])
+    # espnet_onnx's caches hold one dummy position plus the earlier steps: as long as the prefix
+    caches = [torch.zeros(1, tgt.shape[1], size) for _ in range(layers)]
+    export_onnx(onnx_decoder(model), (tgt, memory, caches), directory / DECODER_FILE,
+                input_names=["tgt", "memory"] + [f"cache_{i}" for i in range(layers)],
+                output_names=["y"] + [f"out_cache_{i}" for i in range(layers)],
+                dynamic_axes={"tgt": {1: "tokens"}, "memory": {1: "encoder_frames"},
+                              **{f"cache_{i}": {1: "cached"} for i in range(layers)}}, opset=opset)
+    return {"decoder": DECODER_FILE, "decoder_cache": "layer-outputs", "decoder_cache_reason": reason}
+
+
 def onnx_decoder(model: nn.Module) -> nn.Module:
     with quiet_espnet():
         from espnet_onnx.export.asr.models.decoders.xformer import XformerDecoder
@@ -130,7 +164,6 @@ def export_st(
     directory = Path(directory)
     generator = torch.Generator().manual_seed(0)
     encoder = onnx_encoder(model, feats_dim)
-    decoder = onnx_decoder(model)
     layers = len(model.decoder.decoders)
     size = model.decoder.decoders[0].size
     feats = torch.randn(1, frames, feats_dim, generator=generator)
@@ -140,17 +173,10 @@ def export_st(
     fusion = fuse_encoder(directory / ENCODER_FILE, partial(_encode_numpy, model), feats_dim, tolerance) if fuse else None
     with torch.no_grad():
         memory = encoder(feats)[0]
-    tgt = torch.tensor([[sos_eos(model), 3, 5]])
-    # espnet_onnx's caches hold one dummy position plus the earlier steps: as long as the prefix
-    caches = [torch.zeros(1, tgt.shape[1], size) for _ in range(layers)]
-    export_onnx(decoder, (tgt, memory, caches), directory / DECODER_FILE,
-                input_names=["tgt", "memory"] + [f"cache_{i}" for i in range(layers)],
-                output_names=["y"] + [f"out_cache_{i}" for i in range(layers)],
-                dynamic_axes={"tgt": {1: "tokens"}, "memory": {1: "encoder_frames"},
-                              **{f"cache_{i}": {1: "cached"} for i in range(layers)}}, opset=opset)
+    decoder_config = _export_decoder(model, directory, memory, opset)
     sparse_initializers = {}
     if sparse:
-        for name in (ENCODER_FILE, DECODER_FILE):
+        for name in (ENCODER_FILE, *decoder_files(decoder_config)):
             sparse_initializers.update({f"{name}:{k}": v for k, v in sparsify_initializers(directory / name).items()})
 
     other = torch.randn(1, frames + 37, feats_dim, generator=generator)  # another length: dynamic axis
@@ -160,7 +186,7 @@ def export_st(
                                    ["encoder_out"])
     check_parity("encoder onnxruntime vs PyTorch", encoder_error, tolerance)
 
-    ort_steps = OrtStepper(OrtSTDecoder(directory / DECODER_FILE, layers, size), reference)
+    ort_steps = ort_decoder(directory, {**decoder_config, "decoder_layers": layers, "decoder_size": size}).stepper(reference)
     prefix = [sos_eos(model), 7, 11, 13]
     with torch.no_grad():  # ESPnet recomputing the whole prefix...
         torch_logp, _ = torch_step(model, prefix, torch.from_numpy(reference), None)
@@ -170,7 +196,7 @@ def export_st(
     check_parity("decoder step onnxruntime vs PyTorch", decoder_error, tolerance)
 
     config = {
-        "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "feats_dim": feats_dim, "decoder_layers": layers,
+        "encoder": ENCODER_FILE, **decoder_config, "feats_dim": feats_dim, "decoder_layers": layers,
         "decoder_size": size, "sos": sos_eos(model), "eos": sos_eos(model), "vocab_size": model.vocab_size,
         "max_seq_len": MAX_SEQ_LEN, "opset": opset, "normalization_in_encoder": model.normalize is not None,
         "frontend": _frontend_description(model),

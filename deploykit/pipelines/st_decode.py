@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from deploykit.core.confine import inside, read_json
-from deploykit.core.errors import UsageError
+from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.model.artifact import ST_CONFIG_FILE
 from deploykit.runtime.session import RuntimeInfo, Target
@@ -50,6 +50,10 @@ class OrtSTDecoder:
         return logp[0], cache
 
 
+    def stepper(self, memory: np.ndarray) -> "OrtStepper":
+        return OrtStepper(self, memory)
+
+
 class OrtStepper:
     """Next-token log-probabilities from the exported decoder under ONNX Runtime."""
 
@@ -63,6 +67,71 @@ class OrtStepper:
         return self.decoder.step(np.array([tokens]), self.memory, state)
 
 
+class OrtCachedDecoder:
+    """The exported decoder that caches attention keys and values (`deploykit.pipelines.espnet_decoder`):
+    a graph projecting the encoder output into each layer's cross-attention keys and values, once per
+    utterance, and a step graph taking one token, its position and the caches."""
+
+    def __init__(self, step_path: str | Path, memory_path: str | Path, threads: int = 1,
+                 provider: str = CPU_PROVIDER, optimization: str | None = None):
+        options = {"spinning": False, "provider": provider, "optimization": optimization}
+        self.session = ort_session(step_path, threads, **options)
+        self.memory_session = ort_session(memory_path, threads, **options)
+        inputs = self.session.get_inputs()
+        # (heads, d_k) per cache: fixed dimensions of the exported graph (heads may differ by layer)
+        self.empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+                      for i in inputs if i.name.startswith("self_")}
+        self.memory_names = [o.name for o in self.memory_session.get_outputs()]
+        self.grown_names = [o.name.removeprefix("new_") for o in self.session.get_outputs()[1:]]
+
+    def project(self, memory: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.memory_names, self.memory_session.run(None, {"memory": memory})))
+
+    def step(self, token: int, position: int, caches: dict, memory: dict):
+        feeds = {"token": np.array([[token]], dtype=np.int64), "position": np.array([position], dtype=np.int64),
+                 **caches, **memory}
+        logp, *grown = self.session.run(None, feeds)
+        return logp[0], dict(zip(self.grown_names, grown))
+
+    def stepper(self, memory: np.ndarray) -> "OrtCachedStepper":
+        return OrtCachedStepper(self, memory)
+
+
+class OrtCachedStepper:
+    """Next-token log-probabilities from the key/value-caching decoder: the encoder output's keys and
+    values are projected when decoding starts, then each step feeds the newest token only."""
+
+    def __init__(self, decoder: OrtCachedDecoder, memory: np.ndarray):
+        self.decoder, self.memory, self.projected = decoder, memory, None
+
+    def start(self):
+        if self.projected is None:
+            self.projected = self.decoder.project(self.memory)
+        return dict(self.decoder.empty)
+
+    def step(self, tokens: list[int], state):
+        return self.decoder.step(tokens[-1], len(tokens) - 1, state, self.projected)
+
+
+def ort_decoder(directory: Path, config: dict, threads: int = 1, provider: str = CPU_PROVIDER,
+                optimization: str | None = None):
+    """The decoder an ST artifact's config describes: key/value-caching (`decoder_cache` "keys-values")
+    or espnet_onnx's layer-output cache (artifacts written before, and decoders the other cannot export)."""
+    kind = config.get("decoder_cache", "layer-outputs")
+    decoder = inside(directory, config.get("decoder"), f"{ST_CONFIG_FILE} decoder")
+    if kind == "keys-values":
+        memory = inside(directory, config.get("decoder_memory"), f"{ST_CONFIG_FILE} decoder_memory")
+        return OrtCachedDecoder(decoder, memory, threads, provider, optimization)
+    if kind == "layer-outputs":
+        return OrtSTDecoder(decoder, config["decoder_layers"], config["decoder_size"], threads, provider, optimization)
+    raise ArtifactError(f"{ST_CONFIG_FILE}: unknown decoder_cache {str(kind)[:40]!r} (keys-values or layer-outputs)")
+
+
+def decoder_files(config: dict) -> list[str]:
+    """The graph files of an ST artifact's decoder."""
+    return [config["decoder"]] + ([config["decoder_memory"]] if config.get("decoder_cache") == "keys-values" else [])
+
+
 class OrtSpeechTranslator:
     """An exported encoder/decoder pair loaded once into ONNX Runtime sessions (no torch needed)."""
 
@@ -73,14 +142,14 @@ class OrtSpeechTranslator:
         self.sos, self.eos, self.vocab_size = self.config["sos"], self.config["eos"], self.config["vocab_size"]
         self.encoder = ort_session(inside(directory, self.config.get("encoder"), f"{ST_CONFIG_FILE} encoder"), threads, spinning=False, provider=provider,
                                    optimization=optimization)
-        self.decoder = OrtSTDecoder(inside(directory, self.config.get("decoder"), f"{ST_CONFIG_FILE} decoder"), self.config["decoder_layers"],
-                                    self.config["decoder_size"], threads, provider, optimization)
+        self.decoder = ort_decoder(directory, self.config, threads, provider, optimization)
+        self.files = [self.config["encoder"], *decoder_files(self.config)]
 
     def encode(self, feats: np.ndarray) -> np.ndarray:
         return self.encoder.run(["encoder_out"], {"feats": feats.astype(np.float32)})[0]
 
-    def stepper(self, memory: np.ndarray) -> OrtStepper:
-        return OrtStepper(self.decoder, memory)
+    def stepper(self, memory: np.ndarray):
+        return self.decoder.stepper(memory)
 
     def decode(self, feats: np.ndarray, max_tokens: int, beam: int = 1) -> list[int]:
         return translate(self, feats, max_tokens, beam)
@@ -223,4 +292,4 @@ def load_onnxruntime(directory: Path, threads: int, target: Target) -> STSession
 
     translator = OrtSpeechTranslator(directory, threads, target.device, target.graph_optimization)
     info = RuntimeInfo("onnxruntime", ort.__version__, threads, translator.encoder.get_providers()[0])
-    return STSession(translator, info, [translator.config["encoder"], translator.config["decoder"]])
+    return STSession(translator, info, translator.files)
