@@ -37,6 +37,14 @@ def test_units_are_the_nodes_with_a_weight(tmp_path):
     assert [u.node for u in units] == ["q_proj", "k_proj", "out_proj"]
     assert [u.node for u in units_of(model, "g.onnx", ("MatMul",), excluded=["out_proj"])] == ["q_proj", "k_proj"]
     assert units_of(model, "g.onnx", ("Conv",), excluded=()) == []
+    shapes = helper.make_node("Gather", ["table", "x_index"], ["picked"], name="shape_lookup")
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(4, dtype=np.int64), "table"))
+    model.graph.node.append(shapes)
+    unnamed = helper.make_node("MatMul", ["y", "wq"], ["z"])
+    model.graph.node.append(unnamed)
+    # an integer table is not a weight int8 rewrites; a node without a name cannot be asked for by name
+    assert [u.node for u in units_of(model, "g.onnx", ("MatMul", "Gather"), excluded=())] == [
+        "q_proj", "k_proj", "out_proj"]
 
 
 def test_sessions_record_the_feeds_of_their_last_run_only_while_asked(tmp_path):

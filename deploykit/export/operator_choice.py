@@ -75,14 +75,19 @@ class Unit:
 
 
 def units_of(model, graph: str, op_types: Sequence[str], excluded: Sequence[str]) -> list[Unit]:
-    """The nodes of `model` (a graph file named `graph`) of `op_types` whose weight is an initializer
-    and whose other inputs are initializers too, apart from the activation: what the dynamic quantizer
-    rewrites. Nodes named in `excluded` are left out. A MatMul of two activations (attention scores)
+    """The named nodes of `model` (a graph file named `graph`) of `op_types` whose weight is a float
+    initializer and whose other inputs are initializers too, apart from the activation: what the
+    dynamic quantizer rewrites. Nodes named in `excluded` are left out. A MatMul of two activations (attention scores)
     carries no weight: quantizing it saves no bytes, so it is not a unit and stays float."""
+    from onnx import TensorProto
+
     weights = {init.name for init in model.graph.initializer}
+    floats = {init.name for init in model.graph.initializer if init.data_type == TensorProto.FLOAT}
     out = []
     for node in model.graph.node:
-        if node.op_type not in op_types or node.name in excluded or node.op_type not in WEIGHT_INPUT:
+        # the quantizer is told nodes by name, and rewrites float weights only (not a Gather of shapes)
+        if (node.op_type not in op_types or node.op_type not in WEIGHT_INPUT or not node.name
+                or node.name in excluded or node.input[WEIGHT_INPUT[node.op_type]] not in floats):
             continue
         weight, activation = node.input[WEIGHT_INPUT[node.op_type]], node.input[ACTIVATION_INPUT[node.op_type]]
         others = [name for name in node.input if name and name not in (weight, activation)]
