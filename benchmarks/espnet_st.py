@@ -7,7 +7,10 @@ Each is exported and measured exactly as `deploykit bench DIR` does it: for 5 s 
 frames), the encoder, one decoder step after 10 tokens, and greedy decoding end to end (to <eos>, at
 most one token per encoder frame, ESPnet's default limit), each in a fresh process per runtime, with
 parity (greedy tokens included) checked. Random weights never emit <eos>, so they decode to the limit
-(125 tokens for 500 frames) and the ratios compare runtimes.
+(125 tokens for 500 frames) and the ratios compare runtimes. Under onnxruntime the decoder caches
+attention keys and values (`deploykit.pipelines.espnet_decoder`); under torch it is ESPnet's own
+`forward_one_step`, which recomputes them every step: "ort vs torch" is the export against the
+model as ESPnet runs it, runtime and cache together.
 Each export also tries onnxruntime's transformer optimiser on the encoder
 (`deploykit.pipelines.encoder_fusion`): the table says which graph the export kept and the fused
 graph's time over the plain one's. Medians and ratios come from one run on this machine.
