@@ -464,3 +464,16 @@ def test_an_optimiser_that_fails_leaves_the_plain_encoder(model, tmp_path, monke
     assert (fusion.choice, fusion.fused, fusion.errors) == ("plain", {}, {})
     assert fusion.reason == "the optimiser fails on this encoder (unexpected node pattern)"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before and sorted(os.listdir(tmp_path)) == files
+
+
+def test_a_post_norm_decoder_exports_with_cached_keys_and_values(tmp_path):
+    """The cached step follows ESPnet's layer in both of its layouts: LayerNorm before each block (the
+    presets) and after it (`normalize_before: false`, no final norm)."""
+    config = {**CONFIG, "decoder_conf": {**CONFIG["decoder_conf"], "normalize_before": False}}
+    torch.manual_seed(1)
+    model = build_st_model(config)
+    assert not model.decoder.normalize_before
+    result = export_st(model, tmp_path, config["input_size"], fuse=False)
+    assert result.config["decoder_cache"] == "keys-values" and result.decoder_max_abs_error <= 1e-4
+    feats = torch.randn(1, 180, 80, generator=torch.Generator().manual_seed(4))
+    assert decode_onnx(tmp_path, feats.numpy(), max_tokens=12) == decode_torch(model, feats, max_tokens=12)
