@@ -82,3 +82,30 @@ def test_a_node_timed_alone_runs_float_and_int8_and_says_when_int8_has_no_form(t
         "faster", "slower", "no clear difference")
     unchanged = operator_choice.time_unit(model, unit, x, lambda a, b: b.write_bytes(a.read_bytes()))
     assert unchanged is None
+
+
+def test_a_graph_the_pipeline_does_not_run_follows_its_twins_or_stays_float(tmp_path, monkeypatch):
+    from deploykit.export.operator_choice import choose_units, chosen_nodes
+
+    model, path = _graph(tmp_path)
+    other = tmp_path / "full.onnx"  # the same layers in a second graph, and one of its own
+    extra = helper.make_node("MatMul", ["y", "wo2"], ["y2"], name="extra_proj")
+    model.graph.node.append(extra)
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "wo2"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+    onnx.save(model, str(other))
+    monkeypatch.setattr(operator_choice, "time_unit", lambda source, unit, activation, quantize: {
+        "verdict": "faster", "int8_over_float": 0.5, "rounds": 5, "preempted_rounds": 0})
+
+    def run_pipeline():  # what the pipeline runs: only g.onnx
+        ort_session(path, threads=1).run(None, {"x": np.ones((1, 5, 8), dtype=np.float32)})
+
+    chosen = choose_units(tmp_path, ["g.onnx", "full.onnx"], run_pipeline, ("MatMul",), [],
+                          quantize=None, progress=lambda _: None)
+    assert chosen["g.onnx MatMul 1x5x8 @ 8x8"]["nodes"] == {"g.onnx": ["q_proj", "k_proj"],
+                                                          "full.onnx": ["q_proj", "k_proj"]}
+    alone = chosen["full.onnx (not run by the pipeline)"]
+    assert alone["nodes"] == {"full.onnx": ["extra_proj"]} and alone["quantized"] is False
+    assert chosen_nodes(chosen) == {"g.onnx": ["q_proj", "k_proj", "out_proj"],
+                                    "full.onnx": ["q_proj", "k_proj", "out_proj"]}

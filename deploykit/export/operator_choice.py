@@ -188,37 +188,53 @@ def decision(verdict: dict) -> tuple[bool, str]:
 
 def choose_units(directory: Path, graphs: Sequence[str], run_pipeline: Callable[[], object], op_types: Sequence[str],
                  float_layers: Sequence[str], quantize: Callable[[Path, Path], None], progress) -> dict[str, dict]:
-    """Signature -> decision record (graph, operator, nodes, quantize or not and why, the rounds) for the
-    weight-bearing nodes of `graphs` in `directory` (a float copy of the artifact). `run_pipeline()`
-    loads the artifact's pipeline from that copy and runs it on its benchmark input (loaded inside, its
-    sessions record their feeds): each graph's last call is the input its nodes are timed on (a
-    decoder's last step: the cache at its longest)."""
+    """Signature -> decision record (operator, its nodes by graph, quantize or not and why, the rounds)
+    for the weight-bearing nodes of `graphs` in `directory` (a float copy of the artifact).
+
+    `run_pipeline()` loads the artifact's pipeline from that copy and runs it on its benchmark input
+    (loaded inside, its sessions record their feeds): each graph's last call is the input its nodes
+    are timed on (a decoder's last step: the cache at its longest). A graph the pipeline does not run
+    there (GPT-2's full-sequence graph, which scores perplexity) has no input to time on: its nodes
+    follow their twins, the nodes of the same name and weight in a graph that ran (optimum's graphs
+    of one model share them), and a node without a twin stays float, in a record that says so."""
     import onnx
 
     with recording_feeds() as calls:
         run_pipeline()
     chosen: dict[str, dict] = {}
+    twins: dict[tuple[str, str], str] = {}  # (node, weight) -> signature
+    no_int8_form: set[str] = set()
+    unrun = []
     for graph in graphs:
         path = directory / graph
         feeds = calls.get(path.resolve())
-        if feeds is None:
-            continue  # the pipeline did not run it on this input (GPT-2's full-sequence graph)
         model = gemm_to_matmul(onnx.load(str(path)))
         units = units_of(model, graph, op_types, nodes_of_layers(model.graph, float_layers))
-        if not units:
+        if feeds is None:
+            unrun.append((graph, units))
             continue
-        activations = capture_activations(path, model, feeds, [u.activation for u in units])
+        activations = capture_activations(path, model, feeds, [u.activation for u in units]) if units else {}
         for unit in units:
             key = signature(unit, model, activations[unit.activation])
-            if key not in chosen:
+            if key not in chosen and key not in no_int8_form:
                 progress(f"timing int8 against float: {key}")
                 verdict = time_unit(model, unit, activations[unit.activation], quantize)
                 if verdict is None:
+                    no_int8_form.add(key)
                     continue
                 keep, reason = decision(verdict)
-                chosen[key] = {"graph": graph, "op": unit.op_type, "nodes": [], "quantized": keep, "reason": reason,
-                               **verdict}
-            chosen[key]["nodes"].append(unit.node)
+                chosen[key] = {"op": unit.op_type, "nodes": {}, "quantized": keep, "reason": reason, **verdict}
+            if key in chosen:
+                chosen[key]["nodes"].setdefault(graph, []).append(unit.node)
+                twins[(unit.node, unit.weight)] = key
+    for graph, units in unrun:
+        for unit in units:
+            key = twins.get((unit.node, unit.weight), f"{graph} (not run by the pipeline)")
+            if key not in chosen:
+                chosen[key] = {"op": None, "nodes": {}, "quantized": False, "int8_over_float": None,
+                               "verdict": "not timed", "reason": "no twin in a graph the pipeline runs on its "
+                               "benchmark input, so no input to time it on: stays float"}
+            chosen[key]["nodes"].setdefault(graph, []).append(unit.node)
     return chosen
 
 
@@ -227,5 +243,6 @@ def chosen_nodes(chosen: dict[str, dict]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for record in chosen.values():
         if record["quantized"]:
-            out.setdefault(record["graph"], []).extend(record["nodes"])
+            for graph, nodes in record["nodes"].items():
+                out.setdefault(graph, []).extend(nodes)
     return out

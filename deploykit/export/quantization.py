@@ -157,9 +157,10 @@ def _choose_nodes(float_copy: Path, graphs: Sequence[str], quantizer, per_channe
     if pipeline.generates_tokens:
         _keep_greedy_tokens(chosen, agreement_of, progress)
     for key, c in chosen.items():
-        progress(f"int8 {key} ({len(c['nodes'])} node{'s' * (len(c['nodes']) != 1)}): "
-                 f"{'quantized' if c['quantized'] else 'stays float'} ({c['reason']}; "
-                 f"{c['int8_over_float']:.2f}x float's time)")
+        count = sum(map(len, c["nodes"].values()))
+        ratio = "" if c["int8_over_float"] is None else f"; {c['int8_over_float']:.2f}x float's time"
+        progress(f"int8 {key} ({count} node{'s' * (count != 1)}): {'quantized' if c['quantized'] else 'stays float'} "
+                 f"({c['reason']}{ratio})")
     return chosen
 
 
