@@ -49,7 +49,6 @@ class OrtSTDecoder:
         logp, *cache = self.session.run(None, feeds)
         return logp[0], cache
 
-
     def stepper(self, memory: np.ndarray) -> "OrtStepper":
         return OrtStepper(self, memory)
 
