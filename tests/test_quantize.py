@@ -351,6 +351,7 @@ def test_quantized_nodes_must_keep_the_greedy_tokens(monkeypatch, tmp_path, rati
     assert any(key.startswith("decoder_with_past.onnx MatMul 1x64 @ 64x") for key in chosen)  # one row
     assert all(c["nodes"]["decoder.onnx"] == c["nodes"]["decoder_with_past.onnx"] for c in chosen.values())
     assert result.manifest.quantization["greedy_token_agreement"]["onnxruntime"] == 1.0  # the graphs stayed float
+    assert result.manifest.warnings[0].startswith("int8 kept no node under onnxruntime (each slower, ")
 
 
 def test_nodes_go_back_to_float_until_the_greedy_tokens_hold():

@@ -62,9 +62,14 @@ METRIC_TOLERANCES = {"accuracy": (1, 0.01), "bleu": (1, 1.0), "perplexity": (-1,
 #: greedy tokens the quantized model must agree on with the float one (a generating pipeline)
 MIN_TOKEN_AGREEMENT = 0.95
 def quality_warnings(record: dict, float_metrics: dict[str, float]) -> list[str]:
-    """One line per way the quantized model is worse beyond tolerance, or slower, than the float one."""
+    """One line per way the quantized model is worse beyond tolerance, or slower, than the float one, or
+    not quantized at all under onnxruntime (its nodes measured, none kept)."""
     out = []
     scheme = record.get("scheme", "int8")
+    chosen = record.get("operators")
+    if chosen is not None and not any(c["quantized"] for c in chosen.values()):
+        out.append(f"{scheme} kept no node under onnxruntime (each slower, unmeasurable on this machine, or changing the "
+                   "model's answers: quantization.operators says which): its graphs are the float ones")
     speed = record.get("speed")
     if speed and speed["verdict"] == "slower":
         out.append(f"{scheme} is slower than float under onnxruntime: {speed['int8_over_float']:.2f}x its time in all "
