@@ -32,6 +32,7 @@ TRAINED = {
     "textclf-agnews-small-trained": 512_260,
     "seq2seq-transformer-small-trained": 797_635,
     "espnet-st-small-trained": 361_024,
+    "espnet-st-trained": 16_622_312,
 }
 # (pruning, form) per model. EmbeddingBag has no torch-pruning handler, so the AG News model has no
 # channel group to shrink; the ESPnet encoder/decoder pair is exported by its own exporter, without
@@ -42,6 +43,7 @@ CONFIGURATIONS = {name: ("l1-structured:0.5", "dense-shrunk") for name in PARAME
     "espnet-st-small": ("magnitude:0.5", "csr"),
     "textclf-agnews-small-trained": ("magnitude:0.5", "dense-shrunk"),
     "espnet-st-small-trained": ("magnitude:0.5", "csr"),
+    "espnet-st-trained": ("magnitude:0.5", "csr"),
 }
 
 
