@@ -36,6 +36,63 @@ def test_int8_onnx_is_at_least_3x_smaller_and_every_linear_layer_is_quantized(le
     assert per_channel.manifest.quantization["per_channel"] is True
 
 
+def test_the_torch_int8_model_is_built_from_the_files_tensors_and_computes_as_before(lenets):
+    import torch
+
+    from deploykit.convert.quantize import torch_dynamic_int8
+    from deploykit.runtime.loading import load_torch_model
+
+    directory = lenets[1].directory
+    int8, _ = load_torch_model(directory)
+    float_model, _ = load_torch_model(directory, for_runtime=False)
+    x = torch.randn(4, 1, 28, 28)
+    expected = torch_dynamic_int8(float_model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(int8(x), expected(x), rtol=0, atol=0)
+    assert not any(p.is_meta for p in [*int8.parameters(), *int8.buffers()])
+
+
+def _models_built_with_a_computed_buffer():
+    """(a model that computes a buffer when built, one whose constructor also reads a parameter's value)."""
+    import torch
+    from torch import nn
+
+    class ComputesABuffer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 4)
+            self.register_buffer("scale", torch.linspace(0.5, 1.5, 64), persistent=False)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)) * self.scale)
+
+    class ReadsItsWeights(ComputesABuffer):
+        def __init__(self):
+            super().__init__()
+            self.norm = float(self.fc1.weight.detach().norm())
+
+    return ComputesABuffer, ReadsItsWeights
+
+
+def test_a_skeleton_takes_the_files_tensors_keeps_computed_buffers_and_declines_what_it_cannot_build(tmp_path):
+    import torch
+
+    from deploykit.model.spec import InputSpec, ModelSpec
+    from deploykit.runtime.loading import _skeleton_holding
+
+    computes, reads = _models_built_with_a_computed_buffer()
+    inputs = (InputSpec("x", ("batch", 32)),)
+    spec = ModelSpec("computes-a-buffer", computes, inputs, ("y",))
+    state = spec.make().state_dict()
+    manifest = type("M", (), {"model": spec.name})()
+    model = _skeleton_holding(spec, state, tmp_path, manifest)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == {n: t.data_ptr() for n, t in state.items()}
+    torch.testing.assert_close(model.scale, torch.linspace(0.5, 1.5, 64))
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(model(x), spec.make()(x))
+    assert _skeleton_holding(ModelSpec("reads-its-weights", reads, inputs, ("y",)), state, tmp_path, manifest) is None
+
+
 def test_quantization_records_error_and_metric_change_per_runtime(lenets):
     plain, quantized, _ = lenets
     q = quantized.manifest.quantization
@@ -104,10 +161,12 @@ def test_conv1d_becomes_the_linear_it_computes():
     torch.manual_seed(0)
     model = torch.nn.Sequential(Conv1D(6, 4))
     x = torch.randn(3, 4)
-    expected = model(x)
+    expected, weight = model(x), model[0].weight
     converted = conv1d_to_linear(model)
     assert isinstance(converted[0], torch.nn.Linear) and converted[0].weight.shape == (6, 4)
     torch.testing.assert_close(converted(x), expected)
+    # the Linear holds the Conv1D's weights, not a copy of them
+    assert converted[0].weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
 
 
 def test_gpt2_quantizes_for_both_runtimes_with_greedy_agreement(tmp_path):

@@ -63,6 +63,11 @@ class Form:
     #: store sparse initializers in model.onnx where that is smaller
     sparse_onnx: bool = False
 
+    @property
+    def rebuilds_shapes(self) -> bool:
+        """Whether `restore` changes the fresh model (it then needs the model's values, not only its shapes)."""
+        return self.restore is not _restore_nothing
+
 
 FORMS: Registry[Form] = Registry("form")
 

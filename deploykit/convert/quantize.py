@@ -137,10 +137,11 @@ def conv1d_to_linear(model):
         cls = type(module)
         if f"{cls.__module__}.{cls.__qualname__}" != "transformers.pytorch_utils.Conv1D":
             continue
-        linear = torch.nn.Linear(module.weight.shape[0], module.nf)
-        with torch.no_grad():
-            linear.weight.copy_(module.weight.T)
-            linear.bias.copy_(module.bias)
+        # the Linear takes the Conv1D's own tensors (its weight transposed, a view): a copy would hold
+        # every such layer's weights twice while the model is quantized
+        linear = torch.nn.Linear(module.weight.shape[0], module.nf, device="meta")
+        linear.weight = torch.nn.Parameter(module.weight.detach().T, requires_grad=module.weight.requires_grad)
+        linear.bias = module.bias
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)
     return model

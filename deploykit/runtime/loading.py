@@ -7,6 +7,7 @@ sources (model); the manifest module below stays free of torch.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: ModelSpec | None = None,
                      consent: Sequence[str] = (), batch: int | None = None) -> "tuple[nn.Module, Manifest]":
-    """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights.
+    """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights (a quantized
+    artifact's model is built without initial values and takes the file's tensors, `_skeleton_holding`).
 
     With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers;
     a quantized artifact: its Linear layers quantized); without, the saved float module (the
@@ -40,15 +42,15 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: M
     spec = spec or spec_for_artifact(directory, manifest, consent)
     form = FORMS.get(manifest.form)
     inputs = spec.example_inputs(TRACE_BATCH)
-    model = form.restore(spec.make(trained=False), spec, inputs, manifest.form_recipe)
     state = load_weights(directory / WEIGHTS_FILE)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
+    model = None
+    if for_runtime and manifest.quantization and not form.rebuilds_shapes:
+        model = _skeleton_holding(spec, state, directory, manifest)
+    if model is None:
+        model = form.restore(spec.make(trained=False), spec, inputs, manifest.form_recipe)
+        _load_state(model, state, directory, manifest)
     # the loaded copy goes before the runtime module is made: quantizing with it alive would hold the float
-    # weights twice beside the int8 ones, and the int8 model's peak memory would exceed the float model's
+    # weights twice beside the int8 ones
     del state
     if for_runtime:
         runtime_inputs = spec.example_inputs(batch) if batch else inputs
@@ -69,3 +71,49 @@ def load_cpu_session_model(directory: str | Path, threads: int, target: "Target"
     torch.set_num_threads(threads)
     model, _ = load_torch_model(directory, consent=target.code_consent, batch=target.batch)
     return model
+
+
+def _load_state(model: "nn.Module", state: dict, directory: Path, manifest: Manifest, assign: bool = False) -> None:
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
+
+
+def _skeleton_holding(spec: ModelSpec, state: dict, directory: Path, manifest: Manifest) -> "nn.Module | None":
+    """The model built with its parameters unallocated, then given the weights file's tensors as its
+    parameters (no copy); None where the build leaves a parameter or buffer without a value.
+
+    A quantized model's float weights are only what its int8 layers are made from: built as usual and
+    then loaded, they would be held twice (the fresh model's initial values and the file's), and the
+    int8 model's peak memory would exceed the float model's. Buffers and plain tensors the model
+    computes when built (attention masks, positional tables) are built as usual; parameters skip their
+    random initialisation, so a buffer drawn from the random generator after a parameter would differ
+    from the usual build's (no model deploykit knows has one)."""
+    try:
+        with _parameters_unallocated():
+            model = spec.make(trained=False)
+    except Exception:  # noqa: BLE001 - a constructor that reads its parameters' values: built as usual instead
+        return None
+    _load_state(model, state, directory, manifest, assign=True)
+    tensors = [*model.parameters(), *model.buffers()]
+    return None if any(t.is_meta for t in tensors) else model
+
+
+@contextlib.contextmanager
+def _parameters_unallocated():
+    """Parameters registered while in force are made on the meta device (no memory, and their
+    initialisation does nothing); their values come from the weights file."""
+    import torch
+
+    def to_meta(module, name, param):
+        if param is None or param.is_meta or isinstance(param, torch.nn.parameter.UninitializedParameter):
+            return None
+        return torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
