@@ -65,7 +65,7 @@ def test_nodes_are_timed_on_their_real_input_and_equal_signatures_share_one_timi
     x = np.random.default_rng(1).standard_normal((1, 5, 8)).astype(np.float32)
     activations = capture_activations(path, model, {"x": x}, [u.activation for u in units])
     assert np.array_equal(activations["x"], x) and activations["mixed"].shape == (1, 5, 8)
-    keys = [signature(u, model, activations[u.activation]) for u in units]
+    keys = [signature(u, activations[u.activation]) for u in units]
     assert keys == ["g.onnx MatMul 1x5x8 @ 8x8", "g.onnx MatMul 1x5x8 @ 8x8", "g.onnx MatMul 1x5x8 @ 8x4"]
 
 
@@ -109,3 +109,19 @@ def test_a_graph_the_pipeline_does_not_run_follows_its_twins_or_stays_float(tmp_
     assert alone["nodes"] == {"full.onnx": ["extra_proj"]} and alone["quantized"] is False
     assert chosen_nodes(chosen) == {"g.onnx": ["q_proj", "k_proj", "out_proj"],
                                     "full.onnx": ["q_proj", "k_proj", "out_proj"]}
+
+
+def test_microsecond_nodes_are_timed_in_batches_and_reported_per_call(monkeypatch):
+    import time
+
+    from deploykit.convert.kernel_choice import Round
+
+    long_call = operator_choice._batch_of(lambda: time.sleep(0.002))
+    assert long_call.calls == 1  # a call longer than a sample is its own sample
+    short_call = operator_choice._batch_of(lambda: None)
+    assert short_call.calls >= 100  # far below a timer tick: many calls per sample
+    ran = []
+    operator_choice._Batch(lambda: ran.append(1), 7)()
+    assert len(ran) == 7
+    monkeypatch.setattr(operator_choice, "timed_call", lambda batch: Round(10.0, 5.0))
+    assert operator_choice._timed_batch(operator_choice._Batch(lambda: None, 4)) == Round(2.5, 1.25)

@@ -19,7 +19,8 @@ its tools time whole models only.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,6 +36,10 @@ from deploykit.core.ort import ort_session, recording_feeds
 SLOWER = FASTER = 0.10
 #: interleaved float/int8 rounds, each at least ROUND_MIN_TIME_S and ROUND_MIN_CALLS calls
 SPEED_ROUNDS, ROUND_MIN_TIME_S, ROUND_MIN_CALLS = 5, 0.05, 3
+#: a node is warmed up for UNIT_WARMUP_S, then timed in samples of at least SAMPLE_MIN_S of back-to-back
+#: calls: a decoder step's nodes take microseconds, and timed call by call their samples show the timer's
+#: and the scheduler's granularity (a round's median over twice its fastest call on a quiet machine)
+UNIT_WARMUP_S, SAMPLE_MIN_S = 0.02, 5e-4
 #: which input of a weight-bearing node is the weight, and which the activation it is called on
 WEIGHT_INPUT = {"MatMul": 1, "Conv": 1, "Gather": 0}
 ACTIVATION_INPUT = {"MatMul": 0, "Conv": 0, "Gather": 1}
@@ -72,6 +77,9 @@ class Unit:
     #: the node's activation input and its weight's name
     activation: str
     weight: str
+    #: the node itself and the initializers it reads (what its one-node graph is made of)
+    proto: object = field(default=None, compare=False, repr=False)
+    constants: tuple = field(default=(), compare=False, repr=False)
 
 
 def units_of(model, graph: str, op_types: Sequence[str], excluded: Sequence[str]) -> list[Unit]:
@@ -81,8 +89,8 @@ def units_of(model, graph: str, op_types: Sequence[str], excluded: Sequence[str]
     carries no weight: quantizing it saves no bytes, so it is not a unit and stays float."""
     from onnx import TensorProto
 
-    weights = {init.name for init in model.graph.initializer}
-    floats = {init.name for init in model.graph.initializer if init.data_type == TensorProto.FLOAT}
+    weights = {init.name: init for init in model.graph.initializer}
+    floats = {name for name, init in weights.items() if init.data_type == TensorProto.FLOAT}
     out = []
     for node in model.graph.node:
         # the quantizer is told nodes by name, and rewrites float weights only (not a Gather of shapes)
@@ -92,7 +100,8 @@ def units_of(model, graph: str, op_types: Sequence[str], excluded: Sequence[str]
         weight, activation = node.input[WEIGHT_INPUT[node.op_type]], node.input[ACTIVATION_INPUT[node.op_type]]
         others = [name for name in node.input if name and name not in (weight, activation)]
         if weight in weights and activation not in weights and all(name in weights for name in others):
-            out.append(Unit(graph, node.name, node.op_type, activation, weight))
+            constants = tuple(weights[name] for name in dict.fromkeys(node.input) if name in weights)
+            out.append(Unit(graph, node.name, node.op_type, activation, weight, node, constants))
     return out
 
 
@@ -125,29 +134,28 @@ def capture_activations(path: Path, model, feeds: dict, names: Sequence[str]) ->
 
 
 def _one_node_model(source, unit: Unit, activation: np.ndarray):
-    """`unit`'s node alone, its weights as initializers, its activation the graph's input."""
+    """`unit`'s node alone, its weights as initializers, its activation the graph's input (`source`, the
+    graph it is from, gives the opset and IR version)."""
     from onnx import TensorProto, helper
 
-    node = next(n for n in source.graph.node if n.name == unit.node)
-    initializers = {init.name: init for init in source.graph.initializer}
     graph = helper.make_graph(
-        [node], "unit", [helper.make_tensor_value_info(unit.activation, helper.np_dtype_to_tensor_dtype(activation.dtype),
-                                                       activation.shape)],
-        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
-        initializer=[initializers[name] for name in node.input if name in initializers])
+        [unit.proto], "unit",
+        [helper.make_tensor_value_info(unit.activation, helper.np_dtype_to_tensor_dtype(activation.dtype),
+                                       activation.shape)],
+        [helper.make_tensor_value_info(unit.proto.output[0], TensorProto.FLOAT, None)],
+        initializer=list(unit.constants))
     model = helper.make_model(graph, opset_imports=source.opset_import)
     model.ir_version = source.ir_version
     return model
 
 
-def signature(unit: Unit, model, activation: np.ndarray) -> str:
+def signature(unit: Unit, activation: np.ndarray) -> str:
     """What a node's speed under int8 depends on: its graph, operator, input and weight shapes and
     attributes (nodes sharing it share one measurement)."""
     from onnx import helper
 
-    node = next(n for n in model.graph.node if n.name == unit.node)
-    weight = next(init for init in model.graph.initializer if init.name == unit.weight)
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight = next(init for init in unit.constants if init.name == unit.weight)
+    attributes = {a.name: helper.get_attribute_value(a) for a in unit.proto.attribute}
     text = (f"{unit.graph} {unit.op_type} {'x'.join(map(str, activation.shape)) or 'scalar'} @ "
             f"{'x'.join(map(str, weight.dims))}")
     if attributes:
@@ -169,9 +177,33 @@ def time_unit(source, unit: Unit, activation: np.ndarray, quantize: Callable[[Pa
             return None
         feeds = {unit.activation: activation}
         sessions = [ort_session(path, threads=1) for path in (plain, quantized)]
-        timings = time_interleaved(lambda: sessions[0].run(None, feeds), lambda: sessions[1].run(None, feeds),
-                                   rounds=SPEED_ROUNDS, timer=timed_call)
+        plain_run, int8_run = (_batch_of(lambda s=session: s.run(None, feeds)) for session in sessions)
+        timings = time_interleaved(plain_run, int8_run, rounds=SPEED_ROUNDS, timer=_timed_batch)
     return speed_verdict(timings.dense, timings.csr)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """`call` made `calls` times back to back (one timed sample)."""
+
+    call: Callable[[], object]
+    calls: int
+
+    def __call__(self) -> None:
+        for _ in range(self.calls):
+            self.call()
+
+
+def _batch_of(call: Callable[[], object]) -> _Batch:
+    """`call` warmed up, in batches as long as a sample of SAMPLE_MIN_S needs."""
+    warm = measure(call, warmup_s=UNIT_WARMUP_S, min_time_s=0.0, min_iters=ROUND_MIN_CALLS)
+    return _Batch(call, max(1, math.ceil(SAMPLE_MIN_S * 1e3 / max(warm.median_ms, 1e-6))))
+
+
+def _timed_batch(batch: _Batch) -> Round:
+    """One round of `batch`, per call."""
+    round_ = timed_call(batch)
+    return Round(round_.median_ms / batch.calls, round_.min_ms / batch.calls)
 
 
 def decision(verdict: dict) -> tuple[bool, str]:
@@ -215,7 +247,7 @@ def choose_units(directory: Path, graphs: Sequence[str], run_pipeline: Callable[
             continue
         activations = capture_activations(path, model, feeds, [u.activation for u in units]) if units else {}
         for unit in units:
-            key = signature(unit, model, activations[unit.activation])
+            key = signature(unit, activations[unit.activation])
             if key not in chosen and key not in no_int8_form:
                 progress(f"timing int8 against float: {key}")
                 verdict = time_unit(model, unit, activations[unit.activation], quantize)
