@@ -160,3 +160,18 @@ def test_zoo_models_train_to_a_useful_quality(name, metric, floor):
     spec = get_model(name)
     model = spec.make()
     assert spec.training_record(model)["result"][metric] > floor
+
+
+def test_a_trained_zoo_models_pipeline_inputs_come_from_its_task():
+    from types import SimpleNamespace
+
+    from deploykit.pipelines.base import has_task_inputs, task_inputs
+
+    def manifest(model, kind="zoo"):
+        return SimpleNamespace(model=model, source={"kind": kind})
+
+    assert has_task_inputs(manifest("gpt2-tiny-trained"))
+    assert not has_task_inputs(manifest("gpt2-tiny"))  # random weights: random prompts
+    assert not has_task_inputs(manifest("gpt2-tiny-trained", kind="hf-directory"))
+    prompt = task_inputs(manifest("gpt2-tiny-trained"), seed=3, length=16)
+    assert prompt[0].shape == (1, 16) and task_inputs(manifest("gpt2-tiny"), 3, 16) is None

@@ -24,7 +24,7 @@ from deploykit.core.fsutil import scratch_directory, write_text_atomic
 from deploykit.export.operator_choice import SPEED_ROUNDS, choose_units, chosen_nodes, speed_verdict, timed_call
 from deploykit.model.artifact import MANIFEST_FILE, WEIGHTS_FILE, file_sizes
 from deploykit.model.sources import spec_for_artifact
-from deploykit.pipelines.base import Pipeline
+from deploykit.pipelines.base import Pipeline, has_task_inputs
 from deploykit.pipelines.catalog import PIPELINES
 from deploykit.runtime.loading import load_torch_model
 
@@ -40,7 +40,8 @@ def _data(spec, manifest, directory, pipeline: Pipeline) -> tuple[list[dict], li
     """(calibration feeds, feeds the error is measured on, what those are).
 
     A model with real data calibrates on some of it and is measured on batches it did not
-    calibrate on; others use random example inputs for both, and the record says so.
+    calibrate on; others use random example inputs for both (a generating pipeline: its own inputs,
+    from the model's task where it has one), and the record says so.
     """
     def feeds(batches):
         return [{name: t.numpy() for name, t in zip(spec.input_names, batch)} for batch in batches]
@@ -53,6 +54,8 @@ def _data(spec, manifest, directory, pipeline: Pipeline) -> tuple[list[dict], li
     calibration = feeds([spec.example_inputs(8, seed=100 + i) for i in range(CALIBRATION_BATCHES)]
                         if pipeline.single_graph else [])
     measured = [pipeline.inputs(directory, manifest, 1, seed, None) for seed in range(10, 10 + AGREEMENT_INPUTS)]
+    if not pipeline.single_graph and has_task_inputs(manifest):  # the pipeline's inputs come from its task
+        return calibration, measured, f"{len(measured)} inputs drawn from the model's own task (its prompts or utterances)"
     return calibration, measured, "random example inputs (the model has no data of its own)"
 
 

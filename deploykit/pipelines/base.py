@@ -120,11 +120,19 @@ def task_inputs(manifest: Manifest, seed: int, length: int) -> "tuple | None":
     """One item of a trained zoo model's own task at `length` (an utterance, a held-out prompt) as
     numpy arrays, or None for other models: a benchmark of a trained model fed noise times a run that
     means nothing (a translation that never ends, a prompt no text starts with)."""
+    spec = _task_spec(manifest)
+    return None if spec is None else tuple(t.numpy() for t in spec.example_inputs(1, seed, length))
+
+
+def has_task_inputs(manifest: Manifest) -> bool:
+    """Whether `task_inputs` gives the model's own task rather than None."""
+    return _task_spec(manifest) is not None
+
+
+def _task_spec(manifest: Manifest):
     if manifest.source.get("kind") != "zoo":
         return None
     from deploykit.model.catalog import get_model  # torch side: the zoo's modules import torch
 
     spec = get_model(manifest.model)
-    if spec.length_sampler is None:
-        return None
-    return tuple(t.numpy() for t in spec.example_inputs(1, seed, length))
+    return spec if spec.length_sampler is not None else None
