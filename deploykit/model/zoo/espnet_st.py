@@ -245,7 +245,6 @@ def espnet_st_small_trained() -> nn.Module:
     return _build_for_training("st_small")
 
 
-
 #: the small model's task (48 source words) in the large model's vocabulary; at d 256 x 6 layers it
 #: learns with a lower learning rate and a longer warm-up than the small model (lr 1e-3 and 2e-3 left
 #: it predicting the target words' unigram distribution, its decoder not attending to the source)
