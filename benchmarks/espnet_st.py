@@ -15,9 +15,9 @@ Each export also tries onnxruntime's transformer optimiser on the encoder
 (`deploykit.pipelines.encoder_fusion`): the table says which graph the export kept and the fused
 graph's time over the plain one's. Medians and ratios come from one run on this machine.
 
-A trained model (`espnet-st-small-trained`) is fed utterances of its own task, decodes until <eos>,
-and adds int8 variants (dynamic int8 with its nodes chosen by timing each on its input, and every
-node) and its BLEU per runtime (the model's evaluation: greedy decoding of held-out 5 s utterances,
+A trained model (`espnet-st-small-trained`, `espnet-st-trained`) is fed utterances of its own task,
+decodes until <eos>, and adds int8 variants (dynamic int8 with its nodes chosen by timing each on its
+input, and every node) and its BLEU per runtime (the model's evaluation: greedy decoding of held-out 5 s utterances,
 under torch on the rebuilt model and under onnxruntime on the exported graphs), beside the peak
 resident memory of each runtime's benchmark process.
 
