@@ -111,10 +111,8 @@ def test_a_graph_the_pipeline_does_not_run_follows_its_twins_or_stays_float(tmp_
                                     "full.onnx": ["q_proj", "k_proj", "out_proj"]}
 
 
-def test_microsecond_nodes_are_timed_in_batches_and_reported_per_call(monkeypatch):
+def test_microsecond_nodes_are_timed_in_batches_and_reported_per_call():
     import time
-
-    from deploykit.convert.kernel_choice import Round
 
     long_call = operator_choice._batch_of(lambda: time.sleep(0.002))
     assert long_call.calls == 1  # a call longer than a sample is its own sample
@@ -123,5 +121,12 @@ def test_microsecond_nodes_are_timed_in_batches_and_reported_per_call(monkeypatc
     ran = []
     operator_choice._Batch(lambda: ran.append(1), 7)()
     assert len(ran) == 7
-    monkeypatch.setattr(operator_choice, "timed_call", lambda batch: Round(10.0, 5.0))
-    assert operator_choice._timed_batch(operator_choice._Batch(lambda: None, 4)) == Round(2.5, 1.25)
+    per_call = operator_choice._timed_batch(operator_choice._Batch(lambda: time.sleep(0.0005), 4))
+    assert 0.5 <= per_call.median_ms < 2.0 and per_call.floor_ms <= per_call.median_ms
+
+
+def test_a_batched_round_is_preempted_by_a_slow_majority_not_by_one_fast_sample():
+    from deploykit.export.operator_choice import BatchRound
+
+    assert not BatchRound(median_ms=1.0, floor_ms=0.9).preempted
+    assert BatchRound(median_ms=1.0, floor_ms=0.4).preempted  # most samples took over twice the fast tenth

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from deploykit.convert.kernel_choice import Round, time_interleaved
+from deploykit.convert.kernel_choice import PREEMPTED, Round, time_interleaved
 from deploykit.convert.quantize import gemm_to_matmul, nodes_of_layers
 from deploykit.core.fsutil import scratch_directory
 from deploykit.core.measure import measure
@@ -40,6 +40,8 @@ SPEED_ROUNDS, ROUND_MIN_TIME_S, ROUND_MIN_CALLS = 5, 0.05, 3
 #: calls: a decoder step's nodes take microseconds, and timed call by call their samples show the timer's
 #: and the scheduler's granularity (a round's median over twice its fastest call on a quiet machine)
 UNIT_WARMUP_S, SAMPLE_MIN_S = 0.02, 5e-4
+#: a batched round is preempted when its median exceeds PREEMPTED times this percentile of its samples
+FLOOR_PERCENTILE = 10
 #: which input of a weight-bearing node is the weight, and which the activation it is called on
 WEIGHT_INPUT = {"MatMul": 1, "Conv": 1, "Gather": 0}
 ACTIVATION_INPUT = {"MatMul": 0, "Conv": 0, "Gather": 1}
@@ -200,10 +202,26 @@ def _batch_of(call: Callable[[], object]) -> _Batch:
     return _Batch(call, max(1, math.ceil(SAMPLE_MIN_S * 1e3 / max(warm.median_ms, 1e-6))))
 
 
-def _timed_batch(batch: _Batch) -> Round:
+@dataclass(frozen=True)
+class BatchRound:
+    """One round of a node's batched samples, per call: its median and its FLOOR_PERCENTILE sample.
+
+    Preempted when the median exceeds PREEMPTED times that floor: a batch of calls that happens to
+    run twice as fast as the others is an outlier on a VM (seen at 1.9x on a quiet machine), so the
+    fastest sample, which csr's one-call samples are judged against, would flag quiet rounds."""
+
+    median_ms: float
+    floor_ms: float
+
+    @property
+    def preempted(self) -> bool:
+        return self.median_ms > PREEMPTED * self.floor_ms
+
+
+def _timed_batch(batch: _Batch) -> BatchRound:
     """One round of `batch`, per call."""
-    round_ = timed_call(batch)
-    return Round(round_.median_ms / batch.calls, round_.min_ms / batch.calls)
+    m = measure(batch, warmup_s=0.0, min_time_s=ROUND_MIN_TIME_S, min_iters=ROUND_MIN_CALLS)
+    return BatchRound(m.median_ms / batch.calls, m.percentile_ms(FLOOR_PERCENTILE) / batch.calls)
 
 
 def decision(verdict: dict) -> tuple[bool, str]:
