@@ -47,8 +47,13 @@ WEIGHT_INPUT = {"MatMul": 1, "Conv": 1, "Gather": 0}
 ACTIVATION_INPUT = {"MatMul": 0, "Conv": 0, "Gather": 1}
 
 
+def _round_of(call):
+    """One timing round of `call` (its Measurement): at least ROUND_MIN_TIME_S and ROUND_MIN_CALLS samples."""
+    return measure(call, warmup_s=0.0, min_time_s=ROUND_MIN_TIME_S, min_iters=ROUND_MIN_CALLS)
+
+
 def timed_call(call) -> Round:
-    m = measure(call, warmup_s=0.0, min_time_s=ROUND_MIN_TIME_S, min_iters=ROUND_MIN_CALLS)
+    m = _round_of(call)
     return Round(m.median_ms, m.percentile_ms(0))
 
 
@@ -80,8 +85,8 @@ class Unit:
     activation: str
     weight: str
     #: the node itself and the initializers it reads (what its one-node graph is made of)
-    proto: object = field(default=None, compare=False, repr=False)
-    constants: tuple = field(default=(), compare=False, repr=False)
+    proto: object = field(compare=False, repr=False)
+    constants: tuple = field(compare=False, repr=False)
 
 
 def units_of(model, graph: str, op_types: Sequence[str], excluded: Sequence[str]) -> list[Unit]:
@@ -220,7 +225,7 @@ class BatchRound:
 
 def _timed_batch(batch: _Batch) -> BatchRound:
     """One round of `batch`, per call."""
-    m = measure(batch, warmup_s=0.0, min_time_s=ROUND_MIN_TIME_S, min_iters=ROUND_MIN_CALLS)
+    m = _round_of(batch)
     return BatchRound(m.median_ms / batch.calls, m.percentile_ms(FLOOR_PERCENTILE) / batch.calls)
 
 

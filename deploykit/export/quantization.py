@@ -55,7 +55,8 @@ def _data(spec, manifest, directory, pipeline: Pipeline) -> tuple[list[dict], li
                         if pipeline.single_graph else [])
     measured = [pipeline.inputs(directory, manifest, 1, seed, None) for seed in range(10, 10 + AGREEMENT_INPUTS)]
     if not pipeline.single_graph and has_task_inputs(manifest):  # the pipeline's inputs come from its task
-        return calibration, measured, f"{len(measured)} inputs drawn from the model's own task (its prompts or utterances)"
+        return (calibration, measured,
+                f"{len(measured)} inputs drawn from the model's own task (its prompts or utterances)")
     return calibration, measured, "random example inputs (the model has no data of its own)"
 
 
