@@ -11,10 +11,10 @@ pytest.importorskip("optimum")
 
 from deploykit.bench.runner import bench_artifact  # noqa: E402
 from deploykit.bench.settings import Grid, TimingSettings  # noqa: E402
+from deploykit.convert.quantize import token_agreement  # noqa: E402
 from deploykit.core.errors import UsageError  # noqa: E402
 from deploykit.export.build import export_artifact  # noqa: E402
-from deploykit.model.causal_lm import perplexity  # noqa: E402
-from deploykit.model.causal_lm import greedy
+from deploykit.model.causal_lm import greedy, next_token_agreement, perplexity  # noqa: E402
 from deploykit.pipelines.textgen import OrtCausalLM  # noqa: E402
 from deploykit.prune.base import PruningPlan  # noqa: E402
 from deploykit.runtime.loading import load_torch_model  # noqa: E402
@@ -140,6 +140,41 @@ class Uniform:
 
 def test_perplexity_of_a_uniform_model_is_its_vocabulary_size():
     assert perplexity(Uniform(50), [3, 1, 4, 1, 5, 9, 2, 6]) == pytest.approx(50)
+
+
+class Counting:
+    """A language model whose next token is the last one plus one (mod its vocabulary), but after `odd`
+    it is `odd` + 2: a model that differs from a counter at one prefix."""
+
+    def __init__(self, vocab, odd=None):
+        self.vocab, self.odd = vocab, odd
+
+    def _next(self, last):
+        return (last + (2 if last == self.odd else 1)) % self.vocab
+
+    def logits(self, ids):
+        out = np.zeros((1, ids.shape[1], self.vocab))
+        out[0, np.arange(ids.shape[1]), [self._next(int(t)) for t in ids[0]]] = 1.0
+        return out
+
+    def prefill(self, prompt):
+        return self.logits(prompt)[0, -1], None
+
+    def step(self, token, state):
+        return self.logits(np.array([[token]]))[0, -1], None
+
+
+def test_next_token_agreement_costs_one_token_per_differing_choice_where_free_running_loses_the_rest():
+    counter, odd = Counting(50), Counting(50, odd=12)
+    prompt = [7, 8, 9]
+    tokens = greedy(counter, prompt, 20)  # 10, 11, ..., 29
+    assert tokens == list(range(10, 30))
+    # free-running, the odd model jumps at 12 and stays off by one: 3 of 20 tokens agree
+    assert token_agreement(np.array(tokens), np.array(greedy(odd, prompt, 20))) == pytest.approx(3 / 20)
+    # given the counter's own prefix each time, it differs at the one position after 12
+    assert next_token_agreement(odd, prompt, tokens) == pytest.approx(19 / 20)
+    assert next_token_agreement(counter, prompt, tokens) == 1.0
+    assert next_token_agreement(odd, prompt, []) == 1.0
 
 
 def test_perplexity_agrees_across_runtimes(tiny):

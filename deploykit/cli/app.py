@@ -380,7 +380,9 @@ def _print_export(result, plan, threads: int, threads_note: str) -> None:
         delta = "".join(f", {k} {m.quantization['metrics'][runtime][k]:.4f} ({v:+.4f})"
                         for k, v in m.quantization.get("metric_delta", {}).get(runtime, {}).items())
         agreement = m.quantization.get("greedy_token_agreement", {}).get(runtime)
-        agreement = "" if agreement is None else f", greedy tokens {100 * agreement:.1f}% the float model's"
+        forced = m.quantization.get("next_token_agreement", {}).get(runtime)
+        agreement = "" if agreement is None else f", greedy tokens {100 * agreement:.1f}% the float model's" + (
+            "" if forced is None else f" ({100 * forced:.1f}% token by token after its prefix)")
         print(f"{m.quantization['scheme']} under {runtime}: max abs error {error['max_abs']:.2e}, mean "
               f"{error['mean_abs']:.2e} vs the float model{agreement}{delta}")
     for name, size in m.files.items():

@@ -192,10 +192,10 @@ def add_conversion(p: argparse.ArgumentParser) -> None:
                    "change are recorded, not checked against --tolerance")
     g.add_argument("--per-channel", action="store_true", help="--quantize: one scale per output channel")
     g.add_argument("--quantize-operators", choices=OPERATOR_CHOICES, default="measured",
-                   help="--quantize int8: time each weight-bearing node alone on its real input, int8 against "
-                   "float under onnxruntime (interleaved rounds): nodes slower here stay float, and so do nodes "
-                   "that are no faster where they change the greedy tokens (measured, the default); or quantize "
-                   "every one (all). The output layers the model names stay float either way")
+                   help="--quantize int8, int8-weight, int4-weight: time each weight-bearing node alone on its real "
+                   "input, int8 against float under onnxruntime (interleaved rounds): nodes slower here stay float, "
+                   "and so do nodes that are no faster where they change the greedy tokens (measured, the default); "
+                   "or quantize every one (all). The output layers the model names stay float either way")
     g = p.add_argument_group("ONNX", "the exported graph and the checks it must pass")
     g.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")

@@ -194,15 +194,22 @@ def _onnx_weight_only(bits: int):
     Needs onnx-ir, which onnxruntime's quantizer imports."""
 
     def quantize(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
-                 float_layers: Sequence[str] = ()) -> None:
+                 nodes: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
+        """Every MatMul with a weight, or only `nodes` (names as `gemm_to_matmul` rewrites them), never
+        the nodes of `float_layers`."""
+        if nodes is not None and not nodes:
+            raise ValueError("no nodes to quantize: leave the graph as it is instead")
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         model = gemm_to_matmul(onnx.load(str(source)))
+        excluded = nodes_of_layers(model.graph, float_layers)
+        if nodes is not None:  # the quantizer's own nodes_to_include adds to its operator types, not limits them
+            wanted = set(nodes)
+            excluded += [node.name for node in model.graph.node if node.name not in wanted]
         with _root_log_quiet():
             quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=WEIGHT_BLOCK, is_symmetric=True,
-                                             accuracy_level=4,
-                                             nodes_to_exclude=nodes_of_layers(model.graph, float_layers))
+                                             accuracy_level=4, nodes_to_exclude=excluded)
             quantizer.process()
         onnx.save(quantizer.model.model, str(target))
 
@@ -222,7 +229,7 @@ for _bits in (4, 8):
     QUANTIZERS.add(f"int{_bits}-weight", Quantizer(
         f"weight-only int{_bits} under onnxruntime (MatMulNBits: weights in blocks of {WEIGHT_BLOCK}, activations "
         "float); dynamic int8 under torch", _onnx_weight_only(_bits), torch_dynamic_int8,
-        no_per_channel=f"its blocks of {WEIGHT_BLOCK} weights are finer than channels already"))
+        no_per_channel=f"its blocks of {WEIGHT_BLOCK} weights are finer than channels already", op_types=("MatMul",)))
 
 
 def error_statistics(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> dict[str, float]:

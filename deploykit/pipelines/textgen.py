@@ -22,7 +22,7 @@ from deploykit.convert.shared_weights import with_shared_weights
 from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import UsageError
 from deploykit.core.ort import CPU_PROVIDER, ort_session
-from deploykit.model.causal_lm import greedy, room
+from deploykit.model.causal_lm import greedy, next_token_agreement, room, scores_sequences
 from deploykit.pipelines.base import task_inputs
 from deploykit.runtime.session import RuntimeInfo, Target
 
@@ -161,6 +161,15 @@ class GenerationSession:
         padded = np.full(self.new_tokens, NO_TOKEN, dtype=np.int64)
         padded[:len(tokens)] = tokens
         return [np.asarray(logits), np.asarray(step_logits), padded]
+
+    def next_token_agreement(self, feeds, tokens: np.ndarray) -> float | None:
+        """Share of `tokens` (another model's greedy tokens after this prompt, as `run` returns them:
+        padded with NO_TOKEN) that this model predicts after the same prefix; None where its model cannot
+        score a sequence in one pass (an encoder-decoder)."""
+        if not scores_sequences(self.lm):
+            return None
+        tokens = np.asarray(tokens)
+        return next_token_agreement(self.lm, self._prompt(feeds)[0].tolist(), tokens[tokens != NO_TOKEN].tolist())
 
     def stages(self, feeds) -> dict[str, Callable[[], object]]:
         lm, prompt = self.lm, self._prompt(feeds)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -55,6 +55,14 @@ class Session(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
 
     def stages(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Callable[[], object]]: ...
+
+
+@runtime_checkable
+class ScoresContinuations(Protocol):
+    """A generating session that can also say, per token, whether it would have chosen another model's
+    greedy tokens (`GenerationSession` of a causal LM)."""
+
+    def next_token_agreement(self, feeds: Mapping[str, np.ndarray], tokens: np.ndarray) -> float | None: ...
 
 
 #: the stage of a one-graph artifact: one call
