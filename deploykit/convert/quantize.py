@@ -58,12 +58,17 @@ def _root_log_quiet():
         root.setLevel(level)
 
 
+def _refuse_no_nodes(nodes: Sequence[str] | None) -> None:
+    """An empty node list is a caller's mistake: onnxruntime's quantizers read [] as every node."""
+    if nodes is not None and not nodes:
+        raise ValueError("no nodes to quantize: leave the graph as it is instead")
+
+
 def _onnx_dynamic_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
                        nodes: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
     """Dynamic int8 of the graph at `source` into `target`: every node it has integer kernels for, or only
     `nodes` (names in the graph as rewritten by `gemm_to_matmul`), never the nodes of `float_layers`."""
-    if nodes is not None and not nodes:
-        raise ValueError("no nodes to quantize: leave the graph as it is instead")  # onnxruntime reads [] as all
+    _refuse_no_nodes(nodes)
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -197,8 +202,7 @@ def _onnx_weight_only(bits: int):
                  nodes: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
         """Every MatMul with a weight, or only `nodes` (names as `gemm_to_matmul` rewrites them), never
         the nodes of `float_layers`."""
-        if nodes is not None and not nodes:
-            raise ValueError("no nodes to quantize: leave the graph as it is instead")
+        _refuse_no_nodes(nodes)
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
