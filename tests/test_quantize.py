@@ -1,6 +1,7 @@
 """int8 post-training quantization: files shrink, both runtimes load and run it, and its cost is recorded."""
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -475,3 +476,57 @@ def test_nodes_go_back_to_float_until_the_greedy_tokens_hold():
     assert [key for key, c in chosen.items() if c["quantized"]] == ["a", "d"]
     assert chosen["c"]["reason"] == "faster (0.80x float's time), but with it 50% of greedy tokens kept (below 95%)"
     assert chosen["b"]["greedy_token_agreement"] == 0.5
+
+
+def _resident_bytes_of(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            inside = len(fields) == 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pages are given back on Linux only")
+def test_the_torch_int8_model_holds_none_of_its_float_weights_pages(lenets):
+    """Each float weight is read once to make its int8 copy and its pages of the weights file are given
+    back: after loading, the file's resident pages are no more than what stays float (biases) and the
+    pages its tensors share at their edges; the float model, run once, has the whole file resident."""
+    import torch
+
+    from deploykit.runtime.loading import load_torch_model
+
+    directory = lenets[1].directory
+    weights = (directory / "weights.safetensors").resolve()
+    x = torch.randn(4, 1, 28, 28)
+    float_model, _ = load_torch_model(directory, for_runtime=False)
+    with torch.no_grad():
+        expected = float_model(x)
+    assert _resident_bytes_of(weights) >= 0.9 * weights.stat().st_size  # 1.07 MB, read by the forward pass
+    del float_model
+    int8, _ = load_torch_model(directory)
+    with torch.no_grad():
+        got = int8(x)
+    assert _resident_bytes_of(weights) <= 8 * 4096  # fc1-3: 1.05 MB of float weights
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pages are given back on Linux only")
+def test_pages_are_given_back_only_where_the_file_still_has_them(lenets):
+    import torch
+
+    from deploykit.core.mapped import release_mapped_pages
+    from deploykit.core.storage import load_weights
+
+    state = load_weights(lenets[0].directory / "weights.safetensors")
+    weight = state["fc1.weight"]
+    before = weight.clone()
+    assert release_mapped_pages(weight) > 0
+    torch.testing.assert_close(weight, before, rtol=0, atol=0)  # read again from the file
+    assert release_mapped_pages(before) == 0  # anonymous memory: its pages are its only copy
+    state["fc3.bias"][0] += 1  # a written page of the mapping is its only copy too
+    assert release_mapped_pages(weight) == 0
+    torch.testing.assert_close(weight, before, rtol=0, atol=0)

@@ -156,17 +156,44 @@ def torch_dynamic_int8(model, inputs, inplace: bool = False):
     """Linear layers with int8 weights and activations quantized per call: those a pass over `inputs`
     calls (a layer whose weight its parent reads itself would break as a quantized module). A copy
     unless `inplace`: a loader that has no use for the float model quantizes in place, or its peak
-    memory holds both."""
+    memory holds both.
+
+    Layer by layer: each float weight is read once to make its int8 copy, then its pages are given
+    back where it lies in the (read-only) mapping of a weights file (`release_mapped_pages`); finding
+    the called layers runs on a twin whose tensors have no data where the model allows it, so that it
+    touches no weight either. The int8 model then never holds its float weights beside its int8 ones."""
+    import torch
+
+    from deploykit.core.mapped import release_mapped_pages  # torch side: the quantizer registry is read by the CLI
+
+    model = conv1d_to_linear(model if inplace else copy.deepcopy(model))
+    qconfig = torch.ao.quantization.default_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
+        for name in sorted(_called_linear_layers(model, inputs)):
+            weight = model.get_submodule(name).weight
+            # torch's own swap, one layer at a time (its mapping decides which Linear classes it quantizes)
+            model = torch.ao.quantization.quantize_dynamic(model, {name: qconfig}, dtype=torch.qint8, inplace=True)
+            if model.get_submodule(name).weight is not weight:  # swapped: the float weight is read for good
+                release_mapped_pages(weight)
+    return model
+
+
+def _called_linear_layers(model, inputs) -> set[str]:
+    """The Linear layers a pass over `inputs` calls, found on a twin of the model on the meta device (no
+    weight read); a model whose forward needs values (data-dependent control flow) runs itself."""
     import torch
 
     from deploykit.core.hooks import called_modules  # torch side: the quantizer registry is read by the CLI
 
-    model = conv1d_to_linear(model if inplace else copy.deepcopy(model))
-    qconfig = torch.ao.quantization.default_dynamic_qconfig
-    layers = {name: qconfig for name in called_modules(model, inputs, torch.nn.Linear)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
-        return torch.ao.quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
+    tensors = [*model.parameters(), *model.buffers()]
+    memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+                    if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta")) for t in tensors}
+    try:
+        twin = copy.deepcopy(model, memo)
+        return called_modules(twin, [x.to("meta") for x in inputs], torch.nn.Linear)
+    except Exception:  # noqa: BLE001 - any failure on meta tensors: the real model answers instead
+        return called_modules(model, inputs, torch.nn.Linear)
 
 
 def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],

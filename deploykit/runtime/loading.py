@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: ModelSpec | None = None,
                      consent: Sequence[str] = (), batch: int | None = None) -> "tuple[nn.Module, Manifest]":
-    """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights (a quantized
-    artifact's model is built without initial values and takes the file's tensors, `_skeleton_holding`).
+    """Rebuild the PyTorch model of an artifact: fresh model -> form's restore -> weights (where the form
+    restores nothing, the model is built without initial values and takes the file's tensors,
+    `_skeleton_holding`).
 
     With `for_runtime` the form's PyTorch execution module is returned (csr: CSRLinear layers;
     a quantized artifact: its Linear layers quantized); without, the saved float module (the
@@ -44,7 +45,7 @@ def load_torch_model(directory: str | Path, *, for_runtime: bool = True, spec: M
     inputs = spec.example_inputs(TRACE_BATCH)
     state = load_weights(directory / WEIGHTS_FILE)
     model = None
-    if for_runtime and manifest.quantization and not form.rebuilds_shapes:
+    if not form.rebuilds_shapes:
         model = _skeleton_holding(spec, state, directory, manifest)
     if model is None:
         model = form.restore(spec.make(trained=False), spec, inputs, manifest.form_recipe)
@@ -85,12 +86,12 @@ def _skeleton_holding(spec: ModelSpec, state: dict, directory: Path, manifest: M
     """The model built with its parameters unallocated, then given the weights file's tensors as its
     parameters (no copy); None where the build leaves a parameter or buffer without a value.
 
-    A quantized model's float weights are only what its int8 layers are made from: built as usual and
-    then loaded, they would be held twice (the fresh model's initial values and the file's), and the
-    int8 model's peak memory would exceed the float model's. Buffers and plain tensors the model
-    computes when built (attention masks, positional tables) are built as usual; parameters skip their
-    random initialisation, so a buffer drawn from the random generator after a parameter would differ
-    from the usual build's (no model deploykit knows has one)."""
+    Built as usual and then loaded, the weights would be held twice while loading (the fresh model's
+    initial values and the file's): the float model's peak memory would be twice its weights, and a
+    quantized model's would hold its float weights twice beside the int8 ones made from them. Buffers
+    and plain tensors the model computes when built (attention masks, positional tables) are built as
+    usual; parameters skip their random initialisation, so a buffer drawn from the random generator
+    after a parameter would differ from the usual build's (no model deploykit knows has one)."""
     try:
         with _parameters_unallocated():
             model = spec.make(trained=False)
