@@ -497,6 +497,7 @@ def test_the_torch_int8_model_holds_none_of_its_float_weights_pages(lenets):
     pages its tensors share at their edges; the float model, run once, has the whole file resident."""
     import torch
 
+    from deploykit.core.storage import load_weights
     from deploykit.runtime.loading import load_torch_model
 
     directory = lenets[1].directory
@@ -510,7 +511,9 @@ def test_the_torch_int8_model_holds_none_of_its_float_weights_pages(lenets):
     int8, _ = load_torch_model(directory)
     with torch.no_grad():
         got = int8(x)
-    assert _resident_bytes_of(weights) <= 8 * 4096  # fc1-3: 1.05 MB of float weights
+    # what stays: the header, biases and the pages each weight shares with a neighbour at its two ends
+    tensors = len(load_weights(weights))
+    assert _resident_bytes_of(weights) <= (1 + 2 * tensors) * 4096  # fc1-3: 1.05 MB of float weights
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
 
 
@@ -527,6 +530,6 @@ def test_pages_are_given_back_only_where_the_file_still_has_them(lenets):
     assert release_mapped_pages(weight) > 0
     torch.testing.assert_close(weight, before, rtol=0, atol=0)  # read again from the file
     assert release_mapped_pages(before) == 0  # anonymous memory: its pages are its only copy
-    state["fc3.bias"][0] += 1  # a written page of the mapping is its only copy too
+    weight[150, 0] += 1  # a page written to (copy on write) is its only copy too
     assert release_mapped_pages(weight) == 0
-    torch.testing.assert_close(weight, before, rtol=0, atol=0)
+    assert weight[150, 0] == before[150, 0] + 1

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from deploykit.core.mapped import release_mapped_pages
 from deploykit.core.registry import Registry
 
 
@@ -159,12 +160,10 @@ def torch_dynamic_int8(model, inputs, inplace: bool = False):
     memory holds both.
 
     Layer by layer: each float weight is read once to make its int8 copy, then its pages are given
-    back where it lies in the (read-only) mapping of a weights file (`release_mapped_pages`); finding
+    back where it lies in an unwritten mapping of a weights file (`release_mapped_pages`); finding
     the called layers runs on a twin whose tensors have no data where the model allows it, so that it
     touches no weight either. The int8 model then never holds its float weights beside its int8 ones."""
     import torch
-
-    from deploykit.core.mapped import release_mapped_pages  # torch side: the quantizer registry is read by the CLI
 
     model = conv1d_to_linear(model if inplace else copy.deepcopy(model))
     qconfig = torch.ao.quantization.default_dynamic_qconfig

@@ -6,9 +6,9 @@ make its int8 copy would otherwise end up holding every float weight's pages *an
 more memory than the float model it replaces. No library offers this (safetensors has no per-tensor
 release; torch's storages do not know they are file-backed), so it is `madvise(MADV_DONTNEED)` here.
 
-Only pages of a file-backed mapping none of whose pages was ever written are given back: the kernel
-reads them again from the file if they are ever touched, so nothing can be lost. Anything else
-(anonymous memory, a mapping with a written page, another platform than Linux) is left as it is.
+Only a tensor whose resident pages are all pages of a file is given back: the kernel reads them again
+from the file if they are ever touched, so nothing can be lost. Anything else (anonymous memory, a page
+written to since it was read, another platform than Linux) is left as it is.
 """
 
 from __future__ import annotations
@@ -16,21 +16,20 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
-from pathlib import Path
 
 MADV_DONTNEED = 4  # Linux
 
 
 def release_mapped_pages(tensor) -> int:
-    """Give back the resident pages wholly inside `tensor`'s storage when that storage lies in one
-    file mapping no page of which was ever written; returns the bytes given back (0: left as it is)."""
+    """Give back the resident pages wholly inside `tensor`'s storage when every one of them is a page of
+    a file (none written to since it was read); returns the bytes given back (0: left as it is)."""
     if sys.platform != "linux":
         return 0
     storage = tensor.untyped_storage()
     start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page  # only pages no other tensor shares
-    if last <= first or not _in_clean_file_mapping(start, end):
+    if last <= first or not _only_file_pages(first, last):
         return 0
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) != 0:
@@ -38,22 +37,17 @@ def release_mapped_pages(tensor) -> int:
     return last - first
 
 
-def _in_clean_file_mapping(start: int, end: int) -> bool:
-    """Whether [start, end) lies in one mapping of /proc/self/smaps that is backed by a file and has no
-    page anyone wrote to (no anonymous page: safetensors maps the file private and writable, copy on
-    write, so a written page would be the only copy of its data)."""
+def _only_file_pages(first: int, last: int) -> bool:
+    """Whether every resident page in [first, last) is a page of a file and none is swapped out
+    (/proc/self/pagemap, 8 bytes a page: bit 63 present, 62 swapped, 61 file page or shared). A page
+    written to in safetensors' private, copy-on-write mapping is anonymous: its data exists nowhere else."""
+    page = mmap.PAGESIZE
     try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(first // page * 8)
+            entries = memoryview(pagemap.read((last - first) // page * 8)).cast("Q")
+    except (OSError, ValueError):
         return False
-    inside = False
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: range, perms, offset, device, inode, path
-            if inside:
-                return False  # its Anonymous line never came
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            inside = low <= start and end <= high and len(fields) == 6 and fields[5].startswith("/")
-        elif inside and fields[0] == "Anonymous:":
-            return fields[1] == "0"
-    return False
+    if len(entries) != (last - first) // page:
+        return False
+    return all(not (entry >> 62) & 1 and (not entry >> 63 or (entry >> 61) & 1) for entry in entries)
