@@ -160,9 +160,9 @@ def torch_dynamic_int8(model, inputs, inplace: bool = False):
     memory holds both.
 
     Layer by layer: each float weight is read once to make its int8 copy, then its pages are given
-    back where it lies in an unwritten mapping of a weights file (`release_mapped_pages`); finding
-    the called layers runs on a twin whose tensors have no data where the model allows it, so that it
-    touches no weight either. The int8 model then never holds its float weights beside its int8 ones."""
+    back where it lies in an unwritten mapping of a weights file (`release_mapped_pages`), as it is
+    after the pass that finds the called layers. The int8 model then never holds its float weights
+    beside its int8 ones."""
     import torch
 
     model = conv1d_to_linear(model if inplace else copy.deepcopy(model))
@@ -179,20 +179,25 @@ def torch_dynamic_int8(model, inputs, inplace: bool = False):
 
 
 def _called_linear_layers(model, inputs) -> set[str]:
-    """The Linear layers a pass over `inputs` calls, found on a twin of the model on the meta device (no
-    weight read); a model whose forward needs values (data-dependent control flow) runs itself."""
+    """The Linear layers a pass over `inputs` calls (`deploykit.core.hooks.called_modules`), each layer's
+    weight pages given back as soon as it has run: the pass reads every weight, and would otherwise
+    leave the whole float model resident before the first int8 copy is made. (A meta-device twin
+    reads no weight, but its first forward pass imports torch's meta kernels: 80 MB.)"""
     import torch
 
-    from deploykit.core.hooks import called_modules  # torch side: the quantizer registry is read by the CLI
+    from deploykit.core.hooks import observe_forward  # torch side: the quantizer registry is read by the CLI
 
-    tensors = [*model.parameters(), *model.buffers()]
-    memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-                    if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta")) for t in tensors}
-    try:
-        twin = copy.deepcopy(model, memo)
-        return called_modules(twin, [x.to("meta") for x in inputs], torch.nn.Linear)
-    except Exception:  # noqa: BLE001 - any failure on meta tensors: the real model answers instead
-        return called_modules(model, inputs, torch.nn.Linear)
+    called: set[str] = set()
+
+    def seen(name: str, layer):
+        def observe(_args, _output) -> None:
+            called.add(name)
+            release_mapped_pages(layer.weight)
+        return observe
+
+    observe_forward(model, inputs, {m: seen(name, m) for name, m in model.named_modules()
+                                    if isinstance(m, torch.nn.Linear)})
+    return called
 
 
 def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
