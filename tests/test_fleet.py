@@ -89,7 +89,7 @@ def test_a_machine_killed_mid_run_leaves_a_failed_row_and_the_rest_runs_on_its_t
     """Both beta machines busy; the second of them to land a configuration is killed shortly after it
     lands, mid-way through its next one: a freed machine took the next queued configuration 12-20 ms
     after finishing one in 4 traced runs, each takes about 2 s, and six keep one queued for it. Killing
-    a machine the moment its result lands raced with that hand-over (in 5 of 12 runs it was killed
+    a machine the moment its result lands raced with that hand-over (in 5 of 13 runs it was killed
     before it had taken anything, and nothing died).
     That configuration is a failed row naming the dead worker, the queued ones run on the survivor, and
     every configuration is accounted for once."""
