@@ -1,6 +1,7 @@
 """int8 post-training quantization: files shrink, both runtimes load and run it, and its cost is recorded."""
 
 import json
+import mmap
 import sys
 
 import numpy as np
@@ -513,7 +514,7 @@ def test_the_torch_int8_model_holds_none_of_its_float_weights_pages(lenets):
         got = int8(x)
     # what stays: the header, biases and the pages each weight shares with a neighbour at its two ends
     tensors = len(load_weights(weights))
-    assert _resident_bytes_of(weights) <= (1 + 2 * tensors) * 4096  # fc1-3: 1.05 MB of float weights
+    assert _resident_bytes_of(weights) <= (1 + 2 * tensors) * mmap.PAGESIZE  # fc1-3: 1.05 MB of float weights
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
 
 
