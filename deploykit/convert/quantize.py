@@ -165,39 +165,23 @@ def torch_dynamic_int8(model, inputs, inplace: bool = False):
     beside its int8 ones."""
     import torch
 
+    from deploykit.core.hooks import called_modules  # torch side: the quantizer registry is read by the CLI
+
     model = conv1d_to_linear(model if inplace else copy.deepcopy(model))
+    # the pass reads every weight: each layer's pages go as soon as it has run, or the whole float model
+    # would be resident before the first int8 copy is made (a meta-device twin reads no weight, but its
+    # first pass imports torch's meta kernels: 80 MB)
+    layers = called_modules(model, inputs, torch.nn.Linear, after=lambda layer: release_mapped_pages(layer.weight))
     qconfig = torch.ao.quantization.default_dynamic_qconfig
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
-        for name in sorted(_called_linear_layers(model, inputs)):
+        for name in sorted(layers):
             weight = model.get_submodule(name).weight
             # torch's own swap, one layer at a time (its mapping decides which Linear classes it quantizes)
             model = torch.ao.quantization.quantize_dynamic(model, {name: qconfig}, dtype=torch.qint8, inplace=True)
             if model.get_submodule(name).weight is not weight:  # swapped: the float weight is read for good
                 release_mapped_pages(weight)
     return model
-
-
-def _called_linear_layers(model, inputs) -> set[str]:
-    """The Linear layers a pass over `inputs` calls (`deploykit.core.hooks.called_modules`), each layer's
-    weight pages given back as soon as it has run: the pass reads every weight, and would otherwise
-    leave the whole float model resident before the first int8 copy is made. (A meta-device twin
-    reads no weight, but its first forward pass imports torch's meta kernels: 80 MB.)"""
-    import torch
-
-    from deploykit.core.hooks import observe_forward  # torch side: the quantizer registry is read by the CLI
-
-    called: set[str] = set()
-
-    def seen(name: str, layer):
-        def observe(_args, _output) -> None:
-            called.add(name)
-            release_mapped_pages(layer.weight)
-        return observe
-
-    observe_forward(model, inputs, {m: seen(name, m) for name, m in model.named_modules()
-                                    if isinstance(m, torch.nn.Linear)})
-    return called
 
 
 def _onnx_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],

@@ -41,13 +41,22 @@ def run_forward(model: nn.Module, inputs: Sequence[torch.Tensor]):
     return forward(model, inputs) if forward is not None else model(*inputs)
 
 
-def called_modules(model: nn.Module, inputs: Sequence[torch.Tensor], kind: type) -> set[str]:
+def called_modules(model: nn.Module, inputs: Sequence[torch.Tensor], kind: type,
+                   after: Callable[[nn.Module], None] | None = None) -> set[str]:
     """Names of the `kind` modules whose forward runs in one pass over `inputs`: a layer whose weight a
     parent reads itself (torchvision's shifted-window attention, nn.MultiheadAttention's out_proj) is
-    not called, and must not be swapped for a module without that weight."""
+    not called, and must not be swapped for a module without that weight. `after(module)` runs each
+    time such a module has run."""
     called: set[str] = set()
-    observe_forward(model, inputs, {m: lambda _a, _o, name=name: called.add(name)
-                                    for name, m in model.named_modules() if isinstance(m, kind)})
+
+    def seen(name: str, module: nn.Module) -> Observer:
+        def observe(_args, _output) -> None:
+            called.add(name)
+            if after is not None:
+                after(module)
+        return observe
+
+    observe_forward(model, inputs, {m: seen(name, m) for name, m in model.named_modules() if isinstance(m, kind)})
     return called
 
 
