@@ -93,6 +93,7 @@ def main() -> int:
                 result.update(group=group, sparsity=sparsity, token_agreement=float(np.mean(
                     [agreement(a, b) for a, b in zip(result["tokens"], dense["tokens"])])))
                 rows.append(result)
+                save(args.json, {"model": args.model, "dense": dense, "rows": rows, "complete": False})
     quality = "BLEU" if scored else "tokens as dense"
     print(tabulate(
         [[r["group"], f"{r['sparsity']:g}", f"{r['nonzero']:,}", f"{r['weights_bytes'] / 1e6:.2f}",
@@ -102,9 +103,14 @@ def main() -> int:
         disable_numparse=True))
     print(f"dense: {dense['nonzero']:,} nonzero, weights {dense['weights_bytes'] / 1e6:.2f} MB, "
           f"decode {dense['decode_ms']:.1f} ms" + (f", BLEU {dense['bleu']['score']:.1f} ({dense['bleu']['signature']})" if scored else ""))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.json, json.dumps({"model": args.model, "dense": dense, "rows": rows}, indent=2) + "\n")
+    save(args.json, {"model": args.model, "dense": dense, "rows": rows, "complete": True})
     return 0
+
+
+def save(path: str, results: dict) -> None:
+    """Written after every row, so an hour's sweep that dies keeps what it measured."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -173,12 +173,16 @@ def torch_dynamic_int8(model, inputs, inplace: bool = False):
     # first pass imports torch's meta kernels: 80 MB)
     layers = called_modules(model, inputs, torch.nn.Linear, after=lambda layer: release_mapped_pages(layer.weight))
     qconfig = torch.ao.quantization.default_dynamic_qconfig
+    model.eval()  # as torch's quantize_dynamic leaves a model it is given whole
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao on every call
         for name in sorted(layers):
             weight = model.get_submodule(name).weight
-            # torch's own swap, one layer at a time (its mapping decides which Linear classes it quantizes)
-            model = torch.ao.quantization.quantize_dynamic(model, {name: qconfig}, dtype=torch.qint8, inplace=True)
+            # torch's own swap, one layer at a time (its mapping decides which Linear classes it quantizes),
+            # given the layer's parent: given the model, each call would walk every module of it
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            torch.ao.quantization.quantize_dynamic(parent, {child: qconfig}, dtype=torch.qint8, inplace=True)
             if model.get_submodule(name).weight is not weight:  # swapped: the float weight is read for good
                 release_mapped_pages(weight)
     return model
