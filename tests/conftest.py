@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,46 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """mlp-sst2 at magnitude 0.5, dense: the artifact the trust and fuzz suites copy and damage."""
+    from deploykit.export.build import export_artifact
+    from deploykit.prune.base import PruningPlan
+
+    path = tmp_path_factory.mktemp("artifact") / "art"
+    export_artifact("mlp-sst2", PruningPlan.parse("magnitude:0.5"), "dense", path)
+    return path
+
+
+@pytest.fixture
+def copy(artifact, tmp_path):
+    """A function making a fresh copy of `artifact` under the test's folder (default name "a")."""
+
+    def make(name="a"):
+        target = tmp_path / name
+        shutil.copytree(artifact, target)
+        return target
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def matmul_onnx(tmp_path_factory):
+    """mm.onnx: y = x @ W, x of shape (batch, 4), float: the smallest ONNX file to bench."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = tmp_path_factory.mktemp("onnx") / "mm.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[numpy_helper.from_array(np.ones((4, 2), np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
 
 
 @pytest.fixture(autouse=True)

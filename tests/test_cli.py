@@ -99,7 +99,7 @@ def test_bench_measures_each_runtime_in_its_own_process(cli):
     for r in records:
         assert r["threads"] == 1 and r["batch_size"] == 1
         assert r["timing"] == {"warmup_s": 0.01, "min_time_s": 0.05, "min_iters": 20, "max_iters": 100_000,
-                               "rounds": 5, "processes": 1}
+                               "rounds": 5, "processes": 1, "max_time_s": 1800.0}
         assert len(r["measurement"]["samples_ns"]) >= 20 and r["latency_ms"]["samples"] >= 20
         latency, samples = r["latency_ms"], r["latency_ms"]["samples"]
         assert (latency["p90"] is None) == (samples < 50) and (latency["p99"] is None) == (samples < 500)

@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from deploykit.cli.app import build_parser, main
-from deploykit.export.build import export_artifact
-from deploykit.prune.base import PLAN_KEYS, PruningPlan
+from deploykit.prune.base import PLAN_KEYS
 
 #: values chosen to break things: non-numbers, non-finite and huge numbers, paths out of their place,
 #: special files, lists where one value is expected
@@ -36,13 +35,6 @@ def _argv(command: str, extra=()):
     pair = st.tuples(option, st.one_of(st.none(), value))
     return st.lists(pair, max_size=4).map(
         lambda pairs: [command, *extra, *[item for o, v in pairs for item in ((o,) if v is None else (o, v))]])
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fuzz") / "art"
-    export_artifact("mlp-sst2", PruningPlan.parse("magnitude:0.5"), "dense", path)
-    return path
 
 
 def _check(argv, folder: Path, allowed: set[str], capsys) -> None:
@@ -129,3 +121,127 @@ def test_plan_files_with_any_values_end_cleanly(plan, rules, capsys, tmp_path):
     _check(["export", "--model", "mlp-sst2", "--plan", str(work / "plan.toml"), "--out", str(out), "-q"], work,
            {"art"}, capsys)
     shutil.rmtree(work)
+
+
+# -- the surfaces of issue 32: what is read from files someone else wrote ------------------------------
+# Each property is stronger than the ones above: hostile input is bad input (exit 0 or 2, one line),
+# never "internal error".
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                 st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+                           max_leaves=6)
+
+
+def _clean_failure(argv, capsys, folder: Path | None = None) -> int:
+    try:
+        if folder is None:
+            code = main(argv)
+        else:
+            with contextlib.chdir(folder):
+                code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code in (0, 2), (argv, code, err)
+    assert "Traceback" not in err and "internal error" not in err, (argv, err)
+    if code:
+        assert len([line for line in err.splitlines() if line.startswith("deploykit: error")]) == 1, (argv, err)
+    event(f"exit {code}")
+    return code
+
+
+@pytest.fixture(scope="module")
+def hf_config(tmp_path_factory):
+    pytest.importorskip("optimum")
+    import torch
+    import transformers as T
+
+    root = tmp_path_factory.mktemp("hf-fuzz") / "bert"
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, max_position_embeddings=32)).save_pretrained(root)
+    return root
+
+
+#: keys a hostile config would change: its sizes, its kind, and what transformers reads beside them
+CONFIG_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+               "max_position_embeddings", "type_vocab_size", "model_type", "architectures", "pruned_heads",
+               "quantization_config", "hidden_act", "layer_norm_eps", "torch_dtype", "x"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), JSON_VALUES, min_size=1, max_size=3))
+def test_hugging_face_configs_with_any_values_are_bad_input_or_work(changes, hf_config, capsys, tmp_path):
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    shutil.copytree(hf_config, work / "m")
+    config = json.loads((work / "m" / "config.json").read_text())
+    (work / "m" / "config.json").write_text(json.dumps({**config, **changes}))
+    _clean_failure(["audit", "--model", str(work / "m"), "-q"], capsys, work)
+    shutil.rmtree(work)
+
+
+@pytest.fixture(scope="module")
+def runs_file(artifact, tmp_path_factory):
+    store = tmp_path_factory.mktemp("runs") / "s.sqlite"
+    assert main(["bench", str(artifact), *FAST, "--store", str(store), "-q"]) == 0
+    from deploykit.results.store import NewRun, ResultStore
+
+    run = ResultStore(store).run("last")
+    return NewRun(run.records, run.started_utc, run.status, run.command, run.profile, run.conditions,
+                  run.failures, uid="fuzzed").to_dict()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_runs_files_with_any_values_are_bad_input_or_import(data, runs_file, capsys, tmp_path):
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    run = json.loads(json.dumps(runs_file))
+    record = run["records"][0]
+    target = data.draw(st.sampled_from([run, record, record["measurement"]]))
+    key = data.draw(st.sampled_from(sorted(target)))
+    target[key] = data.draw(JSON_VALUES)
+    (work / "runs.json").write_text(json.dumps({"format": "deploykit.runs", "runs": [run]}))
+    store = work / "s.sqlite"
+    code = _clean_failure(["report", "--store", str(store), "--import", str(work / "runs.json")], capsys)
+    if code == 0:  # what went in renders
+        for fmt in ("table", "html", "csv"):
+            _clean_failure(["report", "--store", str(store), "--format", fmt], capsys)
+    else:
+        assert not store.exists()
+    shutil.rmtree(work)
+
+
+SPEC_PARTS = st.one_of(st.sampled_from(["x", "y", "batch", "seq", "4", "0", "-1", "1e3", str(10**23), "float32",
+                                        "int64", "int32", "float16", "complex", "", " "]), st.text(max_size=5))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.lists(st.lists(SPEC_PARTS, min_size=1, max_size=5).map(":".join), min_size=1, max_size=2))
+def test_input_specs_of_any_text_are_bad_input_or_run(specs, matmul_onnx, capsys):
+    argv = ["bench", str(matmul_onnx), *FAST, "--no-store", "-q"]
+    for spec in specs:
+        argv += ["--input-spec", spec]
+    _clean_failure(argv, capsys)
+
+
+PROFILE_TABLES = {"cpu": ["model", "cores", "threads", "base_ghz", "vector_extensions"], "memory": ["gb", "kind"],
+                  "gpu": ["model", "memory_gb", "cuda_cores"], "runtime": ["threads", "thread_policy", "torch_device"],
+                  "match": ["cpu", "gpu"]}
+TOML_VALUES = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(), st.text(max_size=8),
+                        st.lists(st.one_of(st.text(max_size=4), st.integers()), max_size=3))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.one_of(st.sampled_from(["box", "a-b.c_1"]), st.text(max_size=10)),
+       table=st.sampled_from(sorted(PROFILE_TABLES)), data=st.data())
+def test_profiles_with_any_values_are_bad_input_or_load(name, table, data, capsys, tmp_path, monkeypatch):
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    values = data.draw(st.dictionaries(st.sampled_from(PROFILE_TABLES[table]), TOML_VALUES, max_size=3))
+    text = f"name = {json.dumps(name)}\ndescription = \"d\"\n[{table}]\n" + "".join(
+        f"{k} = {_toml_value(v)}\n" for k, v in values.items())
+    (folder / "p.toml").write_text(text, encoding="utf-8", errors="surrogatepass")
+    monkeypatch.setenv("DEPLOYKIT_PROFILES", str(folder))
+    for argv in (["profile", "list"], ["profile", "show", name or "x"]):
+        _clean_failure(argv, capsys)

@@ -57,6 +57,41 @@ def test_a_fan_out_runs_every_configuration_on_every_profile_and_keeps_a_run_per
     assert compared.returncode == 0 and "/ run" in compared.stdout
 
 
+def test_sigterm_mid_fan_out_keeps_what_landed(cluster, tmp_path):
+    """SIGTERM (what timeout, CI cancellation and docker stop send) is handled as Ctrl-C: the rows that
+    landed are kept, the rest accounted for, Ray's own SIGTERM handler (which exits on the spot) kept
+    out of the way."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    c, _ = cluster
+    store = tmp_path / "fleet.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploykit", "bench", "--cluster", c.address, "--profiles", "alpha", "--prune",
+         "magnitude:0,0.2,0.4,0.6,0.8", "--form", "dense", "--runtime", "onnxruntime", "--min-time", "1",
+         "--min-iters", "5", "--warmup", "0", "--timing-rounds", "1", "--store", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            if line.startswith("deploykit: [1/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+    assert proc.returncode == 143 and "deploykit: stopped by SIGTERM" in err, err
+    assert "Traceback" not in err and "(interrupted) in" in err, err
+    (summary,) = ResultStore(store).runs()
+    run = ResultStore(store).run(str(summary.id))
+    assert run.status == "interrupted" and 1 <= len(run.records) < 5
+    assert len(run.records) + len(run.failures) == 5  # every configuration accounted for
+    assert all(f.error == "not run: the bench was interrupted" for f in run.failures)
+
+
 def test_a_profile_no_machine_advertises_is_refused_before_anything_runs(cluster, cli, tmp_path):
     c, _ = cluster
     result = cli("bench", "--cluster", c.address, "--profiles", "alpha,gamma", *FAST, "--store", str(tmp_path / "s"))

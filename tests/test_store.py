@@ -8,7 +8,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -157,9 +159,14 @@ def test_stores_from_other_machines_merge_once_and_compare_side_by_side(cli, tmp
     assert fifo.returncode == 2 and "is not a regular file" in fifo.stderr and len(here.runs()) == 3
 
 
-def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):
+@pytest.mark.parametrize("signum, code, says", [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM"),  # what timeout, CI cancellation, docker stop and systemd send
+    (signal.SIGHUP, 129, "stopped by SIGHUP"),  # a closed terminal
+])
+def test_a_stopped_bench_keeps_what_it_measured_and_removes_its_scratch(tmp_path, signum, code, says):
     store = tmp_path / "results.sqlite"
-    sparsities = "0,0.2,0.4,0.6,0.8,0.9"  # each configuration takes >= 1 s: the interrupt lands mid-run
+    sparsities = "0,0.2,0.4,0.6,0.8,0.9"  # each configuration takes >= 1 s: the signal lands mid-run
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploykit", "bench", "--prune", f"magnitude:{sparsities}", "--form", "dense",
          "--runtime", "onnxruntime", "--min-time", "1", "--min-iters", "5", "--store", str(store)],
@@ -171,14 +178,17 @@ def test_an_interrupted_bench_keeps_what_it_measured(tmp_path):
     watchdog.start()
     try:
         seen = []
-        for line in proc.stderr:  # interrupt once the first configuration is measured
+        for line in proc.stderr:  # stop it once the first configuration is measured
             seen.append(line)
             if "p50" in line:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signum)
                 break
         _, err = proc.communicate(timeout=120)
     finally:
         watchdog.cancel()
-    assert proc.returncode == 130 and "(interrupted) in" in err and "kept as run 1" in err, ("".join(seen), err)
+    assert proc.returncode == code and f"deploykit: {says}" in err, ("".join(seen), err)
+    assert "(interrupted) in" in err and "kept as run 1" in err and "Traceback" not in err, err
     run = ResultStore(store).run("last")
     assert run.status == "interrupted" and 1 <= len(run.records) < len(sparsities.split(","))
+    leftovers = [p.name for p in Path(tempfile.gettempdir()).glob(f"deploykit-*-{proc.pid}-*")]
+    assert leftovers == [], leftovers

@@ -18,9 +18,11 @@ import dataclasses
 import json
 import math
 import os
+import select
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -74,18 +76,31 @@ class _Worker:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                          env=env)
         self.error: MeasurementError | None = None
+        #: seconds this worker may still work (its own steps; waiting for the others does not count)
+        self.max_time_s = self.budget_s = float(timing["max_time_s"])
 
     def ask(self, op: str | None) -> dict | None:
-        """Send `op` (None: only listen) and read the answer; None, with `error` set, if the worker died."""
+        """Send `op` (None: only listen) and read the answer; None, with `error` set, if the worker died
+        or ran out of its time (it is stopped then)."""
         if self.error is not None:
             return None
+        started = time.monotonic()
         try:
             if op is not None:
                 self.proc.stdin.write(json.dumps({"op": op}) + "\n")
                 self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
+            # one line answers each request, so nothing waits in the reader's buffer when this looks
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(self.budget_s, 0.0))
+            line = self.proc.stdout.readline() if ready else None
         except (BrokenPipeError, OSError):
             line = ""
+        self.budget_s -= time.monotonic() - started
+        if line is None:
+            self.stop()
+            self.error = MeasurementError(f"{self.job.target.runtime} worker ({self.job.target.device}) on "
+                                          f"{self.job.location} was stopped at --max-time {self.max_time_s:g} s "
+                                          "before it finished (a graph that loops for long, or a too small limit)")
+            return None
         if not line:
             self._failed()
             return None

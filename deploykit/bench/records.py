@@ -7,10 +7,11 @@ Units are in field names. Statistics (percentiles, throughput) are derived from 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deploykit.core.measure import Measurement
+from deploykit.core.validate import NON_FINITE, at_least, between, from_json
 
 
 @dataclass(frozen=True)
@@ -18,9 +19,9 @@ class BenchRecord:
     model: str
     #: pruning plan label ("magnitude:0.5", "none") and the sparsity it asked for
     prune: str
-    sparsity: float
+    sparsity: float = field(metadata=between(0, 1))
     #: zeros over all parameters, as measured on the artifact
-    overall_sparsity: float
+    overall_sparsity: float = field(metadata=between(0, 1))
     form: str
     runtime: str
     #: the hardware profile of the machine it ran on (a known profile's name, or the detected one's)
@@ -29,8 +30,8 @@ class BenchRecord:
     stage: str
     runtime_version: str
     device: str
-    batch_size: int
-    threads: int
+    batch_size: int = field(metadata=at_least(1))
+    threads: int = field(metadata=at_least(1))
     measurement: Measurement
     #: peak resident memory of the fresh process that loaded and ran this configuration
     peak_rss_bytes: int
@@ -41,27 +42,27 @@ class BenchRecord:
     parameters: int
     nonzero_parameters: int
     #: max |this runtime's outputs - stripped dense PyTorch model's| on the benchmark inputs
-    parity_max_abs_error: float
-    load_s: float
+    parity_max_abs_error: float = field(metadata={**at_least(0), **NON_FINITE})
+    load_s: float = field(metadata=at_least(0))
     #: the TimingSettings this row was measured with (warm-up, minimum time and iterations)
     timing: dict[str, Any]
     artifact: str
     versions: dict[str, str]
     machine: dict[str, Any]
     #: the length set on every named non-batch input axis (a sequence-length sweep); None: the model's own
-    sequence_length: int | None = None
+    sequence_length: int | None = field(default=None, metadata=at_least(1))
     #: the exported model's quality on held-out data (ModelSpec.evaluate), e.g. {"accuracy": 0.97}
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
     #: post-training quantization scheme of the artifact ("int8"), "" for float
     quantization: str = ""
     #: onnxruntime's graph optimisation level ("" for runtimes without one)
     graph_optimization: str = ""
     #: the largest parity error allowed against the reference; None where none is checked (quantized
     #: artifacts, ONNX files): a row above it was measured on wrong outputs
-    parity_tolerance: float | None = None
+    parity_tolerance: float | None = field(default=None, metadata=at_least(0))
     #: other work on the machine (`deploykit.core.contention.Load` fields) just before ("before") and while
     #: ("during") this configuration ran
-    load: dict[str, Any] = dataclasses.field(default_factory=dict)
+    load: dict[str, Any] = field(default_factory=dict)
 
     @property
     def wrong(self) -> bool:
@@ -74,13 +75,10 @@ class BenchRecord:
         return self.form + (f"+{self.quantization}" if self.quantization else "")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BenchRecord":
-        """The record `to_dict` wrote (derived statistics are recomputed, not read)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in fields}
-        m = values["measurement"]
-        values["measurement"] = Measurement(**{**m, "samples_ns": tuple(m["samples_ns"])})
-        return cls(**values)
+    def from_dict(cls, data: dict[str, Any], where: str = "record") -> "BenchRecord":
+        """The record `to_dict` wrote, every field checked (`core.validate`: a record read back may
+        have been edited); derived statistics are recomputed, not read."""
+        return cls(**from_json(cls, data, where))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -114,9 +112,9 @@ class FailedConfiguration:
     error: str
     runtime: str = ""
     device: str = ""
-    batch_size: int | None = None
-    threads: int | None = None
-    sequence_length: int | None = None
+    batch_size: int | None = field(default=None, metadata=at_least(1))
+    threads: int | None = field(default=None, metadata=at_least(1))
+    sequence_length: int | None = field(default=None, metadata=at_least(1))
     artifact: str = ""
     profile: str = ""
 
@@ -130,8 +128,8 @@ class FailedConfiguration:
         return " ".join(parts)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FailedConfiguration":
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+    def from_dict(cls, data: dict[str, Any], where: str = "failure") -> "FailedConfiguration":
+        return cls(**from_json(cls, data, where))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ from deploykit.core.measure import Measurement
 from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.export.build import export_artifact
 from deploykit.model.artifact import ONNX_FILE, Manifest, count_weights, read_manifest, verify_artifact
-from deploykit.model.onnxfile import PIPELINE, initializers, input_specs, is_parameter, open_onnx_file
+from deploykit.model.onnxfile import PIPELINE, check_runnable, initializers, input_specs, is_parameter, open_onnx_file
 from deploykit.model.sources import code_refusal, consent_of, inputs_for_artifact, resolve_model
 from deploykit.model.spec import InputSpec, ModelSpec
 from deploykit.pipelines.catalog import PIPELINES
@@ -197,6 +197,7 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
 
     path = Path(path).absolute()
     model = open_onnx_file(path)
+    check_runnable(model)
     # a session loads the graph and its external data together: one entry, so the worker need not
     # parse the graph again to list the data files it read
     files = {path.name: sum(model.files().values())}

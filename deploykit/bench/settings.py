@@ -31,6 +31,8 @@ MAX_ITERS = 10_000_000
 MAX_ROUNDS = 100
 #: most worker processes one configuration may be measured in
 MAX_PROCESSES = 16
+#: the longest --max-time (a day)
+MAX_CONFIGURATION_S = 86400.0
 
 
 def _finite_seconds(name: str, value: float) -> None:
@@ -50,6 +52,9 @@ class TimingSettings:
     rounds: int = 5
     #: worker processes each configuration is measured in, samples pooled (see `deploykit.bench.interleave`)
     processes: int = 1
+    #: the most seconds one configuration's worker may work in all (loading, warm-up, its rounds): past it
+    #: the worker is stopped and the configuration is a failed row saying so (a graph that loops for ever)
+    max_time_s: float = 1800.0
 
     def __post_init__(self) -> None:
         _finite_seconds("--warmup", self.warmup_s)
@@ -60,6 +65,9 @@ class TimingSettings:
             raise UsageError(f"--timing-rounds must be an integer in [1, {MAX_ROUNDS}], got {self.rounds!r}")
         if not isinstance(self.processes, int) or not 1 <= self.processes <= MAX_PROCESSES:
             raise UsageError(f"--processes must be an integer in [1, {MAX_PROCESSES}], got {self.processes!r}")
+        if not (isinstance(self.max_time_s, (int, float)) and 0 < self.max_time_s <= MAX_CONFIGURATION_S):
+            raise UsageError(f"--max-time must be a number of seconds in (0, {MAX_CONFIGURATION_S:g}], got "
+                             f"{self.max_time_s!r}")
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,8 @@ class Grid:
             raise UsageError("no thread counts")
         for threads in self.threads:
             check_threads(threads)
-        if not self.lengths or min(length or 1 for length in self.lengths) < 1:
-            raise UsageError("sequence lengths must be >= 1")
+        if not self.lengths or any(length is not None and length < 1 for length in self.lengths):
+            raise UsageError(f"--seq-len takes lengths >= 1, got {', '.join(map(str, self.lengths))}")
 
     def placement(self) -> Placement:
         """The (runtime, device) pairs this machine runs, and notes on choices it cannot honour."""

@@ -22,6 +22,7 @@ from deploykit.cli.options import DEFAULT_BENCH_PRUNE
 from deploykit.convert.forms import DEFAULT_FORMS
 from deploykit.core.errors import DeployKitError, UsageError
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
+from deploykit.core.signals import Terminated, as_terminated, stop_signals_interrupt
 from deploykit.model.spec import DEFAULT_MODEL
 
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -69,6 +70,44 @@ def _check_json(args) -> None:
         _check_output(args.json, "--json")
 
 
+#: options that name a file or directory the command reads, what to call it, and whether a directory
+#: is read whole (an artifact: any file added inside it breaks its manifest's account of it)
+_READ_OPTIONS = (("artifacts", "the artifact or ONNX file", True), ("weights", "the weights file", False),
+                 ("plan", "the plan file", False), ("budget", "the budget file", False),
+                 ("imports", "the file to import", False))
+
+
+def _paths_read(args) -> list[tuple[str, str, bool]]:
+    """Every path the command `args` reads: the options above, a --model that is a file or directory
+    (an entry point's file before its ':'), and the results store where the command uses one."""
+    from pathlib import Path
+
+    from deploykit.results.store import default_store_path
+
+    found = []
+    for option, what, whole in _READ_OPTIONS:
+        values = getattr(args, option, None)
+        for value in [values] if isinstance(values, str) else values or ():
+            found.append((what, value, whole))
+    model = getattr(args, "model", None)
+    if model:
+        path = model if Path(model).exists() else model.rpartition(":")[0]
+        if path and Path(path).exists():
+            found.append(("the model", path, False))
+    if hasattr(args, "store") and not getattr(args, "no_store", False):
+        found.append(("the results store", args.store or str(default_store_path()), False))
+    return found
+
+
+def _check_outputs_apart(args) -> None:
+    """No output of the command replaces or changes what the same command reads (checked before any work)."""
+    from deploykit.core.fsutil import check_outputs_apart
+
+    outputs = [(option, getattr(args, attr, None)) for option, attr in (("--json", "json"), ("--out", "out"),
+                                                                         ("--save", "save"))]
+    check_outputs_apart(outputs, _paths_read(args))
+
+
 def _emit(args, text: str, human: Callable[[], None]) -> None:
     """The one meaning of --json: without PATH, `text` (JSON) instead of the human output; with PATH,
     `text` written there atomically and the human output printed as usual."""
@@ -90,6 +129,10 @@ def _model_options(args):
     from deploykit.model.spec import InputSpec
 
     inputs = [InputSpec.parse(text) for text in args.input_spec]
+    named = [spec.name for spec in inputs]
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
+        raise UsageError(f"--input-spec describes input {repeated[0]!r} more than once; give each input once")
     if args.input_shape:
         if inputs:
             raise UsageError("give --input-shape or --input-spec, not both")
@@ -187,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster", metavar="ADDRESS", help="the cluster's head (host:port, as `ray start` printed it)")
     g.add_argument("--profiles", type=options.csv_of(what="profile"), metavar="A,B,...",
                    help="the hardware profiles to run on (each needs a machine that advertises it)")
+    options.add_connect_timeout(g)
     g.add_argument("--fresh-ray-workers", action="store_true",
                    help="a fresh Ray worker process for every configuration (it imports torch again each time; "
                    "the measuring is in a fresh process of its own either way)")
@@ -209,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_worker_start)
     q = worker_sub.add_parser("list", help="the fleet's machines: profile, cores, memory, GPUs and software")
     q.add_argument("--address", metavar="HEAD", required=True, help="the cluster's head (host:port)")
+    options.add_connect_timeout(q)
     options.add_json(q, "the machines")
     q.set_defaults(func=cmd_worker_list)
 
@@ -432,7 +477,7 @@ def cmd_bench(args) -> int:
                          "fixed when it was exported")
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
                             max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds,
-                            processes=args.processes)
+                            processes=args.processes, max_time_s=args.max_time)
     progress = _progress(args)
     if args.cluster or args.profiles or args.fresh_ray_workers:
         return _bench_fleet(args, model_options, timing, progress)
@@ -523,7 +568,7 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
     _trust_warnings(args, progress)
     plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))
     spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
-    ray = connect(args.cluster)
+    ray = connect(args.cluster, args.connect_timeout)
     check_profiles(ray, args.profiles)  # before anything is exported
     if store is not None and (busy := store.check_writable()):
         progress(f"note: {busy}")
@@ -566,7 +611,7 @@ def cmd_worker_list(args) -> int:
     from deploykit.fleet.cluster import connect, machines, version_warnings
 
     _check_json(args)
-    found = machines(connect(args.address))
+    found = machines(connect(args.address, args.connect_timeout))
 
     def table() -> None:
         from tabulate import tabulate
@@ -707,13 +752,13 @@ def cmd_report(args) -> int:
         _check_output(args.out, "--out")
     store = ResultStore(args.store or default_store_path())
     if args.imports:
-        for path in args.imports:
-            runs = read_store_runs(path, store.path) if is_store_file(path) else read_spilled_runs(path)
-            for run in runs:
-                before = {r.id for r in store.runs()} if store.path.is_file() else set()
-                run_id = store.save(run)
-                print(f"{path}: run {run.uid} " + (f"is already in {store.path} as run {run_id}" if run_id in before
-                                                   else f"imported into {store.path} as run {run_id}"))
+        # every file read and checked before any is written: a bad one leaves the store as it was
+        batches = [(path, read_store_runs(path, store.path) if is_store_file(path) else read_spilled_runs(path))
+                   for path in args.imports]
+        for path, runs in batches:
+            for run, (run_id, added) in zip(runs, store.save_many(runs)):
+                print(f"{path}: run {run.uid} " + (f"imported into {store.path} as run {run_id}" if added
+                                                   else f"is already in {store.path} as run {run_id}"))
         return 0
     if args.list:
         if args.format in ("csv", "html"):
@@ -791,16 +836,21 @@ def cmd_profile_detect(args) -> int:
     import json
     from pathlib import Path
 
-    from deploykit.core.fsutil import write_text_atomic
-    from deploykit.runtime.profiles import detect_profile, match_profile, to_toml, user_profile_dir
+    from deploykit.core.fsutil import check_outputs_apart, write_text_atomic
+    from deploykit.runtime.profiles import detect_profile, match_profile, profile_paths, to_toml, user_profile_dir
 
     _check_json(args)
     if args.save:
         _check_output(args.save, "--save")
     machine = detect_profile()
+    path = (Path(args.save) if args.save else user_profile_dir() / f"{machine.name}.toml") if args.save is not None \
+        else None
+    # detection reads every known profile to match against; --save may renew this machine's own file only
+    check_outputs_apart([("--save", path), ("--json", args.json)],
+                        [("the profile", other, False) for other in profile_paths()
+                         if path is None or other.absolute() != (user_profile_dir() / f"{machine.name}.toml").absolute()])
     known = match_profile(machine)
-    if args.save is not None:
-        path = Path(args.save) if args.save else user_profile_dir() / f"{machine.name}.toml"
+    if path is not None:
         if not args.save:  # the user's profile folder is deploykit's to create; a named path's folder is not
             path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, to_toml(machine))
@@ -831,13 +881,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with stop_signals_interrupt():  # SIGTERM and SIGHUP keep what was measured, as Ctrl-C does
+            _check_outputs_apart(args)
+            return args.func(args)
     except DeployKitError as exc:
         print(f"deploykit: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("deploykit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        exc = as_terminated(exc)
+        print(f"deploykit: {exc if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except OSError as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()

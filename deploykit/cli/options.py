@@ -22,6 +22,7 @@ from deploykit.convert.onnx_settings import DEFAULT_OPSET, ONNX_TOLERANCE, SUPPO
 from deploykit.convert.quantize import OPERATOR_CHOICES, QUANTIZERS
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS
 from deploykit.core.storage import CODECS
+from deploykit.fleet.cluster import CONNECT_TIMEOUT_S
 from deploykit.model.spec import DEFAULT_LENGTH, INPUT_DTYPES, TRACE_BATCH
 from deploykit.prune.base import PRUNERS, PruningPlan
 from deploykit.results.store import ATTEMPTS, BUSY_TIMEOUT_S
@@ -157,6 +158,12 @@ def add_json(p, what: str) -> None:
                    "still printed)")
 
 
+def add_connect_timeout(p) -> None:
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                   help="give up connecting to the cluster after this long, in one line (default "
+                   f"{CONNECT_TIMEOUT_S:g}; where nothing listens at the address, at once)")
+
+
 def add_quiet(p) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
@@ -242,6 +249,10 @@ def add_grid(p: argparse.ArgumentParser) -> None:
                    help="split each configuration's timing into N rounds, interleaved with the other "
                    "configurations of the same shape (one measuring at a time, the order rotating), so a burst "
                    f"of other load cannot skew a ratio between them (default {default_of(TimingSettings, 'rounds')})")
+    t.add_argument("--max-time", type=float, default=default_of(TimingSettings, "max_time_s"), metavar="SECONDS",
+                   help="the most one configuration's worker may take in all (loading, warm-up, rounds); past it "
+                   "the worker is stopped and the configuration is kept as a failed row saying so (default "
+                   f"{default_of(TimingSettings, 'max_time_s'):g})")
     t.add_argument("--processes", type=int, default=default_of(TimingSettings, "processes"), metavar="N",
                    help="measure each configuration in N worker processes, splitting its timing budget and pooling "
                    "the samples: a process's memory placement moves its times by a few percent, and N of them "

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from deploykit.convert.onnx_settings import DEFAULT_OPSET
-from deploykit.core.errors import ExportError, ParityError
+from deploykit.core.errors import ExportError, ParityError, WriteError
+from deploykit.core.fsutil import NOTHING_LEFT, WRITE_ERRNOS
 from deploykit.core.hooks import run_forward
 from deploykit.core.ort import ort_session
 from deploykit.core.outputs import flat_arrays, flat_forward
@@ -59,6 +60,10 @@ def export_onnx(
                     dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
                     do_constant_folding=True,
                 )
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:  # the disk, not the model: said as every other failed write is
+                raise WriteError(f"cannot write {str(path)!r}: {exc.strerror or exc}{NOTHING_LEFT}") from None
+            raise ExportError(f"ONNX export failed (OSError): {exc}") from exc
         except Exception as exc:  # the exporter raises many types; the user needs the first line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ExportError(f"ONNX export failed ({type(exc).__name__}): {first}") from exc

@@ -102,7 +102,7 @@ def read_json(root: str | os.PathLike, name: str, key: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{str(root)!r} is missing {name}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"cannot read {str(path)!r}: {exc}") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{str(path)!r} is not a JSON object")

@@ -16,7 +16,9 @@ home directory and the working directory are never replaced.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -24,14 +26,16 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import psutil
 
 from deploykit.core.errors import DeployKitError, OutputPathError, WriteError
 
 #: errors of the file system, not of deploykit: reported in one line naming the path
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+#: what a failed write's message adds: atomic writes leave nothing half-written behind
+NOTHING_LEFT = " (nothing partial was left behind)"
 #: `.NAME.PID.RANDOM.partial|old`: what `atomic_directory`/`atomic_path` leave if killed
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?P<kind>partial|old)$")
 #: the same without a process id: written by deploykit before it recorded one
@@ -139,9 +143,9 @@ def _write_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in _WRITE_ERRNOS:
+        if exc.errno not in WRITE_ERRNOS:
             raise
-        raise WriteError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+        raise WriteError(f"cannot write {str(path)!r}: {exc.strerror or exc}{NOTHING_LEFT}") from None
 
 
 @contextlib.contextmanager
@@ -160,8 +164,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
             yield tmp
             os.chmod(tmp, _umasked(0o777))
             if _existing(path) is not None:
-                # checked again: the directory may have changed while the work ran
-                check_writable_destination(path, True, owned)
+                # checked again: the directory may have changed while the work ran (another process
+                # may have written it: without overwrite that is refused, never replaced)
+                check_writable_destination(path, overwrite, owned)
                 # Move the old one aside first so that `path` is never missing a complete artifact
                 # for longer than two renames.
                 old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".old", dir=path.parent))
@@ -169,10 +174,52 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
                 os.replace(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, path)
+                _rename_no_replace(tmp, path)
+    except WriteError as exc:  # named by the destination the user gave, not the temporary one now gone
+        remove_tree(tmp)
+        raise WriteError(str(exc).replace(str(tmp), str(path))) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
+
+
+_RENAME_NOREPLACE, _AT_FDCWD = 1, -100  # linux/fs.h, fcntl.h
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """Rename `source` to `target` unless something is at `target` by then (another process that
+    wrote the same output between our check and this rename): that is refused, never replaced.
+    renameat2(RENAME_NOREPLACE) makes the check and the rename one step where the C library has it;
+    elsewhere os.rename of a directory still fails onto a non-empty one (every artifact is)."""
+    taken = OutputPathError(f"{str(target)!r} already exists (another process wrote it while this one worked; "
+                            "pass --overwrite to replace it)")
+    libc_rename = _renameat2()
+    if libc_rename is not None:
+        if libc_rename(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error == errno.EEXIST:
+            raise taken
+        if error not in (errno.ENOSYS, errno.EINVAL):  # those two: not supported here, fall back
+            raise OSError(error, os.strerror(error), str(target))
+    if _existing(target) is not None:
+        raise taken
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise taken from None
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """glibc's renameat2, or None where the C library lacks it."""
+    with contextlib.suppress(OSError, AttributeError):
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return function
+    return None
 
 
 @contextlib.contextmanager
@@ -284,6 +331,55 @@ def scratch_directory(kind: str) -> Iterator[Path]:
                 if (mtime < started and entry.lstat().st_uid == os.getuid()
                         and _dead(int(match["pid"]), mtime)):
                     _remove(entry)
-    with tempfile.TemporaryDirectory(prefix=f"deploykit-{kind}-{os.getpid()}-", dir=root) as tmp:
-        yield Path(tmp)
+    tmp = Path(tempfile.mkdtemp(prefix=f"deploykit-{kind}-{os.getpid()}-", dir=root))
+    try:
+        yield tmp
+    finally:
+        remove_tree(tmp)
 
+
+def remove_tree(path: Path) -> None:
+    """Remove the directory `path` deploykit made, all of it even when Ctrl-C or a stop signal lands
+    while it is being removed (the interrupt is raised again once it is gone)."""
+    interrupted = None
+    while True:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            break
+        except KeyboardInterrupt as exc:  # includes core.signals.Terminated
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+
+def _reads(output: Path, source: Path, whole: bool) -> str | None:
+    """How writing `output` would change `source`, which the same command reads: "is" (the same
+    file, through links too) or, for a directory read `whole` (an artifact: every file in it is
+    checked against its manifest), "is inside"; None if it would not."""
+    with contextlib.suppress(OSError):
+        if output.exists() and source.exists() and os.path.samefile(output, source):
+            return "is"
+    out, src = Path(os.path.realpath(output)), Path(os.path.realpath(source))
+    if out == src:
+        return "is"
+    if whole and src.is_dir() and out.is_relative_to(src):
+        return "is inside"
+    return None
+
+
+def check_outputs_apart(outputs: Sequence[tuple[str, str | os.PathLike | None]],
+                        inputs: Sequence[tuple[str, str | os.PathLike | None, bool]]) -> None:
+    """Refuse, before any work, an output (option, path) that would replace or change an input (what,
+    path, whether a directory is read whole) of the same command: `report --store S --out S` would
+    put the report where every run was. Empty paths and "-" (standard output) are skipped."""
+    for option, output in outputs:
+        if not output or str(output) == "-":
+            continue
+        for what, source, whole in inputs:
+            if not source or str(source) == "-":
+                continue
+            relation = _reads(Path(output), Path(source), whole)
+            if relation:
+                raise OutputPathError(f"{option} {str(output)!r} {relation} {what} {str(source)!r}, which this "
+                                      "command reads: writing it would destroy its own input; choose another path")

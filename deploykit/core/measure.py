@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
+
+from deploykit.core.validate import at_least
 
 Clock = Callable[[], int]  # monotonic nanoseconds
 #: waits for work a call queued on a device (torch.cuda.synchronize); None for synchronous calls
@@ -41,8 +43,8 @@ class Measurement:
 
     samples_ns: tuple[int, ...]
     warmup_iters: int
-    batch_size: int
-    calls_per_sample: int = 1
+    batch_size: int = field(metadata=at_least(1))
+    calls_per_sample: int = field(default=1, metadata=at_least(1))
     overhead_ns: int = 0
     #: whether warm-up reached steady state within its rounds
     warmup_stable: bool = True

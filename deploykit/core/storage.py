@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-from deploykit.core.errors import ArtifactError
-from deploykit.core.fsutil import atomic_path
+from deploykit.core.errors import ArtifactError, WriteError
+from deploykit.core.fsutil import NOTHING_LEFT, atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -246,6 +246,7 @@ def save_weights(
 
     `compression` ("zlib", "lzma") additionally compresses every stored tensor that it shrinks.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if compression is not None and compression not in CODECS:
@@ -269,8 +270,27 @@ def save_weights(
         if compressed:
             metadata["compressed"] = json.dumps(compressed, separators=(",", ":"))
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # safetensors reports the file system's refusals as its own error
+            if "os error" not in str(exc) and "I/O error" not in str(exc):
+                raise
+            raise WriteError(f"cannot write {str(path)!r}: {str(exc).splitlines()[0][:200]}{NOTHING_LEFT}") from None
     return encoded
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Refuse, naming the file, a safetensors file whose header is damaged (a length past the file's
+    end, JSON that is not, offsets outside the data or overlapping): safetensors checks all of that
+    when it opens a file, so a file it opens here is one any later reader can open too."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read weights file {str(path)!r}: {(str(exc).splitlines() or [''])[0][:200]}") \
+            from None
 
 
 def load_weights(path: str | os.PathLike) -> "dict[str, torch.Tensor]":
@@ -309,7 +329,7 @@ def _json_object(path: Path, metadata: dict, key: str) -> dict:
         if not isinstance(value, dict):
             raise ValueError("not an object")
         return value
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ArtifactError(f"{str(path)!r}: malformed {key} metadata ({exc})") from None
 
 

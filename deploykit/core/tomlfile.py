@@ -24,6 +24,8 @@ def read_toml(path: str | Path, what: str) -> tuple[dict[str, Any], str]:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"malformed {what} {str(path)!r}: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise UsageError(f"malformed {what} {str(path)!r}: nested too deeply") from None
 
 
 def line_of(text: str, key: str) -> int | str:

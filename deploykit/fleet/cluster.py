@@ -12,18 +12,24 @@ their figures would compare software as well as hardware.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from deploykit.core.env import library_versions, machine_info
 from deploykit.core.errors import UsageError
+from deploykit.core.signals import reinstall as reinstall_stop_signals
 
 #: the custom resource by which a node says its profile (one unit: one configuration at a time)
 PROFILE_RESOURCE = "deploykit-profile:"
 #: the versions a node must share with the driver for its figures to compare hardware alone
 COMPARED_VERSIONS = ("deploykit", "torch", "onnxruntime")
+#: how long connecting to a cluster may take before `connect` gives up (`--connect-timeout`)
+CONNECT_TIMEOUT_S = 15.0
 INSTALL_HINT = "Ray is not installed: pip install 'deploykit[fleet]' (or `bash .ci/env` in a checkout)"
 
 
@@ -148,12 +154,58 @@ def version_warnings(found: Sequence[Machine], driver: dict[str, str] | None = N
     return lines
 
 
-def connect(address: str):
-    """The ray module, connected to the cluster at `address` (a refusal in one line if it cannot)."""
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a cluster address (`host:port`, `ray://host:port`, `[::1]:port`); None for
+    addresses Ray resolves itself ("auto")."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        if address == "auto":
+            return None
+        raise UsageError(f"cluster address {address!r} is not HOST:PORT (as `ray start` printed it)")
+    return host.strip("[]"), int(port)
+
+
+#: what the probe process runs: a driver that connects and leaves (Ray prints its retries to stderr)
+_PROBE = ("import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR', "
+          "configure_logging=False); ray.shutdown()")
+
+
+def _probe_cluster(address: str, timeout_s: float) -> None:
+    """Connect once from a throwaway process, bounded by `timeout_s`: Ray's driver retries inside its
+    C++ client for minutes, where no signal or timer of this process can stop it; a process can be
+    killed. Its output (Ray's retry logs) is kept out of the user's terminal."""
+    try:
+        probe = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, text=True,
+                               timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"no Ray cluster answered at {address!r} within {timeout_s:g} s (--connect-timeout); "
+                         "something listens there, but not a Ray head") from None
+    if probe.returncode != 0:
+        lines = [line for line in probe.stderr.splitlines() if line.strip()]
+        raise UsageError(f"cannot reach the Ray cluster at {address!r}: {(lines or ['the probe failed'])[-1][:200]}")
+
+
+def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S):
+    """The ray module, connected to the cluster at `address`, or a refusal in one line: at once when
+    nothing listens there, after `timeout_s` when something does but no cluster answers (Ray itself
+    retries for minutes: `_probe_cluster`). Ray's driver takes SIGTERM for itself; deploykit's handler is put back, so
+    that a stopped fleet bench keeps what landed (`deploykit.core.signals`)."""
     ray = need_ray()
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise UsageError(f"--connect-timeout must be a positive number of seconds, got {timeout_s}")
+    where = _host_port(address)
+    if where is not None:
+        try:
+            socket.create_connection(where, timeout=timeout_s).close()
+        except OSError as exc:
+            raise UsageError(f"cannot reach the Ray cluster at {address!r}: nothing answers there "
+                             f"({exc.strerror or type(exc).__name__}); is its head running (`deploykit worker "
+                             "start`)?") from None
+    _probe_cluster(address, timeout_s)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(f"cannot reach the Ray cluster at {address!r}: {(str(exc).splitlines() or [''])[0][:200]}") \
             from None
+    reinstall_stop_signals()
     return ray

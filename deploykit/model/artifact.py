@@ -8,6 +8,7 @@ not import torch: rebuilding the PyTorch model is the runtime layer's (`deployki
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,10 @@ ONNX_FILE = "model.onnx"
 #: what a speech-translation artifact records about its graphs (feature width, decoder shape, token ids)
 ST_CONFIG_FILE = "st_config.json"
 FORMAT = "deploykit.artifact"
-FORMAT_VERSION = 2
-#: versions this deploykit reads (1: no checksums; such an artifact is only used with --no-verify)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: versions this deploykit reads (1: no checksums; 2: none of the manifest itself; such an artifact is
+#: only used with --no-verify)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class Manifest:
     #: for a model the zoo trains: its recipe (`deploykit.model.training.Recipe`) and the trained model's
     #: quality before pruning ("result"), beside which `metrics` (after pruning) is read
     training: dict[str, Any] = field(default_factory=dict)
+    #: SHA-256 (hex) of the manifest's own canonical JSON without this field (`manifest_digest`): an edit of
+    #: any figure or setting in it (its form, its plan) is caught like an edited weights file
+    manifest_sha256: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -130,7 +135,8 @@ class Manifest:
 OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization", "sparse_flops",
                    "remaining_flops_fraction", "checksums", "nonzero_parameters_before_conversion",
                    "overall_sparsity_before_conversion", "pruned_sparsity_before_conversion",
-                   "sparse_flops_before_conversion", "onnx_parity_max_rel_error", "warnings", "unpruned_weights")
+                   "sparse_flops_before_conversion", "onnx_parity_max_rel_error", "warnings", "unpruned_weights",
+                   "manifest_sha256")
 #: keys of a manifest's source record that are provenance (never read as files) or code (`sources`)
 _SOURCE_NOT_FILES = ("kind", "from", "entry_point")
 
@@ -141,11 +147,24 @@ def file_sizes(directory: str | Path) -> dict[str, int]:
 
 
 def with_file_records(manifest: Manifest, directory: str | Path) -> Manifest:
-    """`manifest` with the sizes and checksums of the files `directory` holds now (the last step of
-    writing an artifact)."""
+    """`manifest` with the sizes and checksums of the files `directory` holds now, and its own digest
+    (the last step of writing an artifact)."""
     sizes = file_sizes(directory)
-    return dataclasses.replace(manifest, files=sizes,
-                               checksums={name: file_digest(Path(directory) / name) for name in sizes})
+    recorded = dataclasses.replace(manifest, files=sizes, format_version=FORMAT_VERSION,
+                                   checksums={name: file_digest(Path(directory) / name) for name in sizes})
+    return dataclasses.replace(recorded, manifest_sha256=manifest_digest(recorded))
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """SHA-256 of the manifest's canonical JSON (keys sorted, no spaces), its own digest left out: the
+    same for the manifest written and the one read back (JSON turns tuples into lists either way)."""
+    return digest_of(json.loads(json.dumps(dataclasses.asdict(manifest))))
+
+
+def digest_of(data: dict[str, Any]) -> str:
+    """`manifest_digest` of a manifest's JSON object."""
+    data = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _annotation_types(annotation: str) -> tuple[type, ...]:
@@ -225,9 +244,13 @@ def verify_artifact(directory: str | Path, manifest: Manifest) -> None:
     """Check every file the manifest lists: present, a regular file inside the directory, of the
     recorded size and SHA-256. Raises `IntegrityError` naming the first file that differs."""
     directory = Path(directory)
-    if not manifest.checksums:
-        raise IntegrityError(f"{str(directory)!r} records no checksums (exported by an older deploykit): "
-                             "re-export it, or pass --no-verify to use it unchecked")
+    if not manifest.checksums or manifest.format_version < 3 or not manifest.manifest_sha256:
+        raise IntegrityError(f"{str(directory)!r} records no checksums" + (" of its own manifest" if manifest.checksums
+                                                                            else "")
+                             + " (exported by an older deploykit): re-export it, or pass --no-verify to use it unchecked")
+    if manifest_digest(manifest) != manifest.manifest_sha256:
+        raise IntegrityError(f"{str(directory)!r}: {MANIFEST_FILE} does not match its own recorded SHA-256 (edited "
+                             "since export: its form, plan or figures cannot be believed)")
     unchecked = sorted(set(manifest.files) ^ set(manifest.checksums))
     if unchecked:
         raise IntegrityError(f"{str(directory)!r}: the manifest lists {unchecked[0]!r} without a size and checksum")

@@ -125,8 +125,10 @@ def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> Mo
     if isinstance(produced, ModelSpec):
         spec = produced
         if inputs:
-            inputs = _named(inputs, spec.build())
+            model = spec.build()
+            inputs = _named(inputs, model)
             spec = dataclasses.replace(spec, inputs=tuple(inputs), sampler=None)
+            _runs_on_described_inputs(model, spec, entry)
     else:
         model, examples = _module_and_examples(produced, entry, bool(inputs))
         inputs = _named(inputs, model) if inputs else inputs
@@ -138,7 +140,7 @@ def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> Mo
             outputs=(),
             description=(inspect.getdoc(factory) or "").split("\n")[0],
         )
-        spec = dataclasses.replace(spec, outputs=output_names(model, spec.example_inputs(1)))
+        spec = dataclasses.replace(spec, outputs=_runs_on_described_inputs(model, spec, entry))
     record = {"kind": KIND, "entry_point": entry.text,
               "inputs": [dataclasses.asdict(i) for i in inputs] if inputs else None}
     return dataclasses.replace(spec, bundle=lambda directory, model: dict(record))
@@ -206,6 +208,20 @@ def describe_inputs(model: "nn.Module", examples: "Sequence[torch.Tensor]") -> t
             raise UsageError(f"example input {name!r} has negative values; describe its range with --input-spec")
         specs.append(InputSpec(name, ("batch", *tensor.shape[1:]), dtype, high))
     return tuple(specs)
+
+
+def _runs_on_described_inputs(model: "nn.Module", spec: ModelSpec, entry: EntryPoint) -> tuple[str, ...]:
+    """The model's output names, from one call on inputs as described (by --input-spec or its examples);
+    a model that cannot take them (a wrong shape, rank or dtype) is the description's fault, said in
+    one line, not a fault of deploykit's."""
+    try:
+        return output_names(model, spec.example_inputs(1))
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises on inputs it cannot take
+        shapes = ", ".join(f"{i.name}:{','.join(map(str, i.shape))}:{i.dtype}" for i in spec.inputs)
+        raise UsageError(f"{entry.text} does not run on the inputs described ({shapes}): {type(exc).__name__}: "
+                         f"{(str(exc).strip().splitlines() or [''])[0][:200]}; check --input-spec") from None
 
 
 def _forward_names(model: "nn.Module", count: int) -> list[str]:

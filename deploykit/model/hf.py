@@ -23,8 +23,11 @@ tensors in the graph's input order and gets the graph's outputs back (`HFModel`)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 from typing import Sequence
@@ -33,9 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from deploykit.core.confine import read_json
+from deploykit.core.confine import inside, read_json
+from deploykit.core.env import available_memory_bytes
 from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.fsutil import write_text_atomic
+from deploykit.core.storage import check_safetensors
 from deploykit.model.causal_lm import perplexity
 from deploykit.model.spec import DEFAULT_LENGTH, InputSpec, ModelSpec
 
@@ -63,6 +68,127 @@ def _need_hf():
     return TasksManager
 
 
+#: index files transformers reads to find sharded weights; each names files in its weight_map
+WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: entries a model directory may hold (it holds tens); past this it is refused, not walked for minutes
+MAX_DIRECTORY_ENTRIES = 10_000
+#: the largest config.json or index read (real ones are kilobytes; an index of 10^5 shards is ~10 MB)
+MAX_JSON_BYTES = 32 * 2**20
+#: config values that size the model: each must be a positive integer where given (`check_config_values`)
+SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "num_hidden_layers", "n_layer", "num_layers", "n_layers",
+             "encoder_layers", "decoder_layers", "num_decoder_layers", "num_attention_heads", "n_head", "num_heads",
+             "n_heads", "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads", "vocab_size",
+             "intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+             "d_kv", "max_position_embeddings", "n_positions", "type_vocab_size", "num_labels", "image_size",
+             "patch_size", "num_channels")
+#: layers a config may declare (the deepest released transformers have about 120; a config with more is
+#: damaged or hostile, and would build for minutes before anything could refuse it)
+MAX_LAYERS = 1024
+#: the model's float32 weights may take at most this share of the memory available: pruning, the
+#: converted copy, tracing and onnxruntime's session each hold another copy
+MODEL_MEMORY_SHARE = 0.25
+
+
+def confine_directory(path: Path) -> None:
+    """Refuse a Hugging Face directory from which transformers would read a file outside it: a
+    symbolic link anywhere in it that resolves outside, and a weights index whose `weight_map` names a
+    path that is absolute or climbs out (`..`). Every safetensors file is opened by its header first,
+    so a damaged one is refused naming it. All of it before transformers or safetensors reads a tensor."""
+    root = path.resolve()
+    entries = 0
+    for folder, dirs, files in os.walk(path, followlinks=False):
+        for name in dirs + files:
+            entries += 1
+            if entries > MAX_DIRECTORY_ENTRIES:
+                raise UsageError(f"{str(path)!r} holds more than {MAX_DIRECTORY_ENTRIES:,} entries; a Hugging Face "
+                                 "model directory holds its config and weights")
+            entry = Path(folder) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise ArtifactError(f"{str(path)!r}: {str(entry.relative_to(path))!r} is a symbolic link to "
+                                    f"{os.readlink(entry)!r}, outside the directory; deploykit reads only files inside "
+                                    "a Hugging Face directory (refused; copy it with `cp -rL` to take the files in)")
+    weights = {p.name for p in path.glob("*.safetensors")}
+    for index_name in WEIGHT_INDEX_FILES:
+        if (path / index_name).exists():
+            _check_json_size(path / index_name)
+            index = read_json(path, index_name, index_name)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ArtifactError(f"{str(path / index_name)!r}: weight_map must map tensor names to files")
+            for key, value in weight_map.items():
+                inside(path, value, f"{index_name} weight_map[{key!r}]")
+                if index_name.startswith("model.safetensors"):
+                    weights.add(value)
+    for name in sorted(weights):
+        if (path / name).is_file():
+            check_safetensors(path / name)
+
+
+def _check_json_size(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ArtifactError(f"{str(path)!r} is {path.stat().st_size:,} bytes; deploykit reads JSON files of up "
+                                f"to {MAX_JSON_BYTES // 2**20} MB here")
+
+
+def check_config_values(values: dict, where: str) -> None:
+    """Refuse, naming the key, config values transformers would take and fail on later (or build for
+    minutes from): sizes that are not positive integers, and quantized checkpoints."""
+    for key in SIZE_KEYS:
+        value = values.get(key)
+        if value is None and key in values and key in ("n_inner", "d_kv", "num_key_value_heads", "n_positions"):
+            continue  # these default from others when null
+        if key in values and (type(value) is not int or value < 1):
+            raise UsageError(f"{where}: config.json's {key} must be a positive integer, got {value!r}")
+    quantization = values.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
+        raise UsageError(f"{where}: config.json has a quantization_config ({method!r}); deploykit prunes and exports "
+                         "float weights: give the float model's directory")
+
+
+def estimated_parameters(config) -> int:
+    """A lower bound of the parameters a transformers config describes, from its sizes alone (no
+    tensor is made): embeddings, and per layer the attention's four projections and the MLP's two.
+    transformers' attribute maps give every architecture these standard names."""
+    hidden = _size(config, "hidden_size")
+    ffn = next((v for v in (_size(config, n) for n in ("intermediate_size", "n_inner", "d_ff", "ffn_dim",
+                                                           "encoder_ffn_dim")) if v), 4 * hidden)
+    tokens = _size(config, "vocab_size") + _size(config, "max_position_embeddings")
+    return tokens * hidden + layer_count(config) * (4 * hidden * hidden + 2 * hidden * ffn)
+
+
+def layer_count(config) -> int:
+    """The layers a config declares: its (encoder's) layers and its decoder's, where separate."""
+    layers = _size(config, "num_hidden_layers")
+    decoder = _size(config, "decoder_layers") or _size(config, "num_decoder_layers")
+    return layers + decoder if config.is_encoder_decoder else layers
+
+
+def _size(config, name: str) -> int:
+    try:
+        value = getattr(config, name, 0)
+    except (AttributeError, TypeError):
+        return 0
+    return value if type(value) is int and value > 0 else 0
+
+
+def check_config_size(config, where: str) -> None:
+    """Refuse, before anything is allocated, a config whose model would not fit: more than MAX_LAYERS
+    layers, or float32 weights beyond MODEL_MEMORY_SHARE of the memory available now (the estimate
+    in the message)."""
+    layers = layer_count(config)
+    if layers > MAX_LAYERS:
+        raise UsageError(f"{where}: config.json declares {layers:,} layers; deploykit builds models of up to "
+                         f"{MAX_LAYERS:,} (a damaged or hostile config would build for minutes)")
+    parameters = estimated_parameters(config)
+    available = available_memory_bytes()
+    if 4 * parameters > MODEL_MEMORY_SHARE * available:
+        raise UsageError(f"{where}: config.json describes at least {parameters:,} parameters (estimated from its "
+                         f"sizes: {4 * parameters / 2**30:.3g} GiB as float32), more than {MODEL_MEMORY_SHARE:.0%} "
+                         f"of the {available / 2**30:.3g} GiB available; refused before building it")
+
+
 def is_hf_directory(path) -> bool:
     """A directory with a Hugging Face config.json (whether deploykit can run it is checked when read)."""
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
@@ -78,11 +204,15 @@ def config_from_dict(values: dict, where: str):
     if values.get("auto_map"):
         raise UsageError(f"{where}: its config names custom code (auto_map), which deploykit does not run; "
                          "export it from an entry point (--model file.py:factory) instead")
+    check_config_values(values, where)
+    # an empty quantization_config says nothing, but transformers reads the key's presence as "quantized"
+    values = {k: v for k, v in values.items() if k != "quantization_config" or v}
     try:
         config = AutoConfig.for_model(values["model_type"], **{k: v for k, v in values.items() if k != "model_type"})
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # what a malformed config raises
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # a malformed config's
         raise UsageError(f"{where}: transformers cannot read model_type {values['model_type']!r} "
-                         f"({str(exc).splitlines()[0][:160]})") from None
+                         f"({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})") from None
+    check_config_size(config, where)
     config.use_cache, config._attn_implementation = False, "eager"  # tracing needs both
     try:  # JSON keys are strings; transformers' own from_dict makes these layer indices ints
         config.pruned_heads = {int(k): [int(h) for h in v] for k, v in dict(config.pruned_heads or {}).items()}
@@ -92,10 +222,11 @@ def config_from_dict(values: dict, where: str):
 
 
 def read_config(path: Path):
+    _check_json_size(Path(path) / "config.json")
     try:
         values = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read config.json ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UsageError(f"{path}: cannot read config.json ({str(exc)[:200] or type(exc).__name__})") from None
     return config_from_dict(values, str(path))
 
 
@@ -364,7 +495,23 @@ def _spec(name: str, config, task: str, description: str, build, bundle=None) ->
         def wrap(model, names=tuple(i.name for i in inputs)):
             return HFModel(model, names, outputs, task)
 
-    return ModelSpec(name=name, build=lambda: wrap(build()), description=description, bundle=bundle, **fields)
+    spec = ModelSpec(name=name, build=lambda: wrap(build()), description=description, bundle=bundle, **fields)
+
+    def checked_build() -> nn.Module:
+        """The model, run once on its own example inputs: a config transformers builds from but cannot run
+        (an activation of null, a size that does not divide) is the config's fault, said as such."""
+        model = wrap(build())
+        try:
+            with torch.no_grad():
+                model.eval()(*spec.example_inputs(1))
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever transformers raises on such a config
+            raise UsageError(f"{description}: the model its config describes does not run ({type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+        return model
+
+    return dataclasses.replace(spec, build=checked_build)
 
 
 def pruned_heads(model: nn.Module) -> dict[int, list[int]]:
@@ -398,6 +545,7 @@ def head_counts(config) -> dict[str, int]:
 def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
     """A spec for a local Hugging Face directory (config.json + weights), read without the network."""
     path = Path(path)
+    confine_directory(path)
     config = read_config(path)
     task = infer_task(config, task, str(path))
     model_class = _need_hf().get_model_class_for_task(task, framework="pt", library="transformers")
@@ -408,6 +556,9 @@ def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
                                                attn_implementation="eager")
         except (OSError, ValueError, RuntimeError) as exc:  # missing, unreadable, or not this config's shapes
             raise UsageError(f"{path}: cannot load the weights: {(str(exc).splitlines() or [''])[0][:200]}") from None
+        except Exception as exc:  # noqa: BLE001 - what transformers raises on config values it cannot build from
+            raise UsageError(f"{path}: transformers cannot build the model its config.json describes "
+                             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None
 
     def bundle(directory, shipped: nn.Module) -> dict:
         written = copy.deepcopy(config)

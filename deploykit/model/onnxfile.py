@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from deploykit.core.env import available_memory_bytes
 from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.model.spec import INPUT_DTYPES, InputSpec
 
@@ -93,6 +94,102 @@ def open_onnx_file(path: str | Path) -> OnnxFile:
     _check_tensor_sizes(path, proto, {ref.tensor: ref for ref in external})
     _check_graph(path, proto)
     return OnnxFile(path, proto, external)
+
+
+def check_runnable(model: OnnxFile) -> None:
+    """Refuse, before anything runs the graph, one whose work or memory is beyond a bound on its face:
+    Loop trip counts and fixed tensor shapes (the inputs' own sizes are checked per batch and length).
+    Only what runs the graph asks; an audit reads it without running it."""
+    _check_loops(model.path, model.proto.graph)
+    _check_static_sizes(model.path, model.proto)
+
+
+#: a tensor the graph computes may take at most this share of the memory available (the inputs' rule)
+TENSOR_MEMORY_SHARE = 0.25
+
+
+def _check_static_sizes(path: Path, proto: "onnx.ModelProto") -> None:
+    """Refuse a graph that computes a tensor of a fixed shape too large for the memory available
+    (a ConstantOfShape or Expand to 10^12 elements), found by onnx's shape inference with constant
+    propagation before anything runs. Shapes that depend on the inputs' named axes are left to the
+    inputs' own memory check; a graph shape inference cannot read is left to onnxruntime."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a best effort; onnx.checker already passed
+        return
+    limit = TENSOR_MEMORY_SHARE * available_memory_bytes()
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = value.type.tensor_type
+        dims = tensor_type.shape.dim
+        if not tensor_type.HasField("shape") or not all(d.HasField("dim_value") for d in dims):
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        size = _numel([d.dim_value for d in dims]) * itemsize
+        if size > limit:
+            raise ArtifactError(f"{str(path)!r}: the graph computes {value.name!r} of shape "
+                                f"{[d.dim_value for d in dims]} ({size / 2**30:.3g} GiB), more than "
+                                f"{TENSOR_MEMORY_SHARE:.0%} of the {available_memory_bytes() / 2**30:.3g} GiB available; "
+                                "refused before running it")
+
+
+#: the most iterations the Loop nodes of a graph may declare, nested loops multiplied: one call of a
+#: model should finish in useful time (generation loops run hundreds of steps, not billions). Loops
+#: whose count is computed at run time are bounded by bench's --max-time instead.
+MAX_LOOP_ITERATIONS = 10**6
+
+
+def _constant_ints(graph) -> dict[str, int]:
+    """Name -> value of the graph's scalar integer constants (initializers and Constant nodes)."""
+    from onnx import numpy_helper
+
+    tensors = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    tensors[node.output[0]] = attribute.t
+                elif attribute.name in ("value_int", "value_ints"):
+                    tensors[node.output[0]] = attribute
+    values = {}
+    for name, tensor in tensors.items():
+        if hasattr(tensor, "data_type"):
+            if tensor.data_type in (6, 7) and _numel(tensor.dims) == 1:  # INT32, INT64, one element
+                values[name] = int(numpy_helper.to_array(tensor).reshape(-1)[0])
+        elif tensor.name == "value_int":
+            values[name] = int(tensor.i)
+        elif len(tensor.ints) == 1:
+            values[name] = int(tensor.ints[0])
+    return values
+
+
+def _numel(dims) -> int:
+    count = 1
+    for dim in dims:
+        count *= dim
+    return count
+
+
+def _check_loops(path: Path, graph, outer: int = 1, scope: dict[str, int] | None = None) -> None:
+    """Refuse a graph whose Loop nodes declare more than MAX_LOOP_ITERATIONS iterations in all (a
+    constant trip count, multiplied through nested loops) before anything runs it. A subgraph sees
+    the constants of the graphs around it (ONNX's outer scope)."""
+    constants = {**(scope or {}), **_constant_ints(graph)}
+    for node in graph.node:
+        iterations = outer
+        if node.op_type == "Loop" and node.input and node.input[0] in constants:
+            iterations = outer * max(constants[node.input[0]], 0)
+            if iterations > MAX_LOOP_ITERATIONS:
+                raise ArtifactError(f"{str(path)!r}: Loop node {node.name or node.output[0]!r} runs {iterations:,} "
+                                    f"iterations (nested loops multiplied), more than the {MAX_LOOP_ITERATIONS:,} "
+                                    "one call may take; refused before running it")
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _check_loops(path, sub, iterations, constants)
 
 
 def _check_graph(path: Path, proto: "onnx.ModelProto") -> None:
@@ -193,10 +290,10 @@ def input_specs(model: OnnxFile, overrides: Sequence[InputSpec] = ()) -> tuple[I
         if unnamed:
             specs.append(dataclasses.replace(unnamed[0], name=value.name))
             continue
-        if value.name in by_name:
-            specs.append(by_name[value.name])
-            continue
         tensor_type = value.type.tensor_type
+        if value.name in by_name:
+            specs.append(_fitting(by_name[value.name], value.name, tensor_type, path))
+            continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
         if dtype not in INPUT_DTYPES:
             raise UsageError(f"input {value.name!r} of {path.name} is {dtype}; deploykit feeds {', '.join(INPUT_DTYPES)}")
@@ -206,6 +303,25 @@ def input_specs(model: OnnxFile, overrides: Sequence[InputSpec] = ()) -> tuple[I
                              f"{dtype}:HIGH")
         specs.append(InputSpec(value.name, _shape(value.name, tensor_type), dtype))
     return tuple(specs)
+
+
+def _fitting(spec: InputSpec, name: str, tensor_type, path: Path) -> InputSpec:
+    """`spec` (from --input-spec), refused in one line where the graph declares another rank, fixed size
+    or element type for the input: onnxruntime would refuse it mid-run."""
+    import onnx
+
+    declared = _shape(name, tensor_type)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+    given = ",".join(map(str, spec.shape))
+    if tensor_type.HasField("shape") and len(declared) != len(spec.shape):
+        raise UsageError(f"--input-spec {name}:{given} has {len(spec.shape)} axes; {path.name} declares "
+                         f"{len(declared)} ({','.join(map(str, declared))})")
+    for axis, (want, got) in enumerate(zip(declared, spec.shape)):
+        if isinstance(want, int) and isinstance(got, int) and want != got:
+            raise UsageError(f"--input-spec {name}:{given}: axis {axis} is {got}; {path.name} declares {want}")
+    if dtype != spec.dtype:
+        raise UsageError(f"--input-spec {name} is {spec.dtype}; {path.name} declares {dtype}")
+    return spec
 
 
 def _shape(name: str, tensor_type) -> tuple[int | str, ...]:

@@ -39,6 +39,11 @@ if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays i
 INPUT_DTYPES = ("float32", "float16", "int64", "int32")
 #: bytes per element of each of those
 INPUT_ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "int32": 4}
+#: the largest exclusive bound an integer input's values may have: its dtype's largest value + 1
+INT_HIGH = {"int64": 2**63 - 1, "int32": 2**31}
+#: the largest fixed size of an input axis that is checked further (a larger one fits no int64; below it,
+#: the memory check refuses what would not fit)
+MAX_DIM = 2**62
 #: batch size of the example inputs models are traced with (ONNX export, dependency graphs)
 TRACE_BATCH = 2
 #: size of named non-batch axes (sequence, frames) in example inputs when the model has no sampler
@@ -60,6 +65,12 @@ class InputSpec:
             raise ValueError(f"input {self.name!r}: dtype {self.dtype!r} not in {INPUT_DTYPES}")
         if self.dtype.startswith("int") and self.high is None:
             raise ValueError(f"integer input {self.name!r} needs `high` (exclusive upper bound)")
+        if self.high is not None and (type(self.high) is not int or not 1 <= self.high <= INT_HIGH[self.dtype]):
+            raise ValueError(f"input {self.name!r}: HIGH (the exclusive upper bound of its values) must be an integer "
+                             f"in [1, {INT_HIGH.get(self.dtype, 0):,}] for {self.dtype}, got {self.high!r}")
+        for dim in self.shape:
+            if not (isinstance(dim, str) and dim) and not (type(dim) is int and 1 <= dim <= MAX_DIM):
+                raise ValueError(f"input {self.name!r}: axis {dim!r} is neither a size in [1, {MAX_DIM:,}] nor a name")
 
     def concrete_shape(self, batch_size: int, length: int | None = None) -> tuple[int, ...]:
         """The shape with the "batch" axis set to `batch_size` and every other named axis to `length`."""
@@ -102,7 +113,7 @@ class InputSpec:
                              "tokens:batch,seq:int64:1000")
         name, shape_text, dtype, high = parts[0], parts[1], *(parts[2:] + [None, None])[:2]
         shape = tuple(_parse_dim(text, dim.strip()) for dim in shape_text.split(","))
-        if high is not None and not high.isdigit():
+        if high is not None and not (high.isascii() and high.isdigit()):
             raise UsageError(f"input spec {text!r}: HIGH must be a positive integer (the exclusive upper bound "
                              f"of the values), got {high!r}")
         try:
@@ -112,7 +123,7 @@ class InputSpec:
 
 
 def _parse_dim(text: str, dim: str) -> int | str:
-    if dim.isdigit() and int(dim) > 0:
+    if dim.isascii() and dim.isdigit() and int(dim) > 0:  # "¹" is a digit to str.isdigit, not to int()
         return int(dim)
     if dim.isidentifier():
         return dim

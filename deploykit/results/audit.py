@@ -26,7 +26,7 @@ from typing import Any
 
 from deploykit.core.confine import inside
 from deploykit.core.errors import UsageError
-from deploykit.core.storage import SEPARATOR, load_weights
+from deploykit.core.storage import SEPARATOR, check_safetensors, load_weights
 from deploykit.core.tomlfile import line_of, read_toml
 from deploykit.model.artifact import WEIGHTS_FILE, read_manifest, verify_artifact
 from deploykit.model.onnxfile import initializers, is_parameter, open_onnx_file
@@ -115,6 +115,7 @@ def load_budgets(path: str | Path) -> dict[str, Budget]:
 
 def stored_bytes_per_tensor(path: Path) -> dict[str, int]:
     """Bytes each logical tensor occupies in a weights file, summed over its parts, from the header."""
+    check_safetensors(path)  # a damaged header is refused naming the file, before it is read here
     with path.open("rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
@@ -206,5 +207,5 @@ def _read_baseline(path: Path) -> dict[str, Any]:
         return data
     except FileNotFoundError:
         raise UsageError(f"baseline audit {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError) as exc:
         raise UsageError(f"baseline audit {str(path)!r} is not a deploykit audit JSON ({exc})") from None

@@ -20,6 +20,7 @@ refused in one line and never written into. Older schema versions are migrated f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -29,13 +30,14 @@ import subprocess
 import time
 import uuid
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from deploykit.bench.records import BenchRecord, FailedConfiguration
 from deploykit.core.errors import ArtifactError, StoreError, UsageError
 from deploykit.core.fsutil import check_output_file, read_text, write_text_atomic
+from deploykit.core.validate import RecordError, check
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -89,8 +91,10 @@ CREATE TABLE IF NOT EXISTS failures (
 #: SQLite's own wait for a lock, per attempt, and the attempts before the run goes to a JSON file
 BUSY_TIMEOUT_S = 15.0
 ATTEMPTS = 4
-#: what a file of runs that could not be stored says it is
+#: what a file of runs that could not be stored says it is, and the version of its layout (files
+#: written before it had one are version 1)
 SPILL_FORMAT = "deploykit.runs"
+SPILL_VERSION = 1
 #: the first bytes of every SQLite database file
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -139,12 +143,28 @@ class NewRun:
                 "records": [r.to_dict() for r in self.records], "failures": [f.to_dict() for f in self.failures]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NewRun":
-        return cls(records=[BenchRecord.from_dict(r) for r in data["records"]], started_utc=data["started_utc"],
-                   status=data["status"], command=data["command"], profile=data["profile"],
-                   conditions=data["conditions"], git_revision=data.get("git_revision"),
-                   failures=[FailedConfiguration.from_dict(f) for f in data.get("failures", [])],
-                   finished_utc=data.get("finished_utc"), uid=data.get("uid"))
+    def from_dict(cls, data: dict[str, Any], where: str = "run") -> "NewRun":
+        """The run `to_dict` wrote, every field and record checked (a runs file may have been edited)."""
+        if not isinstance(data, dict):
+            raise RecordError(f"{where} must be an object, got {type(data).__name__}")
+        missing = [name for name in (*_RUN_FIELDS, "records") if name not in data and name not in _OPTIONAL_RUN_FIELDS]
+        if missing:
+            raise RecordError(f"{where}.{missing[0]} is missing")
+        values = {name: check(data[name], kind, f"{where}.{name}") for name, kind in _RUN_FIELDS.items() if name in data}
+        if values["status"] not in STATUSES:
+            raise RecordError(f"{where}.status must be one of {', '.join(STATUSES)}, got {values['status']!r}")
+        records = check(data["records"], list, f"{where}.records")
+        failures = check(data.get("failures", []), list, f"{where}.failures")
+        return cls(records=[BenchRecord.from_dict(r, f"{where}.records[{i}]") for i, r in enumerate(records)],
+                   failures=[FailedConfiguration.from_dict(f, f"{where}.failures[{i}]") for i, f in enumerate(failures)],
+                   **values)
+
+
+#: a run's own fields (beside its records and failures) and their types, as read back
+_RUN_FIELDS = {"started_utc": str, "status": str, "command": str, "profile": str, "conditions": dict[str, Any],
+               "git_revision": str | None, "finished_utc": str | None, "uid": str | None}
+_OPTIONAL_RUN_FIELDS = ("git_revision", "finished_utc", "uid")
+STATUSES = ("complete", "interrupted", "failed")
 
 
 def git_revision() -> str | None:
@@ -266,33 +286,53 @@ class ResultStore:
     def save(self, run: NewRun) -> int:
         """Write one run with its records and failures in one transaction; returns the run's id. A run
         whose uid the store already holds is not written again: its id is returned."""
-        uid = run.uid or str(uuid.uuid4())
+        return self.save_many([run])[0][0]
 
-        def write() -> int:
+    def save_many(self, runs: Sequence[NewRun]) -> list[tuple[int, bool]]:
+        """Write `runs` in one transaction: for each, (its id, whether it was added); a run whose uid the
+        store already holds (or that came earlier in `runs`) is not written again. One pass whatever
+        the number of runs: importing a store of thousands is one transaction, not one per run."""
+        uids = [run.uid or str(uuid.uuid4()) for run in runs]
+
+        def write() -> list[tuple[int, bool]]:
             with closing(self._connect(create=True)) as db, db:
-                existing = db.execute("SELECT id FROM runs WHERE uid = ?", (uid,)).fetchone()
-                if existing:
-                    return existing[0]
-                run_id = db.execute(
-                    "INSERT INTO runs (started_utc, finished_utc, status, command, git_revision, profile, conditions, "
-                    "uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run.started_utc, run.finished_utc or now_utc(), run.status, run.command, run.git_revision,
-                     run.profile, json.dumps(run.conditions), uid),
-                ).lastrowid
-                db.executemany(
-                    "INSERT INTO records (run_id, model, prune, sparsity, form, runtime, stage, device, batch_size, "
-                    "threads, p50_ms, iqr_ms, samples, disk_bytes, peak_rss_bytes, nonzero_parameters, record) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(run_id, r.model, r.prune, r.sparsity, r.form, r.runtime, r.stage, r.device, r.batch_size,
-                      r.threads, r.measurement.median_ms, r.measurement.iqr_ms, len(r.measurement.samples_ns),
-                      r.disk_bytes, r.peak_rss_bytes, r.nonzero_parameters, json.dumps(r.to_dict()))
-                     for r in run.records],
-                )
-                db.executemany("INSERT INTO failures (run_id, model, runtime, error, record) VALUES (?, ?, ?, ?, ?)",
-                               [(run_id, f.model, f.runtime, f.error, json.dumps(f.to_dict())) for f in run.failures])
-                return run_id
+                known = dict(db.execute("SELECT uid, id FROM runs WHERE uid IS NOT NULL").fetchall())
+                out = []
+                for run, uid in zip(runs, uids):
+                    if uid in known:
+                        out.append((known[uid], False))
+                        continue
+                    known[uid] = self._insert(db, run, uid)
+                    out.append((known[uid], True))
+                return out
 
         return self._retrying(write)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, run: NewRun, uid: str) -> int:
+        """Insert one run, its records and its failures (inside the caller's transaction); its id."""
+        if run.status not in STATUSES:
+            raise UsageError(f"a run's status must be one of {', '.join(STATUSES)}, got {run.status!r}")
+        run_id = db.execute(
+            "INSERT INTO runs (started_utc, finished_utc, status, command, git_revision, profile, conditions, "
+            "uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.started_utc, run.finished_utc or now_utc(), run.status, run.command, run.git_revision,
+             run.profile, json.dumps(run.conditions), uid),
+        ).lastrowid
+        db.executemany(
+            "INSERT INTO records (run_id, model, prune, sparsity, form, runtime, stage, device, batch_size, "
+            "threads, p50_ms, iqr_ms, samples, disk_bytes, peak_rss_bytes, nonzero_parameters, record) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(run_id, r.model, r.prune, r.sparsity, r.form, r.runtime, r.stage, r.device, r.batch_size,
+              r.threads, r.measurement.median_ms, r.measurement.iqr_ms, len(r.measurement.samples_ns),
+              # the raw record: statistics are derived when read (a bootstrap interval per record would make
+              # importing thousands of runs take minutes), as `BenchRecord.from_dict` ignores them anyway
+              r.disk_bytes, r.peak_rss_bytes, r.nonzero_parameters, json.dumps(asdict(r)))
+             for r in run.records],
+        )
+        db.executemany("INSERT INTO failures (run_id, model, runtime, error, record) VALUES (?, ?, ?, ?, ?)",
+                       [(run_id, f.model, f.runtime, f.error, json.dumps(f.to_dict())) for f in run.failures])
+        return run_id
 
     def save_run(self, records: Sequence[BenchRecord], *, started_utc: str, status: str, command: str,
                  profile: str, conditions: dict[str, Any], failures: Sequence[FailedConfiguration] = ()) -> int:
@@ -305,7 +345,8 @@ class ResultStore:
         `deploykit report --import FILE` puts it into a store."""
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         uid = run.uid or str(uuid.uuid4())
-        text = json.dumps({"format": SPILL_FORMAT, "runs": [{**run.to_dict(), "uid": uid}]}, indent=1) + "\n"
+        text = json.dumps({"format": SPILL_FORMAT, "version": SPILL_VERSION, "runs": [{**run.to_dict(), "uid": uid}]},
+                          indent=1) + "\n"
         for directory in (self.path.parent, Path.cwd()):
             path = directory / f"{self.path.name}.unsaved-{stamp}-{os.getpid()}.json"
             try:
@@ -315,13 +356,37 @@ class ResultStore:
                 continue
         raise StoreError(f"the run could not be stored in {str(self.path)!r} nor written beside it")
 
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection to read from; what SQLite says of a store that is not ours (another schema,
+        tables missing) or that stays locked becomes one line naming the store."""
+        try:
+            with closing(self._connect(create=False)) as db:
+                yield db
+        except sqlite3.Error as exc:
+            if _is_busy(exc):
+                raise StoreError(f"results store {str(self.path)!r} is locked by another process: {exc}") from None
+            raise ArtifactError(f"cannot read results store {str(self.path)!r} (not a deploykit store of this "
+                                f"schema, or damaged): {exc}") from None
+
+    def _summaries(self, db: sqlite3.Connection) -> list[Run]:
+        uid = ", uid" if self._version(db) >= 2 else ", NULL"
+        rows = db.execute("SELECT id, started_utc, finished_utc, status, command, git_revision, profile, "
+                          f"conditions{uid} FROM runs ORDER BY id").fetchall()
+        out = []
+        for row in rows:
+            try:
+                values = {name: check(value, kind, f"run {row[0]} {name}") for (name, kind), value in
+                          zip(_SUMMARY_FIELDS.items(), (*row[:7], json.loads(row[7]), row[8]))}
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise ArtifactError(f"results store {str(self.path)!r}: {exc}") from None
+            out.append(Run(**values))
+        return out
+
     def runs(self) -> list[Run]:
         """Every run, oldest first, without records."""
-        with closing(self._connect(create=False)) as db:
-            uid = ", uid" if self._version(db) >= 2 else ", NULL"
-            rows = db.execute("SELECT id, started_utc, finished_utc, status, command, git_revision, profile, "
-                              f"conditions{uid} FROM runs ORDER BY id").fetchall()
-        return [Run(*row[:7], json.loads(row[7]), uid=row[8]) for row in rows]
+        with self._reading() as db:
+            return self._summaries(db)
 
     def run(self, selector: str) -> Run:
         """A run with its records: by id, "last", or "profile:NAME" (that profile's last run)."""
@@ -346,29 +411,56 @@ class ResultStore:
 
     def with_records(self, chosen: Run) -> Run:
         """`chosen` (one of `runs()`) with its records and failures."""
-        with closing(self._connect(create=False)) as db:
+        with self._reading() as db:
             rows = db.execute("SELECT record FROM records WHERE run_id = ? ORDER BY id", (chosen.id,)).fetchall()
             failed = (db.execute("SELECT record FROM failures WHERE run_id = ? ORDER BY id", (chosen.id,)).fetchall()
                       if self._version(db) >= 2 else [])
+        return self._filled(chosen, [row[0] for row in rows], [row[0] for row in failed])
+
+    def all_runs(self) -> list[Run]:
+        """Every run with its records and failures, read in one pass (what importing a store needs)."""
+        records: dict[int, list[str]] = {}
+        failures: dict[int, list[str]] = {}
+        with self._reading() as db:
+            summaries = self._summaries(db)
+            for run_id, text in db.execute("SELECT run_id, record FROM records ORDER BY id"):
+                records.setdefault(run_id, []).append(text)
+            if self._version(db) >= 2:
+                for run_id, text in db.execute("SELECT run_id, record FROM failures ORDER BY id"):
+                    failures.setdefault(run_id, []).append(text)
+        return [self._filled(run, records.get(run.id, []), failures.get(run.id, [])) for run in summaries]
+
+    def _filled(self, chosen: Run, records: Sequence[str], failures: Sequence[str]) -> Run:
+        """`chosen` with the records and failures stored as JSON texts, each checked."""
         try:
-            records = tuple(BenchRecord.from_dict(json.loads(row[0])) for row in rows)
-            failures = tuple(FailedConfiguration.from_dict(json.loads(row[0])) for row in failed)
-        except (ValueError, TypeError, KeyError) as exc:
+            kept = tuple(BenchRecord.from_dict(json.loads(text), f"record {i}") for i, text in enumerate(records))
+            failed = tuple(FailedConfiguration.from_dict(json.loads(text), f"failure {i}")
+                           for i, text in enumerate(failures))
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise ArtifactError(f"results store {str(self.path)!r}: run {chosen.id} holds a malformed record "
-                                f"({type(exc).__name__}: {exc})") from None
-        return Run(**{**chosen.__dict__, "records": records, "failures": failures})
+                                f"({exc})") from None
+        return Run(**{**chosen.__dict__, "records": kept, "failures": failed})
+
+
+#: the columns a run's summary is read from, and their types
+_SUMMARY_FIELDS = {"id": int, "started_utc": str, "finished_utc": str, "status": str, "command": str,
+                   "git_revision": str | None, "profile": str, "conditions": dict[str, Any], "uid": str | None}
 
 
 def read_spilled_runs(path: str | Path) -> list[NewRun]:
-    """The runs in a JSON file `ResultStore.spill` wrote, checked to be whole runs."""
+    """The runs in a JSON file `ResultStore.spill` wrote, every run and record checked before any is used."""
     text = read_text(path, "runs file", UsageError)
     try:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("format") != SPILL_FORMAT:
             raise ValueError(f"not a {SPILL_FORMAT} file")
-        return [NewRun.from_dict(run) for run in data["runs"]]
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise UsageError(f"cannot import {str(path)!r}: {type(exc).__name__}: {exc}") from None
+        version = data.get("version", 1)
+        if version != SPILL_VERSION:
+            raise ValueError(f"layout version {version!r}; this deploykit reads version {SPILL_VERSION}")
+        runs = check(data.get("runs"), list, "runs")
+        return [NewRun.from_dict(run, f"runs[{i}]") for i, run in enumerate(runs)]
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise UsageError(f"cannot import {str(path)!r}: {exc}") from None
 
 
 def is_store_file(path: str | Path) -> bool:
@@ -395,13 +487,12 @@ def read_store_runs(path: str | Path, into: str | Path) -> list[NewRun]:
     """Every run of the results store at `path`, as runs to save into the store at `into`: the same
     records and failures, its unique id kept, and `conditions["imported_from"]` naming the store and
     the run's id there (the first import's, for a run that travelled through several stores). The
-    store is checked as any other (damaged ones are refused)."""
+    store is read in one pass and checked as any other (damaged ones are refused, every record is
+    validated before any run is used)."""
     if Path(path).resolve() == Path(into).resolve():
         raise UsageError(f"cannot import {str(path)!r}: it is the results store itself")
-    other = ResultStore(path)
     out = []
-    for summary in other.runs():
-        run = other.with_records(summary)
+    for run in ResultStore(path).all_runs():
         origin = {"store": str(Path(path).resolve()), "run": run.id}
         out.append(NewRun(run.records, run.started_utc, run.status, run.command, run.profile,
                           {"imported_from": origin, **run.conditions}, run.failures, git_revision=run.git_revision,

@@ -115,6 +115,16 @@ THREAD_POLICIES.add("all-threads", lambda p: (p.cpu and p.cpu.threads) or _avail
 _TABLES = {"cpu": CPU, "memory": Memory, "gpu": GPU, "runtime": RuntimePolicy, "match": Match}
 
 
+#: bounds on what a profile says: a count past MAX_COUNT (cores, threads, CUDA cores) or a figure past
+#: MAX_FIGURE (GHz, GB, TFLOPS) is a typo or a hostile file, never a machine
+MAX_COUNT = 1_000_000
+MAX_FIGURE = 1e9
+#: a profile's name: what files, resources (`deploykit-profile:NAME`) and reports carry
+PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: the longest description or other text of a profile
+MAX_TEXT = 1000
+
+
 def _build(cls: type, table: dict[str, Any], where: str):
     """A dataclass from a TOML table: unknown keys and wrongly typed values are errors naming them."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -125,15 +135,19 @@ def _build(cls: type, table: dict[str, Any], where: str):
     for key, value in table.items():
         kind = str(fields[key].type)
         if "tuple" in kind:
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ArtifactError(f"{where}: {key} must be a list of strings")
+            # a match rule of "" would match every machine
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() and len(v) <= MAX_TEXT
+                                                      for v in value):
+                raise ArtifactError(f"{where}: {key} must be a list of non-empty strings")
             value = tuple(value)
-        elif kind.startswith("int") and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise ArtifactError(f"{where}: {key} must be a positive integer, got {value!r}")
-        elif kind.startswith("float") and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-            raise ArtifactError(f"{where}: {key} must be a positive number, got {value!r}")
-        elif kind == "str" and not isinstance(value, str):
-            raise ArtifactError(f"{where}: {key} must be a string, got {value!r}")
+        elif kind.startswith("int") and not (isinstance(value, int) and not isinstance(value, bool)
+                                             and 0 < value <= MAX_COUNT):
+            raise ArtifactError(f"{where}: {key} must be a positive integer up to {MAX_COUNT:,}, got {value!r}")
+        elif kind.startswith("float") and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                               and 0 < value <= MAX_FIGURE):
+            raise ArtifactError(f"{where}: {key} must be a positive number up to {MAX_FIGURE:g}, got {value!r}")
+        elif kind == "str" and not (isinstance(value, str) and len(value) <= MAX_TEXT):
+            raise ArtifactError(f"{where}: {key} must be a string of up to {MAX_TEXT} characters, got {value!r:.60}")
         values[key] = value
     missing = [f.name for f in fields.values()
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
@@ -148,8 +162,11 @@ def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
     if unknown:
         raise ArtifactError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
     for key in ("name", "description"):
-        if not isinstance(data.get(key), str) or not data[key]:
-            raise ArtifactError(f"{where}: {key!r} must be a non-empty string")
+        if not isinstance(data.get(key), str) or not data[key] or len(data[key]) > MAX_TEXT:
+            raise ArtifactError(f"{where}: {key!r} must be a non-empty string of up to {MAX_TEXT} characters")
+    if not PROFILE_NAME.match(data["name"]):
+        raise ArtifactError(f"{where}: name {data['name'][:60]!r} must be letters, digits, '.', '_' and '-' (up to 128, "
+                            "starting with a letter or digit): it names files and a cluster resource")
     tables = {}
     for key, cls in _TABLES.items():
         if key in data:
@@ -169,6 +186,8 @@ def load_profile(path: str | Path) -> Profile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ArtifactError(f"cannot read profile {str(path)!r}: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise ArtifactError(f"cannot read profile {str(path)!r}: nested too deeply") from None
     return profile_from_dict(data, str(path))
 
 
@@ -177,14 +196,19 @@ def user_profile_dir() -> Path:
     return Path(os.environ.get("DEPLOYKIT_PROFILES") or Path.home() / ".config" / "deploykit" / "profiles")
 
 
-def known_profiles() -> dict[str, Profile]:
-    """Shipped profiles, then the user's (which may not reuse a shipped name), by name."""
-    profiles: dict[str, Profile] = {}
+def profile_paths() -> list[Path]:
+    """The files profiles are read from: the shipped ones, then the user's, each group by name."""
     shipped = resources.files("deploykit.runtime.hardware")
     paths = [Path(str(p)) for p in shipped.iterdir() if p.name.endswith(".toml")]
     if user_profile_dir().is_dir():
         paths += sorted(user_profile_dir().glob("*.toml"))
-    for path in sorted(paths, key=lambda p: (p.parent != Path(str(shipped)), p.name)):
+    return sorted(paths, key=lambda p: (p.parent != Path(str(shipped)), p.name))
+
+
+def known_profiles() -> dict[str, Profile]:
+    """Shipped profiles, then the user's (which may not reuse a shipped name), by name."""
+    profiles: dict[str, Profile] = {}
+    for path in profile_paths():
         profile = load_profile(path)
         if profile.name in profiles:
             raise ArtifactError(f"{str(path)!r}: profile name {profile.name!r} is already taken")
