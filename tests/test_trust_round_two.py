@@ -105,9 +105,10 @@ def test_a_damaged_weights_header_is_refused_naming_the_file(dk, hf_copy, tmp_pa
 
 
 @pytest.mark.parametrize("change, says", [
-    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
-    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be a positive integer, got 2.5"),
-    ({"hidden_size": "wide"}, "hidden_size must be a positive integer, got 'wide'"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer (or a list or table of them, or "
+                                 "null), got 0"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be a positive integer"),
+    ({"hidden_size": "wide"}, "hidden_size must be a positive integer"),
     ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
      "has a quantization_config ('bitsandbytes')"),
     ({"num_hidden_layers": 10_000}, "declares 10,000 layers"),
@@ -539,3 +540,23 @@ def test_a_graph_computing_a_tensor_too_large_is_refused_before_running(dk, tmp_
     code, _, err = dk("bench", path, *FAST, "--no-store")
     assert code == 2 and "the graph computes 'big' of shape [1000000, 1000000]" in err, err
     assert dk("audit", path)[0] == 0  # an audit reads the graph without running it
+
+
+def test_no_architecture_transformers_ships_is_refused_by_the_size_check():
+    """The value check refuses hostile sizes, not real layouts: every config class transformers ships,
+    at its defaults (per-stage lists, tables, nulls, DeBERTa's 0 token types), passes."""
+    transformers = pytest.importorskip("transformers")
+    from deploykit.model.hf import check_config_values
+
+    checked = 0
+    for name in dir(transformers):
+        # EdgeTAM's vision config asks the Hub for a timm config when built (no network here)
+        if not name.endswith("Config") or not name[0].isupper() or name.startswith("EdgeTam"):
+            continue
+        try:
+            values = getattr(transformers, name)().to_dict()
+        except Exception:  # noqa: BLE001 - not a model config, or one that needs arguments
+            continue
+        check_config_values(values, name)
+        checked += 1
+    assert checked > 300

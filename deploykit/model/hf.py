@@ -74,13 +74,18 @@ WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.j
 MAX_DIRECTORY_ENTRIES = 10_000
 #: the largest config.json or index read (real ones are kilobytes; an index of 10^5 shards is ~10 MB)
 MAX_JSON_BYTES = 32 * 2**20
-#: config values that size the model: each must be a positive integer where given (`check_config_values`)
+#: config values that size a transformer's layers (`check_config_values`): each, where given, a positive
+#: integer, a list of them (one per stage: Swin's heads, SegFormer's) or a table of them (LXMERT's layers
+#: per encoder), or null (transformers derives it: GPT-Neo's intermediate_size, ESM's vocab_size); none of
+#: the config classes transformers ships is refused with its defaults (a test keeps it so). Sizes some architectures give as pairs
+#: (image_size, patch_size) are left to transformers and the run-once check.
 SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "num_hidden_layers", "n_layer", "num_layers", "n_layers",
              "encoder_layers", "decoder_layers", "num_decoder_layers", "num_attention_heads", "n_head", "num_heads",
              "n_heads", "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads", "vocab_size",
              "intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim", "encoder_ffn_dim", "decoder_ffn_dim",
-             "d_kv", "max_position_embeddings", "n_positions", "type_vocab_size", "num_labels", "image_size",
-             "patch_size", "num_channels")
+             "d_kv", "max_position_embeddings", "n_positions", "type_vocab_size")
+#: sizes that may be 0 (DeBERTa has no token types)
+ZERO_SIZES = ("type_vocab_size",)
 #: layers a config may declare (the deepest released transformers have about 120; a config with more is
 #: damaged or hostile, and would build for minutes before anything could refuse it)
 MAX_LAYERS = 1024
@@ -135,16 +140,24 @@ def check_config_values(values: dict, where: str) -> None:
     """Refuse, naming the key, config values transformers would take and fail on later (or build for
     minutes from): sizes that are not positive integers, and quantized checkpoints."""
     for key in SIZE_KEYS:
-        value = values.get(key)
-        if value is None and key in values and key in ("n_inner", "d_kv", "num_key_value_heads", "n_positions"):
-            continue  # these default from others when null
-        if key in values and (type(value) is not int or value < 1):
-            raise UsageError(f"{where}: config.json's {key} must be a positive integer, got {value!r}")
+        if key in values and not _size_value(values[key], 0 if key in ZERO_SIZES else 1):
+            raise UsageError(f"{where}: config.json's {key} must be a positive integer (or a list or table of them, "
+                             f"or null), got {values[key]!r:.80}")
     quantization = values.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
         raise UsageError(f"{where}: config.json has a quantization_config ({method!r}); deploykit prunes and exports "
                          "float weights: give the float model's directory")
+
+
+def _size_value(value, least: int) -> bool:
+    if value is None or type(value) is int and value >= least:
+        return True
+    if isinstance(value, list):
+        return bool(value) and all(type(v) is int and v >= least for v in value)
+    if isinstance(value, dict):
+        return all(type(v) is int and v >= least for v in value.values())
+    return False
 
 
 def estimated_parameters(config) -> int:
@@ -487,9 +500,13 @@ def _spec(name: str, config, task: str, description: str, build, bundle=None) ->
         fields.update(inputs=inputs, outputs=("logits",))
         wrap = Seq2SeqLM
     else:
-        onnx = onnx_config(config, task)
-        inputs = _input_specs(config, onnx)
-        outputs = tuple(onnx.outputs)
+        try:
+            onnx = onnx_config(config, task)
+            inputs = _input_specs(config, onnx)
+            outputs = tuple(onnx.outputs)
+        except Exception as exc:  # noqa: BLE001 - what optimum raises on config values it cannot describe
+            raise UsageError(f"{description}: optimum cannot describe the inputs of the model its config describes "
+                             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})") from None
         fields.update(inputs=inputs, outputs=outputs, sampler=_dummy_sampler(onnx, [i.name for i in inputs]))
 
         def wrap(model, names=tuple(i.name for i in inputs)):
