@@ -52,7 +52,7 @@ class BenchRecord:
     #: the length set on every named non-batch input axis (a sequence-length sweep); None: the model's own
     sequence_length: int | None = field(default=None, metadata=at_least(1))
     #: the exported model's quality on held-out data (ModelSpec.evaluate), e.g. {"accuracy": 0.97}
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict, metadata=NON_FINITE)  # a perplexity may overflow
     #: post-training quantization scheme of the artifact ("int8"), "" for float
     quantization: str = ""
     #: onnxruntime's graph optimisation level ("" for runtimes without one)

@@ -13,6 +13,7 @@ are sequence axes (set by --seq-len), integer inputs need a value range (--input
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -129,7 +130,7 @@ def _check_static_sizes(path: Path, proto: "onnx.ModelProto") -> None:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
         except (KeyError, TypeError, ValueError):
             continue
-        size = _numel([d.dim_value for d in dims]) * itemsize
+        size = math.prod(d.dim_value for d in dims) * itemsize
         if size > limit:
             raise ArtifactError(f"{str(path)!r}: the graph computes {value.name!r} of shape "
                                 f"{[d.dim_value for d in dims]} ({size / 2**30:.3g} GiB), more than "
@@ -144,34 +145,24 @@ MAX_LOOP_ITERATIONS = 10**6
 
 
 def _constant_ints(graph) -> dict[str, int]:
-    """Name -> value of the graph's scalar integer constants (initializers and Constant nodes)."""
-    from onnx import numpy_helper
+    """Name -> value of the graph's one-element integer constants (initializers and Constant nodes)."""
+    from onnx import TensorProto, numpy_helper
 
-    tensors = {init.name: init for init in graph.initializer}
+    def scalar(tensor) -> int | None:
+        if tensor.data_type in (TensorProto.INT32, TensorProto.INT64) and math.prod(tensor.dims) == 1:
+            return int(numpy_helper.to_array(tensor).reshape(-1)[0])
+        return None
+
+    values = {init.name: scalar(init) for init in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attribute in node.attribute:
-                if attribute.name == "value" and attribute.HasField("t"):
-                    tensors[node.output[0]] = attribute.t
-                elif attribute.name in ("value_int", "value_ints"):
-                    tensors[node.output[0]] = attribute
-    values = {}
-    for name, tensor in tensors.items():
-        if hasattr(tensor, "data_type"):
-            if tensor.data_type in (6, 7) and _numel(tensor.dims) == 1:  # INT32, INT64, one element
-                values[name] = int(numpy_helper.to_array(tensor).reshape(-1)[0])
-        elif tensor.name == "value_int":
-            values[name] = int(tensor.i)
-        elif len(tensor.ints) == 1:
-            values[name] = int(tensor.ints[0])
-    return values
-
-
-def _numel(dims) -> int:
-    count = 1
-    for dim in dims:
-        count *= dim
-    return count
+        for attribute in node.attribute if node.op_type == "Constant" and node.output else ():
+            if attribute.name == "value" and attribute.HasField("t"):
+                values[node.output[0]] = scalar(attribute.t)
+            elif attribute.name == "value_int":
+                values[node.output[0]] = int(attribute.i)
+            elif attribute.name == "value_ints" and len(attribute.ints) == 1:
+                values[node.output[0]] = int(attribute.ints[0])
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _check_loops(path: Path, graph, outer: int = 1, scope: dict[str, int] | None = None) -> None:
