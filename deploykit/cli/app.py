@@ -843,12 +843,12 @@ def cmd_profile_detect(args) -> int:
     if args.save:
         _check_output(args.save, "--save")
     machine = detect_profile()
-    path = (Path(args.save) if args.save else user_profile_dir() / f"{machine.name}.toml") if args.save is not None \
-        else None
+    own = user_profile_dir() / f"{machine.name}.toml"
+    path = None if args.save is None else Path(args.save) if args.save else own
     # detection reads every known profile to match against; --save may renew this machine's own file only
     check_outputs_apart([("--save", path), ("--json", args.json)],
                         [("the profile", other, False) for other in profile_paths()
-                         if path is None or other.absolute() != (user_profile_dir() / f"{machine.name}.toml").absolute()])
+                         if path is None or other.absolute() != own.absolute()])
     known = match_profile(machine)
     if path is not None:
         if not args.save:  # the user's profile folder is deploykit's to create; a named path's folder is not

@@ -514,10 +514,15 @@ def _spec(name: str, config, task: str, description: str, build, bundle=None) ->
 
     spec = ModelSpec(name=name, build=lambda: wrap(build()), description=description, bundle=bundle, **fields)
 
+    ran: list[bool] = []  # the config runs: later builds of the same spec need not call it again
+
     def checked_build() -> nn.Module:
-        """The model, run once on its own example inputs: a config transformers builds from but cannot run
-        (an activation of null, a size that does not divide) is the config's fault, said as such."""
+        """The model, run once on its own example inputs (the first build of the spec): a config
+        transformers builds from but cannot run (an activation of null, a size that does not divide) is the
+        config's fault, said as such."""
         model = wrap(build())
+        if ran:
+            return model
         try:
             with torch.no_grad():
                 model.eval()(*spec.example_inputs(1))
@@ -526,6 +531,7 @@ def _spec(name: str, config, task: str, description: str, build, bundle=None) ->
         except Exception as exc:  # noqa: BLE001 - whatever transformers raises on such a config
             raise UsageError(f"{description}: the model its config describes does not run ({type(exc).__name__}: "
                              f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+        ran.append(True)
         return model
 
     return dataclasses.replace(spec, build=checked_build)
