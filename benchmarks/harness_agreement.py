@@ -67,7 +67,7 @@ def main() -> int:
             bench = subprocess.run(
                 [sys.executable, "-m", "deploykit", "bench", str(directory), "--threads", "1", "--min-time",
                  str(args.min_time), "--no-store", "--json", "-q"], capture_output=True, text=True, check=True)
-            ours = {r["runtime"]: r["latency_ms"]["p50"] for r in json.loads(bench.stdout)}
+            ours = {r["runtime"]: r["latency_ms"]["p50"] for r in json.loads(bench.stdout)["records"]}
             spec = get_model(name)
             inputs = spec.example_inputs(1, seed=2)
             model, _ = load_torch_model(directory, for_runtime=False)

@@ -106,11 +106,11 @@ def test_entry_point_export_and_bench_rebuild_the_model(cli, user_file, tmp_path
     # the artifact names code: torch imports it only with consent; onnxruntime needs none
     r = cli("bench", str(out), *fast)
     assert r.returncode == 0, r.stderr
-    assert {rec["runtime"] for rec in json.loads(r.stdout)} == {"onnxruntime"}
+    assert {rec["runtime"] for rec in json.loads(r.stdout)["records"]} == {"onnxruntime"}
     assert "note: torch skipped:" in r.stderr and "--trust-code" in r.stderr
     r = cli("bench", str(out), *fast, "--trust-code")
     assert r.returncode == 0, r.stderr
-    records = json.loads(r.stdout)
+    records = json.loads(r.stdout)["records"]
     assert {rec["runtime"] for rec in records} == {"torch", "onnxruntime"}
     assert all(rec["parity_max_abs_error"] <= 1e-4 for rec in records)
 
@@ -275,7 +275,7 @@ def test_bench_and_audit_an_onnx_file_with_external_data(cli, onnx_dir, tmp_path
     r = cli("bench", str(path), "--batch", "1,3", "--min-iters", "5", "--min-time", "0", "--warmup", "0",
             "--no-store", "--json")
     assert r.returncode == 0, r.stderr
-    records = json.loads(r.stdout)
+    records = json.loads(r.stdout)["records"]
     assert [(rec["runtime"], rec["batch_size"]) for rec in records] == [("onnxruntime", 1), ("onnxruntime", 3)]
     assert records[0]["model"] == "net.onnx" and records[0]["parameters"] == 1732
     sizes = (path.stat().st_size + (path.parent / "net.data").stat().st_size)
@@ -337,7 +337,7 @@ def test_onnx_file_inputs_come_from_the_graph(cli, tmp_path):
     r = cli("bench", str(path), "--input-spec", "ids:batch,seq:int64:30", "--seq-len", "4,9", "--runtime",
             "onnxruntime", "--min-iters", "5", "--min-time", "0", "--warmup", "0", "--no-store", "--json")
     assert r.returncode == 0, r.stderr
-    assert [rec["sequence_length"] for rec in json.loads(r.stdout)] == [4, 9]
+    assert [rec["sequence_length"] for rec in json.loads(r.stdout)["records"]] == [4, 9]
 
 
 def test_onnx_file_with_a_fixed_batch_refuses_other_batch_sizes(cli, tmp_path):

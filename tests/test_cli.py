@@ -92,9 +92,12 @@ def test_unreadable_manifest_is_reported(cli, tmp_path):
 def test_bench_measures_each_runtime_in_its_own_process(cli):
     result = cli("bench", "--prune", "magnitude:0.5", "--form", "csr", *FAST, "--json")
     assert result.returncode == 0, result.stderr
-    records = json.loads(result.stdout)
-    assert [(r["form"], r["sparsity"], r["runtime"]) for r in records] == [
-        ("csr", 0.5, "torch"), ("csr", 0.5, "onnxruntime")]
+    records = json.loads(result.stdout)["records"]
+    # the unpruned model (dense, exported as it is) is measured with the plan, in the same rounds
+    assert [(r["form"], r["sparsity"], r["runtime"], r["baseline"]) for r in records] == [
+        ("dense", 0.0, "torch", True), ("dense", 0.0, "onnxruntime", True),
+        ("csr", 0.5, "torch", False), ("csr", 0.5, "onnxruntime", False)]
+    records = [r for r in records if not r["baseline"]]
     by_runtime = {r["runtime"]: r for r in records}
     for r in records:
         assert r["threads"] == 1 and r["batch_size"] == 1
@@ -118,8 +121,8 @@ def test_bench_an_exported_directory_with_json_file(cli, tmp_path):
     result = cli("bench", str(art), "--runtime", "onnxruntime", "--batch", "1,4", *FAST, "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
     header = result.stdout.splitlines()[0].split()
-    assert header[:6] == ["model", "form", "sparsity", "runtime", "batch", "threads"] and header[-1] == "parity"
-    records = json.loads((tmp_path / "r.json").read_text())
+    assert header[:6] == ["model", "plan", "form", "runtime", "batch", "threads"] and header[-1] == "pareto"
+    records = json.loads((tmp_path / "r.json").read_text())["records"]
     assert [r["batch_size"] for r in records] == [1, 4]
     assert all(r["artifact"] == str(art) and r["sparsity"] == 0.9 for r in records)
 
@@ -144,14 +147,14 @@ def test_bench_refuses_an_artifact_whose_onnx_no_longer_matches_and_parity_catch
 
 
 def test_export_dense_shrunk_prints_shapes_parameters_and_flops(cli, tmp_path):
-    result = cli("export", "--model", "vae", "--prune", "l1-structured:0.8", "--scope", "layer",
-                 "--form", "dense-shrunk", "--out", str(tmp_path / "vae"), "-q")
+    result = cli("export", "--model", "vae", "--prune", "l1-structured:0.8", "--scope", "layer", "--round-to", "1",
+                 "--form", "dense-shrunk", "--out", str(tmp_path / "vae"), "--no-measure", "-q")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "  fc1:  Linear(784 -> 400) -> Linear(784 -> 80)" in out
     assert "  fc4:  Linear(400 -> 784) -> Linear(80 -> 784)" in out
     assert "parameters 652,824 -> 127,352" in out
-    assert "FLOPs per item 1,302,400 -> 252,800 (theoretical speedup 5.15x" in out
+    assert "FLOPs per item 1,302,400 -> 252,800 (FLOPs 5.15x fewer: a count, not a time" in out
 
 
 def test_plan_file_and_rules_on_the_command_line(cli, tmp_path):

@@ -341,6 +341,23 @@ def _pack_raw_audio_experiment(tmp_path):
     return model, archive
 
 
+@pytest.mark.parametrize("frames", [150, 413])
+def test_pytorch_decoding_with_the_exported_algorithm_gives_espnets_tokens(model, frames):
+    """The torch session's cached stages run the modules export traced (keys and values cached): the
+    same tokens and log-probabilities as ESPnet's own decoding, so that torch against onnxruntime
+    on those stages compares runtimes, not algorithms."""
+    from deploykit.pipelines.espnet import TorchCachedTranslator, TorchTranslator
+    from deploykit.pipelines.st_decode import state_after, translate
+
+    feats = torch.randn(1, frames, 80, generator=torch.Generator().manual_seed(frames))
+    cached, espnet = TorchCachedTranslator(model), TorchTranslator(model)
+    assert translate(cached, feats, 15) == translate(espnet, feats, 15)
+    prefix = [espnet.sos, 7, 11, 13]
+    steps = [t.stepper(t.encode(feats)) for t in (cached, espnet)]
+    a, b = (s.step(prefix, state_after(s, prefix[:-1]))[0] for s in steps)
+    assert abs(a - b).max() < 1e-4
+
+
 def test_cli_exports_and_benches_a_real_experiment_zip(cli, tmp_path):
     import numpy as np
 
@@ -370,9 +387,10 @@ def test_cli_exports_and_benches_a_real_experiment_zip(cli, tmp_path):
 
     bench = cli("bench", str(out), "--min-time", "0", "--min-iters", "2", "--warmup", "0", "--json", "-q")
     assert bench.returncode == 0, bench.stderr
-    records = json.loads(bench.stdout)
+    records = json.loads(bench.stdout)["records"]
     assert {(r["runtime"], r["stage"]) for r in records} == {
-        (runtime, stage) for runtime in ("torch", "onnxruntime") for stage in ("encoder", "decoder-step", "greedy")}
+        (runtime, stage) for runtime in ("torch", "onnxruntime") for stage in ("encoder", "decoder-step", "greedy")} | {
+        ("torch", "decoder-step-cached"), ("torch", "greedy-cached")}  # the export's algorithm under PyTorch
     for r in records:
         assert r["parity_max_abs_error"] <= 1e-4  # greedy tokens included: one differing token would be >= 1
         expected = (["weights.safetensors"] if r["runtime"] == "torch"

@@ -58,19 +58,41 @@ def test_page_has_the_studies_plots_with_one_point_per_configuration(tmp_path):
     _, run = _run(tmp_path, _records())
     page = html_report(run)
     svgs = _svgs(page)
-    assert list(svgs) == ["dk-quality-sparsity", "dk-quality-disk", "dk-quality-latency", "dk-latency-sparsity",
-                          "dk-latency-batch"]
+    assert list(svgs) == ["dk-quality-sparsity", "dk-quality-disk", "dk-quality-latency", "dk-size-sparsity",
+                          "dk-latency-sparsity", "dk-latency-batch"]
     points = {name: _points(svg) for name, svg in svgs.items()}
     per_batch = len(SPARSITIES) * len(RUNTIMES) * len(FORMS)
     assert points == {
         "dk-quality-sparsity": len(SPARSITIES),  # quality is the weights': one point per plan
         "dk-quality-disk": per_batch,  # one per artifact and runtime
         "dk-quality-latency": per_batch,  # at one batch size (the page says which)
+        "dk-size-sparsity": per_batch,
         "dk-latency-sparsity": per_batch,
         "dk-latency-batch": per_batch * len(BATCHES),
     }
     assert "At batch 1." in page
     assert page.count("<tr>") == 1 + len(run.records)  # the measurements table: header + one row each
+
+
+def test_every_methods_line_starts_at_the_unpruned_model_and_legends_are_whole(tmp_path):
+    import dataclasses
+
+    base = [dataclasses.replace(r, prune="none", baseline=True) for r in _records() if r.sparsity == 0
+            and r.form == "dense"]
+    pruned = [r for r in _records() if r.sparsity > 0]
+    records = base + pruned + [dataclasses.replace(r, prune=r.prune.replace("magnitude", "random-structured-long-name"))
+                               for r in pruned]
+    _, run = _run(tmp_path, records)
+    svgs = _svgs(html_report(run))
+    for name in ("dk-quality-sparsity", "dk-size-sparsity", "dk-latency-sparsity"):
+        lines = re.findall(r'<polyline class="dk-line" points="([^"]+)"', svgs[name])
+        # one line per method (and runtime and form): each has the unpruned point (x = 0) first
+        assert lines and all(points.split()[0].split(",")[0] == lines[0].split()[0].split(",")[0] for points in lines)
+        assert len(lines) == (2 if name == "dk-quality-sparsity" else 2 * len(RUNTIMES) * len(FORMS))
+        labels = re.findall(r'data-label="([^"]+)"', svgs[name])
+        assert any("random-structured-long-name" in label and "onnxruntime" in label for label in labels) or \
+            name == "dk-quality-sparsity"
+        assert "\u2026" not in svgs[name]  # never cut
 
 
 def test_page_is_self_contained_and_escapes_what_it_shows(tmp_path):
@@ -205,3 +227,52 @@ def test_report_renders_in_headless_chromium_with_every_point_inside_its_plot(tm
         assert plot["outside"] == 0, plot
         assert plot["overflowing"] == [], plot
         assert plot["legendOverlaps"] == 0, plot
+
+
+def _answer_records():
+    """Two methods swept against a baseline measured with them: speedups with intervals, accuracy."""
+    import dataclasses
+
+    from deploykit.bench.records import Versus
+
+    out = []
+    for rt, dev in RUNTIMES:
+        base = dataclasses.replace(_record("lenet-300-100", 0.0, rt, dev, "dense", 1, 40, accuracy=0.98),
+                                   prune="none", baseline=True)
+        out.append(base)
+        for method, drop in (("magnitude", 0.05), ("l1-structured-with-a-long-name", 0.3)):
+            for s in (0.5, 0.9):
+                for form in FORMS:
+                    speed = 1 + s * (2 if form == "csr" else 0.5)
+                    ratios = tuple(speed * (1 + 0.01 * ((i % 5) - 2) * (4 if method == "magnitude" else 1))
+                                   for i in range(10))
+                    r = _record("lenet-300-100", s, rt, dev, form, 1, 40 / speed, accuracy=0.98 - drop * s ** 2)
+                    out.append(dataclasses.replace(
+                        r, prune=f"{method}:{s:g}", versus=Versus(base.artifact, "none", "dense", 0.04, 10**6,
+                                                                  {"accuracy": 0.98}, ratios)))
+    return out
+
+
+def test_the_answer_page_has_speedup_intervals_fronts_and_whole_legends_in_chromium(tmp_path):
+    _, run = _run(tmp_path, _answer_records())
+    page = html_report(run)
+    svgs = _svgs(page)
+    assert {"dk-speedup-sparsity", "dk-size-sparsity", "dk-quality-latency"} <= set(svgs)
+    speedup = svgs["dk-speedup-sparsity"]
+    # an interval bar per variant (the baseline, at 1, has none), each method's line from the unpruned point
+    assert speedup.count('class="dk-interval"') == len(RUNTIMES) * 2 * 2 * len(FORMS)
+    assert speedup.count("the unpruned model (") == len(RUNTIMES) * 2 * len(FORMS)
+    assert "dk-noisy" in speedup  # magnitude's wide intervals are hollow
+    assert "Pareto front, onnxruntime" in svgs["dk-quality-latency"]
+    browser = _chromium()
+    path = tmp_path / "answer.html"
+    path.write_text(page.replace("</body>", LAYOUT_CHECK + "</body>"), encoding="utf-8")
+    dom = _render(browser, path, tmp_path)
+    found = re.search(r'<pre id="dk-layout">(.*?)</pre>', dom, re.S)
+    assert found, "the layout check did not run: " + dom[:500]
+    for plot in json.loads(html.unescape(found.group(1))):
+        assert plot["outside"] == 0 and plot["overflowing"] == [] and plot["legendOverlaps"] == 0, plot
+    # every series' full label reached the rendered page (wrapped, never cut)
+    for label in re.findall(r'data-label="([^"]+)"', page):
+        assert f'data-label="{label}"' in dom
+    assert any("l1-structured-with-a-long-name" in label for label in re.findall(r'data-label="([^"]+)"', dom))

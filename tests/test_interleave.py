@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from deploykit.bench.interleave import Job, run_interleaved
+from deploykit.bench import interleave
+from deploykit.bench.interleave import Job, paired_ratios, run_interleaved
 from deploykit.bench.runner import artifact_subject
 from deploykit.bench.settings import TimingSettings
 from deploykit.core.errors import MeasurementError
@@ -58,3 +59,23 @@ def test_processes_pool_their_samples(jobs):
     ((result, outputs),) = run_interleaved([ort], timing, Path(tmp))
     assert result["processes"] == 2 and len(result["round_times_ns"]) == 4  # two workers, two rounds each
     assert len(result["stages"]["forward"]["samples_ns"]) >= 10  # the budget is split, the samples pooled
+
+
+def test_the_baseline_is_measured_in_every_group_the_memory_bound_makes(jobs, monkeypatch):
+    tmp, (ort, _) = jobs
+    four = [dataclasses.replace(ort, label=f"job {i}") for i in range(4)]
+    monkeypatch.setattr(interleave, "max_live", lambda jobs: 2)  # room for the baseline and one other at a time
+    timing = dataclasses.asdict(TimingSettings(warmup_s=0.01, min_time_s=0.03, min_iters=6, rounds=3))
+    outcomes = run_interleaved(four, timing, Path(tmp), anchors=[0])
+    baseline, others = outcomes[0][0], [o[0] for o in outcomes[1:]]
+    # three groups (the baseline and one other each): the baseline ran three rounds in each
+    assert len(baseline["round_times_ns"]) == 9 and sorted({k[0] for k in baseline["round_keys"]}) == [0, 1, 2]
+    for group, other in enumerate(others):
+        assert {k[0] for k in other["round_keys"]} == {group}
+        ratios = paired_ratios(baseline, other, "forward")
+        assert len(ratios) == 3  # one per round they shared
+        # each ratio pairs rounds that ran back to back: the baseline's round r of that group
+        mine = other["stages"]["forward"]["round_p50_ns"]
+        theirs = [p for k, p in zip(baseline["round_keys"], baseline["stages"]["forward"]["round_p50_ns"])
+                  if k[0] == group]
+        assert ratios == [b / a for a, b in zip(mine, theirs)]

@@ -121,6 +121,6 @@ def test_entry_points_returning_structured_outputs_export_with_parity_and_bench(
     r = cli("bench", str(tmp_path / "a"), "--trust-code", "--min-iters", "3", "--min-time", "0", "--warmup", "0",
             "--no-store", "--json", "-q")
     assert r.returncode == 0, r.stderr
-    records = json.loads(r.stdout)
+    records = json.loads(r.stdout)["records"]
     assert {rec["runtime"] for rec in records} == {"torch", "onnxruntime"}
     assert all(rec["parity_max_abs_error"] <= rec["parity_tolerance"] for rec in records)

@@ -180,9 +180,9 @@ def test_cli_sweeps_compressions(cli, tmp_path):
     r = cli("bench", "--model", "lenet-300-100", "--prune", "synflow:c0.5,c1", "--form", "csr", "--runtime",
             "onnxruntime", "--min-iters", "5", "--min-time", "0", "--warmup", "0", "--no-store", "--json")
     assert r.returncode == 0, r.stderr
-    records = json.loads(r.stdout)
-    assert [rec["prune"] for rec in records] == ["synflow:c0.5", "synflow:c1"]
-    assert records[1]["sparsity"] == pytest.approx(0.9)
+    records = json.loads(r.stdout)["records"]
+    assert [rec["prune"] for rec in records] == ["none", "synflow:c0.5", "synflow:c1"]  # the unpruned model first
+    assert records[2]["sparsity"] == pytest.approx(0.9)
 
 
 def test_stripped_saliency_masks_are_plain_zeros():

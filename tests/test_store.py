@@ -120,7 +120,7 @@ def test_bench_keeps_runs_and_report_renders_them(cli, tmp_path):
     out = tmp_path / "report.md"
     assert cli("report", "--store", str(store), "--format", "markdown", "--out", str(out)).returncode == 0
     assert out.read_text().startswith("# run 2 (complete)")
-    records = json.loads(cli("report", "--store", str(store), "--format", "json").stdout)
+    records = json.loads(cli("report", "--store", str(store), "--format", "json").stdout)["records"]
     assert len(records) == 2 and all(len(r["measurement"]["samples_ns"]) >= 5 for r in records)
     both = cli("bench", "--store", str(store), "--no-store")
     assert both.returncode == 2 and "contradict" in both.stderr

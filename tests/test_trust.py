@@ -486,7 +486,7 @@ def test_bench_counts_nonzeros_and_sizes_itself(dk, copy, tmp_path):
     _write_manifest(art, data)
     code, _, err = dk("bench", art, *FAST, "--no-store", "--json", tmp_path / "r.json")
     assert code == 0, err
-    (record,) = json.loads((tmp_path / "r.json").read_text())
+    (record,) = json.loads((tmp_path / "r.json").read_text())["records"]
     assert record["nonzero_parameters"] == truth and record["parameters"] == 1_412_354
     assert record["disk_bytes"] == (art / "model.onnx").stat().st_size
     code, out, _ = dk("audit", art, "--json")

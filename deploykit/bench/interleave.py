@@ -120,24 +120,56 @@ class _Worker:
 
 
 def run_interleaved(jobs: Sequence[Job], timing: dict, tmp: Path,
-                    progress: Callable[[str], None] = lambda message: None,
+                    progress: Callable[[str], None] = lambda message: None, anchors: Sequence[int] = (),
                     ) -> list[tuple[dict, list] | MeasurementError]:
     """Measure `jobs` in interleaved rounds (groups of `max_live` at a time); for each job, in order,
     (worker result, outputs of one call) or the MeasurementError it ended in. `timing` holds
     TimingSettings' fields: the budget each job gets in total, over its `rounds` and over its
     `processes`: each job is measured by that many workers (their samples pooled), because a process
     lands its tensors at its own places in memory, and that moves one process's times by a few
-    percent against another's (two identical copies of a model differed by up to 1.24x here)."""
+    percent against another's (two identical copies of a model differed by up to 1.24x here).
+
+    The jobs at `anchors` (the unpruned baselines the others are compared with) are measured in every
+    group, so that each job's rounds interleave with theirs whatever the memory bound; their samples
+    are pooled over the groups. Each stage of a result carries `round_p50_ns` and the result
+    `round_keys`: (group, process, round) of each of those medians, which `paired_ratios` matches."""
     processes = timing["processes"]
     per_process = {**timing, "min_time_s": timing["min_time_s"] / processes,
                    "min_iters": math.ceil(timing["min_iters"] / processes)}
-    copies = [job for job in jobs for _ in range(processes)]
-    outcomes = _run(copies, per_process, tmp, progress)
-    return [_pooled(outcomes[i:i + processes]) for i in range(0, len(outcomes), processes)]
+    anchors = sorted(set(anchors))
+    others = [i for i in range(len(jobs)) if i not in anchors]
+    # how many jobs a group holds beside the anchors (at least one, or the run would never end)
+    room = max(1, max_live([job for job in jobs for _ in range(processes)]) // processes - len(anchors))
+    groups = [others[start:start + room] for start in range(0, len(others), room)] or [[]]
+    pieces: dict[int, list] = {i: [] for i in range(len(jobs))}
+    for g, members in enumerate(groups):
+        indices = [*anchors, *members]
+        copies = [jobs[i] for i in indices for _ in range(processes)]
+        outcomes = _run(copies, per_process, tmp / f"group-{g}", progress)
+        for k, outcome in enumerate(outcomes):
+            if not isinstance(outcome, MeasurementError):
+                result, outputs = outcome
+                copy = k % processes
+                outcome = ({**result, "round_keys": [[g, copy, r] for r in range(len(result["round_times_ns"]))]},
+                           outputs)
+            pieces[indices[k // processes]].append(outcome)
+    return [_pooled(pieces[i]) for i in range(len(jobs))]
+
+
+def paired_ratios(baseline: dict, result: dict, stage: str) -> list[float]:
+    """baseline p50 / `result` p50 of `stage` in each round both were measured in (same group,
+    process and round: one worker of each timed back to back), in round order."""
+    def by_key(outcome: dict) -> dict[tuple, float]:
+        medians = outcome["stages"][stage]["round_p50_ns"]
+        return {tuple(key): p50 for key, p50 in zip(outcome["round_keys"], medians) if p50}
+
+    theirs = by_key(baseline)
+    return [theirs[key] / p50 for key, p50 in by_key(result).items() if key in theirs]
 
 
 def _pooled(outcomes: list[tuple[dict, list] | MeasurementError]) -> tuple[dict, list] | MeasurementError:
-    """One job's result from its processes': samples pooled, peak memory the highest, load time the median."""
+    """One job's result from its processes' (and groups'): samples pooled, peak memory the highest,
+    load time the median."""
     for outcome in outcomes:
         if isinstance(outcome, MeasurementError):
             return outcome
@@ -149,41 +181,42 @@ def _pooled(outcomes: list[tuple[dict, list] | MeasurementError]) -> tuple[dict,
                          "warmup_iters": sum(part["warmup_iters"] for part in parts),
                          "calls_per_sample": max(part["calls_per_sample"] for part in parts),
                          "overhead_ns": statistics.median(part["overhead_ns"] for part in parts),
-                         "warmup_stable": all(part["warmup_stable"] for part in parts)}
+                         "warmup_stable": all(part["warmup_stable"] for part in parts),
+                         "round_p50_ns": [p for part in parts for p in part["round_p50_ns"]]}
     return ({**first, "stages": stages, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
              "baseline_rss_bytes": min(r["baseline_rss_bytes"] for r in results),
              "load_s": statistics.median(r["load_s"] for r in results),
-             "round_times_ns": [t for r in results for t in r["round_times_ns"]], "processes": len(results)},
+             "round_times_ns": [t for r in results for t in r["round_times_ns"]],
+             "round_keys": [k for r in results for k in r["round_keys"]], "processes": len(results)},
             outputs)
 
 
 def _run(jobs: Sequence[Job], timing: dict, tmp: Path,
          progress: Callable[[str], None]) -> list[tuple[dict, list] | MeasurementError]:
+    """Measure `jobs` together, all alive at once, a round of each in turn."""
     from safetensors.numpy import load_file
 
     rounds = timing["rounds"]
     results: list[tuple[dict, list] | MeasurementError] = []
-    live = max_live(jobs)
-    for start in range(0, len(jobs), live):
-        group = jobs[start:start + live]
-        workers = [_Worker(job, timing, tmp, start + i) for i, job in enumerate(group)]
-        try:
-            for worker in workers:  # each loads, runs once and warms up; a failure ends only its own job
-                worker.ask(None)
-            for r in range(rounds):
-                for worker in workers[r % len(workers):] + workers[:r % len(workers)]:
-                    worker.ask("round")
-                alive = sum(worker.error is None for worker in workers)
-                progress(f"    round {r + 1}/{rounds} of {alive} worker{'s' * (alive != 1)}")
-            for worker in workers:
-                result = worker.ask("done")
-                if result is None:
-                    results.append(worker.error)
-                    continue
-                worker.proc.wait()
-                outputs = load_file(str(worker.outputs_path))
-                results.append((result, [outputs[f"output_{i}"] for i in range(len(outputs))]))
-        finally:
-            for worker in workers:
-                worker.stop()
+    tmp.mkdir(parents=True, exist_ok=True)
+    workers = [_Worker(job, timing, tmp, i) for i, job in enumerate(jobs)]
+    try:
+        for worker in workers:  # each loads, runs once and warms up; a failure ends only its own job
+            worker.ask(None)
+        for r in range(rounds):
+            for worker in workers[r % len(workers):] + workers[:r % len(workers)]:
+                worker.ask("round")
+            alive = sum(worker.error is None for worker in workers)
+            progress(f"    round {r + 1}/{rounds} of {alive} worker{'s' * (alive != 1)}")
+        for worker in workers:
+            result = worker.ask("done")
+            if result is None:
+                results.append(worker.error)
+                continue
+            worker.proc.wait()
+            outputs = load_file(str(worker.outputs_path))
+            results.append((result, [outputs[f"output_{i}"] for i in range(len(outputs))]))
+    finally:
+        for worker in workers:
+            worker.stop()
     return results

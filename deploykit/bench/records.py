@@ -7,11 +7,69 @@ Units are in field names. Statistics (percentiles, throughput) are derived from 
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 from deploykit.core.measure import Measurement
 from deploykit.core.validate import NON_FINITE, at_least, between, from_json
+
+#: a speedup whose 95% interval is wider than this share of it is marked noisy
+NOISY_SPEEDUP_SPREAD = 0.10
+
+
+@dataclass(frozen=True)
+class Versus:
+    """The unpruned model a row was measured against, in the same interleaved rounds and workers'
+    schedule (same runtime, device, batch, threads and length), and what this row buys over it.
+
+    The ratios are kept raw, one per round both were timed in; the speedup and its interval are
+    derived from them, as a Measurement's statistics are from its samples."""
+
+    #: the baseline's artifact, plan label and form (with its quantization, "dense")
+    artifact: str
+    prune: str
+    form: str
+    #: its p50 over all its rounds, and the bytes of the files its runtime loaded
+    p50_ms: float = field(metadata=at_least(0))
+    disk_bytes: int = field(metadata=at_least(0))
+    #: its quality on held-out data where the model has an evaluator (ModelSpec.evaluate)
+    metrics: dict[str, float] = field(default_factory=dict, metadata=NON_FINITE)
+    #: baseline p50 / this row's p50 in each round both were measured in
+    round_ratios: tuple[float, ...] = field(default=(), metadata=NON_FINITE)
+
+    @property
+    def speedup(self) -> float | None:
+        """The median of the per-round ratios (> 1: faster than the baseline); None without rounds."""
+        return statistics.median(self.round_ratios) if self.round_ratios else None
+
+    def speedup_ci95(self) -> tuple[float, float] | None:
+        """A distribution-free interval of that median from order statistics: the narrowest pair
+        (k-th smallest, k-th largest) covering it with probability >= 95% under any distribution of
+        the rounds; with fewer than 6 rounds none does, and the interval is the smallest and largest
+        ratio (coverage 1 - 2^(1-n): 94% at 5 rounds)."""
+        ordered = sorted(self.round_ratios)
+        n = len(ordered)
+        if not n:
+            return None
+        k = 0
+        # P(k-th order statistic <= median <= (n-k+1)-th) = 1 - 2 * P(Binomial(n, 1/2) < k+1)
+        while 1 - 2 * sum(math.comb(n, i) for i in range(k + 2)) / 2**n >= 0.95:
+            k += 1
+        return ordered[k], ordered[n - 1 - k]
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the interval is too wide for the speedup to be read to two figures."""
+        interval, speedup = self.speedup_ci95(), self.speedup
+        return interval is None or not speedup or (interval[1] - interval[0]) / speedup > NOISY_SPEEDUP_SPREAD
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["speedup"] = self.speedup
+        data["speedup_ci95"] = list(self.speedup_ci95() or ()) or None
+        return data
 
 
 @dataclass(frozen=True)
@@ -63,6 +121,26 @@ class BenchRecord:
     #: other work on the machine (`deploykit.core.contention.Load` fields) just before ("before") and while
     #: ("during") this configuration ran
     load: dict[str, Any] = field(default_factory=dict)
+    #: this row is the unpruned baseline of its configuration, which the others were measured against
+    baseline: bool = False
+    #: the baseline it was measured against, and the ratios; None: no baseline (--no-baseline, or none given)
+    versus: Versus | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        return 1.0 if self.baseline else (self.versus.speedup if self.versus else None)
+
+    @property
+    def size_ratio(self) -> float | None:
+        """This row's files over the baseline's (< 1: smaller)."""
+        if self.baseline:
+            return 1.0
+        return self.disk_bytes / self.versus.disk_bytes if self.versus and self.versus.disk_bytes else None
+
+    def quality_change(self) -> dict[str, float]:
+        """Each metric minus the baseline's (where both have it)."""
+        theirs = self.versus.metrics if self.versus else {}
+        return {name: value - theirs[name] for name, value in self.metrics.items() if name in theirs}
 
     @property
     def wrong(self) -> bool:
@@ -96,7 +174,13 @@ class BenchRecord:
         }
         data["dispersion"] = m.dispersion
         data["problems"] = m.problems()
-        data["throughput_items_per_s"] = m.throughput_items_per_s
+        data["throughput_items_per_s"] = m.throughput_items_per_s  # from p50
+        data["mean_throughput_items_per_s"] = m.mean_throughput_items_per_s
+        if self.versus is not None:
+            data["versus"] = self.versus.to_dict()
+        data["speedup"] = self.speedup
+        data["size_ratio"] = self.size_ratio
+        data["quality_change"] = self.quality_change()
         return data
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from deploykit.bench.interleave import Job, run_interleaved
-from deploykit.bench.records import BenchRecord, FailedConfiguration
+from deploykit.bench.interleave import Job, paired_ratios, run_interleaved
+from deploykit.bench.records import BenchRecord, FailedConfiguration, Versus
 from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.convert.forms import FORMS
 from deploykit.convert.onnx_export import check_parity, max_abs_errors
@@ -65,9 +67,16 @@ def bench_model(
     progress: Progress = lambda message: None,
     sink: list[BenchRecord] | None = None,
     failures: FailureSink | None = None,
+    baseline: bool = True,
+    keep: str | Path | None = None,
 ) -> list[BenchRecord]:
-    """Export every (plan, form) of `model` to a temporary artifact and benchmark it.
+    """Export every (plan, form) of `model` to a temporary artifact and benchmark them together.
 
+    With `baseline` (the default), the unpruned model exported as it is (`BASELINE_PLAN`, form dense:
+    a plan of the run that is one is used, else one more export) is measured in the same interleaved
+    rounds as every variant, and each variant's rows carry their speedup over it. With `keep` (a
+    directory that does not exist yet, or is empty), the artifacts are exported there and kept, one
+    directory per variant, so that `report --pick --out` can copy the chosen one.
     Records are appended to `sink` (and returned) as they are measured, so a caller interrupted
     midway still holds what was measured. With `failures`, a (plan, form) whose export fails, or a
     configuration that fails, is kept there and the run goes on; without, the first failure raises.
@@ -79,27 +88,81 @@ def bench_model(
     for form in forms:
         FORMS.get(form)
     grid.check_input_memory(spec.inputs, spec.name)
-    total = len(plans) * len(forms) * grid.configurations(grid.placement())
-    counter = itertools.count(1)
+    variants = [(plan, form) for plan in plans for form in forms]
+    if baseline and not any(is_baseline_variant(plan, form) for plan, form in variants):
+        variants.insert(0, (BASELINE_PLAN, "dense"))
+    total = len(variants) * grid.configurations(grid.placement())
     records: list[BenchRecord] = [] if sink is None else sink
+    if keep is not None:
+        keep = Path(keep)
+        if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+            raise UsageError(f"--keep {str(keep)!r} exists and is not an empty directory: name a new one")
+        try:
+            keep.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--keep {str(keep)!r}: cannot create it ({exc.strerror})") from None
     with scratch_directory("bench") as tmp:
-        for p, plan in enumerate(plans):
-            subjects = []
-            for form in forms:  # the forms of one plan are measured together, interleaved
-                progress(f"exporting {spec.name} {plan.label()} form={form}")
-                try:
-                    result = export_artifact(spec, plan, form, Path(tmp) / f"artifact-{p}-{form}")
-                except DeployKitError as exc:
-                    if failures is None:
-                        raise
-                    failures.add(FailedConfiguration(spec.name, plan.label(), form, stage="export", error=str(exc),
-                                                     profile=current_profile().name), progress)
-                    continue
-                # the manifest was written by this run, from the user's own spec: its entry point may run
-                subjects.append(artifact_subject(result.directory, consent_of(result.manifest.source)))
-            if subjects:
-                bench_subjects(subjects, grid, timing, progress, counter, total, records, failures)
+        subjects, baselines = [], []
+        for v, (plan, form) in enumerate(variants):
+            progress(f"exporting {spec.name} {plan.label()} form={form}")
+            where = (keep / _directory_name(v, plan, form)) if keep is not None else Path(tmp) / f"artifact-{v}-{form}"
+            try:
+                result = export_artifact(spec, plan, form, where)
+            except DeployKitError as exc:
+                if failures is None:
+                    raise
+                failures.add(FailedConfiguration(spec.name, plan.label(), form, stage="export", error=str(exc),
+                                                 profile=current_profile().name), progress)
+                continue
+            if baseline and is_baseline_variant(plan, form) and not baselines:
+                baselines.append(len(subjects))
+            # the manifest was written by this run, from the user's own spec: its entry point may run
+            subjects.append(artifact_subject(result.directory, consent_of(result.manifest.source)))
+        if subjects:
+            bench_subjects(subjects, grid, timing, progress, itertools.count(1), total, records, failures, baselines)
     return records
+
+
+def _directory_name(index: int, plan: PruningPlan, form: str) -> str:
+    """A kept variant's directory: its number, plan and form, in characters any file system takes."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{index:02d}-{plan.label()}-{form}")
+
+
+#: the plan of the unpruned baseline every variant is measured against: nothing pruned, exported as it is
+BASELINE_PLAN = PruningPlan()
+
+
+def is_baseline_variant(plan: PruningPlan, form: str) -> bool:
+    """Whether (plan, form) exports the unpruned model as it is: nothing pruned, form dense."""
+    return plan.is_empty() and form == "dense"
+
+
+def choose_baselines(subjects: Sequence["Subject"], explicit: "Subject | None" = None) -> list[int]:
+    """The baseline subject of each model among `subjects`: `explicit` (which must be one of them, an
+    artifact of the same model and inputs as every other subject), else, per model, the first
+    artifact without pruning or quantization in form dense; a model with none has no baseline."""
+    if explicit is not None:
+        for subject in subjects:
+            if subject is explicit:
+                continue
+            if subject.pipeline == PIPELINE or subject.model != explicit.model:
+                what = "an ONNX file" if subject.pipeline == PIPELINE else f"of {subject.model}"
+                raise UsageError(f"--baseline {explicit.location.name} is an artifact of {explicit.model}; "
+                                 f"{subject.location.name} is {what}: a baseline compares variants of one model")
+            if _signature(subject) != _signature(explicit):
+                raise UsageError(f"--baseline {explicit.location.name} takes inputs {_signature(explicit)}, "
+                                 f"{subject.location.name} takes {_signature(subject)}: not variants of one model")
+        return [next(i for i, subject in enumerate(subjects) if subject is explicit)]
+    chosen: dict[str, int] = {}
+    for i, subject in enumerate(subjects):
+        if (subject.pipeline != PIPELINE and subject.prune == "none" and subject.form == "dense"
+                and not subject.quantization):
+            chosen.setdefault(subject.model, i)
+    return sorted(chosen.values())
+
+
+def _signature(subject: "Subject") -> list[tuple]:
+    return [(spec.name, spec.dtype, tuple(spec.shape)) for spec in subject.input_specs]
 
 
 @dataclass(frozen=True)
@@ -261,12 +324,17 @@ def bench_subjects(
     total: int | None = None,
     sink: list[BenchRecord] | None = None,
     failures: FailureSink | None = None,
+    baselines: Sequence[int] = (),
 ) -> list[BenchRecord]:
     """Measure every subject under every runtime that can run it, batch size and thread count of
     `grid`, comparing each configuration's outputs with the subject's reference.
 
     For each shape (batch, length), all configurations of all subjects are measured together in
     interleaved rounds (`deploykit.bench.interleave`), so that ratios between them hold on a busy machine.
+    `baselines` are the indices of the unpruned subjects (one per model, see `choose_baselines`): every
+    other subject of the same model is compared with its baseline in each configuration, and its rows
+    carry the speedup per round (`Versus`); the baseline's configurations are measured in every group
+    of workers, so that each variant's rounds interleave with its baseline's whatever the memory bound.
     Records are appended to `sink` (and returned) as they are measured. With `failures`, a
     configuration that fails (its worker, or its parity) is kept there and the others still count; a
     parity failure keeps its measured rows too, marked with the error.
@@ -310,9 +378,12 @@ def bench_subjects(
                     jobs.append(Job(subject.location, subject.pipeline, dataclasses.replace(target, batch=batch),
                                     threads, batch, inputs_path, sum(subject.files.values()), label))
                     owners.append(i)
+            anchor_of = {_configuration(plans[i][0], job): k for k, (job, i) in enumerate(zip(jobs, owners))
+                         if i in baselines}
             before = sample_load()
             probe = LoadProbe()
-            outcomes = run_interleaved(jobs, dataclasses.asdict(timing), Path(tmp), progress)
+            outcomes = run_interleaved(jobs, dataclasses.asdict(timing), Path(tmp) / f"{batch}-{length}", progress,
+                                       anchors=sorted(anchor_of.values()))
             during = probe.stop()
             for when, load in (("before", before), ("during", during)):
                 if load.disturbed:
@@ -338,9 +409,13 @@ def bench_subjects(
                 if i not in references:
                     references[i] = subject.reference(shapes[i, batch, length])
                 errors = max_abs_errors(references[i], outputs, subject.outputs)
+                anchor = anchor_of.get(_configuration(subject, job))
+                theirs = None if i in baselines or anchor is None else outcomes[anchor]
                 for stage, measured in result["stages"].items():
                     record = _record(subject, job.target, batch, length, stage, measured, result, errors, timing,
-                                     {**context, "load": load_record})
+                                     {**context, "load": load_record, "baseline": i in baselines,
+                                      "versus": _versus(plans[owners[anchor]][0], theirs, result, stage)
+                                      if isinstance(theirs, tuple) else None})
                     records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {job.label.split('] ', 1)[1]} {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")
@@ -353,6 +428,24 @@ def bench_subjects(
                             raise
                         failures.add(failed(f"{exc} (its rows are kept, marked wrong)"), progress)
     return records
+
+
+def _configuration(subject: Subject, job: Job) -> tuple:
+    """What a variant and its baseline share when one is measured against the other."""
+    return subject.model, dataclasses.replace(job.target, code_consent=()), job.threads
+
+
+def _versus(baseline: Subject, outcome: tuple[dict, list], result: dict, stage: str) -> Versus | None:
+    """What a configuration buys over the baseline's same configuration, from their paired rounds."""
+    theirs = outcome[0]
+    if stage not in theirs["stages"]:
+        return None
+    return Versus(
+        artifact=str(baseline.location), prune=baseline.prune,
+        form=baseline.form + (f"+{baseline.quantization}" if baseline.quantization else ""),
+        p50_ms=statistics.median(theirs["stages"][stage]["samples_ns"]) / 1e6,
+        disk_bytes=sum(baseline.files[name] for name in theirs["files"]), metrics=dict(baseline.metrics),
+        round_ratios=tuple(paired_ratios(theirs, result, stage)))
 
 
 def _save_numpy(arrays: dict, path: Path) -> None:

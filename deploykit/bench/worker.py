@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,13 +53,17 @@ def main(argv: list[str]) -> int:
                                sync=session.synchronize) for stage, call in calls.items()}
     _say({"ready": True})
     rounds, round_times = request["rounds"], []
+    round_p50 = {stage: [] for stage in samplers}
     for line in sys.stdin:
         if json.loads(line).get("op") != "round":
             break
         began = time.time_ns()
         for stage, sampler in samplers.items():
             calls[stage]()  # one untimed call: another process ran in between, and its caches are cold
+            taken = len(sampler.samples)
             sampler.run(request["min_time_s"] / rounds, math.ceil(request["min_iters"] / rounds), request["max_iters"])
+            # this round's own median: what a ratio against another configuration pairs round by round
+            round_p50[stage].append(statistics.median(sampler.samples[taken:]) if len(sampler.samples) > taken else None)
         round_times.append([began, time.time_ns()])
         _say({"round": len(round_times)})
     stages = {}
@@ -66,7 +71,7 @@ def main(argv: list[str]) -> int:
         measurement = sampler.measurement()
         stages[stage] = {"samples_ns": list(measurement.samples_ns), "warmup_iters": measurement.warmup_iters,
                          "calls_per_sample": measurement.calls_per_sample, "overhead_ns": measurement.overhead_ns,
-                         "warmup_stable": measurement.warmup_stable}
+                         "warmup_stable": measurement.warmup_stable, "round_p50_ns": round_p50[stage]}
     _say({
         "stages": stages,
         "files": list(session.files),

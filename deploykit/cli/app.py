@@ -10,6 +10,7 @@ library writes atomically).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import sys
 import traceback
@@ -72,7 +73,8 @@ def _check_json(args) -> None:
 
 #: options that name a file or directory the command reads, what to call it, and whether a directory
 #: is read whole (an artifact: any file added inside it breaks its manifest's account of it)
-_READ_OPTIONS = (("artifacts", "the artifact or ONNX file", True), ("weights", "the weights file", False),
+_READ_OPTIONS = (("artifacts", "the artifact or ONNX file", True), ("baseline", "the baseline artifact", True),
+                 ("weights", "the weights file", False),
                  ("plan", "the plan file", False), ("budget", "the budget file", False),
                  ("imports", "the file to import", False))
 
@@ -104,7 +106,7 @@ def _check_outputs_apart(args) -> None:
     from deploykit.core.fsutil import check_outputs_apart
 
     outputs = [(option, getattr(args, attr, None)) for option, attr in (("--json", "json"), ("--out", "out"),
-                                                                         ("--save", "save"))]
+                                                                         ("--save", "save"), ("--keep", "keep"))]
     check_outputs_apart(outputs, _paths_read(args))
 
 
@@ -152,7 +154,11 @@ def _plan_options(args) -> dict:
         options["seed"] = args.seed
     if args.rounds is not None:
         options["rounds"] = args.rounds
-    if args.round_to is not None:
+    if args.round_to == "auto":
+        if args.command != "export":
+            raise UsageError("--round-to auto is export's (it measures the candidates there); bench measures the "
+                             "plans it is given: sweep --round-to values with separate benches or DIRs")
+    elif args.round_to is not None:
         options["round_to"] = args.round_to
     if args.graph_timeout is not None:
         options["graph_timeout_s"] = args.graph_timeout
@@ -208,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace DIR if it is a deploykit artifact")
     options.add_json(g, "the manifest")
     g.add_argument("--threads", type=int, metavar="N",
-                   help="threads for the export's own work (tracing, csr kernel timing, parity): the csr kernel "
-                   "choice is made for this count (default: the cores idle now)")
+                   help="threads for the export's own work (tracing, csr kernel timing, parity, the measurement "
+                   "against the unpruned model): the csr kernel choice is made for this count (default: the cores "
+                   "idle now)")
+    g.add_argument("--no-measure", action="store_true",
+                   help="skip timing a dense-shrunk or csr variant against the unpruned model on this machine (a "
+                   "few seconds of interleaved rounds per runtime, at --kernel-batch)")
     options.add_quiet(g)
     p.set_defaults(func=cmd_export)
 
@@ -225,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
         "on the CPU with graph optimisations off), to benchmark instead of --model"))
     options.add_plan(p, sweep=True)
     options.add_grid(p)
+    g = p.add_argument_group("baseline", "what each variant is measured against, in the same interleaved rounds: "
+                             "its rows carry the speedup (baseline p50 / its p50, median over rounds with a 95%% "
+                             "interval), size and quality change")
+    g.add_argument("--baseline", metavar="DIR",
+                   help="with DIRs: the unpruned artifact of the same model (default: the DIR given without pruning "
+                   "or quantization, form dense, if any); with --model the unpruned model exported as it is is "
+                   "always the baseline")
+    g.add_argument("--no-baseline", action="store_true", help="measure no baseline (no speedup, size or quality "
+                   "change columns)")
     g = p.add_argument_group("fleet", "run the same configurations on the machines of a Ray cluster (deploykit[fleet]; "
                              "`deploykit worker start` joins a machine)")
     g.add_argument("--cluster", metavar="ADDRESS", help="the cluster's head (host:port, as `ray start` printed it)")
@@ -235,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a fresh Ray worker process for every configuration (it imports torch again each time; "
                    "the measuring is in a fresh process of its own either way)")
     g = p.add_argument_group("output")
+    g.add_argument("--keep", metavar="DIR", help="with --model: export the variants into DIR (new or empty), one "
+                   "directory each, and keep them (so that `deploykit report`'s pick can copy the chosen one)")
     options.add_json(g, "the records")
     options.add_store(g, timeout=True)
     options.add_quiet(g)
@@ -293,7 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=REPORT_FORMATS, default="table",
                    help="output format (default table); html is one self-contained page with plots (quality vs "
                    "sparsity, size and latency; latency vs sparsity, batch and length; two runs side by side)")
-    p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout (with --pick: the "
+                   "directory to copy the chosen artifact to, verified)")
+    g = p.add_argument_group("pick", "which variant to ship: per profile, runtime, batch and threads, the fastest "
+                             "(or smallest) variant that meets every constraint; exit 1 when none does (a release gate)")
+    g.add_argument("--pick", action="store_true", help="print the chosen variant per configuration and why the others lost")
+    g.add_argument("--max-quality-drop", metavar="X", help="most quality lost against the baseline: metric units "
+                   "(0.01) or a share of the baseline's value (2%%)")
+    g.add_argument("--max-size-mb", type=float, metavar="MB", help="largest files the runtime loads (10^6 bytes)")
+    g.add_argument("--min-speedup", type=float, metavar="X",
+                   help="least speedup over the baseline, held by the whole 95%% interval")
+    g.add_argument("--objective", choices=("latency", "size"), default="latency",
+                   help="what the pick minimises among the variants allowed (default latency; size: bytes, then latency)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
                    help="put the runs of another results store (SQLite, from another machine) or of a JSON file "
                    "(bench writes one beside the store when it cannot write the store itself) into the store; a run "
@@ -367,18 +399,56 @@ def cmd_export(args) -> int:
     progress = _progress(args)
     threads, threads_note = _threads_for_this_process(args.threads)
     spec = resolve_model(args.model, _model_options(args))
-    result = export_artifact(spec, plan, args.form, args.out, opset=args.opset, tolerance=args.tolerance,
-                             overwrite=args.overwrite, best_effort=args.best_effort, compression=args.compress,
-                             kernel_batch=args.kernel_batch, quantize=args.quantize, per_channel=args.per_channel,
-                             quantize_operators=args.quantize_operators,
-                             save_optimized=args.save_optimized, strict=args.strict,
-                             progress=progress)
-    _emit(args, result.manifest.to_json(), lambda: _print_export(result, plan, threads, threads_note))
+    export_options = dict(opset=args.opset, tolerance=args.tolerance, best_effort=args.best_effort,
+                          compression=args.compress, kernel_batch=args.kernel_batch, quantize=args.quantize,
+                          per_channel=args.per_channel, quantize_operators=args.quantize_operators, strict=args.strict)
+    alignment = _alignment(args, spec, plan, threads, export_options, progress)
+    if alignment is not None:
+        plan = dataclasses.replace(plan, round_to=alignment.choice)
+    result = export_artifact(spec, plan, args.form, args.out, overwrite=args.overwrite,
+                             save_optimized=args.save_optimized, progress=progress,
+                             alignment=alignment.to_recipe() if alignment else None, **export_options)
+    measured = list(alignment.records) if alignment else []
+    if args.form in MEASURED_FORMS and not plan.is_empty() and not args.no_measure and not measured:
+        from deploykit.bench.against import measure_against_unpruned
+
+        try:
+            measured = measure_against_unpruned(spec, result.directory, threads, args.kernel_batch, progress=progress)
+        except DeployKitError as exc:  # the artifact is written and checked; only the extra figure is missing
+            progress(f"warning: could not measure {args.form} against the unpruned model: {exc}")
+    _emit(args, result.manifest.to_json(), lambda: _print_export(result, plan, threads, threads_note, measured))
     return 0
 
 
-def _print_export(result, plan, threads: int, threads_note: str) -> None:
-    """export's human output: what was pruned and converted, the checks, the files."""
+#: forms whose export is timed against the unpruned model (the others run the unpruned model's kernels)
+MEASURED_FORMS = ("dense-shrunk", "csr")
+
+
+def _alignment(args, spec, plan, threads: int, export_options: dict, progress):
+    """--round-to auto (export's default for a structured plan in dense-shrunk): the measured choice,
+    or None where there is nothing to choose (said so when the user asked for auto)."""
+    from deploykit.bench.alignment import aligns, choose_round_to
+
+    asked = args.round_to == "auto"
+    if not asked and (args.round_to is not None or plan.round_to != 1):  # a multiple given (option or plan file)
+        return None
+    why = aligns(plan, args.form)
+    if why is None and args.no_measure:
+        why = "--no-measure: nothing is timed, so the plan's own alignment is kept"
+    if why is not None:
+        if asked:
+            progress(f"note: --round-to auto: {why}; nothing to align")
+        return None
+    if args.quantize:  # the candidates would be timed as float while the artifact ships int8
+        if asked:
+            raise UsageError("--round-to auto measures float graphs; with --quantize give --round-to N")
+        return None
+    return choose_round_to(spec, plan, threads, args.kernel_batch, progress=progress, **export_options)
+
+
+def _print_export(result, plan, threads: int, threads_note: str, measured=()) -> None:
+    """export's human output: what was pruned and converted, the checks, the files, and what it
+    measured against the unpruned model."""
     from deploykit.results.report import MB, sparsity_report
 
     m = result.manifest
@@ -399,7 +469,8 @@ def _print_export(result, plan, threads: int, threads_note: str) -> None:
         print("FLOPs: not counted (the model is not one forward pass)")
     elif m.flops != m.flops_before_conversion:
         print(f"FLOPs per item {m.flops_before_conversion:,} -> {m.flops:,} "
-              f"(theoretical speedup {m.flops_before_conversion / m.flops:.2f}x; torch's flop counter, multiply-add = 2)")
+              f"(FLOPs {m.flops_before_conversion / m.flops:.2f}x fewer: a count, not a time; torch's flop counter, "
+              "multiply-add = 2)")
     else:
         print(f"FLOPs per item {m.flops:,} (dense count, torch's flop counter; zeros are still multiplied)")
     before = m.training.get("result", {})
@@ -415,6 +486,7 @@ def _print_export(result, plan, threads: int, threads_note: str) -> None:
         print(f"kernel {name}: {decision['choice']}{' (NOISY decision)' if decision.get('noisy') else ''} (sparsity "
               f"{100 * decision['sparsity']:.2f}%{timed}; {decision.get('reason', '')}; batch "
               f"{m.form_recipe['kernel_batch']}, {m.form_recipe.get('threads')} threads)")
+    _print_alignment(m.form_recipe.get("round_to"))
     if m.onnx_sparse_initializers:
         print(f"sparse ONNX initializers: {', '.join(m.onnx_sparse_initializers)}")
     relative = max(m.onnx_parity_max_rel_error.values(), default=None)
@@ -436,7 +508,43 @@ def _print_export(result, plan, threads: int, threads_note: str) -> None:
         print(f"note: {note}")
     for warning in m.warnings:
         print(f"warning: {warning}")
+    _print_measured(measured, m, plan)
     print(f"threads: {threads}" + (f" ({threads_note})" if threads_note else ""))
+
+
+def _print_alignment(alignment: dict | None) -> None:
+    """--round-to auto's candidates, their measured speedups and the choice (from the manifest)."""
+    if not alignment:
+        return
+    print(f"round-to auto: kept {alignment['choice']}{' (NOISY decision)' if alignment['noisy'] else ''}: "
+          f"{alignment['reason']}")
+    for n, runtimes in alignment["candidates"].items():
+        same = [m for m, first in alignment["same_as"].items() if str(first) == n]
+        print(f"  round-to {n}" + (f" (= {', '.join(same)})" if same else "") + ": " + ", ".join(
+            f"{key} {v['speedup']:.2f}x [{v['ci95'][0]:.2f}-{v['ci95'][1]:.2f}]" for key, v in runtimes.items())
+            + " the unpruned model's speed")
+
+
+def _print_measured(records, m, plan) -> None:
+    """The variant's measured speed against the unpruned model, per runtime, and a warning where slower."""
+    from deploykit.results.report import speedup_cell
+
+    timed = [r for r in records if r.speedup is not None]
+    if not timed:
+        return
+    first = timed[0]
+    print(f"measured against the unpruned model on this machine (batch {first.batch_size}, {first.threads} threads, "
+          f"{len(first.versus.round_ratios)} interleaved rounds; '~' noisy): "
+          + ", ".join(f"{r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} {speedup_cell(r)}" for r in timed))
+    for r in timed:
+        if r.speedup < 1:
+            tried = m.form_recipe.get("round_to")
+            hint = (" Channel counts that are not multiples of 8 often fall off the fast kernels: try "
+                    "--round-to auto (or 8, 16)." if m.form == "dense-shrunk" and plan.round_to == 1 and not tried
+                    else " No alignment --round-to auto tried was faster." if tried else "")
+            print(f"warning: {m.form} runs SLOWER than the unpruned model under {r.runtime}"
+                  f"{'' if r.stage == 'forward' else ' (' + r.stage + ')'}: {r.speedup:.2f}x its speed, "
+                  f"{r.measurement.median_ms:.4f} ms against {r.versus.p50_ms:.4f} ms p50.{hint}")
 
 
 def _print_unpruned(m, plan, table) -> None:
@@ -456,8 +564,16 @@ def _print_unpruned(m, plan, table) -> None:
 
 
 def cmd_bench(args) -> int:
-    from deploykit.bench.runner import FailureSink, artifact_subject, bench_model, bench_subjects, onnx_file_subject
+    from deploykit.bench.runner import (
+        FailureSink,
+        artifact_subject,
+        bench_model,
+        bench_subjects,
+        choose_baselines,
+        onnx_file_subject,
+    )
     from deploykit.bench.settings import Grid, TimingSettings
+    from deploykit.model.onnxfile import PIPELINE as ONNX_FILE_PIPELINE
     from deploykit.model.sources import resolve_model
     from deploykit.results.report import bench_table, failures_text, records_json
     from deploykit.results.store import now_utc
@@ -496,9 +612,21 @@ def cmd_bench(args) -> int:
     store = None if args.no_store else _store(args)
     consent = _trust_warnings(args, progress)  # before any code an artifact names can run
     # every other input is checked before anything else is said, so that bad input stays one line
+    if args.keep and args.artifacts:
+        raise UsageError("--keep applies to --model: DIRs are kept already")
+    if args.baseline and (args.no_baseline or not args.artifacts):
+        raise UsageError("--baseline DIR applies to a bench of DIRs and contradicts --no-baseline" if args.artifacts
+                         else "--baseline DIR applies to a bench of DIRs: with --model, the unpruned model is the "
+                         "baseline (--no-baseline to leave it out)")
     if args.artifacts:  # measured together: their configurations interleave
+        paths = [*args.artifacts, *([args.baseline] if args.baseline and args.baseline not in args.artifacts else [])]
         subjects = [onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx")
-                    else artifact_subject(path, consent, verify=not args.no_verify) for path in args.artifacts]
+                    else artifact_subject(path, consent, verify=not args.no_verify) for path in paths]
+        explicit = subjects[paths.index(args.baseline)] if args.baseline else None
+        if explicit is not None and explicit.pipeline == ONNX_FILE_PIPELINE:
+            raise UsageError(f"--baseline {args.baseline}: an ONNX file is not a baseline; give the artifact "
+                             "directory of the unpruned model")
+        baselines = [] if args.no_baseline else choose_baselines(subjects, explicit)
     else:
         plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))
         spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
@@ -511,19 +639,20 @@ def cmd_bench(args) -> int:
     started = now_utc()
     try:
         if args.artifacts:
-            bench_subjects(subjects, grid, timing, progress, sink=records, failures=failures)
+            bench_subjects(subjects, grid, timing, progress, sink=records, failures=failures, baselines=baselines)
         else:
             bench_model(spec, plans, tuple(args.form or DEFAULT_FORMS), grid, timing, progress, sink=records,
-                        failures=failures)
+                        failures=failures, baseline=not args.no_baseline, keep=args.keep)
     except BaseException as exc:
         # keep what was measured; the run says it is partial
         if store is not None and (records or failures.failures):
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             _keep_run(store, records, failures.failures, started, status, timing, grid, progress)
         raise
+    run_id = None
     if store is not None and (records or failures.failures):
-        _keep_run(store, records, failures.failures, started, "failed" if failures.failures else "complete",
-                  timing, grid, progress)
+        run_id = _keep_run(store, records, failures.failures, started, "failed" if failures.failures else "complete",
+                           timing, grid, progress)
 
     def table() -> None:
         if records:
@@ -531,7 +660,7 @@ def cmd_bench(args) -> int:
         for note in placement.notes:
             print(f"note: {note}")
 
-    _emit(args, records_json(records), table)
+    _emit(args, records_json(records, run_id, failures.failures), table)
     if failures.failures:
         print(failures_text(failures.failures), file=sys.stderr)
         return 1
@@ -552,6 +681,9 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
 
     if args.fresh_ray_workers and not args.cluster:
         raise UsageError("--fresh-ray-workers applies to --cluster")
+    if args.keep or args.baseline or args.no_baseline:
+        raise UsageError("--keep, --baseline and --no-baseline apply to a local bench: a fleet run measures each "
+                         "configuration on its machine alone (no baseline in the same rounds yet)")
     if not (args.cluster and args.profiles):
         raise UsageError("--cluster and --profiles go together: the cluster to run on and the profiles to run")
     if args.artifacts:
@@ -583,7 +715,7 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
                         keep, max_calls=1 if args.fresh_ray_workers else 0)
     records = [r for t in tallies.values() for r in t.records]
     failures = [f for t in tallies.values() for f in t.failures]
-    _emit(args, records_json(records), lambda: print(bench_table(records)) if records else None)
+    _emit(args, records_json(records, failures=failures), lambda: print(bench_table(records)) if records else None)
     if failures:
         print(failures_text(failures), file=sys.stderr)
         return 1
@@ -654,10 +786,11 @@ def _store(args):
     return ResultStore(args.store or default_store_path(), busy_timeout_s=args.store_timeout)
 
 
-def _keep_run(store, records, failures, started, status, timing, grid, progress, profile=None, extra=None) -> None:
+def _keep_run(store, records, failures, started, status, timing, grid, progress, profile=None,
+              extra=None) -> int | None:
     """Write the run into the store; if the store cannot take it, into a JSON file beside it. `profile`
     names the machine it ran on (default: its first record's, else this machine's); `extra` adds to its
-    conditions."""
+    conditions. Returns the run's id in the store (None: spilled)."""
     import dataclasses
 
     from deploykit.core.errors import StoreError
@@ -676,8 +809,9 @@ def _keep_run(store, records, failures, started, status, timing, grid, progress,
         path = store.spill(run)
         progress(f"{exc}; the run ({len(records)} records, {len(failures)} failures) is in {path}: "
                  f"`deploykit report --import {path}` puts it into a store")
-        return
+        return None
     progress(f"kept as run {run_id} ({status}) in {store.path}")
+    return run_id
 
 
 def cmd_audit(args) -> int:
@@ -748,6 +882,13 @@ def cmd_report(args) -> int:
         read_store_runs,
     )
 
+    if not args.pick and (args.max_quality_drop is not None or args.max_size_mb is not None
+                          or args.min_speedup is not None or args.objective != "latency"):
+        raise UsageError("--max-quality-drop, --max-size-mb, --min-speedup and --objective apply to --pick")
+    if args.pick and (args.list or args.compare or args.imports or args.format != "table"):
+        raise UsageError("--pick prints its choice as text: leave out --list, --compare, --import and --format")
+    if args.pick:
+        return _pick(args)
     if args.out:
         _check_output(args.out, "--out")
     store = ResultStore(args.store or default_store_path())
@@ -786,7 +927,7 @@ def cmd_report(args) -> int:
             text = compare_table(run.records, [(_run_label(o), o.records) for o in others], _run_label(run),
                                  "github" if args.format == "markdown" else "simple") + "\n"
         elif args.format == "json":
-            text = records_json(run.records)
+            text = records_json(run.records, run.id, run.failures)
         elif args.format == "csv":
             text = bench_csv(run.records)
         else:
@@ -801,6 +942,40 @@ def cmd_report(args) -> int:
                                                  else ""), file=sys.stderr)
     else:
         print(text, end="")
+    return 0
+
+
+def _pick(args) -> int:
+    """`report --pick`: the variant to ship per configuration of a run; exit 1 where none qualifies."""
+    from pathlib import Path
+
+    from deploykit.model.artifact import copy_artifact
+    from deploykit.results.pick import Constraints, choices_text, pick
+    from deploykit.results.store import ResultStore, default_store_path
+
+    drop, relative = (None, False) if args.max_quality_drop is None else Constraints.parse_quality_drop(
+        args.max_quality_drop)
+    constraints = Constraints(drop, relative, args.max_size_mb, args.min_speedup, args.objective)
+    run = ResultStore(args.store or default_store_path()).run(args.run)
+    if not run.records:
+        raise UsageError(f"run {run.id} measured nothing to pick from")
+    choices = pick(run.records, constraints)
+    chosen = {c.chosen.artifact for c in choices if c.chosen}
+    if args.out:
+        if len(chosen) != 1:
+            raise UsageError(f"--out copies one artifact, and run {run.id}'s configurations chose {len(chosen)} "
+                             "different ones: narrow the run (one runtime, batch and thread count) or copy by hand")
+        (source,) = chosen
+        if not Path(source).is_dir():
+            raise UsageError(f"the chosen variant was measured from {source}, which is gone (bench --model exports to "
+                             "a temporary directory unless --keep DIR): bench with --keep DIR, or export the chosen plan")
+        _check_output(args.out, "--out")
+    print(choices_text(choices, constraints))
+    if any(c.chosen is None for c in choices):
+        return 1
+    if args.out:
+        copy_artifact(source, args.out)
+        print(f"deploykit: copied {source} to {args.out} (verified)", file=sys.stderr)
     return 0
 
 

@@ -59,6 +59,16 @@ def csv_of(kind: type = str, choices=None, what: str = "value"):
 _LAYER_TYPES = csv_of()
 
 
+def _round_to(text: str) -> int | str:
+    """--round-to: a multiple, or "auto" (chosen by measurement at export)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def names(choices) -> str:
     return ", ".join(choices)
 
@@ -127,9 +137,11 @@ def add_plan(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     g.add_argument("--rounds", type=int, default=None,
                    help="imp: prune-rewind-retrain rounds, each removing the same share of what remains (default "
                    f"{default_of(PruningPlan, 'rounds')})")
-    g.add_argument("--round-to", type=int, default=None, metavar="N",
+    g.add_argument("--round-to", type=_round_to, default=None, metavar="N|auto",
                    help="structured methods: keep a multiple of N channels (or heads) in each group, pruning fewer "
-                   f"rather than more, so kernels see aligned widths (default {default_of(PruningPlan, 'round_to')})")
+                   "rather than more, so kernels see aligned widths; export's 'auto' (its default for dense-shrunk) "
+                   "measures 1, 8, 16 and 32 against the unpruned model and keeps the fastest (default elsewhere "
+                   f"{default_of(PruningPlan, 'round_to')})")
     g.add_argument("--graph-timeout", type=float, default=None, metavar="SECONDS",
                    help="structured methods and dense-shrunk: how long torch-pruning's dependency graph and group "
                    "search may take before the export stops, saying so (default "

@@ -88,6 +88,7 @@ def export_artifact(
     quantize_operators: str = "measured",
     save_optimized: str | None = None,
     strict: bool = False,
+    alignment: dict | None = None,
     progress: Progress = lambda message: None,
 ) -> ExportResult:
     """Prune `model` by `plan`, convert it to `form`, export it and write `out_dir` atomically.
@@ -101,6 +102,8 @@ def export_artifact(
     `save_optimized` (an onnxruntime graph optimisation level) saves each graph as onnxruntime
     optimises it, beside the original. Outputs that are zero or constant on the parity inputs (a
     parity check on them proves nothing) are a warning in the manifest, and with `strict` an error.
+    `alignment` (what `deploykit.bench.alignment.choose_round_to` measured) is recorded in the form
+    recipe.
     """
     spec = resolve_model(model) if isinstance(model, str) else model
     form_entry = FORMS.get(form)
@@ -201,7 +204,8 @@ def export_artifact(
             sparse_flops_before_conversion=step.sparse_flops_before,
             remaining_flops_fraction=(step.sparse_flops / step.flops_before
                                       if step.sparse_flops is not None and step.flops_before else None),
-            form_recipe=step.converted.recipe,
+            # how --round-to auto chose the plan's alignment, measured (`deploykit.bench.alignment`)
+            form_recipe={**step.converted.recipe, **({"round_to": alignment} if alignment else {})},
             conversion=step.converted.summary,
             shape_changes=step.shape_changes,
             converted_layers=step.swapped,

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from deploykit.core.confine import check_named_paths, inside
 from deploykit.core.errors import ArtifactError, IntegrityError
-from deploykit.core.fsutil import file_digest, read_text
+from deploykit.core.fsutil import atomic_directory, file_digest, read_text
 from deploykit.core.storage import load_weights
 from deploykit.model.spec import InputSpec
 
@@ -265,6 +266,21 @@ def verify_artifact(directory: str | Path, manifest: Manifest) -> None:
         if file_digest(path) != manifest.checksums[name]:
             raise IntegrityError(f"{str(directory)!r}: {name} does not match its recorded SHA-256 (damaged or "
                                  "modified since export)")
+
+
+def copy_artifact(source: str | Path, destination: str | Path, overwrite: bool = False) -> Manifest:
+    """Copy the artifact at `source` to `destination` (created atomically; an existing one replaced
+    only with `overwrite` and only if deploykit wrote it), verified before and after the copy."""
+    source = Path(source)
+    manifest = read_manifest(source)
+    verify_artifact(source, manifest)
+    with atomic_directory(destination, overwrite, owned=owned_artifact) as tmp:
+        for name in (MANIFEST_FILE, *manifest.files):
+            target = inside(tmp, name, f"manifest files[{name!r}]")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(inside(source, name, f"manifest files[{name!r}]"), target)
+        verify_artifact(tmp, read_manifest(tmp))
+    return manifest
 
 
 def count_weights(directory: str | Path, manifest: Manifest) -> tuple[int, int]:

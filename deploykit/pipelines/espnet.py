@@ -29,7 +29,7 @@ from deploykit.model.artifact import ST_CONFIG_FILE, WEIGHTS_FILE
 from deploykit.model.espnet import encode_features, quiet_espnet, sos_eos
 from deploykit.pipelines.encoder_fusion import EncoderFusion, fuse_encoder
 from deploykit.pipelines.espnet_decoder import CachedStep, MemoryKeysValues, unsupported
-from deploykit.pipelines.st_decode import STSession, decoder_files, ort_decoder, state_after, translate
+from deploykit.pipelines.st_decode import STSession, decoder_files, max_tokens, ort_decoder, state_after, translate
 from deploykit.runtime.loading import load_cpu_session_model, load_torch_model
 from deploykit.runtime.session import RuntimeInfo, Target
 
@@ -267,6 +267,66 @@ class TorchTranslator:
         return TorchStepper(self.model, memory)
 
 
+class TorchCachedStepper:
+    """Next-token log-probabilities from the exported decoder's algorithm run by PyTorch: the encoder
+    output's keys and values projected once, then one token per step with the grown caches
+    (`MemoryKeysValues`, `CachedStep`: the modules export traced)."""
+
+    def __init__(self, translator: "TorchCachedTranslator", memory: torch.Tensor):
+        self.translator, self.memory, self.projected = translator, memory, None
+
+    def start(self):
+        if self.projected is None:
+            with torch.no_grad():
+                self.projected = self.translator.project(torch.as_tensor(self.memory))
+        return self.translator.empty
+
+    def step(self, tokens: list[int], state):
+        with torch.no_grad():
+            logp, *grown = self.translator.cached_step(torch.tensor([[tokens[-1]]]), torch.tensor([len(tokens) - 1]),
+                                                       *state, *self.projected)
+        return logp[0].numpy(), tuple(grown)
+
+
+class TorchCachedTranslator(TorchTranslator):
+    """The PyTorch model decoding with the exported decoder's algorithm (keys and values cached), so
+    that a torch row against an onnxruntime row compares runtimes, not algorithms."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        decoder = model.decoder
+        self.project, self.cached_step = MemoryKeysValues(decoder).eval(), CachedStep(decoder).eval()
+        self.empty = tuple(torch.zeros(1, layer.self_attn.h, 0, layer.self_attn.d_k)
+                           for layer in decoder.decoders for _ in range(2))
+
+    def stepper(self, memory: torch.Tensor) -> TorchCachedStepper:
+        return TorchCachedStepper(self, memory)
+
+
+#: the torch stages that time the exported decoder's algorithm, beside ESPnet's own (decoder-step, greedy)
+CACHED_STAGES = ("decoder-step-cached", "greedy-cached")
+
+
+class TorchSTSession(STSession):
+    """The torch session of an ST artifact: ESPnet's own decoding (every step recomputes the prefix:
+    what the export is compared with, as ESPnet runs), and, where the decoder caches keys and values
+    when exported, the same algorithm as the export under PyTorch (`CACHED_STAGES`)."""
+
+    def __init__(self, model: nn.Module, info: RuntimeInfo, files: Sequence[str]):
+        super().__init__(TorchTranslator(model), info, files)
+        self.cached = TorchCachedTranslator(model) if unsupported(model.decoder) is None else None
+
+    def stages(self, feeds):
+        out = super().stages(feeds)
+        if self.cached is not None:
+            feats = self._features(feeds)
+            memory, stepper, prefix, state = self._step_ready(feats, self.cached)
+            limit = max_tokens(memory)
+            out["decoder-step-cached"] = lambda: stepper.step(prefix, state)
+            out["greedy-cached"] = lambda: translate(self.cached, feats, limit)
+        return out
+
+
 def decode_torch(model: nn.Module, feats: torch.Tensor, max_tokens: int, beam: int = 1) -> list[int]:
     """Decoding with the PyTorch model: the reference the ONNX decoder must reproduce."""
     return translate(TorchTranslator(model), feats, max_tokens, beam)
@@ -276,7 +336,7 @@ def load_torch_session(directory: str | Path, threads: int, target: Target) -> S
     """The benchmark session of an exported ST artifact under PyTorch (its form's execution module);
     CPU only: TorchTranslator builds its token and mask tensors there."""
     model = load_cpu_session_model(directory, threads, target, "speech translation")
-    return STSession(TorchTranslator(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
+    return TorchSTSession(model, RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
 
 
 def reference_session(directory: str | Path, consent: Sequence[str] = ()) -> STSession:

@@ -246,10 +246,12 @@ class STSession:
             raise UsageError(f"speech translation decodes one utterance at a time, not a batch of {feats.shape[0]}")
         return feats
 
-    def _step_ready(self, feats: np.ndarray):
-        """(encoder output, stepper over it, token prefix, the state after all but its last token)."""
-        memory = self.translator.encode(feats)
-        stepper = self.translator.stepper(memory)
+    def _step_ready(self, feats: np.ndarray, translator=None):
+        """(encoder output, stepper over it, token prefix, the state after all but its last token), of
+        this session's translator or of `translator`."""
+        translator = translator or self.translator
+        memory = translator.encode(feats)
+        stepper = translator.stepper(memory)
         prefix = self._prefix()
         return memory, stepper, prefix, state_after(stepper, prefix[:-1])
 

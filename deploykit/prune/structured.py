@@ -62,6 +62,9 @@ class Criterion:
 class StructuredPruner:
     """Mask the lowest-importance channels of each group."""
 
+    #: it removes whole channels: the widths it leaves are what `round_to` aligns
+    structured = True
+
     def __init__(self, criterion: Criterion):
         self.criterion = criterion
 

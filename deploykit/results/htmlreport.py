@@ -1,14 +1,19 @@
 """The HTML report: one self-contained page per stored run, with the plots the pruning studies drew.
 
-Plots: quality (accuracy) against sparsity, disk size and latency; latency against sparsity per
-runtime; latency against batch size and sequence length where the run swept them; and, given a
-second run (another profile, another revision), both runs' latencies side by side. Below them, the
+Plots, per model: quality (accuracy) against sparsity, disk size and latency, with each runtime's
+Pareto front drawn; size against sparsity; speedup over the unpruned model with its interval;
+latency against sparsity per runtime; latency against batch size, threads and sequence length where
+the run swept them (the other axes held at a value the caption names); every method's line starts
+at the unpruned model, noisy points are hollow; and, given a second run (another profile, another
+revision), both runs' latencies side by side. Below them, the
 run's table and its notes on how far to trust the figures. No scripts, no external resources: the
 page is HTML, CSS and inline SVG (`deploykit.results.svgplot`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 from collections import defaultdict
 from html import escape
 from typing import Callable, Sequence
@@ -16,6 +21,7 @@ from typing import Callable, Sequence
 from tabulate import tabulate
 
 from deploykit.bench.records import BenchRecord
+from deploykit.results.pick import better_direction
 from deploykit.results.report import MB, bench_rows, bench_table, configuration_key
 from deploykit.results.svgplot import Axis, Point, Series, bar_plot, line_plot
 
@@ -55,7 +61,7 @@ def html_report(run, others=()) -> str:
     """The page for a stored `run` (deploykit.results.store.Run); with `others` (other machines' runs,
     say), a comparison with each."""
     records = list(run.records)
-    figures = _quality_figures(records) + _latency_figures(records)
+    figures = _per_model(_quality_figures, records) + _per_model(_latency_figures, records)
     for other in others:
         figures += _comparison_figures(run, other)
     parts = [
@@ -101,22 +107,39 @@ def _varying(records: Sequence[BenchRecord], fields: Sequence[str]) -> list[str]
 
 
 def _series(records: Sequence[BenchRecord], x: Callable[[BenchRecord], float], y: Callable[[BenchRecord], float],
-            fields: Sequence[str], line: bool = True) -> list[Series]:
-    """One series per combination of `fields` that vary among the records."""
+            fields: Sequence[str], line: bool = True,
+            interval: Callable[[BenchRecord], tuple[float, float] | None] = lambda r: None) -> list[Series]:
+    """One series per combination of `fields` that vary among the records; noisy rows drawn hollow,
+    `interval` (where it gives one) drawn as a bar."""
     shown = _varying(records, fields)
     grouped: dict[tuple, list[BenchRecord]] = defaultdict(list)
     for r in records:
         grouped[tuple(_SERIES_FIELDS[f](r) for f in shown)].append(r)
-    return [Series(" ".join(map(str, key)) or "all", tuple(Point(x(r), y(r), _describe(r)) for r in group), line)
+    return [Series(" ".join(map(str, key)) or "all", tuple(_point(r, x, y, interval) for r in group), line)
             for key, group in grouped.items()]
 
 
-#: axes a plot does not show are held at one value: the smallest batch, the most threads, the
-#: model's own (or shortest) length
+def _point(r: BenchRecord, x, y, interval) -> Point:
+    low, high = interval(r) or (None, None)
+    noisy = "noisy" in r.measurement.problems() or bool(r.versus and r.versus.noisy and interval(r))
+    return Point(x(r), y(r), _describe(r) + (" (noisy)" if noisy else ""), low, high, noisy)
+
+
+def _typical_dispersion(records: Sequence[BenchRecord]) -> float:
+    return statistics.median(r.measurement.dispersion for r in records)
+
+
+def _quietest(records: Sequence[BenchRecord], values: set) -> int:
+    """The thread count whose rows were measured with the least dispersion."""
+    return min(values, key=lambda t: (_typical_dispersion([r for r in records if r.threads == t]), t))
+
+
+#: axes a plot does not show are held at one value: the smallest batch, the thread count measured
+#: with the least noise, the model's own (or shortest) length
 _HELD = {
-    "batch": (lambda r: r.batch_size, min),
-    "threads": (lambda r: r.threads, max),
-    "length": (lambda r: r.sequence_length or 0, min),
+    "batch": (lambda r: r.batch_size, lambda records, values: min(values)),
+    "threads": (lambda r: r.threads, _quietest),
+    "length": (lambda r: r.sequence_length or 0, lambda records, values: min(values)),
 }
 
 
@@ -128,7 +151,7 @@ def _held(records: Sequence[BenchRecord], shown: str = "") -> tuple[list[BenchRe
         values = {get(r) for r in kept}
         if name == shown or len(values) < 2:
             continue
-        value = pick(values)
+        value = pick(kept, values)
         kept = [r for r in kept if get(r) == value]
         said.append(_SERIES_FIELDS[name](kept[0]))
     return kept, (" At " + ", ".join(said) + "." if said else "")
@@ -140,7 +163,22 @@ def _configuration(r: BenchRecord) -> str:
     return f"{r.model} {r.prune} {r.form_label} {r.runtime} ({r.device}){stage} batch {r.batch_size}{length} threads {r.threads}"
 
 
+def _from_baseline(records: Sequence[BenchRecord]) -> list[BenchRecord]:
+    """The records with the unpruned model's (plan "none") put at the start of each pruning method's
+    line: once per (method, form) the run pruned with, so no line starts at its first pruned point."""
+    variants = {(r.model, r.prune.split(":")[0], r.form) for r in records if r.prune != "none"}
+    out = [r for r in records if r.prune != "none"]
+    for r in records:
+        if r.prune == "none":
+            copies = [dataclasses.replace(r, prune=f"{method}:0", form=form, quantization="")
+                      for model, method, form in sorted(variants) if model == r.model]
+            out += copies or [r]
+    return out
+
+
 def _describe(r: BenchRecord) -> str:
+    if r.sparsity == 0 and (r.baseline or r.prune.endswith(":0")):
+        return f"the unpruned model ({r.artifact}): p50 {r.measurement.median_ms:.4f} ms, disk {r.disk_bytes / MB:.3f} MB"
     metrics = "".join(f", {k} {v:.4f}" for k, v in r.metrics.items())
     return (f"{_configuration(r)}: p50 {r.measurement.median_ms:.4f} ms, disk {r.disk_bytes / MB:.3f} MB, "
             f"sparsity {100 * r.overall_sparsity:.1f}%{metrics}")
@@ -152,33 +190,75 @@ def _metric(records: Sequence[BenchRecord]) -> str | None:
     return "accuracy" if "accuracy" in names else (names[0] if names else None)
 
 
-def _quality_figures(records: Sequence[BenchRecord]) -> list[str]:
+def _per_model(figures: Callable[[Sequence[BenchRecord], str], list[str]],
+               records: Sequence[BenchRecord]) -> list[str]:
+    """`figures` of each model's records on its own (a line never joins two models' points)."""
+    models = sorted({r.model for r in records})
+    if len(models) == 1:
+        return figures(records, "")
+    return [f for i, model in enumerate(models) for f in figures([r for r in records if r.model == model],
+                                                                   f"-{i + 1}")]
+
+
+def _front(records: Sequence[BenchRecord], cost: Callable[[BenchRecord], float], metric: str) -> list[BenchRecord]:
+    """The records no other beats on `cost` (lower) and `metric` (better) at once, in one runtime."""
+    direction = better_direction(metric)
+    return [r for r in records if not r.wrong and not any(
+        cost(o) <= cost(r) and direction * o.metrics[metric] >= direction * r.metrics[metric]
+        and (cost(o) < cost(r) or direction * o.metrics[metric] > direction * r.metrics[metric])
+        for o in records if o is not r and not o.wrong)]
+
+
+def _with_fronts(series: list[Series], records: Sequence[BenchRecord], x: Callable[[BenchRecord], float],
+                 metric: str) -> list[Series]:
+    """`series`, and the Pareto front of each runtime's records drawn as a line of its own."""
+    fronts = []
+    for runtime in sorted({r.runtime for r in records}):
+        front = _front([r for r in records if r.runtime == runtime], x, metric)
+        if len(front) > 1:
+            fronts.append(Series(f"Pareto front, {runtime}", tuple(
+                Point(x(r), r.metrics[metric], "on the front: " + _describe(r)) for r in front), markers=False))
+    return series + fronts
+
+
+def _quality_figures(records: Sequence[BenchRecord], suffix: str = "") -> list[str]:
     metric = _metric(records)
     if metric is None:
         return []
     scored, held = _held([r for r in records if metric in r.metrics])
+    title = f" ({scored[0].model})" if suffix else ""
 
     def quality(r: BenchRecord) -> float:
         return r.metrics[metric]
 
+    def disk(r: BenchRecord) -> float:
+        return r.disk_bytes / MB
+
+    def p50(r: BenchRecord) -> float:
+        return r.measurement.median_ms
+
     # quality belongs to the weights, not to the form or the runtime: one point per pruning plan
-    plans = list({(r.model, r.prune): r for r in scored}.values())
+    plans = list({(r.model, r.prune): r for r in _from_baseline(scored)}.values())
     sized = list({(r.artifact, r.runtime): r for r in scored}.values())
     return [
-        _figure(line_plot("dk-quality-sparsity", f"{metric} vs sparsity",
+        _figure(line_plot(f"dk-quality-sparsity{suffix}", f"{metric} vs sparsity{title}",
                           _series(plans, lambda r: 100 * r.overall_sparsity, quality, ("model", "method")),
                           Axis("zeros over all parameters (%)"), Axis(metric)),
-                f"{metric} of each pruned model against its measured sparsity, one line per pruning method."),
-        _figure(line_plot("dk-quality-disk", f"{metric} vs disk size",
-                          _series(sized, lambda r: r.disk_bytes / MB, quality, ("model", "runtime", "form"), line=False),
+                f"{metric} of each pruned model against its measured sparsity, one line per pruning method, each "
+                "starting at the unpruned model."),
+        _figure(line_plot(f"dk-quality-disk{suffix}", f"{metric} vs disk size{title}",
+                          _with_fronts(_series(sized, disk, quality, ("model", "runtime", "form"), line=False), sized,
+                                       disk, metric),
                           Axis("files the runtime loads (MB)"), Axis(metric)),
-                "What each runtime loads: the weights file for torch, the ONNX files for onnxruntime. "
-                "Hover a point for its configuration."),
-        _figure(line_plot("dk-quality-latency", f"{metric} vs latency",
-                          _series(scored, lambda r: r.measurement.median_ms, quality,
-                                  ("model", "runtime", "device", "form", "stage"), line=False),
+                "What each runtime loads: the weights file for torch, the ONNX files for onnxruntime; the line of "
+                "each runtime joins its Pareto front (no variant both smaller and better). Hover a point for its "
+                "configuration."),
+        _figure(line_plot(f"dk-quality-latency{suffix}", f"{metric} vs latency{title}",
+                          _with_fronts(_series(scored, p50, quality, ("model", "runtime", "device", "form", "stage"),
+                                               line=False), scored, p50, metric),
                           Axis("p50 latency (ms)", log=True), Axis(metric)),
-                "Median latency per call." + held),
+                "Median latency per call; the line of each runtime joins its Pareto front (no variant both faster "
+                "and better); hollow points were noisy." + held),
     ]
 
 
@@ -195,21 +275,40 @@ def _missing_quality(records: Sequence[BenchRecord]) -> list[str]:
 _LATENCY_FIELDS = ("model", "method", "sparsity", "runtime", "device", "form", "stage")
 
 
-def _latency_figures(records: Sequence[BenchRecord]) -> list[str]:
+def _latency_figures(records: Sequence[BenchRecord], suffix: str = "") -> list[str]:
     def p50(r: BenchRecord) -> float:
         return r.measurement.median_ms
 
+    title = f" ({records[0].model})" if suffix else ""
     figures = []
-    if len({r.sparsity for r in records}) > 1:
-        kept, held = _held(records)
-        fields = [f for f in _LATENCY_FIELDS if f != "sparsity"]
+    kept, held = _held(records)
+    fields = [f for f in _LATENCY_FIELDS if f != "sparsity"]
+    joined = _from_baseline(kept)
+    figures.append(_figure(line_plot(
+        f"dk-size-sparsity{suffix}", f"Size vs sparsity{title}",
+        _series(joined, lambda r: 100 * r.sparsity, lambda r: r.disk_bytes / MB, ("model", "method", "runtime", "form")),
+        Axis("target sparsity (%)"), Axis("files the runtime loads (MB)")),
+        "What each runtime loads, against the sparsity asked of the pruner; every method's line starts at the "
+        "unpruned model." + held))
+    compared = [r for r in joined if r.speedup is not None]
+    if any(not r.baseline for r in compared):
         figures.append(_figure(line_plot(
-            "dk-latency-sparsity", "Latency vs sparsity, per runtime",
-            _series(kept, lambda r: 100 * r.sparsity, p50, fields),
+            f"dk-speedup-sparsity{suffix}", f"Speedup over the unpruned model{title}",
+            _series(compared, lambda r: 100 * r.sparsity, lambda r: r.speedup, fields,
+                    interval=lambda r: r.versus.speedup_ci95() if r.versus else None),
+            Axis("target sparsity (%)"), Axis("speedup (x the unpruned model's speed)")),
+            "The unpruned model's p50 over each variant's, per interleaved round, median and 95% interval (the bar); "
+            "1 is the unpruned model, below 1 slower; hollow points are noisy." + held))
+    if len({r.sparsity for r in records}) > 1:
+        figures.append(_figure(line_plot(
+            f"dk-latency-sparsity{suffix}", f"Latency vs sparsity, per runtime{title}",
+            _series(joined, lambda r: 100 * r.sparsity, p50, fields),
             Axis("target sparsity (%)"), Axis("p50 latency (ms)", log=True)),
-            "Median latency against the sparsity asked of the pruner, one line per runtime and form." + held))
+            "Median latency against the sparsity asked of the pruner, one line per method, runtime and form, each "
+            "starting at the unpruned model; hollow points were noisy." + held))
     for name, x, axis, caption in (
         ("batch", lambda r: r.batch_size, Axis("batch size", log=True), "Median latency of one call by batch size."),
+        ("threads", lambda r: r.threads, Axis("threads"), "Median latency of one call by thread count."),
         ("length", lambda r: r.sequence_length, Axis("sequence length"),
          "Median latency by the length set on every sequence axis."),
     ):
@@ -217,8 +316,8 @@ def _latency_figures(records: Sequence[BenchRecord]) -> list[str]:
         if len({get(r) for r in records}) > 1 and (name != "length" or all(r.sequence_length for r in records)):
             kept, held = _held(records, shown=name)
             figures.append(_figure(line_plot(
-                f"dk-latency-{name}", f"Latency vs {axis.label}", _series(kept, x, p50, _LATENCY_FIELDS),
-                axis, Axis("p50 latency (ms)", log=True)), caption + held))
+                f"dk-latency-{name}{suffix}", f"Latency vs {axis.label}{title}", _series(kept, x, p50, _LATENCY_FIELDS),
+                axis, Axis("p50 latency (ms)", log=True)), caption + " Hollow points were noisy." + held))
     return figures
 
 

@@ -6,7 +6,7 @@ Sizes in tables are MB = 10^6 bytes, as the pruning studies quoted them (5.65 MB
 from __future__ import annotations
 
 import json
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from tabulate import tabulate
 
@@ -16,6 +16,7 @@ from deploykit.core.errors import UsageError
 from deploykit.core.measure import REMEDIES, required_samples
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.core.sparsity import SparsityTable
+from deploykit.results.pick import pareto_front
 
 MB = 1e6
 
@@ -36,8 +37,8 @@ def sparsity_report(table: SparsityTable) -> str:
 
 
 BENCH_HEADERS = [
-    "model", "form", "sparsity", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms",
-    "items/s", "peak MB", "disk MB", "params", "nonzero", "parity",
+    "model", "plan", "form", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "speedup",
+    "items/s", "disk MB", "size", "peak MB", "nonzero", "parity", "pareto",
 ]
 
 
@@ -45,8 +46,28 @@ BENCH_HEADERS = [
 CPU_DEVICES = ("cpu", "CPUExecutionProvider")
 
 
+def speedup_cell(r: BenchRecord) -> str:
+    """"1.23x [1.10-1.31]" against the baseline, "~" first where the interval is wide, "!" where other
+    work ran; "baseline" on the baseline's own row; "" where the run had none."""
+    if r.baseline:
+        return "baseline"
+    if r.versus is None or r.versus.speedup is None:
+        return ""
+    low, high = r.versus.speedup_ci95()
+    marks = ("!" if _disturbed(r) else "") + ("~" if r.versus.noisy or r.measurement.problems().get("noisy") else "")
+    return f"{marks}{r.versus.speedup:.2f}x [{low:.2f}-{high:.2f}]"
+
+
+def quality_cell(r: BenchRecord) -> str:
+    """Each metric, with its change against the baseline where there is one."""
+    change = r.quality_change()
+    return ", ".join(f"{name} {value:.4f}" + (f" ({change[name]:+.4f})" if name in change and not r.baseline else "")
+                     for name, value in r.metrics.items())
+
+
 def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted rows; "device", "stage" and "length" columns only where some row needs one."""
+    """Headers and formatted rows; "device", "stage", "length", "graph opt" and "quality" columns only
+    where some row needs one."""
     optional = {
         "device": (any(r.device not in CPU_DEVICES for r in records), lambda r: r.device),
         "stage": (any(r.stage != "forward" for r in records), lambda r: r.stage),
@@ -55,26 +76,45 @@ def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str
                       lambda r: r.graph_optimization),
     }
     shown = [(name, cell) for name, (wanted, cell) in optional.items() if wanted]
+    quality = any(r.metrics for r in records)
+    front = pareto_front(records)
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
         m = r.measurement
+        size = r.size_ratio
         rows.append([
-            r.model, r.form_label, f"{r.sparsity:g}", r.runtime, *(cell(r) for _, cell in shown), str(r.batch_size),
-            str(r.threads), f"{m.percentile_ms(50):.4f}", _tail(m, 90), _tail(m, 99),
-            f"{m.throughput_items_per_s:,.0f}", f"{r.peak_rss_bytes / MB:.1f}", f"{r.disk_bytes / MB:.3f}",
-            f"{r.parameters:,}", f"{r.nonzero_parameters:,}",
-            f"{r.parity_max_abs_error:.1e}" + (" WRONG" if r.wrong else ""),
+            r.model, r.prune, r.form_label, r.runtime, *(cell(r) for _, cell in shown), str(r.batch_size),
+            str(r.threads), f"{m.percentile_ms(50):.4f}", _tail(m, 90), _tail(m, 99), speedup_cell(r),
+            f"{m.throughput_items_per_s:,.0f}", f"{r.disk_bytes / MB:.3f}", "" if size is None else f"{size:.2f}x",
+            *([quality_cell(r)] if quality else []), f"{r.peak_rss_bytes / MB:.1f}", f"{r.nonzero_parameters:,}",
+            f"{r.parity_max_abs_error:.1e}" + (" WRONG" if r.wrong else ""), "*" if i in front else "",
         ])
-    return BENCH_HEADERS[:4] + [name for name, _ in shown] + BENCH_HEADERS[4:], rows
+    headers = BENCH_HEADERS[:4] + [name for name, _ in shown] + BENCH_HEADERS[4:13]
+    return headers + (["quality"] if quality else []) + BENCH_HEADERS[13:], rows
 
 
 def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str:
     """The rows as a text table (or Markdown, with tablefmt="github"), then notes on how far to trust them."""
     headers, rows = bench_rows(records)
-    left = ("model", "form", "runtime", "device", "stage")
+    left = ("model", "plan", "form", "runtime", "device", "stage", "quality", "speedup")
     table = tabulate(rows, headers=headers, disable_numparse=True, tablefmt=tablefmt,
                      colalign=tuple("left" if h in left else "right" for h in headers))
+    separator = "\n" if tablefmt == "simple" else "\n\n"  # Markdown needs paragraphs
+    return table + "".join(separator + n for n in bench_notes(records))
+
+
+def bench_notes(records: Sequence[BenchRecord]) -> list[str]:
+    """What the table's marks mean, and how far to trust its figures: "note: ..." and "warning: ..." lines."""
     notes = []
+    if any(r.baseline for r in records):
+        notes.append("note: speedup = the baseline's p50 / the row's, per interleaved round (same runtime, batch, "
+                     "threads), median over rounds [95% interval]; size = the row's files / the baseline's; "
+                     "'~' marks a wide interval or a noisy row, '!' a row measured while other work ran")
+    else:
+        notes.append("note: no unpruned baseline in this run: no speedup or size ratio (bench --model measures one; "
+                     "with DIRs, add the unpruned artifact or --baseline DIR)")
+    notes.append("note: pareto '*': no other variant of the same runtime, batch and threads is at once as fast, as "
+                 "small and as good (parity-failing rows excluded)")
     thin = {q for r in records for q in (90, 99) if not r.measurement.enough_samples_for(q)}
     if thin:
         notes.append("note: " + ", ".join(f"p{q} needs >= {required_samples(q)} samples" for q in sorted(thin))
@@ -94,11 +134,29 @@ def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str
     if wrong:
         notes.append(f"warning: {len(wrong)} of {len(records)} rows are marked WRONG: their outputs differ from the "
                      "reference beyond the parity tolerance, so their speed is not the model's")
+    slower = [r for r in records if not r.baseline and r.speedup is not None and r.speedup < 1]
+    if slower:
+        notes.append(f"warning: {len(slower)} of {len(records)} rows run slower than the unpruned baseline: " + "; ".join(
+            f"{r.prune} {r.form_label} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} batch {r.batch_size}: "
+            f"{r.versus.speedup:.2f}x" + (" (within noise: its interval reaches 1x)" if r.versus.speedup_ci95()[1] >= 1
+                                          else "") for r in slower))
+    if any(r.runtime == "torch" and r.stage in ("decoder-step", "greedy") for r in records):
+        notes.append("note: torch's decoder-step and greedy rows time ESPnet's own decoding, which recomputes the "
+                     "whole prefix at every step (the export against ESPnet as it runs); decoder-step-cached and "
+                     "greedy-cached time the export's algorithm (keys and values cached) under PyTorch: set those "
+                     "beside onnxruntime's decoder-step and greedy to compare runtimes")
     if any(r.form == "csr" and r.runtime == "onnxruntime" for r in records):
         notes.append("note: onnxruntime densifies sparse initializers when it loads a model: its csr rows run "
                      "dense kernels (the file is smaller, the time is dense time)")
-    separator = "\n" if tablefmt == "simple" else "\n\n"  # Markdown needs paragraphs
-    return table + "".join(separator + n for n in notes)
+    return notes
+
+
+CSV_HEADERS = ["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch",
+               "sequence_length", "graph_optimization", "threads",
+               "p50_ms", "p50_ci95_low_ms", "p50_ci95_high_ms", "p90_ms", "p99_ms", "iqr_ms", "samples",
+               "items_per_s", "peak_rss_bytes", "disk_bytes", "parameters", "nonzero_parameters", "parity",
+               "baseline", "speedup", "speedup_ci95_low", "speedup_ci95_high", "size_ratio", "metrics",
+               "quality_change", "pareto"]
 
 
 def bench_csv(records: Sequence[BenchRecord]) -> str:
@@ -108,19 +166,22 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
 
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch",
-                     "sequence_length", "graph_optimization", "threads",
-                     "p50_ms", "p50_ci95_low_ms", "p50_ci95_high_ms", "p90_ms", "p99_ms", "iqr_ms", "samples",
-                     "items_per_s", "peak_rss_bytes", "disk_bytes", "parameters", "nonzero_parameters", "parity"])
-    for r in records:
+    writer.writerow(CSV_HEADERS)
+    front = pareto_front(records)
+    for i, r in enumerate(records):
         m = r.measurement
         low, high = m.median_ci_ms()
+        interval = (r.versus.speedup_ci95() if r.versus else None) or ("", "")
         writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form_label, r.runtime, r.stage, r.device, r.batch_size,
                          r.sequence_length or "", r.graph_optimization, r.threads, m.median_ms, low, high,
                          m.percentile_ms(90) if m.enough_samples_for(90) else "",
                          m.percentile_ms(99) if m.enough_samples_for(99) else "", m.iqr_ms, len(m.samples_ns),
                          m.throughput_items_per_s, r.peak_rss_bytes, r.disk_bytes, r.parameters,
-                         r.nonzero_parameters, r.parity_max_abs_error])
+                         r.nonzero_parameters, r.parity_max_abs_error, int(r.baseline),
+                         "" if r.speedup is None else r.speedup, *interval,
+                         "" if r.size_ratio is None else r.size_ratio,
+                         json.dumps(r.metrics, sort_keys=True) if r.metrics else "",
+                         json.dumps(r.quality_change(), sort_keys=True) if r.quality_change() else "", int(i in front)])
     return out.getvalue()
 
 
@@ -204,8 +265,24 @@ def audit_table(report) -> str:
     return text
 
 
-def records_json(records: Iterable[BenchRecord]) -> str:
-    return json.dumps([r.to_dict() for r in records], indent=2) + "\n"
+#: the version of `records_json`'s object; a reader checks it before reading the records
+JSON_SCHEMA = "deploykit.bench/2"
+
+
+def records_json(records: Sequence[BenchRecord], run_id: int | None = None, failures: Sequence = ()) -> str:
+    """The records as one JSON object: schema version, run id (None where the run was not stored), the
+    notes and warnings printed under the table, the records (each with `pareto`) and failed configurations."""
+    records = list(records)
+    notes = bench_notes(records) if records else []
+    front = pareto_front(records)
+    return json.dumps({
+        "schema": JSON_SCHEMA,
+        "run": run_id,
+        "notes": [n.removeprefix("note: ") for n in notes if n.startswith("note: ")],
+        "warnings": [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")],
+        "records": [{**r.to_dict(), "pareto": i in front} for i, r in enumerate(records)],
+        "failures": [f.to_dict() for f in failures],
+    }, indent=2) + "\n"
 
 
 def failures_text(failures) -> str:

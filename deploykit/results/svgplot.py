@@ -8,6 +8,7 @@ Layout is computed here, in user units of a fixed viewBox, so the browser only s
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from html import escape
 from typing import Sequence
@@ -19,14 +20,19 @@ MARKERS = ("circle", "square", "diamond", "triangle")
 WIDTH, HEIGHT = 640, 360
 #: plot area margins: left holds tick labels and the axis title, bottom likewise; right holds the legend
 LEFT, RIGHT, TOP, BOTTOM = 72, 200, 34, 52
-#: characters of a legend label that fit beside the plot (longer ones are cut, the tooltip keeps all)
+#: characters of a legend line that fit beside the plot (a longer label wraps onto more lines, never cut)
 LEGEND_CHARS = 24
 LEGEND_ROW = 16
 
 
-def _height(entries: int) -> int:
+def _height(labels: Sequence[str]) -> int:
     """The plot's height: the default, or taller when the legend needs the room."""
-    return max(HEIGHT, TOP + LEGEND_ROW * entries + BOTTOM)
+    return max(HEIGHT, TOP + LEGEND_ROW * sum(len(_wrapped(label)) for label in labels) + BOTTOM)
+
+
+def _wrapped(label: str) -> list[str]:
+    """A legend label in lines that fit beside the plot, at spaces where it can, whole in any case."""
+    return textwrap.wrap(label, LEGEND_CHARS, break_on_hyphens=False) or [label]
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,11 @@ class Point:
     y: float
     #: the point's exact figures, shown on hover
     note: str = ""
+    #: an interval around y (drawn as a bar), e.g. a speedup's 95% interval
+    low: float | None = None
+    high: float | None = None
+    #: drawn hollow: a figure too noisy to read closely (the note says why)
+    noisy: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class Series:
     points: tuple[Point, ...]
     #: join the points (sorted by x) with a line
     line: bool = True
+    #: draw a marker at each point (off for a line that only joins points drawn by other series)
+    markers: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,17 +123,20 @@ class _Scale:
         return self.start + (v - self.low) / (self.high - self.low) * (self.end - self.start)
 
 
-def _marker(shape: str, x: float, y: float, colour: str, note: str, cls: str = "dk-point") -> str:
+def _marker(shape: str, x: float, y: float, colour: str, note: str, cls: str = "dk-point", hollow: bool = False) -> str:
     title = f"<title>{escape(note)}</title>" if note else ""
+    # a noisy figure is outlined, not filled
+    paint = f'fill="#fff" stroke="{colour}" stroke-width="1.5"' if hollow else f'fill="{colour}"'
+    cls += " dk-noisy" if hollow else ""
     if shape == "circle":
-        body = f'<circle class="{cls}" cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}">{title}</circle>'
+        body = f'<circle class="{cls}" cx="{x:.1f}" cy="{y:.1f}" r="4" {paint}>{title}</circle>'
     elif shape == "square":
-        body = f'<rect class="{cls}" x="{x - 3.5:.1f}" y="{y - 3.5:.1f}" width="7" height="7" fill="{colour}">{title}</rect>'
+        body = f'<rect class="{cls}" x="{x - 3.5:.1f}" y="{y - 3.5:.1f}" width="7" height="7" {paint}>{title}</rect>'
     else:
         pts = ([(x, y - 5), (x + 5, y), (x, y + 5), (x - 5, y)] if shape == "diamond"
                else [(x, y - 5), (x + 5, y + 4), (x - 5, y + 4)])
         coords = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
-        body = f'<polygon class="{cls}" points="{coords}" fill="{colour}">{title}</polygon>'
+        body = f'<polygon class="{cls}" points="{coords}" {paint}>{title}</polygon>'
     return body
 
 
@@ -152,12 +168,16 @@ def _frame(plot_id: str, title: str, x_axis: Axis, y_axis: Axis, xs: _Scale | No
 
 def _legend(labels: Sequence[str]) -> list[str]:
     out = ['<g class="dk-legend">']
-    x = WIDTH - RIGHT + 14
+    x, row = WIDTH - RIGHT + 14, 0
     for i, label in enumerate(labels):
-        y = TOP + 8 + LEGEND_ROW * i
-        shown = label if len(label) <= LEGEND_CHARS else label[:LEGEND_CHARS - 1] + "\u2026"
+        y = TOP + 8 + LEGEND_ROW * row
+        lines = _wrapped(label)
+        row += len(lines)
         out.append(_marker(MARKERS[i // len(PALETTE) % len(MARKERS)], x, y, PALETTE[i % len(PALETTE)], label, "dk-key"))
-        out.append(f'<text x="{x + 10}" y="{y + 4}">{escape(shown)}<title>{escape(label)}</title></text>')
+        spans = "".join(f'<tspan x="{x + 10}" dy="{0 if k == 0 else LEGEND_ROW}">{escape(line)}</tspan>'
+                        for k, line in enumerate(lines))
+        out.append(f'<text x="{x + 10}" y="{y + 4}" data-label="{escape(label)}">{spans}<title>{escape(label)}</title>'
+                   "</text>")
     out.append("</g>")
     return out
 
@@ -165,9 +185,9 @@ def _legend(labels: Sequence[str]) -> list[str]:
 def line_plot(plot_id: str, title: str, series: Sequence[Series], x_axis: Axis, y_axis: Axis) -> str:
     """Points (and lines) of each series, one colour and marker per series, legend on the right."""
     points = [p for s in series for p in s.points]
-    height = _height(len(series))
+    height = _height([s.label for s in series])
     xs = _Scale(x_axis, [p.x for p in points], LEFT, WIDTH - RIGHT)
-    ys = _Scale(y_axis, [p.y for p in points], height - BOTTOM, TOP)
+    ys = _Scale(y_axis, [v for p in points for v in (p.y, p.low, p.high) if v is not None], height - BOTTOM, TOP)
     out = _frame(plot_id, title, x_axis, y_axis, xs, ys, [(xs(t), format_tick(t)) for t in xs.ticks], height)
     for i, s in enumerate(series):
         colour, shape = PALETTE[i % len(PALETTE)], MARKERS[i // len(PALETTE) % len(MARKERS)]
@@ -175,7 +195,11 @@ def line_plot(plot_id: str, title: str, series: Sequence[Series], x_axis: Axis, 
         if s.line and len(ordered) > 1:
             path = " ".join(f"{xs(p.x):.1f},{ys(p.y):.1f}" for p in ordered)
             out.append(f'<polyline class="dk-line" points="{path}" stroke="{colour}"/>')
-        out += [_marker(shape, xs(p.x), ys(p.y), colour, p.note) for p in ordered]
+        if not s.markers:
+            continue
+        out += [f'<line class="dk-interval" x1="{xs(p.x):.1f}" x2="{xs(p.x):.1f}" y1="{ys(p.low):.1f}" '
+                f'y2="{ys(p.high):.1f}" stroke="{colour}"/>' for p in ordered if p.low is not None and p.high is not None]
+        out += [_marker(shape, xs(p.x), ys(p.y), colour, p.note, hollow=p.noisy) for p in ordered]
     out += _legend([s.label for s in series])
     out.append("</svg>")
     return "\n".join(out)
@@ -185,7 +209,7 @@ def bar_plot(plot_id: str, title: str, groups: Sequence[str], series: Sequence[t
              y_axis: Axis, notes: Sequence[Sequence[str]] = ()) -> str:
     """Grouped bars: one group per configuration, one bar per series (e.g. per profile) in each."""
     values = [v for _, vs in series for v in vs]
-    height = _height(len(series))
+    height = _height([label for label, _ in series])
     ys = _Scale(y_axis, [0.0, *values] if not y_axis.log else values, height - BOTTOM, TOP)
     band = (WIDTH - RIGHT - LEFT) / max(len(groups), 1)
     bar = band * 0.8 / max(len(series), 1)
