@@ -276,3 +276,30 @@ def test_the_alignment_kept_is_measurably_faster_else_the_plan_as_asked():
     chosen = _choose({1: _candidate({"torch": wide}), 8: _candidate({"torch": (1.05, 1.1, 1.2, 0.95, 1.3)})}, {},
                      ("torch",), 1, 1)
     assert chosen.choice == 1 and chosen.noisy and "within this run's noise" in chosen.reason
+
+
+def test_a_plans_label_names_what_sets_the_variant_apart():
+    from deploykit.prune.base import PruningPlan
+
+    assert PruningPlan("magnitude", 0.9).label() == "magnitude:0.9"
+    assert PruningPlan("magnitude", 0.9).described() == "magnitude:0.9 (global)"
+    plan = PruningPlan("l1-structured", 0.5, scope="layer", round_to=8)
+    assert plan.label() == plan.described() == "l1-structured:0.5,layer,round-to 8"
+    assert PruningPlan("l1-structured", 0.0, scope="layer").label() == "none"
+
+
+def test_a_manifest_written_before_parameter_names_existed_still_verifies(artifact, tmp_path):
+    import shutil
+
+    from deploykit.model.artifact import MANIFEST_FILE, count_weights, digest_of, read_manifest, verify_artifact
+
+    old = tmp_path / "old"
+    shutil.copytree(artifact, old)
+    data = json.loads((old / MANIFEST_FILE).read_text())
+    del data["parameter_names"]
+    data["manifest_sha256"] = digest_of(data)  # sealed as the release before wrote it
+    (old / MANIFEST_FILE).write_text(json.dumps(data))
+    manifest = read_manifest(old)
+    verify_artifact(old, manifest)
+    assert manifest.parameter_names == [] and count_weights(old, manifest) == (manifest.parameters,
+                                                                               manifest.nonzero_parameters)

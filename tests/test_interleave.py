@@ -58,6 +58,7 @@ def test_processes_pool_their_samples(jobs):
     timing = dataclasses.asdict(TimingSettings(warmup_s=0.01, min_time_s=0.04, min_iters=10, rounds=2, processes=2))
     ((result, outputs),) = run_interleaved([ort], timing, Path(tmp))
     assert result["processes"] == 2 and len(result["round_times_ns"]) == 4  # two workers, two rounds each
+    assert isinstance(result["stages"]["forward"]["overhead_ns"], int)  # a record reads it back as one
     assert len(result["stages"]["forward"]["samples_ns"]) >= 10  # the budget is split, the samples pooled
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from deploykit.export.build import export_artifact
+from deploykit.model.artifact import count_weights
 from deploykit.model.spec import InputSpec, ModelSpec
 from deploykit.prune.base import PruningPlan
 from deploykit.prune.blocks import handler_for
@@ -132,6 +133,9 @@ def test_torchvision_vit_loses_heads_exactly_and_loads_back(tmp_path):
     model, _ = load_torch_model(result.directory, spec=spec)
     assert isinstance(model.encoder.layers[0].self_attention, HeadPrunedAttention)
     assert sum(p.numel() for p in model.parameters()) == m.parameters
+    # its counts are read back from the weights file under the converted names (no in_proj_weight left)
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" not in m.parameter_names
+    assert count_weights(result.directory, m) == (m.parameters, m.nonzero_parameters)
 
 
 def test_a_transformer_encoder_layer_runs_its_standard_path_around_the_pruned_heads():

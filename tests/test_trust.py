@@ -459,7 +459,10 @@ def test_damaged_files_are_caught_before_use(dk, copy, damage, file, says, comma
     (lambda m: m.update(plan={"method": "magnitude", "amount": "lots"}), "pruning plan is malformed"),
     (lambda m: m.update(inputs=[{"name": "bow", "shape": ["batch", 5000], "dtype": "complex"}]), "inputs"),
     (lambda m: m.update(files={WEIGHTS_FILE: -5}), "is not a size in bytes"),
-    (lambda m: m.update(sparsity=[{"name": "no.such.weight"}]), "'no.such.weight', which weights.safetensors"),
+    (lambda m: m.update(parameter_names=["no.such.weight"]), "'no.such.weight', which weights.safetensors"),
+    # a manifest written before parameter_names: its per-parameter rows name them
+    (lambda m: m.update(parameter_names=[], sparsity=[{"name": "no.such.weight"}]),
+     "'no.such.weight', which weights.safetensors"),
 ])
 def test_edited_manifests_are_refused_in_one_line(dk, copy, edit, says):
     art = copy()

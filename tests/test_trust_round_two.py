@@ -560,3 +560,12 @@ def test_no_architecture_transformers_ships_is_refused_by_the_size_check():
         check_config_values(values, name)
         checked += 1
     assert checked > 300
+
+
+def test_a_whole_number_written_as_a_float_reads_as_that_integer():
+    """Stores written with --processes 2 held the median of two overheads (161.0): still readable."""
+    from deploykit.core.validate import RecordError, check
+
+    assert check(161.0, int, "overhead_ns") == 161 and type(check(161.0, int, "overhead_ns")) is int
+    with pytest.raises(RecordError, match="must be an integer, got 1.5"):
+        check(1.5, int, "overhead_ns")

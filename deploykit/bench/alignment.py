@@ -111,16 +111,18 @@ def choose_round_to(spec: ModelSpec, plan: PruningPlan, threads: int, batch: int
         grid = Grid(runtimes=tuple(r for r in runtimes if r in loaders), batches=(batch,), threads=(threads,))
         counted = dict(flops=flops, unpruned_flops=base.manifest.flops, metrics=metrics,
                        unpruned_metrics=dict(base.manifest.metrics))
-        if len(measured) == 1:
-            return Alignment(measured[0], False, f"every candidate gives the same shapes (each kept width is already a "
-                             f"multiple of {max(candidates)}, or rounding would keep too few)", {}, same_as,
-                             grid.runtimes, threads, batch, **counted)
+        # measured even when only one candidate is left: the export's measurement against the unpruned model
         records = bench_subjects(subjects, grid, timing, progress, baselines=[0])
     by_candidate: dict[int, list[BenchRecord]] = {n: [] for n in measured}
     for r in records:
         if not r.baseline:
             by_candidate[measured[[str(s.location) for s in subjects[1:]].index(r.artifact)]].append(r)
-    return dataclasses.replace(_choose(by_candidate, same_as, grid.runtimes, threads, batch), **counted)
+    chosen = _choose(by_candidate, same_as, grid.runtimes, threads, batch)
+    if len(measured) == 1:
+        chosen = dataclasses.replace(chosen, noisy=False, reason=(
+            f"every candidate gives the same shapes (each kept width is already a multiple of {max(candidates)}, or "
+            "rounding would keep too few)"))
+    return dataclasses.replace(chosen, **counted)
 
 
 def _key(r: BenchRecord) -> str:

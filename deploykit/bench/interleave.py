@@ -180,7 +180,8 @@ def _pooled(outcomes: list[tuple[dict, list] | MeasurementError]) -> tuple[dict,
         stages[stage] = {"samples_ns": [s for part in parts for s in part["samples_ns"]],
                          "warmup_iters": sum(part["warmup_iters"] for part in parts),
                          "calls_per_sample": max(part["calls_per_sample"] for part in parts),
-                         "overhead_ns": statistics.median(part["overhead_ns"] for part in parts),
+                         # an integer, as a Measurement's: the median of an even count is a float
+                         "overhead_ns": round(statistics.median(part["overhead_ns"] for part in parts)),
                          "warmup_stable": all(part["warmup_stable"] for part in parts),
                          "round_p50_ns": [p for part in parts for p in part["round_p50_ns"]]}
     return ({**first, "stages": stages, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),

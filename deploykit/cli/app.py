@@ -452,7 +452,7 @@ def _print_export(result, plan, threads: int, threads_note: str, measured=()) ->
     from deploykit.results.report import MB, sparsity_report
 
     m = result.manifest
-    print(f"{m.model}: {plan.label()} ({plan.scope}), form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
+    print(f"{m.model}: {plan.described()}, form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
     print(sparsity_report(result.table))
     _print_unpruned(m, plan, result.table)
     if m.shape_changes:

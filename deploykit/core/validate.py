@@ -49,6 +49,9 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _number(value: Any, kind: type, where: str, rules: dict[str, Any]) -> Any:
+    if kind is int and isinstance(value, float) and value.is_integer() and abs(value) <= INT_MAX:
+        # a whole number written as a float (the median of an even count of integers: 161.0) is that integer
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise RecordError(f"{where} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
     if kind is float and not math.isfinite(value):

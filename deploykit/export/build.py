@@ -147,7 +147,7 @@ def export_artifact(
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
 
-    progress(f"pruning: {plan.label()} ({plan.scope})" + (" at initialisation" if plan.at_init else ""))
+    progress(f"pruning: {plan.described()}" + (" at initialisation" if plan.at_init else ""))
     result = prune_model(net, plan, trace_inputs, spec.output_layers, spec=spec)
     if plan.at_init:
         progress("training the pruned model (masks in force)")
@@ -230,6 +230,7 @@ def export_artifact(
             notes=notes,
             unpruned_weights=unpruned,
             training=training,
+            parameter_names=[name for name, _ in saved.named_parameters()],
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if quantize is not None:  # measured against the float artifact, which is complete at this point

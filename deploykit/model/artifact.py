@@ -123,6 +123,10 @@ class Manifest:
     #: SHA-256 (hex) of the manifest's own canonical JSON without this field (`manifest_digest`): an edit of
     #: any figure or setting in it (its form, its plan) is caught like an edited weights file
     manifest_sha256: str = ""
+    #: the saved (converted) model's parameters, each tied tensor once: what `count_weights` counts in
+    #: the weights file (a conversion may rename them: dense-shrunk's head-pruned attention splits
+    #: `in_proj_weight` into q/k/v projections); empty in artifacts written before it was recorded
+    parameter_names: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -132,12 +136,15 @@ class Manifest:
         return max(self.onnx_parity_max_abs_error.values(), default=0.0)
 
 
+#: fields added to format 3 after its first release, with the value a manifest without them reads as:
+#: left out of the digest at that value, so a manifest written before they existed still verifies
+_LATER_FIELDS = {"parameter_names": []}
 #: fields added after format version 1 first shipped: older manifests lack them and get the defaults
 OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization", "sparse_flops",
                    "remaining_flops_fraction", "checksums", "nonzero_parameters_before_conversion",
                    "overall_sparsity_before_conversion", "pruned_sparsity_before_conversion",
                    "sparse_flops_before_conversion", "onnx_parity_max_rel_error", "warnings", "unpruned_weights",
-                   "manifest_sha256")
+                   "manifest_sha256", *_LATER_FIELDS)
 #: keys of a manifest's source record that are provenance (never read as files) or code (`sources`)
 _SOURCE_NOT_FILES = ("kind", "from", "entry_point")
 
@@ -164,7 +171,8 @@ def manifest_digest(manifest: Manifest) -> str:
 
 def digest_of(data: dict[str, Any]) -> str:
     """`manifest_digest` of a manifest's JSON object."""
-    data = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    data = {k: v for k, v in data.items()
+            if k != "manifest_sha256" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -285,11 +293,12 @@ def copy_artifact(source: str | Path, destination: str | Path, overwrite: bool =
 
 def count_weights(directory: str | Path, manifest: Manifest) -> tuple[int, int]:
     """(parameters, nonzero parameters) counted in the artifact's weights file. The manifest only says
-    which of its tensors are parameters (its per-parameter rows; buffers such as BatchNorm statistics
-    are not); every tensor it names must be in the file, and each tied tensor counts once."""
+    which of its tensors are parameters (`parameter_names`, or in older artifacts its per-parameter
+    rows; buffers such as BatchNorm statistics are not); every tensor it names must be in the file,
+    and each tied tensor counts once."""
     directory = Path(directory)
     state = load_weights(inside(directory, WEIGHTS_FILE, "weights"))
-    names = [row.get("name") for row in manifest.sparsity if isinstance(row, dict)]
+    names = manifest.parameter_names or [row.get("name") for row in manifest.sparsity if isinstance(row, dict)]
     missing = [name for name in names if name not in state]
     if missing:
         raise IntegrityError(f"{str(directory)!r}: the manifest lists parameter {missing[0]!r}, which "

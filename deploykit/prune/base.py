@@ -136,10 +136,18 @@ class PruningPlan:
         return self.amount == 0 and all(a == 0 for _, a in self.rules)
 
     def label(self) -> str:
+        """"method:sparsity" with what else sets the variant apart: "+N rules", a scope other than
+        global, an alignment ("l1-structured:0.5,layer,round-to 8"); "none" when nothing is pruned."""
         if self.is_empty():
             return "none"
         amount = f"c{self.compression:g}" if self.compression is not None else f"{self.amount:g}"
-        return f"{self.method}:{amount}" + (f"+{len(self.rules)} rules" if self.rules else "")
+        return (f"{self.method}:{amount}" + (f"+{len(self.rules)} rules" if self.rules else "")
+                + (f",{self.scope}" if self.scope != "global" else "")
+                + (f",round-to {self.round_to}" if self.round_to > 1 else ""))
+
+    def described(self) -> str:
+        """The label, with the scope said where the label leaves it out ("magnitude:0.9 (global)")."""
+        return self.label() + (" (global)" if self.scope == "global" and not self.is_empty() else "")
 
 
 def _check_sparsity(amount: float) -> float:
@@ -485,7 +493,7 @@ def prune_model(
     collapsed += [name for name in extra if _fully_masked(model.get_submodule(name.rpartition(".")[0]),
                                                           name.rpartition(".")[2])]
     if collapsed and not plan.allow_layer_collapse:
-        raise UsageError(f"{plan.label()} ({plan.scope}) prunes {len(collapsed)} layer{'s' * (len(collapsed) > 1)} to "
+        raise UsageError(f"{plan.described()} prunes {len(collapsed)} layer{'s' * (len(collapsed) > 1)} to "
                          f"100%, so nothing passes through {'them' if len(collapsed) > 1 else 'it'}: "
                          f"{', '.join(collapsed[:5])}{', ...' if len(collapsed) > 5 else ''}; lower the sparsity, prune "
                          f"per layer (--scope layer), --exclude {'them' if len(collapsed) > 1 else 'it'}, or pass "
