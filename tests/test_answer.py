@@ -303,3 +303,12 @@ def test_a_manifest_written_before_parameter_names_existed_still_verifies(artifa
     verify_artifact(old, manifest)
     assert manifest.parameter_names == [] and count_weights(old, manifest) == (manifest.parameters,
                                                                                manifest.nonzero_parameters)
+
+
+@pytest.mark.parametrize("metric, direction", [("accuracy", 1), ("bleu", 1), ("token_accuracy", 1),
+                                               ("answer_accuracy", 1), ("perplexity", -1), ("val_loss", -1),
+                                               ("error_rate", -1), ("wer", -1)])
+def test_a_metrics_direction_is_read_from_its_words(metric, direction):
+    from deploykit.results.pick import better_direction
+
+    assert better_direction(metric) == direction

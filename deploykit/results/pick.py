@@ -14,6 +14,7 @@ objective, per slice, and says why each other variant lost.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,14 +22,15 @@ from typing import Sequence
 from deploykit.bench.records import BenchRecord
 from deploykit.core.errors import UsageError
 
-#: metric names (or name parts) where lower is better; every other metric is better higher
-LOWER_IS_BETTER = ("perplexity", "loss", "error", "wer", "cer")
+#: words of metric names where lower is better ("perplexity", "val_loss", "error_rate", "wer"); every
+#: other metric is better higher ("accuracy", "bleu", "token_accuracy", "answer_f1")
+LOWER_IS_BETTER = frozenset({"perplexity", "ppl", "loss", "error", "err", "wer", "cer", "mse", "mae", "rmse"})
 MB = 1e6
 
 
 def better_direction(metric: str) -> int:
     """+1 where a higher value of `metric` is better, -1 where a lower one is."""
-    return -1 if any(part in metric.lower() for part in LOWER_IS_BETTER) else 1
+    return -1 if LOWER_IS_BETTER & set(re.split(r"[^a-z0-9]+", metric.lower())) else 1
 
 
 def slice_key(r: BenchRecord) -> tuple:
