@@ -418,7 +418,7 @@ def test_export_says_which_weights_it_left_dense_beside_the_sparsity_reached(cli
     r = cli("export", "--model", model, "--prune", "magnitude:0.9", "--scope", "layer", "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     # embed 461 of 512 + in_proj 2,765 of 3,072 + out_proj 922 of 1,024 (each rounded): 4,148 of 4,608
-    assert "asked magnitude:0.9: pruned weights 90.02% zero" in r.stdout
+    assert "asked magnitude:0.9,layer: pruned weights 90.02% zero" in r.stdout
     assert "128 parameters in 1 weight (head.weight): excluded: the output layer" in r.stdout
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert set(manifest["unpruned_weights"]) == {"head.weight"}
