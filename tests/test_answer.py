@@ -312,3 +312,25 @@ def test_a_metrics_direction_is_read_from_its_words(metric, direction):
     from deploykit.results.pick import better_direction
 
     assert better_direction(metric) == direction
+
+
+def test_an_alignment_the_model_cannot_take_is_left_out_and_said(monkeypatch):
+    from deploykit.bench import alignment
+    from deploykit.bench.settings import TimingSettings
+    from deploykit.model.sources import resolve_model
+    from deploykit.prune.base import PruningPlan
+
+    real = alignment.export_artifact
+
+    def refusing(spec, plan, form, out, **options):
+        if plan.round_to == 16:
+            raise UsageError("a width of 16 breaks this model")
+        return real(spec, plan, form, out, **options)
+
+    monkeypatch.setattr(alignment, "export_artifact", refusing)
+    chosen = alignment.choose_round_to(resolve_model("lenet-300-100"), PruningPlan.parse("l1-structured:0.5"), 1,
+                                       runtimes=("onnxruntime",),
+                                       timing=TimingSettings(warmup_s=0.01, min_time_s=0.05, min_iters=5, rounds=3))
+    recipe = chosen.to_recipe()
+    assert recipe["left_out"] == {"16": "a width of 16 breaks this model"}
+    assert "16" not in recipe["candidates"] and "1" in recipe["candidates"] and chosen.choice != 16

@@ -25,7 +25,7 @@ from deploykit.bench.against import MEASURED_RUNTIMES, QUICK_TIMING
 from deploykit.bench.records import NOISY_SPEEDUP_SPREAD, BenchRecord
 from deploykit.bench.runner import BASELINE_PLAN, Progress, artifact_subject, bench_subjects
 from deploykit.bench.settings import Grid, TimingSettings
-from deploykit.core.errors import UsageError
+from deploykit.core.errors import DeployKitError, UsageError
 from deploykit.core.fsutil import scratch_directory
 from deploykit.export.build import export_artifact
 from deploykit.model.sources import consent_of
@@ -69,6 +69,8 @@ class Alignment:
     #: the model's metrics of each measured candidate (where it has an evaluator)
     metrics: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
     unpruned_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: candidates whose export failed (a width the model cannot take), and why
+    left_out: dict[int, str] = dataclasses.field(default_factory=dict)
     #: the rows of the chosen candidate (each with its `versus` the unpruned model's)
     records: tuple[BenchRecord, ...] = ()
 
@@ -76,7 +78,7 @@ class Alignment:
         """What the manifest records (`form_recipe["round_to"]`)."""
         data = dataclasses.asdict(self)
         del data["records"]
-        for name in ("candidates", "same_as", "flops", "metrics"):
+        for name in ("candidates", "same_as", "flops", "metrics", "left_out"):
             data[name] = {str(k): v for k, v in data[name].items()}
         return data
 
@@ -94,11 +96,18 @@ def choose_round_to(spec: ModelSpec, plan: PruningPlan, threads: int, batch: int
         progress(f"exporting the unpruned {spec.name} to measure alignments against")
         base = export_artifact(spec, BASELINE_PLAN, "dense", Path(tmp) / "unpruned")
         subjects, shapes, same_as = [artifact_subject(base.directory, consent_of(base.manifest.source))], {}, {}
-        flops, metrics = {}, {}
+        flops, metrics, left_out = {}, {}, {}
         for n in candidates:
             progress(f"exporting {spec.name} {plan.label()} dense-shrunk --round-to {n}")
-            result = export_artifact(spec, dataclasses.replace(plan, round_to=n), "dense-shrunk",
-                                     Path(tmp) / f"round-to-{n}", **export_options)
+            try:
+                result = export_artifact(spec, dataclasses.replace(plan, round_to=n), "dense-shrunk",
+                                         Path(tmp) / f"round-to-{n}", **export_options)
+            except DeployKitError as exc:
+                if n == candidates[0]:  # the plan as asked: its failure is the export's
+                    raise
+                progress(f"note: --round-to {n} left out: {exc}")
+                left_out[n] = str(exc)
+                continue
             signature = tuple(sorted((name, str(after)) for name, (_, after) in result.manifest.shape_changes.items()))
             if signature in shapes:
                 same_as[n] = shapes[signature]
@@ -106,11 +115,11 @@ def choose_round_to(spec: ModelSpec, plan: PruningPlan, threads: int, batch: int
             shapes[signature] = n
             flops[n], metrics[n] = result.manifest.flops, dict(result.manifest.metrics)
             subjects.append(artifact_subject(result.directory, consent_of(result.manifest.source)))
-        measured = [n for n in candidates if n not in same_as]
+        measured = [n for n in candidates if n in flops]
         loaders = PIPELINES.get(subjects[0].pipeline).loaders
         grid = Grid(runtimes=tuple(r for r in runtimes if r in loaders), batches=(batch,), threads=(threads,))
         counted = dict(flops=flops, unpruned_flops=base.manifest.flops, metrics=metrics,
-                       unpruned_metrics=dict(base.manifest.metrics))
+                       unpruned_metrics=dict(base.manifest.metrics), left_out=left_out)
         # measured even when only one candidate is left: the export's measurement against the unpruned model
         records = bench_subjects(subjects, grid, timing, progress, baselines=[0])
     by_candidate: dict[int, list[BenchRecord]] = {n: [] for n in measured}

@@ -21,7 +21,7 @@ from deploykit.bench.settings import DEFAULT_RUNTIMES
 from deploykit.cli import options
 from deploykit.cli.options import DEFAULT_BENCH_PRUNE
 from deploykit.convert.forms import DEFAULT_FORMS
-from deploykit.core.errors import DeployKitError, UsageError
+from deploykit.core.errors import DeployKitError, MeasurementError, UsageError
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.core.signals import Terminated, as_terminated, stop_signals_interrupt
 from deploykit.model.spec import DEFAULT_MODEL
@@ -443,7 +443,11 @@ def _alignment(args, spec, plan, threads: int, export_options: dict, progress):
         if asked:
             raise UsageError("--round-to auto measures float graphs; with --quantize give --round-to N")
         return None
-    return choose_round_to(spec, plan, threads, args.kernel_batch, progress=progress, **export_options)
+    try:
+        return choose_round_to(spec, plan, threads, args.kernel_batch, progress=progress, **export_options)
+    except MeasurementError as exc:  # the plan as asked still exports; only the choice is missing
+        progress(f"warning: --round-to auto could not measure the alignments ({exc}): kept the plan's own")
+        return None
 
 
 def _print_export(result, plan, threads: int, threads_note: str, measured=()) -> None:
