@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from deploykit.bench.against import MEASURED_RUNTIMES, QUICK_TIMING
-from deploykit.bench.records import NOISY_SPEEDUP_SPREAD, BenchRecord
+from deploykit.bench.records import BenchRecord
 from deploykit.bench.runner import BASELINE_PLAN, Progress, artifact_subject, bench_subjects
 from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.core.errors import DeployKitError, UsageError
@@ -165,8 +165,7 @@ def _choose(by_candidate: dict[int, list[BenchRecord]], same_as: dict[int, int],
                                               "the slowest runtime)")
     else:
         # undecided: NOISY where the rounds scattered widely, else the candidates simply ran alike
-        wide = any((v["ci95"][1] - v["ci95"][0]) / v["speedup"] > NOISY_SPEEDUP_SPREAD
-                   for n in (1, best) for v in (table[n][k] for k in keys))
+        wide = any(r.versus.noisy for n in (1, best) for r in by_candidate[n] if _key(r) in keys)
         choice, noisy, reason = 1, wide, (f"{best} ({worst(best):.2f}x) and 1 ({worst(1):.2f}x) are within this "
                                           "run's " + ("noise" if wide else "rounds' intervals of each other")
                                           + ": kept 1 (the plan as asked)")

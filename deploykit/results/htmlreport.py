@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 from tabulate import tabulate
 
 from deploykit.bench.records import BenchRecord
-from deploykit.results.pick import better_direction
-from deploykit.results.report import MB, bench_rows, bench_table, configuration_key
+from deploykit.results.pick import better_direction, dominates
+from deploykit.results.report import MB, bench_notes, bench_rows, configuration_key
 from deploykit.results.svgplot import Axis, Point, Series, bar_plot, line_plot
 
 #: the fields that tell one series from another, in the order labels name them
@@ -203,10 +203,9 @@ def _per_model(figures: Callable[[Sequence[BenchRecord], str], list[str]],
 def _front(records: Sequence[BenchRecord], cost: Callable[[BenchRecord], float], metric: str) -> list[BenchRecord]:
     """The records no other beats on `cost` (lower) and `metric` (better) at once, in one runtime."""
     direction = better_direction(metric)
-    return [r for r in records if not r.wrong and not any(
-        cost(o) <= cost(r) and direction * o.metrics[metric] >= direction * r.metrics[metric]
-        and (cost(o) < cost(r) or direction * o.metrics[metric] > direction * r.metrics[metric])
-        for o in records if o is not r and not o.wrong)]
+    kept = [r for r in records if not r.wrong]
+    scores = {id(r): (cost(r), -direction * r.metrics[metric]) for r in kept}
+    return [r for r in kept if not any(dominates(scores[id(o)], scores[id(r)]) for o in kept if o is not r)]
 
 
 def _with_fronts(series: list[Series], records: Sequence[BenchRecord], x: Callable[[BenchRecord], float],
@@ -348,5 +347,4 @@ def _table(records: Sequence[BenchRecord]) -> str:
 
 def _notes(records: Sequence[BenchRecord]) -> str:
     """The notes under the terminal table (sample counts, harness overhead, noise warnings)."""
-    text = bench_table(records)
-    return "\n".join(line for line in text.splitlines() if line.startswith(("note:", "warning:")))
+    return "\n".join(bench_notes(records))

@@ -64,12 +64,13 @@ def pareto_front(records: Sequence[BenchRecord]) -> set[int]:
     for members in slices.values():
         scores = dict(zip(members, _scores([records[i] for i in members])))
         for i in members:
-            if not any(_dominates(scores[j], scores[i]) for j in members if j != i):
+            if not any(dominates(scores[j], scores[i]) for j in members if j != i):
                 front.add(i)
     return front
 
 
-def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether scores `a` (lower better in each) are nowhere worse than `b` and somewhere better."""
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
