@@ -28,7 +28,7 @@ from deploykit.core.errors import DeployKitError
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.model.sources import resolve_model
 from deploykit.prune.base import PruningPlan
-from deploykit.results.pick import better_direction
+from deploykit.results.pick import better_direction, ratio_text
 
 ROOT = Path(__file__).resolve().parents[1]
 #: model -> (plan, scope, batch, modules left unpruned)
@@ -124,8 +124,7 @@ def _ratio(value: float | None) -> str:
 
 
 def _speed(entry: dict) -> str:
-    low, high = entry["ci95"]
-    return f"{entry['speedup']:.2f}x [{low:.2f}-{high:.2f}]"
+    return ratio_text(entry["speedup"], *entry["ci95"])
 
 
 if __name__ == "__main__":

@@ -518,6 +518,8 @@ def _print_export(result, plan, threads: int, threads_note: str, measured=()) ->
 
 def _print_alignment(alignment: dict | None) -> None:
     """--round-to auto's candidates, their measured speedups and the choice (from the manifest)."""
+    from deploykit.results.pick import ratio_text
+
     if not alignment:
         return
     print(f"round-to auto: kept {alignment['choice']}{' (NOISY decision)' if alignment['noisy'] else ''}: "
@@ -525,7 +527,7 @@ def _print_alignment(alignment: dict | None) -> None:
     for n, runtimes in alignment["candidates"].items():
         same = [m for m, first in alignment["same_as"].items() if str(first) == n]
         print(f"  round-to {n}" + (f" (= {', '.join(same)})" if same else "") + ": " + ", ".join(
-            f"{key} {v['speedup']:.2f}x [{v['ci95'][0]:.2f}-{v['ci95'][1]:.2f}]" for key, v in runtimes.items())
+            f"{key} {ratio_text(v['speedup'], *v['ci95'])}" for key, v in runtimes.items())
             + " the unpruned model's speed")
 
 

@@ -28,6 +28,11 @@ LOWER_IS_BETTER = frozenset({"perplexity", "ppl", "loss", "error", "err", "wer",
 MB = 1e6
 
 
+def ratio_text(value: float, low: float, high: float) -> str:
+    """A speedup with its interval, as every output writes one: "1.23x [1.10-1.31]"."""
+    return f"{value:.2f}x [{low:.2f}-{high:.2f}]"
+
+
 def better_direction(metric: str) -> int:
     """+1 where a higher value of `metric` is better, -1 where a lower one is."""
     return -1 if LOWER_IS_BETTER & set(re.split(r"[^a-z0-9]+", metric.lower())) else 1
@@ -213,7 +218,7 @@ def pick(records: Sequence[BenchRecord], constraints: Constraints) -> list[Choic
 def _speed_words(speed: tuple[float, float, float], paired: bool) -> str:
     value, low, high = speed
     if paired:
-        return f"{value:.2f}x [{low:.2f}-{high:.2f}]"
+        return ratio_text(value, low, high)
     return f"p50 {1 / value:.4f} ms [{1 / high:.4f}-{1 / low:.4f}]"
 
 

@@ -16,7 +16,7 @@ from deploykit.core.errors import UsageError
 from deploykit.core.measure import REMEDIES, required_samples
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.core.sparsity import SparsityTable
-from deploykit.results.pick import pareto_front
+from deploykit.results.pick import pareto_front, ratio_text
 
 MB = 1e6
 
@@ -55,7 +55,7 @@ def speedup_cell(r: BenchRecord) -> str:
         return ""
     low, high = r.versus.speedup_ci95()
     marks = ("!" if _disturbed(r) else "") + ("~" if r.versus.noisy or r.measurement.problems().get("noisy") else "")
-    return f"{marks}{r.versus.speedup:.2f}x [{low:.2f}-{high:.2f}]"
+    return marks + ratio_text(r.versus.speedup, low, high)
 
 
 def quality_cell(r: BenchRecord) -> str:
