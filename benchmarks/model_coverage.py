@@ -12,6 +12,18 @@ MagnitudePruner at 0.3 on the same model (classifier ignored) and a forward pass
     python benchmarks/model_coverage.py                     # every model (long: about 80 torchvision builders)
     python benchmarks/model_coverage.py --only resnet18,vit_b_16,bert
     python benchmarks/model_coverage.py --limit 12          # the first 12 torchvision models and the HF ones
+    python benchmarks/model_coverage.py --heldout           # the held-out shapes (below)
+    python benchmarks/model_coverage.py --heldout --checkout ../old   # the same, through another checkout's CLI
+
+`--heldout` runs the shapes of real pretrained models (`models/examples/heldout.py`: two output heads,
+an output layer that is not the last module run, PReLU, an LSTM, a permute before a flatten, a
+TorchScript module, GPT-2 / GPT-NeoX causal LMs, wav2vec2's weight norm, MNASNet's versioned state
+dict; ONNX files with weights in Constant nodes or a scalar input; the zoo's espnet-st-small and
+gpt2-tiny under a global structured plan) through the command line, each step judged: "ok" (and
+what it should have done, checked), "WRONG-BUT-OK" (exit 0 with a wrong statement: the worst),
+"refused: ..." (one line; whether it names a way forward is for the reader), "TRACEBACK" (an internal
+error). `--checkout DIR` runs another checkout's CLI on the same steps (PYTHONPATH=DIR): the before
+column of a change. Writes benchmarks/results/heldout.json.
 
 Writes benchmarks/results/coverage.json (rows of models run again replace theirs; others stay). Each export is bounded by --timeout seconds
 (`deploykit.core.deadline`): one past it is a refusal saying so.
@@ -197,13 +209,152 @@ def _write(path: Path, rows: list[dict]) -> None:
     path.write_text(json.dumps(kept + rows, indent=2) + "\n")
 
 
+HELDOUT = ROOT / "models" / "examples" / "heldout.py"
+
+
+def _manifest(directory: Path) -> dict:
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def _excludes(*heads):
+    def judge(out: Path, _stdout: str) -> str | None:
+        missing = sorted(set(heads) - set(_manifest(out)["excluded_modules"]))
+        return f"output layer{'s' * (len(missing) > 1)} {', '.join(missing)} pruned as hidden" if missing else None
+    return judge
+
+
+def _warns(words):
+    def judge(out: Path, stdout: str) -> str | None:
+        return None if any(words in w for w in _manifest(out).get("warnings", [])) else f"no warning that it {words}"
+    return judge
+
+
+def _shrank(out: Path, _stdout: str) -> str | None:
+    return None if _manifest(out)["shape_changes"] else "nothing removed"
+
+
+def _flops_at_least(floor):
+    def judge(out: Path, _stdout: str) -> str | None:
+        counted = _manifest(out)["flops_before_conversion"] or 0
+        return None if counted >= floor else f"{counted:,} FLOPs counted for at least {floor:,}"
+    return judge
+
+
+def _parameters(truth):
+    def judge(_out: Path, stdout: str) -> str | None:
+        counted = json.loads(stdout)["parameters"]
+        return None if counted == truth else f"{counted:,} parameters counted of {truth:,}"
+    return judge
+
+
+def heldout_steps(root: Path, truth: int) -> list[tuple[str, list[str], object]]:
+    """(label, deploykit arguments, judge) per step; `judge(out_dir, stdout)` names what is wrong, or None."""
+    def model(name: str) -> str:
+        return f"{HELDOUT}:{name}"
+
+    export = ["export", "--no-measure"]
+    return [
+        ("two heads: magnitude 0.9 csr", [*export, "--model", model("two_heads"), "--prune", "magnitude:0.9",
+                                          "--scope", "layer", "--form", "csr"], _excludes("classifier", "regressor")),
+        ("two heads: l1 0.3 dense-shrunk", [*export, "--model", model("two_heads"), "--prune", "l1-structured:0.3",
+                                            "--form", "dense-shrunk"], _shrank),
+        ("two heads: magnitude 0.5 dense-shrunk", [*export, "--model", model("two_heads"), "--prune",
+                                                   "magnitude:0.5", "--form", "dense-shrunk"], _warns("removed nothing")),
+        ("late head: magnitude 0.9 csr", [*export, "--model", model("late_head"), "--prune", "magnitude:0.9",
+                                          "--form", "csr"], _excludes("head", "score")),
+        ("PReLU CNN: l1 0.3 dense-shrunk", [*export, "--model", model("prelu_cnn"), "--prune", "l1-structured:0.3",
+                                            "--form", "dense-shrunk"], _shrank),
+        ("LSTM: FLOPs counted", [*export, "--model", model("lstm_encoder")], _flops_at_least(14_000_000)),
+        ("LSTM: l1 0.3 dense-shrunk", [*export, "--model", model("lstm_encoder"), "--prune", "l1-structured:0.3",
+                                       "--form", "dense-shrunk"], None),
+        ("permute+flatten: l1 0.3 dense-shrunk", [*export, "--model", model("permute_flatten"), "--prune",
+                                                  "l1-structured:0.3", "--form", "dense-shrunk", "--round-to", "1"], _shrank),
+        ("TorchScript: dense", [*export, "--model", model("scripted")], None),
+        ("TorchScript: magnitude 0.5", [*export, "--model", model("scripted"), "--prune", "magnitude:0.5"], None),
+        ("GPT-2 entry point: magnitude 0.5 csr", [*export, "--model", model("gpt2_lm"), "--prune", "magnitude:0.5",
+                                                 "--form", "csr"], None),
+        ("GPT-NeoX entry point: l1 0.3 dense-shrunk", [*export, "--model", model("neox_lm"), "--prune",
+                                                      "l1-structured:0.3", "--form", "dense-shrunk"], None),
+        ("wav2vec2: magnitude 0.5 csr", [*export, "--model", model("wav2vec2"), "--prune", "magnitude:0.5",
+                                        "--form", "csr"], None),
+        ("MNASNet: magnitude 0.5, bench under torch", [*export, "--model", model("mnasnet"), "--prune",
+                                                      "magnitude:0.5", "--form", "csr"], "bench-torch"),
+        ("espnet-st-small: l1 0.5 global dense-shrunk", [*export, "--model", "espnet-st-small", "--prune",
+                                                        "l1-structured:0.5", "--form", "dense-shrunk"], _shrank),
+        ("gpt2-tiny: l1 0.5 global dense-shrunk", [*export, "--model", "gpt2-tiny", "--prune", "l1-structured:0.5",
+                                                  "--form", "dense-shrunk"], _shrank),
+        ("ONNX constants: audit", ["audit", str(root / "constants.onnx"), "--json"], _parameters(truth)),
+        ("ONNX scalar input: bench", ["bench", str(root / "scalar.onnx"), "--input-value", "sr=16000", "--no-store",
+                                      "--min-time", "0.02", "--timing-rounds", "1"], None),
+        ("ONNX scalar input: bench without a value", ["bench", str(root / "scalar.onnx"), "--no-store"], None),
+    ]
+
+
+def run_heldout(checkout: Path, timeout: float, path: Path) -> int:
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(HELDOUT.parent))
+    import heldout
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="deploykit-heldout-") as tmp:
+        root = Path(tmp)
+        truth = heldout.write_constant_weights_onnx(root / "constants.onnx")
+        heldout.write_scalar_input_onnx(root / "scalar.onnx")
+        env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONWARNINGS": "ignore"}
+        for i, (label, args, judge) in enumerate(heldout_steps(root, truth)):
+            print(label, file=sys.stderr, flush=True)
+            out = root / f"out-{i}"
+            if args[0] == "export":
+                args = [*args, "--out", str(out)]
+            start = time.perf_counter()
+            try:
+                run = subprocess.run([sys.executable, "-m", "deploykit", *args], capture_output=True, text=True,
+                                     env=env, timeout=timeout, cwd=tmp)
+                if run.returncode == 0 and judge == "bench-torch":
+                    run = subprocess.run([sys.executable, "-m", "deploykit", "bench", str(out), "--trust-code",
+                                          "--runtime", "torch", "--no-store", "--min-time", "0.02", "--timing-rounds",
+                                          "1"], capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp)
+                    judge = None
+                outcome = _outcome(run, judge, out)
+            except subprocess.TimeoutExpired:
+                outcome = f"refused: no answer in {timeout:g} s"
+            rows.append({"step": label, "outcome": outcome, "seconds": round(time.perf_counter() - start, 1)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"checkout": str(checkout), "rows": rows}, indent=2) + "\n")
+    print(tabulate([[r["step"], r["outcome"][:150]] for r in rows], headers=["step", "outcome"]))
+    counts = {kind: sum(r["outcome"].startswith(kind) for r in rows) for kind in ("ok", "WRONG", "refused", "TRACEBACK")}
+    print(f"\n{len(rows)} steps: {counts['ok']} ok, {counts['WRONG']} wrong-but-ok, {counts['refused']} refused, "
+          f"{counts['TRACEBACK']} tracebacks")
+    return 1 if counts["WRONG"] or counts["TRACEBACK"] else 0
+
+
+def _outcome(run, judge, out: Path) -> str:
+    error = next((line for line in run.stderr.splitlines() if line.startswith("deploykit: ")
+                  and ("error" in line)), "")
+    if "internal error" in error or "Traceback" in run.stderr:
+        return f"TRACEBACK: {error.removeprefix('deploykit: ')[:200]}"
+    if run.returncode != 0:
+        return f"refused: {error.removeprefix('deploykit: error: ')[:300]}"
+    wrong = judge(out, run.stdout) if judge is not None else None
+    return f"WRONG-BUT-OK: {wrong}" if wrong else "ok"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated model names")
     parser.add_argument("--limit", type=int, help="the first N torchvision models only (and the HF ones)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per export (default 300)")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks/results/coverage.json"))
+    parser.add_argument("--json", help="where the results go (default benchmarks/results/coverage.json, or "
+                        "heldout.json with --heldout)")
+    parser.add_argument("--heldout", action="store_true", help="the held-out shapes of models/examples/heldout.py")
+    parser.add_argument("--checkout", default=str(ROOT), help="with --heldout: the checkout whose CLI runs them")
     args = parser.parse_args()
+    if args.heldout:
+        return run_heldout(Path(args.checkout).resolve(), args.timeout,
+                           Path(args.json or ROOT / "benchmarks/results/heldout.json"))
+    args.json = args.json or str(ROOT / "benchmarks/results/coverage.json")
     torch.manual_seed(0)
     chosen = builders(args.limit)
     if args.only:

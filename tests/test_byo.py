@@ -100,7 +100,8 @@ def test_entry_point_export_and_bench_rebuild_the_model(cli, user_file, tmp_path
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == "usermodel.py:build"
     assert manifest["source"] == {"kind": "entry-point", "entry_point": f"{user_file}:build", "inputs": None}
-    assert manifest["inputs"] == [{"name": "features", "shape": ["batch", 16], "dtype": "float32", "high": None}]
+    assert manifest["inputs"] == [{"name": "features", "shape": ["batch", 16], "dtype": "float32", "high": None,
+                                  "values": None}]
     assert manifest["parameters"] < manifest["parameters_before_conversion"]
     fast = ["--min-iters", "5", "--min-time", "0", "--warmup", "0", "--no-store", "--json"]
     # the artifact names code: torch imports it only with consent; onnxruntime needs none
@@ -131,7 +132,8 @@ def test_bare_model_needs_an_input_spec(cli, user_file, tmp_path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["inputs"][0]["name"] == "features"  # --input-shape takes forward's own name
-    assert manifest["source"]["inputs"] == [{"name": "features", "shape": ["batch", 16], "dtype": "float32", "high": None}]
+    assert manifest["source"]["inputs"] == [{"name": "features", "shape": ["batch", 16], "dtype": "float32", "high": None,
+                                            "values": None}]
 
 
 def test_input_spec_names_a_sequence_axis_for_sweeps(user_file):
@@ -329,7 +331,7 @@ def test_onnx_file_inputs_come_from_the_graph(cli, tmp_path):
     torch.onnx.export(Embed(), (torch.zeros(2, 5, dtype=torch.long),), str(path), dynamo=False, input_names=["ids"],
                       output_names=["y"], dynamic_axes={"ids": {0: "batch", 1: "seq"}})
     r = cli("bench", str(path), "--no-store")
-    assert r.returncode == 2 and "--input-spec ids:batch,seq:int64:HIGH" in r.stderr
+    assert r.returncode == 2 and "say what it holds with --input-value ids=int:0:HIGH" in r.stderr
     r = cli("bench", str(path), "--input-spec", "ids:batch,seq:int64:30", "--no-store")
     assert r.returncode == 2 and "dynamic axes seq: give their size with --seq-len" in r.stderr
     r = cli("bench", str(path), "--input-spec", "idz:batch,seq:int64:30", "--no-store")
@@ -419,7 +421,7 @@ def test_export_says_which_weights_it_left_dense_beside_the_sparsity_reached(cli
     assert r.returncode == 0, r.stderr
     # embed 461 of 512 + in_proj 2,765 of 3,072 + out_proj 922 of 1,024 (each rounded): 4,148 of 4,608
     assert "asked magnitude:0.9,layer: pruned weights 90.02% zero" in r.stdout
-    assert "128 parameters in 1 weight (head.weight): excluded: the output layer" in r.stdout
+    assert "128 parameters in 1 weight (head.weight): excluded: produces the output 'output'" in r.stdout
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert set(manifest["unpruned_weights"]) == {"head.weight"}
     assert "attn.in_proj_weight" in manifest["pruned_parameters"]

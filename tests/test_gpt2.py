@@ -99,11 +99,22 @@ def test_heads_and_mlp_blocks_shrink_and_export(tmp_path):
     assert m.onnx_parity_error <= 1e-4
 
 
-def test_heads_pruned_unevenly_are_refused_by_name(tmp_path):
-    with pytest.raises(UsageError, match="a different number of attention heads per layer cannot go through optimum"):
-        export_artifact("gpt2-tiny", PruningPlan("l2-structured", 0.5, rules=(("*.h.0.attn.c_attn", 0.0),)),
-                        "dense-shrunk", tmp_path / "a")
-    assert not (tmp_path / "a").exists()
+def test_heads_stay_even_across_layers_and_say_why(tmp_path):
+    # one config head count sizes every layer's cache: a rule keeping layer 0's heads keeps every layer's
+    m = export_artifact("gpt2-tiny", PruningPlan("l2-structured", 0.5, rules=(("*.h.0.attn.c_attn", 0.0),)),
+                        "dense-shrunk", tmp_path / "a").manifest
+    assert not any(".attn." in name for name in m.shape_changes)
+    assert m.unpruned_weights["model.transformer.h.0.attn.c_attn.weight"] == "the plan gives it sparsity 0 (a rule)"
+    assert m.unpruned_weights["model.transformer.h.1.attn.c_attn.weight"].startswith(
+        "model.transformer.h.1.attn kept its 4 heads: under the global plan")
+    assert "the layer that lost fewest sets the count" in m.unpruned_weights["model.transformer.h.1.attn.c_attn.weight"]
+
+
+def test_a_global_head_plan_evens_gpt2s_heads(tmp_path):
+    m = export_artifact("gpt2-tiny", PruningPlan("l1-structured", 0.5), "dense-shrunk", tmp_path / "a").manifest
+    widths = {m.shape_changes[f"model.transformer.h.{i}.attn.c_attn"][1] for i in (0, 1)}
+    assert len(widths) == 1 and widths != {"Conv1D(64 -> 192)"}  # the same heads left in each layer, fewer
+    assert max(m.onnx_parity_max_abs_error.values()) <= 1e-4
 
 
 def test_local_model_directory_exports_and_benches(tmp_path, cli):

@@ -111,8 +111,9 @@ USER_MODELS = textwrap.dedent('''
 def test_entry_points_returning_structured_outputs_export_with_parity_and_bench(cli, tmp_path, factory, outputs):
     (tmp_path / "structured.py").write_text(USER_MODELS)
     entry = f"{tmp_path / 'structured.py'}:{factory}"
+    # both layers produce an output (the hidden state is returned too): only --prune-output prunes them
     r = cli("export", "--model", entry, "--prune", "magnitude:0.5", "--form", "csr", "--out", str(tmp_path / "a"),
-            "--json", "-q")
+            "--json", "-q", "--prune-output")
     assert r.returncode == 0, r.stderr
     manifest = json.loads(r.stdout)
     assert manifest["outputs"] == outputs

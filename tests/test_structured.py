@@ -104,30 +104,45 @@ def test_replaying_the_history_rebuilds_the_shapes():
     assert (torch_outputs(fresh, inputs)[0] - torch_outputs(result.model, inputs)[0]).__abs__().max() == 0
 
 
-class WithPReLU(nn.Module):
+class WithInstanceNorm(nn.Module):
+    """InstanceNorm1d: torch-pruning prunes its channels, deploykit cannot read which of its
+    parameters produce them (no entry in `_PRODUCER_SLICES`)."""
+
     def __init__(self):
         super().__init__()
-        self.fc1 = nn.Linear(8, 6)
-        self.act = nn.PReLU(6)
-        self.fc2 = nn.Linear(6, 2)
+        self.conv1 = nn.Conv1d(4, 6, 3)
+        self.act = nn.InstanceNorm1d(6, affine=True)
+        self.conv2 = nn.Conv1d(6, 2, 3)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.conv2(self.act(self.conv1(x)))
 
 
 def test_unsupported_layer_is_named_or_left_dense_in_best_effort():
-    model = WithPReLU().eval()
+    model = WithInstanceNorm().eval()
     with torch.no_grad():
-        model.fc1.weight[:3] = 0
-        model.fc1.bias[:3] = 0
-    inputs = (torch.randn(2, 8),)
-    with pytest.raises(UnsupportedLayerError, match=r"cannot shrink the group of fc1: it contains act \(PReLU\)"):
-        shrink(model, inputs, keep=["fc2"])
+        model.conv1.weight[:3] = 0
+        model.conv1.bias[:3] = 0
+    inputs = (torch.randn(2, 4, 10),)
+    with pytest.raises(UnsupportedLayerError, match=r"cannot shrink the group of conv1: it contains act \(InstanceNorm1d\)"):
+        shrink(model, inputs, keep=["conv2"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = shrink(model, inputs, keep=["fc2"], best_effort=True)
-    assert result.removed == {} and result.model.fc1.out_features == 6
+        result = shrink(model, inputs, keep=["conv2"], best_effort=True)
+    assert result.removed == {} and result.model.conv1.out_channels == 6
     assert any("left dense" in str(w.message) for w in caught)
+
+
+def test_prelu_slopes_go_with_their_channels():
+    model = nn.Sequential(nn.Linear(8, 6), nn.PReLU(6), nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+        model[0].bias[:3] = 0
+    inputs = (torch.randn(4, 8),)
+    expected = model(*inputs)
+    result = shrink(model, inputs, keep=["2"])
+    assert result.removed == {"0": 3} and result.model[1].weight.shape == (3,)
+    torch.testing.assert_close(result.model(*inputs), expected)
 
 
 def test_structured_pruning_without_any_group_is_an_error():
@@ -191,7 +206,10 @@ def test_gpt2_heads_and_mlp_shrink_consistently_and_replay():
         assert (block.attn.num_heads, block.attn.split_size, block.attn.c_attn.nf) == (2, 32, 96)
         assert (block.mlp.c_fc.nf, block.mlp.c_proj.weight.shape[0]) == (64, 64)
     assert (torch_outputs(shrunk.model, inputs)[0] - before).__abs__().max() <= 1e-5
-    assert shrunk.block_history[0] == ["model.transformer.h.0.attn", "heads", shrunk.block_history[0][2]]
+    # heads go last, every layer's together (one config head count sizes the decoder's cache)
+    assert [entry[:2] for entry in shrunk.block_history] == [
+        ["model.transformer.h.0.mlp", "hidden"], ["model.transformer.h.1.mlp", "hidden"],
+        ["model.transformer.h.0.attn", "heads"], ["model.transformer.h.1.attn", "heads"]]
     fresh = replay(tiny(), inputs, shrunk.history, shrunk.block_history)
     fresh.load_state_dict(shrunk.model.state_dict())
     assert fresh.model.lm_head.weight is fresh.model.transformer.wte.weight

@@ -125,6 +125,8 @@ class BenchRecord:
     baseline: bool = False
     #: the baseline it was measured against, and the ratios; None: no baseline (--no-baseline, or none given)
     versus: Versus | None = None
+    #: input name -> what it held instead of random data (`--input-value`, a scalar's value)
+    input_values: dict[str, str] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float | None:

@@ -36,7 +36,7 @@ from deploykit.export.build import export_artifact
 from deploykit.model.artifact import ONNX_FILE, Manifest, count_weights, read_manifest, verify_artifact
 from deploykit.model.onnxfile import PIPELINE, check_runnable, initializers, input_specs, is_parameter, open_onnx_file
 from deploykit.model.sources import code_refusal, consent_of, inputs_for_artifact, resolve_model
-from deploykit.model.spec import InputSpec, ModelSpec
+from deploykit.model.spec import InputSpec, ModelSpec, value_array
 from deploykit.pipelines.catalog import PIPELINES
 from deploykit.prune.base import PruningPlan
 from deploykit.runtime.profiles import current_profile
@@ -162,7 +162,7 @@ def choose_baselines(subjects: Sequence["Subject"], explicit: "Subject | None" =
 
 
 def _signature(subject: "Subject") -> list[tuple]:
-    return [(spec.name, spec.dtype, tuple(spec.shape)) for spec in subject.input_specs]
+    return [(spec.name, spec.dtype, tuple(spec.shape), spec.values) for spec in subject.input_specs]
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,8 @@ def artifact_subject(directory: str | Path, consent: Sequence[str] = (), verify:
     )
 
 
-def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Subject:
+def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = (), values: dict[str, str] | None = None,
+                      ) -> Subject:
     """An ONNX file as it is (external data checked first). It has no PyTorch model: every runtime
     configuration is compared with onnxruntime on the CPU running the graph as written (optimisations
     disabled), so a provider or optimisation level that changes the results shows in the record."""
@@ -264,7 +265,7 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
     # a session loads the graph and its external data together: one entry, so the worker need not
     # parse the graph again to list the data files it read
     files = {path.name: sum(model.files().values())}
-    specs = input_specs(model, inputs)
+    specs = input_specs(model, inputs, values)
     rows = [r for r in initializers(model) if is_parameter(r)]
     parameters, nonzero = sum(r.numel for r in rows), sum(r.nonzero for r in rows)
     reference = _ort_reference(path)
@@ -282,6 +283,9 @@ def onnx_file_subject(path: str | Path, inputs: Sequence[InputSpec] = ()) -> Sub
                 raise UsageError(f"input {spec.name!r} of {path.name} has dynamic axes {', '.join(spec.sequence_axes)}: "
                                  "give their size with --seq-len N (or fix them with --input-spec)")
             shape = spec.concrete_shape(batch, length)
+            if spec.values is not None:  # --input-value: a setting, a mask, positions
+                out[spec.name] = value_array(spec, shape, rng)
+                continue
             out[spec.name] = (rng.integers(0, spec.high, shape).astype(spec.dtype) if spec.dtype.startswith("int")
                               else rng.standard_normal(shape).astype(spec.dtype))
         return out
@@ -483,5 +487,6 @@ def _record(subject: Subject, target, batch, length, stage, measured, result, er
         metrics=dict(subject.metrics),
         quantization=subject.quantization,
         graph_optimization=target.graph_optimization or "",
+        input_values={spec.name: spec.values for spec in subject.input_specs if spec.values is not None},
         **context,
     )

@@ -128,7 +128,7 @@ def _emit(args, text: str, human: Callable[[], None]) -> None:
 
 def _model_options(args):
     from deploykit.model.sources import ModelOptions
-    from deploykit.model.spec import InputSpec
+    from deploykit.model.spec import InputSpec, parse_input_values
 
     inputs = [InputSpec.parse(text) for text in args.input_spec]
     named = [spec.name for spec in inputs]
@@ -140,7 +140,8 @@ def _model_options(args):
             raise UsageError("give --input-shape or --input-spec, not both")
         # unnamed: it takes the name of the model's one input
         inputs = [InputSpec("", InputSpec.parse(f"_:{args.input_shape}").shape)]
-    return ModelOptions(weights=args.weights, trust_pickle=args.trust_pickle, inputs=tuple(inputs), task=args.task)
+    return ModelOptions(weights=args.weights, trust_pickle=args.trust_pickle, inputs=tuple(inputs), task=args.task,
+                        values=parse_input_values(args.input_value))
 
 
 def _plan_options(args) -> dict:
@@ -545,7 +546,9 @@ def _print_measured(records, m, plan) -> None:
     for r in timed:
         if r.speedup < 1:
             tried = m.form_recipe.get("round_to")
-            hint = (" Channel counts that are not multiples of 8 often fall off the fast kernels: try "
+            hint = (" It removed nothing (the warning above): the two are the same model, and the difference is noise."
+                    if m.form == "dense-shrunk" and not m.shape_changes else
+                    " Channel counts that are not multiples of 8 often fall off the fast kernels: try "
                     "--round-to auto (or 8, 16)." if m.form == "dense-shrunk" and plan.round_to == 1 and not tried
                     else " No alignment --round-to auto tried was faster." if tried else "")
             print(f"warning: {m.form} runs SLOWER than the unpruned model under {r.runtime}"
@@ -594,9 +597,9 @@ def cmd_bench(args) -> int:
     if args.artifacts and model_options.task:
         raise UsageError("--task applies to a --model Hugging Face directory; an artifact's task was fixed when it "
                          "was exported")
-    if model_options.inputs and len(onnx_files) != len(args.artifacts):
-        raise UsageError("--input-spec applies to --model entry points and ONNX files; an artifact's inputs were "
-                         "fixed when it was exported")
+    if (model_options.inputs or model_options.values) and len(onnx_files) != len(args.artifacts):
+        raise UsageError(f"--input-{'spec' if model_options.inputs else 'value'} applies to --model and ONNX files; "
+                         "an artifact's inputs were fixed when it was exported (its manifest records their values)")
     timing = TimingSettings(warmup_s=args.warmup, min_time_s=args.min_time, min_iters=args.min_iters,
                             max_iters=max(100_000, args.min_iters), rounds=args.timing_rounds,
                             processes=args.processes, max_time_s=args.max_time)
@@ -626,7 +629,7 @@ def cmd_bench(args) -> int:
                          "baseline (--no-baseline to leave it out)")
     if args.artifacts:  # measured together: their configurations interleave
         paths = [*args.artifacts, *([args.baseline] if args.baseline and args.baseline not in args.artifacts else [])]
-        subjects = [onnx_file_subject(path, model_options.inputs) if path.endswith(".onnx")
+        subjects = [onnx_file_subject(path, model_options.inputs, model_options.values) if path.endswith(".onnx")
                     else artifact_subject(path, consent, verify=not args.no_verify) for path in paths]
         explicit = subjects[paths.index(args.baseline)] if args.baseline else None
         if explicit is not None and explicit.pipeline == ONNX_FILE_PIPELINE:

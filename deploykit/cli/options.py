@@ -23,7 +23,7 @@ from deploykit.convert.quantize import OPERATOR_CHOICES, QUANTIZERS
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS
 from deploykit.core.storage import CODECS
 from deploykit.fleet.cluster import CONNECT_TIMEOUT_S
-from deploykit.model.spec import DEFAULT_LENGTH, INPUT_DTYPES, TRACE_BATCH
+from deploykit.model.spec import DEFAULT_LENGTH, INPUT_DTYPES, TRACE_BATCH, VALUE_FORMS
 from deploykit.prune.base import PRUNERS, PruningPlan
 from deploykit.results.store import ATTEMPTS, BUSY_TIMEOUT_S
 from deploykit.runtime.devices import DEVICE_CHOICES
@@ -102,6 +102,9 @@ def add_model(p: argparse.ArgumentParser, *, default: str | None, artifacts: str
                    help="describe one input of an entry-point model" + (" or ONNX file" if artifacts else "")
                    + f" (repeatable), e.g. x:batch,3,32,32 or tokens:batch,seq:int64:30000 (token ids below 30000); "
                    f"{axes}; dtypes: {names(INPUT_DTYPES)}")
+    g.add_argument("--input-value", action="append", default=[], metavar="NAME=VALUE",
+                   help="what input NAME holds instead of random data (repeatable; recorded with the run): "
+                   + VALUE_FORMS)
     g.add_argument("--input-shape", metavar="SHAPE",
                    help="shorthand for a one-input model: its shape, e.g. batch,3,224,224 (float32)")
 

@@ -19,7 +19,7 @@ from deploykit.convert.onnx_settings import DEFAULT_OPSET
 from deploykit.core.errors import ExportError, ParityError, WriteError
 from deploykit.core.fsutil import NOTHING_LEFT, WRITE_ERRNOS
 from deploykit.core.hooks import run_forward
-from deploykit.core.ort import ort_session
+from deploykit.core.ort import ort_session, run_graph
 from deploykit.core.outputs import flat_arrays, flat_forward
 from deploykit.model.artifact import ONNX_FILE
 
@@ -168,10 +168,17 @@ def relative_errors(reference: Sequence[np.ndarray], errors: Mapping[str, float]
     return out
 
 
-def trivial_outputs(reference: Sequence[np.ndarray], names: Sequence[str]) -> list[str]:
-    """Outputs a parity check on them proves nothing about: identically zero, or the same for every
-    input of the batch (an output that does not depend on the input: underflow, a collapsed layer).
-    One line each, naming the output."""
+#: an output whose values move across the parity inputs by less than this share of their magnitude
+#: barely depends on the input: a wrong graph would pass a parity check on it
+FLAT_OUTPUT_SHARE = 1e-4
+
+
+def trivial_outputs(reference: Sequence[np.ndarray], names: Sequence[str], tolerance: float = 0.0) -> list[str]:
+    """Outputs a parity check on them proves nothing about: identically zero, the same for every input
+    of the batch (an output that does not depend on the input: underflow, a collapsed layer), or
+    changing across the inputs by no more than the parity `tolerance` or FLAT_OUTPUT_SHARE of its
+    magnitude (a BatchNorm CNN whose outputs shrank to 1e-5 after pruning: any graph is within
+    tolerance of it). One line each, naming the output."""
     found = []
     for name, ref in zip(names, reference):
         values = np.asarray(ref, dtype=np.float64)
@@ -179,8 +186,16 @@ def trivial_outputs(reference: Sequence[np.ndarray], names: Sequence[str]) -> li
             continue
         if not np.any(values):
             found.append(f"output {name!r} is identically zero on the parity inputs")
-        elif values.ndim > 0 and values.shape[0] > 1 and np.all(values == values[:1]):
+            continue
+        if values.ndim == 0 or values.shape[0] < 2 or not np.all(np.isfinite(values)):
+            continue
+        spread = float(np.max(np.abs(values - values[:1])))
+        magnitude = float(np.max(np.abs(values)))
+        if spread == 0:
             found.append(f"output {name!r} is the same for every parity input (it does not depend on the input)")
+        elif spread <= tolerance or spread <= FLAT_OUTPUT_SHARE * magnitude:
+            found.append(f"output {name!r} changes by at most {spread:.2g} across the parity inputs (its largest "
+                         f"value is {magnitude:.2g}, the parity tolerance {tolerance:g}): it barely depends on the input")
     return found
 
 
@@ -215,7 +230,7 @@ def export_single_graph(spec, saved, tmp, trace_inputs, parity_inputs, reference
     progress("checking onnxruntime against PyTorch")
     session = ort_session(tmp / ONNX_FILE, threads=1)
     feeds = {name: t.numpy() for name, t in zip(spec.input_names, parity_inputs)}
-    errors = max_abs_errors(reference, session.run(None, feeds), spec.outputs)
+    errors = max_abs_errors(reference, run_graph(session, feeds, "the exported graph"), spec.outputs)
     check_parity("onnxruntime vs PyTorch", errors, tolerance)
     return errors, relative_errors(reference, errors, spec.outputs), sparse_initializers, problem
 

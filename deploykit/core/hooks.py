@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from deploykit.core.outputs import flatten_outputs
 from deploykit.core.registry import Registry
 
 Observer = Callable[[tuple, object], None]  # (positional inputs, output) -> nothing
@@ -33,6 +34,12 @@ def trace_forward_of(model: nn.Module) -> TraceForward | None:
         if class_path(cls) in TRACE_FORWARDS:
             return TRACE_FORWARDS.get(class_path(cls))
     return None
+
+
+def is_scripted(model: nn.Module) -> bool:
+    """A TorchScript module (`torch.jit.script` / `torch.jit.load`): compiled code, no forward hooks,
+    no module surgery; it runs, and exports through the TorchScript ONNX exporter, as it is."""
+    return isinstance(model, torch.jit.ScriptModule)
 
 
 def run_forward(model: nn.Module, inputs: Sequence[torch.Tensor]):
@@ -80,3 +87,81 @@ def observe_forward(model: nn.Module, inputs: Sequence[torch.Tensor], observers:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def output_producers(model: nn.Module, inputs: Sequence[torch.Tensor], layers: Mapping[str, nn.Module]) -> dict[str, list[str]] | None:
+    """For each flattened output of one forward pass (by its name), the layers of `layers` that produce it.
+
+    Found on the autograd graph the pass records, not by module order: walking back from an output,
+    a path ends at the first layer it reaches, so a classifier and a box regressor beside it are both
+    found, and so is an output layer that runs before another module. A layer that only feeds another
+    layer found for the same output (the residual stream's earlier blocks) is not its producer. None
+    when no output carries autograd history (a scripted or integer-only model): the caller then
+    falls back to the order modules ran in.
+    """
+    made_by: dict[object, list[str]] = {}
+
+    def record(name: str) -> Observer:
+        def observe(_args, output) -> None:
+            for _, tensor in _tensors_in(output):
+                if tensor.grad_fn is not None:
+                    made_by.setdefault(tensor.grad_fn, []).append(name)
+        return observe
+
+    saved = {p: p.requires_grad for p in model.parameters()}
+    handles = [module.register_forward_hook(lambda _m, _a, out, obs=record(name): obs((), out))
+               for name, module in layers.items()]
+    try:
+        for parameter in saved:  # frozen weights leave no history: let them, for this pass only
+            if parameter.is_floating_point():
+                parameter.requires_grad_(True)
+        with torch.enable_grad():
+            outputs = flatten_outputs(run_forward(model, inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in saved.items():
+            parameter.requires_grad_(flag)
+    if not any(tensor.grad_fn is not None for _, tensor in outputs):
+        return None
+    found = {}
+    for name, tensor in outputs:
+        frontier = _first_producers(tensor.grad_fn, made_by) if tensor.grad_fn is not None else []
+        # a producer whose output reaches another producer of the same output only feeds it
+        feeding = {below for node in frontier for below in _producers_below(node, made_by)}
+        found[name] = sorted({layer for node in frontier if node not in feeding for layer in made_by[node]})
+    return found
+
+
+def _tensors_in(output) -> list[tuple[str, torch.Tensor]]:
+    try:
+        return flatten_outputs(output)
+    except Exception:  # noqa: BLE001 - a module returning something unflattenable produces no layer output
+        return []
+
+
+def _first_producers(start, made_by: Mapping[object, list[str]]) -> list:
+    """Autograd nodes of `made_by` reached from `start` with no other such node on the way."""
+    return _reached([start], made_by, past=False)
+
+
+def _producers_below(node, made_by: Mapping[object, list[str]]) -> list:
+    """Nodes of `made_by` that feed `node`, at any depth."""
+    return _reached([child for child, _ in node.next_functions], made_by, past=True)
+
+
+def _reached(starts: list, made_by: Mapping[object, list[str]], past: bool) -> list:
+    """Nodes of `made_by` reached walking the autograd graph down from `starts`; `past`: walk on below
+    them too, else each path ends at the first."""
+    found, seen, stack = [], set(), list(starts)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in made_by:
+            found.append(node)
+            if not past:
+                continue
+        stack.extend(child for child, _ in node.next_functions)
+    return found

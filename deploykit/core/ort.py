@@ -9,10 +9,11 @@ onnxruntime itself is imported on use: importing this module must stay cheap.
 from __future__ import annotations
 
 import contextlib
+import re
 from contextvars import ContextVar
 from pathlib import Path
 
-from deploykit.core.errors import ArtifactError, MeasurementError, UsageError
+from deploykit.core.errors import ArtifactError, ExportError, MeasurementError, UsageError
 
 #: onnxruntime graph optimisation levels by name (onnxruntime's own default is "all")
 GRAPH_OPTIMIZATIONS = ("disabled", "basic", "extended", "all")
@@ -64,6 +65,28 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
                                f"(it offered {', '.join(session.get_providers())})")
     calls = _RECORDING.get()
     return session if calls is None else _RecordingSession(session, Path(onnx_path).resolve(), calls)
+
+
+_FAILED_NODE = re.compile(r"running (?P<op>\w+) node\. Name:'(?P<name>[^']*)' Status Message: (?P<status>.*)", re.S)
+
+
+def run_graph(session, feeds: dict, what: str) -> list:
+    """`session.run(None, feeds)`, an onnxruntime failure raised as one line naming the node, its
+    operator and onnxruntime's reason (`ExportError`), not onnxruntime's exception."""
+    try:
+        return session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        text = " ".join(str(exc).split())
+        failed = _FAILED_NODE.search(text)
+        if failed is None:
+            raise ExportError(f"{what}: onnxruntime cannot run the graph: {text[:300]}") from None
+        status = re.sub(r"/\S+:\d+ ", "", failed["status"])  # onnxruntime's source path and line
+        raise ExportError(f"{what}: onnxruntime fails at node {failed['name']!r} ({failed['op']}): {status[:240]}; "
+                          "a shape fixed when the graph was traced (at the trace batch) that these inputs do not "
+                          "have does this: export with --form dense to tell the form from the model, and name "
+                          "the node when you report it") from None
 
 
 @contextlib.contextmanager

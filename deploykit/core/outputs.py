@@ -5,7 +5,7 @@ its fields that are set), a dataclass or a named tuple, nested at will. Parity c
 pruning's loss and benchmarks all need the same flat list of tensors, with names that stay the same
 from one call to the next: a path of keys and positions ("last_hidden_state",
 "past_key_values.0.1"), "output" for a lone tensor and "output_0", "output_1", ... for a top-level
-sequence. Outputs that are None (optional outputs a model leaves out) are skipped.
+sequence. A transformers `Cache` object is its legacy tuple of (key, value) per layer. Outputs that are None (optional outputs a model leaves out) are skipped.
 
 Written here because none of the libraries in the stack fits: torch's pytree flattens without names
 and does not know `ModelOutput`, and torch-pruning's `flatten_as_list` drops the names too.
@@ -51,6 +51,8 @@ def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:
         return zip(value._fields, value)
     if isinstance(value, (tuple, list)):
         return ((str(i) if path else f"output_{i}", item) for i, item in enumerate(value))
+    if callable(getattr(value, "to_legacy_cache", None)):  # transformers' Cache objects: (key, value) per layer
+        return ((str(i), item) for i, item in enumerate(value.to_legacy_cache()))
     raise UsageError(f"output {path or 'of the model'} is a {type(value).__name__}; deploykit handles tensors and "
                      "dicts, ModelOutputs, dataclasses, tuples and lists of them")
 
@@ -70,6 +72,11 @@ def flat_forward(model: nn.Module) -> Iterator[nn.Module]:
     """`model` returning its flattened outputs as a tuple while the block runs: what tracers (torch.onnx,
     torch-pruning) can follow. The forward is replaced on the instance only, so parameter names and
     the model's class stay as they are, and it is restored even when the block fails."""
+    if isinstance(model, torch.jit.ScriptModule):
+        # compiled: its forward cannot be replaced, and the TorchScript exporter reads its tensors and
+        # tuples of tensors as they are
+        yield model
+        return
     had_own = "forward" in vars(model)
     original = model.forward
 

@@ -11,7 +11,9 @@ import dataclasses
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
+
+import numpy as np
 
 from deploykit.convert.forms import DEFAULT_KERNEL_BATCH, FORMS, Converted
 from deploykit.convert.onnx_export import (
@@ -21,11 +23,12 @@ from deploykit.convert.onnx_export import (
     torch_outputs,
     trivial_outputs,
 )
-from deploykit.convert.onnx_settings import DEFAULT_OPSET, FORM_TOLERANCE, ONNX_TOLERANCE, SUPPORTED_OPSETS
+from deploykit.convert.onnx_settings import DEFAULT_OPSET, ONNX_TOLERANCE, SUPPORTED_OPSETS, form_tolerance
 from deploykit.convert.quantize import OPERATOR_CHOICES, QUANTIZERS
 from deploykit.core.env import library_versions
 from deploykit.core.errors import QualityError, UsageError
 from deploykit.core.fsutil import atomic_directory, check_writable_destination, write_text_atomic
+from deploykit.core.hooks import is_scripted
 from deploykit.core.ort import GRAPH_OPTIMIZATIONS
 from deploykit.core.sparsity import SparsityTable, sparsity_table
 from deploykit.core.storage import CODECS, save_weights
@@ -41,11 +44,19 @@ from deploykit.model.artifact import (
 )
 from deploykit.model.hints import hints_of
 from deploykit.model.sources import consent_of, resolve_model
-from deploykit.model.spec import MODELS, TRACE_BATCH, ModelSpec
-from deploykit.model.summary import count_flops, count_parameters, count_sparse_flops, module_shapes, shape_changes
+from deploykit.model.spec import FOLDED_ATTRIBUTE, MODELS, TRACE_BATCH, ModelSpec
+from deploykit.model.summary import (
+    count_flops,
+    count_parameters,
+    count_sparse_flops,
+    flop_count,
+    module_shapes,
+    shape_changes,
+)
 from deploykit.pipelines.base import ExportRequest
 from deploykit.pipelines.catalog import PIPELINES
 from deploykit.prune.base import (
+    PRUNERS,
     PruneResult,
     PruningPlan,
     detect_output_layers,
@@ -143,6 +154,7 @@ def export_artifact(
     else:
         progress(f"building {spec.name}" + (" (training on first use)" if spec.train else ""))
     net = spec.make(trained=not plan.at_init)
+    folded = list(getattr(net, FOLDED_ATTRIBUTE, ()))
     training = spec.training_record(None if plan.at_init else net)
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
@@ -157,10 +169,13 @@ def export_artifact(
     strip_masks(net)
     metrics = spec.evaluate(net) if spec.evaluate else {}
 
-    options = {"keep": list(spec.output_layers) or detect_output_layers(net, trace_inputs),
+    options = {"keep": list(spec.output_layers) or ([] if is_scripted(net) else
+                                                     detect_output_layers(net, trace_inputs, hints_of(spec))),
                "best_effort": best_effort, "kernel_batch": kernel_batch, "graph_timeout_s": plan.graph_timeout_s}
     step = _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, pipeline.one_pass, progress)
-    warnings = [f"{problem}: parity on it proves nothing" for problem in trivial_outputs(step.reference, spec.outputs)]
+    warnings = [f"{problem}: parity on it proves nothing"
+                for problem in trivial_outputs(step.reference, spec.outputs, tolerance)]
+    warnings += no_op_warnings(plan, form, result, step, options["keep"])
     for warning in warnings:
         progress(f"warning: {warning}")
     if warnings and strict:
@@ -171,9 +186,18 @@ def export_artifact(
     with atomic_directory(out_dir, overwrite, owned_artifact, notes=progress) as tmp:
         progress(f"exporting ONNX (opset {opset})")
         notes = _form_notes(form)
+        if step.uncounted_flops:
+            notes.append(_uncounted_note(step.uncounted_flops))
+        if folded:
+            notes.append(f"parametrized weights folded into plain ones before pruning (the same outputs): "
+                         f"{', '.join(folded[:5])}{', ...' if len(folded) > 5 else ''}")
         if result.collapsed_layers:
             notes.append(f"layers pruned to 100% (allowed by the plan): {', '.join(result.collapsed_layers)}")
         # the pipeline's exporter stores sparse initializers (if the form asks) before it checks parity
+        asked, tolerance = tolerance, scaled_tolerance(tolerance, step.reference)
+        if tolerance != asked:
+            notes.append(f"parity tolerance {asked:g} scaled to {tolerance:.3g}: the outputs reach "
+                         f"{output_magnitude(step.reference):.3g}, and float error is relative to them")
         exported = pipeline.export(ExportRequest(spec, saved, tmp, trace_inputs, parity_inputs, step.reference,
                                                  opset, tolerance, form_entry.sparse_onnx, progress))
         notes.extend(exported.notes)
@@ -276,6 +300,8 @@ class _Converted:
     #: FLOPs with zero weights' multiply-adds left out: of the stripped model, and of the converted one
     sparse_flops_before: int | None = None
     sparse_flops: int | None = None
+    #: modules with weights whose FLOPs no formula counted (`deploykit.model.summary.FlopCount.uncounted`)
+    uncounted_flops: tuple[str, ...] = ()
 
 
 def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, one_pass, progress) -> _Converted:
@@ -286,8 +312,11 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, one_pa
     """
     one_item = spec.example_inputs(1, seed=0)
     reference = torch_outputs(net, parity_inputs)
-    flops = (lambda module: count_flops(module, one_item)) if one_pass else (lambda module: None)
-    shapes_before, flops_before = module_shapes(net), flops(net)
+    counted = flop_count(net, one_item) if one_pass else None
+    shapes_before, flops_before = module_shapes(net), counted.total if counted else None
+    uncounted = counted.uncounted if counted is not None else ()
+    if uncounted:
+        progress(f"warning: {_uncounted_note(uncounted)}")
     sparse_flops = (lambda module: count_sparse_flops(module, one_item)) if one_pass else (lambda module: None)
     sparse_flops_before = sparse_flops(net)
     progress(f"converting to form {form_entry.name!r}")
@@ -297,9 +326,56 @@ def _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, one_pa
     kernel_inputs = spec.example_inputs(options["kernel_batch"], seed=0)
     runtime_module, swapped = form_entry.for_torch(copy.deepcopy(saved), kernel_inputs, converted.recipe)
     form_errors = max_abs_errors(reference, torch_outputs(runtime_module, parity_inputs), spec.outputs)
-    check_parity(f"form {form_entry.name!r} vs stripped model", form_errors, FORM_TOLERANCE)
-    return _Converted(converted, swapped, form_errors, reference, flops_before, flops(saved),
-                      shape_changes(shapes_before, module_shapes(saved)), sparse_flops_before, sparse_flops(saved))
+    layers = sum(1 for m in net.modules() if any(p.dim() >= 2 for p in m.parameters(recurse=False)))
+    check_parity(f"form {form_entry.name!r} vs stripped model", form_errors,
+                 form_tolerance(output_magnitude(reference), layers))
+    flops_after = count_flops(saved, one_item) if one_pass else None
+    return _Converted(converted, swapped, form_errors, reference, flops_before, flops_after,
+                      shape_changes(shapes_before, module_shapes(saved)), sparse_flops_before, sparse_flops(saved),
+                      uncounted)
+
+
+def output_magnitude(reference) -> float:
+    """The largest finite |value| of the reference outputs (0 where there are none)."""
+    return max((float(np.max(np.abs(finite))) for r in reference or ()
+                if (finite := np.asarray(r, dtype=np.float64)[np.isfinite(r)]).size), default=0.0)
+
+
+def scaled_tolerance(tolerance: float, reference) -> float:
+    """The ONNX parity tolerance for outputs this large: `tolerance` times the largest |output| where
+    that exceeds 1 (float error is relative: a random-weight inception_v3 outputs 5e11, and onnxruntime
+    differs from torch there by 1e-6 of it). What the manifest records and bench checks against."""
+    return tolerance * max(1.0, output_magnitude(reference))
+
+
+def no_op_warnings(plan: PruningPlan, form: str, result, step: _Converted, output_layers: Sequence[str]) -> list[str]:
+    """What the user asked for that changed nothing: a plan that zeroed weights no form removes, a
+    dense-shrunk conversion that removed no channel, a --prune-output that left the output layers as
+    they were. Said as warnings (refused with --strict): an export that silently does nothing is
+    measured as if it had."""
+    if plan.is_empty():
+        return []
+    found = []
+    structured = getattr(PRUNERS.get(plan.method), "structured", False)
+    if form == "dense-shrunk" and not step.shape_changes:
+        found.append(f"{plan.label()} with --form dense-shrunk removed nothing: " + (
+            f"{plan.method} zeroes single weights and dense-shrunk removes only whole channels, so the shipped model is "
+            "the dense one; use a structured method (l1-structured) to shrink, or --form csr to store the zeros"
+            if not structured else "no channel of any group was pruned whole"))
+    if not plan.exclude_output and output_layers:
+        pruned = {name.rpartition(".")[0] for name in result.pruned_parameters}
+        untouched = [name for name in output_layers if name not in pruned]
+        if len(untouched) == len(output_layers):
+            found.append(f"--prune-output changed nothing: the output layer{'s' * (len(untouched) > 1)} "
+                         f"{', '.join(untouched)} kept every weight" + (
+                             " (structured pruning keeps an output's width; the layers producing outputs lose only "
+                             "input channels when the layers before them are pruned)" if structured else ""))
+    return found
+
+
+def _uncounted_note(modules: Sequence[str]) -> str:
+    return (f"the FLOP counts leave out {', '.join(modules[:5])}{', ...' if len(modules) > 5 else ''}: "
+            "operators torch's FLOP counter has no formula for (the figures are lower than the work done)")
 
 
 def _registered_source(spec: ModelSpec) -> dict:

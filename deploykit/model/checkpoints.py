@@ -93,10 +93,26 @@ def _state_dict_of(obj: Any, path: Path) -> "dict[str, torch.Tensor]":
                         f"parameter name, possibly under one of {', '.join(WRAPPER_KEYS)})")
 
 
+def with_module_versions(model: "nn.Module", state: "dict[str, torch.Tensor]") -> "dict[str, torch.Tensor]":
+    """`state` carrying the version record of `model`'s own modules, as `model.state_dict()` would.
+
+    A state dict read from safetensors (or any tensors-only file) has lost torch's `_metadata`, and some
+    modules check its version when they load (torchvision's MNASNet refuses "version should be set to
+    1 or 2"): given the versions of the code that built `model`, they load through their own path."""
+    import collections
+
+    metadata = getattr(model.state_dict(), "_metadata", None)
+    if metadata is None or getattr(state, "_metadata", None) is not None:
+        return state
+    versioned = collections.OrderedDict(state)
+    versioned._metadata = metadata
+    return versioned
+
+
 def apply_checkpoint(model: "nn.Module", state: "dict[str, torch.Tensor]", path: str | Path) -> "nn.Module":
     """Load `state` into `model` strictly: a checkpoint that does not fit is an error naming what differs."""
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(with_module_versions(model, state), strict=False)
     except RuntimeError as exc:  # shape mismatches
         detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[1:3])
         raise ArtifactError(f"weights {str(path)!r} do not fit the model: {detail}") from None

@@ -131,6 +131,8 @@ def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> Mo
             _runs_on_described_inputs(model, spec, entry)
     else:
         model, examples = _module_and_examples(produced, entry, bool(inputs))
+        if not inputs and _generates(model):
+            return _as_hf_directory(model, entry)
         inputs = _named(inputs, model) if inputs else inputs
         described = tuple(inputs) if inputs else describe_inputs(model, examples)
         spec = ModelSpec(
@@ -144,6 +146,45 @@ def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> Mo
     record = {"kind": KIND, "entry_point": entry.text,
               "inputs": [dataclasses.asdict(i) for i in inputs] if inputs else None}
     return dataclasses.replace(spec, bundle=lambda directory, model: dict(record))
+
+
+def _generates(model) -> bool:
+    """A transformers model that generates (a causal LM, an encoder-decoder) with its caches on: its
+    forward returns them, and its ONNX export needs the decoder split optimum makes, not one traced
+    call. With `config.use_cache = False` its forward pass is exported as one call like any model's."""
+    can_generate = getattr(model, "can_generate", None)
+    return (type(model).__module__.startswith("transformers.") and callable(can_generate)
+            and hasattr(model, "save_pretrained") and bool(can_generate())
+            and bool(getattr(getattr(model, "config", None), "use_cache", False)))
+
+
+def _as_hf_directory(model, entry: EntryPoint) -> ModelSpec:
+    """The spec of a generating transformers model returned by an entry point: saved (`save_pretrained`,
+    config and safetensors) into a directory of this process's own, then read as a user's Hugging Face
+    directory, so it is exported through the same optimum path (its caches as graph inputs and outputs)
+    and its artifact carries its config and weights like a directory's. The directory is removed
+    when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from deploykit.model.hf import hf_directory_spec  # torch side: transformers and torch
+
+    directory = Path(tempfile.mkdtemp(prefix="deploykit-entry-point-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    try:
+        model.save_pretrained(str(directory / "model"), safe_serialization=True)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises on a model it cannot save
+        raise UsageError(f"{entry.text} returned a generating {type(model).__name__}, which deploykit exports "
+                         f"through its Hugging Face directory; save_pretrained failed ({type(exc).__name__}: {exc})") from None
+    try:
+        spec = hf_directory_spec(directory / "model")
+    except UsageError as exc:
+        raise UsageError(f"{entry.text} returned a generating {type(model).__name__}, which deploykit exports through "
+                         f"optimum as a generator, and cannot here ({str(exc).split(': ', 1)[-1]}); set "
+                         "model.config.use_cache = False in the factory to export its forward pass (one call, no "
+                         "caches) instead") from None
+    return dataclasses.replace(spec, name=entry.label, description=f"{type(model).__name__} from {entry.text}")
 
 
 def spec_from_artifact(directory: Path, manifest) -> ModelSpec:
@@ -201,8 +242,12 @@ def describe_inputs(model: "nn.Module", examples: "Sequence[torch.Tensor]") -> t
         dtype = str(tensor.dtype).removeprefix("torch.")
         if dtype not in INPUT_DTYPES:
             raise UsageError(f"example input {name!r} is {dtype}; deploykit feeds {', '.join(INPUT_DTYPES)}")
-        if tensor.dim() == 0:
-            raise UsageError(f"example input {name!r} is a scalar; give a batch axis (dim 0)")
+        if tensor.dim() == 0:  # a setting (a sample rate, a temperature), not data: every call gets its value
+            try:
+                specs.append(InputSpec(name, (), dtype, values=repr(tensor.item())))
+            except ValueError as exc:  # nan, inf
+                raise UsageError(f"example input {name!r} is a scalar deploykit cannot record: {exc}") from None
+            continue
         high = int(tensor.max()) + 1 if dtype.startswith("int") else None
         if high is not None and int(tensor.min()) < 0:
             raise UsageError(f"example input {name!r} has negative values; describe its range with --input-spec")
@@ -225,8 +270,12 @@ def _runs_on_described_inputs(model: "nn.Module", spec: ModelSpec, entry: EntryP
 
 
 def _forward_names(model: "nn.Module", count: int) -> list[str]:
-    parameters = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    schema = getattr(model.forward, "schema", None)  # a TorchScript method: no Python signature
+    if schema is not None:
+        parameters = [a.name for a in schema.arguments if a.name != "self" and not a.kwarg_only]
+    else:
+        parameters = [p.name for p in inspect.signature(model.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = parameters[:count]
     return names + [f"input_{i}" for i in range(len(names), count)]
 

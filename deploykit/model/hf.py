@@ -269,6 +269,11 @@ def infer_task(config, requested: str | None = None, where: str = "") -> str:
     else:
         # optimum keeps this table private; its public inference needs the Hub for local directories
         mappings = getattr(TasksManager, "_TRANSFORMERS_TASKS_TO_MODEL_MAPPINGS", {})
+        architectures = config.architectures
+        if architectures is not None and (not isinstance(architectures, (list, tuple))
+                                          or not all(isinstance(a, str) for a in architectures)):
+            raise UsageError(f"{where}: config.json's architectures must be a list of class names, got "
+                             f"{architectures!r}"[:300])
         # a mapping's value is a class name or a tuple of them (DeiT's image classifiers)
         found = [task for arch in (config.architectures or []) for task, mapping in mappings.items()
                  if task in exportable and any(arch == v or (isinstance(v, tuple) and arch in v)
@@ -589,9 +594,12 @@ def hf_directory_spec(path, task: str | None = None) -> ModelSpec:
             # a config whose model cannot prune heads as it is built (T5ForConditionalGeneration's) would no
             # longer load in transformers: there the artifact's pruning history alone says which went
             written.pruned_heads = {**written.pruned_heads, **pruned_heads(shipped)}
-        counts = head_counts(hf_model(shipped).config)
+        shipped_config = hf_model(shipped).config
+        counts = head_counts(shipped_config)
         for name, value in counts.items():  # heads pruned alike in every layer: the config's counts say so
             setattr(written, name, value)
+        if counts != head_counts(config) and isinstance(getattr(shipped_config, "head_dim", None), int):
+            written.head_dim = shipped_config.head_dim  # no longer hidden size / heads (Mistral, Qwen2 derive it)
         write_text_atomic(Path(directory) / HF_CONFIG_FILE, written.to_json_string())
         # the heads the directory's own config had: rebuilding starts from them, then replays deploykit's
         # pruning history

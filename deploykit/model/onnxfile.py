@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from deploykit.core.env import available_memory_bytes
 from deploykit.core.errors import ArtifactError, UsageError
-from deploykit.model.spec import INPUT_DTYPES, InputSpec
+from deploykit.model.spec import INPUT_DTYPES, InputSpec, with_value
 
 if TYPE_CHECKING:
     import onnx
 
 #: the pipeline name runtimes register a loader for (`deploykit.runtime.session`)
 PIPELINE = "onnx-file"
-#: initializer element types counted as parameters (shape and index constants are not)
-_INDEX_TYPES = ("int64", "int32")
+#: element types of stored tensors that are not parameters (shape and index constants, conditions)
+_INDEX_TYPES = ("int64", "int32", "bool")
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,10 @@ def _checked_external_data(path: Path, proto: "onnx.ModelProto") -> list[Externa
     return found
 
 
-def input_specs(model: OnnxFile, overrides: Sequence[InputSpec] = ()) -> tuple[InputSpec, ...]:
-    """The graph's inputs as InputSpecs, with `overrides` (by name; an unnamed one for a one-input graph)."""
+def input_specs(model: OnnxFile, overrides: Sequence[InputSpec] = (), values: "dict[str, str] | None" = None,
+                ) -> tuple[InputSpec, ...]:
+    """The graph's inputs as InputSpecs, with `overrides` (by name; an unnamed one for a one-input graph)
+    and `values` (`--input-value`, by name) applied."""
     import onnx
 
     path, graph = model.path, model.proto.graph
@@ -272,6 +274,11 @@ def input_specs(model: OnnxFile, overrides: Sequence[InputSpec] = ()) -> tuple[I
     if unnamed and len(declared) != 1:
         raise UsageError(f"--input-shape needs a one-input model; {path.name} has inputs "
                          f"{', '.join(v.name for v in declared)}: use --input-spec NAME:SHAPE")
+    values = values or {}
+    unknown = sorted(set(values) - {v.name for v in declared})
+    if unknown:
+        raise UsageError(f"--input-value names {', '.join(unknown)}, not inputs of {path.name} "
+                         f"(its inputs: {', '.join(v.name for v in declared)})")
     unknown = sorted(set(by_name) - {v.name for v in declared})
     if unknown:
         raise UsageError(f"--input-spec names {', '.join(unknown)}, not inputs of {path.name} "
@@ -283,16 +290,21 @@ def input_specs(model: OnnxFile, overrides: Sequence[InputSpec] = ()) -> tuple[I
             continue
         tensor_type = value.type.tensor_type
         if value.name in by_name:
-            specs.append(_fitting(by_name[value.name], value.name, tensor_type, path))
+            spec = _fitting(by_name[value.name], value.name, tensor_type, path)
+            specs.append(with_value(spec, values[value.name]) if value.name in values else spec)
             continue
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
         if dtype not in INPUT_DTYPES:
             raise UsageError(f"input {value.name!r} of {path.name} is {dtype}; deploykit feeds {', '.join(INPUT_DTYPES)}")
+        shape = _shape(value.name, tensor_type)
+        if value.name in values:
+            specs.append(with_value(InputSpec(value.name, shape, dtype, values="0"), values[value.name]))
+            continue
         if dtype.startswith("int"):
-            raise UsageError(f"input {value.name!r} of {path.name} is {dtype}: give its value range, e.g. "
-                             f"--input-spec {value.name}:{','.join(map(str, _shape(value.name, tensor_type)))}:"
-                             f"{dtype}:HIGH")
-        specs.append(InputSpec(value.name, _shape(value.name, tensor_type), dtype))
+            raise UsageError(f"input {value.name!r} of {path.name} is {dtype} of shape ({','.join(map(str, shape))}): "
+                             f"say what it holds with --input-value {value.name}=int:0:HIGH (random integers below "
+                             "HIGH: token ids), a number (a setting such as a sample rate: 16000), ones or arange")
+        specs.append(InputSpec(value.name, shape, dtype))
     return tuple(specs)
 
 
@@ -334,35 +346,67 @@ class InitializerRow:
     dtype: str
     numel: int
     nonzero: int
-    #: "inline", "external:FILE" or "sparse"
+    #: "inline", "constant" (a Constant node's value), "external:FILE" or "sparse"
     storage: str
     stored_bytes: int
 
 
 def initializers(model: OnnxFile) -> list[InitializerRow]:
-    """Every initializer of the graph (external data read from the checked references)."""
+    """Every stored tensor of the graph a model computes with, each once: initializers, sparse
+    initializers, the values of `Constant` nodes (where some exporters keep every weight), and the same
+    inside subgraphs (`If` branches, `Loop` and `Scan` bodies), a subgraph's rows named after the node
+    that holds it ("If_3/then_branch/W"). External data is read from the checked references. A
+    weight used by many nodes is one tensor, counted once; a fill value of another operator
+    (ConstantOfShape's) is not a weight."""
+    rows: list[InitializerRow] = []
+    _collect_tensors(model, model.proto.graph, "", rows)
+    return rows
+
+
+def _collect_tensors(model: OnnxFile, graph, prefix: str, rows: list[InitializerRow]) -> None:
+    for init in graph.initializer:
+        rows.append(_tensor_row(model, init, prefix + init.name, "inline"))
+    for sparse in graph.sparse_initializer:
+        rows.append(_sparse_row(model, sparse, prefix + (sparse.values.name or "sparse")))
+    for index, node in enumerate(graph.node):
+        where = f"{node.name or f'{node.op_type}_{index}'}"
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    rows.append(_tensor_row(model, attribute.t, prefix + node.output[0], "constant"))
+                elif attribute.name == "sparse_value" and attribute.HasField("sparse_tensor"):
+                    rows.append(_sparse_row(model, attribute.sparse_tensor, prefix + node.output[0]))
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _collect_tensors(model, attribute.g, f"{prefix}{where}/{attribute.name}/", rows)
+            for i, sub in enumerate(attribute.graphs):
+                _collect_tensors(model, sub, f"{prefix}{where}/{attribute.name}[{i}]/", rows)
+
+
+def _tensor_row(model: OnnxFile, tensor, name: str, storage: str) -> InitializerRow:
     import numpy as np
     from onnx import numpy_helper
 
-    path, graph = model.path, model.proto.graph
-    refs = {ref.tensor: ref for ref in model.external}
-    rows = []
-    for init in graph.initializer:
-        if init.name in refs:
-            array = numpy_helper.to_array(init, base_dir=str(path.parent))
-            storage, stored = f"external:{refs[init.name].location}", refs[init.name].length
-        else:
-            array = numpy_helper.to_array(init)
-            storage, stored = "inline", len(init.raw_data) or array.nbytes
-        rows.append(InitializerRow(init.name, list(array.shape), array.dtype.name, int(array.size),
-                                   int(np.count_nonzero(array)), storage, stored))
-    for sparse in graph.sparse_initializer:
-        values = numpy_helper.to_array(sparse.values, base_dir=str(path.parent))
-        indices = numpy_helper.to_array(sparse.indices, base_dir=str(path.parent))
-        numel = int(np.prod(sparse.dims)) if len(sparse.dims) else 1
-        rows.append(InitializerRow(sparse.values.name or "sparse", list(sparse.dims), values.dtype.name, numel,
-                                   int(np.count_nonzero(values)), "sparse", values.nbytes + indices.nbytes))
-    return rows
+    if tensor.data_location == tensor.EXTERNAL:  # every external reference was checked by open_onnx_file
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        array = numpy_helper.to_array(tensor, base_dir=str(model.path.parent))
+        storage, stored = f"external:{entries.get('location', '')}", array.nbytes
+    else:
+        array = numpy_helper.to_array(tensor)
+        stored = len(tensor.raw_data) or array.nbytes
+    return InitializerRow(name, list(array.shape), array.dtype.name, int(array.size), int(np.count_nonzero(array)),
+                          storage, stored)
+
+
+def _sparse_row(model: OnnxFile, sparse, name: str) -> InitializerRow:
+    import numpy as np
+    from onnx import numpy_helper
+
+    values = numpy_helper.to_array(sparse.values, base_dir=str(model.path.parent))
+    indices = numpy_helper.to_array(sparse.indices, base_dir=str(model.path.parent))
+    numel = int(np.prod(sparse.dims)) if len(sparse.dims) else 1
+    return InitializerRow(name, list(sparse.dims), values.dtype.name, numel, int(np.count_nonzero(values)), "sparse",
+                          values.nbytes + indices.nbytes)
 
 
 def is_parameter(row: InitializerRow) -> bool:

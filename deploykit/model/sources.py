@@ -32,7 +32,7 @@ from deploykit.model.entrypoint import (
     parse_entry_point,
     spec_from_artifact as entrypoint_spec_from_artifact,
 )
-from deploykit.model.spec import MODELS, InputSpec, ModelSpec
+from deploykit.model.spec import MODELS, InputSpec, ModelSpec, apply_input_values
 from deploykit.model.zoo import espnet_st as zoo_espnet
 
 if TYPE_CHECKING:
@@ -82,6 +82,8 @@ class ModelOptions:
     inputs: tuple[InputSpec, ...] = ()
     #: the task a Hugging Face directory is loaded and exported for (default: its architectures')
     task: str | None = None
+    #: input name -> what it holds instead of random data (`--input-value`, `deploykit.model.spec.VALUE_FORMS`)
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpec:
@@ -107,6 +109,8 @@ def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpe
         spec = _path_spec(text, options.task)
         if options.weights:
             raise UsageError(f"--weights loads into a zoo or entry-point model; {text!r} carries its own weights")
+    if options.values:
+        spec = dataclasses.replace(spec, inputs=apply_input_values(spec.inputs, options.values, spec.name))
     return with_weights(spec, options.weights, options.trust_pickle) if options.weights else spec
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -27,6 +28,7 @@ from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.registry import Registry
 from deploykit.core.storage import load_weights, save_weights
+from deploykit.model.checkpoints import with_module_versions
 
 if TYPE_CHECKING:  # torch is imported lazily so that `deploykit --help` stays instant
     import torch
@@ -59,11 +61,16 @@ class InputSpec:
     dtype: str = "float32"
     #: exclusive upper bound of sampled values for integer inputs (token ids, class ids)
     high: int | None = None
+    #: what the input holds instead of random data (`--input-value`, VALUE_FORMS): "16000", "ones",
+    #: "zeros", "arange" / "arange:AXIS", "int:LOW:HIGH"; a sample rate, an attention mask, positions
+    values: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in INPUT_DTYPES:
             raise ValueError(f"input {self.name!r}: dtype {self.dtype!r} not in {INPUT_DTYPES}")
-        if self.dtype.startswith("int") and self.high is None:
+        if self.values is not None:
+            _check_values(self)
+        if self.dtype.startswith("int") and self.high is None and self.values is None:
             raise ValueError(f"integer input {self.name!r} needs `high` (exclusive upper bound)")
         if self.high is not None and (type(self.high) is not int or not 1 <= self.high <= INT_HIGH[self.dtype]):
             raise ValueError(f"input {self.name!r}: HIGH (the exclusive upper bound of its values) must be an integer "
@@ -108,11 +115,12 @@ class InputSpec:
         "batch" follows --batch; other names follow --seq-len."""
 
         parts = text.split(":")
-        if not 2 <= len(parts) <= 4 or not parts[0] or not parts[1]:
+        if not 2 <= len(parts) <= 4 or not parts[0]:
             raise UsageError(f"input spec {text!r}: expected NAME:SHAPE[:DTYPE[:HIGH]], e.g. x:batch,3,32,32 or "
                              "tokens:batch,seq:int64:1000")
         name, shape_text, dtype, high = parts[0], parts[1], *(parts[2:] + [None, None])[:2]
-        shape = tuple(_parse_dim(text, dim.strip()) for dim in shape_text.split(","))
+        # an empty SHAPE is a scalar (sr::int64:16001)
+        shape = tuple(_parse_dim(text, dim.strip()) for dim in shape_text.split(",")) if shape_text else ()
         if high is not None and not (high.isascii() and high.isdigit()):
             raise UsageError(f"input spec {text!r}: HIGH must be a positive integer (the exclusive upper bound "
                              f"of the values), got {high!r}")
@@ -120,6 +128,91 @@ class InputSpec:
             return cls(name, shape, dtype or "float32", int(high) if high else None)
         except ValueError as exc:
             raise UsageError(f"input spec {text!r}: {exc}") from None
+
+
+#: the forms of `--input-value NAME=VALUE`
+VALUE_FORMS = ("a number (every element, e.g. a sample rate: sr=16000), ones, zeros, arange (0, 1, ... along the "
+               "last axis; arange:AXIS along another), int:LOW:HIGH (random integers in [LOW, HIGH))")
+_NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+_ARANGE = re.compile(r"^arange(:(?P<axis>-?\d+))?$")
+_INT_RANGE = re.compile(r"^int:(?P<low>-?\d+):(?P<high>-?\d+)$")
+
+
+def _check_values(spec: InputSpec) -> None:
+    """Refuse `spec.values` that is no VALUE_FORMS form, or does not fit the input's dtype or rank."""
+    text, integer = spec.values, spec.dtype.startswith("int")
+    if not isinstance(text, str):
+        raise ValueError(f"input {spec.name!r}: values must be text, got {type(text).__name__}")
+    if text in ("ones", "zeros"):
+        return
+    if _NUMBER.match(text):
+        if integer and not re.match(r"^-?\d+$", text):
+            raise ValueError(f"input {spec.name!r} is {spec.dtype}; value {text!r} is not an integer")
+        if integer and not -INT_HIGH[spec.dtype] <= int(text) < INT_HIGH[spec.dtype]:
+            raise ValueError(f"input {spec.name!r}: value {text} does not fit {spec.dtype}")
+        return
+    if match := _ARANGE.match(text):
+        axis = int(match["axis"] or -1)
+        if not -len(spec.shape) <= axis < len(spec.shape):
+            raise ValueError(f"input {spec.name!r} has {len(spec.shape)} axes; {text!r} names axis {axis}")
+        return
+    if match := _INT_RANGE.match(text):
+        if not integer:
+            raise ValueError(f"input {spec.name!r} is {spec.dtype}; int:LOW:HIGH is for integer inputs")
+        low, high = int(match["low"]), int(match["high"])
+        if not -INT_HIGH[spec.dtype] <= low < high <= INT_HIGH[spec.dtype]:
+            raise ValueError(f"input {spec.name!r}: {text!r} needs LOW < HIGH, both within {spec.dtype}")
+        return
+    raise ValueError(f"input {spec.name!r}: value {text!r} is not one of: {VALUE_FORMS}")
+
+
+def with_value(spec: InputSpec, text: str) -> InputSpec:
+    """`spec` holding `--input-value` `text`: refused in one line where it does not fit the input."""
+    try:
+        return replace(spec, values=text.strip())
+    except ValueError as exc:
+        raise UsageError(f"--input-value {spec.name}={text}: {exc}") from None
+
+
+def parse_input_values(texts: Sequence[str]) -> dict[str, str]:
+    """`--input-value NAME=VALUE` options -> {NAME: VALUE}; each input once."""
+    values: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise UsageError(f"--input-value {text!r}: expected NAME=VALUE, VALUE {VALUE_FORMS}")
+        if name.strip() in values:
+            raise UsageError(f"--input-value gives input {name.strip()!r} more than once")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def apply_input_values(inputs: Sequence[InputSpec], values: dict[str, str], model: str) -> tuple[InputSpec, ...]:
+    """`inputs` with `values` (by input name) set; a name that is no input is refused, listing them."""
+    unknown = sorted(set(values) - {spec.name for spec in inputs})
+    if unknown:
+        raise UsageError(f"--input-value names {', '.join(unknown)}, not an input of {model} (its inputs: "
+                         f"{', '.join(spec.name for spec in inputs)})")
+    return tuple(with_value(spec, values[spec.name]) if spec.name in values else spec for spec in inputs)
+
+
+def value_array(spec: InputSpec, shape: tuple[int, ...], rng) -> "Any":
+    """The numpy array `spec.values` makes at `shape`, random integers drawn from `rng` (numpy Generator)."""
+    import numpy as np
+
+    text = spec.values
+    if text in ("ones", "zeros"):
+        return (np.ones if text == "ones" else np.zeros)(shape, dtype=spec.dtype)
+    if _NUMBER.match(text):
+        return np.full(shape, int(text) if spec.dtype.startswith("int") else float(text), dtype=spec.dtype)
+    if match := _ARANGE.match(text):
+        axis = int(match["axis"] or -1) % max(len(shape), 1)
+        if not shape:
+            return np.zeros((), dtype=spec.dtype)
+        line = np.arange(shape[axis], dtype=spec.dtype).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+        return np.broadcast_to(line, shape).copy()
+    match = _INT_RANGE.match(text)
+    return rng.integers(int(match["low"]), int(match["high"]), shape, dtype=spec.dtype)
 
 
 def _parse_dim(text: str, dim: str) -> int | str:
@@ -195,11 +288,19 @@ class ModelSpec:
         """
         import torch
 
+        from deploykit.core.parametrized import fold_parametrizations  # torch side
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = self.build()
         if trained and self.train is not None:
             _load_or_train(self, model)
+        if not isinstance(model, torch.jit.ScriptModule):
+            # weight norm and other parametrizations, as plain weights: what pruning and shrinking need,
+            # the same outputs; said in the export's notes (`FOLDED_ATTRIBUTE`)
+            folded = fold_parametrizations(model)
+            if folded:
+                setattr(model, FOLDED_ATTRIBUTE, folded)
         return model.eval()
 
     def training_record(self, trained: "nn.Module | None") -> dict[str, Any]:
@@ -223,12 +324,20 @@ class ModelSpec:
         if length is not None:
             self.require_sequence_axis()
             if self.length_sampler is not None:
-                return tuple(self.length_sampler(batch_size, generator, length))
+                return self._with_values(self.length_sampler(batch_size, generator, length), generator)
             return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
         if self.sampler is not None:
-            return tuple(self.sampler(batch_size, generator))
+            return self._with_values(self.sampler(batch_size, generator), generator)
         length = DEFAULT_LENGTH if any(spec.sequence_axes for spec in self.inputs) else None
         return tuple(_sample(spec, batch_size, generator, length) for spec in self.inputs)
+
+    def _with_values(self, tensors, generator) -> "tuple[torch.Tensor, ...]":
+        """A sampler's tensors with the inputs that hold given values (`--input-value`) set to them."""
+        tensors = tuple(tensors)
+        if not any(spec.values is not None for spec in self.inputs) or len(tensors) != len(self.inputs):
+            return tensors
+        return tuple(_fill_like(spec, tensor, generator) if spec.values is not None else tensor
+                     for spec, tensor in zip(self.inputs, tensors))
 
     def require_sequence_axis(self) -> None:
         """A sequence-length sweep needs a named non-batch input axis to set."""
@@ -283,11 +392,10 @@ def _load_or_train(spec: "ModelSpec", model: "nn.Module") -> None:
     """
     import torch
 
-
     path = _cache_path(spec)
     if path.is_file():
         try:
-            model.load_state_dict(load_weights(path))
+            model.load_state_dict(with_module_versions(model, load_weights(path)))
             return
         except (ArtifactError, RuntimeError):
             pass  # a damaged or stale cache entry is retrained over
@@ -343,15 +451,28 @@ def _read_training_record(spec: "ModelSpec", path: Path) -> dict[str, Any] | Non
     return _training_record(spec, result, seconds if type(seconds) in (int, float) else None)
 
 
+def _fill_like(spec: InputSpec, tensor: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
+    import numpy as np
+    import torch
+
+    seed = int(torch.randint(0, 2**31, (), generator=generator))
+    return torch.from_numpy(value_array(spec, tuple(tensor.shape), np.random.default_rng(seed)))
+
+
 def _sample(spec: InputSpec, batch_size: int, generator: "torch.Generator", length: int | None = None) -> "torch.Tensor":
     import torch
 
     shape = spec.concrete_shape(batch_size, length)
     dtype = getattr(torch, spec.dtype)
+    if spec.values is not None:
+        return _fill_like(spec, torch.empty(shape), generator)
     if spec.dtype.startswith("int"):
         return torch.randint(0, spec.high, shape, generator=generator, dtype=dtype)
     return torch.randn(shape, generator=generator).to(dtype)
 
+
+#: the attribute `ModelSpec.make` leaves on a model whose parametrized weights it folded (their names)
+FOLDED_ATTRIBUTE = "deploykit_folded_parametrizations"
 
 MODELS: Registry[ModelSpec] = Registry("model")
 

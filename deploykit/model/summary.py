@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from deploykit.core.hooks import class_path, run_forward
+from deploykit.core.hooks import class_path, is_scripted, observe_forward, run_forward
 
 
 def _conv(m: nn.modules.conv._ConvNd) -> str:
@@ -65,34 +67,131 @@ def shape_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, li
 
 
 def count_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
-    """FLOPs of one forward pass by torch's own counter (a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        run_forward(model, inputs)
-    return int(counter.get_total_flops())
+    """FLOPs of one forward pass (a multiply-add counts 2): torch's own counter, plus the recurrent
+    layers it does not count (`rnn_flops`)."""
+    return flop_count(model, inputs).total
 
 
 def count_sparse_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     """FLOPs of one forward pass with the pruned weights' multiply-adds left out: each module that owns
-    a `weight` counts its FLOPs times the weight's density, as pruning-at-initialisation papers report
+    weights counts its FLOPs times their density, as pruning-at-initialisation papers report
     "remaining FLOPs". What a sparse kernel could skip; dense kernels still do it all."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        run_forward(model, inputs)
-    per_module = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
-    root = type(model).__name__
+    counted = flop_count(model, inputs)
     skipped = 0.0
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not name or not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+        weights = [p for local, p in module.named_parameters(recurse=False) if p.dim() >= 2 or local == "weight"]
+        total = sum(w.numel() for w in weights)
+        if not name or not total:
             continue
-        density = int(torch.count_nonzero(weight)) / weight.numel()
-        skipped += per_module.get(f"{root}.{name}", 0) * (1 - density)
-    return int(round(counter.get_total_flops() - skipped))
+        density = sum(int(torch.count_nonzero(w)) for w in weights) / total
+        # its own work: a module's count includes its children's (nn.MultiheadAttention's out_proj)
+        own = counted.by_module.get(name, 0) - sum(counted.by_module.get(f"{name}.{child}", 0)
+                                                   for child, _ in module.named_children())
+        skipped += own * (1 - density)
+    return int(round(counted.total - skipped))
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    total: int
+    #: module name -> FLOPs of its own forward (its children's included), "" not listed
+    by_module: dict[str, int]
+    #: modules that multiply by weights of their own but no FLOP was counted for (an operator neither
+    #: torch's counter nor `rnn_flops` knows): the total leaves them out, and says so
+    uncounted: tuple[str, ...]
+
+
+def flop_count(model: nn.Module, inputs: Sequence[torch.Tensor]) -> FlopCount:
+    """One forward pass under torch's FlopCounterMode, with nn.MultiheadAttention's fused fast path off
+    (the counter cannot see inside `_native_multi_head_attention`, and FLOPs before and after a
+    pruned attention must be counted on the same path) and recurrent layers counted by formula."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    scripted = is_scripted(model)  # no hooks: its total only
+    recurrent: dict[str, int] = {}
+    handles = [] if scripted else [module.register_forward_hook(lambda m, args, _out, name=name: recurrent.__setitem__(
+        name, recurrent.get(name, 0) + rnn_flops(m, args[0] if args else None)))
+        for name, module in model.named_modules() if isinstance(module, nn.RNNBase)]
+    counter = FlopCounterMode(display=False, custom_mapping=_missing_formulas())
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter, torch.no_grad():
+            run_forward(model, inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for handle in handles:
+            handle.remove()
+    root = type(model).__name__
+    by_module = {key.removeprefix(f"{root}."): int(sum(ops.values())) for key, ops in counter.get_flop_counts().items()
+                 if key not in (root, "Global")}
+    for name, flops in recurrent.items():  # the counter saw none of it: add to the layer and its parents
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            by_module[".".join(parts[:i])] = by_module.get(".".join(parts[:i]), 0) + flops
+    silent = [] if scripted else [name for name, module in model.named_modules()
+                                  if name and not by_module.get(name) and _multiplies_by_weights(module)]
+    ran = _ran(model, inputs) if silent else set()  # a layer that did not run did no work
+    uncounted = tuple(name for name in silent if name in ran)
+    return FlopCount(int(counter.get_total_flops()) + sum(recurrent.values()), by_module, uncounted)
+
+
+def _missing_formulas() -> dict:
+    """Operators torch's counter has no formula for, with the one it uses for their siblings: the CPU
+    kernel scaled_dot_product_attention dispatches to on the CPU (what attention runs here)."""
+    def cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        # scores (query x key) and mixing (scores x value), per query head: grouped-query attention's
+        # key/value heads are shared, which torch's sdpa_flop_count does not allow for
+        *batch, length, size = query_shape
+        return 2 * math.prod(batch) * length * key_shape[-2] * (size + value_shape[-1])
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: cpu_flash_attention} if op is not None else {}
+
+
+def _multiplies_by_weights(module: nn.Module) -> bool:
+    """A module holding a matrix (or kernel) of its own that it multiplies by: not a lookup table."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return False
+    return any(p.dim() >= 2 and p.is_floating_point() for p in module.parameters(recurse=False))
+
+
+def _ran(model: nn.Module, inputs: Sequence[torch.Tensor]) -> set[str]:
+    ran: set[str] = set()
+    observe_forward(model, inputs, {m: (lambda _a, _o, name=name: ran.add(name))
+                                    for name, m in model.named_modules() if _multiplies_by_weights(m)})
+    return ran
+
+
+#: gates per recurrent cell: their input and hidden projections are what costs
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def rnn_flops(module: nn.RNNBase, data) -> int:
+    """FLOPs of one call of an LSTM, GRU or RNN on `data` (a tensor or a PackedSequence): per step,
+    layer and direction, 2 x gates x hidden x (input + hidden) for the projections (and the LSTM's
+    projection to proj_size, if any), plus the gates' elementwise work. torch's counter has no formula
+    for `aten.lstm` / `aten.gru` / `aten.rnn_*`; this is the standard count (as fvcore and ptflops)."""
+    if data is None:
+        return 0
+    if isinstance(data, nn.utils.rnn.PackedSequence):
+        steps = int(data.batch_sizes.sum())  # batch x time, padding excluded
+    elif data.dim() == 2:  # unbatched (time, features)
+        steps = data.shape[0]
+    else:
+        steps = data.shape[0] * data.shape[1]
+    gates = _GATES.get(module.mode, 1)
+    directions = 2 if module.bidirectional else 1
+    hidden = module.hidden_size
+    output = module.proj_size or hidden
+    flops = 0
+    for layer in range(module.num_layers):
+        width = module.input_size if layer == 0 else output * directions
+        per_step = 2 * gates * hidden * (width + output) + 4 * gates * hidden  # projections, biases and gates
+        if module.proj_size:
+            per_step += 2 * hidden * module.proj_size
+        flops += per_step * directions
+    return flops * steps
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

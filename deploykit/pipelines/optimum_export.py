@@ -26,7 +26,7 @@ from torch import nn
 from deploykit.convert.onnx_export import check_parity, max_abs_errors, relative_errors, sparsify_initializers
 from deploykit.core.errors import ExportError, ParityError
 from deploykit.core.fsutil import scratch_directory
-from deploykit.core.ort import ort_session
+from deploykit.core.ort import ort_session, run_graph
 from deploykit.model.artifact import ONNX_FILE
 from deploykit.model.causal_lm import greedy
 from deploykit.model.hf import hf_model
@@ -107,7 +107,7 @@ def export_one_graph(request: ExportRequest) -> Exported:
     feeds = {name: t.numpy() for name, t in zip(spec.input_names, request.parity_inputs)}
     if sorted(graph_inputs) != sorted(feeds):
         raise ExportError(f"optimum's graph takes {graph_inputs}, the model {spec.input_names}")
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    outputs = dict(zip([o.name for o in session.get_outputs()], run_graph(session, feeds, "optimum's graph")))
     missing = [name for name in spec.outputs if name not in outputs]
     if missing:
         raise ExportError(f"optimum's graph has no output {missing[0]!r} (it has {', '.join(outputs)})")

@@ -228,6 +228,8 @@ class PruneContext:
     #: weights outside the prunable modules (`reached_weights`: "module.parameter" -> sparsity), for
     #: pruners that reach any parameter (`Pruner.reaches_parameters`)
     extra: dict[str, float] = field(default_factory=dict)
+    #: the layers producing the model's outputs (excluded or not): structured pruning never changes their width
+    output_layers: tuple[str, ...] = ()
 
     def modules(self) -> "list[tuple[str, nn.Module, float]]":
         return [(name, self.model.get_submodule(name), amount) for name, amount in self.targets.items()]
@@ -306,6 +308,8 @@ class PruneResult:
     outcome: Outcome | None = None
     #: layers the plan pruned to 100% (only with `allow_layer_collapse`)
     collapsed_layers: tuple[str, ...] = ()
+    #: excluded module -> why (the output it produces, the --exclude pattern, a tie)
+    exclusion_reasons: dict[str, str] = field(default_factory=dict)
 
 
 #: prunable layer types outside torch, by class path (so that transformers is not imported here):
@@ -377,6 +381,10 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
     extra = reached_weights(model, hints)
     reaches = getattr(PRUNERS.get(plan.method), "reaches_parameters", False)
     excluded, pruned = set(result.excluded_modules), set(result.pruned_parameters)
+    # structured pruners say which groups could not lose channels, and which attention kept its heads, and why
+    details = result.outcome.details if result.outcome is not None else {}
+    blocked = {**details.get("skipped_normalised_groups", {}),
+               **{name: [why] for name, why in details.get("heads_kept", {}).items()}}
     found = {}
     for module_name, module in model.named_modules():
         for raw, parameter in module.named_parameters(recurse=False):
@@ -387,7 +395,7 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
             kind = (layer_type(module, hints) if module_name in prunable and local == "weight"
                     else extra.get(name))
             if module_name in excluded:
-                found[name] = "excluded: the output layer, --exclude, or a weight tied to another"
+                found[name] = "excluded: " + result.exclusion_reasons.get(module_name, "by the plan")
             elif kind is None:
                 found[name] = (f"a parameter of {type(module).__name__} that is not a layer's weight (positions, "
                                "tokens, a weight shared with another): the pruners leave it")
@@ -396,6 +404,13 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
                                "magnitude and random prune it entry by entry")
             elif plan.layer_types and kind not in plan.layer_types:
                 found[name] = f"a {kind} layer; the plan prunes {', '.join(plan.layer_types)} layers"
+            elif module_name in details.get("heads_kept", {}):
+                found[name] = details["heads_kept"][module_name]
+            elif module_name in blocked:
+                found[name] = f"its channels cannot be removed: {blocked[module_name][0]}"
+            elif module_name in details.get("without_group", ()):
+                found[name] = ("no channel group is rooted at it: its output channels belong to another layer's group "
+                               "(pruned with that one) or to a width that stays (a residual stream that reaches an output)")
             else:
                 found[name] = "the plan gives it sparsity 0 (a rule)" if plan.rules else "left dense by the pruner"
     return found
@@ -412,34 +427,88 @@ def tied_modules(model: "nn.Module") -> list[str]:
     return sorted(name for names in owners.values() if len(names) > 1 for name in names)
 
 
-def detect_output_layers(model: "nn.Module", example_inputs: "Sequence[torch.Tensor]") -> list[str]:
-    """The prunable module that runs last in a forward pass: the layer that produces the output."""
-    from deploykit.core.hooks import observe_forward  # torch side: plans are read by the torch-free CLI
+#: flattened output names of state a model hands back to be fed to its next call (attention caches):
+#: not answers, so the layers that write them are not output layers (their widths follow the cache rules)
+STATE_OUTPUTS = ("past_key_values", "present", "presents")
 
+
+def output_layers_by_output(model: "nn.Module", example_inputs: "Sequence[torch.Tensor]",
+                            hints: "PruningHints | None" = None) -> dict[str, list[str]]:
+    """Each output of the model (flattened name) -> the layers that produce it, found on the autograd
+    graph of one forward pass (`deploykit.core.hooks.output_producers`): every head of a model with
+    several, wherever it runs. A layer that reads its weights itself (nn.MultiheadAttention, an RNN)
+    counts as one layer. Where the graph cannot be followed (no output has autograd history), the
+    prunable module that runs last, under the name "output"."""
+    from torch import nn
+
+    from deploykit.core.hooks import (  # torch side: plans are read by the torch-free CLI
+        observe_forward,
+        output_producers,
+    )
+
+    layers = dict(prunable_modules(model, hints))
+    layers.update((name, m) for name, m in model.named_modules()
+                  if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and not any(
+                      name.startswith(f"{outer}.") for outer in layers))
+    found = output_producers(model, example_inputs, layers)
+    if found is not None:
+        return {name: producers for name, producers in found.items()
+                if name.split(".")[0] not in STATE_OUTPUTS and producers}
     order: list[str] = []
     observe_forward(model, example_inputs, {module: lambda _a, _o, name=name: order.append(name)
-                                            for name, module in prunable_modules(model)}, inference=False)
-    return order[-1:]
+                                            for name, module in prunable_modules(model, hints)}, inference=False)
+    return {"output": order[-1:]} if order else {}
+
+
+def detect_output_layers(model: "nn.Module", example_inputs: "Sequence[torch.Tensor]",
+                         hints: "PruningHints | None" = None) -> list[str]:
+    """The layers that produce any of the model's outputs (`output_layers_by_output`), each once."""
+    by_output = output_layers_by_output(model, example_inputs, hints)
+    return sorted({layer for layers in by_output.values() for layer in layers})
+
+
+def producers_of_outputs(model: "nn.Module", example_inputs: "Sequence[torch.Tensor]", output_layers: Sequence[str] = (),
+                         hints: "PruningHints | None" = None) -> dict[str, list[str]]:
+    """Output name -> the layers producing it: `output_layers` where the model's spec names them (under
+    the name ""), else found on the graph (`output_layers_by_output`)."""
+    if output_layers:
+        return {"": list(output_layers)}
+    return output_layers_by_output(model, example_inputs, hints)
 
 
 def excluded_modules(
     model: "nn.Module", plan: PruningPlan, example_inputs: "Sequence[torch.Tensor]", output_layers: Sequence[str] = (),
-    hints: "PruningHints | None" = None,
-) -> list[str]:
-    """Module names the plan never prunes: matches of `plan.exclude` and of the hints' ignored layers
-    (any module: excluding a block keeps its output width too), and the output layer(s)."""
-    patterns = (*plan.exclude, *(hints.ignored_layers if hints else ()))
-
-    def matches(name: str) -> bool:  # the module or a block holding it
-        parts = name.split(".")
-        return any(fnmatch.fnmatchcase(".".join(parts[:i]), p) for i in range(1, len(parts) + 1) for p in patterns)
-
-    excluded = {name for name, m in model.named_modules()
-                if name and matches(name) and next(m.parameters(), None) is not None}
-    excluded.update(tied_modules(model))
+    hints: "PruningHints | None" = None, producers: "dict[str, list[str]] | None" = None,
+) -> dict[str, str]:
+    """Modules the plan never prunes, each with why: matches of `plan.exclude` and of the hints' ignored
+    layers (any module: excluding a block keeps its output width too), weights tied to another, and
+    the layers producing the model's outputs (`producers`, else `producers_of_outputs`)."""
+    reasons: dict[str, str] = {}
     if plan.exclude_output:
-        excluded.update(output_layers or detect_output_layers(model, example_inputs))
-    return sorted(excluded)
+        if producers is None:
+            producers = producers_of_outputs(model, example_inputs, output_layers, hints)
+        for output, layers in producers.items():
+            for name in layers:
+                said = f"produces the output {output!r}" if output else "the model's output layer (its spec names it)"
+                reasons[name] = (reasons[name] + f", {output!r}" if name in reasons and output
+                                 else f"{said} (--prune-output prunes it)")
+    for name in tied_modules(model):
+        reasons[name] = "its weight is tied to another layer's (pruning one would untie them)"
+    for label, patterns in (("--exclude", plan.exclude), ("the model's hints", hints.ignored_layers if hints else ())):
+        for name, module in model.named_modules():
+            pattern = _matching_pattern(name, patterns) if name else None
+            if pattern is not None and next(module.parameters(), None) is not None:
+                reasons[name] = f"{label} {pattern!r}"
+    return dict(sorted(reasons.items()))
+
+
+def _matching_pattern(name: str, patterns: Sequence[str]) -> str | None:
+    """The first pattern that matches the module or a block holding it."""
+    parts = name.split(".")
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1)):
+            return pattern
+    return None
 
 
 def prune_model(
@@ -457,14 +526,25 @@ def prune_model(
     """
     import torch
 
-    from deploykit.model.hints import hints_of  # torch side: plans are read by the torch-free CLI
+    from deploykit.core.hooks import is_scripted  # torch side: plans are read by the torch-free CLI
+    from deploykit.model.hints import hints_of  # torch side
 
+    if is_scripted(model):
+        if not plan.is_empty():
+            raise UsageError(f"{plan.described()} cannot prune a TorchScript module ({type(model).__name__} from "
+                             "torch.jit.script or torch.jit.load): its code is compiled and its layers cannot be masked or "
+                             "replaced; prune the Python model it was scripted from, or export this one unpruned "
+                             "(--prune none)")
+        return PruneResult(plan, (), ())
     hints = hints_of(spec)
     pruner = PRUNERS.get(plan.method)
     kinds = plan.layer_types or getattr(pruner, "layer_types", LAYER_TYPES)
     prunable = prunable_modules(model, hints)
     candidates = [name for name, module in prunable if layer_type(module, hints) in kinds]
-    excluded = excluded_modules(model, plan, example_inputs, output_layers, hints)
+    producers = producers_of_outputs(model, example_inputs, output_layers, hints)
+    outputs = tuple(sorted({name for layers in producers.values() for name in layers}))
+    reasons = excluded_modules(model, plan, example_inputs, output_layers, hints, producers)
+    excluded = list(reasons)
     targets = {name: plan.amount_for(name) for name in candidates if name not in excluded}
     targets = {name: amount for name, amount in targets.items() if amount > 0}
     extra = {}
@@ -473,13 +553,18 @@ def prune_model(
                  if kind in kinds and (module := name.rpartition(".")[0]) not in excluded}
         extra = {name: amount for name, amount in extra.items() if amount > 0}
     if plan.is_empty():
-        return PruneResult(plan, (), tuple(excluded))
+        return PruneResult(plan, (), tuple(excluded), exclusion_reasons=reasons)
     if not targets and not extra:
+        readers = sorted({name.rpartition(".")[0] for name in reached_weights(model, hints)} - set(excluded))
+        kept = (f"the layers producing outputs ({', '.join(outputs[:4])}{', ...' if len(outputs) > 4 else ''}) excluded"
+                if plan.exclude_output else "the output layers included")
         raise UsageError(f"nothing to prune: the plan selects none of the {len(prunable)} prunable layers "
-                         f"({plan.method} prunes {', '.join(kinds)} layers, the output layer "
-                         f"{'excluded' if plan.exclude_output else 'included'}; see --layer-types and --prune-output)")
+                         f"({plan.method} prunes {', '.join(kinds)} layers, {kept}; see --layer-types and --prune-output)"
+                         + (f"; {', '.join(readers[:3])} {'hold' if len(readers) > 1 else 'holds'} weights {plan.method} "
+                            "does not prune (recurrent or packed attention weights): magnitude or random prune them entry "
+                            "by entry" if readers else ""))
 
-    ctx = PruneContext(model, plan, targets, tuple(excluded), tuple(example_inputs), spec, extra)
+    ctx = PruneContext(model, plan, targets, tuple(excluded), tuple(example_inputs), spec, extra, outputs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(pruning_seed(plan.seed))
         outcome = pruner.apply(ctx)
@@ -498,7 +583,7 @@ def prune_model(
                          f"{', '.join(collapsed[:5])}{', ...' if len(collapsed) > 5 else ''}; lower the sparsity, prune "
                          f"per layer (--scope layer), --exclude {'them' if len(collapsed) > 1 else 'it'}, or pass "
                          "--allow-layer-collapse")
-    return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome, tuple(collapsed))
+    return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome, tuple(collapsed), reasons)
 
 
 def _fully_masked(module: "nn.Module", name: str) -> bool:

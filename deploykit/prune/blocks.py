@@ -99,6 +99,12 @@ class GPT2Heads(AttributeHeads):
         columns = [(part * width + h * d + i, h) for h in range(block.num_heads) for part in range(3) for i in range(d)]
         return _column_slices(f"{block_name}.c_attn", block.c_attn, columns)
 
+    def even_key(self, block):
+        # one config head count sizes every layer's key/value cache in the exported decoder (optimum
+        # builds the cache inputs from it): the layers of one model keep the same number of heads
+        config = getattr(block, "config", None)
+        return None if config is None or getattr(block, "is_cross_attention", False) else ("n_head", id(config))
+
     def remove(self, block, units):
         # prune_heads numbers heads as in the original model, skipping heads pruned earlier
         original = [h for h in range(block.num_heads + len(block.pruned_heads)) if h not in block.pruned_heads]
@@ -193,6 +199,12 @@ class TransformersHeads(BlockHandler):
         holder, path, names, heads, d = self._holder(block)
         prefix = f"{block_name}.{path}" if path else block_name
         return [s for name in names for s in _projection_slices(f"{prefix}.{name}", getattr(holder, name), heads, d)]
+
+    def even_key(self, block):
+        # one config head count sizes every layer's key/value cache in the exported decoder (optimum
+        # builds the cache inputs from it): the layers of one model keep the same number of heads
+        config = getattr(block, "config", None)
+        return None if config is None or getattr(block, "is_cross_attention", False) else ("n_head", id(config))
 
     def remove(self, block, units):
         # prune_heads numbers heads as in the original model, skipping heads pruned earlier
@@ -362,10 +374,10 @@ class GroupedQueryHeads(BlockHandler):
     @classmethod
     def applies(cls, block: nn.Module) -> bool:
         config = getattr(block, "config", None)
-        counts = [getattr(config, a, None) for a in ("num_attention_heads", "num_key_value_heads", "head_dim")]
+        counts = [getattr(config, a, None) for a in ("num_attention_heads", "num_key_value_heads")]
         return (all(isinstance(getattr(block, n, None), nn.Linear) for n in cls.PROJECTIONS)
                 and all(isinstance(c, int) and c > 0 for c in counts)
-                and block.head_dim == config.head_dim and isinstance(getattr(block, "num_key_value_groups", None), int)
+                and block.head_dim == config_head_size(config) and isinstance(getattr(block, "num_key_value_groups", None), int)
                 and getattr(block, "is_causal", False) is True)
 
     def size(self, block):
@@ -402,6 +414,20 @@ class GroupedQueryHeads(BlockHandler):
         block.o_proj = prune_linear_layer(block.o_proj, query, dim=1)
         block.config.num_key_value_heads = len(left)
         block.config.num_attention_heads = len(left) * block.num_key_value_groups
+        # said outright: a config without it (Mistral's, Qwen2's) derives it from the head count, which changed
+        block.config.head_dim = block.head_dim
+
+
+def config_head_size(config) -> int | None:
+    """The head size a transformers config gives its attention: `head_dim` where it says one, else
+    hidden_size / num_attention_heads, as the models derive it (Mistral, Qwen2 keep no `head_dim`)."""
+    size = getattr(config, "head_dim", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None
 
 
 GROUPED_QUERY_HEADS = GroupedQueryHeads()
@@ -438,8 +464,9 @@ def heads_stay_because(module: nn.Module) -> str:
         return HeadPrunedAttention.supports(module) or "its heads go as units of the module, not by projection"
     if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
         return ("a decoder's heads size its key/value cache, which the exported graphs take in the shape the "
-                "config's one head count gives every layer; deploykit prunes them only where the config also says "
-                "the head size, the same number in every layer (grouped-query decoders)")
+                "config's one head count gives every layer; deploykit prunes them where it knows the module's "
+                "projections and the config's head counts (GPT-2, grouped-query decoders), the same number in every "
+                "layer")
     return "deploykit has no handler that takes this attention module's heads apart"
 
 

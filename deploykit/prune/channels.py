@@ -79,6 +79,9 @@ _PRODUCER_SLICES = {
     nn.modules.batchnorm._BatchNorm: lambda m: [("weight", 0), ("bias", 0)],
     nn.Embedding: lambda m: [("weight", 1)],
     nn.EmbeddingBag: lambda m: [("weight", 1)],
+    # a channel that is zero stays zero through PReLU whatever its slope: the slopes produce nothing, and
+    # torch-pruning's PReLUPruner removes a removed channel's slope (a single shared slope stays)
+    nn.PReLU: lambda m: [],
 }
 
 
@@ -123,7 +126,69 @@ def dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor],
             "and dense-shrunk do not apply to it; unstructured methods (magnitude, random) with --form dense or "
             "csr do") from None
     _detach_kept_activations(model)
+    # deploykit's own finding, read by ChannelGroup: torch-pruning maps a flatten's columns in (channel,
+    # position) order and cannot see a permute before it
+    graph.deploykit_reordered = reordered_flatten_producers(model, example_inputs, hints)
     return graph
+
+
+#: autograd nodes that reorder axes, and those that merge axes into one (a flatten); nodes that mix
+#: channels (matrix products, convolutions, attention) end the walk: no channel passes them unchanged
+_REORDERS = ("PermuteBackward", "TransposeBackward")
+_MERGES = ("ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward", "FlattenBackward")
+_MIXES = ("MmBackward", "BmmBackward", "AddmmBackward", "BaddbmmBackward", "ConvolutionBackward", "Attention",
+          "EmbeddingBackward", "LinearBackward")
+
+
+def reordered_flatten_producers(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+                                hints: PruningHints = NO_HINTS) -> dict[str, str]:
+    """Layers whose output channels reach a Linear (or Conv) through an axis permutation followed by a
+    flatten (`x.permute(0, 2, 1, 3).reshape(batch, -1)`), each -> the layer it feeds. The consumer's
+    input columns are then ordered (position, channel, ...), not (channel, position), and removing a
+    channel would take the wrong columns: these producers keep their channels (their groups are left
+    whole, the reason said). Found on one forward pass's autograd graph."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, ROOT_TYPES) or hints.handler_for(m)}
+    made_by: dict[object, str] = {}
+    consumers: list[tuple[str, object]] = []
+
+    def after(name):
+        def hook(_module, args, output):
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                made_by[output.grad_fn] = name
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and first.grad_fn is not None:
+                consumers.append((name, first.grad_fn))
+        return hook
+
+    handles = [m.register_forward_hook(after(name)) for name, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            run_forward(model, example_inputs)
+    except Exception:  # noqa: BLE001 - a model the hooks' pass cannot run: torch-pruning's own errors say why
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    found: dict[str, str] = {}
+    for consumer, start in consumers:
+        # (node, a reorder below a merge seen on the way down from the consumer)
+        stack, seen = [(start, False, False)], set()
+        while stack:
+            node, merged, reordered = stack.pop()
+            if node is None or (node, merged, reordered) in seen:
+                continue
+            seen.add((node, merged, reordered))
+            if node in made_by:
+                if merged and reordered:
+                    found.setdefault(made_by[node], consumer)
+                continue
+            kind = type(node).__name__
+            if any(mix in kind for mix in _MIXES):
+                continue
+            merged = merged or any(m in kind for m in _MERGES)
+            reordered = reordered or (merged and any(r in kind for r in _REORDERS))
+            stack.extend((child, merged, reordered) for child, _ in node.next_functions)
+    return found
 
 
 def unknown_layers(graph: tp.DependencyGraph, model: nn.Module, hints: PruningHints = NO_HINTS) -> list[str]:
@@ -179,6 +244,7 @@ class ChannelGroup(SliceGroup):
         self.root_module = group[0].dep.target.module
         self.root_name = names[self.root_module]
         self.size = len(group[0].idxs)
+        reordered = getattr(graph, "deploykit_reordered", {})
         for item in group:
             dep = item.dep
             module = dep.target.module
@@ -199,6 +265,10 @@ class ChannelGroup(SliceGroup):
                                      "go only in equal shares of every group)")
                 continue
             if not isinstance(module, nn.Module) or not graph.is_out_channel_pruning_fn(dep.handler):
+                continue
+            if names.get(module) in reordered:
+                self.blocking.append(f"{names[module]} (feeds {reordered[names[module]]} through a permute and a flatten: "
+                                     "the consumer's columns are not in channel order, so its channels stay)")
                 continue
             if not any(True for _ in module.parameters(recurse=False)):
                 continue  # torch-pruning's placeholder nodes (add, cat, reshape) hold no weights

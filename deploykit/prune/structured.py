@@ -45,7 +45,16 @@ class Criterion:
 
     def __call__(self, group: SliceGroup, normalise: bool) -> torch.Tensor:
         if group.group is not None:
-            scores = (self.normalised if normalise else self.local)(group.group)
+            try:
+                scores = (self.normalised if normalise else self.local)(group.group)
+            except (IndexError, RuntimeError, ValueError) as exc:
+                # torch-pruning's index mapping went wrong on this group (seen: GPT-NeoX's fused, head-
+                # interleaved query_key_value maps to negative indices): its channels cannot be trusted
+                raise UnsupportedLayerError(
+                    f"torch-pruning cannot map the channels of the group of {group.root_name} ({type(exc).__name__}: "
+                    f"{(str(exc).splitlines() or [''])[0][:120]}); a fused or head-interleaved projection does this: "
+                    f"--exclude '{group.root_name}' keeps it whole, or prune with an unstructured method (magnitude, "
+                    "random)") from None
             if scores is not None:
                 return scores
             # torch-pruning scores no parameter of this group (its layers have no handler it scores
@@ -72,18 +81,25 @@ class StructuredPruner:
         hints = hints_of(ctx.spec)
         with grouping_deadline(ctx.plan.graph_timeout_s):
             graph = dependency_graph(ctx.model, ctx.example_inputs, hints)
-            groups = [g for g in channel_groups(graph, ctx.model, keep=ctx.excluded, hints=hints)
+            # an output's width never changes, --prune-output or not: the form would zero it, not remove it
+            keep = (*ctx.excluded, *ctx.output_layers)
+            groups = [g for g in channel_groups(graph, ctx.model, keep=keep, hints=hints)
                       if g.root_name in ctx.targets]
         # Channels feeding a LayerNorm or split into attention heads cannot be removed exactly, so
         # masking them would buy nothing.
         not_removable = {g.root_name: g.blocking for g in groups if g.blocking}
+        for group in groups:  # every layer producing a blocked group's channels, not its root only
+            for s in group.slices if group.blocking else ():
+                not_removable.setdefault(s.module_name, group.blocking)
         projections = head_projections(ctx.model, hints)  # not group roots: whole heads only
         groups = [g for g in groups if not g.blocking]
         roots = {g.root_name for g in groups}  # a head block's root is one of its projections
+        grouped_blocks = {id(g.block) for g in groups if getattr(g, "handler", None) is not None}
         not_removable.update({name: [f"a projection of an attention module whose heads stay: "
                                      f"{heads_stay_because(projections[module])}"]
                               for name, module in ctx.model.named_modules()
-                              if name in ctx.targets and module in projections and name not in roots})
+                              if name in ctx.targets and module in projections and name not in roots
+                              and id(projections[module]) not in grouped_blocks})
         for group in groups:
             if group.unsupported:
                 raise UnsupportedLayerError(
@@ -96,6 +112,9 @@ class StructuredPruner:
             raise UsageError(
                 "structured pruning found no removable channel group among the selected layers"
                 + (f"; no torch-pruning group for: {', '.join(ungrouped)}" if ungrouped else "")
+                + (f" ({', '.join(sorted(set(ungrouped) & set(ctx.output_layers)))} produce{'s' * (len(set(ungrouped) & set(ctx.output_layers)) == 1)} "
+                   "an output, whose width structured pruning never changes)"
+                   if set(ungrouped) & set(ctx.output_layers) else "")
                 + ("; not removable: " + ", ".join(f"{name} ({reasons[0]})" for name, reasons in not_removable.items())
                    if not_removable else "")
             )
@@ -115,7 +134,8 @@ class StructuredPruner:
         requested = sum(len(c) for c in chosen.values())
         masked = sum(len(set(chosen[g.root_name]) & set(g.dead_channels())) for g in groups)
         details = {"channels_masked": {name: len(c) for name, c in chosen.items()},
-                   "skipped_normalised_groups": not_removable, "without_group": ungrouped}
+                   "skipped_normalised_groups": not_removable, "without_group": ungrouped,
+                   "heads_kept": heads_kept(ctx, groups, chosen, projections)}
         return Outcome("channels", requested, masked, details)
 
     def _choose(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
@@ -153,6 +173,37 @@ class StructuredPruner:
                     chosen[name].append(channel)
                     budget -= 1
         return chosen
+
+
+def heads_kept(ctx: PruneContext, groups: list[SliceGroup], chosen: dict[str, list[int]],
+               projections: dict) -> dict[str, str]:
+    """Each layer of a group that lost nothing although the plan asked for some (the projections of an
+    attention that kept its heads, the layers of a channel group) -> why: said where the export lists
+    the weights it left dense, so that nothing is kept silently."""
+    found = {}
+    for group in groups:
+        if chosen.get(group.root_name) or not ctx.targets.get(group.root_name) or group.blocking:
+            continue
+        handler = getattr(group, "handler", None)
+        heads = handler is not None and handler.unit == "heads"
+        units = "heads" if heads else "channels"
+        if ctx.plan.scope == "layer":
+            why = (f"{ctx.targets[group.root_name]:g} of its {group.size} {units} rounds to none"
+                   + (f" (--round-to {ctx.plan.round_to})" if ctx.plan.round_to > 1 else ""))
+        else:
+            why = (f"under the global plan none of its {group.size} {units} scored below the threshold the others set"
+                   + (", and every layer keeps the same number of heads (the key/value cache), so the layer that "
+                      "lost fewest sets the count" if heads and group.even is not None else "")
+                   + (f"; --scope layer removes the plan's share of {units} in each layer"))
+        if heads:
+            layers = {s.module_name for s in group.slices} | {name for name, module in ctx.model.named_modules()
+                                                             if projections.get(module) is group.block}
+            for name in layers:
+                found[name] = f"{group.block_name} kept its {group.size} heads: {why}"
+        else:
+            for name in {s.module_name for s in group.slices}:
+                found.setdefault(name, f"its group ({group.root_name}) kept its {group.size} channels: {why}")
+    return found
 
 
 def aligned(chosen: list[int], size: int, multiple: int) -> list[int]:

@@ -28,7 +28,7 @@ from deploykit.core.confine import inside
 from deploykit.core.errors import UsageError
 from deploykit.core.storage import SEPARATOR, check_safetensors, load_weights
 from deploykit.core.tomlfile import line_of, read_toml
-from deploykit.model.artifact import WEIGHTS_FILE, read_manifest, verify_artifact
+from deploykit.model.artifact import WEIGHTS_FILE, count_weights, read_manifest, verify_artifact
 from deploykit.model.onnxfile import initializers, is_parameter, open_onnx_file
 
 MB = 1e6
@@ -139,6 +139,8 @@ def audit_artifact(directory: str | Path, verify: bool = True) -> AuditReport:
         verify_artifact(directory, manifest)
     weights_path = inside(directory, WEIGHTS_FILE, "weights")
     tensors = load_weights(weights_path)  # validates every encoded part
+    # every parameter the manifest lists is in the file: an artifact bench would refuse fails here too
+    count_weights(directory, manifest)
     sizes = stored_bytes_per_tensor(weights_path)
     codec = f"+{manifest.weight_compression}" if manifest.weight_compression else ""
     rows = []

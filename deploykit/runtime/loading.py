@@ -16,6 +16,7 @@ from deploykit.convert.quantize import QUANTIZERS
 from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.storage import load_weights
 from deploykit.model.artifact import WEIGHTS_FILE, Manifest, read_manifest
+from deploykit.model.checkpoints import with_module_versions
 from deploykit.model.sources import spec_for_artifact
 from deploykit.model.spec import TRACE_BATCH, ModelSpec
 
@@ -76,7 +77,7 @@ def load_cpu_session_model(directory: str | Path, threads: int, target: "Target"
 
 def _load_state(model: "nn.Module", state: dict, directory: Path, manifest: Manifest, assign: bool = False) -> None:
     try:
-        model.load_state_dict(state, strict=True, assign=assign)
+        model.load_state_dict(with_module_versions(model, state), strict=True, assign=assign)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ArtifactError(f"weights in {str(directory)!r} do not fit model {manifest.model!r}: {first}") from None
