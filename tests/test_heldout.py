@@ -312,3 +312,9 @@ def test_audit_refuses_an_artifact_whose_manifest_lists_a_missing_parameter(cli,
     r = cli("audit", str(directory), "--no-verify")  # as an export that wrote it so would have recorded it
     assert r.returncode != 0
     assert "the manifest lists parameter 'attn.in_proj_weight', which weights.safetensors does not hold" in r.stderr
+
+
+def test_an_input_value_a_pipeline_would_not_use_is_refused(cli, tmp_path):
+    r = cli("export", "--model", "gpt2-tiny", "--input-value", "input_ids=ones", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and one_error_line(r.stderr) and not (tmp_path / "a").exists()
+    assert "gpt2-tiny runs as text-generation, whose inputs the pipeline makes itself" in r.stderr

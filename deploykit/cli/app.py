@@ -126,6 +126,17 @@ def _emit(args, text: str, human: Callable[[], None]) -> None:
     human()
 
 
+def _with_checked_values(spec, args):
+    """`spec`, refused in one line where `--input-value` was given for a model whose pipeline makes its own
+    inputs (text generation's prompts, speech translation's utterances): the values would not be used."""
+    from deploykit.pipelines.catalog import PIPELINES
+
+    if args.input_value and not PIPELINES.get(spec.pipeline).single_graph:
+        raise UsageError(f"--input-value sets the inputs of a model called as one graph; {spec.name} runs as "
+                         f"{spec.pipeline}, whose inputs the pipeline makes itself (prompts, utterances)")
+    return spec
+
+
 def _model_options(args):
     from deploykit.model.sources import ModelOptions
     from deploykit.model.spec import InputSpec, parse_input_values
@@ -399,7 +410,7 @@ def cmd_export(args) -> int:
     _check_json(args)
     progress = _progress(args)
     threads, threads_note = _threads_for_this_process(args.threads)
-    spec = resolve_model(args.model, _model_options(args))
+    spec = _with_checked_values(resolve_model(args.model, _model_options(args)), args)
     export_options = dict(opset=args.opset, tolerance=args.tolerance, best_effort=args.best_effort,
                           compression=args.compress, kernel_batch=args.kernel_batch, quantize=args.quantize,
                           per_channel=args.per_channel, quantize_operators=args.quantize_operators, strict=args.strict)
@@ -638,7 +649,7 @@ def cmd_bench(args) -> int:
         baselines = [] if args.no_baseline else choose_baselines(subjects, explicit)
     else:
         plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))
-        spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
+        spec = _with_checked_values(resolve_model(args.model or DEFAULT_MODEL, model_options), args)
     if store is not None and (busy := store.check_writable()):
         progress(f"note: {busy}")
     for note in [*placement.notes, *([threads_note] if threads_note else [])]:
@@ -708,7 +719,7 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
     store = None if args.no_store else _store(args)
     _trust_warnings(args, progress)
     plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))
-    spec = resolve_model(args.model or DEFAULT_MODEL, model_options)
+    spec = _with_checked_values(resolve_model(args.model or DEFAULT_MODEL, model_options), args)
     ray = connect(args.cluster, args.connect_timeout)
     check_profiles(ray, args.profiles)  # before anything is exported
     if store is not None and (busy := store.check_writable()):
@@ -858,7 +869,7 @@ def cmd_audit(args) -> int:
         if len(plans) != 1:
             raise UsageError(f"audit exports one artifact: give one sparsity, not {len(plans)} ({args.prune})")
         (plan,) = plans
-        spec = resolve_model(args.model, model_options)
+        spec = _with_checked_values(resolve_model(args.model, model_options), args)
         with scratch_directory("audit") as tmp:
             directory = Path(tmp) / "artifact"
             export_artifact(spec, plan, args.form, directory, progress=_progress(args))
