@@ -28,7 +28,6 @@ from deploykit.convert.quantize import OPERATOR_CHOICES, QUANTIZERS
 from deploykit.core.env import library_versions
 from deploykit.core.errors import QualityError, UsageError
 from deploykit.core.fsutil import atomic_directory, check_writable_destination, write_text_atomic
-from deploykit.core.hooks import is_scripted
 from deploykit.core.ort import GRAPH_OPTIMIZATIONS
 from deploykit.core.sparsity import SparsityTable, sparsity_table
 from deploykit.core.storage import CODECS, save_weights
@@ -55,15 +54,7 @@ from deploykit.model.summary import (
 )
 from deploykit.pipelines.base import ExportRequest
 from deploykit.pipelines.catalog import PIPELINES
-from deploykit.prune.base import (
-    PRUNERS,
-    PruneResult,
-    PruningPlan,
-    detect_output_layers,
-    prune_model,
-    strip_masks,
-    unpruned_weights,
-)
+from deploykit.prune.base import PRUNERS, PruneResult, PruningPlan, prune_model, strip_masks, unpruned_weights
 
 Progress = Callable[[str], None]
 
@@ -169,8 +160,8 @@ def export_artifact(
     strip_masks(net)
     metrics = spec.evaluate(net) if spec.evaluate else {}
 
-    options = {"keep": list(spec.output_layers) or ([] if is_scripted(net) else
-                                                     detect_output_layers(net, trace_inputs, hints_of(spec))),
+    # the output layers prune_model found (pruning masks do not change which layers produce outputs)
+    options = {"keep": list(result.output_layers),
                "best_effort": best_effort, "kernel_batch": kernel_batch, "graph_timeout_s": plan.graph_timeout_s}
     step = _convert(spec, net, form_entry, trace_inputs, parity_inputs, options, pipeline.one_pass, progress)
     warnings = [f"{problem}: parity on it proves nothing"

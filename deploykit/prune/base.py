@@ -310,6 +310,9 @@ class PruneResult:
     collapsed_layers: tuple[str, ...] = ()
     #: excluded module -> why (the output it produces, the --exclude pattern, a tie)
     exclusion_reasons: dict[str, str] = field(default_factory=dict)
+    #: the layers producing the model's outputs (the spec's, else found on the graph), excluded or not:
+    #: what dense-shrunk keeps the width of
+    output_layers: tuple[str, ...] = ()
 
 
 #: prunable layer types outside torch, by class path (so that transformers is not imported here):
@@ -553,7 +556,7 @@ def prune_model(
                  if kind in kinds and (module := name.rpartition(".")[0]) not in excluded}
         extra = {name: amount for name, amount in extra.items() if amount > 0}
     if plan.is_empty():
-        return PruneResult(plan, (), tuple(excluded), exclusion_reasons=reasons)
+        return PruneResult(plan, (), tuple(excluded), exclusion_reasons=reasons, output_layers=outputs)
     if not targets and not extra:
         readers = sorted({name.rpartition(".")[0] for name in reached_weights(model, hints)} - set(excluded))
         kept = (f"the layers producing outputs ({', '.join(outputs[:4])}{', ...' if len(outputs) > 4 else ''}) excluded"
@@ -583,7 +586,8 @@ def prune_model(
                          f"{', '.join(collapsed[:5])}{', ...' if len(collapsed) > 5 else ''}; lower the sparsity, prune "
                          f"per layer (--scope layer), --exclude {'them' if len(collapsed) > 1 else 'it'}, or pass "
                          "--allow-layer-collapse")
-    return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome, tuple(collapsed), reasons)
+    return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome, tuple(collapsed), reasons,
+                       outputs)
 
 
 def _fully_masked(module: "nn.Module", name: str) -> bool:
