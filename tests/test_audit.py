@@ -39,7 +39,9 @@ def test_exit_codes_follow_the_verdict(cli, artifact, tmp_path):
     within = _budget(tmp_path, '["mlp-sst2"]\nmax_disk_mb = 2.0\nmax_parameters = 1_500_000\n')
     result = cli("audit", str(artifact), "--budget", within)
     assert result.returncode == 0, result.stderr
-    assert "verdict: within budget" in result.stdout and "mlp.0.weight" in result.stdout
+    # with a budget the gate prints totals, checks and verdict; --layers adds the tensor table
+    assert "verdict: within budget" in result.stdout and "mlp.0.weight" not in result.stdout
+    assert "mlp.0.weight" in cli("audit", str(artifact), "--budget", within, "--layers").stdout
     over = _budget(tmp_path, '["mlp-sst2"]\nmax_weights_mb = 0.1\n')
     result = cli("audit", str(artifact), "--budget", over)
     assert result.returncode == 1 and "verdict: OVER BUDGET" in result.stdout

@@ -22,19 +22,25 @@ def test_help_explains_the_commands(cli):
     assert "sparsities 0, 0.5, 0.9" in bench_help and "--json" in bench_help
 
 
-def test_models_lists_the_zoo(cli):
+def test_models_lists_the_zoo_with_the_extra_each_needs_and_its_training(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPLOYKIT_CACHE", str(tmp_path))  # nothing trained yet
     lines = cli("models").stdout.splitlines()
-    rows = dict(line.split(None, 1) for line in lines)
-    assert rows["mlp-sst2"].startswith("SST-2 bag-of-words MLP (SST-2 study): 5000 -> 256")
+    rows = {line.split(None, 1)[0]: line for line in lines[2:] if line and not line.startswith(" ")}
+    assert "SST-2 bag-of-words MLP (SST-2 study): 5000 -> 256" in rows["mlp-sst2"]
     assert {"lenet-300-100", "lenet-5", "resnet18", "resnet50", "vae"} <= set(rows)
+    assert rows["espnet-st-small"].split()[1] == "espnet" and rows["gpt2-tiny"].split()[1] == "hf"
+    assert "trains on first use" in rows["gpt2-tiny-trained"] and "trains on first use" in rows["lenet-5"]
+    assert "trains" not in rows["mlp-sst2"] and "espnet" not in rows["mlp-sst2"]
     listed = {m["name"]: m for m in json.loads(cli("models", "--json").stdout)}
-    assert {"name": "mlp-sst2", "inputs": ["bow"], "outputs": ["logits"]}.items() <= listed["mlp-sst2"].items()
+    assert {"name": "mlp-sst2", "inputs": ["bow"], "outputs": ["logits"], "extra": None,
+            "trains": False}.items() <= listed["mlp-sst2"].items()
+    assert {"extra": "hf", "trains": True, "trained_here_seconds": None}.items() <= listed["gpt2-tiny-trained"].items()
 
 
 def test_export_prints_the_sparsity_table_and_writes_the_artifact(cli, tmp_path):
     out = tmp_path / "art"
     result = cli("export", "--model", "mlp-sst2", "--prune", "magnitude:0.33", "--prune-output",
-                 "--form", "csr", "--out", str(out))
+                 "--form", "csr", "--out", str(out), "--layers")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("mlp.0.weight") for line in lines)
@@ -148,7 +154,7 @@ def test_bench_refuses_an_artifact_whose_onnx_no_longer_matches_and_parity_catch
 
 def test_export_dense_shrunk_prints_shapes_parameters_and_flops(cli, tmp_path):
     result = cli("export", "--model", "vae", "--prune", "l1-structured:0.8", "--scope", "layer", "--round-to", "1",
-                 "--form", "dense-shrunk", "--out", str(tmp_path / "vae"), "--no-measure", "-q")
+                 "--form", "dense-shrunk", "--out", str(tmp_path / "vae"), "--no-measure")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "  fc1:  Linear(784 -> 400) -> Linear(784 -> 80)" in out

@@ -139,7 +139,7 @@ def test_export_of_several_sparsities_and_bench_json_to_a_directory_are_one_line
     # the two crashes of the trust issue, at the command line's level
     assert main(["export", "--prune", "magnitude:0.1,0.2", "--out", str(tmp_path / "o")]) == 2
     assert "export writes one artifact: give one sparsity, not 2" in capsys.readouterr().err
-    assert main(["bench", "--json", str(tmp_path)]) == 2
+    assert main(["bench", f"--json={tmp_path}"]) == 2
     assert "--json" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -157,4 +157,10 @@ def test_json_without_path_prints_json_and_with_path_writes_it_beside_the_table(
     assert main(["profile", "list", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert json.loads(path.read_text()) == listed and "intel-i7-11800h" in out and not out.lstrip().startswith("[")
-    assert main(["profile", "list", "--json", str(tmp_path)]) == 2  # a directory is not a PATH to write
+    assert main(["profile", "list", f"--json={tmp_path}"]) == 2  # a directory is not a PATH to write
+    capsys.readouterr()
+    # a next word is a PATH only where it ends in .json: otherwise it stays what it is (here, a stray argument)
+    with pytest.raises(SystemExit) as stopped:
+        main(["profile", "list", "--json", str(tmp_path / "profiles")])
+    assert stopped.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err and not (tmp_path / "profiles").exists()

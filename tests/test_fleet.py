@@ -15,7 +15,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from deploykit.bench.settings import Grid, TimingSettings  # noqa: E402
 from deploykit.core.errors import UsageError  # noqa: E402
-from deploykit.fleet.cluster import INSTALL_HINT, machines, need_ray, profile_resource, version_warnings  # noqa: E402
+from deploykit.fleet.cluster import machines, need_ray, profile_resource, version_warnings  # noqa: E402
 from deploykit.fleet.fanout import pack_artifact, run_fleet, unpack_artifact  # noqa: E402
 from deploykit.model.sources import resolve_model  # noqa: E402
 from deploykit.prune.base import PruningPlan  # noqa: E402
@@ -219,7 +219,8 @@ def test_artifacts_travel_checked():
 
 def test_without_ray_the_fleet_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(UsageError, match=re.escape(INSTALL_HINT)):
+    with pytest.raises(UsageError, match=re.escape("the fleet needs the 'fleet' extra (ray is not installed): "
+                                                   "pip install 'deploykit[fleet]'")):
         need_ray()
 
 

@@ -76,8 +76,16 @@ def test_every_library_the_code_imports_is_declared_in_pyproject():
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
+    from deploykit.core.extras import extra_of
+
     third_party = sorted(m for m in imported if m not in sys.stdlib_module_names and m != "deploykit")
-    undeclared = [m for m in third_party
-                  if not {_requirement_name(d) for d in distributions.get(m, [m])} & declared]
+    core = {_requirement_name(r) for r in project["dependencies"]}
+    # an import whose package is not installed here (an extra left out) must be one an extra brings
+    undeclared = [m for m in third_party if (m not in distributions and extra_of(m) is None) or (
+        m in distributions and not {_requirement_name(d) for d in distributions[m]} & declared)]
     assert undeclared == []
+    # every optional package is in deploykit.core.extras, so that its absence is reported as that extra's
+    optional = [m for m in third_party if m in distributions and not {_requirement_name(d) for d in distributions[m]}
+                & core]
+    assert [m for m in optional if extra_of(m) is None] == []
     assert "scikit-learn" not in declared  # the digits ship as a data file

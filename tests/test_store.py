@@ -72,7 +72,7 @@ def test_run_selection_and_its_errors(tmp_path):
     _save(store, [_record(profile="b")], profile="b")
     _save(store, [_record(profile="a", p50_us=50)], profile="a")
     assert store.run("profile:b").id == 2 and store.run("profile:a").id == 3 and store.run("1").id == 1
-    with pytest.raises(UsageError, match="no run on profile 'c'; profiles in the store: a, b"):
+    with pytest.raises(UsageError, match=r"no run on profile 'c' in this store \(profiles in it: a, b\): bench on that machine"):
         store.run("profile:c")
     with pytest.raises(UsageError, match="no run '9' in the store; runs: 1, 2, 3"):
         store.run("9")

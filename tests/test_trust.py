@@ -115,7 +115,7 @@ def test_an_edited_entry_point_is_never_imported_without_consent(dk, entry_artif
     code, out, err = dk("bench", art, *FAST[:-2], "--runtime", "torch,onnxruntime", "--no-store")
     assert code == 0, err
     assert not marker.exists()
-    assert "note: torch skipped:" in err and "--trust-code" in err
+    assert "warning: torch skipped:" in err and "--trust-code" in err
     assert "onnxruntime" in out and "torch " not in out.split("\n", 2)[-1]
     with pytest.raises(UntrustedCodeError):  # the library refuses as well
         load_torch_model(art)
@@ -132,6 +132,8 @@ def hijacked(entry_artifact, tmp_path, monkeypatch):
     (art / "evil.py").write_text(TINY_MODEL)
     data = _manifest(art)
     data["source"]["entry_point"] = f"{art / 'evil.py'}:make"
+    for bundled in ("code", "from"):  # a manifest naming a file by path, as --no-bundle-code writes it
+        data["source"].pop(bundled, None)
     _write_manifest(art, data)
     return art, marker
 
@@ -334,8 +336,8 @@ def _special(tmp_path, kind):
 
 OUTPUTS = {
     "report --out": lambda art, out: ["report", "--store", art.parent / "s.sqlite", "--list", "--out", out],
-    "bench --json": lambda art, out: ["bench", art, *FAST, "--no-store", "--json", out],
-    "audit --json": lambda art, out: ["audit", art, "--json", out],
+    "bench --json": lambda art, out: ["bench", art, *FAST, "--no-store", f"--json={out}"],
+    "audit --json": lambda art, out: ["audit", art, f"--json={out}"],
     "profile detect --save": lambda art, out: ["profile", "detect", "--save", out],
 }
 
@@ -778,10 +780,12 @@ def test_export_with_several_sparsities_is_one_line(dk, tmp_path):
     assert code == 2 and "give one sparsity, not 2" in err
 
 
-def test_bench_json_onto_a_directory_is_refused_before_running(dk, copy):
+def test_bench_json_onto_a_directory_is_refused_before_running_and_a_dir_after_json_is_benched(dk, copy):
     art = copy()
-    code, out, err = dk("bench", "--json", art, "--no-store")
+    code, out, err = dk("bench", f"--json={art}", "--no-store")
     assert code == 2 and "--json" in err and "is a directory" in err and out == ""
+    code, out, err = dk("bench", "--json", art, "--no-store", *FAST)  # the DIR is not swallowed as a PATH
+    assert code == 0 and json.loads(out)["records"], err
 
 
 def test_an_internal_fault_is_one_line_and_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):

@@ -160,7 +160,7 @@ def test_bench_json_onto_its_own_store_is_refused_before_running(dk, copy, tmp_p
     link = tmp_path / "link.sqlite"
     link.symlink_to(store)
     for target in (store, link):  # the same file through a link too
-        code, out, err = dk("bench", copy("b"), *FAST, "--store", store, "--json", target)
+        code, out, err = dk("bench", copy("b"), *FAST, "--store", store, f"--json={target}")
         assert code == 2 and "is the results store" in err and "p50" not in out, err
         shutil.rmtree(tmp_path / "b")
     assert len(ResultStore(store).runs()) == 1

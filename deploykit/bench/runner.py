@@ -350,7 +350,7 @@ def bench_subjects(
         for runtime in sorted({t.runtime for t in placement.targets} - {t.runtime for t in targets}):
             progress(f"note: {runtime} cannot run {subject.pipeline} ({subject.location.name}): skipped")
         if subject.torch_refusal and any(t.runtime == "torch" for t in targets):
-            progress(f"note: torch skipped: {subject.torch_refusal}")
+            progress(f"warning: torch skipped: {subject.torch_refusal}")
             targets = [t for t in targets if t.runtime != "torch"]
         if not targets:
             raise UsageError(f"no runtime of {', '.join(grid.runtimes)} runs {subject.pipeline} "

@@ -35,21 +35,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _progress(args):
-    if getattr(args, "quiet", False):
-        return lambda message: None
-    return lambda message: print(f"deploykit: {message}", file=sys.stderr, flush=True)
+    """Where the library's progress messages go: stderr; with -q only its warnings."""
+    quiet = getattr(args, "quiet", False)
+
+    def report(message: str) -> None:
+        if not quiet or message.startswith("warning:"):
+            print(f"deploykit: {message}", file=sys.stderr, flush=True)
+
+    return report
 
 
 def _trust_warnings(args, progress) -> tuple[str, ...]:
-    """The code consent of --trust-code, with the warnings --trust-code and --no-verify owe the user."""
+    """The code consent of --trust-code (else of the code `deploykit trust` recorded), with the warnings
+    --trust-code and --no-verify owe the user."""
     from deploykit.model.sources import TRUST_ALL_CODE
+    from deploykit.model.trust import trusted_consent
 
     if getattr(args, "no_verify", False):
         progress("warning: --no-verify: artifact files are used without checking their checksums")
     if getattr(args, "trust_code", False):
         progress("warning: --trust-code: code named by artifacts will be imported and run")
         return (TRUST_ALL_CODE,)
-    return ()
+    return trusted_consent() if hasattr(args, "trust_code") else ()
 
 
 def _check_output(path: str, option: str) -> None:
@@ -59,9 +66,7 @@ def _check_output(path: str, option: str) -> None:
     from deploykit.core.fsutil import check_output_file
 
     if Path(path).is_dir():
-        raise UsageError(f"{option} {path!r} is a directory; give a file path"
-                         + (" (to print JSON and bench a DIR, write `--json - DIR` or put DIR first)"
-                            if option == "--json" else ""))
+        raise UsageError(f"{option} {path!r} is a directory; give a file path")
     check_output_file(path)
 
 
@@ -152,7 +157,7 @@ def _model_options(args):
         # unnamed: it takes the name of the model's one input
         inputs = [InputSpec("", InputSpec.parse(f"_:{args.input_shape}").shape)]
     return ModelOptions(weights=args.weights, trust_pickle=args.trust_pickle, inputs=tuple(inputs), task=args.task,
-                        values=parse_input_values(args.input_value))
+                        values=parse_input_values(args.input_value), bundle_code=getattr(args, "bundle_code", True))
 
 
 def _plan_options(args) -> dict:
@@ -210,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models",
                        description="List the models deploykit can build by name.")
     options.add_json(p, "the models")
+    options.add_quiet(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
@@ -232,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-measure", action="store_true",
                    help="skip timing a dense-shrunk or csr variant against the unpruned model on this machine (a "
                    "few seconds of interleaved rounds per runtime, at --kernel-batch)")
+    g.add_argument("--bundle-code", action=argparse.BooleanOptionalAction, default=True,
+                   help="for a file entry point (file.py:factory): copy the file, and the modules it imports from its "
+                   "folder, into the artifact's code/ with their SHA-256, so the artifact rebuilds its PyTorch model "
+                   "wherever it is copied (default on; bundled code still runs only with the user's consent: bench's "
+                   "trust option, or `deploykit trust DIR`). --no-bundle-code records the file's absolute path instead")
+    options.add_layers(g, "off")
     options.add_quiet(g)
     p.set_defaults(func=cmd_export)
 
@@ -288,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--address", metavar="HEAD", required=True, help="the cluster's head (host:port)")
     options.add_connect_timeout(q)
     options.add_json(q, "the machines")
+    options.add_quiet(q)
     q.set_defaults(func=cmd_worker_list)
 
     p = sub.add_parser(
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--budget", metavar="FILE.toml", help="budget file; without it the audit only reports")
     options.add_json(g, "the audit (usable as a later baseline)")
+    options.add_layers(g, "on without --budget or -q, off with either")
     options.add_quiet(g)
     options.add_trust(p, code=False)
     p.set_defaults(func=cmd_audit)
@@ -328,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sparsity, size and latency; latency vs sparsity, batch and length; two runs side by side)")
     p.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout (with --pick: the "
                    "directory to copy the chosen artifact to, verified)")
+    options.add_json(p, "the run (as --format json), the run list with --list, or the pick with --pick")
+    options.add_quiet(p)
     g = p.add_argument_group("pick", "which variant to ship: per profile, runtime, batch and threads, the fastest "
                              "(or smallest) variant that meets every constraint; exit 1 when none does (a release gate)")
     g.add_argument("--pick", action="store_true", help="print the chosen variant per configuration and why the others lost")
@@ -344,6 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "already there is not added twice, and an imported one says where it came from (repeatable)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser(
+        "trust", help="consent to run an artifact's bundled code (its exact SHA-256), list or revoke consents",
+        description="An artifact exported from file.py:factory bundles that code; rebuilding its PyTorch model (bench's "
+        "torch rows) runs it, which deploykit does only with bench's trust option or a consent recorded here, for the exact "
+        "code (the SHA-256 of its files: changed code needs consent again). Consents are kept in "
+        "$DEPLOYKIT_CONFIG/trusted-code.json, else ~/.config/deploykit/trusted-code.json.")
+    p.add_argument("artifact", nargs="?", metavar="DIR", help="the artifact whose code to trust (verified first)")
+    p.add_argument("--list", action="store_true", help="list the trusted code")
+    p.add_argument("--revoke", metavar="DIR|SHA256", help="withdraw the consent to an artifact's code, or to a "
+                   "digest --list shows (8 or more hex digits)")
+    options.add_json(p, "the trusted code (with --list)")
+    options.add_quiet(p)
+    p.set_defaults(func=cmd_trust)
+
     p = sub.add_parser("profile", help="hardware profiles: list, show one, or detect this machine",
                        description="Hardware profiles describe a target machine (CPU, memory, GPU, published peak "
                        "figures, preferred torch device and onnxruntime providers, thread policy). Built-in profiles "
@@ -352,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile_sub = p.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_Parser, required=True)
     q = profile_sub.add_parser("list", help="the known profiles")
     options.add_json(q, "the profiles")
+    options.add_quiet(q)
     q.set_defaults(func=cmd_profile_list)
     q = profile_sub.add_parser("show", help="one profile, as TOML (or JSON)")
     q.add_argument("name", metavar="NAME", help="profile name (see `deploykit profile list`)")
     options.add_json(q, "the profile")
+    options.add_quiet(q)
     q.set_defaults(func=cmd_profile_show)
     q = profile_sub.add_parser("detect", help="describe this machine and name the known profile it matches",
                                description="Describe this machine from py-cpuinfo, psutil, torch and onnxruntime, "
@@ -369,10 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the end of every command's --help
+EXIT_CODES = ("exit codes: 0 done; 1 a check failed (parity, budget, pick, a failed configuration) or an internal "
+              "error (--debug shows its traceback); 2 bad input (one line, nothing written); 130/143/129 interrupted "
+              "(what was measured is kept). Docs: docs/commands.md")
+
+
 def _add_debug(parser: argparse.ArgumentParser) -> None:
-    """`--debug` on every command: the traceback of an internal fault, which is otherwise one line."""
+    """`--debug` on every command: the traceback of an internal fault, which is otherwise one line; and the
+    exit codes at the end of every command's help."""
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on an internal error, print its traceback too")
+    parser.epilog = EXIT_CODES
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -387,15 +427,36 @@ def cmd_models(args) -> int:
     _check_json(args)
     specs = list_models()
 
-    def table() -> None:
-        width = max(len(s.name) for s in specs)
-        for s in specs:
-            print(f"{s.name:<{width}}  {s.description}")
+    cached = {s.name: s.cached_training() for s in specs}
 
-    _emit(args, json.dumps([{"name": s.name, "description": s.description, "pipeline": s.pipeline,
+    def training(s) -> str:
+        if s.train is None:
+            return ""
+        seconds = (cached[s.name] or {}).get("train_seconds")
+        return ("trains on first use" if cached[s.name] is None else
+                f"trained here in {_duration(seconds)}, cached" if seconds is not None else "trained, cached")
+
+    def table() -> None:
+        from tabulate import tabulate
+
+        print(tabulate([[s.name, s.extra or "", training(s), s.description] for s in specs],
+                       headers=["model", "extra", "training", "description"], tablefmt="simple",
+                       maxcolwidths=[None, None, None, 80]))
+        if args.quiet:
+            return
+        print("\nextra: install it with pip install 'deploykit[EXTRA]'. A model that trains on first use trains once "
+              "(its description says about how long) and is cached ($DEPLOYKIT_CACHE, else ~/.cache/deploykit).")
+
+    _emit(args, json.dumps([{"name": s.name, "description": s.description, "pipeline": s.pipeline, "extra": s.extra,
+                             "trains": s.train is not None, "trained_here_seconds":
+                             (cached[s.name] or {}).get("train_seconds"),
                              "inputs": [i.name for i in s.inputs], "outputs": list(s.outputs)} for s in specs],
                            indent=2), table)
     return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def cmd_export(args) -> int:
@@ -428,7 +489,8 @@ def cmd_export(args) -> int:
             measured = measure_against_unpruned(spec, result.directory, threads, args.kernel_batch, progress=progress)
         except DeployKitError as exc:  # the artifact is written and checked; only the extra figure is missing
             progress(f"warning: could not measure {args.form} against the unpruned model: {exc}")
-    _emit(args, result.manifest.to_json(), lambda: _print_export(result, plan, threads, threads_note, measured))
+    _emit(args, result.manifest.to_json(), lambda: _print_export(result, plan, threads, threads_note, measured,
+                                                                 layers=args.layers, quiet=args.quiet))
     return 0
 
 
@@ -462,25 +524,36 @@ def _alignment(args, spec, plan, threads: int, export_options: dict, progress):
         return None
 
 
-def _print_export(result, plan, threads: int, threads_note: str, measured=()) -> None:
+def _print_export(result, plan, threads: int, threads_note: str, measured=(), layers: bool = False,
+                  quiet: bool = False) -> None:
     """export's human output: what was pruned and converted, the checks, the files, and what it
-    measured against the unpruned model."""
+    measured against the unpruned model. `layers` adds the per-tensor table; `quiet` keeps the result
+    lines (what was made, its parameters, quality, parity and measured speed) and the warnings."""
     from deploykit.results.report import MB, sparsity_report
 
     m = result.manifest
-    print(f"{m.model}: {plan.described()}, form {m.form}; excluded: {', '.join(m.excluded_modules) or 'none'}\n")
-    print(sparsity_report(result.table))
+    print(f"{m.model}: {plan.described()}, form {m.form} -> {result.directory}"
+          + ("" if quiet else f"; excluded: {', '.join(m.excluded_modules) or 'none'}"))
+    if layers:
+        print("\n" + sparsity_report(result.table))
+    if quiet:
+        _print_export_results(m, plan)
+        for warning in m.warnings:
+            print(f"warning: {warning}")
+        _print_measured(measured, m, plan)
+        return
     _print_unpruned(m, plan, result.table)
     if m.shape_changes:
         print(f"\n{m.form}: modules changed")
         width = max(len(name) for name in m.shape_changes)
         for name, (before, after) in m.shape_changes.items():
             print(f"  {name + ':':<{width + 1}} {before} -> {after}")
-    print(f"\nparameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
+    print()
+    _print_export_results(m, plan)
     if m.sparse_flops is not None and m.sparse_flops != m.flops_before_conversion:
-        print(f"FLOPs per item with zero weights skipped: {m.sparse_flops:,} "
-              f"({100 * m.sparse_flops / m.flops_before_conversion:.2f}% of {m.flops_before_conversion:,}; "
-              "what sparse kernels could skip)")
+        print(f"FLOPs per item left when zero weights are skipped: {m.sparse_flops:,} "
+              f"({100 * m.sparse_flops / m.flops_before_conversion:.2f}% of {m.flops_before_conversion:,}; a sparse "
+              f"kernel could skip the other {m.flops_before_conversion - m.sparse_flops:,}, dense kernels do them all)")
     if m.flops is None:
         print("FLOPs: not counted (the model is not one forward pass)")
     elif m.flops != m.flops_before_conversion:
@@ -489,10 +562,6 @@ def _print_export(result, plan, threads: int, threads_note: str, measured=()) ->
               "multiply-add = 2)")
     else:
         print(f"FLOPs per item {m.flops:,} (dense count, torch's flop counter; zeros are still multiplied)")
-    before = m.training.get("result", {})
-    for name, value in m.metrics.items():
-        trained = f" (trained model before pruning: {before[name]:.4f})" if name in before else ""
-        print(f"{name} of the pruned model: {value:.4f}{trained}")
     if m.training.get("recipe"):
         recipe = m.training["recipe"]
         print(f"trained: {recipe['steps']} steps of {recipe['batch']} on {recipe['data']}")
@@ -505,6 +574,25 @@ def _print_export(result, plan, threads: int, threads_note: str, measured=()) ->
     _print_alignment(m.form_recipe.get("round_to"))
     if m.onnx_sparse_initializers:
         print(f"sparse ONNX initializers: {', '.join(m.onnx_sparse_initializers)}")
+    for name, size in m.files.items():
+        print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")
+    for note in m.notes:
+        print(f"note: {note}")
+    for warning in m.warnings:
+        print(f"warning: {warning}")
+    _print_measured(measured, m, plan)
+    print(f"threads: {threads}" + (f" ({threads_note})" if threads_note else ""))
+
+
+def _print_export_results(m, plan) -> None:
+    """The result lines of an export: parameters, the model's quality, ONNX parity, and a quantized model's
+    error against the float one."""
+    print(f"parameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
+    before = m.training.get("result", {})
+    pruned = not plan.is_empty()
+    for name, value in m.metrics.items():
+        trained = f" (trained model before pruning: {before[name]:.4f})" if name in before and pruned else ""
+        print(f"{name} of the {'pruned ' if pruned else ''}model: {value:.4f}{trained}")
     relative = max(m.onnx_parity_max_rel_error.values(), default=None)
     print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g}"
           + (f"; relative to the output {relative:.2e}" if relative is not None else "") + ")"
@@ -518,14 +606,6 @@ def _print_export(result, plan, threads: int, threads_note: str, measured=()) ->
             "" if forced is None else f" ({100 * forced:.1f}% token by token after its prefix)")
         print(f"{m.quantization['scheme']} under {runtime}: max abs error {error['max_abs']:.2e}, mean "
               f"{error['mean_abs']:.2e} vs the float model{agreement}{delta}")
-    for name, size in m.files.items():
-        print(f"{result.directory / name}: {size / MB:.3f} MB ({size:,} bytes)")
-    for note in m.notes:
-        print(f"note: {note}")
-    for warning in m.warnings:
-        print(f"warning: {warning}")
-    _print_measured(measured, m, plan)
-    print(f"threads: {threads}" + (f" ({threads_note})" if threads_note else ""))
 
 
 def _print_alignment(alignment: dict | None) -> None:
@@ -676,8 +756,8 @@ def cmd_bench(args) -> int:
 
     def table() -> None:
         if records:
-            print(bench_table(records))
-        for note in placement.notes:
+            print(bench_table(records, quiet=args.quiet))
+        for note in placement.notes if not args.quiet else ():
             print(f"note: {note}")
 
     _emit(args, records_json(records, run_id, failures.failures), table)
@@ -881,7 +961,8 @@ def cmd_audit(args) -> int:
                              f"budgeted: {', '.join(budgets) or 'none'}")
         report = check_budget(report, budgets[report.model])
     _trust_warnings(args, _progress(args))  # after the input is checked: bad input stays one line
-    _emit(args, json.dumps(report.to_dict(), indent=2), lambda: print(audit_table(report)))
+    layers = args.layers if args.layers is not None else not (args.budget or args.quiet)
+    _emit(args, json.dumps(report.to_dict(), indent=2), lambda: print(audit_table(report, layers=layers)))
     return 0 if report.within_budget else 1
 
 
@@ -906,7 +987,14 @@ def cmd_report(args) -> int:
                           or args.min_speedup is not None or args.objective != "latency"):
         raise UsageError("--max-quality-drop, --max-size-mb, --min-speedup and --objective apply to --pick")
     if args.pick and (args.list or args.compare or args.imports or args.format != "table"):
-        raise UsageError("--pick prints its choice as text: leave out --list, --compare, --import and --format")
+        raise UsageError("--pick prints its choice as text (or JSON with --json): leave out --list, --compare, "
+                         "--import and --format")
+    if args.json is not None and (args.compare or args.imports):
+        raise UsageError("--json writes one run, the run list or the pick: leave out --compare and --import")
+    if args.json == "-" and args.format not in ("table", "json"):
+        raise UsageError(f"--json prints JSON instead of the {args.format}: leave out --format, or write the JSON to "
+                         "a file with --json=PATH")
+    _check_json(args)
     if args.pick:
         return _pick(args)
     if args.out:
@@ -925,9 +1013,10 @@ def cmd_report(args) -> int:
         if args.format in ("csv", "html"):
             raise UsageError(f"--list renders as table, markdown or json, not {args.format}")
         runs = store.runs()
+        json_text = json.dumps([{k: v for k, v in run.__dict__.items() if k not in ("records", "failures")}
+                                for run in runs], indent=2) + "\n"
         if args.format == "json":
-            text = json.dumps([{k: v for k, v in run.__dict__.items() if k not in ("records", "failures")}
-                               for run in runs], indent=2) + "\n"
+            text = json_text
         else:
             from tabulate import tabulate
 
@@ -936,6 +1025,7 @@ def cmd_report(args) -> int:
                             tablefmt="github" if args.format == "markdown" else "simple") + "\n"
     else:
         run = store.run(args.run)
+        json_text = records_json(run.records, run.id, run.failures)
         if args.format == "html":
             from deploykit.results.htmlreport import html_report
 
@@ -947,7 +1037,7 @@ def cmd_report(args) -> int:
             text = compare_table(run.records, [(_run_label(o), o.records) for o in others], _run_label(run),
                                  "github" if args.format == "markdown" else "simple") + "\n"
         elif args.format == "json":
-            text = records_json(run.records, run.id, run.failures)
+            text = json_text
         elif args.format == "csv":
             text = bench_csv(run.records)
         else:
@@ -956,12 +1046,19 @@ def cmd_report(args) -> int:
             fmt = "github" if args.format == "markdown" else "simple"
             text = (("# " if fmt == "github" else "") + header + "\n\n" + bench_table(run.records, fmt) + "\n"
                     + (f"\n{failures_text(run.failures)}\n" if run.failures else ""))
-    if args.out:
-        replaced = write_text_atomic(args.out, text)
-        print(f"deploykit: wrote {args.out}" + (f" (replacing a file of {replaced:,} bytes)" if replaced is not None
-                                                 else ""), file=sys.stderr)
+
+    def show() -> None:
+        if args.out:
+            replaced = write_text_atomic(args.out, text)
+            _progress(args)(f"wrote {args.out}" + (f" (replacing a file of {replaced:,} bytes)"
+                                                    if replaced is not None else ""))
+        else:
+            print(text, end="")
+
+    if args.json is not None:
+        _emit(args, json_text, show)
     else:
-        print(text, end="")
+        show()
     return 0
 
 
@@ -970,7 +1067,7 @@ def _pick(args) -> int:
     from pathlib import Path
 
     from deploykit.model.artifact import copy_artifact
-    from deploykit.results.pick import Constraints, choices_text, pick
+    from deploykit.results.pick import Constraints, choices_json, choices_text, pick
     from deploykit.results.store import ResultStore, default_store_path
 
     drop, relative = (None, False) if args.max_quality_drop is None else Constraints.parse_quality_drop(
@@ -990,12 +1087,50 @@ def _pick(args) -> int:
             raise UsageError(f"the chosen variant was measured from {source}, which is gone (bench --model exports to "
                              "a temporary directory unless --keep DIR): bench with --keep DIR, or export the chosen plan")
         _check_output(args.out, "--out")
-    print(choices_text(choices, constraints))
+    text = choices_text(choices, constraints)
+    if args.json is not None:
+        _emit(args, choices_json(choices, constraints, run.id), lambda: print(text))
+    else:
+        print(text)
     if any(c.chosen is None for c in choices):
         return 1
     if args.out:
         copy_artifact(source, args.out)
-        print(f"deploykit: copied {source} to {args.out} (verified)", file=sys.stderr)
+        _progress(args)(f"copied {source} to {args.out} (verified)")
+    return 0
+
+
+def cmd_trust(args) -> int:
+    import dataclasses
+    import json
+
+    from deploykit.model.trust import read_trusted, revoke, trust_artifact, trust_file
+
+    if sum(map(bool, (args.artifact, args.list, args.revoke))) != 1:
+        raise UsageError("trust takes one of: DIR (trust its code), --list, --revoke DIR|SHA256")
+    if args.json is not None and not args.list:
+        raise UsageError("--json applies to --list")
+    if args.list:
+        _check_json(args)
+        entries = read_trusted()
+
+        def table() -> None:
+            from tabulate import tabulate
+
+            print(tabulate([[e.sha256[:16], e.model, e.entry_point, e.artifact, e.trusted_utc] for e in entries],
+                           headers=["sha256", "model", "entry point", "artifact (when trusted)", "trusted (UTC)"])
+                  if entries else f"no trusted code in {trust_file()}")
+
+        _emit(args, json.dumps([dataclasses.asdict(e) for e in entries], indent=2), table)
+        return 0
+    if args.revoke:
+        for entry in revoke(args.revoke):
+            print(f"revoked: {entry.model} ({entry.entry_point}, sha256 {entry.sha256[:16]}...)")
+        return 0
+    entry, new = trust_artifact(args.artifact)
+    print(f"{'trusted' if new else 'already trusted'}: {entry.model} ({entry.entry_point}, sha256 "
+          f"{entry.sha256[:16]}...) in {trust_file()}; its PyTorch model now runs without --trust-code until the code "
+          f"changes (`deploykit trust --revoke {args.artifact}` to withdraw)")
     return 0
 
 
@@ -1069,9 +1204,19 @@ def _expand_prune(text: str, parse) -> list[dict]:
 _INPUT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ENAMETOOLONG, errno.ELOOP}
 
 
+def json_path_rule(argv: Sequence[str]) -> list[str]:
+    """`--json` takes a PATH as `--json=PATH`, or as the next word only where that ends in `.json` (or is `-`):
+    `bench --json DIR` prints JSON and benches DIR instead of writing JSON over it (docs/commands.md)."""
+    words = list(argv)
+    for i, word in enumerate(words[:-1]):
+        if word == "--json" and not (words[i + 1].endswith(".json") or words[i + 1] == "-"):
+            words[i] = "--json=-"
+    return words
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(json_path_rule(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 2
@@ -1098,9 +1243,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a fault of deploykit's, in one line
         if getattr(args, "debug", False):
             traceback.print_exc()
+        missing = _missing_extra(exc)
+        if missing is not None:  # an optional package not installed: the user's to install, not a bug
+            print(f"deploykit: error: {missing}", file=sys.stderr)
+            return missing.exit_code
         print(f"deploykit: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in deploykit; rerun with "
               "--debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _missing_extra(exc: BaseException):
+    """The install line for `exc` or the exception it was raised from, where that is a missing package an
+    extra brings (`deploykit.core.extras`); else None."""
+    from deploykit.core.extras import missing_extra
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = missing_extra(exc)
+        if found is not None:
+            return found
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 #: an error line is cut here (a message quoting hostile input stays one screen); long enough for the

@@ -5,7 +5,9 @@ subcommand that has it, with its default and choices read from the library.
   artifacts and ONNX files to use as they are are always positional `DIR|FILE.onnx`;
 - a pruning plan is always `--prune` plus the same plan options (`--plan`, `--rule`, `--scope`, ...);
 - `--form` names forms from `deploykit.convert.forms.FORMS`;
-- `--json [PATH]` prints JSON instead of the human output, or with PATH writes it there as well;
+- `--json [PATH]` prints JSON instead of the human output, or with PATH writes it there as well; PATH is
+  `--json=PATH`, or the next word where it ends in `.json` (`cli.app.json_path_rule`), so a DIR after
+  `--json` stays a DIR;
 - `--out` is where the command's main output goes.
 
 Everything here is cheap to import (no torch): `deploykit --help` answers at once.
@@ -170,7 +172,7 @@ def add_form(group, *, sweep: bool) -> None:
 def add_json(p, what: str) -> None:
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help=f"{what} as JSON: printed instead of the human output, or written to PATH (the human output "
-                   "still printed)")
+                   "still printed). PATH as --json=PATH, or a next word ending in .json")
 
 
 def add_connect_timeout(p) -> None:
@@ -180,7 +182,13 @@ def add_connect_timeout(p) -> None:
 
 
 def add_quiet(p) -> None:
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the result line(s) and warnings: no progress messages, notes or details")
+
+
+def add_layers(p, default: str) -> None:
+    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"the per-tensor table: shape, nonzeros, sparsity, storage, bytes (default {default})")
 
 
 def add_trust(p: argparse.ArgumentParser, *, code: bool) -> None:

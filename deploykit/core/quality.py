@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from deploykit.core.errors import UsageError
+from deploykit.core.extras import require
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,7 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> BleuScore:
     """Corpus BLEU of detokenized sentences against one reference each, by sacrebleu with its
     defaults (4-gram, 13a tokenizer, exponential smoothing): the way published speech-translation
     BLEU is computed, so scores here can be set beside the study's."""
-    try:
-        from sacrebleu.metrics import BLEU
-    except ImportError:
-        raise UsageError("BLEU needs sacrebleu: pip install sacrebleu (or 'deploykit[espnet]')") from None
+    BLEU = require("sacrebleu.metrics", "BLEU").BLEU
 
     if len(hypotheses) != len(references):
         raise UsageError(f"{len(hypotheses)} hypotheses for {len(references)} references")

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from deploykit.core.env import library_versions, machine_info
 from deploykit.core.errors import UsageError
+from deploykit.core.extras import require
 from deploykit.core.signals import reinstall as reinstall_stop_signals
 
 #: the custom resource by which a node says its profile (one unit: one configuration at a time)
@@ -30,16 +31,11 @@ PROFILE_RESOURCE = "deploykit-profile:"
 COMPARED_VERSIONS = ("deploykit", "torch", "onnxruntime")
 #: how long connecting to a cluster may take before `connect` gives up (`--connect-timeout`)
 CONNECT_TIMEOUT_S = 15.0
-INSTALL_HINT = "Ray is not installed: pip install 'deploykit[fleet]' (or `bash .ci/env` in a checkout)"
 
 
 def need_ray():
     """The `ray` module, or a one-line refusal saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise UsageError(INSTALL_HINT) from None
-    return ray
+    return require("ray", "the fleet")
 
 
 def profile_resource(profile: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +151,21 @@ _SOURCE_NOT_FILES = ("kind", "from", "entry_point")
 
 
 def file_sizes(directory: str | Path) -> dict[str, int]:
-    """File name -> bytes of an artifact directory's files, the manifest itself excluded."""
-    return {p.name: p.stat().st_size for p in sorted(Path(directory).iterdir()) if p.name != MANIFEST_FILE}
+    """File name -> bytes of an artifact directory's files, the manifest itself excluded; a file in a folder
+    of the artifact (its bundled `code/`) by its relative POSIX path."""
+    directory = Path(directory)
+    return {name: (directory / name).stat().st_size for name in _files_in(directory) if name != MANIFEST_FILE}
+
+
+def _files_in(directory: Path) -> list[str]:
+    """Every entry of `directory` that is not a folder, by relative POSIX path, walking its folders (never a
+    symbolic link to one), sorted."""
+    found = []
+    for root, folders, files in os.walk(directory, followlinks=False):
+        relative = Path(root).relative_to(directory)
+        found += [(relative / name).as_posix() for name in files]
+        found += [(relative / name).as_posix() for name in folders if (Path(root) / name).is_symlink()]
+    return sorted(found)
 
 
 def with_file_records(manifest: Manifest, directory: str | Path) -> Manifest:
@@ -243,7 +257,7 @@ def owned_artifact(directory: Path) -> str | None:
         manifest = read_manifest(directory)
     except ArtifactError:
         return "it is not a deploykit artifact (no readable manifest.json)"
-    extra = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest.files)
+    extra = [name for name in _files_in(directory) if name != MANIFEST_FILE and name not in manifest.files]
     if extra:
         return f"it holds files its manifest does not list ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
     return None

@@ -12,8 +12,14 @@ The factory takes no arguments and returns one of:
 
 `--input-spec` replaces whatever inputs the factory describes (to name a sequence axis, say). The
 factory is called again each time the model is built, so it should build the same model every time
-(deploykit seeds torch before calling it). An artifact records the entry point, not the code: loading
-its PyTorch model imports the entry point again (onnxruntime needs only the ONNX file).
+(deploykit seeds torch before calling it).
+
+An artifact of a file entry point carries its code (`bundle_code`, export's default): the file and the
+modules it imported from its own folder, copied into the artifact's `code/` folder, each file checksummed
+like the artifact's others, and their combined SHA-256 (`code_digest`) in the source record, so a copied
+artifact rebuilds its PyTorch model anywhere. A module entry point (`package.module:factory`) is recorded
+by name and imported again where the artifact is loaded. Either way the code runs only with the user's
+consent (`deploykit.model.sources.code_refusal`); onnxruntime needs only the ONNX file.
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from deploykit.core.confine import inside
 from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.fsutil import file_digest
 from deploykit.core.outputs import flatten_outputs
 from deploykit.model.spec import INPUT_DTYPES, InputSpec, ModelSpec
 
@@ -38,6 +48,13 @@ if TYPE_CHECKING:
     from torch import nn
 
 KIND = "entry-point"
+#: the artifact's folder for the bundled code of a file entry point
+CODE_DIR = "code"
+#: what bundling copies at most: a factory's own modules, not a project (or a virtualenv inside it)
+MAX_BUNDLED_FILES = 200
+MAX_BUNDLED_BYTES = 16 * 2**20
+#: file entry point's path -> the .py files it imported from its own folder (found when it is imported)
+_LOCAL_MODULES: dict[str, tuple[Path, ...]] = {}
 _TEXT = re.compile(r"^(?P<target>.+):(?P<name>[A-Za-z_][A-Za-z0-9_]*)$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -103,6 +120,7 @@ def _import_file(path: Path):
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    before = set(sys.modules)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name while they load
     sys.path.insert(0, str(path.parent))
     try:
@@ -112,11 +130,30 @@ def _import_file(path: Path):
         raise UsageError(f"cannot import {str(path)!r}: {type(exc).__name__}: {exc}") from None
     finally:
         sys.path.remove(str(path.parent))
+    _LOCAL_MODULES[str(path)] = _local_files(path.parent, [sys.modules[n] for n in set(sys.modules) - before
+                                                           if n != name and sys.modules[n] is not None])
     return module
 
 
-def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> ModelSpec:
-    """The ModelSpec of the entry point `text`, with `inputs` (from --input-spec) replacing its own."""
+def _local_files(folder: Path, modules) -> tuple[Path, ...]:
+    """The .py files of `modules` that lie in `folder` or below it, outside any installed environment."""
+    environments = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    found = set()
+    for module in modules:
+        file = getattr(module, "__file__", None)
+        if not file or not file.endswith(".py"):
+            continue
+        resolved = Path(file).resolve()
+        if (resolved.is_relative_to(folder.resolve()) and "site-packages" not in resolved.parts
+                and not any(resolved.is_relative_to(env) for env in environments)):
+            found.add(resolved)
+    return tuple(sorted(found))
+
+
+def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None, bundle_code: bool = True) -> ModelSpec:
+    """The ModelSpec of the entry point `text`, with `inputs` (from --input-spec) replacing its own.
+    `bundle_code`: an artifact of a file entry point carries the file (and the modules it imported from
+    its folder) in `code/`; without it the artifact names the file by its absolute path."""
     entry = parse_entry_point(text)
     if entry is None:
         raise UsageError(f"{text!r} is not an entry point (package.module:factory or path/to/file.py:factory)")
@@ -145,7 +182,50 @@ def entry_point_spec(text: str, inputs: Sequence[InputSpec] | None = None) -> Mo
         spec = dataclasses.replace(spec, outputs=_runs_on_described_inputs(model, spec, entry))
     record = {"kind": KIND, "entry_point": entry.text,
               "inputs": [dataclasses.asdict(i) for i in inputs] if inputs else None}
+    if entry.is_file and bundle_code:
+        return dataclasses.replace(spec, bundle=lambda directory, model: bundle_files(directory, entry, record))
     return dataclasses.replace(spec, bundle=lambda directory, model: dict(record))
+
+
+def bundle_files(directory: Path, entry: EntryPoint, record: dict) -> dict:
+    """Copy the file of `entry`, and the modules it imported from its folder, into `directory`/code/ (keeping
+    their places relative to the file), and return the source record naming them: the entry point inside
+    the artifact, each file's SHA-256, their `code_digest`, and where they came from (provenance only)."""
+    origin = Path(entry.target)
+    files = (origin.resolve(), *(f for f in _LOCAL_MODULES.get(entry.target, ()) if f != origin.resolve()))
+    if len(files) > MAX_BUNDLED_FILES or sum(f.stat().st_size for f in files) > MAX_BUNDLED_BYTES:
+        raise UsageError(f"{entry.text} imported {len(files)} files from {str(origin.parent)!r} (over "
+                         f"{MAX_BUNDLED_FILES} files or {MAX_BUNDLED_BYTES // 2**20} MB): too many to bundle into the "
+                         "artifact; make the model's code a package and give package.module:factory, or --no-bundle-code")
+    digests = {}
+    for file in files:
+        name = f"{CODE_DIR}/{file.relative_to(origin.parent.resolve()).as_posix()}"
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+        digests[name] = file_digest(target)
+    first = f"{CODE_DIR}/{origin.name}"
+    return {**record, "entry_point": f"{first}:{entry.name}", "from": entry.text,
+            "code": {"files": digests, "sha256": code_digest(digests)}}
+
+
+def code_digest(digests: dict[str, str]) -> str:
+    """One SHA-256 for a set of code files (name -> SHA-256): what `deploykit trust` consents to."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def bundled_code_digest(directory: Path, source: dict) -> str | None:
+    """The `code_digest` of the code an artifact's source record bundles, computed from the files as they
+    are now (never the recorded figure); None where it bundles none. A file named outside the artifact,
+    or a malformed record, is refused."""
+    code = source.get("code")
+    if code is None:
+        return None
+    files = code.get("files") if isinstance(code, dict) else None
+    if not isinstance(files, dict) or not files or not all(isinstance(n, str) and n.startswith(f"{CODE_DIR}/")
+                                                           for n in files):
+        raise ArtifactError(f"{str(directory)!r}: the manifest's source code record is malformed")
+    return code_digest({name: file_digest(inside(directory, name, "source code file")) for name in files})
 
 
 def _generates(model) -> bool:
@@ -191,8 +271,16 @@ def spec_from_artifact(directory: Path, manifest) -> ModelSpec:
     """The spec of an artifact exported from an entry point: the entry point imported again."""
     source = manifest.source
     inputs = [InputSpec(**{**i, "shape": tuple(i["shape"])}) for i in source.get("inputs") or []]
+    text = str(source["entry_point"])
+    if source.get("code") is not None:  # bundled: the entry point names a file inside the artifact
+        bundled_code_digest(directory, source)  # every file it names is inside, and readable
+        entry = parse_entry_point(text)
+        relative = text.rpartition(":")[0]
+        if entry is None or not entry.is_file or relative not in source["code"]["files"]:
+            raise ArtifactError(f"{str(directory)!r}: its entry point {text!r} is not one of its bundled files")
+        text = f"{inside(directory, relative, 'source entry_point')}:{entry.name}"
     try:
-        return entry_point_spec(source["entry_point"], inputs or None)
+        return entry_point_spec(text, inputs or None, bundle_code=True)
     except UsageError as exc:
         raise ArtifactError(f"{str(directory)!r}: its PyTorch model comes from {source['entry_point']}, which "
                             f"cannot be loaded here ({exc}); onnxruntime needs only the ONNX file") from None

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from deploykit.core.confine import check_named_paths, inside
-from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.errors import ArtifactError
+from deploykit.core.extras import require
 from deploykit.core.fsutil import read_text
 from deploykit.core.hooks import TRACE_FORWARDS
 
@@ -47,12 +48,8 @@ def quiet_espnet():
 
 
 def _st_task():
-    try:
-        with quiet_espnet():
-            from espnet2.tasks.st import STTask
-    except ImportError:
-        raise UsageError("ESPnet models need the espnet extra: pip install 'deploykit[espnet]'") from None
-    return STTask
+    with quiet_espnet():
+        return require("espnet2.tasks.st", "an ESPnet model").STTask
 
 
 def token_list(vocab_size: int) -> list[str]:

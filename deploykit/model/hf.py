@@ -39,6 +39,7 @@ from torch import nn
 from deploykit.core.confine import inside, read_json
 from deploykit.core.env import available_memory_bytes
 from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.extras import require
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.storage import check_safetensors
 from deploykit.model.causal_lm import perplexity
@@ -60,12 +61,10 @@ TOKEN_INPUTS = ("input_ids", "decoder_input_ids")
 
 
 def _need_hf():
-    try:
-        import optimum.exporters.onnx.model_configs  # noqa: F401  (importing it registers optimum's ONNX configs)
-        from optimum.exporters.tasks import TasksManager
-    except ImportError:
-        raise UsageError("Hugging Face models need transformers and optimum: pip install 'deploykit[hf]'") from None
-    return TasksManager
+    require("transformers", "a Hugging Face model")
+    # importing it registers optimum's ONNX configs
+    require("optimum.exporters.onnx.model_configs", "a Hugging Face model")
+    return require("optimum.exporters.tasks", "a Hugging Face model").TasksManager
 
 
 #: index files transformers reads to find sharded weights; each names files in its weight_map
@@ -449,7 +448,7 @@ def causal_lm_fields(vocab: int) -> dict:
         return (torch.randint(0, vocab, (batch, DEFAULT_LENGTH), generator=generator),)
 
     return dict(inputs=[InputSpec("input_ids", ("batch", "sequence"), "int64", high=vocab)], outputs=["logits"],
-                sampler=prompt, evaluate=causal_perplexity, pipeline="text-generation")
+                sampler=prompt, evaluate=causal_perplexity, pipeline="text-generation", extra="hf")
 
 
 def _dummy_sampler(onnx, names: Sequence[str]):

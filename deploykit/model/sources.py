@@ -28,6 +28,7 @@ from deploykit.model import hf
 from deploykit.model.catalog import get_model  # the zoo, registered into MODELS on import
 from deploykit.model.checkpoints import apply_checkpoint, load_checkpoint
 from deploykit.model.entrypoint import (
+    bundled_code_digest,
     entry_point_spec,
     parse_entry_point,
     spec_from_artifact as entrypoint_spec_from_artifact,
@@ -84,6 +85,8 @@ class ModelOptions:
     task: str | None = None
     #: input name -> what it holds instead of random data (`--input-value`, `deploykit.model.spec.VALUE_FORMS`)
     values: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: a file entry point's artifact carries its code (`deploykit.model.entrypoint.bundle_files`)
+    bundle_code: bool = True
 
 
 def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpec:
@@ -102,7 +105,7 @@ def resolve_model(text: str, options: ModelOptions = ModelOptions()) -> ModelSpe
     if options.task is not None and (from_code or text in MODELS):
         raise UsageError(f"--task applies to a Hugging Face model directory; {text!r} is not one")
     if from_code:
-        spec = entry_point_spec(text, options.inputs or None)
+        spec = entry_point_spec(text, options.inputs or None, options.bundle_code)
     elif text in MODELS:
         spec = get_model(text)
     else:
@@ -149,26 +152,43 @@ def _path_spec(text: str, task: str | None) -> ModelSpec:
 
 #: code consent that lets every entry point an artifact names be imported (`--trust-code`)
 TRUST_ALL_CODE = "*"
+#: code consent to bundled code of one digest (`deploykit.model.entrypoint.code_digest`): "sha256:HEX"
+CODE_DIGEST_PREFIX = "sha256:"
 
 
 def consent_of(source: dict) -> tuple[str, ...]:
     """The code consent a source record carries when deploykit made it from what the user gave this
-    run (an entry point on the command line): that entry point, and nothing else."""
-    return (str(source["entry_point"]),) if source.get("kind") == "entry-point" else ()
+    run (an entry point on the command line): that entry point (its bundled code's digest), and nothing else."""
+    if source.get("kind") != "entry-point":
+        return ()
+    code = source.get("code")
+    if isinstance(code, dict) and isinstance(code.get("sha256"), str):
+        return (CODE_DIGEST_PREFIX + code["sha256"],)
+    return (str(source["entry_point"]),)
 
 
 def code_refusal(directory: Path, manifest: "Manifest", consent: Sequence[str] = ()) -> str | None:
     """Why rebuilding the artifact's PyTorch model would import code it names without the user's
     consent; None when it imports none (zoo, Hugging Face, ESPnet sources) or the user consented.
 
-    `consent` holds the entry points the user gave on the command line, or TRUST_ALL_CODE."""
+    `consent` holds TRUST_ALL_CODE, the entry points the user gave on the command line, and the digests
+    of bundled code the user trusts (CODE_DIGEST_PREFIX + digest: `deploykit trust`, or this run's export).
+    Bundled code is judged by the digest of its files as they are now, never by the recorded one."""
     if manifest.source.get("kind") != "entry-point":
         return None
-
+    if TRUST_ALL_CODE in consent:
+        return None
     named = str(manifest.source.get("entry_point"))
+    digest = bundled_code_digest(Path(directory), manifest.source)
+    if digest is not None:
+        if CODE_DIGEST_PREFIX + digest in consent:
+            return None
+        return (f"{str(directory)!r}: its PyTorch model is built by the code it bundles ({named}, SHA-256 "
+                f"{digest[:12]}...), which deploykit imports only with --trust-code, or once you trust that code: "
+                f"`deploykit trust {directory}`; onnxruntime needs no code")
     entry = parse_entry_point(named)
     given = {parsed.text for text in consent if (parsed := parse_entry_point(text)) is not None}
-    if TRUST_ALL_CODE in consent or (entry is not None and entry.text in given):
+    if entry is not None and entry.text in given:
         return None
     return (f"{str(directory)!r}: its PyTorch model is built by code the manifest names ({named}), which deploykit "
             "imports only with --trust-code (or when you give that entry point with --model); onnxruntime needs "

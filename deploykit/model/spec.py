@@ -262,6 +262,8 @@ class ModelSpec:
     #: the pipeline that exports and runs it (`deploykit.pipelines`): "forward" (one graph, one call),
     #: "speech-translation" (an encoder/decoder pair decoded token by token), "text-generation"
     pipeline: str = "forward"
+    #: the optional extra (`deploykit.core.extras`) whose packages building or exporting it needs; None: the core
+    extra: str | None = None
     #: for models that are not in the zoo: (artifact directory, the model as shipped) -> writes what
     #: rebuilding the model needs into the directory and returns the manifest's `source` record (see
     #: `deploykit.model.sources`); None for zoo models, which are rebuilt by name
@@ -312,6 +314,14 @@ class ModelSpec:
             return {}
         cached = _read_training_record(self, _cache_path(self).with_suffix(".json"))
         return cached or _training_record(self, _quality(self, trained) if trained is not None else {})
+
+    def cached_training(self) -> dict[str, Any] | None:
+        """The record kept beside this model's cached trained weights (`train_seconds`: how long training took
+        here), or None where it trains and nothing is cached yet, or it does not train."""
+        if self.train is None:
+            return None
+        path = _cache_path(self)
+        return _read_training_record(self, path.with_suffix(".json")) or {} if path.is_file() else None
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
         """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a

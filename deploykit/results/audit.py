@@ -53,6 +53,8 @@ class LayerRow:
     #: dense, csr or bitmask (with "+zlib"/"+lzma" when compressed)
     storage: str
     stored_bytes: int
+    #: a buffer (BatchNorm statistics, ...): stored, but not a parameter, as export counts them
+    buffer: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,14 @@ class AuditReport:
     model: str
     artifact: str
     rows: list[LayerRow]
+    #: the parameters, counted as export counts them (each tied tensor once; buffers apart)
     parameters: int
     nonzero_parameters: int
     weights_bytes: int
     onnx_bytes: int
     checks: list[Check] = field(default_factory=list)
+    #: elements of the stored tensors that are not parameters (BatchNorm's running statistics, ...)
+    buffer_elements: int = 0
 
     @property
     def disk_bytes(self) -> int:
@@ -139,8 +144,10 @@ def audit_artifact(directory: str | Path, verify: bool = True) -> AuditReport:
         verify_artifact(directory, manifest)
     weights_path = inside(directory, WEIGHTS_FILE, "weights")
     tensors = load_weights(weights_path)  # validates every encoded part
-    # every parameter the manifest lists is in the file: an artifact bench would refuse fails here too
-    count_weights(directory, manifest)
+    # every parameter the manifest lists is in the file: an artifact bench would refuse fails here too; the
+    # count is export's, so that audit and export say the same number
+    parameters, nonzero = count_weights(directory, manifest)
+    names = set(manifest.parameter_names or [row.get("name") for row in manifest.sparsity if isinstance(row, dict)])
     sizes = stored_bytes_per_tensor(weights_path)
     codec = f"+{manifest.weight_compression}" if manifest.weight_compression else ""
     rows = []
@@ -152,10 +159,11 @@ def audit_artifact(directory: str | Path, verify: bool = True) -> AuditReport:
             continue
         seen.add(id(tensor))
         rows.append(_row(name, list(tensor.shape), tensor.numel(), int(tensor.count_nonzero()),
-                         manifest.weight_encodings.get(name, "dense") + codec, sizes.get(name, 0)))
+                         manifest.weight_encodings.get(name, "dense") + codec, sizes.get(name, 0), name not in names))
     # every ONNX file the artifact ships: model.onnx, or an encoder/decoder pair
     onnx_bytes = sum(p.stat().st_size for p in directory.glob("*.onnx") if p.is_file() and not p.is_symlink())
-    return _report(manifest.model, directory, rows, weights_path.stat().st_size, onnx_bytes)
+    return dataclasses.replace(_report(manifest.model, directory, rows, weights_path.stat().st_size, onnx_bytes),
+                               parameters=parameters, nonzero_parameters=nonzero)
 
 
 def audit_onnx_file(path: str | Path) -> AuditReport:
@@ -172,14 +180,17 @@ def audit_onnx_file(path: str | Path) -> AuditReport:
     return _report(path.name, path, rows, external, files[path.name])
 
 
-def _row(name: str, shape: list[int], numel: int, nonzero: int, storage: str, stored_bytes: int) -> LayerRow:
-    return LayerRow(name, shape, numel, nonzero, (numel - nonzero) / numel if numel else 0.0, storage, stored_bytes)
+def _row(name: str, shape: list[int], numel: int, nonzero: int, storage: str, stored_bytes: int,
+         buffer: bool = False) -> LayerRow:
+    return LayerRow(name, shape, numel, nonzero, (numel - nonzero) / numel if numel else 0.0, storage, stored_bytes,
+                    buffer)
 
 
 def _report(model: str, location: Path, rows: list[LayerRow], weights_bytes: int, onnx_bytes: int) -> AuditReport:
-    return AuditReport(model=model, artifact=str(location), rows=rows, parameters=sum(r.numel for r in rows),
-                       nonzero_parameters=sum(r.nonzero for r in rows), weights_bytes=weights_bytes,
-                       onnx_bytes=onnx_bytes)
+    parameters = [r for r in rows if not r.buffer]
+    return AuditReport(model=model, artifact=str(location), rows=rows, parameters=sum(r.numel for r in parameters),
+                       nonzero_parameters=sum(r.nonzero for r in parameters), weights_bytes=weights_bytes,
+                       onnx_bytes=onnx_bytes, buffer_elements=sum(r.numel for r in rows if r.buffer))
 
 
 def check_budget(report: AuditReport, budget: Budget) -> AuditReport:
@@ -208,6 +219,8 @@ def _read_baseline(path: Path) -> dict[str, Any]:
             raise ValueError("no disk_bytes/parameters")
         return data
     except FileNotFoundError:
-        raise UsageError(f"baseline audit {str(path)!r} does not exist") from None
+        raise UsageError(f"baseline audit {str(path)!r} does not exist: write it from the release you compare "
+                         f"against with `deploykit audit DIR --json={path}` (the budget's baseline is relative to the "
+                         "budget file)") from None
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError) as exc:
         raise UsageError(f"baseline audit {str(path)!r} is not a deploykit audit JSON ({exc})") from None

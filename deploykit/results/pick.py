@@ -249,3 +249,23 @@ def choices_text(choices: Sequence[Choice], constraints: Constraints) -> str:
                                                         else "NOTHING satisfies the constraints"))
         lines += [f"  not {_variant(r)}: {why}" for r, why in choice.rejected]
     return "\n".join(lines)
+
+
+SLICE_FIELDS = ("profile", "model", "runtime", "device", "graph_optimization", "stage", "batch_size", "threads",
+                "sequence_length")
+
+
+def choices_json(choices: Sequence[Choice], constraints: Constraints, run_id: int | None) -> str:
+    """`choices_text` as one JSON object: the constraints, and per slice the chosen record (null: none
+    qualifies) and each other variant with why it lost."""
+    import dataclasses
+    import json
+
+    return json.dumps({
+        "schema": "deploykit.pick/1",
+        "run": run_id,
+        "constraints": dataclasses.asdict(constraints),
+        "choices": [{"slice": dict(zip(SLICE_FIELDS, c.key)),
+                     "chosen": c.chosen.to_dict() if c.chosen else None,
+                     "rejected": [{"record": r.to_dict(), "why": why} for r, why in c.rejected]} for c in choices],
+    }, indent=2) + "\n"

@@ -93,14 +93,15 @@ def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str
     return headers + (["quality"] if quality else []) + BENCH_HEADERS[13:], rows
 
 
-def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple") -> str:
-    """The rows as a text table (or Markdown, with tablefmt="github"), then notes on how far to trust them."""
+def bench_table(records: Sequence[BenchRecord], tablefmt: str = "simple", quiet: bool = False) -> str:
+    """The rows as a text table (or Markdown, with tablefmt="github"), then notes on how far to trust them
+    (`quiet`: the warnings only)."""
     headers, rows = bench_rows(records)
     left = ("model", "plan", "form", "runtime", "device", "stage", "quality", "speedup")
     table = tabulate(rows, headers=headers, disable_numparse=True, tablefmt=tablefmt,
                      colalign=tuple("left" if h in left else "right" for h in headers))
     separator = "\n" if tablefmt == "simple" else "\n\n"  # Markdown needs paragraphs
-    return table + "".join(separator + n for n in bench_notes(records))
+    return table + "".join(separator + n for n in bench_notes(records) if not (quiet and n.startswith("note: ")))
 
 
 def bench_notes(records: Sequence[BenchRecord]) -> list[str]:
@@ -137,8 +138,7 @@ def bench_notes(records: Sequence[BenchRecord]) -> list[str]:
     slower = [r for r in records if not r.baseline and r.speedup is not None and r.speedup < 1]
     if slower:
         notes.append(f"warning: {len(slower)} of {len(records)} rows run slower than the unpruned baseline: " + "; ".join(
-            f"{r.prune} {r.form_label} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} batch {r.batch_size}: "
-            f"{r.versus.speedup:.2f}x" + (" (within noise: its interval reaches 1x)" if r.versus.speedup_ci95()[1] >= 1
+            f"{row_label(r)}: {r.versus.speedup:.2f}x" + (" (within noise: its interval reaches 1x)" if r.versus.speedup_ci95()[1] >= 1
                                           else "") for r in slower))
     if any(r.runtime == "torch" and r.stage in ("decoder-step", "greedy") for r in records):
         notes.append("note: torch's decoder-step and greedy rows time ESPnet's own decoding, which recomputes the "
@@ -228,14 +228,21 @@ def compare_table(base: Sequence[BenchRecord], others: Sequence[tuple[str, Seque
     return table + "".join(f"\n{n}" for n in notes if n)
 
 
+def row_label(r: BenchRecord) -> str:
+    """A row named so that it can be found in the table: model, plan, form, runtime (and stage), batch,
+    threads and length."""
+    return (f"{r.model} {r.prune} {r.form_label} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} "
+            f"batch {r.batch_size} {r.threads} thread{'s' * (r.threads != 1)}"
+            + (f" length {r.sequence_length}" if r.sequence_length else ""))
+
+
 def _problem_notes(records: Sequence[BenchRecord]) -> list[str]:
     """One warning per kind of problem, naming the rows it affects, with the remedy once."""
     notes = []
     for kind, remedy in REMEDIES.items():
         hit = [r for r in records if kind in r.measurement.problems()]
         if hit:
-            rows = "; ".join(f"{r.form_label} {r.sparsity:g} {r.runtime}{'' if r.stage == 'forward' else ' ' + r.stage} "
-                             f"batch {r.batch_size}: {r.measurement.problems()[kind]}" for r in hit)
+            rows = "; ".join(f"{row_label(r)}: {r.measurement.problems()[kind]}" for r in hit)
             notes.append(f"warning: {len(hit)} of {len(records)} rows {remedy}. Rows: {rows}")
     return notes
 
@@ -248,14 +255,19 @@ def _tail(m, q: float) -> str:
     return f"{m.percentile_ms(q):.4f}" if m.enough_samples_for(q) else "-"
 
 
-def audit_table(report) -> str:
-    """Per-layer storage, totals and budget checks of an `AuditReport`."""
-    rows = [[r.parameter, "x".join(map(str, r.shape)), r.numel, r.nonzero, f"{100 * r.sparsity:.2f}%", r.storage,
-             r.stored_bytes] for r in report.rows]
-    rows.append(["total", "", report.parameters, report.nonzero_parameters, "", "", sum(r.stored_bytes for r in report.rows)])
-    text = tabulate(rows, headers=["parameter", "shape", "numel", "nnz", "sparsity", "storage", "bytes"],
-                    colalign=("left", "left", "right", "right", "right", "left", "right"))
-    text += (f"\n\n{report.model} at {report.artifact}: weights {report.weights_bytes / MB:.3f} MB, "
+def audit_table(report, layers: bool = True) -> str:
+    """Per-tensor storage (with `layers`), totals and budget checks of an `AuditReport`."""
+    text = ""
+    if layers:
+        rows = [[r.parameter + (" (buffer)" if r.buffer else ""), "x".join(map(str, r.shape)), r.numel, r.nonzero,
+                 f"{100 * r.sparsity:.2f}%", r.storage, r.stored_bytes] for r in report.rows]
+        rows.append(["total", "", sum(r.numel for r in report.rows), sum(r.nonzero for r in report.rows), "", "",
+                     sum(r.stored_bytes for r in report.rows)])
+        text = tabulate(rows, headers=["tensor", "shape", "numel", "nnz", "sparsity", "storage", "bytes"],
+                        colalign=("left", "left", "right", "right", "right", "left", "right")) + "\n\n"
+    buffers = f", buffers {report.buffer_elements:,} elements apart" if report.buffer_elements else ""
+    text += (f"{report.model} at {report.artifact}: parameters {report.parameters:,} (nonzero "
+             f"{report.nonzero_parameters:,}{buffers}); weights {report.weights_bytes / MB:.3f} MB, "
              f"ONNX {report.onnx_bytes / MB:.3f} MB, disk {report.disk_bytes / MB:.3f} MB")
     if report.checks:
         text += "\n\n" + tabulate(

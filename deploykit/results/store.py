@@ -399,8 +399,10 @@ class ResultStore:
             name = selector.partition(":")[2]
             matching = [r for r in runs if r.profile == name]
             if not matching:
-                raise UsageError(f"no run on profile {name!r}; profiles in the store: "
-                                 f"{', '.join(sorted({r.profile for r in runs}))}")
+                raise UsageError(f"no run on profile {name!r} in this store (profiles in it: "
+                                 f"{', '.join(sorted({r.profile for r in runs})) or 'none'}): bench on that machine "
+                                 "and bring its runs here with `deploykit report --import ITS.sqlite`, or bench "
+                                 "there through the fleet (docs/fleet.md)")
             chosen = matching[-1]
         else:
             by_id = {str(r.id): r for r in runs}

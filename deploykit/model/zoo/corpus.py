@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from deploykit.core.errors import UsageError
+from deploykit.core.extras import require
 from deploykit.model.spec import DEFAULT_LENGTH
 
 if TYPE_CHECKING:
@@ -43,10 +43,8 @@ def _topics() -> tuple[list[str], list[str]]:
 @lru_cache(maxsize=4)
 def tokenizer(vocab: int):
     """A byte-level BPE of `vocab` tokens trained on the training topics (deterministic)."""
-    try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    except ImportError:
-        raise UsageError("the trained language models need tokenizers: pip install 'deploykit[hf]'") from None
+    require("tokenizers", "a trained language model")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -16,7 +16,7 @@ from functools import partial
 
 from torch import nn
 
-from deploykit.core.errors import UsageError
+from deploykit.core.extras import require
 from deploykit.model.hf import CausalLM, causal_lm_fields
 from deploykit.model.spec import register_model
 from deploykit.model.training import Recipe, fit
@@ -33,12 +33,9 @@ VOCAB = 50257
 
 
 def build_gpt2(**config) -> CausalLM:
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        raise UsageError("GPT-2 models need transformers: pip install 'deploykit[hf]'") from None
-    cfg = GPT2Config(use_cache=False, attn_implementation="eager", **config)
-    return CausalLM(GPT2LMHeadModel(cfg))
+    transformers = require("transformers", "a GPT-2 model")
+    cfg = transformers.GPT2Config(use_cache=False, attn_implementation="eager", **config)
+    return CausalLM(transformers.GPT2LMHeadModel(cfg))
 
 
 def _fields(vocab: int) -> dict:
