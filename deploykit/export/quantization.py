@@ -9,7 +9,6 @@ for pipelines that generate, and the change in the model's own metric where it h
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -119,7 +118,8 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
     with scratch_directory("float") as float_copy:
         # the float artifact as onnxruntime reads it, for the speed comparison: not torch's weights file
         for name in [*manifest.files, MANIFEST_FILE]:
-            if name != WEIGHTS_FILE:
+            if name != WEIGHTS_FILE:  # names may lie in a folder of the artifact (its bundled code/)
+                (float_copy / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(directory / name, float_copy / name)
         manifest = _quantize(directory, manifest, scheme, per_channel, progress, consent, float_copy, operators)
     speed = manifest.quantization["speed"]
@@ -164,8 +164,7 @@ def _choose_nodes(float_copy: Path, graphs: Sequence[str], quantizer, per_channe
 
     def agreement_of(nodes: dict[str, list[str]]) -> float:
         with scratch_directory("int8-trial") as trial:
-            for name in os.listdir(float_copy):
-                shutil.copy2(float_copy / name, trial / name)
+            shutil.copytree(float_copy, trial, dirs_exist_ok=True)
             _quantize_graphs(trial, graphs, quantizer, per_channel, calibration, nodes, float_layers)
             session = pipeline.load("onnxruntime", trial, 1, consent=consent)
             return float(np.mean([token_agreement(r[-1], session.run(f)[-1]) for f, r in zip(feeds, references)]))
