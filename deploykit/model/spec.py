@@ -321,7 +321,7 @@ class ModelSpec:
         if self.train is None:
             return None
         path = _cache_path(self)
-        return _read_training_record(self, path.with_suffix(".json")) or {} if path.is_file() else None
+        return (_read_training_record(self, path.with_suffix(".json")) or {}) if path.is_file() else None
 
     def example_inputs(self, batch_size: int = 1, seed: int = 0, length: int | None = None) -> "tuple[torch.Tensor, ...]":
         """Inputs for one call. `length` sets every named non-batch axis (sequence, frames, ...) for a
