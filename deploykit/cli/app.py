@@ -22,6 +22,7 @@ from deploykit.cli import options
 from deploykit.cli.options import DEFAULT_BENCH_PRUNE
 from deploykit.convert.forms import DEFAULT_FORMS
 from deploykit.core.errors import DeployKitError, MeasurementError, UsageError
+from deploykit.core.extras import missing_extra
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.core.signals import Terminated, as_terminated, stop_signals_interrupt
 from deploykit.model.spec import DEFAULT_MODEL
@@ -56,7 +57,10 @@ def _trust_warnings(args, progress) -> tuple[str, ...]:
     if getattr(args, "trust_code", False):
         progress("warning: --trust-code: code named by artifacts will be imported and run")
         return (TRUST_ALL_CODE,)
-    return trusted_consent() if hasattr(args, "trust_code") else ()
+    # the trust file is read where an artifact given on the command line may need it (an artifact this run
+    # exports carries its own consent), so a damaged one fails only what it could decide
+    reads_artifacts = getattr(args, "artifacts", None) or getattr(args, "baseline", None)
+    return trusted_consent() if hasattr(args, "trust_code") and reads_artifacts else ()
 
 
 def _check_output(path: str, option: str) -> None:
@@ -1101,7 +1105,6 @@ def _pick(args) -> int:
 
 
 def cmd_trust(args) -> int:
-    import dataclasses
     import json
 
     from deploykit.model.trust import read_trusted, revoke, trust_artifact, trust_file
@@ -1243,28 +1246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: a fault of deploykit's, in one line
         if getattr(args, "debug", False):
             traceback.print_exc()
-        missing = _missing_extra(exc)
+        missing = missing_extra(exc)
         if missing is not None:  # an optional package not installed: the user's to install, not a bug
             print(f"deploykit: error: {missing}", file=sys.stderr)
             return missing.exit_code
         print(f"deploykit: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug in deploykit; rerun with "
               "--debug for the traceback)", file=sys.stderr)
         return 1
-
-
-def _missing_extra(exc: BaseException):
-    """The install line for `exc` or the exception it was raised from, where that is a missing package an
-    extra brings (`deploykit.core.extras`); else None."""
-    from deploykit.core.extras import missing_extra
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        found = missing_extra(exc)
-        if found is not None:
-            return found
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 #: an error line is cut here (a message quoting hostile input stays one screen); long enough for the

@@ -10,6 +10,7 @@ listed under the extra that brings it, since installing the extra is what fixes 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from deploykit.core.errors import UsageError
@@ -48,13 +49,20 @@ def install_line(extra: str) -> str:
     return f"pip install 'deploykit[{extra}]'"
 
 
-def missing_extra(exc: BaseException, needed_for: str | None = None) -> MissingExtraError | None:
-    """The one-line error for `exc` when it is an import of a package an extra brings; else None."""
-    # a missing top-level package only: a missing submodule or name means the package is there but another
-    # release than deploykit expects, which installing the extra would not change
-    name = exc.name if isinstance(exc, ModuleNotFoundError) else None
-    extra = extra_of(name) if name and "." not in name else None
-    if extra is None:
+def missing_extra(exc: BaseException | None, needed_for: str | None = None) -> MissingExtraError | None:
+    """The one-line error for `exc`, or an exception it was raised from, when that is an import of a package
+    an extra brings; else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        # a missing top-level package only: a missing submodule or name means the package is there but another
+        # release than deploykit expects, which installing the extra would not change
+        name = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        extra = extra_of(name) if name and "." not in name else None
+        if extra is not None:
+            break
+        exc = exc.__cause__ or exc.__context__
+    else:
         return None
     what = needed_for or extra.purpose.partition(" (")[0].partition(":")[0]
     return MissingExtraError(f"{what} needs the '{extra.name}' extra ({name} is not installed): "
@@ -63,8 +71,6 @@ def missing_extra(exc: BaseException, needed_for: str | None = None) -> MissingE
 
 def require(module: str, needed_for: str):
     """`import module`, or a `MissingExtraError` naming the extra to install and what needs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:

@@ -214,10 +214,9 @@ def code_digest(digests: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(digests, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def bundled_code_digest(directory: Path, source: dict) -> str | None:
-    """The `code_digest` of the code an artifact's source record bundles, computed from the files as they
-    are now (never the recorded figure); None where it bundles none. A file named outside the artifact,
-    or a malformed record, is refused."""
+def bundled_files(directory: Path, source: dict) -> dict[str, Path] | None:
+    """The files an artifact's source record bundles (name -> path inside the artifact); None where it
+    bundles none. A file named outside the artifact, or a malformed record, is refused."""
     code = source.get("code")
     if code is None:
         return None
@@ -225,7 +224,14 @@ def bundled_code_digest(directory: Path, source: dict) -> str | None:
     if not isinstance(files, dict) or not files or not all(isinstance(n, str) and n.startswith(f"{CODE_DIR}/")
                                                            for n in files):
         raise ArtifactError(f"{str(directory)!r}: the manifest's source code record is malformed")
-    return code_digest({name: file_digest(inside(directory, name, "source code file")) for name in files})
+    return {name: inside(directory, name, "source code file") for name in files}
+
+
+def bundled_code_digest(directory: Path, source: dict) -> str | None:
+    """The `code_digest` of the code an artifact's source record bundles, computed from the files as they
+    are now (never the recorded figure); None where it bundles none."""
+    files = bundled_files(directory, source)
+    return None if files is None else code_digest({name: file_digest(path) for name, path in files.items()})
 
 
 def _generates(model) -> bool:
@@ -272,13 +278,13 @@ def spec_from_artifact(directory: Path, manifest) -> ModelSpec:
     source = manifest.source
     inputs = [InputSpec(**{**i, "shape": tuple(i["shape"])}) for i in source.get("inputs") or []]
     text = str(source["entry_point"])
-    if source.get("code") is not None:  # bundled: the entry point names a file inside the artifact
-        bundled_code_digest(directory, source)  # every file it names is inside, and readable
+    files = bundled_files(directory, source)
+    if files is not None:  # bundled: the entry point names one of the files inside the artifact
         entry = parse_entry_point(text)
         relative = text.rpartition(":")[0]
-        if entry is None or not entry.is_file or relative not in source["code"]["files"]:
+        if entry is None or not entry.is_file or relative not in files:
             raise ArtifactError(f"{str(directory)!r}: its entry point {text!r} is not one of its bundled files")
-        text = f"{inside(directory, relative, 'source entry_point')}:{entry.name}"
+        text = f"{files[relative]}:{entry.name}"
     try:
         return entry_point_spec(text, inputs or None, bundle_code=True)
     except UsageError as exc:
