@@ -194,6 +194,9 @@ def _plan_options(args) -> dict:
         options["at_init"] = True
     if args.allow_layer_collapse:
         options["allow_layer_collapse"] = True
+    for option in ("pattern", "calibration", "calibration_samples", "reconstruct", "recover"):
+        if getattr(args, option) is not None:
+            options["recover_steps" if option == "recover" else option] = getattr(args, option)
     return options
 
 
@@ -594,9 +597,13 @@ def _print_export_results(m, plan) -> None:
     print(f"parameters {m.parameters_before_conversion:,} -> {m.parameters:,} (nonzero {m.nonzero_parameters:,})")
     before = m.training.get("result", {})
     pruned = not plan.is_empty()
+    agreement = {k: v for k, v in m.metrics.items() if k.startswith("agreement_")}
     for name, value in m.metrics.items():
+        if name in agreement:
+            continue
         trained = f" (trained model before pruning: {before[name]:.4f})" if name in before and pruned else ""
         print(f"{name} of the {'pruned ' if pruned else ''}model: {value:.4f}{trained}")
+    _print_pruning(m.pruning, agreement)
     relative = max(m.onnx_parity_max_rel_error.values(), default=None)
     print(f"parity: onnxruntime vs PyTorch max abs error {m.onnx_parity_error:.2e} (tolerance {m.parity_tolerance:g}"
           + (f"; relative to the output {relative:.2e}" if relative is not None else "") + ")"
@@ -610,6 +617,39 @@ def _print_export_results(m, plan) -> None:
             "" if forced is None else f" ({100 * forced:.1f}% token by token after its prefix)")
         print(f"{m.quantization['scheme']} under {runtime}: max abs error {error['max_abs']:.2e}, mean "
               f"{error['mean_abs']:.2e} vs the float model{agreement}{delta}")
+
+
+def _agreement_text(agreement: dict) -> str:
+    return ", ".join(([f"cosine {agreement['agreement_cosine']:.4f}"] if "agreement_cosine" in agreement else [])
+                     + ([f"argmax agreement {100 * agreement['agreement_argmax']:.1f}%"]
+                        if "agreement_argmax" in agreement else []))
+
+
+def _print_pruning(pruning: dict, agreement: dict) -> None:
+    """How pruning went (the manifest's pruning record): its time, calibration, the outputs' agreement with
+    the unpruned model, recovery and reconstruction."""
+    calibration = pruning.get("calibration")
+    if not calibration:  # the time of a pruner that only reads weights is in the manifest, not worth a line
+        return
+    print(f"pruning took {pruning['seconds']:.1f} s, on {calibration['items']} calibration items from "
+          f"{calibration['source']}")
+    if agreement:
+        before = pruning.get("agreement_before_recovery")
+        print(f"outputs against the unpruned model on {pruning.get('agreement_on', 'held-out items')}: "
+              f"{_agreement_text(agreement)}" + (f" (before recovery: {_agreement_text(before)})" if before else ""))
+    recovery = pruning.get("recovery")
+    if recovery:
+        print(f"recovery: {recovery['steps']} distillation steps in {recovery['seconds']:.1f} s, loss "
+              f"{recovery['loss_before']:.4g} -> {recovery['loss_after']:.4g}")
+    refits = pruning.get("reconstruction")
+    if refits is not None:
+        done = [r for r in refits.values() if r.get("reconstructed")]
+        left = {name: r for name, r in refits.items() if not r.get("reconstructed")}
+        before, after = (sum(r[key] for r in done) / max(len(done), 1) for key in ("error_before", "error_after"))
+        print(f"reconstruction: {len(done)} of {len(refits)} layers reading removed channels re-fitted"
+              + (f", output error relative to its variance {before:.3g} -> {after:.3g} (mean over them)" if done else "")
+              + ("; not re-fitted: " + ", ".join(f"{name} ({r.get('why', '?')})" for name, r in list(left.items())[:3])
+                 if left else ""))
 
 
 def _print_alignment(alignment: dict | None) -> None:

@@ -154,6 +154,23 @@ def add_plan(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     g.add_argument("--at-init", action="store_true",
                    help="prune the model's initial weights, then train it with the masks in force (its training "
                    "hook): the protocol snip, grasp and synflow were designed for")
+    g.add_argument("--pattern", metavar="N:M",
+                   help="wanda, sparsegpt: at most N nonzero weights in every M consecutive along each layer's input "
+                   "(2:4, 4:8; the sparsity is then 1 - N/M); unstructured without it")
+    g.add_argument("--calibration", metavar="FILE|FILE.py:FN|random",
+                   help="calibration data for wanda, sparsegpt, act-structured and --recover: a .npz or .safetensors of "
+                   "input tensors named like the model's inputs (items on the first axis), a function of a batch count "
+                   "returning batches of input tensors, or 'random' (random inputs, said in the manifest); default: the "
+                   "model's own (its spec's calibration hook, a zoo model's task)")
+    g.add_argument("--calibration-samples", type=int, default=None, metavar="N",
+                   help=f"calibration items to prune on (default {default_of(PruningPlan, 'calibration_samples')}); "
+                   "up to 32 more are held out to measure the outputs' agreement with the unpruned model")
+    g.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None,
+                   help="act-structured: re-fit the layers reading removed channels by least squares on the calibration "
+                   "inputs (default on)")
+    g.add_argument("--recover", type=int, default=None, metavar="STEPS",
+                   help="distil the pruned model from the unpruned one for STEPS steps on the calibration data, masks "
+                   "kept (default 0: none)")
     g.add_argument("--allow-layer-collapse", action="store_true",
                    help="let the plan prune a layer to 100%% (by default that stops with the layers named: "
                    "nothing passes through such a layer)")

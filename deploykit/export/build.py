@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -150,15 +151,18 @@ def export_artifact(
     trace_inputs = spec.example_inputs(TRACE_BATCH, seed=0)
     parity_inputs = spec.example_inputs(PARITY_BATCH, seed=1)
 
-    progress(f"pruning: {plan.described()}" + (" at initialisation" if plan.at_init else ""))
+    progress(f"pruning: {plan.described()}" + (" at initialisation" if plan.at_init else "")
+             + (" (on calibration data)" if plan.uses_calibration else ""))
+    started = time.perf_counter()
     result = prune_model(net, plan, trace_inputs, spec.output_layers, spec=spec)
+    pruning = pruning_record(result, time.perf_counter() - started)
     if plan.at_init:
         progress("training the pruned model (masks in force)")
         _train_with_masks(spec, net)
     table = sparsity_table(net, result.pruned_parameters)
     unpruned = unpruned_weights(net, result, hints_of(spec))
     strip_masks(net)
-    metrics = spec.evaluate(net) if spec.evaluate else {}
+    metrics = {**(spec.evaluate(net) if spec.evaluate else {}), **pruning.get("agreement", {})}
 
     # the output layers prune_model found (pruning masks do not change which layers produce outputs)
     options = {"keep": list(result.output_layers),
@@ -167,6 +171,7 @@ def export_artifact(
     warnings = [f"{problem}: parity on it proves nothing"
                 for problem in trivial_outputs(step.reference, spec.outputs, tolerance)]
     warnings += no_op_warnings(plan, form, result, step, options["keep"])
+    warnings += [w for w in (pruning.get("calibration", {}).get("warning"),) if w] + pruning.get("warnings", [])
     for warning in warnings:
         progress(f"warning: {warning}")
     if warnings and strict:
@@ -246,6 +251,7 @@ def export_artifact(
             unpruned_weights=unpruned,
             training=training,
             parameter_names=[name for name, _ in saved.named_parameters()],
+            pruning=pruning,
         )
         write_text_atomic(tmp / MANIFEST_FILE, manifest.to_json())
         if quantize is not None:  # measured against the float artifact, which is complete at this point
@@ -266,6 +272,19 @@ def export_artifact(
         manifest = read_manifest(tmp)  # hand back exactly what is on disk (JSON lists, not tuples)
     progress(f"wrote {out_dir}" + (" (replacing the artifact that was there)" if replacing else ""))
     return ExportResult(Path(out_dir), manifest, result, table, metrics)
+
+
+#: what a pruner's outcome details hold that the manifest's pruning record keeps
+PRUNING_DETAILS = ("calibration", "agreement", "agreement_before_recovery", "agreement_on", "recovery", "layers",
+                   "reconstruction", "weight_scored_groups", "warnings")
+
+
+def pruning_record(result: PruneResult, seconds: float) -> dict:
+    """The manifest's record of how pruning went (`Manifest.pruning`); empty for a plan that prunes nothing."""
+    if result.plan.is_empty():
+        return {}
+    details = result.outcome.details if result.outcome is not None else {}
+    return {"seconds": round(seconds, 3), **{key: details[key] for key in PRUNING_DETAILS if key in details}}
 
 
 def _train_with_masks(spec: ModelSpec, net) -> None:

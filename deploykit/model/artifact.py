@@ -128,6 +128,10 @@ class Manifest:
     #: the weights file (a conversion may rename them: dense-shrunk's head-pruned attention splits
     #: `in_proj_weight` into q/k/v projections); empty in artifacts written before it was recorded
     parameter_names: list[str] = field(default_factory=list)
+    #: how pruning went, beyond the plan: seconds it took; for the pruners that run the model, the
+    #: calibration data (source, items), the outputs' agreement with the unpruned model, each layer's
+    #: record (SparseGPT's output error, act-structured's reconstruction error before/after), recovery
+    pruning: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
@@ -139,7 +143,7 @@ class Manifest:
 
 #: fields added to format 3 after its first release, with the value a manifest without them reads as:
 #: left out of the digest at that value, so a manifest written before they existed still verifies
-_LATER_FIELDS = {"parameter_names": []}
+_LATER_FIELDS = {"parameter_names": [], "pruning": {}}
 #: fields added after format version 1 first shipped: older manifests lack them and get the defaults
 OPTIONAL_FIELDS = ("notes", "metrics", "pipeline", "source", "quantization", "sparse_flops",
                    "remaining_flops_fraction", "checksums", "nonzero_parameters_before_conversion",

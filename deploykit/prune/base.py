@@ -9,11 +9,15 @@ Every pruner leaves `torch.nn.utils.prune` masks; `strip_masks` folds them into 
 How to add a pruner: write a class with ``apply(ctx: PruneContext) -> Outcome`` that installs masks
 (``torch.nn.utils.prune.custom_from_mask`` is the general tool) on the layers in ``ctx.targets`` and
 reports what it was asked for and what it masked, then ``PRUNERS.add("name", MyPruner())``.
-`prune_model` does selection, rule resolution, seeding and verification around it.
+`prune_model` does selection, rule resolution, seeding and verification around it. A pruner that runs
+the model on calibration data says so (``calibrated = True``) and reads ``ctx.calibration``:
+`prune_model` loads it (`deploykit.model.calibration`), keeps the unpruned model beside it, and after
+pruning measures the outputs' agreement with it and runs `--recover` (`deploykit.prune.recover`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import hashlib
@@ -25,11 +29,13 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from deploykit.core.errors import UsageError
 from deploykit.core.registry import Registry
 from deploykit.core.tomlfile import check_value, read_toml
+from deploykit.model.calibration import DEFAULT_SAMPLES
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from deploykit.model.calibration import Calibration
     from deploykit.model.hints import PruningHints
     from deploykit.model.spec import ModelSpec
 
@@ -41,6 +47,14 @@ LAYER_TYPES = ("linear", "conv", "embedding", "custom")
 #: "magnitude:0.9" -> method "magnitude", amount 0.9; "grasp:c2" (or "grasp:c=2") -> compression 2
 _SPEC = re.compile(r"^(?P<method>[a-z][a-z0-9_-]*):(?P<amount>[^:]+)$")
 _COMPRESSION = re.compile(r"^c=?(?P<c>.+)$")
+#: "2:4": N of every M weights kept, 0 < N < M <= 64
+_PATTERN = re.compile(r"^(?:[1-9]|[1-5][0-9]|6[0-3]):(?:[2-9]|[1-5][0-9]|6[0-4])$")
+#: the methods that take an N:M pattern, and those that prune from calibration data (said in errors)
+PATTERN_METHODS = ("wanda", "sparsegpt")
+CALIBRATED_METHODS = ("wanda", "sparsegpt", "act-structured")
+MIN_CALIBRATION_SAMPLES = 1
+MAX_CALIBRATION_SAMPLES = 100_000
+MAX_RECOVER_STEPS = 100_000
 
 
 def sparsity_of_compression(compression: float) -> float:
@@ -86,6 +100,21 @@ class PruningPlan:
     #: structured methods and dense-shrunk: seconds torch-pruning's dependency graph and group search
     #: may take before the export stops saying so (some graphs take many minutes)
     graph_timeout_s: float = 300.0
+    #: "N:M": at most N nonzero weights in every M consecutive ones along a layer's input (NVIDIA's 2:4;
+    #: the sparsity is then 1 - N/M); "" for unstructured. For the pruners that take one (`patterns`)
+    pattern: str = ""
+    #: calibration data for the pruners that run the model (`Pruner.calibrated`) and for recovery: None
+    #: (the model's own: its spec's hook, or a zoo model's task), a .npz/.safetensors file, an entry point
+    #: giving batches (`data.py:batches`), or "random" (`deploykit.model.calibration`)
+    calibration: str | None = None
+    #: calibration items (sequences, images, utterances) those pruners and recovery run on
+    calibration_samples: int = DEFAULT_SAMPLES
+    #: act-structured: re-fit the layers reading removed channels by least squares on the calibration
+    #: inputs; None: the method's default (on)
+    reconstruct: bool | None = None
+    #: distil the pruned model from the unpruned one for this many steps on the calibration data, masks
+    #: (and so the shrunk shapes) kept; 0: no recovery
+    recover_steps: int = 0
 
     def __post_init__(self) -> None:
         # Manifests hand these back as JSON lists; keep the dataclass hashable and comparable.
@@ -119,6 +148,63 @@ class PruningPlan:
                 raise UsageError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.method, str) or not all(isinstance(p, str) for p in (*self.exclude, *self.layer_types)):
             raise UsageError("method, exclude and layer_types must be strings")
+        self._check_calibration_options()
+
+    def _check_calibration_options(self) -> None:
+        """The pattern, calibration, reconstruction and recovery options: each where it applies."""
+        pruner = PRUNERS.get(self.method)
+        if not isinstance(self.pattern, str) or (self.pattern and not _PATTERN.match(self.pattern)):
+            raise UsageError(f"bad pattern {self.pattern!r}; expected N:M (at most N nonzero of every M weights along "
+                             "the input), e.g. 2:4 or 4:8")
+        if self.pattern:
+            if not getattr(pruner, "patterns", False):
+                raise UsageError(f"--pattern {self.pattern} applies to {', '.join(PATTERN_METHODS)}, not {self.method}")
+            kept, every = self.pattern_sizes
+            if kept >= every:
+                raise UsageError(f"pattern {self.pattern} keeps every weight: N must be below M (2:4 keeps 2 of every 4)")
+            implied = 1 - kept / every
+            for amount in (self.amount, *(a for _, a in self.rules)):
+                if amount and abs(amount - implied) > 1e-9:
+                    raise UsageError(f"pattern {self.pattern} keeps {kept} of every {every} weights, a sparsity of "
+                                     f"{implied:g}; the plan asks {amount:g} (give {self.method}:{implied:g})")
+        if not isinstance(self.calibration_samples, int) or isinstance(self.calibration_samples, bool) or not (
+                MIN_CALIBRATION_SAMPLES <= self.calibration_samples <= MAX_CALIBRATION_SAMPLES):
+            raise UsageError(f"calibration samples must be an integer in [{MIN_CALIBRATION_SAMPLES}, "
+                             f"{MAX_CALIBRATION_SAMPLES}], got {self.calibration_samples!r}")
+        if not isinstance(self.recover_steps, int) or isinstance(self.recover_steps, bool) or not (
+                0 <= self.recover_steps <= MAX_RECOVER_STEPS):
+            raise UsageError(f"recover steps must be an integer in [0, {MAX_RECOVER_STEPS}], got {self.recover_steps!r}")
+        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+            raise UsageError(f"reconstruct must be true or false, got {self.reconstruct!r}")
+        if self.reconstruct and not getattr(pruner, "reconstructs", False):
+            raise UsageError(f"--reconstruct applies to act-structured, not {self.method}")
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            raise UsageError(f"calibration must be a file path or 'random', got {self.calibration!r}")
+        least = getattr(pruner, "min_calibration_items", 0) if not self.is_empty() else 0
+        if self.calibration_samples < least:
+            raise UsageError(f"{self.method} needs at least {least} calibration items for its statistics; "
+                             f"--calibration-samples is {self.calibration_samples}")
+        if self.recover_steps and self.at_init:
+            raise UsageError("--recover distils a pruned trained model; --at-init trains the pruned model itself")
+        if self.calibration is not None and not (self.uses_calibration or self.is_empty()):
+            raise UsageError(f"--calibration applies to {', '.join(CALIBRATED_METHODS)} and --recover; {self.method} "
+                             "prunes without data")
+
+    @property
+    def pattern_sizes(self) -> tuple[int, int]:
+        """(N, M) of an N:M pattern."""
+        kept, every = self.pattern.split(":")
+        return int(kept), int(every)
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether pruning by this plan runs the model on calibration data (its pruner, or recovery)."""
+        return not self.is_empty() and (getattr(PRUNERS.get(self.method), "calibrated", False) or self.recover_steps > 0)
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the plan re-fits layers after removing channels (act-structured's default)."""
+        return getattr(PRUNERS.get(self.method), "reconstructs", False) and self.reconstruct is not False
 
     @classmethod
     def parse(cls, text: str, **options: Any) -> "PruningPlan":
@@ -142,12 +228,17 @@ class PruningPlan:
             return "none"
         amount = f"c{self.compression:g}" if self.compression is not None else f"{self.amount:g}"
         return (f"{self.method}:{amount}" + (f"+{len(self.rules)} rules" if self.rules else "")
+                + (f",{self.pattern}" if self.pattern else "")
                 + (f",{self.scope}" if self.scope != "global" else "")
-                + (f",round-to {self.round_to}" if self.round_to > 1 else ""))
+                + (f",round-to {self.round_to}" if self.round_to > 1 else "")
+                + (",no reconstruct" if self.reconstruct is False and getattr(PRUNERS.get(self.method), "reconstructs",
+                                                                              False) else "")
+                + (f",recover {self.recover_steps}" if self.recover_steps else ""))
 
     def described(self) -> str:
         """The label, with the scope said where the label leaves it out ("magnitude:0.9 (global)")."""
-        return self.label() + (" (global)" if self.scope == "global" and not self.is_empty() else "")
+        scoped = getattr(PRUNERS.get(self.method), "scoped", True)  # wanda and sparsegpt prune each layer alone
+        return self.label() + (" (global)" if self.scope == "global" and scoped and not self.is_empty() else "")
 
 
 def _check_sparsity(amount: float) -> float:
@@ -191,7 +282,9 @@ def parse_rule(text: str) -> tuple[str, float]:
 PLAN_KEYS = {"method": "string", "sparsity": "number", "compression": "number", "scope": "string",
              "rules": "table of numbers", "exclude": "list of strings", "exclude_output": "boolean",
              "seed": "integer", "rounds": "integer", "layer_types": "list of strings", "at_init": "boolean",
-             "allow_layer_collapse": "boolean", "round_to": "integer", "graph_timeout_s": "number"}
+             "allow_layer_collapse": "boolean", "round_to": "integer", "graph_timeout_s": "number",
+             "pattern": "string", "calibration": "string", "calibration_samples": "integer", "reconstruct": "boolean",
+             "recover_steps": "integer"}
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:
@@ -230,6 +323,8 @@ class PruneContext:
     extra: dict[str, float] = field(default_factory=dict)
     #: the layers producing the model's outputs (excluded or not): structured pruning never changes their width
     output_layers: tuple[str, ...] = ()
+    #: the calibration inputs, for pruners that run the model (`Pruner.calibrated`)
+    calibration: "Calibration | None" = None
 
     def modules(self) -> "list[tuple[str, nn.Module, float]]":
         return [(name, self.model.get_submodule(name), amount) for name, amount in self.targets.items()]
@@ -296,6 +391,9 @@ for _name in ("l1-structured", "l2-structured", "fpgm", "random-structured"):
 PRUNERS.declare("imp", "deploykit.prune.imp")
 for _name in ("snip", "grasp", "synflow"):
     PRUNERS.declare(_name, "deploykit.prune.saliency")
+for _name in ("wanda", "sparsegpt"):
+    PRUNERS.declare(_name, "deploykit.prune.oneshot")
+PRUNERS.declare("act-structured", "deploykit.prune.activation")
 
 
 @dataclass(frozen=True)
@@ -402,7 +500,8 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
             elif kind is None:
                 found[name] = (f"a parameter of {type(module).__name__} that is not a layer's weight (positions, "
                                "tokens, a weight shared with another): the pruners leave it")
-            elif (module_name not in prunable or local != "weight") and not reaches:
+            elif (module_name not in prunable or local != "weight") and not (
+                    reaches and _reaches(PRUNERS.get(plan.method), module, local)):
                 found[name] = (f"a weight {type(module).__name__} reads itself: {plan.method} prunes layers' weights; "
                                "magnitude and random prune it entry by entry")
             elif plan.layer_types and kind not in plan.layer_types:
@@ -553,7 +652,8 @@ def prune_model(
     extra = {}
     if getattr(pruner, "reaches_parameters", False):
         extra = {name: plan.amount_for(module) for name, kind in reached_weights(model, hints).items()
-                 if kind in kinds and (module := name.rpartition(".")[0]) not in excluded}
+                 if kind in kinds and (module := name.rpartition(".")[0]) not in excluded
+                 and _reaches(pruner, model.get_submodule(module), name.rpartition(".")[2])}
         extra = {name: amount for name, amount in extra.items() if amount > 0}
     if plan.is_empty():
         return PruneResult(plan, (), tuple(excluded), exclusion_reasons=reasons, output_layers=outputs)
@@ -567,7 +667,11 @@ def prune_model(
                             "does not prune (recurrent or packed attention weights): magnitude or random prune them entry "
                             "by entry" if readers else ""))
 
-    ctx = PruneContext(model, plan, targets, tuple(excluded), tuple(example_inputs), spec, extra, outputs)
+    calibration = teacher = None
+    if plan.uses_calibration:
+        calibration = _calibration(plan, spec)
+        teacher = copy.deepcopy(model)  # the outputs pruning is measured, and recovery distilled, against
+    ctx = PruneContext(model, plan, targets, tuple(excluded), tuple(example_inputs), spec, extra, outputs, calibration)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(pruning_seed(plan.seed))
         outcome = pruner.apply(ctx)
@@ -586,8 +690,44 @@ def prune_model(
                          f"{', '.join(collapsed[:5])}{', ...' if len(collapsed) > 5 else ''}; lower the sparsity, prune "
                          f"per layer (--scope layer), --exclude {'them' if len(collapsed) > 1 else 'it'}, or pass "
                          "--allow-layer-collapse")
+    if calibration is not None:
+        outcome = dataclasses.replace(outcome, details={
+            **outcome.details, **_after_pruning(model, teacher, plan, calibration, example_inputs)})
     return PruneResult(plan, tuple(masked_parameters(model)), tuple(excluded), outcome, tuple(collapsed), reasons,
                        outputs)
+
+
+def _calibration(plan: PruningPlan, spec: "ModelSpec | None") -> "Calibration":
+    from deploykit.model.calibration import calibration_data  # torch side
+
+    if spec is None:
+        raise UsageError(f"{plan.method} prunes from calibration data: give the model's spec (prune_model(..., spec=))")
+    what = f"--recover {plan.recover_steps}" if not getattr(PRUNERS.get(plan.method), "calibrated", False) else plan.method
+    return calibration_data(spec, plan.calibration, plan.calibration_samples, what)
+
+
+def _after_pruning(model, teacher, plan: PruningPlan, calibration: "Calibration", example_inputs) -> dict:
+    """The calibration record, the recovery (`--recover`), and the outputs' agreement with the unpruned
+    model on the held-out items (example inputs where there are none)."""
+    from deploykit.prune.recover import distil, output_agreement  # torch side
+
+    measured_on = calibration.held_out or (tuple(example_inputs),)
+    details: dict[str, Any] = {"calibration": calibration.record()}
+    if plan.recover_steps:
+        details["agreement_before_recovery"] = output_agreement(teacher, model, measured_on)
+        details["recovery"] = distil(model, teacher, calibration.batches, plan.recover_steps, measured_on)
+    details["agreement"] = output_agreement(teacher, model, measured_on)
+    details["agreement_on"] = (f"{sum(int(b[0].shape[0]) for b in calibration.held_out)} held-out calibration items"
+                               if calibration.held_out else "the example inputs (the calibration source has no items "
+                               "beyond those pruned on)")
+    return details
+
+
+def _reaches(pruner: Pruner, module: "nn.Module", param: str) -> bool:
+    """Whether a pruner that reaches parameters outside layers (`reaches_parameters`) takes this one: all of
+    them, unless it says which (`reaches(module, param)`: wanda and sparsegpt take attention projections only)."""
+    reaches = getattr(pruner, "reaches", None)
+    return reaches is None or reaches(module, param)
 
 
 def _fully_masked(module: "nn.Module", name: str) -> bool:

@@ -33,7 +33,7 @@ from torch import nn
 
 from deploykit.core.hooks import class_path
 from deploykit.prune.mha import HeadPrunedAttention
-from deploykit.prune.slices import Slice, SliceGroup
+from deploykit.prune.slices import Reader, Slice, SliceGroup
 
 
 class BlockHandler:
@@ -52,6 +52,11 @@ class BlockHandler:
         """Remove `units` from `block`: in place (None), or, for a handler that `replaces`, as the new
         module to put in its place."""
         raise NotImplementedError
+
+    def readers(self, block_name: str, block: nn.Module) -> list[Reader]:
+        """The layers reading the units as their input (an attention's output projection): what
+        activation-aware scores and reconstruction use (`deploykit.prune.activation`); none by default."""
+        return []
 
     def unit_width(self, block: nn.Module) -> int:
         """Channels one unit spans (a head: its size)."""
@@ -105,6 +110,11 @@ class GPT2Heads(AttributeHeads):
         config = getattr(block, "config", None)
         return None if config is None or getattr(block, "is_cross_attention", False) else ("n_head", id(config))
 
+    def readers(self, block_name, block):
+        d = block.head_dim
+        return [_reader(f"{block_name}.c_proj", block.c_proj, [(h * d + i, h) for h in range(block.num_heads)
+                                                               for i in range(d)])]
+
     def remove(self, block, units):
         # prune_heads numbers heads as in the original model, skipping heads pruned earlier
         original = [h for h in range(block.num_heads + len(block.pruned_heads)) if h not in block.pruned_heads]
@@ -122,6 +132,9 @@ class GPT2MLPHidden(BlockHandler):
 
     def slices(self, block_name, block):
         return _column_slices(f"{block_name}.c_fc", block.c_fc, [(j, j) for j in range(block.c_fc.nf)])
+
+    def readers(self, block_name, block):
+        return [_reader(f"{block_name}.c_proj", block.c_proj, [(j, j) for j in range(block.c_fc.nf)])]
 
     def remove(self, block, units):
         from transformers.pytorch_utils import prune_conv1d_layer
@@ -295,6 +308,11 @@ class ESPnetHeads(BlockHandler):
     def slices(self, block_name, block):
         return [s for name in self.PROJECTIONS if isinstance(getattr(block, name, None), nn.Linear)
                 for s in _projection_slices(f"{block_name}.{name}", getattr(block, name), block.h, block.d_k)]
+
+    def readers(self, block_name, block):
+        d = block.d_k
+        return [_reader(f"{block_name}.linear_out", block.linear_out, [(h * d + i, h) for h in range(block.h)
+                                                                       for i in range(d)])]
 
     def remove(self, block, units):
         d, drop = block.d_k, set(units)
@@ -470,6 +488,11 @@ def heads_stay_because(module: nn.Module) -> str:
     return "deploykit has no handler that takes this attention module's heads apart"
 
 
+def _reader(name: str, module: nn.Module, columns: list[tuple[int, int]]) -> Reader:
+    """A layer reading (input column, unit) pairs."""
+    return Reader(name, module, [c for c, _ in columns], [u for _, u in columns])
+
+
 class BlockGroup(SliceGroup):
     def __init__(self, model: nn.Module, handler: BlockHandler, block_name: str, block: nn.Module, history: list):
         super().__init__()
@@ -478,6 +501,7 @@ class BlockGroup(SliceGroup):
         self.size = handler.size(block)
         self.unit_width = handler.unit_width(block)
         self.slices = handler.slices(block_name, block)
+        self.readers = handler.readers(block_name, block)
         self.even = handler.even_key(block)
         self._history = history
 

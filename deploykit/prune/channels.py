@@ -34,7 +34,7 @@ from deploykit.core.hooks import class_path, run_forward
 from deploykit.core.outputs import flat_tensors
 from deploykit.model.hints import NO_HINTS, PruningHints
 from deploykit.prune.blocks import block_groups
-from deploykit.prune.slices import Slice, SliceGroup
+from deploykit.prune.slices import Reader, Slice, SliceGroup
 
 ROOT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
 #: layers that normalise across channels: removing a channel changes every other channel's output
@@ -248,6 +248,9 @@ class ChannelGroup(SliceGroup):
         for item in group:
             dep = item.dep
             module = dep.target.module
+            if isinstance(module, nn.Module) and module in names and graph.is_in_channel_pruning_fn(dep.handler):
+                self.readers.append(Reader(names[module], module, [int(i) for i in item.idxs],
+                                           [int(r) for r in item.root_idxs]))
             if isinstance(module, BLOCKING_TYPES):
                 self.blocking.append(f"{names.get(module, '?')} ({type(module).__name__})")
                 continue

@@ -27,6 +27,17 @@ class Slice:
     root: int
 
 
+@dataclass(frozen=True)
+class Reader:
+    """A layer reading a group's units as its input: its input `columns` (channels of a Conv, features of a
+    Linear) carry root units `roots` (pairwise). Activation-aware scores and reconstruction use them."""
+
+    module_name: str
+    module: nn.Module
+    columns: list[int]
+    roots: list[int]
+
+
 class SliceGroup:
     """Units (channels, heads) of a group, each produced by parameter slices; the interface pruners
     and the shrinker use. Subclasses fill `slices` and implement `prune`."""
@@ -46,6 +57,8 @@ class SliceGroup:
 
     def __init__(self) -> None:
         self.slices: list[Slice] = []
+        #: the layers reading the units (torch-pruning groups know them; block groups leave this empty)
+        self.readers: list[Reader] = []
         self.unsupported: list[str] = []
         self.blocking: list[str] = []
 

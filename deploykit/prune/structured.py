@@ -78,6 +78,10 @@ class StructuredPruner:
         self.criterion = criterion
 
     def apply(self, ctx: PruneContext) -> Outcome:
+        return self.masked(ctx)[0]
+
+    def masked(self, ctx: PruneContext) -> tuple[Outcome, list[SliceGroup], dict[str, list[int]]]:
+        """Mask the chosen channels: the outcome, the groups pruned, and the root channels each lost."""
         hints = hints_of(ctx.spec)
         with grouping_deadline(ctx.plan.graph_timeout_s):
             graph = dependency_graph(ctx.model, ctx.example_inputs, hints)
@@ -136,7 +140,7 @@ class StructuredPruner:
         details = {"channels_masked": {name: len(c) for name, c in chosen.items()},
                    "skipped_normalised_groups": not_removable, "without_group": ungrouped,
                    "heads_kept": heads_kept(ctx, groups, chosen, projections)}
-        return Outcome("channels", requested, masked, details)
+        return Outcome("channels", requested, masked, details), groups, chosen
 
     def _choose(self, ctx: PruneContext, groups: list[SliceGroup]) -> dict[str, list[int]]:
         """Root channels to prune per group, lowest scores first; every group keeps at least one

@@ -87,6 +87,22 @@ def language_model_quality(model: "nn.Module", vocab: int, context: int) -> dict
     return {"perplexity": float(torch.exp(nll)), "token_accuracy": float(accuracy)}
 
 
+def training_windows(vocab: int, length: int, items: int = 16):
+    """A calibration hook (`ModelSpec.calibration`): `count` batches of `items` windows of `length` tokens
+    of the training text, the same draw every time."""
+
+    def calibration(count: int) -> list[tuple[torch.Tensor]]:
+        generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+        train = token_ids(vocab)[0]
+        return [(windows(train, items, length, generator),) for _ in range(count)]
+
+    return calibration
+
+
+#: seed of the calibration draws: apart from the training loop's and the benchmarks' samplers
+CALIBRATION_SEED = 7_000
+
+
 def held_out_prompts(vocab: int, length: bool = False):
     """A sampler of prompts, windows of held-out text (what a benchmark feeds): of DEFAULT_LENGTH tokens,
     or with `length`, a sampler that takes the length as its third argument."""

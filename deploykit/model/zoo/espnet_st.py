@@ -218,10 +218,16 @@ def greedy_tokens(model: nn.Module, feats: torch.Tensor, max_tokens: int) -> lis
     return ys[1:]
 
 
+def _calibration(task: SpeechTranslationTask, count: int) -> list[tuple[torch.Tensor]]:
+    """Calibration batches: 16 utterances of the task each (its training distribution), the same draw every time."""
+    g = torch.Generator().manual_seed(7_000)
+    return [task.features(16, g) for _ in range(count)]
+
+
 def _trained_st_fields(task: SpeechTranslationTask, recipe: Recipe) -> dict[str, Any]:
     fields = _st_fields(FEATS)
     fields.update(sampler=task.features, length_sampler=task.features, train=partial(task.train, recipe=recipe),
-                  evaluate=task.bleu, recipe=recipe)
+                  evaluate=task.bleu, recipe=recipe, calibration=partial(_calibration, task))
     return fields
 
 

@@ -26,6 +26,7 @@ from deploykit.model.zoo.corpus import (
     language_model_quality,
     next_token_loss,
     token_ids,
+    training_windows,
     windows,
 )
 
@@ -65,7 +66,7 @@ TRAINED_CONTEXT = 128
 
 def _trained_fields(vocab: int, recipe: Recipe) -> dict:
     return dict(_fields(vocab), sampler=held_out_prompts(vocab), length_sampler=held_out_prompts(vocab, length=True),
-                recipe=recipe,
+                recipe=recipe, calibration=training_windows(vocab, TRAINED_CONTEXT),
                 train=partial(_train_language_model, vocab=vocab, recipe=recipe),
                 evaluate=partial(_quality, vocab=vocab))
 

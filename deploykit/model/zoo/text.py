@@ -201,6 +201,18 @@ def _translation_sample(batch: int, g: torch.Generator) -> tuple[torch.Tensor, t
     return src, torch.cat([torch.full((batch, 1), BOS), tgt], dim=1)[:, :TGT_TOKENS]
 
 
+def _translation_calibration(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Calibration batches: 16 training-distribution sentence pairs each, as the model takes them (the
+    source, and the reference after BOS, one length a batch), the same draw every time."""
+    g = torch.Generator().manual_seed(7_000)
+    batches = []
+    for _ in range(count):
+        length = int(torch.randint(TRAIN_LENGTHS[0], TRAIN_LENGTHS[1] + 1, (1,), generator=g))
+        src, tgt = _pair_batch(16, length, g)
+        batches.append((src, torch.cat([torch.full((16, 1), BOS), tgt], dim=1)))
+    return batches
+
+
 SMALL_SRC_VOCAB, SMALL_TGT_VOCAB = FIRST_WORD + TRANSLATION.src_words, FIRST_WORD + TRANSLATION.tgt_words
 TRANSLATION_RECIPE = Recipe(data=f"{TRANSLATION.describe()}; source lengths {TRAIN_LENGTHS[0]}-{TRAIN_LENGTHS[1]}",
                             steps=2000, batch=32, lr=1e-3, warmup=100)
@@ -212,6 +224,7 @@ TRANSLATION_RECIPE = Recipe(data=f"{TRANSLATION.describe()}; source lengths {TRA
             InputSpec("tgt", ("batch", "tgt_len"), "int64", high=SMALL_TGT_VOCAB)],
     outputs=["logits"],
     sampler=_translation_sample,
+    calibration=_translation_calibration,
     output_layers=["generator"],
     train=partial(_train_translation, recipe=TRANSLATION_RECIPE),
     evaluate=_translation_bleu,
