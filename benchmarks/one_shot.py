@@ -11,7 +11,7 @@ unpruned model in interleaved rounds (`measure_against_unpruned`: torch and onnx
 1 thread). Goals (issue 36): at 0.5 unstructured, wanda and sparsegpt lose at most a third of what
 magnitude loses; act-structured at 0.3 keeps accuracy/BLEU within 1 point where l1-structured does not.
 
-Run: bash .ci/env python benchmarks/one_shot.py [--models a,b] [--json PATH]
+Run: bash .ci/env python benchmarks/one_shot.py [--models a,b] [--only REGEX] [--json PATH]
 Rows are written to the JSON file as they are measured (a stopped run keeps them). Trained zoo models
 train on first use (`deploykit models` says how long).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -80,6 +81,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/one_shot.json"))
+    parser.add_argument("--only", metavar="REGEX", help="the variants whose label (e.g. 'wanda:0.5', "
+                        "'act-structured:0.3,layer,recover 200') matches REGEX")
     args = parser.parse_args()
     rows: list[dict] = []
     out = Path(args.json)
@@ -88,6 +91,8 @@ def main() -> int:
         for name in args.models.split(","):
             spec = resolve_model(name)
             for plan, form in variants(MODELS.get(name, ())):
+                if args.only and not re.search(args.only, plan.label()):
+                    continue
                 print(f"{name}: {plan.label()} {form}", file=sys.stderr, flush=True)
                 try:
                     rows.append(measure(spec, plan, form, Path(tmp)))

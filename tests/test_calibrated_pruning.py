@@ -355,15 +355,14 @@ def test_act_structured_refits_gpt2s_projections_after_its_mlp_channels():
     assert not result.outcome.details["weight_scored_groups"]
 
 
-def test_sparsegpt_keeps_the_weights_of_inputs_calibration_never_excited():
-    """The reference implementation zeroes them (an LLM's dead features); a bag-of-words model meets at
-    inference words its calibration items lacked, so they stay, unless the mask takes them."""
+def test_sparsegpt_prunes_inputs_calibration_never_excited_first_and_counts_them():
+    """The reference implementation zeroes their weights beyond the mask; here they go first, within it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 16, generator=g)
     x[:, 3] = 0
     w = torch.randn(8, 16, generator=g)
-    updated, keep, _ = sparsegpt(w, x.t() @ x / len(x), 0.5, None)
-    assert torch.equal(updated[:, 3][keep[:, 3]], w[:, 3][keep[:, 3]]) and keep[:, 3].any()
+    updated, keep, count = sparsegpt(w, x.t() @ x / len(x), 0.5, None)
+    assert not keep[:, 3].any() and count == 64 and int((updated == 0).sum()) == 64
 
 
 def test_thin_statistics_are_said():
@@ -371,3 +370,13 @@ def test_thin_statistics_are_said():
 
     said = calibration_warnings("sparsegpt", {"fc": {"rows": 128, "inputs": 5000, "unseen_inputs": 4000}})
     assert "4,000 of 5,000" in said[0] and "128 rows for 5,000 inputs" in said[1]
+
+
+def test_a_hook_that_fails_or_gives_the_wrong_tensors_is_one_line():
+    def failing(count):
+        raise ValueError("no data here")
+
+    with pytest.raises(UsageError, match="the calibration hook of mixed failed: ValueError: no data here"):
+        calibration_data(_spec(failing), None, 8, "wanda")
+    with pytest.raises(UsageError, match=r"each batch must be a tuple of 1 tensor \(x\)"):
+        calibration_data(_spec(lambda count: [(torch.zeros(8, 4, 6, 6), torch.zeros(8))]), None, 8, "wanda")

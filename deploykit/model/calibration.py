@@ -84,7 +84,10 @@ def calibration_data(spec: "ModelSpec", choice: str | None, samples: int, method
                       "the task; quality after pruning may be far from what real data gives")
     entry = _entry_point(choice)
     if entry is not None:
-        batches = _gathered(lambda count: _called(entry, count, spec), samples + HELD_OUT_ITEMS, entry.text)
+        from deploykit.model.entrypoint import load_factory  # torch side
+
+        function, where = load_factory(entry), f"calibration entry point {entry.text}"
+        batches = _gathered(lambda count: _batches_of(function, count, spec, where), samples + HELD_OUT_ITEMS, where)
         return _split(batches, samples, f"{entry.text} (an entry point giving batches)")
     if choice is not None:
         tensors, source = read_calibration_file(choice, spec)
@@ -96,12 +99,9 @@ def calibration_data(spec: "ModelSpec", choice: str | None, samples: int, method
         batches = [tuple(t[i:i + BATCH_ITEMS] for t in tensors) for i in range(0, items, BATCH_ITEMS)]
         return _split(batches, samples, source)
     if spec.calibration is not None:
-        hook = spec.calibration
-
-        def draw(count: int):
-            return list(hook(count))
-        batches = _gathered(draw, samples + HELD_OUT_ITEMS, spec.name)
-        batches = _validated(batches, spec, f"the calibration hook of {spec.name}")
+        where = f"the calibration hook of {spec.name}"
+        batches = _gathered(lambda count: _batches_of(spec.calibration, count, spec, where), samples + HELD_OUT_ITEMS,
+                            where)
         return _split(batches, samples, f"{spec.name}'s calibration hook (its task's inputs)")
     if spec.sampler is not None and is_builtin(spec):
         batches = _drawn(lambda i: spec.example_inputs(BATCH_ITEMS, seed=SAMPLER_SEED + i), samples + HELD_OUT_ITEMS)
@@ -121,17 +121,14 @@ def _entry_point(choice: str | None):
     return parse_entry_point(choice)
 
 
-def _called(entry, count: int, spec: "ModelSpec") -> list:
-    """`count` batches from a calibration entry point (a function of the batch count, as the spec hook
-    is), each checked against the model's inputs like a file's tensors."""
-    from deploykit.model.entrypoint import load_factory  # torch side
-
-    hook = load_factory(entry)
+def _batches_of(function, count: int, spec: "ModelSpec", where: str) -> list:
+    """`count` batches from a function of the batch count (a spec's hook, an entry point), each checked
+    against the model's inputs like a file's tensors; what the function raises is one line."""
     try:
-        batches = list(hook(count))
+        batches = list(function(count))
     except Exception as exc:  # noqa: BLE001 - the user's code: what it raised is theirs to read
-        raise UsageError(f"calibration entry point {entry.text} failed: {type(exc).__name__}: {exc}") from None
-    return _validated(batches, spec, f"calibration entry point {entry.text}")
+        raise UsageError(f"{where} failed: {type(exc).__name__}: {exc}") from None
+    return _validated(batches, spec, where)
 
 
 def _validated(batches, spec: "ModelSpec", where: str) -> list:
@@ -262,7 +259,7 @@ def _gathered(draw, items: int, name: str) -> list:
     count = max(1, -(-items // BATCH_ITEMS))
     batches = [tuple(b) for b in draw(count)]
     if not batches:
-        raise UsageError(f"the calibration hook of {name} gave no batches")
+        raise UsageError(f"{name} gave no batches")
     have = sum(_items(b) for b in batches)
     if have < items:  # the hook's batches are smaller than ours: ask for as many more as that needs
         more = [tuple(b) for b in draw(-(-count * items // max(have, 1)))]

@@ -86,9 +86,9 @@ def calibration_warnings(method: str, layers: dict[str, dict]) -> list[str]:
         worst = max(unseen, key=lambda name: unseen[name]["unseen_inputs"] / unseen[name]["inputs"])
         warnings.append(f"{len(unseen)} layer{'s' * (len(unseen) > 1)} had inputs the calibration items never excited "
                         f"(most: {worst}, {unseen[worst]['unseen_inputs']:,} of {unseen[worst]['inputs']:,}): "
-                        + ("wanda prunes their weights first (the paper's score: zero)" if method == "wanda" else
-                           "sparsegpt scores them as inputs of average power") + "; more or more varied calibration "
-                        "items (--calibration-samples) cover more")
+                        + f"{method} prunes their weights first (no evidence that they matter); a model with sparse inputs "
+                        "(a bag of words) meets them at inference: more or more varied calibration items "
+                        "(--calibration-samples) cover more")
     thin = {name: r for name, r in layers.items() if r["rows"] < r["inputs"]}
     if thin and method == "sparsegpt":
         name = next(iter(thin))
@@ -184,9 +184,9 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, amount: float, patter
     weight (zeros where pruned), its keep-mask, and how many weights it pruned."""
     weight, hessian = weight.contiguous().clone(), hessian.contiguous().clone()
     rows, columns = weight.shape
-    # inputs the calibration items never excite: the reference implementation zeroes their weights (an LLM's
-    # dead features); here they stay, scored as inputs of average power independent of the others, since a
-    # model with sparse inputs (a bag of words) meets at inference what 128 items did not show
+    # inputs the calibration items never excite: the reference implementation zeroes their weights outside the
+    # mask (an LLM's dead features); here they are pruned first, within the mask, so the count stays what was
+    # asked (as Wanda's zero score does), and H gets an average diagonal there so that it can be factored
     diagonal = torch.diag(hessian)
     dead = diagonal == 0
     hessian[dead, dead] = float(diagonal[~dead].mean()) if bool((~dead).any()) else 1.0
@@ -202,14 +202,15 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, amount: float, patter
         diagonal = torch.diag(inv)
         pruned = torch.zeros(block.shape, dtype=torch.bool)
         if pattern is None:
-            scores = block ** 2 / diagonal[None, :] ** 2
+            scores = torch.where(dead[None, i1:i2], -1.0, block ** 2 / diagonal[None, :] ** 2)
             count = round(amount * scores.numel())
             pruned.view(-1)[torch.argsort(scores.reshape(-1), stable=True)[:count]] = True
             total += count
         for i in range(i2 - i1):
             if pattern is not None and i % pattern[1] == 0:
                 kept, every = pattern
-                scores = block[:, i:i + every] ** 2 / diagonal[None, i:i + every] ** 2
+                scores = torch.where(dead[None, i1 + i:i1 + i + every], -1.0,
+                                     block[:, i:i + every] ** 2 / diagonal[None, i:i + every] ** 2)
                 drop = torch.argsort(scores, dim=1, stable=True)[:, :every - kept]
                 pruned[:, i:i + every] = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, drop, True)
                 total += rows * (every - kept)
