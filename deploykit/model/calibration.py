@@ -51,9 +51,10 @@ MAX_FILE_BYTES = 4 << 30
 #: the suffixes a calibration file may have
 FILE_SUFFIXES = (".npz", ".safetensors")
 RANDOM = "random"
-#: seed of the first batch drawn from a sampler for calibration: apart from the seeds example and
-#: parity inputs use (0, 1, 100...), so calibration items are not the items parity is checked on
-SAMPLER_SEED = 7_000
+#: seed of calibration draws (a sampler's first batch, the zoo's hooks): apart from the seeds example and
+#: parity inputs use (0, 1, 100...) and training loops, so calibration items are not the items parity is
+#: checked on
+CALIBRATION_SEED = 7_000
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def calibration_data(spec: "ModelSpec", choice: str | None, samples: int, method
     """`samples` calibration items (and up to HELD_OUT_ITEMS held out) for `method` on `spec`'s model,
     from `choice` (a file path, "random", or None: the model's own), as the module docstring orders."""
     if choice == RANDOM:
-        batches = _drawn(lambda i: spec.example_inputs(BATCH_ITEMS, seed=SAMPLER_SEED + i), samples + HELD_OUT_ITEMS)
+        batches = _drawn(lambda i: spec.example_inputs(BATCH_ITEMS, seed=CALIBRATION_SEED + i), samples + HELD_OUT_ITEMS)
         return _split(batches, samples, "random example inputs (--calibration random)",
                       "calibrated on random inputs (--calibration random): activation statistics of noise, not of "
                       "the task; quality after pruning may be far from what real data gives")
@@ -104,7 +105,7 @@ def calibration_data(spec: "ModelSpec", choice: str | None, samples: int, method
                             where)
         return _split(batches, samples, f"{spec.name}'s calibration hook (its task's inputs)")
     if spec.sampler is not None and is_builtin(spec):
-        batches = _drawn(lambda i: spec.example_inputs(BATCH_ITEMS, seed=SAMPLER_SEED + i), samples + HELD_OUT_ITEMS)
+        batches = _drawn(lambda i: spec.example_inputs(BATCH_ITEMS, seed=CALIBRATION_SEED + i), samples + HELD_OUT_ITEMS)
         return _split(batches, samples, f"{spec.name}'s sampler (the inputs its benchmark feeds)")
     raise UsageError(f"{method} prunes from calibration data and {spec.name} has none: give --calibration FILE (.npz or "
                      f".safetensors of tensors named {', '.join(spec.input_names) or 'like its inputs'}, items on the "

@@ -254,8 +254,9 @@ class ModelSpec:
     #: how `train` trains (`deploykit.model.training.Recipe`): recorded in every export's manifest, and
     #: part of the cache key
     recipe: "Recipe | None" = None
-    #: real inputs for static quantization's calibration: n -> up to n input tuples (a batch each);
-    #: without it, calibration uses example inputs, which is only as good as they are
+    #: real inputs for static quantization's calibration and the pruners that run the model (wanda,
+    #: sparsegpt, act-structured, `--recover`): n -> up to n input tuples (a batch each); without it,
+    #: quantization uses example inputs, and those pruners refuse a user's model (`deploykit.model.calibration`)
     calibration: "Callable[[int], Sequence[tuple[torch.Tensor, ...]]] | None" = None
     #: the forms this model supports; None means all
     forms: tuple[str, ...] | None = None

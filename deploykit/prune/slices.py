@@ -57,7 +57,8 @@ class SliceGroup:
 
     def __init__(self) -> None:
         self.slices: list[Slice] = []
-        #: the layers reading the units (torch-pruning groups know them; block groups leave this empty)
+        #: the layers reading the units (torch-pruning's in-channel dependencies; a block handler's own, such as
+        #: an attention's output projection; empty where neither says)
         self.readers: list[Reader] = []
         self.unsupported: list[str] = []
         self.blocking: list[str] = []

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from deploykit.core.extras import require
+from deploykit.model.calibration import CALIBRATION_SEED
 from deploykit.model.spec import DEFAULT_LENGTH
 
 if TYPE_CHECKING:
@@ -97,10 +98,6 @@ def training_windows(vocab: int, length: int, items: int = 16):
         return [(windows(train, items, length, generator),) for _ in range(count)]
 
     return calibration
-
-
-#: seed of the calibration draws: apart from the training loop's and the benchmarks' samplers
-CALIBRATION_SEED = 7_000
 
 
 def held_out_prompts(vocab: int, length: bool = False):

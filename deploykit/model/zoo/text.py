@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deploykit.model.calibration import CALIBRATION_SEED
 from deploykit.model.spec import InputSpec, register_model
 from deploykit.model.training import Recipe, fit
 from deploykit.model.zoo.synthetic import (
@@ -204,7 +205,7 @@ def _translation_sample(batch: int, g: torch.Generator) -> tuple[torch.Tensor, t
 def _translation_calibration(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Calibration batches: 16 training-distribution sentence pairs each, as the model takes them (the
     source, and the reference after BOS, one length a batch), the same draw every time."""
-    g = torch.Generator().manual_seed(7_000)
+    g = torch.Generator().manual_seed(CALIBRATION_SEED)
     batches = []
     for _ in range(count):
         length = int(torch.randint(TRAIN_LENGTHS[0], TRAIN_LENGTHS[1] + 1, (1,), generator=g))
