@@ -379,4 +379,4 @@ def test_a_hook_that_fails_or_gives_the_wrong_tensors_is_one_line():
     with pytest.raises(UsageError, match="the calibration hook of mixed failed: ValueError: no data here"):
         calibration_data(_spec(failing), None, 8, "wanda")
     with pytest.raises(UsageError, match=r"each batch must be a tuple of 1 tensor \(x\)"):
-        calibration_data(_spec(lambda count: [(torch.zeros(8, 4, 6, 6), torch.zeros(8))]), None, 8, "wanda")
+        calibration_data(_spec(lambda count: [("not a tensor",)]), None, 8, "wanda")

@@ -139,11 +139,13 @@ def _validated(batches, spec: "ModelSpec", where: str) -> list:
     checked = []
     for batch in batches:
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        if len(batch) != len(spec.inputs) or not all(isinstance(t, torch.Tensor) for t in batch):
+        if len(batch) < len(spec.inputs) or not all(isinstance(t, torch.Tensor) for t in batch):
             raise UsageError(f"{where}: each batch must be a tuple of {len(spec.inputs)} "
                              f"tensor{'s' * (len(spec.inputs) != 1)} ({', '.join(spec.input_names)})")
+        # tensors after the inputs are what the model's trace forward reads besides them (an ESPnet
+        # decoder's teacher-forced prefix): passed on as they are
         checked.append(tuple(torch.as_tensor(_checked(t.detach().cpu().numpy(), s, where))
-                             for t, s in zip(batch, spec.inputs)))
+                             for t, s in zip(batch, spec.inputs)) + batch[len(spec.inputs):])
     return checked
 
 

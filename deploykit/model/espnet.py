@@ -204,11 +204,14 @@ def trace_forward(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[tor
     output, and the decoder's logits over a fixed token prefix (teacher forcing).
 
     `ESPnetSTModel.forward` needs speech, text and their lengths and returns a loss, which tells a
-    dependency graph nothing about the deployed layers."""
-    (feats,) = inputs
+    dependency graph nothing about the deployed layers. A second input (calibration batches) is the token
+    prefix to teacher-force instead of the fixed one."""
+    feats, *prefix = inputs
     memory = encode_features(model, feats)
     batch = feats.shape[0]
-    tgt = torch.tensor([[sos_eos(model), *TRACE_TOKENS]] * batch)
+    # a calibration batch carries the decoder's prefix (sos and the reference translation: what the decoder
+    # reads when it translates); tracing and parity use the fixed one
+    tgt = prefix[0] if prefix else torch.tensor([[sos_eos(model), *TRACE_TOKENS]] * batch)
     lengths = torch.full((batch,), memory.shape[1], dtype=torch.long)
     logits, _ = model.decoder(memory, lengths, tgt, torch.full((batch,), tgt.shape[1], dtype=torch.long))
     return memory, logits

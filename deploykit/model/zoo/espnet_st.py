@@ -164,6 +164,11 @@ class SpeechTranslationTask:
     def describe(self) -> str:
         return f"{self.translation.describe()}; {self.speech.describe()}"
 
+    @property
+    def sos_eos(self) -> int:
+        """The vocabulary's last id, ESPnet's sos and eos (after blank, unk and the words)."""
+        return FIRST_TOKEN + self.translation.tgt_words
+
     def utterance(self, words: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (frames, FEATS), reference token ids)."""
         source = self.translation.sentence(words, g)
@@ -219,10 +224,17 @@ def greedy_tokens(model: nn.Module, feats: torch.Tensor, max_tokens: int) -> lis
     return ys[1:]
 
 
-def _calibration(task: SpeechTranslationTask, count: int) -> list[tuple[torch.Tensor]]:
-    """Calibration batches: 16 utterances of the task each (its training distribution), the same draw every time."""
+def _calibration(task: SpeechTranslationTask, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Calibration batches, one whole utterance each (of the training lengths, unpadded): its features and,
+    for the decoder to read as it does when translating, sos and the reference translation (the trace
+    forward teacher-forces a second input); the same draw every time."""
     g = torch.Generator().manual_seed(CALIBRATION_SEED)
-    return [task.features(16, g) for _ in range(count)]
+    batches = []
+    for _ in range(count):
+        feats, reference = task.utterance(int(torch.randint(TRAIN_WORDS[0], TRAIN_WORDS[1] + 1, (1,), generator=g)), g)
+        prefix = torch.cat([torch.tensor([task.sos_eos]), reference]).unsqueeze(0)
+        batches.append((feats.unsqueeze(0), prefix))
+    return batches
 
 
 def _trained_st_fields(task: SpeechTranslationTask, recipe: Recipe) -> dict[str, Any]:
