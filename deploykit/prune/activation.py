@@ -35,7 +35,7 @@ from torch import nn
 from deploykit.core.hooks import class_path, run_forward
 from deploykit.prune.base import PRUNERS, Outcome, PruneContext
 from deploykit.prune.layerwise import CONV1D_PATH, first_calls, unfolded
-from deploykit.prune.slices import Reader, SliceGroup
+from deploykit.prune.slices import SliceGroup
 from deploykit.prune.structured import StructuredPruner
 
 #: ridge term of the least-squares re-fit, as a share of the mean diagonal of its inputs' second moment
@@ -80,7 +80,7 @@ def _column_energy(module: nn.Module) -> torch.Tensor | None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.groups == 1:
             return (w ** 2).transpose(0, 1).reshape(w.shape[1], -1).sum(dim=1)
-        if module.groups == module.in_channels == module.out_channels:  # depthwise: channel c feeds filter c
+        if _depthwise(module):  # channel c feeds filter c
             return (w ** 2).reshape(w.shape[0], -1).sum(dim=1)
     return None
 
@@ -149,31 +149,24 @@ class ActivationStructured:
 
 def reconstruct(model: nn.Module, unpruned: nn.Module, groups: list[SliceGroup], chosen: dict[str, list[int]],
                 batches) -> dict[str, dict]:
-    """Re-fit each layer reading a removed channel, in call order (module docstring); layer -> record."""
+    """Re-fit each layer reading a removed channel (a Linear, a one-group Conv, GPT-2's Conv1D: the readers
+    `_column_energy` reads), in call order (module docstring); layer -> record."""
     dropped: dict[str, set[int]] = {}
-    reader_of: dict[str, Reader] = {}
     for group in groups:
         removed = set(chosen.get(group.root_name, ()))
-        for reader in group.readers:
+        # a reader that loses the channel itself (a depthwise conv, a batch norm of the group) needs no re-fit
+        for reader in (r for r in group.readers if _column_energy(r.module) is not None and not _depthwise(r.module)):
             columns = {c for c, r in zip(reader.columns, reader.roots) if r in removed}
             if columns:
                 dropped.setdefault(reader.module_name, set()).update(columns)
-                reader_of[reader.module_name] = reader
     records: dict[str, dict] = {}
     for name in _call_order(model, list(dropped), batches[0]):
-        module = model.get_submodule(name)
-        if not _refittable(module):
-            records[name] = {"reconstructed": False, "why": f"a {type(module).__name__} in groups: its columns are "
-                             "not one matrix"}
-            continue
-        records[name] = _refit(model, unpruned, name, module, sorted(dropped[name]), batches)
+        records[name] = _refit(model, unpruned, name, model.get_submodule(name), sorted(dropped[name]), batches)
     return records
 
 
-def _refittable(module: nn.Module) -> bool:
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return module.groups == 1
-    return isinstance(module, nn.Linear) or class_path(type(module)) == CONV1D_PATH
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels == module.out_channels
 
 
 def _call_order(model: nn.Module, names: list[str], inputs) -> list[str]:
