@@ -172,8 +172,9 @@ def test_a_stopped_bench_keeps_what_it_measured_and_removes_its_scratch(tmp_path
          "--runtime", "onnxruntime", "--min-time", "1", "--min-iters", "5", "--store", str(store)],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         # as from a terminal: a test run started as a background job inherits SIGINT ignored, and a Python
-        # started with it ignored never raises KeyboardInterrupt
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # started with it ignored never raises KeyboardInterrupt; one started under nohup inherits SIGHUP
+        # ignored, which deploykit keeps (as nohup asks)
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGHUP)])
     watchdog = threading.Timer(240, proc.kill)  # a bench that hangs fails the test instead of the suite
     watchdog.start()
     try:
