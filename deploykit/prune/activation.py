@@ -34,7 +34,8 @@ from torch import nn
 
 from deploykit.core.hooks import class_path, run_forward
 from deploykit.prune.base import PRUNERS, Outcome, PruneContext
-from deploykit.prune.layerwise import CONV1D_PATH, first_calls, unfolded
+from deploykit.prune.layerwise import CONV1D_PATH, as_matrix, first_calls, from_matrix, unfolded
+from deploykit.prune.recover import apply_masks
 from deploykit.prune.slices import SliceGroup
 from deploykit.prune.structured import StructuredPruner
 
@@ -188,16 +189,11 @@ def _rows_out(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, y.shape[-1])
 
 
-def _matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """(out, in) view of a layer's weight (a Conv's flattened, GPT-2's Conv1D transposed)."""
-    return weight.t() if class_path(type(module)) == CONV1D_PATH else weight.reshape(weight.shape[0], -1)
-
-
 def _refit(model, unpruned, name: str, module: nn.Module, dropped: list[int], batches) -> dict:
     """Least-squares re-fit of `module` (module docstring): its record."""
     teacher = unpruned.get_submodule(name)
     kernel = int(torch.tensor(module.kernel_size).prod()) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
-    width = _matrix(module, module.weight).shape[1]
+    width = as_matrix(module, module.weight).shape[1]
     gone = torch.zeros(width, dtype=torch.bool)
     for column in dropped:  # a Conv's channel is `kernel` consecutive unfolded columns
         gone[column * kernel:(column + 1) * kernel] = True
@@ -245,7 +241,7 @@ def _refit(model, unpruned, name: str, module: nn.Module, dropped: list[int], ba
     damped[range(len(kept)), range(len(kept))] += ridge
     # the ridge pulls towards the layer's own weights, not towards zero: a column the calibration inputs
     # never excite (a unit that stayed dead on them) keeps its weight rather than losing it
-    own = _matrix(teacher, teacher.weight.detach()).double()[:, kept].t()
+    own = as_matrix(teacher, teacher.weight.detach()).double()[:, kept].t()
     prior = torch.zeros_like(cross)
     prior[:len(kept)] = ridge * own
     solution = torch.linalg.solve(damped, cross + prior)  # (kept [+1], out)
@@ -266,17 +262,12 @@ def _write(module: nn.Module, kept: torch.Tensor, solution: torch.Tensor, bias: 
     """Put the fitted columns (and bias) into the layer's weights (under its pruning mask, if it has one)."""
     weight = getattr(module, "weight_orig", module.weight)
     with torch.no_grad():
-        matrix = torch.zeros_like(_matrix(module, weight))
+        matrix = torch.zeros_like(as_matrix(module, weight))
         matrix[:, kept] = solution[:len(kept)].t().to(matrix.dtype)
-        if class_path(type(module)) == CONV1D_PATH:
-            weight.copy_(matrix.t())
-        else:
-            weight.copy_(matrix.reshape(weight.shape))
+        weight.copy_(from_matrix(module, matrix, weight.shape))
         if bias:
             getattr(module, "bias_orig", module.bias).copy_(solution[-1].to(weight.dtype))
-    for hook in module._forward_pre_hooks.values():  # a masked layer: its weight recomputed from the new _orig
-        if hasattr(hook, "apply_mask"):
-            setattr(module, hook._tensor_name, hook.apply_mask(module))
+        apply_masks(module)  # a masked layer: its weight recomputed from the new _orig
 
 
 PRUNERS.add("act-structured", ActivationStructured())

@@ -56,27 +56,20 @@ class WeightView:
     kind: str  # "linear", "conv1d-transposed", "conv", "mha-in", "mha-out"
     parts: list[Part]
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return _as_matrix(self, getattr(self.module, self.param)).shape
-
     def matrix(self) -> torch.Tensor:
         """The weight as it is now, as a float32 (out, in) copy."""
-        return _as_matrix(self, getattr(self.module, self.param).detach()).float().contiguous().clone()
+        return as_matrix(self.module, getattr(self.module, self.param).detach()).float().contiguous().clone()
 
     def write(self, matrix: torch.Tensor) -> None:
         """Put an (out, in) matrix back into the parameter (before its mask is installed)."""
         target = getattr(self.module, self.param)
         with torch.no_grad():
-            target.copy_(_from_matrix(self, matrix, target.shape).to(target.dtype))
+            target.copy_(from_matrix(self.module, matrix, target.shape).to(target.dtype))
 
     def install(self, keep: torch.Tensor) -> None:
         """Mask the parameter with an (out, in) keep-mask (`torch.nn.utils.prune`)."""
         target = getattr(self.module, self.param)
-        prune.custom_from_mask(self.module, self.param, _from_matrix(self, keep, target.shape))
-
-    def input_columns(self) -> int:
-        return self.shape[1]
+        prune.custom_from_mask(self.module, self.param, from_matrix(self.module, keep, target.shape))
 
     def channel_order(self) -> torch.Tensor | None:
         """For a Conv: the columns reordered so that consecutive ones are input channels at one kernel
@@ -88,14 +81,17 @@ class WeightView:
         return torch.arange(per_group * kernel).view(per_group, kernel).t().reshape(-1)
 
 
-def _as_matrix(view: WeightView, weight: torch.Tensor) -> torch.Tensor:
-    if view.kind == "conv1d-transposed":
+def as_matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A layer's weight as the (out, in) matrix it multiplies input rows by: a Conv's flattened, GPT-2's
+    Conv1D (stored (in, out)) transposed."""
+    if class_path(type(module)) == CONV1D_PATH:
         return weight.t()
     return weight.reshape(weight.shape[0], -1)
 
 
-def _from_matrix(view: WeightView, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if view.kind == "conv1d-transposed":
+def from_matrix(module: nn.Module, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`as_matrix` undone: an (out, in) matrix in the layout of the layer's weight (`shape`)."""
+    if class_path(type(module)) == CONV1D_PATH:
         return matrix.t().contiguous()
     return matrix.reshape(shape)
 

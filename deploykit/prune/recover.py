@@ -75,7 +75,7 @@ def _mean_loss(student, teacher, batches) -> float:
     return sum(losses) / max(len(losses), 1)
 
 
-def _apply_masks(model) -> None:
+def apply_masks(model) -> None:
     """Recompute every masked weight from its `_orig` now: a layer whose parent reads its weight itself
     (nn.MultiheadAttention's out_proj) never runs the pruning hook that would, and its weight would stay the
     tensor of the step before (and its graph, freed by that step's backward)."""
@@ -100,14 +100,14 @@ def distil(student, teacher, batches: Sequence[Sequence[torch.Tensor]], steps: i
         with torch.no_grad():
             target = _float_outputs(teacher, batch)
         with torch.enable_grad():
-            _apply_masks(student)
+            apply_masks(student)
             loss = distillation_loss(_float_outputs(student, batch), target)
             optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
                 optimizer.step()
     with torch.no_grad():
-        _apply_masks(student)
+        apply_masks(student)
     after = _mean_loss(student, teacher, measured_on)
     return {"steps": steps, "loss_before": before, "loss_after": after, "learning_rate": LEARNING_RATE,
             "seconds": round(time.perf_counter() - started, 3)}
