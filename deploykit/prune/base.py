@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from deploykit.core.errors import UsageError
 from deploykit.core.registry import Registry
 from deploykit.core.tomlfile import check_value, read_toml
-from deploykit.model.calibration import DEFAULT_SAMPLES
+from deploykit.model.calibration import DEFAULT_SAMPLES, calibration_data
 
 if TYPE_CHECKING:
     import torch
@@ -698,8 +698,6 @@ def prune_model(
 
 
 def _calibration(plan: PruningPlan, spec: "ModelSpec | None") -> "Calibration":
-    from deploykit.model.calibration import calibration_data  # torch side
-
     if spec is None:
         raise UsageError(f"{plan.method} prunes from calibration data: give the model's spec (prune_model(..., spec=))")
     what = f"--recover {plan.recover_steps}" if not getattr(PRUNERS.get(plan.method), "calibrated", False) else plan.method
