@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from deploykit.convert.csr import choose_kernels, csr_candidates, swap_to_csr, to_csr_modules
 from deploykit.convert.onnx_export import export_onnx, sparsify_initializers
+from deploykit.convert.sparse import choose_kernels, csr_candidates, swap_to_csr, to_csr_modules
 from deploykit.core.env import available_cores
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.measure import measure

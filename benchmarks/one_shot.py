@@ -2,7 +2,8 @@
 what each variant buys in speed against the unpruned model.
 
 For each trained model: magnitude, wanda and sparsegpt at 0.5 and 0.7 unstructured and at 2:4 (form
-dense: unstructured zeros buy no CPU time, and the speed column says so), and l1-structured,
+dense: unstructured zeros buy no CPU time, and the speed column says so), in 8x8 and 1x4 blocks at 0.5
+(form bsr), and l1-structured,
 act-structured (least-squares reconstruction) and act-structured with `--recover 200` at 0.3 and 0.5
 (form dense-shrunk). Each variant is exported as `deploykit export` does (`export_artifact`), its
 quality read from its manifest (the spec's evaluator, and the outputs' agreement with the unpruned model
@@ -47,9 +48,15 @@ MODELS = {
     "seq2seq-transformer-small-trained": (),
     "espnet-st-small-trained": ("encoder.embed.*",),
 }
-UNSTRUCTURED = [("magnitude", 0.5, ""), ("wanda", 0.5, ""), ("sparsegpt", 0.5, ""),
+UN#: block patterns (issue 37), in the form that runs them: quality beside the bsr speed
+BLOCKS = [("magnitude", 0.5, "8x8"), ("wanda", 0.5, "8x8"), ("sparsegpt", 0.5, "8x8"), ("magnitude", 0.5, "1x4"),
+          ("sparsegpt", 0.5, "1x4")]
+STRUCTURED = [("magnitude", 0.5, ""), ("wanda", 0.5, ""), ("sparsegpt", 0.5, ""),
                 ("magnitude", 0.7, ""), ("wanda", 0.7, ""), ("sparsegpt", 0.7, ""),
                 ("wanda", 0.5, "2:4"), ("sparsegpt", 0.5, "2:4")]
+#: block patterns (issue 37), in the form that runs them: quality beside the bsr speed
+BLOCKS = [("magnitude", 0.5, "8x8"), ("wanda", 0.5, "8x8"), ("sparsegpt", 0.5, "8x8"), ("magnitude", 0.5, "1x4"),
+          ("sparsegpt", 0.5, "1x4")]
 STRUCTURED = [("l1-structured", 0.3, 0), ("act-structured", 0.3, 0), ("act-structured", 0.3, 200),
               ("l1-structured", 0.5, 0), ("act-structured", 0.5, 0), ("act-structured", 0.5, 200)]
 
@@ -57,6 +64,8 @@ STRUCTURED = [("l1-structured", 0.3, 0), ("act-structured", 0.3, 0), ("act-struc
 def variants(exclude: tuple[str, ...]) -> list[tuple[PruningPlan, str]]:
     plans = [(PruningPlan(method=m, amount=a, pattern=p, scope="layer" if m == "magnitude" else "global",
                           exclude=exclude), "dense") for m, a, p in UNSTRUCTURED]
+    plans += [(PruningPlan(method=m, amount=a, pattern=p, scope="layer" if m == "magnitude" else "global",
+                           exclude=exclude), "bsr") for m, a, p in BLOCKS]
     plans += [(PruningPlan(method=m, amount=a, recover_steps=r, scope="layer", exclude=exclude), "dense-shrunk")
               for m, a, r in STRUCTURED]
     return plans

@@ -14,6 +14,7 @@ from deploykit.model.calibration import HELD_OUT_ITEMS, calibration_data
 from deploykit.model.spec import InputSpec, ModelSpec
 from deploykit.prune.base import PruningPlan, prune_model, strip_masks
 from deploykit.prune.oneshot import lowest_per_row, sparsegpt
+from deploykit.prune.patterns import parse_pattern
 
 FAST = ["--warmup", "0.01", "--min-time", "0.05", "--min-iters", "20", "--threads", "1"]
 
@@ -50,7 +51,8 @@ def _hook(count):
     ({"method": "wanda", "amount": 0.5, "pattern": "2-4"}, "bad pattern '2-4'"),
     ({"method": "wanda", "amount": 0.5, "pattern": "4:4"}, "N must be below M"),
     ({"method": "wanda", "amount": 0.7, "pattern": "2:4"}, "a sparsity of 0.5; the plan asks 0.7"),
-    ({"method": "magnitude", "amount": 0.5, "pattern": "2:4"}, "applies to wanda, sparsegpt, not magnitude"),
+    ({"method": "l1-structured", "amount": 0.5, "pattern": "2:4"},
+     "applies to magnitude, random, wanda, sparsegpt, not l1-structured"),
     ({"method": "magnitude", "amount": 0.5, "reconstruct": True}, "--reconstruct applies to act-structured"),
     ({"method": "magnitude", "amount": 0.5, "calibration": "c.npz"}, "magnitude prunes without data"),
     ({"method": "wanda", "amount": 0.5, "calibration_samples": 0}, "calibration samples must be an integer"),
@@ -174,6 +176,15 @@ def test_n_m_patterns_keep_n_of_every_m_along_the_input(method):
     assert groups.max().item() <= 2 and (model.fc.weight == 0).sum().item() == 16 * 4
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_block_patterns_remove_whole_blocks_of_calibrated_scores(method):
+    model, result = _pruned(method, pattern="4x4", exclude=("conv", "depthwise", "attn"))
+    strip_masks(model)
+    blocks = (model.fc.weight != 0).reshape(4, 4, 2, 4)
+    assert torch.equal(blocks.any(3).any(1), blocks.all(3).all(1))  # each 4x4 block all kept or all gone
+    assert (model.fc.weight == 0).sum().item() == 64 and result.outcome.masked == result.outcome.requested == 64
+
+
 def test_conv_n_m_groups_run_along_input_channels():
     torch.manual_seed(0)
     spec = _spec(_hook)
@@ -214,10 +225,10 @@ def test_later_layers_are_pruned_on_what_the_pruned_earlier_layers_give():
     x = torch.cat([b[0] for b in hook(2)])
     a_pruned = model.a.weight.detach()
     h = torch.relu(x @ a_pruned.t() + original["a.bias"])
-    expected, _ = lowest_per_row(original["b.weight"].abs() * h.norm(dim=0)[None, :], 0.5, None, None)
+    expected, _ = lowest_per_row(original["b.weight"].abs() * h.norm(dim=0)[None, :], 0.5)
     assert torch.equal(model.b.weight_mask.bool(), expected)
     h_unpruned = torch.relu(x @ original["a.weight"].t() + original["a.bias"])
-    unexpected, _ = lowest_per_row(original["b.weight"].abs() * h_unpruned.norm(dim=0)[None, :], 0.5, None, None)
+    unexpected, _ = lowest_per_row(original["b.weight"].abs() * h_unpruned.norm(dim=0)[None, :], 0.5)
     assert not torch.equal(expected, unexpected)  # the test can tell the two orders apart
 
 
@@ -225,7 +236,7 @@ def test_sparsegpts_update_lowers_the_layer_error_below_its_mask_alone():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 32, generator=g) @ torch.randn(32, 32, generator=g)
     w = torch.randn(16, 32, generator=g)
-    for pattern in (None, (2, 4)):
+    for pattern in (None, parse_pattern("2:4"), parse_pattern("4x4")):
         updated, keep, count = sparsegpt(w, x.t() @ x / len(x), 0.5, pattern)
         assert count == 256 and int((~keep).sum()) == 256 and not updated[~keep].any()
 

@@ -63,7 +63,7 @@ def test_export_json_is_the_manifest(cli, tmp_path):
         (["export", "--model", "nope", "--out", "{tmp}/o"], "unknown model 'nope'; known: "),
         (["export", "--prune", "magnitude:1.5", "--out", "{tmp}/o"], "sparsity 1.5 is outside [0, 1)"),
         (["export", "--prune", "magnitude:-0.2", "--out", "{tmp}/o"], "sparsity -0.2 is outside [0, 1)"),
-        (["export", "--form", "coo", "--out", "{tmp}/o"], "argument --form: invalid choice: 'coo' (choose from 'csr', 'dense', 'dense-shrunk')"),
+        (["export", "--form", "coo", "--out", "{tmp}/o"], "argument --form: invalid choice: 'coo' (choose from 'bsr', 'csr', 'dense', 'dense-shrunk')"),
         (["export", "--out", "{tmp}/file/o"], "directory '{tmp}/file' does not exist"),
         (["export", "--out", "{tmp}/existing"], "'{tmp}/existing' already exists"),
         (["export"], "the following arguments are required: --out"),

@@ -102,7 +102,7 @@ def test_choices_come_from_the_registries():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "--form", "dense,coo"], "argument --form: unknown form 'coo'; known: csr, dense, dense-shrunk"),
+    (["bench", "--form", "dense,coo"], "argument --form: unknown form 'coo'; known: bsr, csr, dense, dense-shrunk"),
     (["bench", "--device", "tpu"], "argument --device: unknown device 'tpu'; known: auto, cpu, gpu"),
     (["bench", "--graph-opt", "max"], "unknown graph optimisation 'max'; known: disabled, basic, extended, all"),
     (["export", "--quantize", "int4", "--out", "x"], "argument --quantize: invalid choice: 'int4'"),

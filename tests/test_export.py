@@ -75,7 +75,7 @@ def test_torch_model_reloads_with_the_recorded_kernels(csr_artifact, mlp_spec):
 
 
 def test_csr_kernels_match_dense_within_1e_5(csr_artifact, mlp_spec):
-    from deploykit.convert.csr import swap_to_csr
+    from deploykit.convert.sparse import swap_to_csr
 
     reference, manifest = load_torch_model(csr_artifact.directory, for_runtime=False)
     model, swapped = swap_to_csr(copy.deepcopy(reference), list(manifest.form_recipe["kernels"]))
@@ -161,7 +161,7 @@ def test_manifest_problems_are_artifact_errors(tmp_path):
 
 
 def test_kernel_choice_follows_measurement_far_from_the_crossover():
-    from deploykit.convert.csr import choose_kernels
+    from deploykit.convert.sparse import choose_kernels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048), nn.Linear(2048, 4)).eval()

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from deploykit.convert import kernel_choice
-from deploykit.convert.csr import CSRLinear, choose_kernels, to_csr_modules
 from deploykit.convert.kernel_choice import MARGIN, ROUNDS, KernelTimings, Round, decide, decide_layer, time_interleaved
+from deploykit.convert.sparse import CSRLinear, choose_kernels, to_csr_modules
 
 
 def _sparse_linear(out_features, in_features, sparsity, seed=0):

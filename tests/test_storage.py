@@ -4,6 +4,8 @@ import struct
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from deploykit.core.errors import ArtifactError
 from deploykit.core.storage import encode_smallest, index_dtype, load_weights, save_weights
@@ -46,15 +48,59 @@ def test_round_trip_is_exact_and_never_larger_than_dense(tmp_path_factory, shape
 def test_encoding_choice_follows_byte_counts():
     dense = torch.randn(64, 64)
     assert encode_smallest("w", dense).kind == "dense"
-    half = dense.clone()
-    half[:, ::2] = 0
+    half = dense * (torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.5)
     assert encode_smallest("w", half).kind == "bitmask"  # 1 bit/element beats 1 byte/nonzero of CSR
+    columns = dense.clone()
+    columns[:, ::2] = 0  # whole zero columns: blocks of rows in a column cost a bit per block
+    assert encode_smallest("w", columns).kind == "blocks"
     very = torch.zeros(512, 512)
     very[::50, ::50] = 1.0
     encoded = encode_smallest("w", very)
     assert encoded.kind == "csr"
     assert encoded.parts["col"].dtype == torch.uint16  # 512 columns need more than uint8
     assert encoded.parts["crow"].dtype == torch.uint8  # 121 nonzeros fit in uint8
+
+
+def test_block_pruned_weights_store_kept_blocks_and_a_bit_per_block(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for block in ((8, 8), (1, 4), (16, 16)):
+        kept = torch.rand(256 // block[0], 128 // block[1], generator=g) >= 0.9
+        weight = torch.randn(256, 128, generator=g) * kept.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+        encoded = encode_smallest("w", weight)
+        assert (encoded.kind, encoded.block) == ("blocks", block)
+        blocks = kept.numel()
+        assert encoded.payload_bytes == int(kept.sum()) * block[0] * block[1] * 4 + (blocks + 7) // 8
+        save_weights({"w": weight}, tmp_path / "w.safetensors", "compact")
+        assert torch.equal(load_weights(tmp_path / "w.safetensors")["w"], weight)
+
+
+def _tampered_blocks(tmp_path, edit) -> str:
+    weight = torch.zeros(40, 40)  # 25 blocks of 8x8: 4 mask bytes, 7 padding bits
+    weight[:8, :8] = 1.0
+    save_weights({"w": weight}, tmp_path / "w.safetensors", "compact")
+    tensors, metadata = {}, {}
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    records = json.loads(metadata["encodings"])
+    assert records["w"]["kind"] == "blocks"
+    edit(records["w"], tensors)
+    metadata["encodings"] = json.dumps(records)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(ArtifactError) as error:
+        load_weights(tmp_path / "bad.safetensors")
+    return str(error.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda record, _t: record.update(block=[3, 8]), "does not divide"),
+    (lambda record, _t: record.update(block=[0, 8]), "bad block"),
+    (lambda record, _t: record.update(block="8x8"), "bad block"),
+    (lambda _r, tensors: tensors.update({"w::values": tensors["w::values"][:10].clone()}), "values stored"),
+    (lambda _r, tensors: tensors.update({"w::mask": torch.full((4,), 255, dtype=torch.uint8)}), "padding bits"),
+])
+def test_a_tampered_block_encoding_is_refused(tmp_path, edit, message):
+    assert message in _tampered_blocks(tmp_path, edit)
 
 
 @pytest.mark.parametrize("value, dtype", [(255, torch.uint8), (256, torch.uint16), (65535, torch.uint16),

@@ -166,7 +166,7 @@ def _model_options(args):
 
 def _plan_options(args) -> dict:
     """PruningPlan fields from --plan FILE, overridden by the command-line options given."""
-    from deploykit.prune.base import load_plan_file, parse_rule
+    from deploykit.prune.base import load_plan_file, parse_pattern_rule, parse_rule
 
     options = load_plan_file(args.plan) if args.plan else {}
     if args.scope is not None:
@@ -194,6 +194,14 @@ def _plan_options(args) -> dict:
         options["at_init"] = True
     if args.allow_layer_collapse:
         options["allow_layer_collapse"] = True
+    if args.block is not None:
+        if args.pattern is not None and args.pattern != args.block:
+            raise UsageError(f"--block {args.block} and --pattern {args.pattern} name two patterns: give one")
+        if "x" not in args.block.lower():
+            raise UsageError(f"--block takes a block RxC (8x8, 1x4), got {args.block!r}; N:M goes to --pattern")
+        args.pattern = args.block
+    if args.pattern_rule:
+        options["pattern_rules"] = tuple(parse_pattern_rule(text) for text in args.pattern_rule)
     for option in ("pattern", "calibration", "calibration_samples", "reconstruct", "recover"):
         if getattr(args, option) is not None:
             options["recover_steps" if option == "recover" else option] = getattr(args, option)
@@ -502,7 +510,7 @@ def cmd_export(args) -> int:
 
 
 #: forms whose export is timed against the unpruned model (the others run the unpruned model's kernels)
-MEASURED_FORMS = ("dense-shrunk", "csr")
+MEASURED_FORMS = ("dense-shrunk", "csr", "bsr")
 
 
 def _alignment(args, spec, plan, threads: int, export_options: dict, progress):
@@ -573,9 +581,11 @@ def _print_export(result, plan, threads: int, threads_note: str, measured=(), la
         recipe = m.training["recipe"]
         print(f"trained: {recipe['steps']} steps of {recipe['batch']} on {recipe['data']}")
     for name, decision in m.form_recipe.get("kernels", {}).items():
-        timed = (f"; dense {decision['dense_ms']:.4f} ms, csr {decision['csr_ms']:.4f} ms (medians of "
+        kernels = [key.removesuffix("_rounds_ms") for key in decision if key.endswith("_rounds_ms")]
+        timed = ("; " + ", ".join(f"{k} {decision[f'{k}_ms']:.4f} ms" for k in kernels) + " (medians of "
                  f"{len(decision['dense_rounds_ms'])} interleaved rounds)" if "dense_rounds_ms" in decision else "")
-        print(f"kernel {name}: {decision['choice']}{' (NOISY decision)' if decision.get('noisy') else ''} (sparsity "
+        block = f", {decision['block']}x{decision['block']} blocks" if decision.get("choice") == "bsr" else ""
+        print(f"kernel {name}: {decision['choice']}{block}{' (NOISY decision)' if decision.get('noisy') else ''} (sparsity "
               f"{100 * decision['sparsity']:.2f}%{timed}; {decision.get('reason', '')}; batch "
               f"{m.form_recipe['kernel_batch']}, {m.form_recipe.get('threads')} threads)")
     _print_alignment(m.form_recipe.get("round_to"))

@@ -123,7 +123,7 @@ def add_plan(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                                            else "") + f" (methods: {names(PRUNERS.names())})")
     g.add_argument("--plan", metavar="FILE.toml",
                    help="pruning plan file: method, sparsity (or compression), scope, exclude, exclude_output, seed, "
-                   "rounds, layer_types, at_init and a [rules] table; command-line options override it")
+                   "rounds, layer_types, at_init, pattern and [rules] and [pattern_rules] tables; command-line options override it")
     g.add_argument("--scope", choices=("global", "layer"), default=None,
                    help=f"prune the fraction over all layers together (global) or in each layer (default "
                    f"{default_of(PruningPlan, 'scope')})")
@@ -154,9 +154,16 @@ def add_plan(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     g.add_argument("--at-init", action="store_true",
                    help="prune the model's initial weights, then train it with the masks in force (its training "
                    "hook): the protocol snip, grasp and synflow were designed for")
-    g.add_argument("--pattern", metavar="N:M",
-                   help="wanda, sparsegpt: at most N nonzero weights in every M consecutive along each layer's input "
-                   "(2:4, 4:8; the sparsity is then 1 - N/M); unstructured without it")
+    g.add_argument("--pattern", metavar="N:M|RxC",
+                   help="magnitude, random, wanda, sparsegpt: N:M keeps at most N nonzero weights in every M consecutive "
+                   "along each layer's input (2:4; the sparsity is then 1 - N/M); RxC (or block:RxC) removes blocks of R "
+                   "outputs by C inputs whole (8x8, 1x4: what block-sparse CPU kernels and the bsr form reward); "
+                   "unstructured without it")
+    g.add_argument("--block", metavar="RxC",
+                   help="the same as --pattern RxC")
+    g.add_argument("--pattern-rule", action="append", default=[], metavar="PATTERN=N:M|RxC|none",
+                   help="per-module pattern by name pattern, e.g. 'h.*.mlp.*=8x8' or 'fc1=none'; the first matching rule "
+                   "wins, other layers get --pattern (repeatable)")
     g.add_argument("--calibration", metavar="FILE|FILE.py:FN|random",
                    help="calibration data for wanda, sparsegpt, act-structured and --recover: a .npz or .safetensors of "
                    "input tensors named like the model's inputs (items on the first axis), a function of a batch count "

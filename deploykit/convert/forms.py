@@ -7,12 +7,12 @@ A `Form` has three steps:
   channels it removed; csr the per-layer kernel it measured and chose; dense nothing);
 - `restore(fresh, spec, inputs, recipe)`: the recipe applied to a freshly built model at load time,
   before the weights, so that their shapes fit;
-- `for_torch(module, inputs, recipe)`: the module PyTorch executes (csr swaps the chosen Linear
-  layers for `CSRLinear`).
+- `for_torch(module, inputs, recipe)`: the module PyTorch executes (csr and bsr swap the chosen layers
+  for `CSRLinear` / `BSRLinear`).
 
 How to add a form: write those functions and ``FORMS.add("name", Form(...))``. This module is cheap
 to import (the command line reads the form names from it; onnxruntime workers load it): a form's
-torch side lives in its own module (`deploykit.convert.csr`, `deploykit.convert.shrink`), imported by
+torch side lives in its own module (`deploykit.convert.sparse`, `deploykit.convert.shrink`), imported by
 the form's functions when they run.
 """
 
@@ -73,16 +73,23 @@ FORMS: Registry[Form] = Registry("form")
 
 
 def _measured_csr(stripped: "nn.Module", spec, inputs: "Sequence[torch.Tensor]", options: dict) -> Converted:
-    from deploykit.convert.csr import measured_csr  # torch side
+    from deploykit.convert.sparse import measured_csr  # torch side
 
     recipe, summary = measured_csr(stripped, spec, inputs, options)
     return Converted(stripped, recipe, summary)
 
 
-def _to_csr_modules(model: "nn.Module", inputs: "Sequence[torch.Tensor]", recipe: dict) -> "tuple[nn.Module, list[str]]":
-    from deploykit.convert.csr import to_csr_modules  # torch side
+def _measured_bsr(stripped: "nn.Module", spec, inputs: "Sequence[torch.Tensor]", options: dict) -> Converted:
+    from deploykit.convert.sparse import measured_bsr  # torch side
 
-    return to_csr_modules(model, inputs, recipe)
+    recipe, summary = measured_bsr(stripped, spec, inputs, options)
+    return Converted(stripped, recipe, summary)
+
+
+def _to_sparse_modules(model: "nn.Module", inputs: "Sequence[torch.Tensor]", recipe: dict) -> "tuple[nn.Module, list[str]]":
+    from deploykit.convert.sparse import to_sparse_modules  # torch side
+
+    return to_sparse_modules(model, inputs, recipe)
 
 
 def _shrink(stripped: "nn.Module", spec, inputs: "Sequence[torch.Tensor]", options: dict) -> Converted:
@@ -106,7 +113,11 @@ for _form in (
     Form("dense", "stripped weights stored and run densely (zeros included)", "dense"),
     Form("csr", "compact weights file and sparse ONNX initializers; pruned Linear layers run as "
          "torch.sparse_csr under PyTorch where a measurement shows it beats dense",
-         "compact", convert=_measured_csr, for_torch=_to_csr_modules, sparse_onnx=True),
+         "compact", convert=_measured_csr, for_torch=_to_sparse_modules, sparse_onnx=True),
+    Form("bsr", "compact weights file (kept blocks and a block mask where the zeros fall in blocks); pruned layers "
+         "(Linear, 1x1 Conv, GPT-2's Conv1D) run as torch.sparse_bsr or torch.sparse_csr under PyTorch, whichever a "
+         "measurement shows beats dense by most; onnxruntime runs dense initializers",
+         "compact", convert=_measured_bsr, for_torch=_to_sparse_modules),
     Form("dense-shrunk", "channels that are zero across their coupled group physically removed",
          "dense", convert=_shrink, restore=_replay),
 ):

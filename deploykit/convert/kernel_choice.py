@@ -1,4 +1,4 @@
-"""Which pruned Linear layers run as CSR under PyTorch: a decision measured robustly, or not taken.
+"""Which pruned layers run on a sparse kernel (CSR, BSR) under PyTorch: a decision measured robustly, or not taken.
 
 A sparse kernel wins only for large layers at high sparsity, and by how much depends on the batch,
 the thread count and the machine. Measured on this project's 2-core machine (torch 2.10, CSR time
@@ -74,11 +74,20 @@ SHAPE_CLASSES = (
     ShapeClass(2**18, None, None),  # up to 512 x 512: CSR never won by a clear margin
     ShapeClass(math.inf, 0.9, 0.75),
 )
+#: BSR with 8x8 blocks (torch 2.10, 1 thread, BSR time over dense): 256 x 256 at 0.9, batch 32: 0.73;
+#: 1024 x 1024 at 0.9: 0.85 (batch 1), 0.36 (32), at 0.7 1.2-2x; 4096 x 4096 at 0.8: 0.42 (batch 1),
+#: 0.51 (32), at 0.9: 0.19 and 0.26. Candidates from 0.7, with room below the crossovers.
+BSR_SHAPE_CLASSES = (
+    ShapeClass(2**15, None, None),
+    ShapeClass(math.inf, 0.7, 0.7),
+)
+#: kernel -> its candidate shape classes
+KERNEL_SHAPE_CLASSES = {"csr": SHAPE_CLASSES, "bsr": BSR_SHAPE_CLASSES}
 
 
-def candidate_threshold(weight: torch.Tensor, batch: int) -> float | None:
-    """The sparsity above which a weight of this shape may run faster as CSR at `batch` (None: never)."""
-    for shape_class in SHAPE_CLASSES:
+def candidate_threshold(weight: torch.Tensor, batch: int, kernel: str = "csr") -> float | None:
+    """The sparsity above which a weight of this shape may run faster on `kernel` at `batch` (None: never)."""
+    for shape_class in KERNEL_SHAPE_CLASSES[kernel]:
         if weight.numel() <= shape_class.max_elements:
             return shape_class.min_sparsity(batch)
     return None
@@ -163,49 +172,70 @@ def _timed_round(call: Callable[[], object]) -> Round:
     return Round(m.median_ms, m.percentile_ms(0))
 
 
-def time_interleaved(dense: Callable[[], object], csr: Callable[[], object], rounds: int = ROUNDS,
-                     timer: Timer | None = None) -> KernelTimings:
-    """Alternate the two kernels `rounds` times (dense first, then CSR first, and so on), so that a
-    burst of other load falls on both rather than on one. `timer` (a call -> its `Round`) is
-    deploykit's timing loop unless given."""
+def time_rotation(calls: dict[str, Callable[[], object]], rounds: int = ROUNDS,
+                  timer: Timer | None = None) -> dict[str, tuple[Round, ...]]:
+    """Each call's rounds, the calls taken in turn `rounds` times, each round starting one call later (two
+    calls: first then second, then second then first), so that a burst of other load falls on all of them
+    rather than on one. `timer` (a call -> its `Round`) is deploykit's timing loop unless given."""
     if timer is None:
         timer = _timed_round
-        for call in (dense, csr):
+        for call in calls.values():
             measure(call, warmup_s=WARMUP_S, min_time_s=0, min_iters=1)
-    dense_rounds, csr_rounds = [], []
+    names = list(calls)
+    out: dict[str, list[Round]] = {name: [] for name in names}
     for i in range(rounds):
-        order = ((dense_rounds, dense), (csr_rounds, csr)) if i % 2 == 0 else ((csr_rounds, csr), (dense_rounds, dense))
-        for out, call in order:
-            out.append(timer(call))
-    return KernelTimings(tuple(dense_rounds), tuple(csr_rounds))
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            out[name].append(timer(calls[name]))
+    return {name: tuple(taken) for name, taken in out.items()}
 
 
-def decide_layer(dense: nn.Linear, sparse: nn.Module, x: torch.Tensor, batch: int,
-                 timer: Timer | None = None) -> dict:
-    """The decision record for one layer (what the manifest keeps): sparsity, candidate threshold,
-    choice, whether noise decided it, why, and the raw rounds where it was timed."""
-    sparsity = float((dense.weight == 0).float().mean())
-    threshold = candidate_threshold(dense.weight, batch)
-    record = {"sparsity": sparsity, "candidate_threshold": threshold}
-    if threshold is None or sparsity < threshold:
-        shape = "x".join(map(str, dense.weight.shape))
-        why = "never a candidate" if threshold is None else f"a candidate from {threshold:g} sparsity"
-        return {**record, "choice": "dense", "noisy": False,
-                "reason": f"not timed: a {shape} weight at batch {batch} is {why}"}
+def time_interleaved(dense: Callable[[], object], csr: Callable[[], object], rounds: int = ROUNDS,
+                     timer: Timer | None = None) -> KernelTimings:
+    """Two calls in alternation (`time_rotation`): dense first, then CSR first, and so on."""
+    taken = time_rotation({"dense": dense, "csr": csr}, rounds, timer)
+    return KernelTimings(taken["dense"], taken["csr"])
+
+
+def decide_layer(dense: nn.Module, sparse: "nn.Module | dict[str, nn.Module]", x: torch.Tensor, batch: int,
+                 timer: Timer | None = None, weight: torch.Tensor | None = None) -> dict:
+    """The decision record for one layer (what the manifest keeps): sparsity, each kernel's candidate
+    threshold, the choice, whether noise decided it, why, and the raw rounds of each kernel timed.
+
+    `sparse` is the layer on each candidate kernel ({"csr": CSRLinear, "bsr": BSRLinear}; a single module
+    is CSR). Every kernel whose shape class can win at this sparsity is timed with dense in the same
+    rotation; the choice is the fastest that `decide` would take over dense, else dense."""
+    sparse = sparse if isinstance(sparse, dict) else {"csr": sparse}
+    weight = dense.weight if weight is None else weight
+    sparsity = float((weight == 0).float().mean())
+    thresholds = {kernel: candidate_threshold(weight, batch, kernel) for kernel in sparse}
+    timed = [k for k, t in thresholds.items() if t is not None and sparsity >= t]
+    record = {"sparsity": sparsity, "candidate_threshold": thresholds.get("csr") if len(sparse) == 1 else thresholds}
+    if not timed:
+        shape = "x".join(map(str, weight.shape))
+        why = "; ".join(f"{k} never a candidate" if t is None else f"{k} a candidate from {t:g} sparsity"
+                        for k, t in thresholds.items())
+        return {**record, "choice": "dense", "noisy": False, "reason": f"not timed: a {shape} weight at batch {batch}: {why}"}
     with torch.inference_mode():
-        timings = time_interleaved(lambda: dense(x), lambda: sparse(x), timer=timer)
-    choice, noisy, reason = decide(timings)
-    return {**record, "choice": choice, "noisy": noisy, "reason": reason,
-            "dense_ms": statistics.median(r.median_ms for r in timings.dense),
-            "csr_ms": statistics.median(r.median_ms for r in timings.csr),
-            "dense_rounds_ms": [r.median_ms for r in timings.dense], "csr_rounds_ms": [r.median_ms for r in timings.csr],
-            "dense_rounds_min_ms": [r.min_ms for r in timings.dense], "csr_rounds_min_ms": [r.min_ms for r in timings.csr]}
+        taken = time_rotation({"dense": lambda: dense(x), **{k: (lambda m=sparse[k]: m(x)) for k in timed}}, timer=timer)
+    verdicts = {k: decide(KernelTimings(taken["dense"], taken[k]), k) for k in timed}
+    ratios = {k: statistics.median(KernelTimings(taken["dense"], taken[k]).ratios or [math.inf]) for k in timed}
+    winners = sorted((k for k in timed if verdicts[k][0] == k), key=lambda k: ratios[k])
+    choice = winners[0] if winners else "dense"
+    noisy = verdicts[choice][1] if winners else any(v[1] for v in verdicts.values())
+    reason = "; ".join(verdicts[k][2] for k in timed) + (f"; chose {choice}" if len(timed) > 1 else "")
+    out = {**record, "choice": choice, "noisy": noisy, "reason": reason}
+    for kernel, rounds in taken.items():
+        out.update({f"{kernel}_ms": statistics.median(r.median_ms for r in rounds),
+                    f"{kernel}_rounds_ms": [r.median_ms for r in rounds],
+                    f"{kernel}_rounds_min_ms": [r.min_ms for r in rounds]})
+    return out
 
 
-def cache_key(layer: str, weight: torch.Tensor, threads: int, batch: int) -> str:
-    """What a decision depends on: the machine, torch, threads, batch, and the weights themselves."""
+def cache_key(layer: str, weight: torch.Tensor, threads: int, batch: int, kernels: Sequence[str] = ("csr",)) -> str:
+    """What a decision depends on: the machine, torch, threads, batch, the kernels offered, and the weights
+    themselves."""
     facts = {"machine": machine_info(), "torch": torch.__version__, "threads": threads, "batch": batch,
-             "layer": layer}
+             "layer": layer, **({"kernels": list(kernels)} if tuple(kernels) != ("csr",) else {})}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
     digest.update(weight.detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
@@ -217,4 +247,9 @@ def cached_decision(directory: Path, key: str) -> dict | None:
         data = json.loads((directory / f"{key}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("choice") in ("csr", "dense") else None
+    if not isinstance(data, dict) or data.get("choice") not in ("csr", "bsr", "dense"):
+        return None
+    block = data.get("block")
+    if data["choice"] == "bsr" and not (isinstance(block, int) and not isinstance(block, bool) and block > 0):
+        return None  # a bsr decision names its block side
+    return data

@@ -18,6 +18,12 @@ parts are stored under ``<name>::<part>``:
   holds their largest value.
 - ``bitmask``: ``::mask`` one bit per element, row-major, packed most-significant-bit first into uint8
   (`numpy.packbits`), padding bits zero; ``::values`` the nonzero values in the same order.
+- ``blocks``: the matrix cut into blocks of ``block = [R, C]`` (recorded; R divides the rows and C the
+  columns); ``::mask`` one bit per block (blocks row-major, packed as bitmask's), set for the blocks kept
+  (those holding a nonzero); ``::values`` the kept blocks' R x C values, block after block, each
+  row-major. What a block-pruned weight costs: its kept blocks plus a bit per block, near the
+  information floor of the block mask plus the values. Block shapes tried: `BLOCK_SHAPES` that divide
+  the matrix.
 
 Tensors that are one and the same (tied weights, e.g. GPT-2's embedding and LM head) are stored once;
 the metadata key ``aliases`` maps each other name to the stored one, and loading hands back the same
@@ -67,10 +73,12 @@ class EncodedTensor:
     """One tensor as stored: its encoding kind and the parts written to the file."""
 
     name: str
-    kind: str  # "dense" | "csr" | "bitmask"
+    kind: str  # "dense" | "csr" | "bitmask" | "blocks"
     parts: "dict[str, torch.Tensor]"  # part suffix ("" for dense) -> tensor
     shape: tuple[int, ...]
     dtype: str
+    #: the block shape of a "blocks" encoding
+    block: tuple[int, int] | None = None
 
     @property
     def payload_bytes(self) -> int:
@@ -81,7 +89,8 @@ class EncodedTensor:
         if self.kind == "dense":
             return 0
         extra_entries = len(self.parts) - 1
-        return extra_entries * (_ENTRY_OVERHEAD + len(self.name) + 8) + _RECORD_OVERHEAD + 2 * len(self.name)
+        return (extra_entries * (_ENTRY_OVERHEAD + len(self.name) + 8) + _RECORD_OVERHEAD + 2 * len(self.name)
+                + (32 if self.block else 0))
 
     @property
     def cost(self) -> int:
@@ -136,6 +145,43 @@ def encode_bitmask(name: str, tensor: "torch.Tensor") -> EncodedTensor:
 
 
 _ENCODERS = {"dense": encode_dense, "csr": encode_csr, "bitmask": encode_bitmask}
+#: block shapes (rows, columns) the blocks encoding is tried with: the square ones BSR kernels take, and
+#: the 1xN / Nx1 of block pruning along a row or a column (GPT-2's Conv1D stores its weight transposed)
+BLOCK_SHAPES = ((2, 2), (4, 4), (8, 8), (16, 16), (32, 32), (1, 2), (2, 1), (1, 4), (4, 1), (1, 8), (8, 1),
+                (1, 16), (16, 1))
+
+
+def encode_blocks(name: str, tensor: "torch.Tensor", block: tuple[int, int]) -> EncodedTensor:
+    import numpy as np
+    import torch
+
+    grid = _block_grid(_as_matrix(tensor), block)
+    present = (grid != 0).flatten(2).any(dim=2)
+    mask = torch.from_numpy(np.packbits(present.reshape(-1).numpy()))
+    parts = {"mask": mask, "values": grid[present].reshape(-1).contiguous()}
+    return EncodedTensor(name, "blocks", parts, tuple(tensor.shape), _dtype_name(tensor), block)
+
+
+def _block_grid(matrix: "torch.Tensor", block: tuple[int, int]) -> "torch.Tensor":
+    """(row blocks, column blocks, R, C) view of a matrix that `block` divides."""
+    rows, cols = matrix.shape
+    return matrix.reshape(rows // block[0], block[0], cols // block[1], block[1]).transpose(1, 2)
+
+
+def _best_block(tensor: "torch.Tensor") -> tuple[int, int] | None:
+    """The block shape (of `BLOCK_SHAPES` dividing the matrix) whose kept blocks cost fewest bytes."""
+    matrix = _as_matrix(tensor)
+    rows, cols = matrix.shape
+    nonzero = matrix != 0
+    best, best_cost = None, math.inf
+    for block in BLOCK_SHAPES:
+        if rows % block[0] or cols % block[1] or rows * cols < 4 * block[0] * block[1]:
+            continue
+        kept = int(_block_grid(nonzero, block).flatten(2).any(dim=2).sum())
+        cost = kept * block[0] * block[1] * tensor.element_size() + math.ceil(rows * cols / (block[0] * block[1]) / 8)
+        if cost < best_cost:
+            best, best_cost = block, cost
+    return best
 
 
 def encode_smallest(name: str, tensor: "torch.Tensor") -> EncodedTensor:
@@ -144,6 +190,9 @@ def encode_smallest(name: str, tensor: "torch.Tensor") -> EncodedTensor:
     if tensor.numel() == 0 or tensor.dtype.is_complex:
         return encode_dense(name, tensor)
     candidates = [encoder(name, tensor) for encoder in _ENCODERS.values()]
+    block = _best_block(tensor) if tensor.dim() >= 2 else None
+    if block is not None:
+        candidates.append(encode_blocks(name, tensor, block))
     return min(candidates, key=lambda enc: (enc.cost, enc.kind != "dense"))
 
 
@@ -259,7 +308,8 @@ def save_weights(
         for part, tensor in enc.parts.items():
             tensors[enc.name + (SEPARATOR + part if part else "")] = tensor
         if enc.kind != "dense":
-            records[enc.name] = {"kind": enc.kind, "shape": list(enc.shape), "dtype": enc.dtype}
+            records[enc.name] = {"kind": enc.kind, "shape": list(enc.shape), "dtype": enc.dtype,
+                                 **({"block": list(enc.block)} if enc.block else {})}
     metadata = {"format": FORMAT, "version": VERSION}
     if records:
         metadata["encodings"] = json.dumps(records, separators=(",", ":"))
@@ -343,20 +393,41 @@ def _decode_all(raw: dict, records: dict) -> dict:
     for name, record in records.items():
         if name in out:
             raise _Invalid(f"tensor {name!r} is stored both densely and encoded")
-        if not isinstance(record, dict) or record.get("kind") not in ("csr", "bitmask"):
+        if not isinstance(record, dict) or record.get("kind") not in _PARTS:
             raise _Invalid(f"tensor {name!r}: unknown encoding {record!r}")
-        parts = {"csr": ("crow", "col", "values"), "bitmask": ("mask", "values")}[record["kind"]]
+        parts = _PARTS[record["kind"]]
         keys = [name + SEPARATOR + part for part in parts]
         missing = [key for key in keys if key not in raw]
         if missing:
             raise _Invalid(f"tensor {name!r}: missing parts {missing}")
         claimed.update(keys)
-        decoder = _decode_csr if record["kind"] == "csr" else _decode_bitmask
-        out[name] = decoder(name, _record_shape(name, record), record.get("dtype"), *(raw[k] for k in keys))
+        shape = _record_shape(name, record)
+        if record["kind"] == "blocks":
+            out[name] = _decode_blocks(name, shape, record.get("dtype"), _record_block(name, record, shape),
+                                       *(raw[k] for k in keys))
+        else:
+            decoder = _decode_csr if record["kind"] == "csr" else _decode_bitmask
+            out[name] = decoder(name, shape, record.get("dtype"), *(raw[k] for k in keys))
     stray = sorted(set(raw) - claimed)
     if stray:
         raise _Invalid(f"parts without an encoding record: {stray}")
     return out
+
+
+#: each encoding's parts, in its decoder's argument order
+_PARTS = {"csr": ("crow", "col", "values"), "bitmask": ("mask", "values"), "blocks": ("mask", "values")}
+
+
+def _record_block(name: str, record: dict, shape: tuple[int, ...]) -> tuple[int, int]:
+    block = record.get("block")
+    if (not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                                    and b > 0 for b in block) or len(shape) < 2):
+        raise _Invalid(f"tensor {name!r}: bad block {block!r}")
+    rows = shape[0]
+    cols = math.prod(shape) // rows if rows else 0
+    if rows % block[0] or cols % block[1]:
+        raise _Invalid(f"tensor {name!r}: the block {block} does not divide its {rows}x{cols} matrix")
+    return block[0], block[1]
 
 
 def _record_shape(name: str, record: dict) -> tuple[int, ...]:
@@ -428,6 +499,29 @@ def _decode_bitmask(name, shape, dtype_name, mask, values):
     out = torch.zeros(numel, dtype=values.dtype)
     out[present] = values
     return out.reshape(shape)
+
+
+def _decode_blocks(name, shape, dtype_name, block, mask, values):
+    import numpy as np
+    import torch
+
+    _check_values(name, values, dtype_name)
+    rows = shape[0]
+    cols = math.prod(shape) // rows if rows else 0
+    blocks = (rows // block[0]) * (cols // block[1])
+    if _dtype_name(mask) != "uint8" or mask.dim() != 1 or mask.numel() != (blocks + 7) // 8:
+        raise _Invalid(f"tensor {name!r}: block mask must be {(blocks + 7) // 8} uint8 bytes")
+    bits = np.unpackbits(mask.numpy())
+    if bits[blocks:].any():
+        raise _Invalid(f"tensor {name!r}: block mask padding bits are set")
+    present = torch.from_numpy(bits[:blocks].astype(bool)).reshape(rows // block[0], cols // block[1])
+    kept = int(present.sum())
+    if values.numel() != kept * block[0] * block[1]:
+        raise _Invalid(f"tensor {name!r}: block mask marks {kept} blocks of {block[0]}x{block[1]}, "
+                       f"{values.numel()} values stored")
+    out = torch.zeros(rows // block[0], cols // block[1], block[0], block[1], dtype=values.dtype)
+    out[present] = values.reshape(kept, block[0], block[1])
+    return out.transpose(1, 2).reshape(shape)
 
 
 def _dtype_name(tensor) -> str:

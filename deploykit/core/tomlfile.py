@@ -46,6 +46,7 @@ _KINDS = {
     "list of strings": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
     "table of numbers": lambda v: isinstance(v, dict) and all(
         isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item) for item in v.values()),
+    "table of strings": lambda v: isinstance(v, dict) and all(isinstance(item, str) for item in v.values()),
 }
 
 

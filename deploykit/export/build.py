@@ -411,4 +411,7 @@ def _form_notes(form: str) -> list[str]:
     if form == "csr":
         # Said in every csr manifest because users read ORT figures of a csr artifact as sparse speed.
         return ["onnxruntime densifies sparse initializers at load: its figures are dense-kernel speed"]
+    if form == "bsr":
+        return ["onnxruntime has no block-sparse kernel for these graphs: a bsr artifact's model.onnx holds dense "
+                "initializers, and its onnxruntime figures are dense-kernel speed"]
     return []

@@ -30,6 +30,7 @@ from deploykit.core.errors import UsageError
 from deploykit.core.registry import Registry
 from deploykit.core.tomlfile import check_value, read_toml
 from deploykit.model.calibration import DEFAULT_SAMPLES, calibration_data
+from deploykit.prune.patterns import Pattern, normalised, parse_pattern
 
 if TYPE_CHECKING:
     import torch
@@ -47,11 +48,11 @@ LAYER_TYPES = ("linear", "conv", "embedding", "custom")
 #: "magnitude:0.9" -> method "magnitude", amount 0.9; "grasp:c2" (or "grasp:c=2") -> compression 2
 _SPEC = re.compile(r"^(?P<method>[a-z][a-z0-9_-]*):(?P<amount>[^:]+)$")
 _COMPRESSION = re.compile(r"^c=?(?P<c>.+)$")
-#: "2:4": N of every M weights kept, 0 < N < M <= 64
-_PATTERN = re.compile(r"^(?:[1-9]|[1-5][0-9]|6[0-3]):(?:[2-9]|[1-5][0-9]|6[0-4])$")
-#: the methods that take an N:M pattern, and those that prune from calibration data (said in errors)
-PATTERN_METHODS = ("wanda", "sparsegpt")
+#: the methods that take a pattern (N:M, blocks), and those that prune from calibration data (said in errors)
+PATTERN_METHODS = ("magnitude", "random", "wanda", "sparsegpt")
 CALIBRATED_METHODS = ("wanda", "sparsegpt", "act-structured")
+#: the layer kinds a plan with a pattern prunes unless it names others (embeddings take no pattern)
+PATTERN_LAYER_TYPES = ("linear", "conv")
 MIN_CALIBRATION_SAMPLES = 1
 MAX_CALIBRATION_SAMPLES = 100_000
 MAX_RECOVER_STEPS = 100_000
@@ -101,8 +102,12 @@ class PruningPlan:
     #: may take before the export stops saying so (some graphs take many minutes)
     graph_timeout_s: float = 300.0
     #: "N:M": at most N nonzero weights in every M consecutive ones along a layer's input (NVIDIA's 2:4;
-    #: the sparsity is then 1 - N/M); "" for unstructured. For the pruners that take one (`patterns`)
+    #: the sparsity is then 1 - N/M); "RxC": blocks of R outputs by C inputs removed whole; "" for
+    #: unstructured (`deploykit.prune.patterns`). For the pruners that take one (`patterns`)
     pattern: str = ""
+    #: (module name pattern, pattern) pairs: the first that matches a layer sets its pattern ("" or "none":
+    #: unstructured), e.g. ("h.*.mlp.*", "8x8"); layers no rule matches get `pattern`
+    pattern_rules: tuple[tuple[str, str], ...] = ()
     #: calibration data for the pruners that run the model (`Pruner.calibrated`) and for recovery: None
     #: (the model's own: its spec's hook, or a zoo model's task), a .npz/.safetensors file, an entry point
     #: giving batches (`data.py:batches`), or "random" (`deploykit.model.calibration`)
@@ -121,6 +126,8 @@ class PruningPlan:
         object.__setattr__(self, "rules", tuple((str(p), float(a)) for p, a in self.rules))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "pattern", normalised(self.pattern))
+        object.__setattr__(self, "pattern_rules", tuple((str(p), normalised(v)) for p, v in self.pattern_rules))
         PRUNERS.get(self.method)  # raises with the list of known methods
         if self.compression is not None:
             if not 0 < self.compression <= 6:
@@ -153,20 +160,19 @@ class PruningPlan:
     def _check_calibration_options(self) -> None:
         """The pattern, calibration, reconstruction and recovery options: each where it applies."""
         pruner = PRUNERS.get(self.method)
-        if not isinstance(self.pattern, str) or (self.pattern and not _PATTERN.match(self.pattern)):
-            raise UsageError(f"bad pattern {self.pattern!r}; expected N:M (at most N nonzero of every M weights along "
-                             "the input), e.g. 2:4 or 4:8")
-        if self.pattern:
+        patterns = [("--pattern", self.pattern)] + [(f"pattern rule {name!r}", text) for name, text in self.pattern_rules]
+        for where, text in patterns:
+            pattern = parse_pattern(text)
+            if pattern is None:
+                continue
             if not getattr(pruner, "patterns", False):
-                raise UsageError(f"--pattern {self.pattern} applies to {', '.join(PATTERN_METHODS)}, not {self.method}")
-            kept, every = self.pattern_sizes
-            if kept >= every:
-                raise UsageError(f"pattern {self.pattern} keeps every weight: N must be below M (2:4 keeps 2 of every 4)")
-            implied = 1 - kept / every
-            for amount in (self.amount, *(a for _, a in self.rules)):
-                if amount and abs(amount - implied) > 1e-9:
-                    raise UsageError(f"pattern {self.pattern} keeps {kept} of every {every} weights, a sparsity of "
-                                     f"{implied:g}; the plan asks {amount:g} (give {self.method}:{implied:g})")
+                raise UsageError(f"{where} {text} applies to {', '.join(PATTERN_METHODS)}, not {self.method}")
+            if pattern.implied_sparsity is not None and where == "--pattern":
+                for amount in (self.amount, *(a for _, a in self.rules)):
+                    if amount and abs(amount - pattern.implied_sparsity) > 1e-9:
+                        raise UsageError(f"pattern {text} keeps {pattern.first} of every {pattern.second} weights, a "
+                                         f"sparsity of {pattern.implied_sparsity:g}; the plan asks {amount:g} (give "
+                                         f"{self.method}:{pattern.implied_sparsity:g})")
         if not isinstance(self.calibration_samples, int) or isinstance(self.calibration_samples, bool) or not (
                 MIN_CALIBRATION_SAMPLES <= self.calibration_samples <= MAX_CALIBRATION_SAMPLES):
             raise UsageError(f"calibration samples must be an integer in [{MIN_CALIBRATION_SAMPLES}, "
@@ -190,11 +196,16 @@ class PruningPlan:
             raise UsageError(f"--calibration applies to {', '.join(CALIBRATED_METHODS)} and --recover; {self.method} "
                              "prunes without data")
 
+    def pattern_for(self, module_name: str) -> Pattern | None:
+        """The pattern of a layer: the first pattern rule matching its name, else the plan's."""
+        for name, text in self.pattern_rules:
+            if fnmatch.fnmatchcase(module_name, name):
+                return parse_pattern(text)
+        return parse_pattern(self.pattern)
+
     @property
-    def pattern_sizes(self) -> tuple[int, int]:
-        """(N, M) of an N:M pattern."""
-        kept, every = self.pattern.split(":")
-        return int(kept), int(every)
+    def has_pattern(self) -> bool:
+        return bool(self.pattern) or any(text for _, text in self.pattern_rules)
 
     @property
     def uses_calibration(self) -> bool:
@@ -229,6 +240,7 @@ class PruningPlan:
         amount = f"c{self.compression:g}" if self.compression is not None else f"{self.amount:g}"
         return (f"{self.method}:{amount}" + (f"+{len(self.rules)} rules" if self.rules else "")
                 + (f",{self.pattern}" if self.pattern else "")
+                + (f"+{len(self.pattern_rules)} pattern rules" if self.pattern_rules else "")
                 + (f",{self.scope}" if self.scope != "global" else "")
                 + (f",round-to {self.round_to}" if self.round_to > 1 else "")
                 + (",no reconstruct" if self.reconstruct is False and getattr(PRUNERS.get(self.method), "reconstructs",
@@ -277,14 +289,21 @@ def parse_rule(text: str) -> tuple[str, float]:
         raise UsageError(f"bad sparsity {amount!r} in rule {text!r}") from None
 
 
+def parse_pattern_rule(text: str) -> tuple[str, str]:
+    """"h.*.mlp.*=8x8" -> ("h.*.mlp.*", "8x8"); "fc1=none" leaves fc1 unstructured."""
+    name, sep, pattern = text.rpartition("=")
+    if not sep or not name:
+        raise UsageError(f"bad pattern rule {text!r}; expected NAME_PATTERN=N:M|RxC|none, e.g. 'h.*.mlp.*=8x8'")
+    return name, normalised(pattern)
+
 
 #: plan file key -> the TOML kind its value must be (`deploykit.core.tomlfile.check_value`)
 PLAN_KEYS = {"method": "string", "sparsity": "number", "compression": "number", "scope": "string",
              "rules": "table of numbers", "exclude": "list of strings", "exclude_output": "boolean",
              "seed": "integer", "rounds": "integer", "layer_types": "list of strings", "at_init": "boolean",
              "allow_layer_collapse": "boolean", "round_to": "integer", "graph_timeout_s": "number",
-             "pattern": "string", "calibration": "string", "calibration_samples": "integer", "reconstruct": "boolean",
-             "recover_steps": "integer"}
+             "pattern": "string", "pattern_rules": "table of strings", "calibration": "string",
+             "calibration_samples": "integer", "reconstruct": "boolean", "recover_steps": "integer"}
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:
@@ -305,6 +324,8 @@ def load_plan_file(path: str | Path) -> dict[str, Any]:
     if "sparsity" in data:
         options["amount"] = data["sparsity"]
     options["rules"] = tuple(data.get("rules", {}).items())
+    if "pattern_rules" in data:
+        options["pattern_rules"] = tuple(data["pattern_rules"].items())
     return options
 
 
@@ -328,6 +349,11 @@ class PruneContext:
 
     def modules(self) -> "list[tuple[str, nn.Module, float]]":
         return [(name, self.model.get_submodule(name), amount) for name, amount in self.targets.items()]
+
+    def named_weights(self) -> list[tuple[str, str, float]]:
+        """(module name, parameter name, sparsity) of every weight to prune, as `weights`."""
+        return [(name, "weight", amount) for name, amount in self.targets.items()] + [
+            (name.rpartition(".")[0], name.rpartition(".")[2], amount) for name, amount in self.extra.items()]
 
     def weights(self) -> "list[tuple[nn.Module, str, float]]":
         """(module, parameter name, sparsity) of every weight to prune: the targets' `weight`, then the extras."""
@@ -356,10 +382,13 @@ PRUNERS: Registry[Pruner] = Registry("pruning method")
 
 class UnstructuredPruner:
     """Zero individual weights of each target's `weight` and of the extra weights (packed attention
-    projections, RNN and custom layers' weights): the smallest (L1) or random ones."""
+    projections, RNN and custom layers' weights): the smallest (L1) or random ones; under a pattern
+    (`--pattern 2:4`, `8x8`), groups or blocks of them (`deploykit.prune.tiles`), the blocks of layers
+    sharing a sparsity ranked together under the global scope."""
 
     #: zeroing single entries is exact for any weight a layer multiplies by, whoever reads it
     reaches_parameters = True
+    patterns = True
 
     def __init__(self, method: str):
         self.method = method  # the torch.nn.utils.prune method name: "l1_unstructured" / "random_unstructured"
@@ -369,10 +398,15 @@ class UnstructuredPruner:
 
         method_class = {"l1_unstructured": prune.L1Unstructured, "random_unstructured": prune.RandomUnstructured}[self.method]
         requested = 0
-        by_amount: dict[float, list] = {}
-        for module, name, amount in ctx.weights():
-            by_amount.setdefault(amount, []).append((module, name))
-        for amount, weights in by_amount.items():
+        by_amount: dict[tuple, list] = {}
+        for module_name, name, amount in ctx.named_weights():
+            pattern = ctx.plan.pattern_for(module_name)
+            by_amount.setdefault((amount, pattern), []).append((module_name, name))
+        for (amount, pattern), named in by_amount.items():
+            if pattern is not None:
+                requested += self._prune_patterned(ctx, named, amount, pattern)
+                continue
+            weights = [(ctx.model.get_submodule(module_name), name) for module_name, name in named]
             if ctx.plan.scope == "global":  # one threshold across the layers sharing this sparsity
                 prune.global_unstructured(weights, pruning_method=method_class, amount=amount)
                 requested += round(amount * sum(getattr(m, n).numel() for m, n in weights))
@@ -382,6 +416,26 @@ class UnstructuredPruner:
                     requested += round(amount * getattr(module, name).numel())
         masked = sum(_masked_count(module, name) for module, name, _ in ctx.weights())
         return Outcome("weights", requested, masked)
+
+    def _prune_patterned(self, ctx: PruneContext, named: list, amount: float, pattern: "Pattern") -> int:
+        """Mask `named` weights by N:M groups or blocks of the lowest magnitudes (or random scores); returns
+        how many weights the pattern drops (blocks: the count nearest `amount` the tiles allow)."""
+        import torch
+
+        from deploykit.prune.layerwise import weight_views  # torch side
+        from deploykit.prune.tiles import block_keep, pattern_keep  # torch side
+
+        views = weight_views(ctx.model, named)
+        scored = [(view, view.matrix().abs() if self.method == "l1_unstructured" else torch.rand(view.matrix().shape))
+                  for view in views]
+        if pattern.is_block and ctx.plan.scope == "global":
+            keeps, count = block_keep(scored, pattern.shape, amount)
+        else:
+            kept = [pattern_keep(view, scores, amount, pattern) for view, scores in scored]
+            keeps, count = [keep for keep, _ in kept], sum(c for _, c in kept)
+        for view, keep in zip(views, keeps):
+            view.install(keep)
+        return count
 
 
 PRUNERS.add("magnitude", UnstructuredPruner("l1_unstructured"))
@@ -501,7 +555,7 @@ def unpruned_weights(model: "nn.Module", result: PruneResult, hints: "PruningHin
                 found[name] = (f"a parameter of {type(module).__name__} that is not a layer's weight (positions, "
                                "tokens, a weight shared with another): the pruners leave it")
             elif (module_name not in prunable or local != "weight") and not (
-                    reaches and _reaches(PRUNERS.get(plan.method), module, local)):
+                    reaches and _reaches(PRUNERS.get(plan.method), module, local, plan)):
                 found[name] = (f"a weight {type(module).__name__} reads itself: {plan.method} prunes layers' weights; "
                                "magnitude and random prune it entry by entry")
             elif plan.layer_types and kind not in plan.layer_types:
@@ -640,7 +694,7 @@ def prune_model(
         return PruneResult(plan, (), ())
     hints = hints_of(spec)
     pruner = PRUNERS.get(plan.method)
-    kinds = plan.layer_types or getattr(pruner, "layer_types", LAYER_TYPES)
+    kinds = plan.layer_types or (PATTERN_LAYER_TYPES if plan.has_pattern else getattr(pruner, "layer_types", LAYER_TYPES))
     prunable = prunable_modules(model, hints)
     candidates = [name for name, module in prunable if layer_type(module, hints) in kinds]
     producers = producers_of_outputs(model, example_inputs, output_layers, hints)
@@ -653,8 +707,17 @@ def prune_model(
     if getattr(pruner, "reaches_parameters", False):
         extra = {name: plan.amount_for(module) for name, kind in reached_weights(model, hints).items()
                  if kind in kinds and (module := name.rpartition(".")[0]) not in excluded
-                 and _reaches(pruner, model.get_submodule(module), name.rpartition(".")[2])}
+                 and _reaches(pruner, model.get_submodule(module), name.rpartition(".")[2], plan)}
         extra = {name: amount for name, amount in extra.items() if amount > 0}
+    if plan.has_pattern and not plan.is_empty():
+        from deploykit.prune.tiles import pattern_exclusions  # torch side
+
+        too_small = pattern_exclusions(model, plan, [(name, "weight") for name in targets]
+                                       + [tuple(name.rpartition(".")[::2]) for name in extra])
+        reasons.update(too_small)
+        excluded += list(too_small)
+        targets = {name: amount for name, amount in targets.items() if name not in too_small}
+        extra = {name: amount for name, amount in extra.items() if name.rpartition(".")[0] not in too_small}
     if plan.is_empty():
         return PruneResult(plan, (), tuple(excluded), exclusion_reasons=reasons, output_layers=outputs)
     if not targets and not extra:
@@ -721,9 +784,14 @@ def _after_pruning(model, teacher, plan: PruningPlan, calibration: "Calibration"
     return details
 
 
-def _reaches(pruner: Pruner, module: "nn.Module", param: str) -> bool:
+def _reaches(pruner: Pruner, module: "nn.Module", param: str, plan: PruningPlan | None = None) -> bool:
     """Whether a pruner that reaches parameters outside layers (`reaches_parameters`) takes this one: all of
-    them, unless it says which (`reaches(module, param)`: wanda and sparsegpt take attention projections only)."""
+    them, unless it says which (`reaches(module, param)`: wanda and sparsegpt take attention projections only);
+    under a pattern, the attention projections only (the weights a pattern's (out, in) view describes)."""
+    from torch import nn
+
+    if plan is not None and plan.has_pattern:
+        return isinstance(module, nn.MultiheadAttention)
     reaches = getattr(pruner, "reaches", None)
     return reaches is None or reaches(module, param)
 

@@ -3,11 +3,13 @@
 - **Wanda** (Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language Models"):
   a weight's score is |W_ij| * ||X_j||, its magnitude times the norm of its input feature over the
   calibration rows; the lowest go in each output row (the paper's per-output comparison group), or,
-  with an N:M pattern, the lowest M - N of every M consecutive weights of a row. No weight changes.
+  with an N:M pattern, the lowest M - N of every M consecutive weights of a row, or with a block
+  pattern the blocks of the lowest score norm over the layer (`deploykit.prune.tiles`). No weight
+  changes.
 - **SparseGPT** (Frantar & Alistarh 2023): with H = X^T X of the layer's calibration inputs (dampened by
   1% of its mean diagonal, `DAMPENING`, times inputs / rows where the rows are fewer), columns are processed left to right in blocks of
   `BLOCK_SIZE`; in each block the weights with the lowest w^2 / [H^-1]_jj^2 are chosen (N:M: per M
-  columns), and each pruned weight's error is spread over the row's later columns through the inverse
+  columns; blocks RxC: the tiles of the lowest norm of those saliencies), and each pruned weight's error is spread over the row's later columns through the inverse
   Hessian's Cholesky factor (the optimal brain surgeon update), so the layer's output on the
   calibration inputs is kept as far as the remaining weights allow. Its reference implementation's
   algorithm, counts made exact: each block prunes round(sparsity * its weights).
@@ -28,6 +30,8 @@ from torch import nn
 from deploykit.core.errors import UsageError
 from deploykit.prune.base import PRUNERS, Outcome, PruneContext
 from deploykit.prune.layerwise import ColumnNorms, SecondMoment, WeightView, call_order, gather, weight_views
+from deploykit.prune.patterns import Pattern
+from deploykit.prune.tiles import expand_tiles, lowest_tiles, pattern_keep, tile_grid
 
 #: SparseGPT's columns per block (the reference's 128; a multiple of M under an N:M pattern)
 BLOCK_SIZE = 128
@@ -56,11 +60,9 @@ class LayerwisePruner:
         weights = [(name, "weight") for name in ctx.targets] + [tuple(n.rsplit(".", 1)) for n in ctx.extra]
         amounts = {**{f"{name}.weight": a for name, a in ctx.targets.items()}, **ctx.extra}
         views = weight_views(ctx.model, weights)
-        pattern = ctx.plan.pattern_sizes if ctx.plan.pattern else None
-        if pattern is not None:
-            _check_pattern(views, pattern, ctx.plan.pattern)
         requested, layers = 0, {}
         for view in call_order(ctx.model, views, calibration.batches[0]):
+            pattern = ctx.plan.pattern_for(view.name.rpartition(".")[0])  # checked against the layer by prune_model
             count, record = self.prune_view(ctx.model, view, amounts[view.name], pattern, calibration.batches)
             requested += count
             layers[view.name] = record
@@ -99,33 +101,9 @@ def calibration_warnings(method: str, layers: dict[str, dict]) -> list[str]:
     return warnings
 
 
-def _check_pattern(views: list[WeightView], pattern: tuple[int, int], text: str) -> None:
-    every = pattern[1]
-    for view in views:
-        for _, _, c0, c1 in view.parts:
-            width = c1 - c0
-            unit = width // int(torch.tensor(view.module.kernel_size).prod()) if view.kind == "conv" else width
-            if unit % every:
-                what = "input channels per group" if view.kind == "conv" else "inputs"
-                raise UsageError(f"pattern {text} takes groups of {every} along each layer's input; {view.name} has "
-                                 f"{unit} {what}, not a multiple of {every}: --exclude it, or give a pattern whose M "
-                                 "divides it")
-
-
-def lowest_per_row(scores: torch.Tensor, amount: float, pattern: tuple[int, int] | None,
-                   order: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Keep-mask dropping the lowest scores of each row: round(amount * width) of them, or under an N:M
-    pattern the lowest M - N of every M consecutive (in `order`, where given); and how many it drops."""
+def lowest_per_row(scores: torch.Tensor, amount: float) -> tuple[torch.Tensor, int]:
+    """Keep-mask dropping round(amount * width) of the lowest scores of each row, and how many it drops."""
     rows, width = scores.shape
-    if pattern is not None:
-        kept, every = pattern
-        ordered = scores[:, order] if order is not None else scores
-        groups = ordered.reshape(rows, width // every, every)
-        drop = torch.argsort(groups, dim=2, stable=True)[:, :, :every - kept]
-        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(2, drop, False).reshape(rows, width)
-        if order is not None:
-            keep = keep[:, torch.argsort(order)]
-        return keep, rows * (width // every) * (every - kept)
     count = round(amount * width)
     keep = torch.ones_like(scores, dtype=torch.bool)
     keep.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :count], False)
@@ -136,12 +114,16 @@ class Wanda(LayerwisePruner):
     def prune_view(self, model, view, amount, pattern, batches):
         stats = gather(model, view, batches, ColumnNorms, ColumnNorms.add)
         weight = view.matrix()
-        keep = torch.ones_like(weight, dtype=torch.bool)
-        total = 0
+        scores = torch.zeros_like(weight)
         for (r0, r1, c0, c1), norms in zip(view.parts, stats):
-            scores = weight[r0:r1, c0:c1].abs() * norms.norms()[None, :]
-            keep[r0:r1, c0:c1], count = lowest_per_row(scores, amount, pattern, view.channel_order())
-            total += count
+            scores[r0:r1, c0:c1] = weight[r0:r1, c0:c1].abs() * norms.norms()[None, :]
+        if pattern is not None:  # N:M groups per row; blocks by the L2 norm of their scores, over the layer
+            keep, total = pattern_keep(view, scores, amount, pattern)
+        else:  # the paper's comparison group: each output row
+            keep, total = torch.ones_like(weight, dtype=torch.bool), 0
+            for r0, r1, c0, c1 in view.parts:
+                keep[r0:r1, c0:c1], count = lowest_per_row(scores[r0:r1, c0:c1], amount)
+                total += count
         view.install(keep)
         return total, _coverage(stats, [n.sums for n in stats])
 
@@ -152,7 +134,7 @@ class SparseGPT(LayerwisePruner):
         weight = view.matrix()
         keep = torch.ones_like(weight, dtype=torch.bool)
         total, error, energy = 0, 0.0, 0.0
-        order = view.channel_order()
+        order = view.channel_order() if pattern is not None and not pattern.is_block else None
         for (r0, r1, c0, c1), moment in zip(view.parts, stats):
             original, hessian = weight[r0:r1, c0:c1].clone(), moment.mean()
             if order is not None:  # N:M groups run along channels: reorder the columns, and back after
@@ -178,7 +160,7 @@ class SparseGPT(LayerwisePruner):
                        "relative_output_error": error / energy if energy > 0 else 0.0}
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, amount: float, pattern: tuple[int, int] | None,
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, amount: float, pattern: Pattern | None,
               block_size: int = BLOCK_SIZE, dampening: float = DAMPENING) -> tuple[torch.Tensor, torch.Tensor, int]:
     """SparseGPT on one (rows, columns) weight with its inputs' second moment `hessian`: the updated
     weight (zeros where pruned), its keep-mask, and how many weights it pruned."""
@@ -191,8 +173,8 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, amount: float, patter
     dead = diagonal == 0
     hessian[dead, dead] = float(diagonal[~dead].mean()) if bool((~dead).any()) else 1.0
     inverse = _inverse_cholesky(hessian, dampening)
-    if pattern is not None:
-        block_size = max(block_size // pattern[1], 1) * pattern[1]
+    if pattern is not None:  # chunks hold whole N:M groups, and whole block columns
+        block_size = max(block_size // pattern.second, 1) * pattern.second
     keep = torch.ones_like(weight, dtype=torch.bool)
     total = 0
     for i1 in range(0, columns, block_size):
@@ -206,9 +188,14 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, amount: float, patter
             count = round(amount * scores.numel())
             pruned.view(-1)[torch.argsort(scores.reshape(-1), stable=True)[:count]] = True
             total += count
+        elif pattern.is_block:  # the chunk's tiles by the L2 norm of their weights' saliencies, lowest first
+            scores = torch.where(dead[None, i1:i2], 0.0, block ** 2 / diagonal[None, :] ** 2)
+            (drop,), count = lowest_tiles([tile_grid(scores, pattern.shape)], round(amount * scores.numel()))
+            pruned = expand_tiles(drop, pattern.shape, scores.shape).clone()
+            total += count
         for i in range(i2 - i1):
-            if pattern is not None and i % pattern[1] == 0:
-                kept, every = pattern
+            if pattern is not None and not pattern.is_block and i % pattern.second == 0:
+                kept, every = pattern.first, pattern.second
                 scores = torch.where(dead[None, i1 + i:i1 + i + every], -1.0,
                                      block[:, i:i + every] ** 2 / diagonal[None, i:i + every] ** 2)
                 drop = torch.argsort(scores, dim=1, stable=True)[:, :every - kept]
