@@ -48,10 +48,7 @@ MODELS = {
     "seq2seq-transformer-small-trained": (),
     "espnet-st-small-trained": ("encoder.embed.*",),
 }
-UN#: block patterns (issue 37), in the form that runs them: quality beside the bsr speed
-BLOCKS = [("magnitude", 0.5, "8x8"), ("wanda", 0.5, "8x8"), ("sparsegpt", 0.5, "8x8"), ("magnitude", 0.5, "1x4"),
-          ("sparsegpt", 0.5, "1x4")]
-STRUCTURED = [("magnitude", 0.5, ""), ("wanda", 0.5, ""), ("sparsegpt", 0.5, ""),
+UNSTRUCTURED = [("magnitude", 0.5, ""), ("wanda", 0.5, ""), ("sparsegpt", 0.5, ""),
                 ("magnitude", 0.7, ""), ("wanda", 0.7, ""), ("sparsegpt", 0.7, ""),
                 ("wanda", 0.5, "2:4"), ("sparsegpt", 0.5, "2:4")]
 #: block patterns (issue 37), in the form that runs them: quality beside the bsr speed

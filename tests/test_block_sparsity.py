@@ -151,6 +151,19 @@ def test_a_block_that_would_split_attention_heads_is_refused():
     assert "self_attn.in_proj_weight" in result.pruned_parameters
 
 
+def test_gpt2_heads_are_found_through_its_packed_projection():
+    from deploykit.model.sources import resolve_model
+
+    spec = resolve_model("gpt2-tiny")  # heads of 16 in a packed (in, out) Conv1D
+    with pytest.raises(UsageError, match="would split attention heads of model.transformer.h.0.attn.c_attn: its "
+                                         "outputs"):
+        prune_model(spec.make(trained=False), PruningPlan(method="magnitude", amount=0.5, pattern="32x8"),
+                    spec.example_inputs(1), spec=spec)
+    result = prune_model(spec.make(trained=False), PruningPlan(method="magnitude", amount=0.5, pattern="16x16",
+                                                               scope="layer"), spec.example_inputs(1), spec=spec)
+    assert "model.transformer.h.0.attn.c_attn.weight" in result.pruned_parameters
+
+
 def test_a_pattern_on_an_embedding_is_refused_and_embeddings_are_left_by_default():
     model = nn.Sequential(nn.Embedding(100, 16), nn.Linear(16, 32), nn.Linear(32, 4))
     tokens = torch.randint(0, 100, (2, 3))

@@ -50,6 +50,8 @@ MAX_NOISE = 0.10
 #: a round whose median exceeds its fastest sample this many times was preempted (the scheduler
 #: took the core, or a timer tick quantised the samples)
 PREEMPTED = 2.0
+#: how far below a candidate threshold a layer's sparsity may fall and still be timed (float rounding)
+SPARSITY_TOLERANCE = 1e-6
 #: warm-up of each kernel before the rounds, and each round's warm-up and minimum timed duration, s
 WARMUP_S = 0.05
 ROUND_WARMUP_S = 0.002
@@ -208,7 +210,8 @@ def decide_layer(dense: nn.Module, sparse: "nn.Module | dict[str, nn.Module]", x
     weight = dense.weight if weight is None else weight
     sparsity = float((weight == 0).float().mean())
     thresholds = {kernel: candidate_threshold(weight, batch, kernel) for kernel in sparse}
-    timed = [k for k, t in thresholds.items() if t is not None and sparsity >= t]
+    # a plan's 0.9 leaves round(0.9 * n) zeros, whose share can fall a rounding below 0.9
+    timed = [k for k, t in thresholds.items() if t is not None and sparsity >= t - SPARSITY_TOLERANCE]
     record = {"sparsity": sparsity, "candidate_threshold": thresholds.get("csr") if len(sparse) == 1 else thresholds}
     if not timed:
         shape = "x".join(map(str, weight.shape))

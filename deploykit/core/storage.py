@@ -173,6 +173,8 @@ def _best_block(tensor: "torch.Tensor") -> tuple[int, int] | None:
     matrix = _as_matrix(tensor)
     rows, cols = matrix.shape
     nonzero = matrix != 0
+    if bool(nonzero.all()):
+        return None
     best, best_cost = None, math.inf
     for block in BLOCK_SHAPES:
         if rows % block[0] or cols % block[1] or rows * cols < 4 * block[0] * block[1]:
