@@ -66,7 +66,7 @@ def _sampler(feats: int):
 def _st_fields(feats: int) -> dict[str, Any]:
     return dict(inputs=[InputSpec("feats", ("batch", "frames", feats))], outputs=["encoder_out", "decoder_logp"],
                 sampler=_sampler(feats), output_layers=["decoder.output_layer"], 
-                forms=("dense", "csr", "dense-shrunk"), pipeline="speech-translation", extra="espnet")
+                forms=("dense", "csr", "bsr", "dense-shrunk"), pipeline="speech-translation", extra="espnet")
 
 
 @register_model("espnet-st", **_st_fields(FEATS))
