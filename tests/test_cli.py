@@ -71,7 +71,7 @@ def test_export_json_is_the_manifest(cli, tmp_path):
         (["export", "--tolerance", "-1", "--out", "{tmp}/o"], "tolerance must be >= 0, got -1"),
         (["bench", "{tmp}/missing"], "artifact directory '{tmp}/missing' does not exist"),
         (["bench", "{tmp}/existing"], "'{tmp}/existing' is not a deploykit artifact (no manifest.json)"),
-        (["bench", "--runtime", "tensorrt"], "unknown runtime 'tensorrt'; known: onnxruntime, torch"),
+        (["bench", "--runtime", "tensorrt"], "unknown runtime 'tensorrt'; known: onnxruntime, openvino, torch"),
         (["bench", "--batch", "0"], "batch sizes must be >= 1"),
         (["bench", "--prune", "magnitude:0.5,1"], "sparsity 1 is outside [0, 1)"),
         (["bench", "{tmp}/existing", "--model", "mlp-sst2"], "give either exported DIRs / ONNX files or --model/--prune/--plan/--rule/--form, not both"),

@@ -19,6 +19,7 @@ COMMANDS = {
     "espnet": ["export", "--model", "espnet-st-small", "--out", "{tmp}/st", "--no-measure"],
     "hf": ["export", "--model", "gpt2-tiny", "--out", "{tmp}/gpt2", "--no-measure"],
     "fleet": ["worker", "list", "--address", "127.0.0.1:1"],
+    "openvino": ["bench", "--model", "mlp-sst2", "--runtime", "openvino", "--no-store", "--keep", "{tmp}/kept"],
 }
 
 BLOCKING_RUN = textwrap.dedent("""

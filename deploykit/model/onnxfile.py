@@ -39,7 +39,7 @@ class ExternalData:
     length: int
 
 
-def _model_proto(path: Path) -> "onnx.ModelProto":
+def read_onnx_graph(path: Path) -> "onnx.ModelProto":
     import onnx
 
     if not path.is_file():
@@ -90,7 +90,7 @@ def open_onnx_file(path: str | Path) -> OnnxFile:
     stays inside the model's directory and fits its file, every tensor's declared size matches the
     bytes it holds, and the graph passes onnx's checker."""
     path = Path(path)
-    proto = _model_proto(path)
+    proto = read_onnx_graph(path)
     external = tuple(_checked_external_data(path, proto))
     _check_tensor_sizes(path, proto, {ref.tensor: ref for ref in external})
     _check_graph(path, proto)
@@ -411,3 +411,32 @@ def _sparse_row(model: OnnxFile, sparse, name: str) -> InitializerRow:
 
 def is_parameter(row: InitializerRow) -> bool:
     return row.dtype not in _INDEX_TYPES
+
+
+def with_dense_initializers(proto: "onnx.ModelProto", path: Path) -> "onnx.ModelProto":
+    """A copy of `proto` whose graph's sparse initializers are dense initializers of the same names: for a
+    runtime whose ONNX reader takes none (OpenVINO's). Indices are checked against the shape (a damaged
+    file is an `ArtifactError` naming the tensor, not an IndexError)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    out = type(proto)()
+    out.CopyFrom(proto)
+    for sparse in out.graph.sparse_initializer:
+        name, dims = sparse.values.name, tuple(int(d) for d in sparse.dims)
+        values = numpy_helper.to_array(sparse.values, base_dir=str(path.parent)).reshape(-1)
+        indices = numpy_helper.to_array(sparse.indices, base_dir=str(path.parent)).astype(np.int64)
+        numel = math.prod(dims)
+        if indices.ndim == 2 and indices.shape == (values.size, len(dims)):
+            if ((indices < 0) | (indices >= np.array(dims, dtype=np.int64))).any():
+                raise ArtifactError(f"{str(path)!r}: sparse initializer {name!r} has an index outside its shape {dims}")
+            indices = np.ravel_multi_index(indices.T, dims) if values.size else indices.reshape(-1)
+        if indices.ndim != 1 or indices.size != values.size or (indices.size and (indices.min() < 0 or
+                                                                                  indices.max() >= numel)):
+            raise ArtifactError(f"{str(path)!r}: sparse initializer {name!r}: its indices do not address its "
+                                f"{values.size} values in a {dims} tensor")
+        dense = np.zeros(numel, dtype=values.dtype)
+        dense[indices] = values
+        out.graph.initializer.append(numpy_helper.from_array(dense.reshape(dims), name))
+    del out.graph.sparse_initializer[:]
+    return out

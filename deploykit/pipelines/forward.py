@@ -14,7 +14,7 @@ from deploykit.core.errors import UsageError
 from deploykit.core.ort import ort_session
 from deploykit.model.artifact import ONNX_FILE, Manifest
 from deploykit.pipelines.base import PIPELINES, Exported, ExportRequest, Pipeline
-from deploykit.runtime.session import OrtSession, Session, Target
+from deploykit.runtime.session import OpenVinoSession, OrtSession, Session, Target
 
 
 def export(request: ExportRequest) -> Exported:
@@ -78,9 +78,13 @@ def load_onnxruntime(directory: Path, threads: int, target: Target) -> Session:
     return OrtSession(Path(directory) / ONNX_FILE, threads, target.device, target.graph_optimization)
 
 
+def load_openvino(directory: Path, threads: int, target: Target) -> Session:
+    return OpenVinoSession(Path(directory) / ONNX_FILE, threads, target.device)
+
+
 FORWARD = PIPELINES.add("forward", Pipeline(
     "forward", "one graph, one call per batch",
-    loaders={"torch": load_torch, "onnxruntime": load_onnxruntime},
+    loaders={"torch": load_torch, "onnxruntime": load_onnxruntime, "openvino": load_openvino},
     export=export, inputs=inputs, reference=reference, outputs=lambda manifest: manifest.outputs,
     quantizers=("int8", "int8-static", "int4-weight", "int8-weight"), scoring_model=OrtModel,
 ))

@@ -1,4 +1,4 @@
-"""The `onnx-file` pipeline: a user's own ONNX file, benchmarked as it is under onnxruntime.
+"""The `onnx-file` pipeline: a user's own ONNX file, benchmarked as it is under onnxruntime (and OpenVINO).
 
 Nothing is exported and there is no PyTorch model: onnxruntime without graph optimisation is the
 reference (`deploykit.bench.runner.onnx_file_subject`), and inputs follow the file's own input
@@ -11,16 +11,20 @@ from pathlib import Path
 
 from deploykit.model.onnxfile import PIPELINE
 from deploykit.pipelines.base import PIPELINES, Pipeline
-from deploykit.runtime.session import OrtSession, Session, Target
+from deploykit.runtime.session import OpenVinoSession, OrtSession, Session, Target
 
 
 def load_onnxruntime(path: Path, threads: int, target: Target) -> Session:
     return OrtSession(path, threads, target.device, target.graph_optimization)
 
 
+def load_openvino(path: Path, threads: int, target: Target) -> Session:
+    return OpenVinoSession(path, threads, target.device)
+
+
 ONNX_FILE_PIPELINE = PIPELINES.add(PIPELINE, Pipeline(
     PIPELINE, "a user's ONNX file as it is",
-    loaders={"onnxruntime": load_onnxruntime},
+    loaders={"onnxruntime": load_onnxruntime, "openvino": load_openvino},
     # no manifest: inputs, outputs and reference come from the file (`onnx_file_subject`)
     export=None, inputs=None, reference=None, outputs=None,
 ))

@@ -1,8 +1,8 @@
-"""Runtimes that load an exported artifact and run it: PyTorch eager and ONNX Runtime.
+"""Runtimes that load an exported artifact and run it: PyTorch eager, ONNX Runtime and OpenVINO.
 
-Both take and return numpy arrays keyed by the model's input names, so the same inputs, the same
-timing loop and the same parity check apply to each. Importing this module imports neither torch nor
-onnxruntime: the ONNX Runtime worker must not pay for torch in its memory figures.
+All take and return numpy arrays keyed by the model's input names, so the same inputs, the same
+timing loop and the same parity check apply to each. Importing this module imports none of torch,
+onnxruntime and openvino: the ONNX Runtime worker must not pay for torch in its memory figures.
 
 What running an artifact means is its *pipeline*'s (`deploykit.pipelines`): each pipeline names, per
 runtime, the loader that makes a `Session` of it. This module holds what every runtime shares: the
@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime
 
 import numpy as np
 
+from deploykit.core.errors import UsageError
+from deploykit.core.extras import require
 from deploykit.core.ort import CPU_PROVIDER, DEFAULT_GRAPH_OPTIMIZATION, ort_session
 from deploykit.core.registry import Registry
-from deploykit.runtime.accelerators import onnxruntime_providers, torch_devices
+from deploykit.model.onnxfile import read_onnx_graph, with_dense_initializers
+from deploykit.runtime.accelerators import onnxruntime_providers, openvino_devices, torch_devices
 
 if TYPE_CHECKING:
     from deploykit.runtime.profiles import Profile
@@ -131,6 +134,57 @@ class OrtSession:
         return {FORWARD_STAGE: lambda: self.session.run(None, feeds)}
 
 
+class OpenVinoSession:
+    """An ONNX graph as it is, compiled by OpenVINO (the `openvino` extra) for one device.
+
+    Every setting that changes its speed is set, not left to the plugin's defaults, and said in the
+    device the records keep ("CPU latency f32"): `threads` inference threads, the latency performance
+    hint with one stream (what a single caller gets; the throughput hint runs several requests in
+    parallel, which a one-request timing loop never uses), and f32 inference precision (on a CPU with
+    AVX-512 BF16 or AMX the plugin's default is bf16, a different answer; other precisions are for the
+    precision axis to ask for, measured and said)."""
+
+    #: infer returns host arrays, so a call ends when its device work has
+    synchronize = None
+    HINT = "LATENCY"
+    PRECISION = "f32"
+
+    def __init__(self, onnx_path: Path, threads: int, device: str = "CPU"):
+        ov = require("openvino", "the openvino runtime")
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": self.HINT, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": self.PRECISION}
+        if device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(_openvino_model(core, Path(onnx_path)), device, config)
+        self.request = self.compiled.create_infer_request()
+        self.outputs = list(self.compiled.outputs)
+        self.info = RuntimeInfo("openvino", ov.get_version().split("-")[0], threads,
+                                f"{device} {self.HINT.lower()} {self.PRECISION}")
+        self.files = (Path(onnx_path).name,)
+
+    def run(self, feeds):
+        results = self.request.infer(dict(feeds))
+        # the request's output buffers are reused by its next call: copy them out
+        return [np.array(results[output], copy=True) for output in self.outputs]
+
+    def stages(self, feeds):
+        feeds = dict(feeds)
+        return {FORWARD_STAGE: lambda: self.request.infer(feeds)}
+
+
+def _openvino_model(core, path: Path):
+    """The graph OpenVINO reads: the file itself, or, where it stores sparse initializers (the csr form's
+    model.onnx), a copy with them dense (OpenVINO's ONNX reader takes none; onnxruntime densifies them at
+    load too, so the figures are the same dense-kernel speed)."""
+    proto = read_onnx_graph(path)
+    if not proto.graph.sparse_initializer:
+        return core.read_model(str(path))
+    if any(t.data_location == t.EXTERNAL for t in proto.graph.initializer):
+        raise UsageError(f"{str(path)!r}: openvino cannot read a graph with both sparse initializers and external data; "
+                         "run it under onnxruntime, or export it in another form")
+    return core.read_model(with_dense_initializers(proto, path).SerializeToString())
+
+
 #: a loader: (artifact directory or file, threads, Target) -> Session; each pipeline names one per runtime
 Loader = Callable[[Path, int, Target], Session]
 
@@ -149,4 +203,11 @@ RUNTIMES.add("onnxruntime", Runtime(
     cpu_device=CPU_PROVIDER,
     no_accelerator="this onnxruntime build has no GPU execution provider (onnxruntime-gpu has CUDA's)",
     graph_optimizations=True,
+))
+RUNTIMES.add("openvino", Runtime(
+    "openvino", ("openvino",),
+    available_devices=openvino_devices,
+    preferred_devices=lambda profile: ("CPU",),
+    cpu_device="CPU",
+    no_accelerator="OpenVINO sees no GPU or NPU device here",
 ))
