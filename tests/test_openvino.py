@@ -81,3 +81,5 @@ def test_sparse_initializers_are_made_dense_and_damaged_ones_refused(tmp_path):
     for bad in ([1, 6], [-1, 2], [[0, 3], [1, 2]], [1]):
         with pytest.raises(ArtifactError, match="sparse initializer 'w'"):
             with_dense_initializers(_sparse_model(bad), tmp_path / "m.onnx")
+    with pytest.raises(ArtifactError, match="more than this machine's free memory"):
+        with_dense_initializers(_sparse_model([1, 5], dims=(2**31, 2**31)), tmp_path / "m.onnx")

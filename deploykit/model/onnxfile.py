@@ -427,6 +427,9 @@ def with_dense_initializers(proto: "onnx.ModelProto", path: Path) -> "onnx.Model
         values = numpy_helper.to_array(sparse.values, base_dir=str(path.parent)).reshape(-1)
         indices = numpy_helper.to_array(sparse.indices, base_dir=str(path.parent)).astype(np.int64)
         numel = math.prod(dims)
+        if any(d < 0 for d in dims) or numel * values.itemsize > available_memory_bytes():
+            raise ArtifactError(f"{str(path)!r}: sparse initializer {name!r} declares a {dims} tensor, more than this "
+                                "machine's free memory holds dense")
         if indices.ndim == 2 and indices.shape == (values.size, len(dims)):
             if ((indices < 0) | (indices >= np.array(dims, dtype=np.int64))).any():
                 raise ArtifactError(f"{str(path)!r}: sparse initializer {name!r} has an index outside its shape {dims}")
