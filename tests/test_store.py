@@ -86,7 +86,7 @@ def test_renderings_agree_with_the_records():
     text = bench_table(records)
     assert "note: harness overhead 0.15 us per sample" in text and "0.1000" in text
     markdown = bench_table(records, "github")
-    assert markdown.splitlines()[0].startswith("| model") and "onnxruntime densifies" in markdown
+    assert markdown.splitlines()[0].startswith("| model") and "onnxruntime and openvino densify sparse initializers" in markdown
     rows = list(csv.DictReader(io.StringIO(bench_csv(records))))
     assert [float(r["p50_ms"]) for r in rows] == [r.measurement.median_ms for r in records]
     assert float(rows[0]["p50_ci95_low_ms"]) <= float(rows[0]["p50_ms"]) <= float(rows[0]["p50_ci95_high_ms"])
