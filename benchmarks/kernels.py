@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from deploykit.convert.onnx_export import export_onnx, sparsify_initializers
-from deploykit.convert.sparse import choose_kernels, csr_candidates, swap_to_csr, to_csr_modules
+from deploykit.convert.sparse import choose_kernels, sparse_candidates, swap_to_csr, to_sparse_modules
 from deploykit.core.env import available_cores
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.measure import measure
@@ -67,11 +67,11 @@ def main() -> int:
                 export_onnx(model, trace, sparse_onnx, input_names=spec.input_names, output_names=spec.outputs,
                             dynamic_axes=spec.dynamic_axes())
                 sparsify_initializers(sparse_onnx)
-                all_csr, _ = swap_to_csr(copy.deepcopy(model), csr_candidates(model, trace))
+                all_csr, _ = swap_to_csr(copy.deepcopy(model), sparse_candidates(model, trace))
                 for batch in BATCHES:
                     inputs = spec.example_inputs(batch, seed=2)
                     chosen_recipe = {"kernels": choose_kernels(model, inputs), "threads": threads, "kernel_batch": batch}
-                    chosen, swapped = to_csr_modules(copy.deepcopy(model), inputs, chosen_recipe)
+                    chosen, swapped = to_sparse_modules(copy.deepcopy(model), inputs, chosen_recipe)
                     feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
                     with torch.inference_mode():
                         row = {

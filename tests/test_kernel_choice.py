@@ -8,7 +8,7 @@ from torch import nn
 
 from deploykit.convert import kernel_choice
 from deploykit.convert.kernel_choice import MARGIN, ROUNDS, KernelTimings, Round, decide, decide_layer, time_interleaved
-from deploykit.convert.sparse import CSRLinear, choose_kernels, to_csr_modules
+from deploykit.convert.sparse import CSRLinear, choose_kernels, to_sparse_modules
 
 
 def _sparse_linear(out_features, in_features, sparsity, seed=0):
@@ -100,11 +100,11 @@ def test_another_batch_or_thread_count_is_decided_again_and_cached(tmp_path, mon
 
     monkeypatch.setattr(kernel_choice, "_timed_round", lambda call: timer(call))
     recipe = {"kernels": {"0": {"choice": "dense", "noisy": False}}, "kernel_batch": 1, "threads": torch.get_num_threads()}
-    same, chosen = to_csr_modules(_copy(model), (torch.randn(1, 1024),), recipe)
+    same, chosen = to_sparse_modules(_copy(model), (torch.randn(1, 1024),), recipe)
     assert chosen == [] and calls == []  # the recorded decision holds for its own batch and threads
-    other, chosen = to_csr_modules(_copy(model), (torch.randn(16, 1024),), recipe)
+    other, chosen = to_sparse_modules(_copy(model), (torch.randn(16, 1024),), recipe)
     assert len(calls) == 2 * ROUNDS and list(tmp_path.glob("kernels/*.json")) and chosen == ["0"]
-    again, chosen_again = to_csr_modules(_copy(model), (torch.randn(16, 1024),), recipe)
+    again, chosen_again = to_sparse_modules(_copy(model), (torch.randn(16, 1024),), recipe)
     assert len(calls) == 2 * ROUNDS and chosen_again == chosen  # the cache answered
 
 

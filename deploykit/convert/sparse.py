@@ -30,6 +30,7 @@ from deploykit.convert import kernel_choice
 from deploykit.core.errors import ArtifactError
 from deploykit.core.fsutil import write_text_atomic
 from deploykit.core.hooks import called_modules, class_path, observe_forward
+from deploykit.core.storage import kept_blocks
 from deploykit.model.spec import cache_dir
 from deploykit.prune.layerwise import CONV1D_PATH, as_matrix
 
@@ -121,7 +122,7 @@ def block_of(module: nn.Module) -> int | None:
     for side in BSR_BLOCKS:
         if rows % side or cols % side:
             continue
-        blocks = int(nonzero.reshape(rows // side, side, cols // side, side).any(dim=3).any(dim=1).sum())
+        blocks = int(kept_blocks(nonzero, (side, side)).sum())
         if blocks * side * side <= (1 + BLOCK_SLACK) * kept:
             return side
     return None
@@ -144,10 +145,6 @@ def sparse_candidates(model: nn.Module, inputs: Sequence[torch.Tensor]) -> list[
             and bool((module.weight == 0).any())]
 
 
-#: the csr form's name, kept for the code that says "csr"
-csr_candidates = sparse_candidates
-
-
 def to_sparse_modules(model: nn.Module, inputs: Sequence[torch.Tensor], recipe: dict) -> tuple[nn.Module, list[str]]:
     """Swap the layers chosen for a sparse kernel (see `deploykit.convert.kernel_choice`) for it.
 
@@ -158,10 +155,11 @@ def to_sparse_modules(model: nn.Module, inputs: Sequence[torch.Tensor], recipe: 
     offered = recipe.get("offered", ["csr"])
     if not isinstance(offered, list) or not offered or not set(offered) <= set(KERNELS):
         raise ArtifactError(f"the manifest's form recipe offers unknown kernels {offered!r}; known: {', '.join(KERNELS)}")
-    kernels = recipe.get("kernels", {})
     if (recipe.get("threads"), recipe.get("kernel_batch")) != (threads, batch):
+        # decided here, on this model's own candidates: nothing read from the manifest to check
         kernels = choose_kernels(model, inputs, cache=True, offered=tuple(offered))
-    return swap_kernels(model, _checked(model, inputs, kernels))
+        return swap_kernels(model, {name: d for name, d in kernels.items() if d["choice"] in KERNELS})
+    return swap_kernels(model, _checked(model, inputs, recipe.get("kernels", {})))
 
 
 def _checked(model: nn.Module, inputs: Sequence[torch.Tensor], kernels) -> dict[str, dict]:
@@ -176,15 +174,12 @@ def _checked(model: nn.Module, inputs: Sequence[torch.Tensor], kernels) -> dict[
             raise ArtifactError(f"the manifest's form recipe runs {name!r} on {decision.get('choice')!r}: not a pruned "
                                 f"layer of this model that a sparse kernel ({', '.join(KERNELS)}) can run")
         if decision["choice"] == "bsr":
-            block, shape = decision.get("block"), as_matrix(model.get_submodule(name), model.get_submodule(name).weight).shape
+            layer = model.get_submodule(name)
+            block, shape = decision.get("block"), as_matrix(layer, layer.weight).shape
             if block not in BSR_BLOCKS or isinstance(block, bool) or shape[0] % block or shape[1] % block:
                 raise ArtifactError(f"the manifest's form recipe gives {name!r} the block {block!r}, which does not "
                                     f"divide its {shape[0]}x{shape[1]} weight")
     return chosen
-
-
-#: the csr form's name for it
-to_csr_modules = to_sparse_modules
 
 
 def swap_kernels(model: nn.Module, decisions: dict[str, dict]) -> tuple[nn.Module, list[str]]:

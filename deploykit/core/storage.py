@@ -156,7 +156,7 @@ def encode_blocks(name: str, tensor: "torch.Tensor", block: tuple[int, int]) -> 
     import torch
 
     grid = _block_grid(_as_matrix(tensor), block)
-    present = (grid != 0).flatten(2).any(dim=2)
+    present = kept_blocks(_as_matrix(tensor) != 0, block)
     mask = torch.from_numpy(np.packbits(present.reshape(-1).numpy()))
     parts = {"mask": mask, "values": grid[present].reshape(-1).contiguous()}
     return EncodedTensor(name, "blocks", parts, tuple(tensor.shape), _dtype_name(tensor), block)
@@ -166,6 +166,12 @@ def _block_grid(matrix: "torch.Tensor", block: tuple[int, int]) -> "torch.Tensor
     """(row blocks, column blocks, R, C) view of a matrix that `block` divides."""
     rows, cols = matrix.shape
     return matrix.reshape(rows // block[0], block[0], cols // block[1], block[1]).transpose(1, 2)
+
+
+def kept_blocks(nonzero: "torch.Tensor", block: tuple[int, int]) -> "torch.Tensor":
+    """Which blocks of a matrix's nonzero mask hold a nonzero: a (row blocks, column blocks) bool grid
+    (`block` divides the matrix). What the blocks encoding stores, and what the bsr form's block search counts."""
+    return _block_grid(nonzero, block).flatten(2).any(dim=2)
 
 
 def _best_block(tensor: "torch.Tensor") -> tuple[int, int] | None:
@@ -179,7 +185,7 @@ def _best_block(tensor: "torch.Tensor") -> tuple[int, int] | None:
     for block in BLOCK_SHAPES:
         if rows % block[0] or cols % block[1] or rows * cols < 4 * block[0] * block[1]:
             continue
-        kept = int(_block_grid(nonzero, block).flatten(2).any(dim=2).sum())
+        kept = int(kept_blocks(nonzero, block).sum())
         cost = kept * block[0] * block[1] * tensor.element_size() + math.ceil(rows * cols / (block[0] * block[1]) / 8)
         if cost < best_cost:
             best, best_cost = block, cost
