@@ -43,7 +43,7 @@ from deploykit.export.build import export_artifact
 from deploykit.model.artifact import ST_CONFIG_FILE
 from deploykit.model.catalog import get_model
 from deploykit.model.zoo.espnet_st import PRESETS
-from deploykit.pipelines.st_decode import OrtScoringTranslator
+from deploykit.pipelines.st_decode import OnnxScoringTranslator
 from deploykit.prune.base import PruningPlan, load_plan_file, parse_rule
 from deploykit.runtime.loading import load_torch_model
 
@@ -104,7 +104,7 @@ def main() -> int:
             if spec.evaluate is not None:
                 progress(f"{label}: BLEU per runtime")
                 median[label, "torch", "bleu"] = spec.evaluate(load_torch_model(directory)[0])["bleu"]
-                median[label, "onnxruntime", "bleu"] = spec.evaluate(OrtScoringTranslator(directory))["bleu"]
+                median[label, "onnxruntime", "bleu"] = spec.evaluate(OnnxScoringTranslator(directory))["bleu"]
                 rows.append({"variant": label, "bleu": {rt: median[label, rt, "bleu"] for rt in ("torch", "onnxruntime")},
                              "quantization": manifest.quantization})
             median[label, "fusion", ""] = _fusion_cell(

@@ -33,7 +33,7 @@ from deploykit.export.build import export_artifact
 from deploykit.model.catalog import get_model
 from deploykit.model.espnet import token_list
 from deploykit.model.zoo.espnet_st import MODULE_GROUPS
-from deploykit.pipelines.st_decode import OrtSpeechTranslator
+from deploykit.pipelines.st_decode import OnnxSpeechTranslator
 from deploykit.prune.base import PruningPlan
 
 SPARSITIES = (0.33, 0.5, 0.7, 0.9)
@@ -70,7 +70,7 @@ def main() -> int:
         def run(label: str, plan: PruningPlan) -> dict:
             directory = Path(tmp) / label
             manifest = export_artifact(spec, plan, "csr", directory).manifest
-            translator = OrtSpeechTranslator(directory)
+            translator = OnnxSpeechTranslator(directory)
             outputs = [translator.decode(u[None], args.tokens) for u in utterances]
             latency = measure(lambda: translator.decode(utterances[0][None], args.tokens),
                               warmup_s=0.1, min_time_s=0.5, min_iters=3).median_ms

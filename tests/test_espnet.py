@@ -99,7 +99,7 @@ def test_unsupported_names_what_the_cached_decoder_cannot_express(model):
 def test_a_damaged_st_config_is_refused_in_one_line(exported, tmp_path, change, message):
     import shutil
 
-    from deploykit.pipelines.st_decode import OrtSpeechTranslator
+    from deploykit.pipelines.st_decode import OnnxSpeechTranslator
 
     directory, _ = exported
     copy = tmp_path / "copy"
@@ -107,7 +107,7 @@ def test_a_damaged_st_config_is_refused_in_one_line(exported, tmp_path, change, 
     config = json.loads((copy / "st_config.json").read_text())
     (copy / "st_config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ArtifactError, match=message):
-        OrtSpeechTranslator(copy)
+        OnnxSpeechTranslator(copy)
 
 
 @pytest.mark.parametrize("frames, beam", [(150, 1), (413, 1), (150, 4), (413, 3)])
@@ -377,11 +377,11 @@ def test_cli_exports_and_benches_a_real_experiment_zip(cli, tmp_path):
     assert config["frontend"]["class"] == "DefaultFrontend"
     # the exported encoder normalises: its output is the PyTorch model's on the same filterbank features
     feats = torch.randn(1, 120, 20, generator=torch.Generator().manual_seed(5))
-    from deploykit.pipelines.st_decode import OrtSpeechTranslator
+    from deploykit.pipelines.st_decode import OnnxSpeechTranslator
 
     with torch.no_grad():
         unnormalised = model.encoder(feats, torch.tensor([120]))[0].numpy()
-    encoded = OrtSpeechTranslator(out).encode(feats.numpy())
+    encoded = OnnxSpeechTranslator(out).encode(feats.numpy())
     assert np.abs(encoded - unnormalised).max() > 1e-2
     assert decode_onnx(out, feats.numpy(), max_tokens=5)  # it decodes
 

@@ -15,7 +15,7 @@ from deploykit.convert.quantize import token_agreement  # noqa: E402
 from deploykit.core.errors import UsageError  # noqa: E402
 from deploykit.export.build import export_artifact  # noqa: E402
 from deploykit.model.causal_lm import greedy, next_token_agreement, perplexity  # noqa: E402
-from deploykit.pipelines.textgen import OrtCausalLM  # noqa: E402
+from deploykit.pipelines.textgen import OnnxCausalLM  # noqa: E402
 from deploykit.prune.base import PruningPlan  # noqa: E402
 from deploykit.runtime.loading import load_torch_model  # noqa: E402
 
@@ -33,7 +33,7 @@ def test_export_writes_both_graphs_and_checks_them(tiny):
     assert {"decoder.onnx", "decoder_with_past.onnx", "textgen_config.json"} <= set(m.files)
     assert set(m.onnx_parity_max_abs_error) == {"prompt_logits", "step_logits", "logits"}
     assert m.onnx_parity_error <= 1e-4
-    ort = OrtCausalLM(tiny.directory)
+    ort = OnnxCausalLM(tiny.directory)
     assert len(ort.past_names) == 4  # key and value of 2 layers
     assert {i.name for i in ort.no_past.get_inputs()}.isdisjoint(ort.past_names)
     assert m.metrics["perplexity"] > 1
@@ -83,7 +83,7 @@ def test_onnxruntime_greedy_tokens_are_transformers_generate_tokens(tiny):
     with torch.inference_mode():
         expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
                                use_cache=True, pad_token_id=hf.config.eos_token_id)[0, 12:].tolist()
-    got = greedy(OrtCausalLM(tiny.directory), prompt[0].tolist(), 40, hf.config.eos_token_id)
+    got = greedy(OnnxCausalLM(tiny.directory), prompt[0].tolist(), 40, hf.config.eos_token_id)
     assert got == expected and len(got) == 40
 
 
@@ -94,7 +94,7 @@ def test_heads_and_mlp_blocks_shrink_and_export(tmp_path):
     assert m.shape_changes["model.transformer.h.0.attn.c_attn"] == ["Conv1D(64 -> 192)", "Conv1D(64 -> 96)"]
     assert m.shape_changes["model.transformer.h.0.mlp.c_fc"] == ["Conv1D(64 -> 256)", "Conv1D(64 -> 128)"]
     assert m.parameters < m.parameters_before_conversion and m.flops < m.flops_before_conversion
-    ort = OrtCausalLM(result.directory)
+    ort = OnnxCausalLM(result.directory)
     assert [i.shape[1] for i in ort.with_past.get_inputs() if i.name.startswith("past_key_values.")] == [2] * 4
     assert m.onnx_parity_error <= 1e-4
 
@@ -193,5 +193,5 @@ def test_perplexity_agrees_across_runtimes(tiny):
 
     model, _ = load_torch_model(tiny.directory, for_runtime=False)
     tokens = list(range(100, 160))
-    assert perplexity(OrtCausalLM(tiny.directory), tokens) == pytest.approx(perplexity(TorchCausalLM(model), tokens),
+    assert perplexity(OnnxCausalLM(tiny.directory), tokens) == pytest.approx(perplexity(TorchCausalLM(model), tokens),
                                                                           rel=1e-5)

@@ -77,10 +77,10 @@ def test_a_node_timed_alone_runs_float_and_int8_and_says_when_int8_has_no_form(t
     unit = units_of(model, "g.onnx", ("MatMul",), excluded=())[0]
     x = np.ones((1, 64, 8), dtype=np.float32)
     int8 = QUANTIZERS.get("int8")
-    verdict = operator_choice.time_unit(model, unit, x, lambda a, b: int8.onnx(a, b, False, []))
+    verdict = operator_choice.time_unit(model, unit, x, lambda a, b, calibration: int8.onnx(a, b, False, calibration))
     assert verdict["rounds"] == operator_choice.SPEED_ROUNDS and verdict["verdict"] in (
         "faster", "slower", "no clear difference")
-    unchanged = operator_choice.time_unit(model, unit, x, lambda a, b: b.write_bytes(a.read_bytes()))
+    unchanged = operator_choice.time_unit(model, unit, x, lambda a, b, calibration: b.write_bytes(a.read_bytes()))
     assert unchanged is None
 
 
@@ -95,7 +95,7 @@ def test_a_graph_the_pipeline_does_not_run_follows_its_twins_or_stays_float(tmp_
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
     onnx.save(model, str(other))
-    monkeypatch.setattr(operator_choice, "time_unit", lambda source, unit, activation, quantize: {
+    monkeypatch.setattr(operator_choice, "time_unit", lambda source, unit, activation, quantize, runtime: {
         "verdict": "faster", "int8_over_float": 0.5, "rounds": 5, "preempted_rounds": 0})
 
     def run_pipeline():  # what the pipeline runs: only g.onnx

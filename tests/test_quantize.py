@@ -347,8 +347,8 @@ def test_each_node_is_chosen_on_its_own_timing(monkeypatch, tmp_path):
 
     real = operator_choice.time_unit
 
-    def time_unit(source, unit, activation, quantize):
-        real(source, unit, activation, quantize)  # the one-node graphs are built and quantized for real
+    def time_unit(source, unit, activation, quantize, runtime="onnxruntime"):
+        real(source, unit, activation, quantize, runtime)  # the one-node graphs are built and quantized for real
         first = activation.shape[-1] == 784  # int8 slower only on the first layer's input
         return speed_verdict(_rounds(10, 10, 10, 10, 10), _rounds(*[20 if first else 5] * 5))
 

@@ -109,12 +109,16 @@ class BenchRecord:
     machine: dict[str, Any]
     #: the length set on every named non-batch input axis (a sequence-length sweep); None: the model's own
     sequence_length: int | None = field(default=None, metadata=at_least(1))
-    #: the exported model's quality on held-out data (ModelSpec.evaluate), e.g. {"accuracy": 0.97}
+    #: the exported model's quality on held-out data (ModelSpec.evaluate), e.g. {"accuracy": 0.97},
+    #: measured in the row's precision
     metrics: dict[str, float] = field(default_factory=dict, metadata=NON_FINITE)  # a perplexity may overflow
     #: post-training quantization scheme of the artifact ("int8"), "" for float
     quantization: str = ""
     #: onnxruntime's graph optimisation level ("" for runtimes without one)
     graph_optimization: str = ""
+    #: the numeric precision it computed in (`deploykit.runtime.precisions`); in another than f32 its
+    #: metrics were measured in that precision, and its parity error is recorded, not checked
+    precision: str = "f32"
     #: the largest parity error allowed against the reference; None where none is checked (quantized
     #: artifacts, ONNX files): a row above it was measured on wrong outputs
     parity_tolerance: float | None = field(default=None, metadata=at_least(0))
@@ -203,6 +207,7 @@ class FailedConfiguration:
     sequence_length: int | None = field(default=None, metadata=at_least(1))
     artifact: str = ""
     profile: str = ""
+    precision: str = "f32"
 
     @property
     def label(self) -> str:
@@ -211,6 +216,7 @@ class FailedConfiguration:
         parts += [f"batch={self.batch_size}"] if self.batch_size is not None else []
         parts += [f"length={self.sequence_length}"] if self.sequence_length else []
         parts += [f"threads={self.threads}"] if self.threads is not None else []
+        parts += [f"precision={self.precision}"] if self.precision != "f32" else []
         return " ".join(parts)
 
     @classmethod

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deploykit.bench.interleave import Job, paired_ratios, run_interleaved
+from deploykit.bench.precision_quality import metrics_in_precision
 from deploykit.bench.records import BenchRecord, FailedConfiguration, Versus
 from deploykit.bench.settings import Grid, TimingSettings
 from deploykit.convert.forms import FORMS
@@ -39,7 +40,9 @@ from deploykit.model.sources import code_refusal, consent_of, inputs_for_artifac
 from deploykit.model.spec import InputSpec, ModelSpec, value_array
 from deploykit.pipelines.catalog import PIPELINES
 from deploykit.prune.base import PruningPlan
+from deploykit.runtime.precisions import DEFAULT_PRECISION
 from deploykit.runtime.profiles import current_profile
+from deploykit.runtime.session import Target
 
 Progress = Callable[[str], None]
 
@@ -201,6 +204,9 @@ class Subject:
     torch_refusal: str | None = None
     #: entry points torch may import for it
     consent: tuple[str, ...] = ()
+    #: target -> (its metrics measured in the target's runtime and precision, or {} and a note saying
+    #: why not): the quality of rows in another precision than f32 (None: the subject has no metrics)
+    metrics_in: "Callable[[Target], tuple[dict[str, float], str | None]] | None" = None
 
 
 def _plan_of(directory: Path, manifest: Manifest) -> PruningPlan:
@@ -248,6 +254,7 @@ def artifact_subject(directory: str | Path, consent: Sequence[str] = (), verify:
         # quantized outputs differ by design: the error is recorded, not checked
         tolerance=None if manifest.quantization else manifest.parity_tolerance,
         input_specs=inputs_for_artifact(directory, manifest).inputs, torch_refusal=refusal, consent=tuple(consent),
+        metrics_in=lambda target: metrics_in_precision(directory, manifest, consent, target),
     )
 
 
@@ -362,6 +369,7 @@ def bench_subjects(
     # conditions recorded with every row: software, machine, and the hardware profile it matches
     context = {"versions": library_versions(), "machine": machine_info(), "profile": current_profile().name}
     records: list[BenchRecord] = [] if sink is None else sink
+    quality = _PrecisionQuality(progress)
     with scratch_directory("worker") as tmp:
         # every shape is built before anything is measured: one a subject cannot take fails now, not
         # after minutes of measuring the others
@@ -377,6 +385,7 @@ def bench_subjects(
                     label = (f"[{next(counter)}/{total}] {subject.model} {subject.prune} form={subject.form} "
                              f"runtime={target.runtime} device={target.device}"
                              + (f" graph-opt={target.graph_optimization}" if target.graph_optimization else "")
+                             + (f" precision={target.precision}" if target.precision != DEFAULT_PRECISION else "")
                              + f" {shape} threads={threads}")
                     progress(label)
                     jobs.append(Job(subject.location, subject.pipeline, dataclasses.replace(target, batch=batch),
@@ -402,7 +411,8 @@ def bench_subjects(
                     return FailedConfiguration(
                         subject.model, subject.prune, subject.form, runtime=job.target.runtime,
                         device=job.target.device, batch_size=batch, threads=job.threads, sequence_length=length,
-                        stage="measure", error=error, artifact=str(subject.location), profile=context["profile"])
+                        stage="measure", error=error, artifact=str(subject.location), profile=context["profile"],
+                        precision=job.target.precision)
 
                 if isinstance(outcome, MeasurementError):
                     if failures is None:
@@ -415,15 +425,16 @@ def bench_subjects(
                 errors = max_abs_errors(references[i], outputs, subject.outputs)
                 anchor = anchor_of.get(_configuration(subject, job))
                 theirs = None if i in baselines or anchor is None else outcomes[anchor]
+                metrics = quality.of(i, subject, job.target)
                 for stage, measured in result["stages"].items():
                     record = _record(subject, job.target, batch, length, stage, measured, result, errors, timing,
-                                     {**context, "load": load_record, "baseline": i in baselines,
+                                     {**context, "load": load_record, "baseline": i in baselines, "metrics": metrics,
                                       "versus": _versus(plans[owners[anchor]][0], theirs, result, stage)
                                       if isinstance(theirs, tuple) else None})
                     records.append(record)  # before saying so: an interrupt may follow the message
                     progress(f"    {job.label.split('] ', 1)[1]} {stage}: p50 {record.measurement.median_ms:.4f} ms, "
                              f"{len(record.measurement.samples_ns)} samples")
-                if subject.tolerance is not None:
+                if subject.tolerance is not None and job.target.precision == DEFAULT_PRECISION:
                     try:
                         check_parity(f"{job.target.runtime} on {job.target.device} vs {subject.reference_label} "
                                      f"({shape})", errors, subject.tolerance)
@@ -432,6 +443,32 @@ def bench_subjects(
                             raise
                         failures.add(failed(f"{exc} (its rows are kept, marked wrong)"), progress)
     return records
+
+
+class _PrecisionQuality:
+    """The metrics each row carries: the subject's own (measured at export, in f32) for f32 rows; for
+    rows in another precision, those measured in it (once per subject, runtime, device and precision)."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.measured = progress, {}
+
+    def of(self, index: int, subject: Subject, target: Target) -> dict[str, float]:
+        if target.precision == DEFAULT_PRECISION or not subject.metrics:
+            return dict(subject.metrics)
+        key = index, target.runtime, target.device, target.precision
+        if key not in self.measured:
+            if subject.metrics_in is None:
+                self.measured[key] = {}, f"quality at {target.precision} not measured for {subject.model}"
+            else:
+                self.progress(f"measuring {subject.model} {subject.prune} form={subject.form}'s quality under "
+                              f"{target.runtime} at {target.precision}")
+                try:
+                    self.measured[key] = subject.metrics_in(target)
+                except DeployKitError as exc:  # its rows are measured: keep them, without the quality
+                    self.measured[key] = {}, f"quality under {target.runtime} at {target.precision} not measured: {exc}"
+            if self.measured[key][1]:
+                self.progress(f"    note: {self.measured[key][1]}")
+        return dict(self.measured[key][0])
 
 
 def _configuration(subject: Subject, job: Job) -> tuple:
@@ -480,13 +517,14 @@ def _record(subject: Subject, target, batch, length, stage, measured, result, er
         parameters=subject.parameters,
         nonzero_parameters=subject.nonzero_parameters,
         parity_max_abs_error=max(errors.values(), default=0.0),
-        parity_tolerance=subject.tolerance,
+        # a reduced precision's outputs differ by design: its error is recorded, its quality measured in it
+        parity_tolerance=subject.tolerance if target.precision == DEFAULT_PRECISION else None,
         load_s=result["load_s"],
         timing=dataclasses.asdict(timing),
         artifact=str(subject.location),
-        metrics=dict(subject.metrics),
         quantization=subject.quantization,
         graph_optimization=target.graph_optimization or "",
+        precision=target.precision,
         input_values={spec.name: spec.values for spec in subject.input_specs if spec.values is not None},
         **context,
     )

@@ -15,6 +15,7 @@ from deploykit.core.errors import UsageError
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.model.spec import InputSpec, check_input_memory
 from deploykit.runtime.devices import Placement, place
+from deploykit.runtime.precisions import DEFAULT_PRECISION
 from deploykit.runtime.profiles import current_profile
 from deploykit.runtime.session import RUNTIMES
 
@@ -83,6 +84,9 @@ class Grid:
     lengths: tuple[int | None, ...] = (None,)
     #: onnxruntime graph optimisation levels (runtimes without levels are measured once)
     graph_optimizations: tuple[str, ...] = (DEFAULT_GRAPH_OPTIMIZATION,)
+    #: numeric precisions (`deploykit.runtime.precisions`): each runtime is measured in those it offers
+    #: and this machine computes natively
+    precisions: tuple[str, ...] = (DEFAULT_PRECISION,)
 
     def __post_init__(self) -> None:
         for name in self.runtimes:
@@ -98,7 +102,7 @@ class Grid:
 
     def placement(self) -> Placement:
         """The (runtime, device) pairs this machine runs, and notes on choices it cannot honour."""
-        return place(self.runtimes, self.devices, current_profile(), self.graph_optimizations)
+        return place(self.runtimes, self.devices, current_profile(), self.graph_optimizations, self.precisions)
 
     def configurations(self, placement: Placement) -> int:
         """Measured configurations per artifact."""

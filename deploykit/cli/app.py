@@ -17,7 +17,7 @@ import traceback
 from typing import Callable, Sequence
 
 from deploykit import __version__
-from deploykit.bench.settings import DEFAULT_RUNTIMES
+from deploykit.bench.settings import DEFAULT_RUNTIMES, Grid
 from deploykit.cli import options
 from deploykit.cli.options import DEFAULT_BENCH_PRUNE
 from deploykit.convert.forms import DEFAULT_FORMS
@@ -26,6 +26,7 @@ from deploykit.core.extras import missing_extra
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.core.signals import Terminated, as_terminated, stop_signals_interrupt
 from deploykit.model.spec import DEFAULT_MODEL
+from deploykit.runtime.precisions import DEFAULT_PRECISION
 
 REPORT_FORMATS = ("table", "markdown", "csv", "json", "html")
 
@@ -726,7 +727,7 @@ def cmd_bench(args) -> int:
         choose_baselines,
         onnx_file_subject,
     )
-    from deploykit.bench.settings import Grid, TimingSettings
+    from deploykit.bench.settings import TimingSettings
     from deploykit.model.onnxfile import PIPELINE as ONNX_FILE_PIPELINE
     from deploykit.model.sources import resolve_model
     from deploykit.results.report import bench_table, failures_text, records_json
@@ -754,10 +755,7 @@ def cmd_bench(args) -> int:
     # the workers run at each count; this process's own work at the smallest
     threads, threads_note = _threads_for_this_process(min(args.threads) if args.threads else None)
     threads = tuple(args.threads) if args.threads else (threads,)
-    grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
-                threads=threads, devices=tuple(args.device or ("auto",)),
-                lengths=tuple(args.seq_len or (None,)),
-                graph_optimizations=tuple(args.graph_opt or (DEFAULT_GRAPH_OPTIMIZATION,)))
+    grid = _grid(args, threads)
     placement = grid.placement()
     if not placement.targets:
         raise UsageError("nothing to run: " + "; ".join(placement.notes))
@@ -821,12 +819,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _grid(args: argparse.Namespace, threads: tuple[int, ...]) -> Grid:
+    """bench's runtime-side axes from its options (each list swept), at `threads`."""
+    return Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
+                threads=threads, devices=tuple(args.device or ("auto",)), lengths=tuple(args.seq_len or (None,)),
+                graph_optimizations=tuple(args.graph_opt or (DEFAULT_GRAPH_OPTIMIZATION,)),
+                precisions=tuple(args.precision or (DEFAULT_PRECISION,)))
+
+
 def _bench_fleet(args, model_options, timing, progress) -> int:
     """`bench --cluster`: the configurations of a local bench on every named profile's machines; a
     run per profile in the store (the driver writes them), failures kept as rows."""
     import uuid
 
-    from deploykit.bench.settings import Grid
     from deploykit.fleet.cluster import connect
     from deploykit.fleet.fanout import check_profiles, run_fleet
     from deploykit.model.sources import resolve_model
@@ -846,10 +851,7 @@ def _bench_fleet(args, model_options, timing, progress) -> int:
     if args.store and args.no_store:
         raise UsageError("--store and --no-store contradict each other")
     # the machines' own threads: explicit, never this machine's idle cores
-    grid = Grid(runtimes=tuple(args.runtime or DEFAULT_RUNTIMES), batches=tuple(args.batch or (1,)),
-                threads=tuple(args.threads or (1,)), devices=tuple(args.device or ("auto",)),
-                lengths=tuple(args.seq_len or (None,)),
-                graph_optimizations=tuple(args.graph_opt or (DEFAULT_GRAPH_OPTIMIZATION,)))
+    grid = _grid(args, tuple(args.threads or (1,)))
     store = None if args.no_store else _store(args)
     _trust_warnings(args, progress)
     plans = _plans(args.prune or ([] if args.plan else [DEFAULT_BENCH_PRUNE]), _plan_options(args))

@@ -29,6 +29,7 @@ from deploykit.model.spec import DEFAULT_LENGTH, INPUT_DTYPES, TRACE_BATCH, VALU
 from deploykit.prune.base import PRUNERS, PruningPlan
 from deploykit.results.store import ATTEMPTS, BUSY_TIMEOUT_S
 from deploykit.runtime.devices import DEVICE_CHOICES
+from deploykit.runtime.precisions import DEFAULT_PRECISION, PRECISIONS
 from deploykit.runtime.session import RUNTIMES
 
 #: what `deploykit bench` sweeps without --prune
@@ -279,6 +280,11 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-opt", type=csv_of(choices=GRAPH_OPTIMIZATIONS, what="graph optimisation"), action="extend", metavar="L[,L...]",
                    help=f"onnxruntime graph optimisation levels: {names(GRAPH_OPTIMIZATIONS)} (default "
                    f"{DEFAULT_GRAPH_OPTIMIZATION}, as onnxruntime's own default); recorded with each row")
+    g.add_argument("--precision", type=csv_of(choices=PRECISIONS, what="precision"), action="extend", metavar="P[,P...]",
+                   help=f"numeric precisions: {names(PRECISIONS)} (default {DEFAULT_PRECISION}). bf16: torch's autocast, "
+                   "OpenVINO's inference precision; f16: those and onnxruntime's float16 graph. A precision this "
+                   "machine does not compute natively on a runtime's device is skipped with a note, never emulated; "
+                   "its rows carry the quality measured in it")
     g.add_argument("--seq-len", type=csv_of(int), action="extend", metavar="N[,N...]",
                    help="sequence lengths: each sets every named non-batch input axis (tokens, frames); default: "
                    "the model's own inputs")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from deploykit.core.extras import require
 from deploykit.core.mapped import release_mapped_pages
 from deploykit.core.registry import Registry
 
@@ -39,6 +41,9 @@ class Quantizer:
     #: operator types whose nodes can be chosen one by one (the onnx callable then takes `nodes`, the
     #: names of the nodes to quantize); empty: the scheme quantizes what it quantizes
     op_types: tuple[str, ...] = ()
+    #: the runtime its int8 graphs are made for: where their nodes are timed against float and their
+    #: speed, error and metric are measured
+    runtime: str = "onnxruntime"
 
 
 QUANTIZERS: Registry[Quantizer] = Registry("quantization")
@@ -253,6 +258,77 @@ for _bits in (4, 8):
         f"weight-only int{_bits} under onnxruntime (MatMulNBits: weights in blocks of {WEIGHT_BLOCK}, activations "
         "float); dynamic int8 under torch", _onnx_weight_only(_bits), torch_dynamic_int8,
         no_per_channel=f"its blocks of {WEIGHT_BLOCK} weights are finer than channels already", op_types=("MatMul",)))
+
+
+def _nncf():
+    """NNCF (the openvino extra), imported without the warning torch logs when NNCF's import finds no CUDA."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return require("nncf", "OpenVINO's int8 quantizers (NNCF)")
+
+
+def _nncf_ignored(model, nodes: Sequence[str] | None, float_layers: Sequence[str]):
+    """NNCF's ignored scope: the nodes of `float_layers`, and, where `nodes` is given, every node not in it."""
+    import nncf
+
+    excluded = nodes_of_layers(model.graph, float_layers)
+    if nodes is not None:
+        wanted = set(nodes)
+        excluded += [node.name for node in model.graph.node if node.name and node.name not in wanted]
+    return nncf.IgnoredScope(names=sorted(set(excluded)), validate=False)
+
+
+@contextlib.contextmanager
+def _nncf_quiet():
+    """NNCF logs its statistics and draws progress bars on the terminal: keep both to errors."""
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    with _root_log_quiet(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _nncf_weight_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
+                      nodes: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
+    """NNCF's data-free weight compression (OpenVINO's own tooling) of every MatMul's weight to int8,
+    asymmetric per output channel, or only `nodes` (names as `gemm_to_matmul` rewrites them), never the
+    nodes of `float_layers`: DequantizeLinear before each product, which OpenVINO folds into its kernels."""
+    _refuse_no_nodes(nodes)
+    nncf = _nncf()
+    import onnx
+
+    model = gemm_to_matmul(onnx.load(str(source)))
+    with _nncf_quiet():
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                           ignored_scope=_nncf_ignored(model, nodes, float_layers))
+    onnx.save(compressed, str(target))
+
+
+def _nncf_static_int8(source: Path, target: Path, per_channel: bool, calibration: Sequence[dict],
+                      nodes: Sequence[str] | None = None, float_layers: Sequence[str] = ()) -> None:
+    """NNCF's post-training quantization (OpenVINO's own tooling): weights and activations int8, the
+    activations' ranges from `calibration` (the model's own data), QDQ nodes OpenVINO fuses into int8
+    kernels; only `nodes` where given, never the nodes of `float_layers`."""
+    _refuse_no_nodes(nodes)
+    nncf = _nncf()
+    import onnx
+
+    model = gemm_to_matmul(onnx.load(str(source)))
+    with _nncf_quiet():
+        quantized = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                                  ignored_scope=_nncf_ignored(model, nodes, float_layers))
+    onnx.save(quantized, str(target))
+
+
+QUANTIZERS.add("nncf-int8", Quantizer(
+    "static int8 by NNCF for OpenVINO (weights and activations int8, activation ranges calibrated on the model's "
+    "data; QDQ), chosen and measured under openvino; dynamic int8 under torch", _nncf_static_int8,
+    torch_dynamic_int8, no_per_channel="NNCF quantizes weights per output channel already",
+    op_types=("MatMul", "Conv"), runtime="openvino"))
+QUANTIZERS.add("nncf-int8-weight", Quantizer(
+    "weight-only int8 by NNCF for OpenVINO (asymmetric, per output channel; activations float), chosen and "
+    "measured under openvino; dynamic int8 under torch", _nncf_weight_int8, torch_dynamic_int8,
+    no_per_channel="NNCF compresses weights per output channel already", op_types=("MatMul",), runtime="openvino"))
 
 
 def error_statistics(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> dict[str, float]:

@@ -32,8 +32,8 @@ EXTRAS: dict[str, Extra] = {e.name: e for e in (
     Extra("hf", "Hugging Face support: model directories, GPT-2, the trained language models (transformers, optimum)",
           ("transformers", "optimum", "tokenizers", "huggingface_hub", "accelerate")),
     Extra("fleet", "benchmarking on the machines of a Ray cluster (ray)", ("ray",)),
-    Extra("openvino", "the openvino runtime: Intel's inference engine, running the artifacts' ONNX graphs (openvino)",
-          ("openvino",)),
+    Extra("openvino", "the openvino runtime: Intel's inference engine, running the artifacts' ONNX graphs, and its "
+          "int8 quantizers (openvino, nncf)", ("openvino", "nncf")),
 )}
 
 

@@ -26,7 +26,8 @@ _RECORDING: ContextVar[dict | None] = ContextVar("deploykit_ort_recording", defa
 
 
 def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, provider: str = CPU_PROVIDER,
-                optimization: str | None = None, optimized_path: str | Path | None = None, probe: bool = False):
+                optimization: str | None = None, optimized_path: str | Path | None = None, probe: bool = False,
+                graph: bytes | None = None):
     """An onnxruntime session on `provider` with `threads` intra-op threads and no inter-op parallelism,
     at graph optimisation level `optimization` (GRAPH_OPTIMIZATIONS; default onnxruntime's, "all"),
     writing the optimised graph to `optimized_path` when given.
@@ -37,6 +38,9 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
 
     `probe=True` silences onnxruntime's own error log, for sessions run to find out whether a graph
     fails (the caller reports the failure).
+
+    `graph`, where given, is the serialized graph to run in place of the file's (a converted copy of
+    it: float16); `onnx_path` still names it in messages.
 
     `spinning=False` stops idle intra-op threads from busy-waiting after a run: sessions used in
     turn (an encoder then a decoder) each own a thread pool, and one pool spinning steals the cores
@@ -56,7 +60,7 @@ def ort_session(onnx_path: str | Path, threads: int, spinning: bool = True, prov
         options.optimized_model_filepath = str(optimized_path)
     providers = [provider] + ([CPU_PROVIDER] if provider != CPU_PROVIDER else [])
     try:
-        session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        session = ort.InferenceSession(str(onnx_path) if graph is None else graph, options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad graphs
         lines = str(exc).strip().splitlines()
         raise ArtifactError(f"onnxruntime cannot load {str(onnx_path)!r}: {lines[0][:300] if lines else type(exc).__name__}") from None

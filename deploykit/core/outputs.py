@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +40,16 @@ def flat_tensors(output: Any) -> list[torch.Tensor]:
 
 def flat_arrays(output: Any) -> list:
     """The flat tensors as numpy arrays on the host: what parity checks and sessions compare."""
-    return [tensor.detach().cpu().numpy() for tensor in flat_tensors(output)]
+    return [host_array(tensor) for tensor in flat_tensors(output)]
+
+
+def host_array(tensor: "torch.Tensor | np.ndarray") -> np.ndarray:
+    """`tensor` as a numpy array on the host; bfloat16 (what autocast computes in, which numpy has no
+    type for) as float32, every value exact. An array is returned as it is."""
+    if not isinstance(tensor, torch.Tensor):
+        return np.asarray(tensor)
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def _children(value: Any, path: str) -> Iterator[tuple[str, Any]]:

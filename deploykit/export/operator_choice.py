@@ -8,7 +8,8 @@ operator type at a time (every MatMul at once) cannot tell those apart, and timi
 hides an encoder's loss inside the decoding loop's time. So every node that carries a weight (the
 nodes onnxruntime's dynamic quantizer would rewrite) is timed alone: its real input, captured from a
 float run of the artifact's own pipeline on its benchmark input, fed to a one-node graph, float
-against that graph as the quantizer rewrites it, in interleaved rounds on one thread. Nodes with the
+against that graph as the quantizer rewrites it, in interleaved rounds on one thread, in the runtime
+the scheme is made for (onnxruntime; OpenVINO for NNCF's schemes). Nodes with the
 same signature (graph, operator, input and weight shapes, attributes) share one measurement, and the
 manifest keeps one decision per signature with the nodes it covers.
 
@@ -31,6 +32,8 @@ from deploykit.convert.quantize import gemm_to_matmul, nodes_of_layers
 from deploykit.core.fsutil import scratch_directory
 from deploykit.core.measure import measure
 from deploykit.core.ort import ort_session, recording_feeds
+from deploykit.runtime.graphs import GraphOpener
+from deploykit.runtime.session import RUNTIMES
 
 #: int8 must take at least 1 + SLOWER (or at most 1 - FASTER) of float's time in every round to be called so
 SLOWER = FASTER = 0.10
@@ -171,19 +174,22 @@ def signature(unit: Unit, activation: np.ndarray) -> str:
     return text
 
 
-def time_unit(source, unit: Unit, activation: np.ndarray, quantize: Callable[[Path, Path], None]) -> dict | None:
-    """float against int8 for one node on its input, interleaved (`quantize(float path, int8 path)`
-    rewrites a graph); None when the quantizer leaves the node as it is (it has no int8 form)."""
+def time_unit(source, unit: Unit, activation: np.ndarray, quantize: Callable[[Path, Path, list[dict]], None],
+              runtime: str = "onnxruntime") -> dict | None:
+    """float against int8 for one node on its input, interleaved, in `runtime` on the CPU
+    (`quantize(float path, int8 path, calibration)` rewrites a graph; the node's own input is its
+    calibration); None when the quantizer leaves the node as it is (it has no int8 form)."""
     import onnx
 
     with scratch_directory("unit") as tmp:
         plain, quantized = tmp / "float.onnx", tmp / "int8.onnx"
         onnx.save(_one_node_model(source, unit, activation), str(plain))
-        quantize(plain, quantized)
+        feeds = {unit.activation: activation}
+        quantize(plain, quantized, [feeds])
         if [n.op_type for n in onnx.load(str(quantized)).graph.node] == [unit.op_type]:
             return None
-        feeds = {unit.activation: activation}
-        sessions = [ort_session(path, threads=1) for path in (plain, quantized)]
+        opener = GraphOpener(runtime, 1, RUNTIMES.get(runtime).cpu_device)
+        sessions = [opener(path) for path in (plain, quantized)]
         plain_run, int8_run = (_batch_of(lambda s=session: s.run(None, feeds)) for session in sessions)
         timings = time_interleaved(plain_run, int8_run, rounds=SPEED_ROUNDS, timer=_timed_batch)
     return speed_verdict(timings.dense, timings.csr)
@@ -242,7 +248,8 @@ def decision(verdict: dict) -> tuple[bool, str]:
 
 
 def choose_units(directory: Path, graphs: Sequence[str], run_pipeline: Callable[[], object], op_types: Sequence[str],
-                 float_layers: Sequence[str], quantize: Callable[[Path, Path], None], progress) -> dict[str, dict]:
+                 float_layers: Sequence[str], quantize: Callable[[Path, Path, list[dict]], None], progress,
+                 runtime: str = "onnxruntime") -> dict[str, dict]:
     """Signature -> decision record (operator, its nodes by graph, quantize or not and why, the rounds)
     for the weight-bearing nodes of `graphs` in `directory` (a float copy of the artifact).
 
@@ -273,7 +280,7 @@ def choose_units(directory: Path, graphs: Sequence[str], run_pipeline: Callable[
             key = signature(unit, activations[unit.activation])
             if key not in chosen and key not in no_int8_form:
                 progress(f"timing int8 against float: {key}")
-                verdict = time_unit(model, unit, activations[unit.activation], quantize)
+                verdict = time_unit(model, unit, activations[unit.activation], quantize, runtime)
                 if verdict is None:
                     no_int8_form.add(key)
                     continue

@@ -25,8 +25,9 @@ from deploykit.model.artifact import MANIFEST_FILE, WEIGHTS_FILE, file_sizes
 from deploykit.model.sources import spec_for_artifact
 from deploykit.pipelines.base import Pipeline, has_task_inputs
 from deploykit.pipelines.catalog import PIPELINES
+from deploykit.runtime.graphs import GraphOpener
 from deploykit.runtime.loading import load_torch_model
-from deploykit.runtime.session import ScoresContinuations
+from deploykit.runtime.session import RUNTIMES, ScoresContinuations
 
 #: inputs (batches of the model's data, where it has some) a quantized model's error is measured on
 MEASURED_INPUTS = 4
@@ -72,16 +73,18 @@ METRIC_TOLERANCES = {"accuracy": (1, 0.01), "bleu": (1, 1.0), "perplexity": (-1,
 MIN_TOKEN_AGREEMENT = 0.95
 def quality_warnings(record: dict, float_metrics: dict[str, float]) -> list[str]:
     """One line per way the quantized model is worse beyond tolerance, or slower, than the float one, or
-    not quantized at all under onnxruntime (its nodes measured, none kept)."""
+    not quantized at all under its runtime (its nodes measured, none kept)."""
     out = []
     scheme = record.get("scheme", "int8")
+    speed = record.get("speed")
+    # records written before a scheme had a runtime of its own were onnxruntime's
+    runtime = (speed or {}).get("runtime", "onnxruntime")
     chosen = record.get("operators")
     if chosen is not None and not any(c["quantized"] for c in chosen.values()):
-        out.append(f"{scheme} kept no node under onnxruntime (each slower, unmeasurable on this machine, or changing the "
+        out.append(f"{scheme} kept no node under {runtime} (each slower, unmeasurable on this machine, or changing the "
                    "model's answers: quantization.operators says which): its graphs are the float ones")
-    speed = record.get("speed")
     if speed and speed["verdict"] == "slower":
-        out.append(f"{scheme} is slower than float under onnxruntime: {speed['int8_over_float']:.2f}x its time in all "
+        out.append(f"{scheme} is slower than float under {runtime}: {speed['int8_over_float']:.2f}x its time in all "
                    f"{speed['rounds']} interleaved rounds")
     forced = record.get("next_token_agreement", {})
     for runtime, agreement in record.get("greedy_token_agreement", {}).items():
@@ -109,7 +112,8 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
                       consent: Sequence[str] = (), strict: bool = False, operators: str = "measured") -> object:
     """Quantize the ONNX graphs of the finished artifact in `directory` in place, and measure what
     that costs on each runtime against the float model: output error, greedy-token agreement, the
-    model's metric, and onnxruntime's speed against the float graphs (interleaved). A quantized model
+    model's metric, and the speed against the float graphs (interleaved) under the runtime the scheme is
+    made for (onnxruntime; OpenVINO for NNCF's). A quantized model
     that is slower or worse beyond tolerance says so (manifest warnings, a line each); with `strict`
     that is an error. Returns the manifest to write. `consent`: the entry points the artifact may
     import to rebuild its PyTorch model (the one it was exported from). `operators` ("measured"): for a
@@ -124,7 +128,8 @@ def quantize_artifact(directory: Path, manifest, scheme: str, per_channel: bool,
         manifest = _quantize(directory, manifest, scheme, per_channel, progress, consent, float_copy, operators)
     speed = manifest.quantization["speed"]
     if speed["verdict"] == "no clear difference" and speed["preempted_rounds"]:
-        progress(f"note: int8 against float under onnxruntime: no verdict, {speed['preempted_rounds']} of "
+        progress(f"note: int8 against float under {speed.get('runtime', 'onnxruntime')}: no verdict, "
+                 f"{speed['preempted_rounds']} of "
                  f"{2 * speed['rounds']} timing rounds preempted (a busy machine)")
     warnings = quality_warnings(manifest.quantization, manifest.metrics)
     for warning in warnings:
@@ -159,17 +164,19 @@ def _choose_nodes(float_copy: Path, graphs: Sequence[str], quantizer, per_channe
     def run_float() -> None:
         pipeline.load("onnxruntime", float_copy, 1, consent=consent).run(feeds[0])
 
-    def quantize(source: Path, target: Path) -> None:
-        quantizer.onnx(source, target, per_channel, calibration)
+    def quantize(source: Path, target: Path, unit_calibration: list[dict]) -> None:
+        # a node alone is calibrated on its own input (the model's data does not feed it)
+        quantizer.onnx(source, target, per_channel, unit_calibration)
 
     def agreement_of(nodes: dict[str, list[str]]) -> float:
         with scratch_directory("int8-trial") as trial:
             shutil.copytree(float_copy, trial, dirs_exist_ok=True)
             _quantize_graphs(trial, graphs, quantizer, per_channel, calibration, nodes, float_layers)
-            session = pipeline.load("onnxruntime", trial, 1, consent=consent)
+            session = pipeline.load(quantizer.runtime, trial, 1, consent=consent)
             return float(np.mean([token_agreement(r[-1], session.run(f)[-1]) for f, r in zip(feeds, references)]))
 
-    chosen = choose_units(float_copy, graphs, run_float, quantizer.op_types, float_layers, quantize, progress)
+    chosen = choose_units(float_copy, graphs, run_float, quantizer.op_types, float_layers, quantize, progress,
+                          quantizer.runtime)
     if pipeline.generates_tokens:
         _keep_greedy_tokens(chosen, agreement_of, progress)
     for key, c in chosen.items():
@@ -246,7 +253,8 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
     write_text_atomic(directory / MANIFEST_FILE, manifest.to_json())  # the torch loader reads it
 
     progress("measuring the quantized model against the float one")
-    sessions = {name: pipeline.load(name, directory, 1, consent=consent) for name in ("onnxruntime", "torch")}
+    runtime = quantizer.runtime  # where the scheme's graphs are meant to run: their speed and metric are its
+    sessions = {name: pipeline.load(name, directory, 1, consent=consent) for name in (runtime, "torch")}
     outputs = {runtime: [s.run(f) for f in feeds] for runtime, s in sessions.items()}
     record["error"] = {runtime: error_statistics([a for r in references for a in r], [a for o in outs for a in o])
                        for runtime, outs in outputs.items()}
@@ -257,19 +265,21 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
         forced = _next_token_agreement(sessions, feeds, references)
         if forced:
             record["next_token_agreement"] = forced
-    progress("timing int8 against float under onnxruntime (interleaved rounds)")
-    float_session = pipeline.load("onnxruntime", float_copy, 1, consent=consent)
-    quantized_session = sessions["onnxruntime"]
+    progress(f"timing int8 against float under {runtime} (interleaved rounds)")
+    float_session = pipeline.load(runtime, float_copy, 1, consent=consent)
+    quantized_session = sessions[runtime]
     timings = time_interleaved(lambda: float_session.run(feeds[0]), lambda: quantized_session.run(feeds[0]),
                                rounds=SPEED_ROUNDS, timer=timed_call)
-    record["speed"] = speed_verdict(timings.dense, timings.csr)  # the first call's rounds, and the second's
+    # the first call's rounds, and the second's
+    record["speed"] = {**speed_verdict(timings.dense, timings.csr), "runtime": runtime}
     if spec.evaluate is not None:
-        # the evaluation scores a model called like the PyTorch one: onnxruntime stands in for it
+        # the evaluation scores a model called like the PyTorch one: the scheme's runtime stands in for it
         # where the pipeline can call its graphs that way (a decoding evaluation cannot)
         progress("evaluating the quantized model")
         quantized_metrics = {"torch": spec.evaluate(load_torch_model(directory, consent=consent)[0])}
         if pipeline.scoring_model is not None:
-            quantized_metrics["onnxruntime"] = spec.evaluate(pipeline.scoring_model(directory, spec.input_names))
+            opener = GraphOpener(runtime, 1, RUNTIMES.get(runtime).cpu_device)
+            quantized_metrics[runtime] = spec.evaluate(pipeline.scoring_model(directory, spec.input_names, opener))
         record["metrics"] = quantized_metrics
         record["metric_delta"] = {runtime: {k: v - manifest.metrics[k] for k, v in values.items()
                                             if k in manifest.metrics}

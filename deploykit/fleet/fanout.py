@@ -42,6 +42,7 @@ from deploykit.fleet.cluster import profile_resource, profiles_available
 from deploykit.model.sources import consent_of
 from deploykit.model.spec import ModelSpec
 from deploykit.prune.base import PruningPlan
+from deploykit.runtime.session import RUNTIMES
 
 Progress = Callable[[str], None]
 #: how often the driver looks for profiles whose machines are all gone
@@ -100,8 +101,10 @@ class Configuration:
     length: int | None
 
     def grid(self, base: Grid) -> Grid:
+        # the precisions of the run this runtime offers (a configuration exists only where it offers one);
+        # which of them the profile's machine computes natively is decided there
         return dataclasses.replace(base, runtimes=(self.runtime,), batches=(self.batch,), threads=(self.threads,),
-                                   lengths=(self.length,))
+                                   lengths=(self.length,), precisions=offered_precisions(self.runtime, base))
 
     def failed(self, error: str) -> FailedConfiguration:
         return FailedConfiguration(self.shipped.model, self.shipped.plan, self.shipped.form, stage="measure",
@@ -182,11 +185,16 @@ def ship(ray, spec: ModelSpec, plans: Sequence[PruningPlan], forms: Sequence[str
     return shipped
 
 
+def offered_precisions(runtime: str, grid: Grid) -> tuple[str, ...]:
+    return tuple(p for p in grid.precisions if p in RUNTIMES.get(runtime).precisions)
+
+
 def configurations(shipped: Sequence[Shipped], profiles: Sequence[str], grid: Grid) -> list[Configuration]:
     return [Configuration(s, profile, runtime, batch, threads, length)
             for profile in profiles for s in shipped
             for runtime, batch, threads, length in itertools.product(grid.runtimes, grid.batches, grid.threads,
-                                                                     grid.lengths)]
+                                                                     grid.lengths)
+            if offered_precisions(runtime, grid)]
 
 
 def run_fleet(

@@ -3,7 +3,7 @@ perplexity of a token sequence.
 
 Both take any model with `prefill(prompt) -> (logits, state)`, `step(token, state) -> (logits, state)`
 and `logits(ids)`: the PyTorch wrappers (`deploykit.model.hf.TorchCausalLM`, `TorchSeq2SeqLM`) and the
-onnxruntime one of the text-generation pipeline (`deploykit.pipelines.textgen.OrtCausalLM`). numpy
+onnxruntime one of the text-generation pipeline (`deploykit.pipelines.textgen.OnnxCausalLM`). numpy
 only: a model's evaluation (model layer) and a benchmark session (pipelines) share them.
 """
 

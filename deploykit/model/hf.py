@@ -41,6 +41,7 @@ from deploykit.core.env import available_memory_bytes
 from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.extras import require
 from deploykit.core.fsutil import write_text_atomic
+from deploykit.core.outputs import host_array
 from deploykit.core.storage import check_safetensors
 from deploykit.model.causal_lm import perplexity
 from deploykit.model.spec import DEFAULT_LENGTH, InputSpec, ModelSpec
@@ -363,7 +364,7 @@ class TorchCausalLM:
         cache = DynamicCache.from_legacy_cache(past) if past is not None else DynamicCache()
         with torch.inference_mode():
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        return out.logits[0, -1].numpy(), _state(out.past_key_values)
+        return host_array(out.logits[0, -1]), _state(out.past_key_values)
 
     def prefill(self, prompt: np.ndarray):
         return self._run(torch.from_numpy(np.asarray(prompt, dtype=np.int64)), None)
@@ -373,7 +374,7 @@ class TorchCausalLM:
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return self.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+            return host_array(self.model(input_ids=torch.from_numpy(ids), use_cache=False).logits)
 
 
 def decoder_start(config) -> int:
@@ -410,12 +411,12 @@ class TorchSeq2SeqLM:
         mask = torch.ones_like(ids)
         out = self._decode(self.start, None, input_ids=ids, attention_mask=mask)
         encoded = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
-        return out.logits[0, -1].numpy(), (encoded, mask, _state(out.past_key_values))
+        return host_array(out.logits[0, -1]), (encoded, mask, _state(out.past_key_values))
 
     def step(self, token: int, state):
         encoded, mask, past = state
         out = self._decode(token, past, encoder_outputs=encoded, attention_mask=mask)
-        return out.logits[0, -1].numpy(), (encoded, mask, _state(out.past_key_values))
+        return host_array(out.logits[0, -1]), (encoded, mask, _state(out.past_key_values))
 
 
 # -- specs --------------------------------------------------------------------------------------------

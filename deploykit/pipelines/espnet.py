@@ -25,13 +25,15 @@ from torch import nn
 from deploykit.convert.onnx_export import check_parity, export_onnx, max_abs_errors, sparsify_initializers
 from deploykit.convert.onnx_settings import DEFAULT_OPSET, ONNX_TOLERANCE
 from deploykit.core.ort import ort_session
+from deploykit.core.outputs import host_array
 from deploykit.model.artifact import ST_CONFIG_FILE, WEIGHTS_FILE
 from deploykit.model.espnet import encode_features, quiet_espnet, sos_eos
 from deploykit.pipelines.encoder_fusion import EncoderFusion, fuse_encoder
 from deploykit.pipelines.espnet_decoder import CachedStep, MemoryKeysValues, unsupported
-from deploykit.pipelines.st_decode import STSession, decoder_files, max_tokens, ort_decoder, state_after, translate
+from deploykit.pipelines.st_decode import STSession, decoder_files, graph_decoder, max_tokens, state_after, translate
 from deploykit.runtime.loading import load_cpu_session_model, load_torch_model
 from deploykit.runtime.session import RuntimeInfo, Target
+from deploykit.runtime.torch_session import in_precision
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -186,7 +188,7 @@ def export_st(
                                    ["encoder_out"])
     check_parity("encoder onnxruntime vs PyTorch", encoder_error, tolerance)
 
-    ort_steps = ort_decoder(directory, {**decoder_config, "decoder_layers": layers, "decoder_size": size}).stepper(reference)
+    ort_steps = graph_decoder(directory, {**decoder_config, "decoder_layers": layers, "decoder_size": size}).stepper(reference)
     prefix = [sos_eos(model), 7, 11, 13]
     with torch.no_grad():  # ESPnet recomputing the whole prefix...
         torch_logp, _ = torch_step(model, prefix, torch.from_numpy(reference), None)
@@ -208,7 +210,7 @@ def export_st(
 
 def _encode_numpy(model: nn.Module, feats: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return encode_features(model, torch.from_numpy(feats)).numpy()
+        return host_array(encode_features(model, torch.from_numpy(feats)))
 
 
 def _frontend_description(model: nn.Module) -> dict[str, Any] | None:
@@ -248,11 +250,14 @@ class TorchStepper:
     def step(self, tokens: list[int], state):
         with torch.no_grad():
             logp, state = torch_step(self.model, tokens, self.memory, state)
-        return logp.numpy(), state
+        return host_array(logp), state
 
 
 class TorchTranslator:
     """The PyTorch model behind the translator interface of `deploykit.pipelines.st_decode`."""
+
+    #: its tensors as numpy arrays (bf16 under autocast, which numpy has no type for, as float32)
+    host = staticmethod(host_array)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -285,7 +290,7 @@ class TorchCachedStepper:
         with torch.no_grad():
             logp, *grown = self.translator.cached_step(torch.tensor([[tokens[-1]]]), torch.tensor([len(tokens) - 1]),
                                                        *state, *self.projected)
-        return logp[0].numpy(), tuple(grown)
+        return host_array(logp[0]), tuple(grown)
 
 
 class TorchCachedTranslator(TorchTranslator):
@@ -336,7 +341,8 @@ def load_torch_session(directory: str | Path, threads: int, target: Target) -> S
     """The benchmark session of an exported ST artifact under PyTorch (its form's execution module);
     CPU only: TorchTranslator builds its token and mask tensors there."""
     model = load_cpu_session_model(directory, threads, target, "speech translation")
-    return TorchSTSession(model, RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
+    return in_precision(TorchSTSession(model, RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE]),
+                        target)
 
 
 def reference_session(directory: str | Path, consent: Sequence[str] = ()) -> STSession:

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deploykit.core.errors import UsageError
-from deploykit.core.ort import ort_session
 from deploykit.model.artifact import ONNX_FILE, Manifest
 from deploykit.pipelines.base import PIPELINES, Exported, ExportRequest, Pipeline
-from deploykit.runtime.session import OpenVinoSession, OrtSession, Session, Target
+from deploykit.runtime.graphs import GraphOpener, load_graph
+from deploykit.runtime.session import Session, Target
 
 
 def export(request: ExportRequest) -> Exported:
@@ -51,17 +51,17 @@ def reference(directory: Path, consent: Sequence[str]) -> Callable[[dict], list]
 
 
 def load_torch(directory: Path, threads: int, target: Target) -> Session:
-    from deploykit.runtime.torch_session import TorchSession  # torch side
+    from deploykit.runtime.torch_session import TorchSession, in_precision  # torch side
 
-    return TorchSession(directory, threads, target)
+    return in_precision(TorchSession(directory, threads, target), target)
 
 
-class OrtModel:
-    """`model.onnx` in an onnxruntime session called like the PyTorch model (tensors in, tensors out),
-    so that a spec's evaluation can score it."""
+class OnnxModel:
+    """`model.onnx` in a session of an ONNX runtime (onnxruntime on the CPU unless `opener` says)
+    called like the PyTorch model (tensors in, tensors out), so that a spec's evaluation can score it."""
 
-    def __init__(self, directory: Path, input_names: Sequence[str]):
-        self.session, self.input_names = ort_session(Path(directory) / ONNX_FILE, threads=1), list(input_names)
+    def __init__(self, directory: Path, input_names: Sequence[str], opener: GraphOpener = GraphOpener()):
+        self.session, self.input_names = opener(Path(directory) / ONNX_FILE), list(input_names)
 
     def __call__(self, *inputs):
         import torch  # torch side: the evaluation hands tensors
@@ -74,17 +74,14 @@ class OrtModel:
         return self
 
 
-def load_onnxruntime(directory: Path, threads: int, target: Target) -> Session:
-    return OrtSession(Path(directory) / ONNX_FILE, threads, target.device, target.graph_optimization)
-
-
-def load_openvino(directory: Path, threads: int, target: Target) -> Session:
-    return OpenVinoSession(Path(directory) / ONNX_FILE, threads, target.device)
+def load_onnx(directory: Path, threads: int, target: Target) -> Session:
+    return load_graph(Path(directory) / ONNX_FILE, threads, target)
 
 
 FORWARD = PIPELINES.add("forward", Pipeline(
     "forward", "one graph, one call per batch",
-    loaders={"torch": load_torch, "onnxruntime": load_onnxruntime, "openvino": load_openvino},
+    loaders={"torch": load_torch, "onnxruntime": load_onnx, "openvino": load_onnx},
     export=export, inputs=inputs, reference=reference, outputs=lambda manifest: manifest.outputs,
-    quantizers=("int8", "int8-static", "int4-weight", "int8-weight"), scoring_model=OrtModel,
+    quantizers=("int8", "int8-static", "int4-weight", "int8-weight", "nncf-int8", "nncf-int8-weight"),
+    scoring_model=OnnxModel,
 ))

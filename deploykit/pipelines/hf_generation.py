@@ -33,16 +33,17 @@ from deploykit.core.errors import UsageError
 from deploykit.model.artifact import WEIGHTS_FILE
 from deploykit.model.hf import Seq2SeqLM, TorchCausalLM, TorchSeq2SeqLM, decoder_start, hf_model, max_positions
 from deploykit.pipelines.optimum_export import check_generation, optimum_export, sparse_files
-from deploykit.pipelines.seq2seq_decode import GRAPH_KEYS, T2T_CONFIG_FILE, OrtSeq2SeqLM
+from deploykit.pipelines.seq2seq_decode import GRAPH_KEYS, T2T_CONFIG_FILE, OnnxSeq2SeqLM
 from deploykit.pipelines.textgen import (
     NO_PAST_FILE,
     TEXTGEN_CONFIG_FILE,
     WITH_PAST_FILE,
     GenerationSession,
-    OrtCausalLM,
+    OnnxCausalLM,
 )
 from deploykit.runtime.loading import load_cpu_session_model, load_torch_model
 from deploykit.runtime.session import RuntimeInfo, Target
+from deploykit.runtime.torch_session import in_precision
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def export_causal_lm(model: nn.Module, directory: Path, opset: int, tolerance: f
     (directory / TEXTGEN_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     sparse_initializers = sparse_files(directory, (WITH_PAST_FILE, NO_PAST_FILE)) if sparse else {}
     share_weights(directory, (WITH_PAST_FILE, NO_PAST_FILE))  # optimum wrote every weight into both
-    errors = check_generation(TorchCausalLM(model), OrtCausalLM(directory), hf.config.vocab_size, tolerance)
+    errors = check_generation(TorchCausalLM(model), OnnxCausalLM(directory), hf.config.vocab_size, tolerance)
     return ExportedGenerator(errors, sparse_initializers)
 
 
@@ -93,7 +94,7 @@ def export_seq2seq(model: nn.Module, directory: Path, opset: int, tolerance: flo
     (directory / T2T_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     sparse_initializers = sparse_files(directory, GRAPH_KEYS.values()) if sparse else {}
     share_weights(directory, GRAPH_KEYS.values())  # both decoders hold the same weights (T5: the encoder's embedding too)
-    errors = check_generation(TorchSeq2SeqLM(model), OrtSeq2SeqLM(directory), hf.config.vocab_size, tolerance)
+    errors = check_generation(TorchSeq2SeqLM(model), OnnxSeq2SeqLM(directory), hf.config.vocab_size, tolerance)
     return ExportedGenerator(errors, sparse_initializers)
 
 
@@ -134,7 +135,8 @@ def load_torch_session(directory: str | Path, threads: int, target: Target) -> G
     """The benchmark session of an exported generating artifact under PyTorch (CPU only: the decoding
     loop builds its token tensors there)."""
     model = load_cpu_session_model(directory, threads, target, "text generation")
-    return GenerationSession(torch_lm(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"), [WEIGHTS_FILE])
+    return in_precision(GenerationSession(torch_lm(model), RuntimeInfo("torch", torch.__version__, threads, "cpu"),
+                                          [WEIGHTS_FILE]), target)
 
 
 def reference_session(directory: str | Path, consent: Sequence[str] = ()) -> GenerationSession:

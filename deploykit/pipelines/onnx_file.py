@@ -7,24 +7,13 @@ declarations (`deploykit.model.onnxfile`, which also checks its external data be
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from deploykit.model.onnxfile import PIPELINE
 from deploykit.pipelines.base import PIPELINES, Pipeline
-from deploykit.runtime.session import OpenVinoSession, OrtSession, Session, Target
-
-
-def load_onnxruntime(path: Path, threads: int, target: Target) -> Session:
-    return OrtSession(path, threads, target.device, target.graph_optimization)
-
-
-def load_openvino(path: Path, threads: int, target: Target) -> Session:
-    return OpenVinoSession(path, threads, target.device)
-
+from deploykit.runtime.graphs import load_graph
 
 ONNX_FILE_PIPELINE = PIPELINES.add(PIPELINE, Pipeline(
     PIPELINE, "a user's ONNX file as it is",
-    loaders={"onnxruntime": load_onnxruntime, "openvino": load_openvino},
+    loaders={"onnxruntime": load_graph, "openvino": load_graph},
     # no manifest: inputs, outputs and reference come from the file (`onnx_file_subject`)
     export=None, inputs=None, reference=None, outputs=None,
 ))

@@ -1,11 +1,11 @@
-"""Greedy decoding with an exported encoder-decoder (T5, BART, ...) under ONNX Runtime (no torch needed).
+"""Greedy decoding with an exported encoder-decoder (T5, BART, ...) in an ONNX runtime (no torch needed).
 
 An artifact of the "text2text-generation" pipeline holds optimum's three graphs
 (`deploykit.pipelines.hf_generation`): `encoder.onnx` (source ids -> hidden states), `decoder.onnx`
 (the first step: start token and the encoder's states -> logits, the self- and cross-attention
 caches) and `decoder_with_past.onnx` (one token and the caches -> logits and the extended
 self-attention cache; the cross-attention cache is the first step's, reused).
-`text2text_config.json` names them. `OrtSeq2SeqLM` has the `prefill`/`step` interface of
+`text2text_config.json` names them. `OnnxSeq2SeqLM` has the `prefill`/`step` interface of
 `deploykit.model.causal_lm.greedy`, so the text-generation pipeline's `GenerationSession` runs it.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 from deploykit.convert.shared_weights import with_shared_weights
 from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import ArtifactError
-from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.pipelines.textgen import GenerationSession, recorded_positions
-from deploykit.runtime.session import RuntimeInfo, Target
+from deploykit.runtime.graphs import GraphOpener
+from deploykit.runtime.session import Target
 
 T2T_CONFIG_FILE = "text2text_config.json"
 ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE = "encoder.onnx", "decoder.onnx", "decoder_with_past.onnx"
@@ -34,19 +34,18 @@ def _outputs(session, feeds: dict) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in taken})))
 
 
-class OrtSeq2SeqLM:
-    """The three graphs in onnxruntime sessions; states are (caches, source mask), never changed in place."""
+class OnnxSeq2SeqLM:
+    """The three graphs in sessions of an ONNX runtime (onnxruntime on the CPU unless `opener` says);
+    states are (caches, source mask), never changed in place."""
 
-    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER,
-                 optimization: str | None = None):
+    def __init__(self, directory: str | Path, opener: GraphOpener = GraphOpener()):
         self.directory = Path(directory)
         self.config = read_json(self.directory, T2T_CONFIG_FILE, "text2text-generation config")
         self.eos, self.start = self.config.get("eos"), self.config.get("decoder_start")
         if not isinstance(self.start, int) or isinstance(self.start, bool) or self.start < 0:  # read from a file
             raise ArtifactError(f"{str(self.directory)!r}: {T2T_CONFIG_FILE} has no valid decoder_start")
         self.max_positions, self.prompt_takes_positions = recorded_positions(self.config), False
-        self.sessions = {key: ort_session(inside(self.directory, self.config.get(key), f"{T2T_CONFIG_FILE} {key}"),
-                                          threads, provider=provider, optimization=optimization)
+        self.sessions = {key: opener(inside(self.directory, self.config.get(key), f"{T2T_CONFIG_FILE} {key}"))
                          for key in GRAPH_KEYS}
         self.past_names = [i.name for i in self.sessions["decoder_with_past"].get_inputs()
                            if i.name.startswith("past_key_values.")]
@@ -71,9 +70,8 @@ class OrtSeq2SeqLM:
         return out["logits"][0, -1], (self._caches(out, past), mask)
 
 
-def load_onnxruntime(directory: Path, threads: int, target: Target) -> GenerationSession:
-    import onnxruntime as ort
-
-    lm = OrtSeq2SeqLM(directory, threads, target.device, target.graph_optimization)
-    info = RuntimeInfo("onnxruntime", ort.__version__, threads, lm.sessions["encoder"].get_providers()[0])
-    return GenerationSession(lm, info, with_shared_weights(directory, [lm.config[key] for key in GRAPH_KEYS]))
+def load_graphs(directory: Path, threads: int, target: Target) -> GenerationSession:
+    """The benchmark session of a text2text-generation artifact in an ONNX runtime (onnxruntime, OpenVINO)."""
+    opener = GraphOpener.of(target, threads)
+    lm = OnnxSeq2SeqLM(directory, opener)
+    return GenerationSession(lm, opener.info, with_shared_weights(directory, [lm.config[key] for key in GRAPH_KEYS]))

@@ -1,7 +1,7 @@
 """The `speech-translation` pipeline: an ESPnet encoder/decoder pair decoded token by token.
 
 Exported by `deploykit.pipelines.espnet` (espnet_onnx's wrappers; parity checked on both graphs),
-decoded by `deploykit.pipelines.st_decode` under onnxruntime and by ESPnet's own decoder under
+decoded by `deploykit.pipelines.st_decode` under onnxruntime or OpenVINO and by ESPnet's own decoder under
 PyTorch; a benchmark feeds one utterance (of the model's own task for a trained zoo model, else random
 features) and times encode, one decoder step and greedy decoding.
 """
@@ -58,8 +58,8 @@ def load_torch(directory: Path, threads: int, target: Target) -> Session:
 
 SPEECH_TRANSLATION = PIPELINES.add("speech-translation", Pipeline(
     "speech-translation", "an encoder/decoder pair, decoded token by token",
-    loaders={"torch": load_torch, "onnxruntime": st_decode.load_onnxruntime},
+    loaders={"torch": load_torch, "onnxruntime": st_decode.load_graphs, "openvino": st_decode.load_graphs},
     export=export, inputs=inputs, reference=reference, outputs=lambda manifest: st_decode.ST_BENCH_OUTPUTS,
     quantizers=("int8", "int4-weight", "int8-weight"), one_pass=False, single_graph=False, generates_tokens=True,
-    scoring_model=st_decode.OrtScoringTranslator,
+    scoring_model=st_decode.OnnxScoringTranslator,
 ))

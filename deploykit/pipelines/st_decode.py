@@ -18,9 +18,9 @@ import numpy as np
 
 from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import ArtifactError, UsageError
-from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.model.artifact import ST_CONFIG_FILE
-from deploykit.runtime.session import RuntimeInfo, Target
+from deploykit.runtime.graphs import GraphOpener
+from deploykit.runtime.session import Target
 
 #: the benchmark's utterance: 5 s of 10 ms feature frames, decoded greedily to <eos>
 BENCH_FRAMES = 500
@@ -30,14 +30,13 @@ STEP_PREFIX = 10
 NO_TOKEN = -1
 
 
-class OrtSTDecoder:
-    """The exported decoder under ONNX Runtime, with espnet_onnx's cache convention: each layer's
+class OnnxSTDecoder:
+    """The exported decoder in an ONNX runtime, with espnet_onnx's cache convention: each layer's
     cache starts as zeros of one dummy position, and the model hands back the caches to feed next."""
 
-    def __init__(self, path: str | Path, layers: int, size: int, threads: int = 1, provider: str = CPU_PROVIDER,
-                 optimization: str | None = None):
+    def __init__(self, path: str | Path, layers: int, size: int, opener: GraphOpener = GraphOpener()):
         # it takes turns with the encoder: its threads must not spin while the encoder runs
-        self.session = ort_session(path, threads, spinning=False, provider=provider, optimization=optimization)
+        self.session = opener(path, spinning=False)
         self.layers, self.size = layers, size
 
     def initial_cache(self) -> list[np.ndarray]:
@@ -49,14 +48,14 @@ class OrtSTDecoder:
         logp, *cache = self.session.run(None, feeds)
         return logp[0], cache
 
-    def stepper(self, memory: np.ndarray) -> "OrtStepper":
-        return OrtStepper(self, memory)
+    def stepper(self, memory: np.ndarray) -> "OnnxStepper":
+        return OnnxStepper(self, memory)
 
 
-class OrtStepper:
-    """Next-token log-probabilities from the exported decoder under ONNX Runtime."""
+class OnnxStepper:
+    """Next-token log-probabilities from the exported decoder in an ONNX runtime."""
 
-    def __init__(self, decoder: OrtSTDecoder, memory: np.ndarray):
+    def __init__(self, decoder: OnnxSTDecoder, memory: np.ndarray):
         self.decoder, self.memory = decoder, memory
 
     def start(self):
@@ -66,16 +65,14 @@ class OrtStepper:
         return self.decoder.step(np.array([tokens]), self.memory, state)
 
 
-class OrtCachedDecoder:
+class OnnxCachedDecoder:
     """The exported decoder that caches attention keys and values (`deploykit.pipelines.espnet_decoder`):
     a graph projecting the encoder output into each layer's cross-attention keys and values, once per
     utterance, and a step graph taking one token, its position and the caches."""
 
-    def __init__(self, step_path: str | Path, memory_path: str | Path, threads: int = 1,
-                 provider: str = CPU_PROVIDER, optimization: str | None = None):
-        options = {"spinning": False, "provider": provider, "optimization": optimization}
-        self.session = ort_session(step_path, threads, **options)
-        self.memory_session = ort_session(memory_path, threads, **options)
+    def __init__(self, step_path: str | Path, memory_path: str | Path, opener: GraphOpener = GraphOpener()):
+        self.session = opener(step_path, spinning=False)
+        self.memory_session = opener(memory_path, spinning=False)
         inputs = self.session.get_inputs()
         # (heads, d_k) per cache: fixed dimensions of the exported graph (heads may differ by layer)
         self.empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
@@ -92,15 +89,15 @@ class OrtCachedDecoder:
         logp, *grown = self.session.run(None, feeds)
         return logp[0], dict(zip(self.grown_names, grown))
 
-    def stepper(self, memory: np.ndarray) -> "OrtCachedStepper":
-        return OrtCachedStepper(self, memory)
+    def stepper(self, memory: np.ndarray) -> "OnnxCachedStepper":
+        return OnnxCachedStepper(self, memory)
 
 
-class OrtCachedStepper:
+class OnnxCachedStepper:
     """Next-token log-probabilities from the key/value-caching decoder: the encoder output's keys and
     values are projected when decoding starts, then each step feeds the newest token only."""
 
-    def __init__(self, decoder: OrtCachedDecoder, memory: np.ndarray):
+    def __init__(self, decoder: OnnxCachedDecoder, memory: np.ndarray):
         self.decoder, self.memory, self.projected = decoder, memory, None
 
     def start(self):
@@ -112,17 +109,16 @@ class OrtCachedStepper:
         return self.decoder.step(tokens[-1], len(tokens) - 1, state, self.projected)
 
 
-def ort_decoder(directory: Path, config: dict, threads: int = 1, provider: str = CPU_PROVIDER,
-                optimization: str | None = None):
+def graph_decoder(directory: Path, config: dict, opener: GraphOpener = GraphOpener()):
     """The decoder an ST artifact's config describes: key/value-caching (`decoder_cache` "keys-values")
     or espnet_onnx's layer-output cache (artifacts written before, and decoders the other cannot export)."""
     kind = config.get("decoder_cache", "layer-outputs")
     decoder = inside(directory, config.get("decoder"), f"{ST_CONFIG_FILE} decoder")
     if kind == "keys-values":
         memory = inside(directory, config.get("decoder_memory"), f"{ST_CONFIG_FILE} decoder_memory")
-        return OrtCachedDecoder(decoder, memory, threads, provider, optimization)
+        return OnnxCachedDecoder(decoder, memory, opener)
     if kind == "layer-outputs":
-        return OrtSTDecoder(decoder, config["decoder_layers"], config["decoder_size"], threads, provider, optimization)
+        return OnnxSTDecoder(decoder, config["decoder_layers"], config["decoder_size"], opener)
     raise ArtifactError(f"{ST_CONFIG_FILE}: unknown decoder_cache {str(kind)[:40]!r} (keys-values or layer-outputs)")
 
 
@@ -131,17 +127,16 @@ def decoder_files(config: dict) -> list[str]:
     return [config["decoder"]] + ([config["decoder_memory"]] if config.get("decoder_cache") == "keys-values" else [])
 
 
-class OrtSpeechTranslator:
-    """An exported encoder/decoder pair loaded once into ONNX Runtime sessions (no torch needed)."""
+class OnnxSpeechTranslator:
+    """An exported encoder/decoder pair loaded once into sessions of an ONNX runtime (onnxruntime on
+    the CPU unless `opener` says; no torch needed)."""
 
-    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER,
-                 optimization: str | None = None):
+    def __init__(self, directory: str | Path, opener: GraphOpener = GraphOpener()):
         directory = Path(directory)
         self.config = read_json(directory, ST_CONFIG_FILE, "speech-translation config")
         self.sos, self.eos, self.vocab_size = self.config["sos"], self.config["eos"], self.config["vocab_size"]
-        self.encoder = ort_session(inside(directory, self.config.get("encoder"), f"{ST_CONFIG_FILE} encoder"), threads, spinning=False, provider=provider,
-                                   optimization=optimization)
-        self.decoder = ort_decoder(directory, self.config, threads, provider, optimization)
+        self.encoder = opener(inside(directory, self.config.get("encoder"), f"{ST_CONFIG_FILE} encoder"), spinning=False)
+        self.decoder = graph_decoder(directory, self.config, opener)
         self.files = [self.config["encoder"], *decoder_files(self.config)]
 
     def encode(self, feats: np.ndarray) -> np.ndarray:
@@ -154,13 +149,13 @@ class OrtSpeechTranslator:
         return translate(self, feats, max_tokens, beam)
 
 
-class OrtScoringTranslator:
+class OnnxScoringTranslator:
     """The exported pair as a speech-translation evaluation calls a model (`greedy_tokens(feats,
     max_tokens)`: one utterance's greedy tokens, <eos> dropped), so a trained model's BLEU can be
-    measured under onnxruntime too."""
+    measured in an ONNX runtime too."""
 
-    def __init__(self, directory: Path, input_names: Sequence[str] = ()):
-        self.translator = OrtSpeechTranslator(directory)
+    def __init__(self, directory: Path, input_names: Sequence[str] = (), opener: GraphOpener = GraphOpener()):
+        self.translator = OnnxSpeechTranslator(directory, opener)
 
     def greedy_tokens(self, feats, max_tokens: int) -> list[int]:
         tokens = self.translator.decode(np.asarray(feats), max_tokens)
@@ -207,8 +202,8 @@ def translate(translator, feats, max_tokens: int, beam: int = 1) -> list[int]:
 
 
 def decode_onnx(directory: str | Path, feats: np.ndarray, max_tokens: int, beam: int = 1, threads: int = 1) -> list[int]:
-    """Load an exported pair and decode one utterance (see `OrtSpeechTranslator` to decode many)."""
-    return OrtSpeechTranslator(directory, threads).decode(feats, max_tokens, beam)
+    """Load an exported pair and decode one utterance (see `OnnxSpeechTranslator` to decode many)."""
+    return OnnxSpeechTranslator(directory, GraphOpener(threads=threads)).decode(feats, max_tokens, beam)
 
 
 def state_after(stepper, prefix: Sequence[int]):
@@ -263,7 +258,9 @@ class STSession:
         tokens = translate(self.translator, feats, limit)
         padded = np.full(limit, NO_TOKEN, dtype=np.int64)
         padded[:len(tokens)] = tokens
-        return [np.asarray(memory), np.asarray(logp), padded]
+        # a translator's arrays as numpy: its own `host` where it has one (torch's, for bf16 tensors)
+        host = getattr(self.translator, "host", np.asarray)
+        return [host(memory), host(logp), padded]
 
     def stages(self, feeds) -> dict[str, Callable[[], object]]:
         t = self.translator
@@ -279,18 +276,15 @@ class STSession:
 
 def max_tokens(memory) -> int:
     """ESPnet's default decoding length limit for an utterance: one token per encoder frame."""
-    return max(1, int(np.asarray(memory).shape[1]))
+    return max(1, int(memory.shape[1]))  # numpy or torch (a bf16 tensor has no numpy view)
 
 
 #: what `STSession.run` returns, in order
 ST_BENCH_OUTPUTS = ("encoder_out", "decoder_logp", "greedy_tokens")
 
 
-def load_onnxruntime(directory: Path, threads: int, target: Target) -> STSession:
-    """The benchmark session of an exported ST artifact under ONNX Runtime."""
-    import onnxruntime as ort
-
-
-    translator = OrtSpeechTranslator(directory, threads, target.device, target.graph_optimization)
-    info = RuntimeInfo("onnxruntime", ort.__version__, threads, translator.encoder.get_providers()[0])
-    return STSession(translator, info, translator.files)
+def load_graphs(directory: Path, threads: int, target: Target) -> STSession:
+    """The benchmark session of an exported ST artifact in an ONNX runtime (onnxruntime, OpenVINO)."""
+    opener = GraphOpener.of(target, threads)
+    translator = OnnxSpeechTranslator(directory, opener)
+    return STSession(translator, opener.info, translator.files)

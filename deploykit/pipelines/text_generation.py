@@ -1,7 +1,7 @@
 """The `text-generation` pipeline: a causal language model with and without its key/value cache.
 
 Exported through optimum by `deploykit.pipelines.hf_generation` (both graphs checked against PyTorch,
-greedy tokens exactly), run by `deploykit.pipelines.textgen` under onnxruntime and by the PyTorch
+greedy tokens exactly), run by `deploykit.pipelines.textgen` under onnxruntime or OpenVINO and by the PyTorch
 model under torch; a benchmark feeds one random prompt and times prefill, one cached step and
 greedy generation.
 """
@@ -37,9 +37,10 @@ def load_torch(directory: Path, threads: int, target: Target) -> Session:
 
 TEXT_GENERATION = PIPELINES.add("text-generation", Pipeline(
     "text-generation", "a causal language model, with and without its key/value cache",
-    loaders={"torch": load_torch, "onnxruntime": textgen.load_onnxruntime},
+    loaders={"torch": load_torch, "onnxruntime": textgen.load_graphs, "openvino": textgen.load_graphs},
     export=export, inputs=textgen.prompt_inputs(textgen.TEXTGEN_CONFIG_FILE, "text generation"), reference=reference,
     outputs=lambda manifest: textgen.TEXTGEN_OUTPUTS,
-    quantizers=("int8", "int4-weight", "int8-weight"), one_pass=True, single_graph=False, generates_tokens=True,
-    scoring_model=textgen.OrtLogits,
+    quantizers=("int8", "int4-weight", "int8-weight", "nncf-int8-weight"), one_pass=True, single_graph=False,
+    generates_tokens=True,
+    scoring_model=textgen.OnnxLogits,
 ))

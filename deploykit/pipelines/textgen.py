@@ -1,4 +1,4 @@
-"""Text generation with an exported causal language model under ONNX Runtime (no torch needed).
+"""Text generation with an exported causal language model in an ONNX runtime: onnxruntime or OpenVINO (no torch needed).
 
 An artifact of the "text-generation" pipeline holds two graphs exported by optimum
 (`deploykit.pipelines.hf_generation`): `decoder_with_past.onnx` takes the key/value cache of the tokens so far and
@@ -6,7 +6,7 @@ returns it extended (optimum's "text-generation-with-past" task), and `decoder.o
 whole sequence (task "text-generation"; used for perplexity). `textgen_config.json` names them.
 
 `greedy` (`deploykit.model.causal_lm`) decodes with any model that has `prefill(prompt) -> (logits, state)` and
-`step(token, state) -> (logits, state)`: `OrtCausalLM` here, `deploykit.model.hf.TorchCausalLM` for
+`step(token, state) -> (logits, state)`: `OnnxCausalLM` here, `deploykit.model.hf.TorchCausalLM` for
 PyTorch. States are never changed in place, so one state can be stepped from again and again (the
 benchmark's decode-step stage does exactly that).
 """
@@ -21,9 +21,9 @@ import numpy as np
 from deploykit.convert.shared_weights import with_shared_weights
 from deploykit.core.confine import inside, read_json
 from deploykit.core.errors import UsageError
-from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.model.causal_lm import greedy, next_token_agreement, room, scores_sequences
 from deploykit.pipelines.base import task_inputs
+from deploykit.runtime.graphs import GraphOpener
 from deploykit.runtime.session import RuntimeInfo, Target
 
 TEXTGEN_CONFIG_FILE = "textgen_config.json"
@@ -44,19 +44,18 @@ def recorded_positions(config: dict) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
 
 
-class OrtCausalLM:
-    """The exported graphs in onnxruntime sessions: the cached one at once, the full-sequence one
-    when first needed (generation never needs it, and it would double the memory figure)."""
+class OnnxCausalLM:
+    """The exported graphs in sessions of an ONNX runtime (onnxruntime on the CPU unless `opener` says):
+    the cached one at once, the full-sequence one when first needed (generation never needs it, and
+    it would double the memory figure)."""
 
-    def __init__(self, directory: str | Path, threads: int = 1, provider: str = CPU_PROVIDER,
-                 optimization: str | None = None):
-        self.directory, self.threads = Path(directory), threads
-        self.options = {"provider": provider, "optimization": optimization}
+    def __init__(self, directory: str | Path, opener: GraphOpener = GraphOpener()):
+        self.directory, self.opener = Path(directory), opener
         self.config = read_json(self.directory, TEXTGEN_CONFIG_FILE, "text-generation config")
         self.eos = self.config.get("eos")
         self.max_positions = recorded_positions(self.config)
         self.vocab_size = self.config.get("vocab_size")
-        self.with_past = ort_session(inside(self.directory, self.config.get("with_past"), f"{TEXTGEN_CONFIG_FILE} with_past"), threads, **self.options)
+        self.with_past = opener(inside(self.directory, self.config.get("with_past"), f"{TEXTGEN_CONFIG_FILE} with_past"))
         self._no_past = None
         inputs = self.with_past.get_inputs()
         self.past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]
@@ -86,7 +85,7 @@ class OrtCausalLM:
     @property
     def no_past(self):
         if self._no_past is None:
-            self._no_past = ort_session(inside(self.directory, self.config.get("no_past"), f"{TEXTGEN_CONFIG_FILE} no_past"), self.threads, **self.options)
+            self._no_past = self.opener(inside(self.directory, self.config.get("no_past"), f"{TEXTGEN_CONFIG_FILE} no_past"))
         return self._no_past
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -97,13 +96,13 @@ class OrtCausalLM:
         return self.no_past.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
 
 
-class OrtLogits:
+class OnnxLogits:
     """The full-sequence graph called like the PyTorch model (input ids -> logits tensor), so that a
     language model's evaluation (perplexity over held-out text) can score it; `causal_lm` is the
     `deploykit.model.causal_lm` interface for evaluations that use it."""
 
-    def __init__(self, directory: Path, input_names: Sequence[str] = ()):
-        self.causal_lm = OrtCausalLM(directory)
+    def __init__(self, directory: Path, input_names: Sequence[str] = (), opener: GraphOpener = GraphOpener()):
+        self.causal_lm = OnnxCausalLM(directory, opener)
 
     def __call__(self, input_ids):
         import torch  # torch side: the evaluation hands tensors
@@ -183,9 +182,8 @@ class GenerationSession:
         }
 
 
-def load_onnxruntime(directory: Path, threads: int, target: Target) -> GenerationSession:
-    import onnxruntime as ort
-
-    lm = OrtCausalLM(directory, threads, target.device, target.graph_optimization)
-    info = RuntimeInfo("onnxruntime", ort.__version__, threads, lm.with_past.get_providers()[0])
-    return GenerationSession(lm, info, with_shared_weights(directory, [lm.config["with_past"], lm.config["no_past"]]))
+def load_graphs(directory: Path, threads: int, target: Target) -> GenerationSession:
+    """The benchmark session of a text-generation artifact in an ONNX runtime (onnxruntime, OpenVINO)."""
+    opener = GraphOpener.of(target, threads)
+    lm = OnnxCausalLM(directory, opener)
+    return GenerationSession(lm, opener.info, with_shared_weights(directory, [lm.config["with_past"], lm.config["no_past"]]))

@@ -40,8 +40,8 @@ def better_direction(metric: str) -> int:
 
 def slice_key(r: BenchRecord) -> tuple:
     """What two variants must share for their figures to be compared."""
-    return (r.profile, r.model, r.runtime, r.device, r.graph_optimization, r.stage, r.batch_size, r.threads,
-            r.sequence_length)
+    return (r.profile, r.model, r.runtime, r.device, r.graph_optimization, r.precision, r.stage, r.batch_size,
+            r.threads, r.sequence_length)
 
 
 def primary_metric(records: Sequence[BenchRecord]) -> str | None:
@@ -223,8 +223,9 @@ def _speed_words(speed: tuple[float, float, float], paired: bool) -> str:
 
 
 def _slice_label(key: tuple) -> str:
-    profile, model, runtime, device, graph_optimization, stage, batch, threads, length = key
-    return (f"{profile}: {model} under {runtime} ({device})" + (f" {stage}" if stage != "forward" else "")
+    profile, model, runtime, device, graph_optimization, precision, stage, batch, threads, length = key
+    return (f"{profile}: {model} under {runtime} ({device})" + (f" at {precision}" if precision != "f32" else "")
+            + (f" {stage}" if stage != "forward" else "")
             + f", batch {batch}" + (f", length {length}" if length else "") + f", {threads} threads")
 
 
@@ -251,8 +252,8 @@ def choices_text(choices: Sequence[Choice], constraints: Constraints) -> str:
     return "\n".join(lines)
 
 
-SLICE_FIELDS = ("profile", "model", "runtime", "device", "graph_optimization", "stage", "batch_size", "threads",
-                "sequence_length")
+SLICE_FIELDS = ("profile", "model", "runtime", "device", "graph_optimization", "precision", "stage", "batch_size",
+                "threads", "sequence_length")
 
 
 def choices_json(choices: Sequence[Choice], constraints: Constraints, run_id: int | None) -> str:

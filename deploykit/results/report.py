@@ -66,14 +66,15 @@ def quality_cell(r: BenchRecord) -> str:
 
 
 def bench_rows(records: Sequence[BenchRecord]) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted rows; "device", "stage", "length", "graph opt" and "quality" columns only
-    where some row needs one."""
+    """Headers and formatted rows; "device", "stage", "length", "graph opt", "precision" and "quality"
+    columns only where some row needs one."""
     optional = {
         "device": (any(r.device not in CPU_DEVICES for r in records), lambda r: r.device),
         "stage": (any(r.stage != "forward" for r in records), lambda r: r.stage),
         "length": (any(r.sequence_length for r in records), lambda r: str(r.sequence_length or "")),
         "graph opt": (any(r.graph_optimization not in ("", DEFAULT_GRAPH_OPTIMIZATION) for r in records),
                       lambda r: r.graph_optimization),
+        "precision": (any(r.precision != "f32" for r in records), lambda r: r.precision),
     }
     shown = [(name, cell) for name, (wanted, cell) in optional.items() if wanted]
     quality = any(r.metrics for r in records)
@@ -116,6 +117,10 @@ def bench_notes(records: Sequence[BenchRecord]) -> list[str]:
                      "with DIRs, add the unpruned artifact or --baseline DIR)")
     notes.append("note: pareto '*': no other variant of the same runtime, batch and threads is at once as fast, as "
                  "small and as good (parity-failing rows excluded)")
+    if any(r.precision != "f32" for r in records):
+        notes.append("note: rows in another precision than f32 carry the quality measured in it; their parity error is "
+                     "against the f32 PyTorch model and is not held to the f32 tolerance")
+    notes += [f"note: {line}" for line in fastest_runtimes(records)]
     thin = {q for r in records for q in (90, 99) if not r.measurement.enough_samples_for(q)}
     if thin:
         notes.append("note: " + ", ".join(f"p{q} needs >= {required_samples(q)} samples" for q in sorted(thin))
@@ -153,7 +158,7 @@ def bench_notes(records: Sequence[BenchRecord]) -> list[str]:
 
 
 CSV_HEADERS = ["profile", "model", "prune", "sparsity", "form", "runtime", "stage", "device", "batch",
-               "sequence_length", "graph_optimization", "threads",
+               "sequence_length", "graph_optimization", "precision", "threads",
                "p50_ms", "p50_ci95_low_ms", "p50_ci95_high_ms", "p90_ms", "p99_ms", "iqr_ms", "samples",
                "items_per_s", "peak_rss_bytes", "disk_bytes", "parameters", "nonzero_parameters", "parity",
                "baseline", "speedup", "speedup_ci95_low", "speedup_ci95_high", "size_ratio", "metrics",
@@ -174,7 +179,7 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
         low, high = m.median_ci_ms()
         interval = (r.versus.speedup_ci95() if r.versus else None) or ("", "")
         writer.writerow([r.profile, r.model, r.prune, r.sparsity, r.form_label, r.runtime, r.stage, r.device, r.batch_size,
-                         r.sequence_length or "", r.graph_optimization, r.threads, m.median_ms, low, high,
+                         r.sequence_length or "", r.graph_optimization, r.precision, r.threads, m.median_ms, low, high,
                          m.percentile_ms(90) if m.enough_samples_for(90) else "",
                          m.percentile_ms(99) if m.enough_samples_for(99) else "", m.iqr_ms, len(m.samples_ns),
                          m.throughput_items_per_s, r.peak_rss_bytes, r.disk_bytes, r.parameters,
@@ -188,8 +193,8 @@ def bench_csv(records: Sequence[BenchRecord]) -> str:
 
 def configuration_key(r: BenchRecord) -> tuple:
     """What makes two records the same configuration (in two runs, or on two machines)."""
-    return (r.model, r.prune, r.form, r.quantization, r.runtime, r.device, r.graph_optimization, r.stage, r.batch_size,
-            r.sequence_length, r.threads)
+    return (r.model, r.prune, r.form, r.quantization, r.runtime, r.device, r.graph_optimization, r.precision, r.stage,
+            r.batch_size, r.sequence_length, r.threads)
 
 
 def compare_table(base: Sequence[BenchRecord], others: Sequence[tuple[str, Sequence[BenchRecord]]], base_label: str,
@@ -207,8 +212,8 @@ def compare_table(base: Sequence[BenchRecord], others: Sequence[tuple[str, Seque
         if not any(matches):
             continue
         a = r.measurement.median_ms
-        rows.append([r.model, r.prune, r.form_label, r.runtime, r.device, r.stage, r.batch_size, r.sequence_length or "",
-                     r.threads, f"{a:.4f}"]
+        rows.append([r.model, r.prune, r.form_label, r.runtime, r.precision, r.device, r.stage, r.batch_size,
+                     r.sequence_length or "", r.threads, f"{a:.4f}"]
                     + [cell for m in matches for cell in ((f"{m.measurement.median_ms:.4f}",
                                                            f"{m.measurement.median_ms / a:.2f}x") if m else ("", ""))])
     labels = [label for label, _ in others]
@@ -216,7 +221,8 @@ def compare_table(base: Sequence[BenchRecord], others: Sequence[tuple[str, Seque
         raise UsageError(f"{base_label} and {', '.join(labels)} share no configuration (model, plan, form, runtime, "
                          "device, stage, batch, length, threads)")
     table = tabulate(rows, tablefmt=tablefmt, disable_numparse=True, headers=[
-        "model", "prune", "form", "runtime", "device", "stage", "batch", "length", "threads", f"p50 ms {base_label}",
+        "model", "prune", "form", "runtime", "precision", "device", "stage", "batch", "length", "threads",
+        f"p50 ms {base_label}",
         *[h for label in labels for h in (f"p50 ms {label}", f"{label} / {base_label}")]])
     notes = [f"{len(base) - len(rows)} configurations of {base_label} measured in none of the others"
              if len(base) > len(rows) else ""]
@@ -226,7 +232,41 @@ def compare_table(base: Sequence[BenchRecord], others: Sequence[tuple[str, Seque
             notes.append(f"{missing} configurations of {label} not measured in {base_label}")
     notes.append("ratios across runs compare machines and conditions as well as code; only ratios within one run "
                  "are firm")
+    # per profile, the runtime and precision each machine ran fastest
+    notes += fastest_runtimes([*base, *(r for _, records in others for r in records)])
     return table + "".join(f"\n{n}" for n in notes if n)
+
+
+def fastest_runtimes(records: Sequence[BenchRecord]) -> list[str]:
+    """Per profile and configuration measured under more than one runtime or precision: which ran it
+    fastest (lowest p50; rows with wrong outputs left out), by how much over the next, and, where it
+    computed in another precision than f32, its quality beside f32's."""
+    groups: dict[tuple, list[BenchRecord]] = {}
+    for r in records:
+        if not r.wrong:
+            key = (r.profile, r.model, r.prune, r.form_label, r.stage, r.batch_size, r.sequence_length, r.threads)
+            groups.setdefault(key, []).append(r)
+    lines = []
+    for (profile, model, prune, form, stage, batch, length, threads), rows in groups.items():
+        if len({(r.runtime, r.precision) for r in rows}) < 2:
+            continue
+        best, runner_up = sorted(rows, key=lambda r: r.measurement.median_ms)[:2]
+        f32 = next((r for r in rows if r.runtime == best.runtime and r.precision == "f32" and r.metrics), None)
+        quality = ""
+        if best.precision != "f32" and best.metrics:
+            quality = "; " + ", ".join(f"{name} {value:.4f}" + (f" (f32 {f32.metrics[name]:.4f})"
+                                                                 if f32 and name in f32.metrics else "")
+                                       for name, value in best.metrics.items())
+        lines.append(f"fastest on {profile}: {model} {prune} {form}" + (f" {stage}" if stage != "forward" else "")
+                     + f" batch {batch}" + (f" length {length}" if length else "") + f" {threads} threads: "
+                     f"{_runtime_label(best)} (p50 {best.measurement.median_ms:.4f} ms, "
+                     f"{runner_up.measurement.median_ms / best.measurement.median_ms:.2f}x faster than "
+                     f"{_runtime_label(runner_up)}){quality}")
+    return lines
+
+
+def _runtime_label(r: BenchRecord) -> str:
+    return f"{r.runtime} {r.precision}" + (f" ({r.device})" if r.device not in CPU_DEVICES else "")
 
 
 def row_label(r: BenchRecord) -> str:

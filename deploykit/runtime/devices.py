@@ -9,11 +9,13 @@ a note saying why; it is never run on something else under the asked-for name.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
 from deploykit.core.errors import UsageError
 from deploykit.core.ort import DEFAULT_GRAPH_OPTIMIZATION, GRAPH_OPTIMIZATIONS
+from deploykit.runtime.precisions import DEFAULT_PRECISION, missing
 from deploykit.runtime.profiles import Profile
 from deploykit.runtime.session import RUNTIMES, Target
 
@@ -28,15 +30,23 @@ class Placement:
 
 
 def place(runtimes: Sequence[str], choices: Sequence[str], profile: Profile,
-          graph_optimizations: Sequence[str] = (DEFAULT_GRAPH_OPTIMIZATION,)) -> Placement:
+          graph_optimizations: Sequence[str] = (DEFAULT_GRAPH_OPTIMIZATION,),
+          precisions: Sequence[str] = (DEFAULT_PRECISION,)) -> Placement:
     """The distinct (runtime, device) pairs the choices ask for on this machine, and notes on the rest;
-    runtimes with graph optimisation levels get one target per level asked for."""
+    runtimes with graph optimisation levels get one target per level asked for, and one per precision
+    asked for that the runtime offers and this machine computes natively on that device (a precision
+    it offers but the device would emulate is skipped with a note; one no runtime of the run offers is
+    a usage error)."""
     for choice in choices:
         if choice not in DEVICE_CHOICES:
             raise UsageError(f"unknown device {choice!r}; choose from {', '.join(DEVICE_CHOICES)}")
     for level in graph_optimizations:
         if level not in GRAPH_OPTIMIZATIONS:
             raise UsageError(f"unknown graph optimisation {level!r}; choose from {', '.join(GRAPH_OPTIMIZATIONS)}")
+    for precision in precisions:
+        if not any(precision in RUNTIMES.get(name).precisions for name in runtimes):
+            offered = "; ".join(f"{name}: {', '.join(RUNTIMES.get(name).precisions)}" for name in runtimes)
+            raise UsageError(f"--precision {precision}: no runtime of this run offers it ({offered})")
     targets: list[Target] = []
     notes: list[str] = []
     for name in runtimes:
@@ -50,10 +60,31 @@ def place(runtimes: Sequence[str], choices: Sequence[str], profile: Profile,
                 continue
             if note:
                 notes.append(f"{name} on {choice}: {note}")
-            for level in graph_optimizations if runtime.graph_optimizations else (None,):
-                if all((t.runtime, t.device, t.graph_optimization) != (name, device, level) for t in targets):
-                    targets.append(Target(name, device, choice, level))
-    return Placement(tuple(targets), tuple(notes))
+            kept = _precisions(name, device, precisions, notes)
+            for level, precision in itertools.product(
+                    graph_optimizations if runtime.graph_optimizations else (None,), kept):
+                if all((t.runtime, t.device, t.graph_optimization, t.precision) != (name, device, level, precision)
+                       for t in targets):
+                    targets.append(Target(name, device, choice, level, precision=precision))
+    return Placement(tuple(targets), tuple(dict.fromkeys(notes)))
+
+
+def _precisions(name: str, device: str, asked: Sequence[str], notes: list[str]) -> list[str]:
+    """The precisions of `asked` that runtime `name` offers and computes natively on `device`, with a
+    note for each one it does not offer or would emulate."""
+    runtime = RUNTIMES.get(name)
+    offered = [p for p in asked if p in runtime.precisions]
+    for precision in asked:
+        if precision not in offered:
+            notes.append(f"{name} at {precision}: not measured: {name} offers {', '.join(runtime.precisions)}")
+    if offered == [DEFAULT_PRECISION]:
+        return offered  # f32 runs everywhere: no need to ask the machine (and import the runtime) here
+    native = runtime.native_precisions(device)
+    for precision in offered:
+        if precision not in native:
+            notes.append(f"{name} on {device} at {precision}: skipped: {missing(name, device, precision)} "
+                         "(it would be emulated, not measured)")
+    return [p for p in offered if p in native]
 
 
 def _resolve(choice: str, available: tuple[str, ...], preferred: tuple[str, ...], cpu: str,

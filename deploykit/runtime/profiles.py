@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 from deploykit.core.env import available_cores
 from deploykit.core.errors import ArtifactError, UsageError
+from deploykit.core.extras import MissingExtraError
 from deploykit.core.fsutil import read_text
 from deploykit.core.registry import Registry
-from deploykit.runtime.accelerators import onnxruntime_providers
+from deploykit.runtime.accelerators import onnxruntime_providers, openvino_devices
+from deploykit.runtime.precisions import INT8_CPU_FLAGS, NATIVE_CPU_FLAGS, PRECISIONS, cpu_flags, cpu_precisions
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class CPU:
     base_ghz: float | None = None
     max_ghz: float | None = None
     vector_extensions: tuple[str, ...] = ()
+    #: the precisions it computes natively (f32, bf16 with AVX-512 BF16 or AMX, f16 with AVX-512 FP16
+    #: or Arm FP16): what a bench on it measures beside f32
+    precisions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class GPU:
     fp16_tensor_tflops: float | None = None
     int8_tops: float | None = None
     cuda_cores: int | None = None
+    #: the precisions it computes natively (f16 on every CUDA GPU, bf16 from compute capability 8.0)
+    precisions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class RuntimePolicy:
 
     torch_device: str = "cpu"
     onnxruntime_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    #: OpenVINO devices in order of preference (its GPU plugin is Intel's: an NVIDIA machine runs it on the CPU)
+    openvino_devices: tuple[str, ...] = ("CPU",)
     thread_policy: str = "available-cores"
     #: an explicit thread count; otherwise the policy decides
     threads: int | None = None
@@ -174,6 +183,10 @@ def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
                 raise ArtifactError(f"{where}: [{key}] must be a table")
             tables[key] = _build(cls, data[key], f"{where} [{key}]")
     profile = Profile(data["name"], data["description"], **tables)
+    for part in (profile.cpu, profile.gpu):
+        unknown = [p for p in getattr(part, "precisions", ()) if p not in PRECISIONS]
+        if unknown:
+            raise ArtifactError(f"{where}: unknown precision {unknown[0][:40]!r}; known: {', '.join(PRECISIONS)}")
     if profile.runtime.thread_policy not in THREAD_POLICIES:  # a bad file, named like the other errors here
         raise ArtifactError(f"{where} [runtime]: unknown thread policy {profile.runtime.thread_policy!r}; "
                             f"known: {', '.join(THREAD_POLICIES.names())}")
@@ -231,9 +244,10 @@ def _cpu_facts() -> dict[str, Any]:
     import psutil
 
     info = cpuinfo.get_cpu_info()
-    flags = set(info.get("flags", []))
-    vector = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"),
-                                      ("asimd", "NEON")) if flag in flags]
+    flags = cpu_flags()
+    extensions = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"), ("asimd", "NEON"),
+                  *INT8_CPU_FLAGS, *(pair for pairs in NATIVE_CPU_FLAGS.values() for pair in pairs))
+    vector = list(dict.fromkeys(name for flag, name in extensions if flag in flags))
     hz = info.get("hz_advertised") or [0]
     return {"model": info.get("brand_raw") or platform.processor() or "unknown CPU",
             "architecture": platform.machine(),
@@ -241,18 +255,20 @@ def _cpu_facts() -> dict[str, Any]:
             "threads": psutil.cpu_count() or 1,
             "base_ghz": round(hz[0] / 1e9, 2) if hz[0] else None,
             "vector_extensions": tuple(vector),
+            "precisions": cpu_precisions(flags),
             "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}
 
 
-def _gpus() -> list[tuple[str, float]]:
-    """(name, memory GB) of each CUDA device torch sees; none without torch or CUDA."""
+def _gpus() -> list[tuple[str, float, tuple[str, ...]]]:
+    """(name, memory GB, native precisions) of each CUDA device torch sees; none without torch or CUDA."""
     try:
         import torch
     except ImportError:
         return []
     if not torch.cuda.is_available():
         return []
-    return [(torch.cuda.get_device_name(i), round(torch.cuda.get_device_properties(i).total_memory / 1e9, 1))
+    return [(torch.cuda.get_device_name(i), round(torch.cuda.get_device_properties(i).total_memory / 1e9, 1),
+             ("f32", "f16") + (("bf16",) if torch.cuda.get_device_capability(i)[0] >= 8 else ()))
             for i in range(torch.cuda.device_count())]
 
 
@@ -274,6 +290,13 @@ def _providers() -> tuple[str, ...]:
         return ("CPUExecutionProvider",)
 
 
+def _openvino_devices() -> tuple[str, ...]:
+    try:
+        return openvino_devices()
+    except MissingExtraError:  # the extra is not installed: its default, the CPU
+        return ("CPU",)
+
+
 def _slug(text: str) -> str:
     text = re.sub(r"\((r|tm)\)|processor|cpu|@.*$", "", text.lower())
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
@@ -286,9 +309,10 @@ def detect_profile() -> Profile:
     gpus = _gpus()
     cores = available_cores()
     name = "-".join(filter(None, ["detected", _slug(facts["model"]), _slug(gpus[0][0]) if gpus else "", f"{cores}c"]))
-    gpu = GPU(model=gpus[0][0], memory_gb=gpus[0][1]) if gpus else None
+    gpu = GPU(model=gpus[0][0], memory_gb=gpus[0][1], precisions=gpus[0][2]) if gpus else None
     cpu = CPU(model=facts["model"], architecture=facts["architecture"], cores=facts["cores"],
-              threads=facts["threads"], base_ghz=facts["base_ghz"], vector_extensions=facts["vector_extensions"])
+              threads=facts["threads"], base_ghz=facts["base_ghz"], vector_extensions=facts["vector_extensions"],
+              precisions=facts["precisions"])
     description = f"{facts['model']}, {cores} cores available" + (f", {gpu.model}" if gpu else "")
     return Profile(
         name=name,
@@ -297,7 +321,7 @@ def detect_profile() -> Profile:
         memory=Memory(gb=facts["memory_gb"]),
         gpu=gpu,
         runtime=RuntimePolicy(torch_device=_torch_device(gpus), onnxruntime_providers=_providers(),
-                              thread_policy="available-cores"),
+                              openvino_devices=_openvino_devices(), thread_policy="available-cores"),
         match=Match(cpu=(facts["model"],), gpu=(gpu.model,) if gpu else ()),
     )
 

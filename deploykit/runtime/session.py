@@ -15,7 +15,10 @@ How to add a runtime: write a `Session` class taking `(artifact_dir, threads, ta
 -> list[np.ndarray]`, `stages(feeds)` returning the zero-argument calls the timing loop repeats, by
 stage name (inputs already converted), `synchronize` (waits for queued device work, or None when
 calls return only once their work is done), an `info` and the artifact `files` it loaded; register a
-`Runtime` naming its devices, and give each pipeline that it can run a loader for it.
+`Runtime` naming its devices and the precisions it offers (and which a device computes natively), and
+give each pipeline that it can run a loader for it. A runtime that runs ONNX graphs registers a
+`deploykit.runtime.graphs.GraphRuntime` instead of a session class: every pipeline's decoding loop
+then runs on it through `load_graph` and the pipelines' `load_graphs`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime
 
 import numpy as np
 
-from deploykit.core.errors import UsageError
-from deploykit.core.extras import require
-from deploykit.core.ort import CPU_PROVIDER, DEFAULT_GRAPH_OPTIMIZATION, ort_session
+from deploykit.core.ort import CPU_PROVIDER, DEFAULT_GRAPH_OPTIMIZATION
 from deploykit.core.registry import Registry
-from deploykit.model.onnxfile import read_onnx_graph, with_dense_initializers
 from deploykit.runtime.accelerators import onnxruntime_providers, openvino_devices, torch_devices
+from deploykit.runtime.precisions import (
+    DEFAULT_PRECISION,
+    onnxruntime_precisions,
+    openvino_precisions,
+    torch_precisions,
+)
 
 if TYPE_CHECKING:
     from deploykit.runtime.profiles import Profile
@@ -87,6 +93,9 @@ class Target:
     code_consent: tuple[str, ...] = ()
     #: the batch size the session will be fed: a form may choose its kernels for it
     batch: int = 1
+    #: the numeric precision it computes in (`deploykit.runtime.precisions`): f32 unless the bench's
+    #: precision axis asks for another that this runtime offers and this machine computes natively
+    precision: str = DEFAULT_PRECISION
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,9 @@ class Runtime:
     no_accelerator: str
     #: whether the runtime has graph optimisation levels (GRAPH_OPTIMIZATIONS)
     graph_optimizations: bool = False
+    #: the precisions it can be asked for, and, per device, those this machine computes natively
+    precisions: tuple[str, ...] = (DEFAULT_PRECISION,)
+    native_precisions: Callable[[str], tuple[str, ...]] = lambda device: (DEFAULT_PRECISION,)
 
     def default_target(self, consent: Sequence[str] = ()) -> Target:
         """This runtime on the CPU with its default settings, allowed to import the entry points in `consent`."""
@@ -113,76 +125,6 @@ class Runtime:
 
 
 RUNTIMES: Registry[Runtime] = Registry("runtime")
-
-
-class OrtSession:
-    #: session.run returns host arrays, so a call ends when its device work has
-    synchronize = None
-
-    def __init__(self, onnx_path: Path, threads: int, provider: str = CPU_PROVIDER, optimization: str | None = None):
-        import onnxruntime as ort
-
-        self.session = ort_session(onnx_path, threads, provider=provider, optimization=optimization)
-        self.info = RuntimeInfo("onnxruntime", ort.__version__, threads, self.session.get_providers()[0])
-        self.files = (Path(onnx_path).name,)
-
-    def run(self, feeds):
-        return list(self.session.run(None, dict(feeds)))
-
-    def stages(self, feeds):
-        feeds = dict(feeds)
-        return {FORWARD_STAGE: lambda: self.session.run(None, feeds)}
-
-
-class OpenVinoSession:
-    """An ONNX graph as it is, compiled by OpenVINO (the `openvino` extra) for one device.
-
-    Every setting that changes its speed is set, not left to the plugin's defaults, and said in the
-    device the records keep ("CPU latency f32"): `threads` inference threads, the latency performance
-    hint with one stream (what a single caller gets; the throughput hint runs several requests in
-    parallel, which a one-request timing loop never uses), and f32 inference precision (on a CPU with
-    AVX-512 BF16 or AMX the plugin's default is bf16, a different answer; other precisions are for the
-    precision axis to ask for, measured and said)."""
-
-    #: infer returns host arrays, so a call ends when its device work has
-    synchronize = None
-    HINT = "LATENCY"
-    PRECISION = "f32"
-
-    def __init__(self, onnx_path: Path, threads: int, device: str = "CPU"):
-        ov = require("openvino", "the openvino runtime")
-        core = ov.Core()
-        config = {"PERFORMANCE_HINT": self.HINT, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": self.PRECISION}
-        if device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = core.compile_model(_openvino_model(core, Path(onnx_path)), device, config)
-        self.request = self.compiled.create_infer_request()
-        self.outputs = list(self.compiled.outputs)
-        self.info = RuntimeInfo("openvino", ov.get_version().split("-")[0], threads,
-                                f"{device} {self.HINT.lower()} {self.PRECISION}")
-        self.files = (Path(onnx_path).name,)
-
-    def run(self, feeds):
-        results = self.request.infer(dict(feeds))
-        # the request's output buffers are reused by its next call: copy them out
-        return [np.array(results[output], copy=True) for output in self.outputs]
-
-    def stages(self, feeds):
-        feeds = dict(feeds)
-        return {FORWARD_STAGE: lambda: self.request.infer(feeds)}
-
-
-def _openvino_model(core, path: Path):
-    """The graph OpenVINO reads: the file itself, or, where it stores sparse initializers (the csr form's
-    model.onnx), a copy with them dense (OpenVINO's ONNX reader takes none; onnxruntime densifies them at
-    load too, so the figures are the same dense-kernel speed)."""
-    proto = read_onnx_graph(path)
-    if not proto.graph.sparse_initializer:
-        return core.read_model(str(path))
-    if any(t.data_location == t.EXTERNAL for t in proto.graph.initializer):
-        raise UsageError(f"{str(path)!r}: openvino cannot read a graph with both sparse initializers and external data; "
-                         "run it under onnxruntime, or export it in another form")
-    return core.read_model(with_dense_initializers(proto, path).SerializeToString())
 
 
 #: a loader: (artifact directory or file, threads, Target) -> Session; each pipeline names one per runtime
@@ -195,6 +137,8 @@ RUNTIMES.add("torch", Runtime(
     preferred_devices=lambda profile: (profile.runtime.torch_device, "cpu"),
     cpu_device="cpu",
     no_accelerator="torch sees no CUDA or MPS device",
+    precisions=("f32", "bf16", "f16"),  # autocast
+    native_precisions=torch_precisions,
 ))
 RUNTIMES.add("onnxruntime", Runtime(
     "onnxruntime", ("onnxruntime",),
@@ -203,11 +147,15 @@ RUNTIMES.add("onnxruntime", Runtime(
     cpu_device=CPU_PROVIDER,
     no_accelerator="this onnxruntime build has no GPU execution provider (onnxruntime-gpu has CUDA's)",
     graph_optimizations=True,
+    precisions=("f32", "f16"),  # onnxruntime's float16 conversion of the graph
+    native_precisions=onnxruntime_precisions,
 ))
 RUNTIMES.add("openvino", Runtime(
     "openvino", ("openvino",),
     available_devices=openvino_devices,
-    preferred_devices=lambda profile: ("CPU",),
+    preferred_devices=lambda profile: profile.runtime.openvino_devices,
     cpu_device="CPU",
     no_accelerator="OpenVINO sees no GPU or NPU device here",
+    precisions=("f32", "bf16", "f16"),  # its inference precision hint
+    native_precisions=openvino_precisions,
 ))

@@ -14,6 +14,7 @@ import torch
 from deploykit.core.outputs import flat_arrays
 from deploykit.model.artifact import WEIGHTS_FILE
 from deploykit.runtime.loading import load_torch_model
+from deploykit.runtime.precisions import DEFAULT_PRECISION
 from deploykit.runtime.session import FORWARD_STAGE, RuntimeInfo, Target
 
 
@@ -46,6 +47,52 @@ class TorchSession:
                 return model(*tensors)
 
         return {FORWARD_STAGE: call}
+
+
+#: deploykit precision -> the dtype torch's autocast computes in
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+class AutocastSession:
+    """A torch session of any pipeline whose calls run under `torch.autocast` in the target's reduced
+    precision (bf16 on a CPU with AVX-512 BF16 or AMX; f16 or bf16 on a GPU): matrix products and
+    convolutions in that precision, reductions and losses in f32, as autocast decides per operator.
+    Outputs come back as float32 arrays (exact: every bf16 value is one), so parity measures what the
+    precision changed."""
+
+    def __init__(self, session, target: Target):
+        self.session, self.info, self.files = session, session.info, session.files
+        self.synchronize = session.synchronize
+        self.device_type, self.dtype = torch.device(target.device).type, AUTOCAST_DTYPES[target.precision]
+
+    def run(self, feeds):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return [np.asarray(out, dtype=np.float32) if out.dtype.kind == "f" else out
+                    for out in self.session.run(feeds)]
+
+    def stages(self, feeds):
+        autocast, device_type, dtype = torch.autocast, self.device_type, self.dtype
+
+        def in_precision(call):
+            def timed():
+                with autocast(device_type, dtype=dtype):
+                    return call()
+            return timed
+
+        return {name: in_precision(call) for name, call in self.session.stages(feeds).items()}
+
+    def next_token_agreement(self, feeds, tokens):
+        agreement = getattr(self.session, "next_token_agreement", None)
+        if agreement is None:
+            return None
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return agreement(feeds, tokens)
+
+
+def in_precision(session, target: Target):
+    """`session` computing in `target`'s precision: itself in f32, else under autocast. Every torch
+    loader returns its session through it."""
+    return session if target.precision == DEFAULT_PRECISION else AutocastSession(session, target)
 
 
 #: torch device type -> (torch -> the call that waits for its queued work); CPU calls are synchronous
