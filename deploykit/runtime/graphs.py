@@ -118,10 +118,13 @@ class OpenVinoGraph:
                   "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision]}
         if device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = core.compile_model(_openvino_model(core, Path(path)), device, config)
+        proto = read_onnx_graph(Path(path))
+        self.compiled = core.compile_model(_openvino_model(core, Path(path), proto), device, config)
         self.request = self.compiled.create_infer_request()
-        self.input_ports = [_Port(p) for p in self.compiled.inputs]
-        self.output_ports = [_Port(p) for p in self.compiled.outputs]
+        # a port carries every name its tensor has in the graph: the one the graph declares is its name
+        declared = {v.name for v in (*proto.graph.input, *proto.graph.output)}
+        self.input_ports = [_Port(p, declared) for p in self.compiled.inputs]
+        self.output_ports = [_Port(p, declared) for p in self.compiled.outputs]
         self.by_name = {name: port for port in self.compiled.outputs for name in port.get_names()}
 
     def get_inputs(self):
@@ -142,20 +145,21 @@ class OpenVinoGraph:
 
 
 class _Port:
-    """An OpenVINO input or output as onnxruntime describes one: a name and a shape whose dynamic
-    dimensions are None."""
+    """An OpenVINO input or output as onnxruntime describes one: the name the graph declares (a port
+    also carries the names of the tensors OpenVINO merged into it: T5's encoder output is one of three)
+    and a shape whose dynamic dimensions are None."""
 
-    def __init__(self, port):
-        self.name = port.get_any_name()
+    def __init__(self, port, declared: set[str]):
+        self.name = min((n for n in port.get_names() if n in declared), default=port.get_any_name())
         shape = port.get_partial_shape()
         self.shape = [d.get_length() if d.is_static else None for d in shape] if shape.rank.is_static else None
 
 
-def _openvino_model(core, path: Path):
+def _openvino_model(core, path: Path, proto):
     """The graph OpenVINO reads: the file itself, or, where it stores sparse initializers (the csr form's
     model.onnx), a copy with them dense (OpenVINO's ONNX reader takes none; onnxruntime densifies them at
-    load too, so the figures are the same dense-kernel speed)."""
-    proto = read_onnx_graph(path)
+    load too, so the figures are the same dense-kernel speed). `proto`: the file read without its
+    external data."""
     if not proto.graph.sparse_initializer:
         return core.read_model(str(path))
     if any(t.data_location == t.EXTERNAL for t in proto.graph.initializer):
