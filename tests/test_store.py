@@ -106,6 +106,21 @@ def test_comparison_divides_matching_configurations():
         compare_table(base[1:], [("b", other[1:])], "a")
 
 
+def test_the_comparison_names_the_fastest_runtime_of_each_profile():
+    import dataclasses
+
+    laptop = [_record("onnxruntime", 80, profile="laptop"), _record("openvino", 100, profile="laptop"),
+              dataclasses.replace(_record("openvino", 40, profile="laptop"), precision="bf16",
+                                  metrics={"accuracy": 0.89})]
+    server = [_record("onnxruntime", 60, profile="server"), _record("openvino", 90, profile="server")]
+    laptop[0] = dataclasses.replace(laptop[0], metrics={"accuracy": 0.9})
+    text = compare_table(laptop, [("server", server)], "laptop")
+    assert ("fastest on laptop: mlp-sst2 magnitude:0.9 dense batch 1 2 threads: openvino bf16 (p50 0.0400 ms, 2.00x "
+            "faster than onnxruntime f32); accuracy 0.8900") in text
+    assert "fastest on server: mlp-sst2 magnitude:0.9 dense batch 1 2 threads: onnxruntime f32 (p50 0.0600 ms, 1.50x" in text
+    assert " bf16 " in next(line for line in text.splitlines() if "openvino" in line and "bf16" in line)
+
+
 def test_bench_keeps_runs_and_report_renders_them(cli, tmp_path):
     store = tmp_path / "results.sqlite"
     common = ("--form", "dense", "--runtime", "onnxruntime", "--min-time", "0", "--min-iters", "5", "--warmup", "0",
