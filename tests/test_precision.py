@@ -111,3 +111,16 @@ def test_shipped_profiles_say_which_precisions_they_compute():
 def test_a_profile_naming_an_unknown_precision_is_refused():
     with pytest.raises(ArtifactError, match="unknown precision 'f8'"):
         profile_from_dict({"name": "x", "description": "x", "cpu": {"model": "m", "precisions": ["f32", "f8"]}}, "x.toml")
+
+
+def test_a_fleet_task_asks_its_runtime_only_for_the_precisions_it_offers():
+    from deploykit.bench.settings import Grid
+    from deploykit.fleet.fanout import Shipped, configurations
+
+    shipped = Shipped("mlp-sst2", "magnitude:0.5", "dense", ref=None, digest="d", consent=())
+    grid = Grid(runtimes=("torch", "onnxruntime"), precisions=("bf16",))
+    tasks = configurations([shipped], ["laptop"], grid)
+    assert [(c.runtime, c.grid(grid).precisions) for c in tasks] == [("torch", ("bf16",))]  # onnxruntime has no bf16
+    both = Grid(runtimes=("torch", "onnxruntime"), precisions=("f32", "bf16"))
+    assert [(c.runtime, c.grid(both).precisions) for c in configurations([shipped], ["laptop"], both)] == [
+        ("torch", ("f32", "bf16")), ("onnxruntime", ("f32",))]
