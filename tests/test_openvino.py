@@ -149,3 +149,26 @@ def test_nncf_int8_without_nncf_names_the_extra_and_writes_nothing(tmp_path, mon
     err = capsys.readouterr().err
     assert code == 2 and "needs the 'openvino' extra (nncf is not installed): pip install 'deploykit[openvino]'" in err
     assert "Traceback" not in err and not (tmp_path / "q").exists()
+
+
+def test_compiling_leaves_the_threads_signal_stack_as_it_was(tmp_path):
+    # OpenVINO's compile_model installs an alternate signal stack that goes with the compiled model: left
+    # in place, the next Python signal handler (a --graph-timeout alarm, Ctrl-C) ran on freed memory
+    import gc
+
+    from deploykit.core.sigstack import current_signal_stack
+    from deploykit.runtime.graphs import GraphOpener
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_sparse_model([1, 5]), str(path))
+    before = current_signal_stack()
+    # two graphs released in the order they were compiled, as a generating pipeline's are: each one's
+    # destructor puts back the stack it found, so the second's puts back the first's, freed with the first
+    first, second = (GraphOpener("openvino", 1, "CPU")(path) for _ in range(2))
+    assert second.run(None, {"x": np.zeros((2, 3), dtype=np.float32)})[0].tolist() == [[0, 1, 0], [0, 0, 2]]
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    after = current_signal_stack()
+    assert (after.ss_sp, after.ss_size, after.ss_flags) == (before.ss_sp, before.ss_size, before.ss_flags)

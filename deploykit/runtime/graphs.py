@@ -29,6 +29,7 @@ from deploykit.core.errors import ArtifactError, UsageError
 from deploykit.core.extras import require
 from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.core.registry import Registry
+from deploykit.core.sigstack import signal_stack_kept
 from deploykit.model.onnxfile import read_onnx_graph, with_dense_initializers
 from deploykit.runtime.session import FORWARD_STAGE, RuntimeInfo, Target
 
@@ -119,7 +120,9 @@ class OpenVinoGraph:
         if device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
         proto = read_onnx_graph(Path(path))
-        self.compiled = core.compile_model(_openvino_model(core, Path(path), proto), device, config)
+        # compiling installs a signal stack that goes with the compiled model (`core.sigstack`)
+        with signal_stack_kept():
+            self.compiled = core.compile_model(_openvino_model(core, Path(path), proto), device, config)
         self.request = self.compiled.create_infer_request()
         # a port carries every name its tensor has in the graph: the one the graph declares is its name
         declared = {v.name for v in (*proto.graph.input, *proto.graph.output)}
