@@ -1,9 +1,10 @@
-"""Speech-translation decoding over any runtime, and the ONNX Runtime side of an exported pair.
+"""Speech-translation decoding over any runtime, and the ONNX side of an exported pair (onnxruntime or
+OpenVINO, through `deploykit.runtime.graphs`).
 
-Imports neither torch nor ESPnet: an onnxruntime benchmark worker and a deployment that only has the
+Imports neither torch nor ESPnet: an ONNX runtime's benchmark worker and a deployment that only has the
 exported `encoder.onnx` / `decoder.onnx` use this module alone. The PyTorch side (`deploykit.pipelines.espnet`)
 implements the same two small interfaces, so one search algorithm and one benchmark session serve
-both runtimes and their token sequences can be compared exactly:
+every runtime and their token sequences can be compared exactly:
 
 - a *translator*: `sos`, `eos`, `vocab_size`, `encode(feats) -> memory`, `stepper(memory)`;
 - a *stepper*: `start() -> state`, `step(tokens, state) -> (next-token log-probabilities, state)`.
