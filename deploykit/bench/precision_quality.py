@@ -15,16 +15,15 @@ from typing import Sequence
 
 from deploykit.core.errors import DeployKitError
 from deploykit.model.artifact import Manifest
+from deploykit.model.sources import spec_for_artifact
 from deploykit.pipelines.base import PIPELINES
 from deploykit.runtime.graphs import GraphOpener
-from deploykit.runtime.session import Target
+from deploykit.runtime.session import RUNTIMES, Target
 
 
 def metrics_in_precision(directory: Path, manifest: Manifest, consent: Sequence[str],
                          target: Target) -> tuple[dict[str, float], str | None]:
     """(the model's metrics computed by `target`'s runtime in its precision, None), or ({}, why not)."""
-    from deploykit.model.sources import spec_for_artifact  # torch side: specs build modules
-
     what = f"{target.runtime} at {target.precision}"
     try:
         spec = spec_for_artifact(directory, manifest, consent)
@@ -32,14 +31,14 @@ def metrics_in_precision(directory: Path, manifest: Manifest, consent: Sequence[
         return {}, f"quality at {what} not measured: {exc}"
     if spec.evaluate is None:
         return {}, None  # nothing to measure, in any precision
-    if target.device not in ("cpu", "CPU", "CPUExecutionProvider"):
+    if target.device != RUNTIMES.get(target.runtime).cpu_device:
         return {}, f"quality at {what} not measured: the evaluations feed the model on the CPU, not {target.device}"
     if target.runtime == "torch":
         return _torch_metrics(spec, directory, consent, target), None
     scoring = PIPELINES.get(manifest.pipeline).scoring_model
     if scoring is None:
         return {}, f"quality at {what} not measured: the {manifest.pipeline} pipeline's graphs cannot be scored"
-    return spec.evaluate(scoring(directory, spec.input_names, GraphOpener.of(target, 1))), None
+    return spec.evaluate(scoring(directory, spec.input_names, GraphOpener.of(target, threads=1))), None
 
 
 def _torch_metrics(spec, directory: Path, consent: Sequence[str], target: Target) -> dict[str, float]:

@@ -33,7 +33,6 @@ from deploykit.core.fsutil import scratch_directory
 from deploykit.core.measure import measure
 from deploykit.core.ort import ort_session, recording_feeds
 from deploykit.runtime.graphs import GraphOpener
-from deploykit.runtime.session import RUNTIMES
 
 #: int8 must take at least 1 + SLOWER (or at most 1 - FASTER) of float's time in every round to be called so
 SLOWER = FASTER = 0.10
@@ -188,7 +187,7 @@ def time_unit(source, unit: Unit, activation: np.ndarray, quantize: Callable[[Pa
         quantize(plain, quantized, [feeds])
         if [n.op_type for n in onnx.load(str(quantized)).graph.node] == [unit.op_type]:
             return None
-        opener = GraphOpener(runtime, 1, RUNTIMES.get(runtime).cpu_device)
+        opener = GraphOpener.on_cpu(runtime)
         sessions = [opener(path) for path in (plain, quantized)]
         plain_run, int8_run = (_batch_of(lambda s=session: s.run(None, feeds)) for session in sessions)
         timings = time_interleaved(plain_run, int8_run, rounds=SPEED_ROUNDS, timer=_timed_batch)

@@ -27,7 +27,7 @@ from deploykit.pipelines.base import Pipeline, has_task_inputs
 from deploykit.pipelines.catalog import PIPELINES
 from deploykit.runtime.graphs import GraphOpener
 from deploykit.runtime.loading import load_torch_model
-from deploykit.runtime.session import RUNTIMES, ScoresContinuations
+from deploykit.runtime.session import ScoresContinuations
 
 #: inputs (batches of the model's data, where it has some) a quantized model's error is measured on
 MEASURED_INPUTS = 4
@@ -278,8 +278,8 @@ def _quantize(directory: Path, manifest, scheme: str, per_channel: bool, progres
         progress("evaluating the quantized model")
         quantized_metrics = {"torch": spec.evaluate(load_torch_model(directory, consent=consent)[0])}
         if pipeline.scoring_model is not None:
-            opener = GraphOpener(runtime, 1, RUNTIMES.get(runtime).cpu_device)
-            quantized_metrics[runtime] = spec.evaluate(pipeline.scoring_model(directory, spec.input_names, opener))
+            quantized_metrics[runtime] = spec.evaluate(pipeline.scoring_model(directory, spec.input_names,
+                                                                              GraphOpener.on_cpu(runtime)))
         record["metrics"] = quantized_metrics
         record["metric_delta"] = {runtime: {k: v - manifest.metrics[k] for k, v in values.items()
                                             if k in manifest.metrics}

@@ -82,7 +82,8 @@ def _precisions(name: str, device: str, asked: Sequence[str], notes: list[str]) 
     native = runtime.native_precisions(device)
     for precision in offered:
         if precision not in native:
-            notes.append(f"{name} on {device} at {precision}: skipped: {missing(name, device, precision)} "
+            why = missing(name, device, precision, on_cpu=device == runtime.cpu_device)
+            notes.append(f"{name} on {device} at {precision}: skipped: {why} "
                          "(it would be emulated, not measured)")
     return [p for p in offered if p in native]
 

@@ -31,10 +31,7 @@ from deploykit.core.ort import CPU_PROVIDER, ort_session
 from deploykit.core.registry import Registry
 from deploykit.core.sigstack import signal_stack_kept
 from deploykit.model.onnxfile import read_onnx_graph, with_dense_initializers
-from deploykit.runtime.session import FORWARD_STAGE, RuntimeInfo, Target
-
-#: deploykit's precision names -> OpenVINO's inference precision hint
-OPENVINO_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+from deploykit.runtime.session import FORWARD_STAGE, RUNTIMES, RuntimeInfo, Target
 
 
 @dataclass(frozen=True)
@@ -51,6 +48,11 @@ class GraphOpener:
     @classmethod
     def of(cls, target: Target, threads: int) -> "GraphOpener":
         return cls(target.runtime, threads, target.device, target.graph_optimization, target.precision)
+
+    @classmethod
+    def on_cpu(cls, runtime: str, threads: int = 1) -> "GraphOpener":
+        """`runtime` on this machine's CPU, in f32 with its default settings."""
+        return cls.of(RUNTIMES.get(runtime).default_target(), threads)
 
     def __call__(self, path: str | Path, spinning: bool = True):
         """The graph at `path` as a session. `spinning=False` where graphs take turns (an encoder, then
@@ -72,9 +74,9 @@ GRAPH_RUNTIMES: Registry[GraphRuntime] = Registry("graph runtime")
 
 
 def _open_onnxruntime(opener: GraphOpener, path: Path, spinning: bool):
-    graph = float16_graph(path) if opener.precision == "f16" else None
     if opener.precision not in ("f32", "f16"):
         raise UsageError(f"onnxruntime runs graphs in f32 or f16, not {opener.precision}")
+    graph = float16_graph(path) if opener.precision == "f16" else None
     return ort_session(path, opener.threads, spinning=spinning, provider=opener.device,
                        optimization=opener.optimization, graph=graph)
 
@@ -116,7 +118,7 @@ class OpenVinoGraph:
         ov = require("openvino", "the openvino runtime")
         core = ov.Core()
         config = {"PERFORMANCE_HINT": self.HINT, "NUM_STREAMS": 1,
-                  "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision]}
+                  "INFERENCE_PRECISION_HINT": precision}  # OpenVINO names them as deploykit does
         if device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
         proto = read_onnx_graph(Path(path))

@@ -92,8 +92,9 @@ def openvino_precisions(device: str) -> tuple[str, ...]:
                  or any(OPENVINO_CAPABILITIES.get(c) == p for c in capabilities))
 
 
-def missing(runtime: str, device: str, precision: str) -> str:
-    """Why `runtime` on `device` does not compute `precision` natively here, for a skip note."""
-    if device in ("cpu", "CPU", "CPUExecutionProvider"):
+def missing(runtime: str, device: str, precision: str, on_cpu: bool) -> str:
+    """Why `runtime` on `device` (the CPU where `on_cpu`) does not compute `precision` natively here, for a
+    skip note."""
+    if on_cpu:
         return f"this CPU computes {precision} natively only with {cpu_requirement(precision)}, which it lacks"
     return f"{runtime} on {device} does not compute {precision} natively here"
